@@ -1,0 +1,137 @@
+//! The Kubernetes Secret layout on disk: `tls.crt`, `tls.key`, `ca.crt`
+//! (and `ca.key` for a CA directory).
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+pub const TLS_CRT: &str = "tls.crt";
+pub const TLS_KEY: &str = "tls.key";
+pub const CA_CRT: &str = "ca.crt";
+pub const CA_KEY: &str = "ca.key";
+
+/// Why certificate files could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("{path} exists; pass --force to overwrite it")]
+    Exists { path: PathBuf },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)")]
+    NoKey { path: PathBuf },
+    #[error("{path} is not valid PEM: {source}")]
+    BadPem { path: PathBuf, source: io::Error },
+}
+
+/// A loaded certificate directory: our chain and key, and the CA we trust
+/// for the peer.
+#[derive(Debug)]
+pub struct CertDir {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub ca: Vec<CertificateDer<'static>>,
+}
+
+impl CertDir {
+    /// Reads `tls.crt`, `tls.key` and `ca.crt` from `dir`.
+    pub fn load(dir: &Path) -> Result<CertDir, CertError> {
+        Ok(CertDir {
+            chain: read_certs(&dir.join(TLS_CRT))?,
+            key: read_key(&dir.join(TLS_KEY))?,
+            ca: read_certs(&dir.join(CA_CRT))?,
+        })
+    }
+
+    /// Our own leaf certificate.
+    pub fn leaf(&self) -> &CertificateDer<'static> {
+        &self.chain[0]
+    }
+}
+
+/// Reads a file, naming it in the error.
+pub fn read(path: &Path) -> Result<Vec<u8>, CertError> {
+    fs::read(path).map_err(|source| CertError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Reads every PEM certificate in `path`; at least one must be there.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let bytes = read(path)?;
+    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| CertError::BadPem {
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(CertError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads the first PEM private key in `path`.
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
+    let bytes = read(path)?;
+    rustls_pemfile::private_key(&mut bytes.as_slice())
+        .map_err(|source| CertError::BadPem {
+            path: path.to_owned(),
+            source,
+        })?
+        .ok_or_else(|| CertError::NoKey {
+            path: path.to_owned(),
+        })
+}
+
+/// One file to write: name, contents, and whether it is secret (0600).
+pub struct OutFile<'a> {
+    pub name: &'static str,
+    pub contents: &'a str,
+    pub secret: bool,
+}
+
+/// Writes `files` into `dir` (created if missing). Without `force`, refuses
+/// before writing anything if any of them exists.
+pub fn write_all(dir: &Path, files: &[OutFile<'_>], force: bool) -> Result<(), CertError> {
+    fs::create_dir_all(dir).map_err(|source| CertError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    if !force {
+        for f in files {
+            let path = dir.join(f.name);
+            if path.exists() {
+                return Err(CertError::Exists { path });
+            }
+        }
+    }
+    for f in files {
+        let path = dir.join(f.name);
+        let mode = if f.secret { 0o600 } else { 0o644 };
+        // Remove first so a forced rewrite never inherits a wider mode.
+        if force {
+            let _ = fs::remove_file(&path);
+        }
+        let result = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut file| {
+                file.write_all(f.contents.as_bytes())?;
+                file.sync_all()
+            });
+        result.map_err(|source| CertError::Write { path, source })?;
+    }
+    Ok(())
+}

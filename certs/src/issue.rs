@@ -1,0 +1,159 @@
+//! Issuing a CA and the server and agent certificates it signs.
+
+use std::net::IpAddr;
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone, Debug)]
+pub struct Pem {
+    pub cert: String,
+    pub key: String,
+}
+
+/// Why issuing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("invalid DNS name {name:?} for a certificate: {source}")]
+    BadDnsName { name: String, source: rcgen::Error },
+    #[error("the CA certificate or key cannot be used: {0}")]
+    BadCa(rcgen::Error),
+    #[error("the CA key does not match the CA certificate")]
+    CaKeyMismatch,
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("validity of {0} days is out of range (1..=36500)")]
+    BadValidity(u32),
+}
+
+/// A loaded CA that can sign leaves.
+pub struct Ca {
+    cert: Certificate,
+    key: KeyPair,
+    pem: String,
+}
+
+impl Ca {
+    /// A new self-signed CA, valid for `days`.
+    pub fn generate(common_name: &str, days: u32) -> Result<Ca, IssueError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        validity(&mut params, days)?;
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        let pem = cert.pem();
+        Ok(Ca { cert, key, pem })
+    }
+
+    /// Loads a CA from its PEM certificate and key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, IssueError> {
+        let key = KeyPair::from_pem(key_pem).map_err(IssueError::BadCa)?;
+        let params = CertificateParams::from_ca_cert_pem(cert_pem).map_err(IssueError::BadCa)?;
+        let cert = params.self_signed(&key).map_err(IssueError::BadCa)?;
+        // Re-signing reproduces the public key of `key`; it must be the one
+        // in the certificate on disk, or leaves would not verify.
+        let (_, on_disk) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|_| IssueError::BadCa(rcgen::Error::CouldNotParseCertificate))?;
+        let on_disk = on_disk
+            .parse_x509()
+            .map_err(|_| IssueError::BadCa(rcgen::Error::CouldNotParseCertificate))?;
+        if on_disk.public_key().raw != key.public_key_der().as_slice() {
+            return Err(IssueError::CaKeyMismatch);
+        }
+        Ok(Ca {
+            cert,
+            key,
+            pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// The CA certificate and key as PEM (the certificate as loaded).
+    pub fn pem(&self) -> Pem {
+        Pem {
+            cert: self.pem.clone(),
+            key: self.key.serialize_pem(),
+        }
+    }
+
+    /// A server certificate for the given DNS names and addresses.
+    pub fn issue_server(
+        &self,
+        common_name: &str,
+        dns: &[String],
+        ips: &[IpAddr],
+        days: u32,
+    ) -> Result<Pem, IssueError> {
+        let mut sans = Vec::new();
+        for name in dns {
+            sans.push(dns_san(name)?);
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        self.issue_leaf(common_name, sans, ExtendedKeyUsagePurpose::ServerAuth, days)
+    }
+
+    /// An agent certificate: CN = node name, IP SANs = the node's addresses.
+    pub fn issue_agent(&self, node: &str, ips: &[IpAddr], days: u32) -> Result<Pem, IssueError> {
+        let sans = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+        self.issue_leaf(node, sans, ExtendedKeyUsagePurpose::ClientAuth, days)
+    }
+
+    fn issue_leaf(
+        &self,
+        common_name: &str,
+        sans: Vec<SanType>,
+        usage: ExtendedKeyUsagePurpose,
+        days: u32,
+    ) -> Result<Pem, IssueError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name);
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, days)?;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(Pem {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        })
+    }
+}
+
+fn dn(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn dns_san(name: &str) -> Result<SanType, IssueError> {
+    name.to_owned()
+        .try_into()
+        .map(SanType::DnsName)
+        .map_err(|source| IssueError::BadDnsName {
+            name: name.to_owned(),
+            source,
+        })
+}
+
+fn validity(params: &mut CertificateParams, days: u32) -> Result<(), IssueError> {
+    if days == 0 || days > 36_500 {
+        return Err(IssueError::BadValidity(days));
+    }
+    // Backdate a little so a node whose clock lags still accepts the cert.
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(days.into());
+    Ok(())
+}

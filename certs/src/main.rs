@@ -1,0 +1,176 @@
+//! `tunnel-certs`: issue a CA, server and agent certificates in the
+//! Kubernetes Secret layout.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use certs::files::{self, OutFile, CA_CRT, CA_KEY, TLS_CRT, TLS_KEY};
+use certs::issue::Ca;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tunnel-certs",
+    version,
+    about = "Issue edge-tunnel certificates (Kubernetes Secret layout)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a CA: DIR/ca.crt and DIR/ca.key.
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "edge-tunnel CA")]
+        common_name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a server certificate: DIR/tls.crt, DIR/tls.key, DIR/ca.crt.
+    Server {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS name the agents dial (repeatable).
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// Address the agents dial (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+        #[arg(long, default_value = "tunnel-server")]
+        common_name: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue an agent certificate: CN = node name, IP SANs = node addresses.
+    Agent {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Kubernetes node name.
+        #[arg(long)]
+        node: String,
+        /// Node address (InternalIP); repeatable.
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn load_ca(dir: &Path) -> Result<Ca> {
+    let cert = files::read(&dir.join(CA_CRT))?;
+    let key = files::read(&dir.join(CA_KEY))?;
+    let cert = String::from_utf8(cert).context("ca.crt is not UTF-8 PEM")?;
+    let key = String::from_utf8(key).context("ca.key is not UTF-8 PEM")?;
+    Ca::from_pem(&cert, &key).with_context(|| format!("loading the CA from {}", dir.display()))
+}
+
+fn write_leaf(out: &Path, ca: &Ca, leaf: &certs::issue::Pem, force: bool) -> Result<()> {
+    let ca_pem = ca.pem();
+    files::write_all(
+        out,
+        &[
+            OutFile {
+                name: TLS_CRT,
+                contents: &leaf.cert,
+                secret: false,
+            },
+            OutFile {
+                name: TLS_KEY,
+                contents: &leaf.key,
+                secret: true,
+            },
+            OutFile {
+                name: CA_CRT,
+                contents: &ca_pem.cert,
+                secret: false,
+            },
+        ],
+        force,
+    )?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Ca {
+            out,
+            common_name,
+            days,
+            force,
+        } => {
+            let ca = Ca::generate(&common_name, days)?;
+            let pem = ca.pem();
+            files::write_all(
+                &out,
+                &[
+                    OutFile {
+                        name: CA_CRT,
+                        contents: &pem.cert,
+                        secret: false,
+                    },
+                    OutFile {
+                        name: CA_KEY,
+                        contents: &pem.key,
+                        secret: true,
+                    },
+                ],
+                force,
+            )?;
+            println!("wrote {}/{{ca.crt,ca.key}}", out.display());
+        }
+        Command::Server {
+            ca,
+            out,
+            dns,
+            ips,
+            common_name,
+            days,
+            force,
+        } => {
+            if dns.is_empty() && ips.is_empty() {
+                anyhow::bail!(
+                    "a server certificate needs at least one --dns or --ip that agents dial"
+                );
+            }
+            let ca = load_ca(&ca)?;
+            let leaf = ca.issue_server(&common_name, &dns, &ips, days)?;
+            write_leaf(&out, &ca, &leaf, force)?;
+            println!("wrote {}/{{tls.crt,tls.key,ca.crt}}", out.display());
+        }
+        Command::Agent {
+            ca,
+            out,
+            node,
+            ips,
+            days,
+            force,
+        } => {
+            certs::identity::validate_node_name(&node)?;
+            let ca = load_ca(&ca)?;
+            let leaf = ca.issue_agent(&node, &ips, days)?;
+            write_leaf(&out, &ca, &leaf, force)?;
+            println!(
+                "wrote {}/{{tls.crt,tls.key,ca.crt}} for node {node}",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,480 @@
+//! Framing and the codec.
+//!
+//! A frame is `type: u8 | length: u16 (big endian) | body: [u8; length]`,
+//! with `length <= MAX_FRAME_BODY`. [`decode`] first checks that a whole
+//! frame is buffered (`Ok(None)` asks for more bytes) and only then parses
+//! it, so a partial frame costs no allocation. Fields added by a later minor
+//! version are appended to a body; a decoder ignores bytes after the fields
+//! it knows.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::message::*;
+use crate::{MAX_ADDRESSES, MAX_NODE_NAME, MAX_REASON};
+
+/// Bytes of frame header before the body.
+pub const FRAME_HEADER_LEN: usize = 3;
+/// Largest frame body. Control messages are small; anything bigger is an
+/// attack or a bug.
+pub const MAX_FRAME_BODY: usize = 16 * 1024;
+
+const T_HELLO: u8 = 0x01;
+const T_WELCOME: u8 = 0x02;
+const T_REFUSE: u8 = 0x03;
+const T_DIAL: u8 = 0x10;
+const T_DIAL_RESULT: u8 = 0x11;
+const T_DRAIN: u8 = 0x20;
+
+/// Why bytes could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame body of {len} bytes exceeds the limit of {MAX_FRAME_BODY} bytes")]
+    Oversize { len: usize },
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    #[error("{message} frame is truncated: {field} is missing")]
+    Truncated {
+        message: &'static str,
+        field: &'static str,
+    },
+    #[error("{message} frame: {field} is {len} long, the limit is {max}")]
+    FieldTooLong {
+        message: &'static str,
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("{message} frame: {field} is not valid UTF-8")]
+    InvalidUtf8 {
+        message: &'static str,
+        field: &'static str,
+    },
+    #[error("{message} frame: unknown address family {family}")]
+    UnknownAddressFamily { message: &'static str, family: u8 },
+}
+
+/// Why a message could not be encoded (a field over its limit).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot encode {message}: {field} is {len} long, the limit is {max}")]
+pub struct EncodeError {
+    pub message: &'static str,
+    pub field: &'static str,
+    pub len: usize,
+    pub max: usize,
+}
+
+/// Appends the frame for `msg` to `dst`.
+pub fn encode(msg: &Message, dst: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let start = dst.len();
+    dst.extend_from_slice(&[0, 0, 0]);
+    let mut w = Writer {
+        buf: dst,
+        message: msg.kind(),
+    };
+    let ty = match msg {
+        Message::Hello(h) => {
+            w.u8(h.version_major);
+            w.u8(h.version_minor);
+            w.str("node", &h.node, MAX_NODE_NAME)?;
+            w.len_u8("addresses", h.addresses.len(), MAX_ADDRESSES)?;
+            for a in &h.addresses {
+                w.ip(*a);
+            }
+            w.u32(h.capabilities);
+            T_HELLO
+        }
+        Message::Welcome(m) => {
+            w.u8(m.version_major);
+            w.u8(m.version_minor);
+            w.str("server_id", &m.server_id, MAX_NODE_NAME)?;
+            w.u16(m.replica_count);
+            w.u32(m.keepalive_ms);
+            T_WELCOME
+        }
+        Message::Refuse(r) => {
+            w.u16(r.code.to_wire());
+            w.str("reason", &r.reason, MAX_REASON)?;
+            T_REFUSE
+        }
+        Message::Dial(d) => {
+            w.ip(d.target.ip());
+            w.u16(d.target.port());
+            w.u32(d.deadline_ms);
+            T_DIAL
+        }
+        Message::DialResult(r) => {
+            w.u8(r.code.to_wire());
+            w.str("message", &r.message, MAX_REASON)?;
+            T_DIAL_RESULT
+        }
+        Message::Drain => T_DRAIN,
+    };
+    let body = dst.len() - start - FRAME_HEADER_LEN;
+    // Field limits keep every body far below MAX_FRAME_BODY.
+    debug_assert!(body <= MAX_FRAME_BODY);
+    dst[start] = ty;
+    dst[start + 1..start + 3].copy_from_slice(&(body as u16).to_be_bytes());
+    Ok(())
+}
+
+/// Decodes one frame from the front of `buf`.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame, and
+/// `Ok(Some((message, consumed)))` otherwise.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
+    if buf.len() < FRAME_HEADER_LEN {
+        return Ok(None);
+    }
+    let ty = buf[0];
+    let len = u16::from_be_bytes([buf[1], buf[2]]) as usize;
+    if len > MAX_FRAME_BODY {
+        return Err(DecodeError::Oversize { len });
+    }
+    let message = match ty {
+        T_HELLO => "Hello",
+        T_WELCOME => "Welcome",
+        T_REFUSE => "Refuse",
+        T_DIAL => "Dial",
+        T_DIAL_RESULT => "DialResult",
+        T_DRAIN => "Drain",
+        other => return Err(DecodeError::UnknownType(other)),
+    };
+    if buf.len() < FRAME_HEADER_LEN + len {
+        return Ok(None);
+    }
+    let mut r = Reader {
+        buf: &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len],
+        message,
+    };
+    let msg = match ty {
+        T_HELLO => {
+            let version_major = r.u8("version")?;
+            let version_minor = r.u8("version")?;
+            let node = r.str("node", MAX_NODE_NAME)?;
+            let count = r.u8("address count")? as usize;
+            if count > MAX_ADDRESSES {
+                return Err(r.too_long("addresses", count, MAX_ADDRESSES));
+            }
+            let mut addresses = Vec::with_capacity(count);
+            for _ in 0..count {
+                addresses.push(r.ip("address")?);
+            }
+            let capabilities = r.u32("capabilities")?;
+            Message::Hello(Hello {
+                version_major,
+                version_minor,
+                node,
+                addresses,
+                capabilities,
+            })
+        }
+        T_WELCOME => Message::Welcome(Welcome {
+            version_major: r.u8("version")?,
+            version_minor: r.u8("version")?,
+            server_id: r.str("server_id", MAX_NODE_NAME)?,
+            replica_count: r.u16("replica_count")?,
+            keepalive_ms: r.u32("keepalive")?,
+        }),
+        T_REFUSE => Message::Refuse(Refusal {
+            code: RefuseCode::from_wire(r.u16("code")?),
+            reason: r.str("reason", MAX_REASON)?,
+        }),
+        T_DIAL => {
+            let ip = r.ip("target")?;
+            let port = r.u16("port")?;
+            Message::Dial(DialRequest {
+                target: SocketAddr::new(ip, port),
+                deadline_ms: r.u32("deadline")?,
+            })
+        }
+        T_DIAL_RESULT => Message::DialResult(DialResult {
+            code: DialCode::from_wire(r.u8("code")?),
+            message: r.str("message", MAX_REASON)?,
+        }),
+        T_DRAIN => Message::Drain,
+        _ => unreachable!("frame type checked above"),
+    };
+    Ok(Some((msg, FRAME_HEADER_LEN + len)))
+}
+
+struct Writer<'a> {
+    buf: &'a mut Vec<u8>,
+    message: &'static str,
+}
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+    fn len_u8(&mut self, field: &'static str, len: usize, max: usize) -> Result<(), EncodeError> {
+        self.check(field, len, max)?;
+        self.u8(len as u8);
+        Ok(())
+    }
+    fn str(&mut self, field: &'static str, s: &str, max: usize) -> Result<(), EncodeError> {
+        self.check(field, s.len(), max)?;
+        self.u16(s.len() as u16);
+        self.buf.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+    fn ip(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(v4) => {
+                self.u8(4);
+                self.buf.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                self.u8(6);
+                self.buf.extend_from_slice(&v6.octets());
+            }
+        }
+    }
+    fn check(&self, field: &'static str, len: usize, max: usize) -> Result<(), EncodeError> {
+        if len > max {
+            return Err(EncodeError {
+                message: self.message,
+                field,
+                len,
+                max,
+            });
+        }
+        Ok(())
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    message: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError::Truncated {
+                message: self.message,
+                field,
+            });
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+        Ok(self.take(field, 1)?[0])
+    }
+    fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+        let b = self.take(field, 2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        let b = self.take(field, 4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn str(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
+        let len = self.u16(field)? as usize;
+        if len > max {
+            return Err(self.too_long(field, len, max));
+        }
+        let bytes = self.take(field, len)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::InvalidUtf8 {
+                message: self.message,
+                field,
+            })
+    }
+    fn ip(&mut self, field: &'static str) -> Result<IpAddr, DecodeError> {
+        match self.u8(field)? {
+            4 => {
+                let b: [u8; 4] = self.take(field, 4)?.try_into().expect("length checked");
+                Ok(IpAddr::V4(Ipv4Addr::from(b)))
+            }
+            6 => {
+                let b: [u8; 16] = self.take(field, 16)?.try_into().expect("length checked");
+                Ok(IpAddr::V6(Ipv6Addr::from(b)))
+            }
+            family => Err(DecodeError::UnknownAddressFamily {
+                message: self.message,
+                family,
+            }),
+        }
+    }
+    fn too_long(&self, field: &'static str, len: usize, max: usize) -> DecodeError {
+        DecodeError::FieldTooLong {
+            message: self.message,
+            field,
+            len,
+            max,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(|b| IpAddr::V4(b.into())),
+            any::<[u8; 16]>().prop_map(|b| IpAddr::V6(b.into())),
+        ]
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (
+                any::<u8>(),
+                any::<u8>(),
+                "[a-z0-9.-]{0,253}",
+                prop::collection::vec(arb_ip(), 0..=MAX_ADDRESSES),
+                any::<u32>()
+            )
+                .prop_map(|(a, b, node, addresses, capabilities)| {
+                    Message::Hello(Hello {
+                        version_major: a,
+                        version_minor: b,
+                        node,
+                        addresses,
+                        capabilities,
+                    })
+                }),
+            (any::<u8>(), any::<u8>(), "\\PC{0,60}", any::<u16>(), any::<u32>()).prop_map(
+                |(a, b, server_id, replica_count, keepalive_ms)| {
+                    Message::Welcome(Welcome {
+                        version_major: a,
+                        version_minor: b,
+                        server_id,
+                        replica_count,
+                        keepalive_ms,
+                    })
+                }
+            ),
+            (any::<u16>(), "\\PC{0,200}").prop_map(|(c, reason)| Message::Refuse(Refusal {
+                code: RefuseCode::from_wire(c),
+                reason
+            })),
+            (arb_ip(), any::<u16>(), any::<u32>()).prop_map(|(ip, port, deadline_ms)| {
+                Message::Dial(DialRequest {
+                    target: SocketAddr::new(ip, port),
+                    deadline_ms,
+                })
+            }),
+            (any::<u8>(), "\\PC{0,200}").prop_map(|(c, message)| {
+                Message::DialResult(DialResult {
+                    code: DialCode::from_wire(c),
+                    message,
+                })
+            }),
+            Just(Message::Drain),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(msg in arb_message(), tail in prop::collection::vec(any::<u8>(), 0..8)) {
+            let mut buf = Vec::new();
+            encode(&msg, &mut buf).unwrap();
+            let frame_len = buf.len();
+            buf.extend_from_slice(&tail);
+            let (decoded, used) = decode(&buf).unwrap().unwrap();
+            prop_assert_eq!(decoded, msg);
+            prop_assert_eq!(used, frame_len);
+        }
+
+        #[test]
+        fn every_prefix_asks_for_more(msg in arb_message()) {
+            let mut buf = Vec::new();
+            encode(&msg, &mut buf).unwrap();
+            for cut in 0..buf.len() {
+                prop_assert_eq!(decode(&buf[..cut]), Ok(None));
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(Some((_, used))) = decode(&bytes) {
+                prop_assert!(used <= bytes.len());
+            }
+        }
+
+        #[test]
+        fn corrupted_frames_never_panic(msg in arb_message(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut buf = Vec::new();
+            encode(&msg, &mut buf).unwrap();
+            let i = pos.index(buf.len());
+            buf[i] = byte;
+            let _ = decode(&buf);
+        }
+    }
+
+    #[test]
+    fn rejects_oversize_header_before_body_arrives() {
+        let buf = [T_DIAL, 0xff, 0xff];
+        assert_eq!(
+            decode(&buf),
+            Err(DecodeError::Oversize { len: 0xffff })
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_type() {
+        assert_eq!(decode(&[0x7f, 0, 0]), Err(DecodeError::UnknownType(0x7f)));
+    }
+
+    #[test]
+    fn rejects_truncated_body() {
+        // A Dial whose body claims 2 bytes: family 4 but no address.
+        let err = decode(&[T_DIAL, 0, 2, 4, 1]).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::Truncated {
+                message: "Dial",
+                field: "target"
+            }
+        );
+        assert!(err.to_string().contains("Dial frame is truncated"));
+    }
+
+    #[test]
+    fn rejects_bad_family_and_utf8() {
+        assert!(matches!(
+            decode(&[T_DIAL, 0, 1, 9]),
+            Err(DecodeError::UnknownAddressFamily { family: 9, .. })
+        ));
+        assert!(matches!(
+            decode(&[T_DIAL_RESULT, 0, 4, 1, 0, 1, 0xff]),
+            Err(DecodeError::InvalidUtf8 { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_overlong_fields() {
+        let hello = Message::Hello(Hello {
+            version_major: 1,
+            version_minor: 0,
+            node: "n".repeat(MAX_NODE_NAME + 1),
+            addresses: vec![],
+            capabilities: 0,
+        });
+        let err = encode(&hello, &mut Vec::new()).unwrap_err();
+        assert_eq!(err.field, "node");
+        // Hand-built frame with 33 addresses.
+        let mut body = vec![1, 0, 0, 1, b'n', (MAX_ADDRESSES + 1) as u8];
+        body.extend(std::iter::repeat([4u8, 1, 2, 3, 4]).take(MAX_ADDRESSES + 1).flatten());
+        body.extend_from_slice(&[0, 0, 0, 0]);
+        let mut frame = vec![T_HELLO];
+        frame.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        frame.extend_from_slice(&body);
+        assert!(matches!(
+            decode(&frame),
+            Err(DecodeError::FieldTooLong { field: "addresses", .. })
+        ));
+    }
+}

@@ -1,0 +1,48 @@
+//! The edge-tunnel wire protocol, with no I/O.
+//!
+//! Layout:
+//! - [`message`]: the messages agent and server exchange ([`Message`]) and
+//!   the codes they carry.
+//! - [`codec`]: framing (`type u8 | length u16 | body`) and the encoder and
+//!   decoder. The decoder checks that a whole frame is present before it
+//!   parses anything and rejects oversize, truncated and unknown input with a
+//!   [`DecodeError`]; it never panics (property-tested).
+//! - [`codes`]: QUIC application error codes for stream resets and
+//!   connection closes, so both ends agree on what a reset means.
+//!
+//! Like `quinn-proto`, this crate has no sockets, no clocks and no runtime:
+//! the transports in the `transport` crate drive it.
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod codes;
+pub mod message;
+
+pub use codec::{decode, encode, DecodeError, EncodeError, FRAME_HEADER_LEN, MAX_FRAME_BODY};
+pub use message::{
+    DialCode, DialRequest, DialResult, Hello, Message, Refusal, RefuseCode, Welcome,
+};
+
+/// ALPN protocol id: names the protocol and its major version. A peer that
+/// speaks another major version fails the TLS handshake with a clear
+/// "no application protocol" alert instead of misparsing frames.
+pub const ALPN: &[u8] = b"edge-tunnel/1";
+
+/// Major protocol version carried in [`Hello`] and [`Welcome`]. A different
+/// major version is refused ([`RefuseCode::UnsupportedVersion`]).
+pub const VERSION_MAJOR: u8 = 1;
+/// Minor protocol version: additions that older peers may ignore.
+pub const VERSION_MINOR: u8 = 0;
+
+/// Longest node name accepted (a DNS-1123 subdomain, as Kubernetes node names are).
+pub const MAX_NODE_NAME: usize = 253;
+/// Most addresses an agent may announce in its [`Hello`].
+pub const MAX_ADDRESSES: usize = 32;
+/// Longest human-readable reason carried in a refusal or dial result.
+pub const MAX_REASON: usize = 1024;
+
+/// Capability bits an agent announces in [`Hello::capabilities`].
+pub mod capability {
+    /// The agent sends [`crate::Message::Drain`] before it shuts down.
+    pub const DRAIN: u32 = 1 << 0;
+}

@@ -1,0 +1,218 @@
+//! Protocol messages.
+//!
+//! The control stream (opened by the agent) carries `Hello` → `Welcome` or
+//! `Refuse`, and later `Drain`. Every tunneled connection is one stream
+//! opened by the server that starts with a `Dial`, answered by a
+//! `DialResult`; after that the stream carries raw bytes both ways.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+/// One protocol message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    Refuse(Refusal),
+    Dial(DialRequest),
+    DialResult(DialResult),
+    /// Agent → server on the control stream: route no new streams to me; the
+    /// streams already open will finish.
+    Drain,
+}
+
+impl Message {
+    /// A short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Refuse(_) => "Refuse",
+            Message::Dial(_) => "Dial",
+            Message::DialResult(_) => "DialResult",
+            Message::Drain => "Drain",
+        }
+    }
+}
+
+/// First message of the agent on its control stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version_major: u8,
+    pub version_minor: u8,
+    /// The node name the agent believes it serves. The server checks it
+    /// against the certificate: the certificate is the identity.
+    pub node: String,
+    /// Addresses the agent wants to serve; each must be in its certificate.
+    pub addresses: Vec<IpAddr>,
+    /// Bit set of [`crate::capability`] flags.
+    pub capabilities: u32,
+}
+
+/// The server's acceptance of a [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    pub version_major: u8,
+    pub version_minor: u8,
+    /// Stable id of this server replica.
+    pub server_id: String,
+    /// How many replicas the server knows of (1 when it runs alone).
+    pub replica_count: u16,
+    /// Keep-alive interval the server asks the agent to use, in milliseconds.
+    pub keepalive_ms: u32,
+}
+
+/// Why a registration was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefuseCode {
+    /// The agent speaks a major version the server does not.
+    UnsupportedVersion,
+    /// The node name in the Hello is not the certificate's common name.
+    NodeMismatch,
+    /// The Hello claims an address the certificate does not carry.
+    AddressNotInCertificate,
+    /// The certificate carries no usable identity.
+    BadCertificate,
+    /// The server is shutting down or otherwise not accepting agents.
+    Unavailable,
+    /// A code this build does not know; carried through, not rejected.
+    Other(u16),
+}
+
+impl RefuseCode {
+    pub fn to_wire(self) -> u16 {
+        match self {
+            RefuseCode::UnsupportedVersion => 1,
+            RefuseCode::NodeMismatch => 2,
+            RefuseCode::AddressNotInCertificate => 3,
+            RefuseCode::BadCertificate => 4,
+            RefuseCode::Unavailable => 5,
+            RefuseCode::Other(c) => c,
+        }
+    }
+
+    pub fn from_wire(code: u16) -> Self {
+        match code {
+            1 => RefuseCode::UnsupportedVersion,
+            2 => RefuseCode::NodeMismatch,
+            3 => RefuseCode::AddressNotInCertificate,
+            4 => RefuseCode::BadCertificate,
+            5 => RefuseCode::Unavailable,
+            c => RefuseCode::Other(c),
+        }
+    }
+
+    /// A stable label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            RefuseCode::UnsupportedVersion => "unsupported_version",
+            RefuseCode::NodeMismatch => "node_mismatch",
+            RefuseCode::AddressNotInCertificate => "address_not_in_certificate",
+            RefuseCode::BadCertificate => "bad_certificate",
+            RefuseCode::Unavailable => "unavailable",
+            RefuseCode::Other(_) => "other",
+        }
+    }
+}
+
+/// A refused registration, with a reason a person can act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: RefuseCode,
+    pub reason: String,
+}
+
+/// Server → agent, first frame of a tunneled stream: connect to `target`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DialRequest {
+    pub target: SocketAddr,
+    /// How long the agent may spend connecting, in milliseconds.
+    pub deadline_ms: u32,
+}
+
+/// Outcome of a dial, as reported by the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DialCode {
+    Ok,
+    /// The target is not on the agent's allow-list.
+    NotAllowed,
+    /// The target refused the connection.
+    Refused,
+    /// The connect did not complete before the deadline.
+    Timeout,
+    /// No route, host down, or another network error.
+    Unreachable,
+    /// The agent is draining and takes no new streams.
+    Draining,
+    /// A code this build does not know.
+    Other(u8),
+}
+
+impl DialCode {
+    pub fn to_wire(self) -> u8 {
+        match self {
+            DialCode::Ok => 0,
+            DialCode::NotAllowed => 1,
+            DialCode::Refused => 2,
+            DialCode::Timeout => 3,
+            DialCode::Unreachable => 4,
+            DialCode::Draining => 5,
+            DialCode::Other(c) => c,
+        }
+    }
+
+    pub fn from_wire(code: u8) -> Self {
+        match code {
+            0 => DialCode::Ok,
+            1 => DialCode::NotAllowed,
+            2 => DialCode::Refused,
+            3 => DialCode::Timeout,
+            4 => DialCode::Unreachable,
+            5 => DialCode::Draining,
+            c => DialCode::Other(c),
+        }
+    }
+
+    /// A stable label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            DialCode::Ok => "ok",
+            DialCode::NotAllowed => "not_allowed",
+            DialCode::Refused => "refused",
+            DialCode::Timeout => "timeout",
+            DialCode::Unreachable => "unreachable",
+            DialCode::Draining => "draining",
+            DialCode::Other(_) => "other",
+        }
+    }
+}
+
+impl fmt::Display for DialCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Agent → server answer to a [`DialRequest`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DialResult {
+    pub code: DialCode,
+    /// Empty on success; otherwise why, for the person at the other end.
+    pub message: String,
+}
+
+impl DialResult {
+    pub fn ok() -> Self {
+        DialResult {
+            code: DialCode::Ok,
+            message: String::new(),
+        }
+    }
+
+    pub fn error(code: DialCode, message: impl Into<String>) -> Self {
+        DialResult {
+            code,
+            message: message.into(),
+        }
+    }
+}
