@@ -345,8 +345,14 @@ mod tests {
                         capabilities,
                     })
                 }),
-            (any::<u8>(), any::<u8>(), "\\PC{0,60}", any::<u16>(), any::<u32>()).prop_map(
-                |(a, b, server_id, replica_count, keepalive_ms)| {
+            (
+                any::<u8>(),
+                any::<u8>(),
+                "\\PC{0,60}",
+                any::<u16>(),
+                any::<u32>()
+            )
+                .prop_map(|(a, b, server_id, replica_count, keepalive_ms)| {
                     Message::Welcome(Welcome {
                         version_major: a,
                         version_minor: b,
@@ -354,8 +360,7 @@ mod tests {
                         replica_count,
                         keepalive_ms,
                     })
-                }
-            ),
+                }),
             (any::<u16>(), "\\PC{0,200}").prop_map(|(c, reason)| Message::Refuse(Refusal {
                 code: RefuseCode::from_wire(c),
                 reason
@@ -417,10 +422,7 @@ mod tests {
     #[test]
     fn rejects_oversize_header_before_body_arrives() {
         let buf = [T_DIAL, 0xff, 0xff];
-        assert_eq!(
-            decode(&buf),
-            Err(DecodeError::Oversize { len: 0xffff })
-        );
+        assert_eq!(decode(&buf), Err(DecodeError::Oversize { len: 0xffff }));
     }
 
     #[test]
@@ -467,14 +469,21 @@ mod tests {
         assert_eq!(err.field, "node");
         // Hand-built frame with 33 addresses.
         let mut body = vec![1, 0, 0, 1, b'n', (MAX_ADDRESSES + 1) as u8];
-        body.extend(std::iter::repeat([4u8, 1, 2, 3, 4]).take(MAX_ADDRESSES + 1).flatten());
+        body.extend(
+            std::iter::repeat([4u8, 1, 2, 3, 4])
+                .take(MAX_ADDRESSES + 1)
+                .flatten(),
+        );
         body.extend_from_slice(&[0, 0, 0, 0]);
         let mut frame = vec![T_HELLO];
         frame.extend_from_slice(&(body.len() as u16).to_be_bytes());
         frame.extend_from_slice(&body);
         assert!(matches!(
             decode(&frame),
-            Err(DecodeError::FieldTooLong { field: "addresses", .. })
+            Err(DecodeError::FieldTooLong {
+                field: "addresses",
+                ..
+            })
         ));
     }
 }

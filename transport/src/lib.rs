@@ -1,1 +1,26 @@
+//! Transports and the transport-neutral stream.
+//!
+//! Layout:
+//! - [`stream`]: [`TunnelSend`] / [`TunnelRecv`], the two halves of one
+//!   tunneled connection. This is the seam: everything above it (dial,
+//!   relay, half-close, reset) is written once, whatever carries the bytes.
+//! - [`framed`]: reading and writing one `proto` frame on a stream without
+//!   reading past it (raw bytes follow the frame).
+//! - [`relay`]: the duplex copy between a TCP socket and a tunnel stream,
+//!   mapping half-close to FIN and resets to resets.
+//! - [`quic`]: QUIC endpoints (quinn) with the settings both ends share.
+//! - [`net`]: socket helpers: large listen backlogs, original destination.
+//! - [`cli`]: process setup both binaries share: logging, runtime shape,
+//!   shutdown signals.
+#![forbid(unsafe_code)]
 
+pub mod cli;
+pub mod framed;
+pub mod net;
+pub mod quic;
+pub mod relay;
+pub mod stream;
+
+pub use framed::{read_message, write_message, FrameError};
+pub use relay::{relay, Direction, RelayOutcome};
+pub use stream::{TunnelRecv, TunnelSend, TunnelStream};

@@ -1,1 +1,173 @@
+//! tunnel-server: the cloud side of edge-tunnel.
+//!
+//! Layout:
+//! - [`agents`]: the QUIC listener; handshake, identity check against the
+//!   certificate, registration on the control stream, drain and cleanup.
+//! - [`registry`]: node → agent, address → node ([`registry::AgentRegistry`]).
+//! - [`link`]: one agent connection whatever its transport, and [`link::dial`]
+//!   which opens a tunneled stream on it.
+//! - [`connect`]: the HTTP CONNECT ingress (apiserver egress selector,
+//!   Prometheus `proxy_url`, `curl -x`).
+//! - [`transparent`]: the ingress for DNAT-redirected connections.
+//! - [`ingress`]: what both ingresses share: route, dial, relay, count.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/v1/agents`.
+//! - [`metrics`]: the Prometheus metrics.
+//!
+//! [`Server::bind`] binds every listener (so tests can use port 0 and read
+//! the bound addresses back), [`Server::run`] serves until a shutdown
+//! future completes.
+#![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod agents;
+pub mod config;
+pub mod connect;
+pub mod ingress;
+pub mod link;
+pub mod metrics;
+pub mod registry;
+pub mod transparent;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+pub use config::ServerConfig;
+use metrics::Metrics;
+use registry::AgentRegistry;
+
+/// State shared by every listener.
+pub struct Shared {
+    pub config: ServerConfig,
+    pub registry: AgentRegistry,
+    pub metrics: Metrics,
+    pub ready: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Certs(#[from] certs::CertError),
+    #[error(transparent)]
+    Tls(#[from] certs::tls::TlsConfigError),
+    #[error(transparent)]
+    Endpoint(#[from] transport::quic::EndpointError),
+    #[error("cannot bind the {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A server with every listener bound.
+pub struct Server {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    connect: Option<TcpListener>,
+    transparent: Option<TcpListener>,
+    admin: Option<TcpListener>,
+}
+
+/// Addresses the listeners are bound to.
+#[derive(Clone, Copy, Debug)]
+pub struct BoundAddrs {
+    pub quic: SocketAddr,
+    pub connect: Option<SocketAddr>,
+    pub transparent: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+fn bind_tcp(
+    what: &'static str,
+    addr: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, ServerError> {
+    addr.map(|addr| {
+        transport::net::bind_tcp(addr).map_err(|source| ServerError::Bind { what, addr, source })
+    })
+    .transpose()
+}
+
+impl Server {
+    /// Loads certificates and binds every configured listener.
+    pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        let dir = certs::CertDir::load(&config.cert_dir)?;
+        let tls = certs::tls::server_config(&dir, proto::ALPN)?;
+        let endpoint = config.quic.server_endpoint(config.listen, tls)?;
+        let connect = bind_tcp("CONNECT", config.connect_listen)?;
+        let transparent = bind_tcp("transparent", config.transparent_listen)?;
+        let admin = bind_tcp("admin", config.admin_listen)?;
+        let shared = Arc::new(Shared {
+            config,
+            registry: AgentRegistry::default(),
+            metrics: Metrics::new(),
+            ready: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+        });
+        Ok(Server {
+            shared,
+            endpoint,
+            connect,
+            transparent,
+            admin,
+        })
+    }
+
+    pub fn local_addrs(&self) -> BoundAddrs {
+        let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+        BoundAddrs {
+            quic: self
+                .endpoint
+                .local_addr()
+                .expect("bound endpoint has an address"),
+            connect: addr(&self.connect),
+            transparent: addr(&self.transparent),
+            admin: addr(&self.admin),
+        }
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown` completes, then closes every agent connection
+    /// (their streams are reset) and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let shared = self.shared;
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(agents::serve(self.endpoint.clone(), shared.clone()));
+        if let Some(l) = self.connect {
+            tasks.spawn(connect::serve(l, shared.clone()));
+        }
+        if let Some(l) = self.transparent {
+            tasks.spawn(transparent::serve(l, shared.clone()));
+        }
+        if let Some(l) = self.admin {
+            tasks.spawn(admin::serve(l, shared.clone()));
+        }
+        shared.ready.store(true, Ordering::SeqCst);
+        tracing::info!(server_id = %shared.config.server_id, "tunnel-server ready");
+        shutdown.await;
+        tracing::info!("shutting down: closing agent connections");
+        shared.ready.store(false, Ordering::SeqCst);
+        tasks.abort_all();
+        self.endpoint.close(
+            quinn::VarInt::from_u32(proto::codes::close::SERVER_SHUTDOWN),
+            b"server shutting down",
+        );
+        // Give the CONNECTION_CLOSE frames a moment to leave.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}

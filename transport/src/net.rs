@@ -1,0 +1,65 @@
+//! Socket helpers.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Listen backlog for our TCP listeners. tokio's default of 128 overflows
+/// under a burst of a thousand connects (SYN retries after 1 s).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Binds a TCP listener with a large backlog and SO_REUSEADDR.
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Binds a UDP socket with the given send and receive buffer sizes
+/// (best effort: the kernel caps them at net.core.[rw]mem_max).
+pub fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    let _ = socket.set_recv_buffer_size(buffer);
+    let _ = socket.set_send_buffer_size(buffer);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// The destination a connection had before iptables DNAT/REDIRECT rewrote
+/// it (SO_ORIGINAL_DST, or IP6T_SO_ORIGINAL_DST for IPv6 sockets).
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(stream);
+    let local = stream.local_addr()?;
+    let addr = if local.is_ipv4() {
+        sock.original_dst()?
+    } else {
+        // A dual-stack socket can carry IPv4 connections as mapped addresses.
+        sock.original_dst_ipv6().or_else(|_| sock.original_dst())?
+    };
+    addr.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "original destination is not an IP address",
+        )
+    })
+}
+
+/// Maps an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) to plain IPv4, so
+/// dual-stack listeners route IPv4 clients by their real address.
+pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(Into::into).unwrap_or(ip),
+        v4 => v4,
+    }
+}

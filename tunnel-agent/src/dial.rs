@@ -1,0 +1,104 @@
+//! One tunneled stream on the agent: `Dial` → allow-list → connect →
+//! `DialResult` → relay.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::{DialCode, DialResult, Message};
+use tokio::net::TcpStream;
+use transport::{read_message, write_message, TunnelRecv, TunnelSend};
+
+use crate::config::AgentConfig;
+
+/// How long the server may take to send `Dial` after opening a stream.
+const DIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one stream opened by the server.
+pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
+    config: Arc<AgentConfig>,
+    mut send: S,
+    mut recv: R,
+    draining: bool,
+) {
+    let mut buf = Vec::new();
+    let request =
+        match tokio::time::timeout(DIAL_FRAME_TIMEOUT, read_message(&mut recv, &mut buf)).await {
+            Ok(Ok(Message::Dial(d))) => d,
+            Ok(Ok(other)) => {
+                tracing::warn!("expected Dial, got {}", other.kind());
+                return abort(send, recv, proto::codes::stream::PROTOCOL);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("bad Dial frame: {e}");
+                return abort(send, recv, proto::codes::stream::PROTOCOL);
+            }
+            Err(_) => {
+                tracing::warn!("no Dial frame within {DIAL_FRAME_TIMEOUT:?}");
+                return abort(send, recv, proto::codes::stream::PROTOCOL);
+            }
+        };
+    let target = request.target;
+    let result = if draining {
+        Err(DialResult::error(
+            DialCode::Draining,
+            "the agent is shutting down",
+        ))
+    } else if !config.allow.permits(target) {
+        tracing::warn!(%target, "dial refused: target is not on the allow-list");
+        Err(DialResult::error(
+            DialCode::NotAllowed,
+            format!(
+                "{target} is not on the allow-list of node {} ({})",
+                config.node, config.allow
+            ),
+        ))
+    } else {
+        let deadline = Duration::from_millis(request.deadline_ms.into()).min(config.dial_timeout);
+        connect(target, deadline).await
+    };
+    let tcp = match result {
+        Ok(tcp) => tcp,
+        Err(answer) => {
+            tracing::info!(%target, code = %answer.code, "dial failed: {}", answer.message);
+            let _ = write_message(&mut send, &Message::DialResult(answer)).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+            recv.stop(proto::codes::stream::CANCELLED);
+            return;
+        }
+    };
+    if let Err(e) = write_message(&mut send, &Message::DialResult(DialResult::ok())).await {
+        tracing::debug!(%target, "server went away before the dial result: {e}");
+        return;
+    }
+    let stats = transport::relay(tcp, send, recv, |_, _| {}).await;
+    tracing::debug!(%target, ?stats, "stream ended");
+}
+
+async fn connect(
+    target: std::net::SocketAddr,
+    deadline: Duration,
+) -> Result<TcpStream, DialResult> {
+    match tokio::time::timeout(deadline, TcpStream::connect(target)).await {
+        Ok(Ok(tcp)) => Ok(tcp),
+        Ok(Err(e)) => Err(match e.kind() {
+            io::ErrorKind::ConnectionRefused => DialResult::error(
+                DialCode::Refused,
+                format!("{target} refused the connection"),
+            ),
+            _ => DialResult::error(
+                DialCode::Unreachable,
+                format!("cannot connect to {target}: {e}"),
+            ),
+        }),
+        Err(_) => Err(DialResult::error(
+            DialCode::Timeout,
+            format!("connecting to {target} took longer than {deadline:?}"),
+        )),
+    }
+}
+
+fn abort<S: TunnelSend, R: TunnelRecv>(mut send: S, mut recv: R, code: u32) {
+    send.reset(code);
+    recv.stop(code);
+}

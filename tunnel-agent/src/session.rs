@@ -1,0 +1,260 @@
+//! The agent's connection to the server, and the reconnect loop around it.
+//!
+//! A session: resolve the server, QUIC + mutual-TLS handshake, open the
+//! control stream, `Hello` → `Welcome` (or `Refuse`, which is logged with
+//! its reason and retried with backoff), then accept one stream per
+//! tunneled connection until the connection ends. On shutdown the agent
+//! sends `Drain`, answers new dials with `Draining`, lets open streams
+//! finish within the grace period, and closes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::codes::close;
+use proto::{Hello, Message};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+use transport::{read_message, write_message};
+
+use crate::backoff::Backoff;
+use crate::config::{AgentConfig, ConfigError};
+use crate::dial::serve_stream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot resolve server {server}: {reason}")]
+    Resolve { server: String, reason: String },
+    #[error("cannot load certificates: {0}")]
+    Config(#[from] ConfigError),
+    #[error("QUIC connect to {addr} failed: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("no answer from {addr} within {after:?} (UDP blocked or server down?)")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("registration refused by the server ({code}): {reason}")]
+    Refused { code: &'static str, reason: String },
+    #[error("registration failed: {0}")]
+    Register(String),
+}
+
+/// How a registered session ended.
+enum SessionEnd {
+    /// Shutdown was asked for and the session drained.
+    Drained,
+    /// The connection was lost or closed by the server.
+    Lost(String),
+}
+
+/// Runs the agent until `shutdown` completes and the session has drained.
+/// Reconnects forever with backoff while the server is unreachable.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), SessionError> {
+    let config = Arc::new(config);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let endpoint = bind_endpoint(&config)?;
+    let mut backoff = Backoff::new();
+    loop {
+        let started = Instant::now();
+        let span = tracing::info_span!("session", node = %config.node, server = %config.server);
+        let result = session(&config, &endpoint, stop_rx.clone())
+            .instrument(span)
+            .await;
+        match result {
+            Ok(SessionEnd::Drained) => {
+                endpoint.close(
+                    quinn::VarInt::from_u32(close::AGENT_DRAINED),
+                    b"agent drained",
+                );
+                let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+                return Ok(());
+            }
+            Ok(SessionEnd::Lost(reason)) => {
+                tracing::warn!("connection to the server lost: {reason}");
+                backoff.connection_ended(started.elapsed());
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+        if *stop_rx.borrow() {
+            return Ok(());
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(
+            attempt = backoff.failures(),
+            "reconnecting in {:.1}s",
+            delay.as_secs_f64()
+        );
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}
+
+fn bind_endpoint(config: &AgentConfig) -> Result<quinn::Endpoint, SessionError> {
+    // Dual-stack when the host has IPv6, else IPv4 only.
+    let dual: SocketAddr = "[::]:0".parse().expect("literal");
+    let v4: SocketAddr = "0.0.0.0:0".parse().expect("literal");
+    config
+        .quic
+        .client_endpoint(dual)
+        .or_else(|_| config.quic.client_endpoint(v4))
+        .map_err(|e| SessionError::Connect {
+            addr: v4,
+            reason: e.to_string(),
+        })
+}
+
+async fn resolve(server: &str) -> Result<SocketAddr, SessionError> {
+    let err = |reason: String| SessionError::Resolve {
+        server: server.to_owned(),
+        reason,
+    };
+    let mut addrs = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(server))
+        .await
+        .map_err(|_| err("DNS lookup took longer than 5s".into()))?
+        .map_err(|e| err(e.to_string()))?;
+    addrs.next().ok_or_else(|| err("no addresses".into()))
+}
+
+async fn session(
+    config: &Arc<AgentConfig>,
+    endpoint: &quinn::Endpoint,
+    mut stop: watch::Receiver<bool>,
+) -> Result<SessionEnd, SessionError> {
+    let addr = resolve(&config.server).await?;
+    let client = config
+        .quic
+        .client_config(config.tls()?)
+        .map_err(|e| SessionError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let connect_err = |reason: String| SessionError::Connect { addr, reason };
+    let bound = config.connect_timeout;
+    let register = async {
+        let conn = endpoint
+            .connect_with(client, addr, &config.server_name)
+            .map_err(|e| connect_err(e.to_string()))?
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        let hello = Message::Hello(Hello {
+            version_major: proto::VERSION_MAJOR,
+            version_minor: proto::VERSION_MINOR,
+            node: config.node.clone(),
+            addresses: config.identity.addresses.clone(),
+            capabilities: proto::capability::DRAIN,
+        });
+        write_message(&mut send, &hello)
+            .await
+            .map_err(|e| SessionError::Register(e.to_string()))?;
+        let mut buf = Vec::new();
+        match read_message(&mut recv, &mut buf).await {
+            Ok(Message::Welcome(w)) => Ok((conn, send, recv, w)),
+            Ok(Message::Refuse(r)) => {
+                conn.close(quinn::VarInt::from_u32(close::REFUSED), b"refused");
+                Err(SessionError::Refused {
+                    code: r.code.label(),
+                    reason: r.reason,
+                })
+            }
+            Ok(other) => Err(SessionError::Register(format!(
+                "expected Welcome, got {}",
+                other.kind()
+            ))),
+            Err(e) => Err(SessionError::Register(match conn.close_reason() {
+                Some(reason) => format!("server closed the connection: {reason}"),
+                None => e.to_string(),
+            })),
+        }
+    };
+    let (conn, mut control_send, mut control_recv, welcome) = tokio::select! {
+        r = tokio::time::timeout(bound, register) => match r {
+            Ok(r) => r?,
+            Err(_) => return Err(SessionError::Timeout { addr, after: bound }),
+        },
+        _ = stop.wait_for(|s| *s) => return Ok(SessionEnd::Drained),
+    };
+    tracing::info!(
+        server_id = %welcome.server_id,
+        %addr,
+        allow = %config.allow,
+        "registered"
+    );
+
+    let mut streams = JoinSet::new();
+    let mut control_buf = Vec::new();
+    let end = loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break None,
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => spawn_stream(&mut streams, config, send, recv, false),
+                Err(e) => break Some(e.to_string()),
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            msg = read_message(&mut control_recv, &mut control_buf) => {
+                // The server sends nothing after Welcome today; an end or an
+                // error of the control stream ends the session.
+                match msg {
+                    Ok(m) => tracing::debug!("ignoring {} on the control stream", m.kind()),
+                    Err(e) => break Some(format!("control stream ended: {e}")),
+                }
+            }
+        }
+    };
+    if let Some(reason) = end {
+        let reason = conn.close_reason().map(|r| r.to_string()).unwrap_or(reason);
+        return Ok(SessionEnd::Lost(reason));
+    }
+
+    // Drain: no new streams, open ones finish within the grace period.
+    tracing::info!(active = streams.len(), grace = ?config.drain_grace, "draining");
+    let _ = write_message(&mut control_send, &Message::Drain).await;
+    let deadline = tokio::time::sleep(config.drain_grace);
+    tokio::pin!(deadline);
+    loop {
+        if streams.is_empty() {
+            break;
+        }
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => spawn_stream(&mut streams, config, send, recv, true),
+                Err(_) => break,
+            },
+            _ = streams.join_next() => {}
+            _ = &mut deadline => {
+                tracing::warn!(active = streams.len(), "grace period over; resetting the remaining streams");
+                break;
+            }
+        }
+    }
+    streams.abort_all();
+    conn.close(
+        quinn::VarInt::from_u32(close::AGENT_DRAINED),
+        b"agent drained",
+    );
+    Ok(SessionEnd::Drained)
+}
+
+fn spawn_stream(
+    streams: &mut JoinSet<()>,
+    config: &Arc<AgentConfig>,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    draining: bool,
+) {
+    let span = tracing::debug_span!("stream", node = %config.node, stream = %send.id());
+    streams.spawn(serve_stream(config.clone(), send, recv, draining).instrument(span));
+}

@@ -1,0 +1,302 @@
+//! The QUIC listener agents dial: handshake, identity, registration.
+//!
+//! The certificate is the identity. After the mutual-TLS handshake the
+//! agent opens its control stream and sends `Hello`; the server checks the
+//! node name against the certificate's CN and every claimed address against
+//! its IP SANs, answers `Welcome` or `Refuse`, and registers the agent.
+//! The control stream then stays open: `Drain` takes the agent out of
+//! routing, and the end of the stream or of the connection deregisters it.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use certs::Identity;
+use proto::codes::close;
+use proto::{Hello, Message, Refusal, RefuseCode, Welcome};
+use quinn::VarInt;
+use rustls::pki_types::CertificateDer;
+use tracing::Instrument;
+use transport::read_message;
+
+use crate::link::AgentLink;
+use crate::registry::AgentHandle;
+use crate::Shared;
+
+/// Accepts agent connections until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        let remote = incoming.remote_address();
+        let span = tracing::info_span!("agent", %remote, node = tracing::field::Empty);
+        tokio::spawn(
+            async move {
+                if let Err(e) = handle(incoming, shared).await {
+                    tracing::warn!("agent connection ended: {e}");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AgentError {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(quinn::ConnectionError),
+    #[error("handshake did not complete within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("registration refused ({}): {}", .0.code.label(), .0.reason)]
+    Refused(Refusal),
+    #[error("no control stream: {0}")]
+    Control(String),
+}
+
+async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), AgentError> {
+    let timeout = shared.config.register_timeout;
+    let metrics = &shared.metrics;
+    let conn = match tokio::time::timeout(timeout, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            metrics.refused("tls_handshake");
+            return Err(AgentError::Handshake(e));
+        }
+        Err(_) => {
+            metrics.refused("handshake_timeout");
+            return Err(AgentError::HandshakeTimeout(timeout));
+        }
+    };
+    let identity = match peer_identity(&conn) {
+        Ok(id) => id,
+        Err(reason) => {
+            metrics.refused(RefuseCode::BadCertificate.label());
+            conn.close(VarInt::from_u32(close::REFUSED), reason.as_bytes());
+            return Err(AgentError::Refused(Refusal {
+                code: RefuseCode::BadCertificate,
+                reason,
+            }));
+        }
+    };
+    tracing::Span::current().record("node", identity.common_name.as_str());
+
+    let control = async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let hello = match read_message(&mut recv, &mut buf)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Message::Hello(h) => h,
+            other => return Err(format!("expected Hello, got {}", other.kind())),
+        };
+        Ok((send, recv, hello))
+    };
+    let (mut send, mut recv, hello) = match tokio::time::timeout(timeout, control).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            metrics.refused("bad_hello");
+            conn.close(VarInt::from_u32(close::PROTOCOL), e.as_bytes());
+            return Err(AgentError::Control(e));
+        }
+        Err(_) => {
+            metrics.refused("register_timeout");
+            conn.close(VarInt::from_u32(close::PROTOCOL), b"no Hello in time");
+            return Err(AgentError::Control(format!("no Hello within {timeout:?}")));
+        }
+    };
+
+    let addresses = match check_hello(&hello, &identity) {
+        Ok(addresses) => addresses,
+        Err(refusal) => {
+            metrics.refused(refusal.code.label());
+            let _ = transport::write_message(&mut send, &Message::Refuse(refusal.clone())).await;
+            let _ = send.finish();
+            // Let the refusal reach the agent (it closes on reading it)
+            // before we tear the connection down.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            conn.close(VarInt::from_u32(close::REFUSED), refusal.reason.as_bytes());
+            return Err(AgentError::Refused(refusal));
+        }
+    };
+
+    let welcome = Message::Welcome(Welcome {
+        version_major: proto::VERSION_MAJOR,
+        version_minor: proto::VERSION_MINOR,
+        server_id: shared.config.server_id.clone(),
+        replica_count: 1,
+        keepalive_ms: shared
+            .config
+            .quic
+            .keepalive
+            .as_millis()
+            .min(u32::MAX as u128) as u32,
+    });
+    if let Err(e) = transport::write_message(&mut send, &welcome).await {
+        return Err(AgentError::Control(e.to_string()));
+    }
+
+    let agent = Arc::new(AgentHandle {
+        id: shared.next_id(),
+        node: identity.common_name.clone(),
+        addresses,
+        connected_since: SystemTime::now(),
+        link: AgentLink::Quic(conn.clone()),
+        streams_active: AtomicI64::new(0),
+        draining: AtomicBool::new(false),
+    });
+    if let Some(old) = shared.registry.register(agent.clone()) {
+        tracing::info!(old_remote = %old.link.remote_address(), "replacing the previous connection of this node");
+        old.link.close(
+            close::REPLACED,
+            "replaced by a newer connection of the same node",
+        );
+    }
+    shared.metrics.registrations.inc();
+    shared
+        .metrics
+        .agents_connected
+        .set(shared.registry.len() as i64);
+    tracing::info!(addresses = ?agent.addresses, "agent registered");
+
+    // Watch the control stream until it ends or the connection dies.
+    let watch = async {
+        let mut buf = Vec::new();
+        loop {
+            match read_message(&mut recv, &mut buf).await {
+                Ok(Message::Drain) => {
+                    tracing::info!("agent is draining; no new streams are routed to it");
+                    agent.draining.store(true, Ordering::Relaxed);
+                }
+                Ok(other) => {
+                    tracing::warn!("unexpected {} on the control stream", other.kind());
+                    conn.close(
+                        VarInt::from_u32(close::PROTOCOL),
+                        b"unexpected control message",
+                    );
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!("control stream ended: {e}");
+                    conn.close(
+                        VarInt::from_u32(close::CONTROL_CLOSED),
+                        b"control stream closed",
+                    );
+                    break;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = watch => {}
+        reason = conn.closed() => tracing::info!("agent connection closed: {reason}"),
+    }
+    if shared.registry.deregister(&agent) {
+        shared
+            .metrics
+            .agents_connected
+            .set(shared.registry.len() as i64);
+        tracing::info!("agent deregistered");
+    }
+    Ok(())
+}
+
+fn peer_identity(conn: &quinn::Connection) -> Result<Identity, String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| "the agent presented no certificate".to_owned())?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| "the agent presented an empty certificate chain".to_owned())?;
+    Identity::from_der(leaf).map_err(|e| format!("agent certificate: {e}"))
+}
+
+/// Checks a Hello against the certificate and returns the addresses to
+/// register: those claimed, or every certificate address if none were.
+fn check_hello(hello: &Hello, identity: &Identity) -> Result<Vec<IpAddr>, Refusal> {
+    if hello.version_major != proto::VERSION_MAJOR {
+        return Err(Refusal {
+            code: RefuseCode::UnsupportedVersion,
+            reason: format!(
+                "protocol version {}.{} is not supported; this server speaks {}.x",
+                hello.version_major,
+                hello.version_minor,
+                proto::VERSION_MAJOR
+            ),
+        });
+    }
+    if hello.node != identity.common_name {
+        return Err(Refusal {
+            code: RefuseCode::NodeMismatch,
+            reason: format!(
+                "node name {:?} does not match the certificate's common name {:?}",
+                hello.node, identity.common_name
+            ),
+        });
+    }
+    if let Some(bad) = hello
+        .addresses
+        .iter()
+        .find(|a| !identity.addresses.contains(a))
+    {
+        return Err(Refusal {
+            code: RefuseCode::AddressNotInCertificate,
+            reason: format!(
+                "address {bad} is not among the certificate's IP SANs {:?}",
+                identity.addresses
+            ),
+        });
+    }
+    Ok(if hello.addresses.is_empty() {
+        identity.addresses.clone()
+    } else {
+        hello.addresses.clone()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            common_name: "edge-1".into(),
+            addresses: vec!["198.18.1.2".parse().unwrap()],
+        }
+    }
+
+    fn hello(node: &str, addrs: &[&str]) -> Hello {
+        Hello {
+            version_major: proto::VERSION_MAJOR,
+            version_minor: 0,
+            node: node.into(),
+            addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            capabilities: 0,
+        }
+    }
+
+    #[test]
+    fn accepts_matching_identity() {
+        assert_eq!(
+            check_hello(&hello("edge-1", &[]), &identity()).unwrap(),
+            identity().addresses
+        );
+        assert!(check_hello(&hello("edge-1", &["198.18.1.2"]), &identity()).is_ok());
+    }
+
+    #[test]
+    fn refuses_what_the_certificate_does_not_carry() {
+        let r = check_hello(&hello("edge-2", &[]), &identity()).unwrap_err();
+        assert_eq!(r.code, RefuseCode::NodeMismatch);
+        let r = check_hello(&hello("edge-1", &["10.0.0.1"]), &identity()).unwrap_err();
+        assert_eq!(r.code, RefuseCode::AddressNotInCertificate);
+        assert!(r.reason.contains("10.0.0.1"));
+        let mut h = hello("edge-1", &[]);
+        h.version_major = 9;
+        assert_eq!(
+            check_hello(&h, &identity()).unwrap_err().code,
+            RefuseCode::UnsupportedVersion
+        );
+    }
+}

@@ -1,0 +1,198 @@
+//! HTTP CONNECT ingress: `CONNECT host:port` where host is a node address
+//! or a node name. The answer comes after the agent's dial result, so a
+//! client learns at once why it cannot get through:
+//!
+//! | status | when |
+//! |---|---|
+//! | 200 | the agent connected to the target; bytes flow |
+//! | 400 | not a CONNECT `host:port` request |
+//! | 403 | the agent refused: the target is not on its allow-list |
+//! | 502 | the agent could not connect (refused, unreachable, timeout) or broke the protocol |
+//! | 503 | no live agent serves the node, or it is draining |
+//! | 405 | any method but CONNECT |
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use proto::DialCode;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::ingress::{self, Target};
+use crate::link::DialError;
+use crate::Shared;
+
+/// How long a client may take to send its request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(v) => v,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("CONNECT accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, shared.clone()));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, "CONNECT client connection: {e}");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body + "\n")));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Parses the authority of a CONNECT request into a target.
+pub fn parse_target(authority: &str) -> Result<Target, String> {
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| format!("CONNECT target {authority:?} has no port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("CONNECT target {authority:?} has an invalid port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(Target::Address(SocketAddr::new(ip, port)));
+    }
+    certs::identity::validate_node_name(host)
+        .map_err(|_| format!("CONNECT host {host:?} is neither an IP address nor a node name"))?;
+    Ok(Target::Node {
+        name: host.to_owned(),
+        port,
+    })
+}
+
+fn status_for(e: &DialError) -> StatusCode {
+    match e {
+        DialError::NoAgent(_) | DialError::Draining(_) => StatusCode::SERVICE_UNAVAILABLE,
+        DialError::Refused {
+            code: DialCode::NotAllowed,
+            ..
+        } => StatusCode::FORBIDDEN,
+        DialError::Refused {
+            code: DialCode::Draining,
+            ..
+        } => StatusCode::SERVICE_UNAVAILABLE,
+        DialError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::CONNECT {
+        let mut resp = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "this is a CONNECT proxy: use CONNECT host:port".into(),
+        );
+        resp.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("CONNECT"),
+        );
+        return Ok(resp);
+    }
+    let target = match req.uri().authority().map(|a| parse_target(a.as_str())) {
+        Some(Ok(t)) => t,
+        Some(Err(msg)) => return Ok(text(StatusCode::BAD_REQUEST, msg)),
+        None => {
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                "CONNECT needs host:port".into(),
+            ))
+        }
+    };
+    let dialed = match ingress::dial(&shared, &target).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::info!(%target, "CONNECT refused: {e}");
+            return Ok(text(status_for(&e), e.to_string()));
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let stream_fail = |d: ingress::Dialed, why: String| {
+            tracing::warn!("CONNECT upgrade failed: {why}");
+            let mut s = d.stream;
+            transport::TunnelSend::reset(&mut s.send, proto::codes::stream::CANCELLED);
+        };
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => return stream_fail(dialed, e.to_string()),
+        };
+        // Take the socket back from hyper so the relay can half-close and
+        // reset it like any other TCP connection.
+        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(p) => p,
+            Err(_) => return stream_fail(dialed, "unexpected upgraded I/O type".into()),
+        };
+        let mut dialed = dialed;
+        if !parts.read_buf.is_empty() {
+            // Bytes the client sent right behind its request head.
+            if let Err(e) = dialed.stream.send.write_all(&parts.read_buf).await {
+                return stream_fail(dialed, e.to_string());
+            }
+        }
+        ingress::relay(shared, dialed, parts.io.into_inner(), "connect").await;
+    });
+    Ok(Response::new(Full::new(Bytes::new())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            parse_target("198.18.0.5:10250").unwrap(),
+            Target::Address("198.18.0.5:10250".parse().unwrap())
+        );
+        assert_eq!(
+            parse_target("[fd00::5]:10250").unwrap(),
+            Target::Address("[fd00::5]:10250".parse().unwrap())
+        );
+        assert_eq!(
+            parse_target("edge-1:9100").unwrap(),
+            Target::Node {
+                name: "edge-1".into(),
+                port: 9100
+            }
+        );
+        assert!(parse_target("edge-1").unwrap_err().contains("no port"));
+        assert!(parse_target("edge-1:http")
+            .unwrap_err()
+            .contains("invalid port"));
+        assert!(parse_target("Bad_Name:1").unwrap_err().contains("neither"));
+    }
+}

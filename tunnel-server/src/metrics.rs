@@ -1,0 +1,116 @@
+//! Prometheus metrics of the server (text format on `/metrics`).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Label = [(&'static str, &'static str); 1];
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    pub agents_connected: Gauge,
+    pub streams_active: Gauge,
+    pub streams: Family<Label, Counter>,
+    pub bytes: Family<Label, Counter>,
+    pub dial_duration: Histogram,
+    pub dial_failures: Family<Label, Counter>,
+    pub registration_refusals: Family<Label, Counter>,
+    pub registrations: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("edge_tunnel");
+        let agents_connected = Gauge::default();
+        let streams_active = Gauge::default();
+        let streams = Family::<Label, Counter>::default();
+        let bytes = Family::<Label, Counter>::default();
+        // 0.5 ms .. ~16 s: a dial is one tunnel round trip plus a local connect.
+        let dial_duration = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),
+        );
+        let dial_failures = Family::<Label, Counter>::default();
+        let registration_refusals = Family::<Label, Counter>::default();
+        let registrations = Counter::default();
+        registry.register(
+            "agents_connected",
+            "Agents with a live, registered connection",
+            agents_connected.clone(),
+        );
+        registry.register(
+            "streams_active",
+            "Tunneled connections open now",
+            streams_active.clone(),
+        );
+        registry.register(
+            "streams",
+            "Tunneled connections accepted, by ingress",
+            streams.clone(),
+        );
+        registry.register(
+            "relayed_bytes",
+            "Bytes relayed, by direction (to_agent, from_agent)",
+            bytes.clone(),
+        );
+        registry.register(
+            "dial_duration_seconds",
+            "Time from opening a stream to the agent's dial result",
+            dial_duration.clone(),
+        );
+        registry.register(
+            "dial_failures",
+            "Tunneled connections that could not be established, by reason",
+            dial_failures.clone(),
+        );
+        registry.register(
+            "registration_refusals",
+            "Agent connections refused, by reason",
+            registration_refusals.clone(),
+        );
+        registry.register(
+            "registrations",
+            "Agent registrations accepted",
+            registrations.clone(),
+        );
+        Metrics {
+            registry,
+            agents_connected,
+            streams_active,
+            streams,
+            bytes,
+            dial_duration,
+            dial_failures,
+            registration_refusals,
+            registrations,
+        }
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.registration_refusals
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn dial_failed(&self, reason: &'static str) {
+        self.dial_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,113 @@
+//! The agent registry: node name → live agent, address → node.
+//!
+//! Entries are keyed by node; each carries a connection id so that the
+//! cleanup of a replaced connection never removes its replacement.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+
+use crate::link::AgentLink;
+
+/// One registered agent connection.
+pub struct AgentHandle {
+    pub id: u64,
+    pub node: String,
+    pub addresses: Vec<IpAddr>,
+    pub connected_since: SystemTime,
+    pub link: AgentLink,
+    pub streams_active: AtomicI64,
+    pub draining: AtomicBool,
+}
+
+impl AgentHandle {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// What a lookup found.
+pub enum Route {
+    Agent(Arc<AgentHandle>),
+    /// The node is known but its agent is draining.
+    Draining(String),
+    /// No live agent serves this node or address.
+    NoAgent,
+}
+
+#[derive(Default)]
+pub struct AgentRegistry {
+    by_node: DashMap<String, Arc<AgentHandle>>,
+    by_addr: DashMap<IpAddr, String>,
+}
+
+impl AgentRegistry {
+    /// Registers `agent`, returning the connection it replaced, if any.
+    /// The caller closes the replaced connection.
+    pub fn register(&self, agent: Arc<AgentHandle>) -> Option<Arc<AgentHandle>> {
+        let old = self.by_node.insert(agent.node.clone(), agent.clone());
+        if let Some(old) = &old {
+            for addr in &old.addresses {
+                self.by_addr.remove_if(addr, |_, node| *node == old.node);
+            }
+        }
+        for addr in &agent.addresses {
+            if let Some(prev) = self.by_addr.insert(*addr, agent.node.clone()) {
+                if prev != agent.node {
+                    tracing::warn!(%addr, new = %agent.node, old = %prev,
+                        "address moved to another node's certificate");
+                }
+            }
+        }
+        old
+    }
+
+    /// Removes `agent` if it is still the registered connection of its node.
+    /// Returns whether it was.
+    pub fn deregister(&self, agent: &AgentHandle) -> bool {
+        let removed = self
+            .by_node
+            .remove_if(&agent.node, |_, cur| cur.id == agent.id)
+            .is_some();
+        if removed {
+            for addr in &agent.addresses {
+                self.by_addr.remove_if(addr, |_, node| *node == agent.node);
+            }
+        }
+        removed
+    }
+
+    pub fn by_node(&self, node: &str) -> Route {
+        match self.by_node.get(node) {
+            Some(a) if a.is_draining() => Route::Draining(node.to_owned()),
+            Some(a) => Route::Agent(a.clone()),
+            None => Route::NoAgent,
+        }
+    }
+
+    pub fn by_address(&self, addr: IpAddr) -> Route {
+        let node = match self.by_addr.get(&addr) {
+            Some(n) => n.clone(),
+            None => return Route::NoAgent,
+        };
+        self.by_node(&node)
+    }
+
+    /// Every registered agent, for `/v1/agents`.
+    pub fn snapshot(&self) -> Vec<Arc<AgentHandle>> {
+        let mut v: Vec<_> = self.by_node.iter().map(|e| e.value().clone()).collect();
+        v.sort_by(|a, b| a.node.cmp(&b.node));
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_node.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_node.is_empty()
+    }
+}

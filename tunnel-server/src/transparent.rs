@@ -1,0 +1,62 @@
+//! Transparent ingress for connections that iptables DNAT redirected here.
+//!
+//! The original destination (SO_ORIGINAL_DST) names the edge address and
+//! port the client wanted. A connection no live agent can serve, or whose
+//! dial fails, is reset at once: the client sees exactly what a refused
+//! TCP connection looks like, never a hang.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::ingress::{self, Target};
+use crate::Shared;
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let local = listener.local_addr().ok();
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("transparent accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move { handle(tcp, peer, local, shared).await });
+    }
+}
+
+async fn handle(tcp: TcpStream, peer: SocketAddr, local: Option<SocketAddr>, shared: Arc<Shared>) {
+    let original = match transport::net::original_dst(&tcp) {
+        Ok(addr) => addr,
+        Err(e) => {
+            tracing::info!(%peer, "no original destination (not a DNAT-redirected connection?): {e}");
+            shared.metrics.dial_failed("no_original_destination");
+            return reset(tcp);
+        }
+    };
+    // Without a DNAT rule the "original" destination is this listener.
+    if Some(original) == local || tcp.local_addr().ok() == Some(original) {
+        tracing::info!(%peer, "connection was not redirected by DNAT; refusing");
+        shared.metrics.dial_failed("not_redirected");
+        return reset(tcp);
+    }
+    let target = Target::Address(original);
+    match ingress::dial(&shared, &target).await {
+        Ok(dialed) => ingress::relay(shared, dialed, tcp, "transparent").await,
+        Err(e) => {
+            tracing::info!(%peer, %target, "transparent connection refused: {e}");
+            reset(tcp)
+        }
+    }
+}
+
+/// Closes with an RST, as a refused connection would look.
+fn reset(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
