@@ -65,8 +65,12 @@ pub fn read(path: &Path) -> Result<Vec<u8>, CertError> {
 
 /// Reads every PEM certificate in `path`; at least one must be there.
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    let bytes = read(path)?;
-    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
+    parse_certs(&read(path)?, path)
+}
+
+/// Parses every PEM certificate in `pem`; `path` names the source in errors.
+pub fn parse_certs(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let certs = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| CertError::BadPem {
             path: path.to_owned(),
@@ -82,8 +86,12 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
 
 /// Reads the first PEM private key in `path`.
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
-    let bytes = read(path)?;
-    rustls_pemfile::private_key(&mut bytes.as_slice())
+    parse_key(&read(path)?, path)
+}
+
+/// Parses the first PEM private key in `pem`; `path` names the source in errors.
+pub fn parse_key(pem: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
+    rustls_pemfile::private_key(&mut &pem[..])
         .map_err(|source| CertError::BadPem {
             path: path.to_owned(),
             source,

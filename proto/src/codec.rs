@@ -470,8 +470,7 @@ mod tests {
         // Hand-built frame with 33 addresses.
         let mut body = vec![1, 0, 0, 1, b'n', (MAX_ADDRESSES + 1) as u8];
         body.extend(
-            std::iter::repeat([4u8, 1, 2, 3, 4])
-                .take(MAX_ADDRESSES + 1)
+            std::iter::repeat_n([4u8, 1, 2, 3, 4], MAX_ADDRESSES + 1)
                 .flatten(),
         );
         body.extend_from_slice(&[0, 0, 0, 0]);

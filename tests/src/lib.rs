@@ -1,1 +1,265 @@
+//! Test harness for edge-tunnel's end-to-end tests: throw-away PKI, the real
+//! server and agent started in-process on loopback, fake targets (echo,
+//! TLS, streaming, WebSocket) and a CONNECT client.
+//!
+//! Everything binds port 0 and waits on conditions ([`eventually`]), never
+//! on fixed sleeps.
 
+pub mod pki;
+pub mod targets;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use pki::Pki;
+
+/// Per-test setup: log subscriber (RUST_LOG controls it) and an open-file
+/// limit high enough for a thousand relayed connections in one process.
+pub fn init_logging() {
+    let _ = rlimit::increase_nofile_limit(65_536);
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `cond` every 20 ms until it holds or `within` passes.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return;
+        }
+        if start.elapsed() > within {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A running in-process tunnel-server.
+pub struct TestServer {
+    pub addrs: tunnel_server::BoundAddrs,
+    pub shared: Arc<tunnel_server::Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub fn config(pki: &Pki, listen: SocketAddr) -> tunnel_server::ServerConfig {
+        let mut c = tunnel_server::ServerConfig::new(listen, pki.server_dir());
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        c.connect_listen = Some(any);
+        c.transparent_listen = Some(any);
+        c.admin_listen = Some(any);
+        c.server_id = "test-server".into();
+        c
+    }
+
+    pub async fn start(pki: &Pki) -> TestServer {
+        Self::start_with(Self::config(pki, "127.0.0.1:0".parse().unwrap())).await
+    }
+
+    pub async fn start_with(config: tunnel_server::ServerConfig) -> TestServer {
+        let server = tunnel_server::Server::bind(config).expect("server binds");
+        let addrs = server.local_addrs();
+        let shared = server.shared();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addrs,
+            shared,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn connect_addr(&self) -> SocketAddr {
+        self.addrs.connect.expect("CONNECT listener")
+    }
+
+    /// Waits until `node` is registered.
+    pub async fn wait_for_agent(&self, node: &str, within: Duration) {
+        let shared = self.shared.clone();
+        let node = node.to_owned();
+        eventually(&format!("agent {node} registered"), within, || {
+            let ok = matches!(
+                shared.registry.by_node(&node),
+                tunnel_server::registry::Route::Agent(_)
+            );
+            async move { ok }
+        })
+        .await
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        http_get(self.addrs.admin.unwrap(), "/metrics").await.1
+    }
+
+    /// Value of the metric line starting with `series` (name and labels).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A running in-process tunnel-agent.
+pub struct TestAgent {
+    stop: Option<oneshot::Sender<()>>,
+    pub task: Option<JoinHandle<Result<(), tunnel_agent::session::SessionError>>>,
+}
+
+impl TestAgent {
+    pub fn config(
+        pki: &Pki,
+        node: &str,
+        server: SocketAddr,
+        allow: &[String],
+    ) -> tunnel_agent::AgentConfig {
+        let mut c = tunnel_agent::AgentConfig::try_new(
+            &server.to_string(),
+            &pki.agent_dir(node),
+            node,
+            allow,
+        )
+        .expect("agent config");
+        c.drain_grace = Duration::from_secs(10);
+        c
+    }
+
+    pub fn start(config: tunnel_agent::AgentConfig) -> TestAgent {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(tunnel_agent::run(config, async {
+            let _ = stopped.await;
+        }));
+        TestAgent {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Asks the agent to drain and waits for it to exit.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("agent task")
+                .expect("agent exits cleanly");
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Opens a tunnel through the CONNECT ingress. Returns the status code and,
+/// on 200, the stream; otherwise the response body.
+pub async fn connect_via(proxy: SocketAddr, target: &str) -> Result<TcpStream, (u16, String)> {
+    let mut tcp = TcpStream::connect(proxy).await.expect("connect to proxy");
+    tcp.set_nodelay(true).unwrap();
+    tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // Read the head byte by byte so nothing after it is consumed.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::io::AsyncReadExt::read(&mut tcp, &mut byte)
+            .await
+            .unwrap();
+        assert!(n == 1, "proxy closed during the response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    if status == 200 {
+        return Ok(tcp);
+    }
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut body)
+        .await
+        .unwrap();
+    Err((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Minimal HTTP/1.0 GET; returns status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut r = BufReader::new(tcp);
+    let mut status = String::new();
+    r.read_line(&mut status).await.unwrap();
+    let code = status.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut rest = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut r, &mut rest)
+        .await
+        .unwrap();
+    let body = rest
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// A temporary directory that lives as long as the test.
+pub fn tempdir() -> PathBuf {
+    tempfile::Builder::new()
+        .prefix("edge-tunnel-test")
+        .tempdir()
+        .unwrap()
+        .keep()
+}

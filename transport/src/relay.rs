@@ -27,6 +27,9 @@ pub const MIN_BUF: usize = 16 * 1024;
 /// Largest buffer size per direction.
 pub const MAX_BUF: usize = 128 * 1024;
 
+/// Longest wait for the peer to acknowledge a finished stream.
+const DELIVERY_WAIT: Duration = Duration::from_secs(5);
+
 /// Which way bytes moved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -75,11 +78,11 @@ where
     let mut up = 0u64;
     let mut down = 0u64;
     let result = {
-        let upstream = copy(&mut tcp_r, &mut send, Side::TcpToTunnel, &mut up, &on_bytes);
+        let upstream = copy(&mut tcp_r, &mut send, Direction::TcpToTunnel, &mut up, &on_bytes);
         let downstream = copy(
             &mut recv,
             &mut tcp_w,
-            Side::TunnelToTcp,
+            Direction::TunnelToTcp,
             &mut down,
             &on_bytes,
         );
@@ -102,7 +105,12 @@ where
         }
     };
     let outcome = match result {
-        Ok(()) => RelayOutcome::Closed,
+        Ok(()) => {
+            // Stay until the peer has our FIN, so a connection closed right
+            // after (agent drain) does not turn it into a reset. Bounded.
+            let _ = tokio::time::timeout(DELIVERY_WAIT, send.delivered()).await;
+            RelayOutcome::Closed
+        }
         Err(Failure::Tcp(e)) => {
             tracing::debug!(error = %e, "TCP side of the relay failed; resetting the stream");
             let c = if is_reset(&e) {
@@ -131,16 +139,21 @@ where
     }
 }
 
-#[derive(Clone, Copy)]
-enum Side {
-    TcpToTunnel,
-    TunnelToTcp,
+impl Direction {
+    /// Blames an error on the side it came from: reads fail on the source
+    /// side of this direction, writes on the destination side.
+    fn failure(self, reading: bool, e: io::Error) -> Failure {
+        match (self, reading) {
+            (Direction::TcpToTunnel, true) | (Direction::TunnelToTcp, false) => Failure::Tcp(e),
+            _ => Failure::Tunnel(e),
+        }
+    }
 }
 
 async fn copy<Rd, Wr, F>(
     r: &mut Rd,
     w: &mut Wr,
-    side: Side,
+    dir: Direction,
     total: &mut u64,
     on_bytes: &F,
 ) -> Result<(), Failure>
@@ -149,14 +162,8 @@ where
     Wr: AsyncWrite + Unpin + ?Sized,
     F: Fn(Direction, usize),
 {
-    let (read_fail, write_fail): (fn(io::Error) -> Failure, fn(io::Error) -> Failure) = match side {
-        Side::TcpToTunnel => (Failure::Tcp, Failure::Tunnel),
-        Side::TunnelToTcp => (Failure::Tunnel, Failure::Tcp),
-    };
-    let dir = match side {
-        Side::TcpToTunnel => Direction::TcpToTunnel,
-        Side::TunnelToTcp => Direction::TunnelToTcp,
-    };
+    let read_fail = |e| dir.failure(true, e);
+    let write_fail = |e| dir.failure(false, e);
     let mut buf = vec![0u8; MIN_BUF];
     loop {
         let n = r.read(&mut buf).await.map_err(read_fail)?;

@@ -125,11 +125,20 @@ async fn resolve(server: &str) -> Result<SocketAddr, SessionError> {
     addrs.next().ok_or_else(|| err("no addresses".into()))
 }
 
-async fn session(
-    config: &Arc<AgentConfig>,
+/// A registered connection, ready to accept streams.
+pub struct Registered {
+    pub conn: quinn::Connection,
+    pub addr: SocketAddr,
+    pub welcome: proto::Welcome,
+    control_send: quinn::SendStream,
+    control_recv: quinn::RecvStream,
+}
+
+/// Connects and registers once, within `config.connect_timeout`.
+pub async fn register(
+    config: &AgentConfig,
     endpoint: &quinn::Endpoint,
-    mut stop: watch::Receiver<bool>,
-) -> Result<SessionEnd, SessionError> {
+) -> Result<Registered, SessionError> {
     let addr = resolve(&config.server).await?;
     let client = config
         .quic
@@ -138,18 +147,21 @@ async fn session(
             addr,
             reason: e.to_string(),
         })?;
-    let connect_err = |reason: String| SessionError::Connect { addr, reason };
+    let connect_err = |e: quinn::ConnectionError| SessionError::Connect {
+        addr,
+        reason: describe_close(&e),
+    };
     let bound = config.connect_timeout;
     let register = async {
         let conn = endpoint
             .connect_with(client, addr, &config.server_name)
-            .map_err(|e| connect_err(e.to_string()))?
+            .map_err(|e| SessionError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?
             .await
-            .map_err(|e| connect_err(e.to_string()))?;
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
+            .map_err(connect_err)?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(connect_err)?;
         let hello = Message::Hello(Hello {
             version_major: proto::VERSION_MAJOR,
             version_minor: proto::VERSION_MINOR,
@@ -162,7 +174,13 @@ async fn session(
             .map_err(|e| SessionError::Register(e.to_string()))?;
         let mut buf = Vec::new();
         match read_message(&mut recv, &mut buf).await {
-            Ok(Message::Welcome(w)) => Ok((conn, send, recv, w)),
+            Ok(Message::Welcome(welcome)) => Ok(Registered {
+                conn,
+                addr,
+                welcome,
+                control_send: send,
+                control_recv: recv,
+            }),
             Ok(Message::Refuse(r)) => {
                 conn.close(quinn::VarInt::from_u32(close::REFUSED), b"refused");
                 Err(SessionError::Refused {
@@ -175,16 +193,65 @@ async fn session(
                 other.kind()
             ))),
             Err(e) => Err(SessionError::Register(match conn.close_reason() {
-                Some(reason) => format!("server closed the connection: {reason}"),
+                Some(reason) => format!(
+                    "the server closed the connection: {}",
+                    describe_close(&reason)
+                ),
                 None => e.to_string(),
             })),
         }
     };
-    let (conn, mut control_send, mut control_recv, welcome) = tokio::select! {
-        r = tokio::time::timeout(bound, register) => match r {
-            Ok(r) => r?,
-            Err(_) => return Err(SessionError::Timeout { addr, after: bound }),
-        },
+    match tokio::time::timeout(bound, register).await {
+        Ok(r) => r,
+        Err(_) => Err(SessionError::Timeout { addr, after: bound }),
+    }
+}
+
+/// Explains why the server closed the connection during registration. In
+/// TLS 1.3 the client finishes its handshake before the server has checked
+/// the client certificate, so a rejected certificate shows up here.
+fn describe_close(reason: &quinn::ConnectionError) -> String {
+    match reason {
+        quinn::ConnectionError::ConnectionClosed(c) if is_tls_alert(c.error_code) => format!(
+            "the server rejected this agent's certificate ({reason}); check that tls.crt is signed by the CA the server trusts"
+        ),
+        quinn::ConnectionError::TransportError(t) if is_tls_alert(t.code) => format!(
+            "this agent did not accept the server's certificate ({reason}); check ca.crt and --server-name"
+        ),
+        _ => reason.to_string(),
+    }
+}
+
+/// QUIC carries TLS alerts as transport error codes 0x100-0x1ff.
+fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
+}
+
+/// Connects, registers and disconnects: checks that this configuration
+/// would be accepted, and says why not.
+pub async fn probe(config: &AgentConfig) -> Result<proto::Welcome, SessionError> {
+    let endpoint = bind_endpoint(config)?;
+    let registered = register(config, &endpoint).await?;
+    registered
+        .conn
+        .close(quinn::VarInt::from_u32(close::NORMAL), b"probe done");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    Ok(registered.welcome)
+}
+
+async fn session(
+    config: &Arc<AgentConfig>,
+    endpoint: &quinn::Endpoint,
+    mut stop: watch::Receiver<bool>,
+) -> Result<SessionEnd, SessionError> {
+    let Registered {
+        conn,
+        addr,
+        welcome,
+        mut control_send,
+        mut control_recv,
+    } = tokio::select! {
+        r = register(config, endpoint) => r?,
         _ = stop.wait_for(|s| *s) => return Ok(SessionEnd::Drained),
     };
     tracing::info!(

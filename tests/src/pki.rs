@@ -1,0 +1,83 @@
+//! Throw-away certificates for tests, written in the Secret layout.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use certs::files::{self, OutFile, CA_CRT, TLS_CRT, TLS_KEY};
+use certs::issue::{Ca, Pem};
+
+/// A CA with a server certificate for 127.0.0.1 / localhost, and agent
+/// certificates issued on demand.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        Self::with_server_ips(&["127.0.0.1".parse().unwrap()])
+    }
+
+    pub fn with_server_ips(ips: &[IpAddr]) -> Pki {
+        let dir = tempfile::Builder::new()
+            .prefix("edge-tunnel-pki")
+            .tempdir()
+            .unwrap();
+        let ca = Ca::generate("test CA", 1).unwrap();
+        let pki = Pki { dir, ca };
+        let server = pki
+            .ca
+            .issue_server("tunnel-server", &["localhost".into()], ips, 1)
+            .unwrap();
+        pki.write(&pki.server_dir(), &server);
+        pki
+    }
+
+    pub fn server_dir(&self) -> PathBuf {
+        self.dir.path().join("server")
+    }
+
+    pub fn agent_dir(&self, node: &str) -> PathBuf {
+        self.dir.path().join("agents").join(node)
+    }
+
+    /// Issues `node`'s certificate with `ips` (replacing any earlier one).
+    pub fn issue_agent(&self, node: &str, ips: &[IpAddr]) -> PathBuf {
+        let pem = self.ca.issue_agent(node, ips, 1).unwrap();
+        let dir = self.agent_dir(node);
+        self.write(&dir, &pem);
+        dir
+    }
+
+    fn write(&self, dir: &Path, leaf: &Pem) {
+        let ca = self.ca.pem();
+        files::write_all(
+            dir,
+            &[
+                OutFile {
+                    name: TLS_CRT,
+                    contents: &leaf.cert,
+                    secret: false,
+                },
+                OutFile {
+                    name: TLS_KEY,
+                    contents: &leaf.key,
+                    secret: true,
+                },
+                OutFile {
+                    name: CA_CRT,
+                    contents: &ca.cert,
+                    secret: false,
+                },
+            ],
+            true,
+        )
+        .unwrap();
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,618 @@
+//! End-to-end tests on loopback: the real server and agent code in-process,
+//! real sockets, real QUIC and TLS.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use e2e::targets::{self, hex, pattern};
+use e2e::{connect_via, eventually, http_get, init_logging, Pki, TestAgent, TestServer};
+use futures_util::{SinkExt, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const NODE: &str = "edge-1";
+
+fn localhost() -> IpAddr {
+    "127.0.0.1".parse().unwrap()
+}
+
+struct Tunnel {
+    pki: Pki,
+    server: TestServer,
+    agent: TestAgent,
+}
+
+/// A server and one registered agent for `edge-1` (address 127.0.0.1)
+/// allowed to reach `ports` on 127.0.0.1.
+async fn tunnel(ports: &[u16]) -> Tunnel {
+    init_logging();
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let server = TestServer::start(&pki).await;
+    let allow = allow(ports);
+    let agent = TestAgent::start(TestAgent::config(&pki, NODE, server.addrs.quic, &allow));
+    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    Tunnel { pki, server, agent }
+}
+
+fn allow(ports: &[u16]) -> Vec<String> {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    vec![format!("127.0.0.1:{}", ports.join(","))]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_through_connect_verifies_the_targets_own_certificate() {
+    let kubelet = targets::kubelet_like(localhost()).await;
+    let t = tunnel(&[kubelet.addr.port()]).await;
+    for host in [
+        kubelet.addr.to_string(),
+        format!("{NODE}:{}", kubelet.addr.port()),
+    ] {
+        let tcp = connect_via(t.server.connect_addr(), &host).await.unwrap();
+        // The client trusts only the kubelet's CA: TLS is end to end.
+        let mut tls = targets::tls_connect(tcp, &kubelet.roots, localhost()).await;
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: kubelet\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        tls.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
+        assert!(resp.ends_with("ok from kubelet-like\n"), "{resp}");
+    }
+    assert_eq!(
+        t.server
+            .metric("edge_tunnel_streams_total{ingress=\"connect\"}")
+            .await,
+        2.0
+    );
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_logs_arrive_as_written() {
+    let kubelet = targets::kubelet_like(localhost()).await;
+    let t = tunnel(&[kubelet.addr.port()]).await;
+    let tcp = connect_via(t.server.connect_addr(), &kubelet.addr.to_string())
+        .await
+        .unwrap();
+    let tls = targets::tls_connect(tcp, &kubelet.roots, localhost()).await;
+    let mut r = BufReader::new(tls);
+    let sent = Instant::now();
+    r.get_mut()
+        .write_all(b"GET /logs HTTP/1.1\r\nHost: kubelet\r\n\r\n")
+        .await
+        .unwrap();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut arrivals = Vec::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await.unwrap() == 0 {
+            break;
+        }
+        assert_eq!(line, format!("log line {}\n", arrivals.len()));
+        arrivals.push(sent.elapsed());
+    }
+    assert_eq!(arrivals.len(), 30);
+    assert!(
+        arrivals[0] < Duration::from_millis(500),
+        "first line after {:?}",
+        arrivals[0]
+    );
+    // Lines are written every 100 ms over 3 s; arriving spread out (not in
+    // one batch at the end) means the last comes well after the first.
+    let spread = arrivals[29] - arrivals[0];
+    assert!(
+        spread > Duration::from_millis(2000),
+        "lines arrived within {spread:?}"
+    );
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_exec_session_echoes() {
+    let kubelet = targets::kubelet_like(localhost()).await;
+    let t = tunnel(&[kubelet.addr.port()]).await;
+    let tcp = connect_via(t.server.connect_addr(), &kubelet.addr.to_string())
+        .await
+        .unwrap();
+    let tls = targets::tls_connect(tcp, &kubelet.roots, localhost()).await;
+    let url = format!("wss://{}/exec", kubelet.addr);
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..200 {
+        let msg = if i % 2 == 0 {
+            WsMessage::text(format!("keystroke {i}"))
+        } else {
+            WsMessage::binary(pattern(i * 37, i as u64))
+        };
+        ws.send(msg.clone()).await.unwrap();
+        let echo = ws.next().await.unwrap().unwrap();
+        assert_eq!(echo, msg);
+    }
+    ws.close(None).await.unwrap();
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_still_delivers_the_response() {
+    let target = targets::digest_after_eof_server().await;
+    let t = tunnel(&[target.port()]).await;
+    let mut tcp = connect_via(t.server.connect_addr(), &target.to_string())
+        .await
+        .unwrap();
+    let data = pattern(3 * 1024 * 1024 + 17, 1);
+    tcp.write_all(&data).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut reply = String::new();
+    tcp.read_to_string(&mut reply).await.unwrap();
+    let expected = format!(
+        "sha256:{} bytes:{}",
+        hex(&Sha256::digest(&data)),
+        data.len()
+    );
+    assert_eq!(reply, expected);
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_reset_reaches_the_client_as_a_reset() {
+    let target = targets::reset_server().await;
+    let t = tunnel(&[target.port()]).await;
+    let mut tcp = connect_via(t.server.connect_addr(), &target.to_string())
+        .await
+        .unwrap();
+    tcp.write_all(b"x").await.unwrap();
+    let mut buf = [0u8; 16];
+    let err = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("the reset arrives")
+        .expect_err("a reset, not EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_reaches_the_target_as_a_reset() {
+    let (target, mut seen) = targets::reset_observer().await;
+    let t = tunnel(&[target.port()]).await;
+    let tcp = connect_via(t.server.connect_addr(), &target.to_string())
+        .await
+        .unwrap();
+    let mut tcp = tcp;
+    tcp.write_all(b"hello").await.unwrap();
+    tcp.flush().await.unwrap();
+    // Give the byte time to cross, then abort the client side.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    socket2::SockRef::from(&tcp)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(tcp);
+    let kind = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+        .await
+        .expect("the target sees the end")
+        .unwrap();
+    assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+    t.agent.stop().await;
+}
+
+/// Writes `total` bytes and reads back the echo concurrently; returns the
+/// digests of what was sent and what came back.
+async fn echo_digest(mut tcp: tokio::net::TcpStream, total: usize, seed: u64) -> (String, String) {
+    let block = pattern(256 * 1024, seed);
+    let (mut r, mut w) = tcp.split();
+    let write = async {
+        let mut hasher = Sha256::new();
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(block.len());
+            w.write_all(&block[..n]).await.unwrap();
+            hasher.update(&block[..n]);
+            left -= n;
+        }
+        w.shutdown().await.unwrap();
+        hex(&hasher.finalize())
+    };
+    let read = async {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0;
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            got += n;
+        }
+        assert_eq!(got, total);
+        hex(&hasher.finalize())
+    };
+    tokio::join!(write, read)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_each_way_on_one_connection() {
+    let target = targets::echo_server().await;
+    let t = tunnel(&[target.port()]).await;
+    let tcp = connect_via(t.server.connect_addr(), &target.to_string())
+        .await
+        .unwrap();
+    let (sent, echoed) = echo_digest(tcp, 1 << 30, 42).await;
+    assert_eq!(sent, echoed);
+    assert!(
+        t.server
+            .metric("edge_tunnel_relayed_bytes_total{direction=\"to_agent\"}")
+            .await
+            >= (1u64 << 30) as f64
+    );
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_connections_of_256_kib() {
+    let target = targets::echo_server().await;
+    let t = tunnel(&[target.port()]).await;
+    let proxy = t.server.connect_addr();
+    let target = target.to_string();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000u64 {
+        let target = target.clone();
+        tasks.spawn(async move {
+            let tcp = connect_via(proxy, &target).await.unwrap();
+            echo_digest(tcp, 256 * 1024, i).await
+        });
+    }
+    let mut done = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (sent, echoed) = r.unwrap();
+        assert_eq!(sent, echoed);
+        done += 1;
+    }
+    assert_eq!(done, 1000);
+    assert_eq!(
+        t.server
+            .metric("edge_tunnel_streams_total{ingress=\"connect\"}")
+            .await,
+        1000.0
+    );
+    assert_eq!(
+        t.server.metric("edge_tunnel_dial_failures_total").await,
+        0.0
+    );
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_does_not_stall_other_streams() {
+    let firehose = targets::firehose_server().await;
+    let echo = targets::echo_server().await;
+    let t = tunnel(&[firehose.port(), echo.port()]).await;
+    // A client that reads a little and then stops reading altogether.
+    let mut stalled = connect_via(t.server.connect_addr(), &firehose.to_string())
+        .await
+        .unwrap();
+    let mut first = vec![0u8; 1024];
+    stalled.read_exact(&mut first).await.unwrap();
+    // Let the stalled stream fill every buffer on its path.
+    let shared = t.server.shared.clone();
+    eventually("stalled stream backs up", Duration::from_secs(30), || {
+        let before = shared
+            .metrics
+            .bytes
+            .get_or_create(&[("direction", "from_agent")])
+            .get();
+        let shared = shared.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let after = shared
+                .metrics
+                .bytes
+                .get_or_create(&[("direction", "from_agent")])
+                .get();
+            before == after
+        }
+    })
+    .await;
+    // Another connection through the same agent still moves 64 MiB.
+    let tcp = connect_via(t.server.connect_addr(), &echo.to_string())
+        .await
+        .unwrap();
+    let (sent, echoed) =
+        tokio::time::timeout(Duration::from_secs(120), echo_digest(tcp, 64 << 20, 3))
+            .await
+            .expect("the second stream is not stalled");
+    assert_eq!(sent, echoed);
+    // And the stalled one is still alive.
+    let mut more = vec![0u8; 64 * 1024];
+    stalled.read_exact(&mut more).await.unwrap();
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_outside_the_allow_list_get_403() {
+    let echo = targets::echo_server().await;
+    let t = tunnel(&[echo.port()]).await;
+    let (status, body) = connect_via(t.server.connect_addr(), "127.0.0.1:22")
+        .await
+        .unwrap_err();
+    assert_eq!(status, 403);
+    assert!(
+        body.contains("not on the allow-list of node edge-1"),
+        "{body}"
+    );
+    assert_eq!(
+        t.server
+            .metric("edge_tunnel_dial_failures_total{reason=\"not_allowed\"}")
+            .await,
+        1.0
+    );
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_a_node_without_agent_fails_fast_with_503() {
+    let t = tunnel(&[10250]).await;
+    for target in ["edge-9:10250", "198.18.0.99:10250"] {
+        let started = Instant::now();
+        let (status, body) = connect_via(t.server.connect_addr(), target)
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(status, 503, "{target}");
+        assert!(body.contains("no live agent"), "{body}");
+        assert!(took < Duration::from_millis(100), "{target} took {took:?}");
+    }
+    assert_eq!(
+        t.server
+            .metric("edge_tunnel_dial_failures_total{reason=\"no_agent\"}")
+            .await,
+        2.0
+    );
+    let (status, _) = connect_via(t.server.connect_addr(), "edge-1")
+        .await
+        .unwrap_err();
+    assert_eq!(status, 400);
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_failures_answer_502() {
+    let t = tunnel(&[1]).await;
+    // Allowed, but nothing listens on port 1.
+    let (status, body) = connect_via(t.server.connect_addr(), "127.0.0.1:1")
+        .await
+        .unwrap_err();
+    assert_eq!(status, 502);
+    assert!(body.contains("refused the connection"), "{body}");
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_certificate_from_another_ca_is_refused() {
+    let t = tunnel(&[10250]).await;
+    // A certificate from a foreign CA, next to the server's real ca.crt.
+    let foreign = Pki::new();
+    let dir = foreign.issue_agent("edge-x", &[localhost()]);
+    std::fs::copy(t.pki.server_dir().join("ca.crt"), dir.join("ca.crt")).unwrap();
+    let config = TestAgent::config(&foreign, "edge-x", t.server.addrs.quic, &[]);
+    let err = tunnel_agent::session::probe(&config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rejected this agent's certificate"), "{err}");
+    eventually("refusal counted", Duration::from_secs(5), || async {
+        t.server
+            .metric("edge_tunnel_registration_refusals_total{reason=\"tls_handshake\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_name_must_match_the_certificate() {
+    let t = tunnel(&[10250]).await;
+    // At start-up: the agent refuses to run.
+    let err = tunnel_agent::AgentConfig::try_new(
+        &t.server.addrs.quic.to_string(),
+        &t.pki.agent_dir(NODE),
+        "edge-2",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("\"edge-2\"") && err.contains("\"edge-1\""),
+        "{err}"
+    );
+    // On the wire: a Hello that lies about the node is refused by the server.
+    let mut config = TestAgent::config(&t.pki, NODE, t.server.addrs.quic, &[]);
+    config.node = "edge-2".into();
+    let err = tunnel_agent::session::probe(&config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("node_mismatch") && err.contains("common name"),
+        "{err}"
+    );
+    // Claiming an address the certificate does not carry.
+    let mut config = TestAgent::config(&t.pki, NODE, t.server.addrs.quic, &[]);
+    config.identity.addresses = vec!["198.18.9.9".parse().unwrap()];
+    let err = tunnel_agent::session::probe(&config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("address_not_in_certificate") && err.contains("198.18.9.9"),
+        "{err}"
+    );
+    assert_eq!(
+        t.server
+            .metric("edge_tunnel_registration_refusals_total{reason=\"node_mismatch\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        t.server
+            .metric(
+                "edge_tunnel_registration_refusals_total{reason=\"address_not_in_certificate\"}"
+            )
+            .await,
+        1.0
+    );
+    // The real agent is untouched.
+    assert!(matches!(
+        t.server.shared.registry.by_node(NODE),
+        tunnel_server::registry::Route::Agent(_)
+    ));
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_is_back_within_5s_of_a_server_restart() {
+    let echo = targets::echo_server().await;
+    let t = tunnel(&[echo.port()]).await;
+    let quic = t.server.addrs.quic;
+    t.server.stop().await;
+    let restarted = Instant::now();
+    let server = TestServer::start_with(TestServer::config(&t.pki, quic)).await;
+    server.wait_for_agent(NODE, Duration::from_secs(5)).await;
+    let tcp = connect_via(server.connect_addr(), &echo.to_string())
+        .await
+        .unwrap();
+    let (sent, echoed) = echo_digest(tcp, 1 << 20, 9).await;
+    assert_eq!(sent, echoed);
+    assert!(
+        restarted.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        restarted.elapsed()
+    );
+    t.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_registration_replaces_the_first() {
+    let echo = targets::echo_server().await;
+    let t = tunnel(&[echo.port()]).await;
+    let first_id = match t.server.shared.registry.by_node(NODE) {
+        tunnel_server::registry::Route::Agent(a) => a.id,
+        _ => unreachable!(),
+    };
+    let mut old_stream = connect_via(t.server.connect_addr(), &echo.to_string())
+        .await
+        .unwrap();
+    old_stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    old_stream.read_exact(&mut buf).await.unwrap();
+    // A second agent for the same node (a restarted pod, for example).
+    let second = TestAgent::start(TestAgent::config(
+        &t.pki,
+        NODE,
+        t.server.addrs.quic,
+        &allow(&[echo.port()]),
+    ));
+    let shared = t.server.shared.clone();
+    eventually(
+        "second connection registered",
+        Duration::from_secs(10),
+        || {
+            let replaced = matches!(shared.registry.by_node(NODE),
+            tunnel_server::registry::Route::Agent(a) if a.id != first_id);
+            async move { replaced }
+        },
+    )
+    .await;
+    // The old connection's stream ended (reset or EOF), never hangs.
+    let end = tokio::time::timeout(Duration::from_secs(5), old_stream.read(&mut buf))
+        .await
+        .expect("old stream ends");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    assert_eq!(t.server.shared.registry.len(), 1);
+    // New connections go through the replacement.
+    let tcp = connect_via(t.server.connect_addr(), &echo.to_string())
+        .await
+        .unwrap();
+    let (a, b) = echo_digest(tcp, 1 << 20, 5).await;
+    assert_eq!(a, b);
+    drop(t.agent);
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_active_streams_and_refuses_new_ones() {
+    let echo = targets::echo_server().await;
+    let t = tunnel(&[echo.port()]).await;
+    let mut active = connect_via(t.server.connect_addr(), &echo.to_string())
+        .await
+        .unwrap();
+    active.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    active.read_exact(&mut buf).await.unwrap();
+    let stopping = tokio::spawn(t.agent.stop());
+    let shared = t.server.shared.clone();
+    eventually("agent marked draining", Duration::from_secs(5), || {
+        let draining = matches!(
+            shared.registry.by_node(NODE),
+            tunnel_server::registry::Route::Draining(_)
+        );
+        async move { draining }
+    })
+    .await;
+    let (status, body) = connect_via(t.server.connect_addr(), &echo.to_string())
+        .await
+        .unwrap_err();
+    assert_eq!(status, 503);
+    assert!(body.contains("draining"), "{body}");
+    // The active stream still works, then ends cleanly.
+    active.write_all(b"during").await.unwrap();
+    active.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"during");
+    active.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), active.read_to_end(&mut rest))
+        .await
+        .expect("the drained stream ends")
+        .expect("with a clean EOF");
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("agent exits once its stream is done")
+        .expect("agent stop task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints() {
+    let t = tunnel(&[10250]).await;
+    let admin = t.server.addrs.admin.unwrap();
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+    assert_eq!(http_get(admin, "/nope").await.0, 404);
+    let (status, body) = http_get(admin, "/v1/agents").await;
+    assert_eq!(status, 200);
+    let agents: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let a = &agents[0];
+    assert_eq!(a["node"], NODE);
+    assert_eq!(a["addresses"][0], "127.0.0.1");
+    assert_eq!(a["transport"], "quic");
+    assert!(a["rtt_ms"].as_f64().unwrap() >= 0.0);
+    assert!(a["connected_since"].as_str().unwrap().contains('T'));
+    let metrics = t.server.metrics().await;
+    for name in [
+        "edge_tunnel_agents_connected 1",
+        "edge_tunnel_streams_active",
+        "edge_tunnel_dial_duration_seconds",
+        "edge_tunnel_registrations_total 1",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+    t.agent.stop().await;
+}
