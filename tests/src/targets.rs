@@ -134,9 +134,7 @@ pub struct KubeletLike {
 
 pub async fn kubelet_like(ip: std::net::IpAddr) -> KubeletLike {
     let ca = certs::issue::Ca::generate("kubelet CA", 1).unwrap();
-    let leaf = ca
-        .issue_server("kubelet", &["localhost".into()], &[ip], 1)
-        .unwrap();
+    let leaf = ca.issue_server("kubelet", &["localhost".into()], &[ip], 1).unwrap();
     let name = std::path::Path::new("kubelet-like");
     let chain = certs::files::parse_certs(leaf.cert.as_bytes(), name).unwrap();
     let key = certs::files::parse_key(leaf.key.as_bytes(), name).unwrap();
@@ -144,26 +142,33 @@ pub async fn kubelet_like(ip: std::net::IpAddr) -> KubeletLike {
     for c in certs::files::parse_certs(ca.pem().cert.as_bytes(), name).unwrap() {
         roots.add(c).unwrap();
     }
+    let l = transport::net::bind_tcp(SocketAddr::new(ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(serve_kubelet_like(l, chain, key));
+    KubeletLike { addr, roots }
+}
+
+/// Serves the kubelet-like HTTPS endpoints on `l` with the given certificate.
+pub async fn serve_kubelet_like(
+    l: TcpListener,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) {
     let config = rustls::ServerConfig::builder_with_provider(certs::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .unwrap();
+        .expect("usable certificate and key");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let l = transport::net::bind_tcp(SocketAddr::new(ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                if let Ok(tls) = acceptor.accept(tcp).await {
-                    serve_https(tls).await;
-                }
-            });
-        }
-    });
-    KubeletLike { addr, roots }
+    while let Ok((tcp, _)) = l.accept().await {
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            if let Ok(tls) = acceptor.accept(tcp).await {
+                serve_https(tls).await;
+            }
+        });
+    }
 }
 
 async fn serve_https<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S) {

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every check and test edge-tunnel has: formatting, clippy with
+# warnings denied, the whole test suite (unit, property, loopback
+# end-to-end), and the quickstart as a smoke test. This is what CI runs
+# (.ci/run installs the system packages first).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "==> cargo test --workspace"
+cargo test --workspace
+echo "==> quickstart smoke test"
+bash scripts/quickstart.sh >/dev/null
+echo "==> all checks passed"
