@@ -469,10 +469,7 @@ mod tests {
         assert_eq!(err.field, "node");
         // Hand-built frame with 33 addresses.
         let mut body = vec![1, 0, 0, 1, b'n', (MAX_ADDRESSES + 1) as u8];
-        body.extend(
-            std::iter::repeat_n([4u8, 1, 2, 3, 4], MAX_ADDRESSES + 1)
-                .flatten(),
-        );
+        body.extend(std::iter::repeat_n([4u8, 1, 2, 3, 4], MAX_ADDRESSES + 1).flatten());
         body.extend_from_slice(&[0, 0, 0, 0]);
         let mut frame = vec![T_HELLO];
         frame.extend_from_slice(&(body.len() as u16).to_be_bytes());

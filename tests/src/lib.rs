@@ -5,6 +5,7 @@
 //! Everything binds port 0 and waits on conditions ([`eventually`]), never
 //! on fixed sleeps.
 
+pub mod netns;
 pub mod pki;
 pub mod targets;
 

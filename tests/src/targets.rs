@@ -17,7 +17,13 @@ async fn listen() -> (TcpListener, SocketAddr) {
 
 /// Echoes every byte; on EOF it half-closes back (so FIN travels both ways).
 pub async fn echo_server() -> SocketAddr {
-    let (l, addr) = listen().await;
+    echo_server_on("127.0.0.1:0".parse().unwrap()).await
+}
+
+/// [`echo_server`] on a given address.
+pub async fn echo_server_on(addr: SocketAddr) -> SocketAddr {
+    let l = transport::net::bind_tcp(addr).unwrap();
+    let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = l.accept().await {
             tokio::spawn(async move {
@@ -134,7 +140,9 @@ pub struct KubeletLike {
 
 pub async fn kubelet_like(ip: std::net::IpAddr) -> KubeletLike {
     let ca = certs::issue::Ca::generate("kubelet CA", 1).unwrap();
-    let leaf = ca.issue_server("kubelet", &["localhost".into()], &[ip], 1).unwrap();
+    let leaf = ca
+        .issue_server("kubelet", &["localhost".into()], &[ip], 1)
+        .unwrap();
     let name = std::path::Path::new("kubelet-like");
     let chain = certs::files::parse_certs(leaf.cert.as_bytes(), name).unwrap();
     let key = certs::files::parse_key(leaf.key.as_bytes(), name).unwrap();

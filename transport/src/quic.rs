@@ -76,10 +76,17 @@ impl QuicSettings {
     }
 
     /// The server endpoint that agents dial.
+    ///
+    /// `reset_secret` (the server's private key) seeds the stateless-reset
+    /// key, so a server that crashed and restarted with the same
+    /// certificate can tell agents at once that their old connection is
+    /// gone (a valid stateless reset) instead of leaving them to wait out
+    /// the idle timeout.
     pub fn server_endpoint(
         &self,
         addr: SocketAddr,
         tls: rustls::ServerConfig,
+        reset_secret: &[u8],
     ) -> Result<Endpoint, EndpointError> {
         let crypto = QuicServerConfig::try_from(Arc::new(tls))
             .map_err(|e| EndpointError::Tls(e.to_string()))?;
@@ -89,8 +96,21 @@ impl QuicSettings {
         // extra Retry round trip unless under attack (quinn's default).
         let socket = crate::net::bind_udp(addr, self.udp_buffer)
             .map_err(|source| EndpointError::Bind { addr, source })?;
+        let mut seed = ring::digest::Context::new(&ring::digest::SHA256);
+        seed.update(b"edge-tunnel stateless reset key v1");
+        seed.update(reset_secret);
+        let seed = seed.finish();
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed.as_ref());
+        let mut endpoint_config = EndpointConfig::new(Arc::new(reset_key));
+        // quinn drops (without a reset) packets whose connection id was not
+        // made by this generator's key: keep that key stable as well.
+        let cid_key =
+            u64::from_le_bytes(seed.as_ref()[..8].try_into().expect("SHA-256 is 32 bytes"));
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         Endpoint::new(
-            EndpointConfig::default(),
+            endpoint_config,
             Some(config),
             socket,
             Arc::new(TokioRuntime),

@@ -78,7 +78,13 @@ where
     let mut up = 0u64;
     let mut down = 0u64;
     let result = {
-        let upstream = copy(&mut tcp_r, &mut send, Direction::TcpToTunnel, &mut up, &on_bytes);
+        let upstream = copy(
+            &mut tcp_r,
+            &mut send,
+            Direction::TcpToTunnel,
+            &mut up,
+            &on_bytes,
+        );
         let downstream = copy(
             &mut recv,
             &mut tcp_w,

@@ -12,6 +12,8 @@
 //! - [`ingress`]: what both ingresses share: route, dial, relay, count.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/v1/agents`.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`dnat`]: the iptables DNAT helper that sends apiserver → kubelet
+//!   traffic into the transparent ingress.
 //!
 //! [`Server::bind`] binds every listener (so tests can use port 0 and read
 //! the bound addresses back), [`Server::run`] serves until a shutdown
@@ -22,6 +24,7 @@ pub mod admin;
 pub mod agents;
 pub mod config;
 pub mod connect;
+pub mod dnat;
 pub mod ingress;
 pub mod link;
 pub mod metrics;
@@ -79,6 +82,7 @@ pub struct Server {
     connect: Option<TcpListener>,
     transparent: Option<TcpListener>,
     admin: Option<TcpListener>,
+    dnat: Option<dnat::reconciler::Dnat>,
 }
 
 /// Addresses the listeners are bound to.
@@ -105,7 +109,9 @@ impl Server {
     pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         let dir = certs::CertDir::load(&config.cert_dir)?;
         let tls = certs::tls::server_config(&dir, proto::ALPN)?;
-        let endpoint = config.quic.server_endpoint(config.listen, tls)?;
+        let endpoint = config
+            .quic
+            .server_endpoint(config.listen, tls, dir.key.secret_der())?;
         let connect = bind_tcp("CONNECT", config.connect_listen)?;
         let transparent = bind_tcp("transparent", config.transparent_listen)?;
         let admin = bind_tcp("admin", config.admin_listen)?;
@@ -122,7 +128,15 @@ impl Server {
             connect,
             transparent,
             admin,
+            dnat: None,
         })
+    }
+
+    /// Runs the DNAT helper with this server: rules follow the registry and
+    /// are removed when the server stops.
+    pub fn with_dnat(mut self, dnat: dnat::reconciler::Dnat) -> Self {
+        self.dnat = Some(dnat);
+        self
     }
 
     pub fn local_addrs(&self) -> BoundAddrs {
@@ -157,6 +171,25 @@ impl Server {
         if let Some(l) = self.admin {
             tasks.spawn(admin::serve(l, shared.clone()));
         }
+        let (dnat_stop, dnat_task) = match self.dnat {
+            Some(dnat) => {
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let registry = shared.clone();
+                let task = tokio::spawn(dnat::reconciler::run(
+                    dnat,
+                    shared.registry.subscribe(),
+                    move || {
+                        let addrs = registry.registry.addresses();
+                        async move { Ok(addrs) }
+                    },
+                    async {
+                        let _ = stopped.await;
+                    },
+                ));
+                (Some(stop), Some(task))
+            }
+            None => (None, None),
+        };
         shared.ready.store(true, Ordering::SeqCst);
         tracing::info!(server_id = %shared.config.server_id, "tunnel-server ready");
         shutdown.await;
@@ -167,6 +200,17 @@ impl Server {
             quinn::VarInt::from_u32(proto::codes::close::SERVER_SHUTDOWN),
             b"server shutting down",
         );
+        if let (Some(stop), Some(task)) = (dnat_stop, dnat_task) {
+            let _ = stop.send(());
+            if tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    "removing the DNAT rules timed out; run `tunnel-server dnat --cleanup`"
+                );
+            }
+        }
         // Give the CONNECTION_CLOSE frames a moment to leave.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }

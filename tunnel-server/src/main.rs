@@ -4,23 +4,28 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
-use clap::Parser;
+use anyhow::{Context, Result};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use tunnel_server::dnat::reconciler::{self, Dnat, DnatConfig};
+use tunnel_server::dnat::rules::Prefix;
 use tunnel_server::{Server, ServerConfig};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "tunnel-server",
     version,
-    about = "edge-tunnel server: the cloud end agents dial"
+    about = "edge-tunnel server: the cloud end agents dial",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// QUIC (UDP) address agents dial.
     #[arg(long, env = "TUNNEL_LISTEN", default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
     /// Directory with tls.crt, tls.key and ca.crt (Kubernetes Secret layout).
     #[arg(long, env = "TUNNEL_CERT_DIR")]
-    cert_dir: PathBuf,
+    cert_dir: Option<PathBuf>,
     /// HTTP CONNECT ingress (egress selector, Prometheus proxy_url, curl -x).
     #[arg(long, env = "TUNNEL_CONNECT_LISTEN")]
     connect_listen: Option<SocketAddr>,
@@ -45,13 +50,142 @@ struct Args {
     /// QUIC idle timeout in seconds (must exceed the keep-alive).
     #[arg(long, env = "TUNNEL_IDLE_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600))]
     idle_timeout: u64,
+    /// Manage iptables DNAT rules that send traffic for agents' addresses
+    /// into the transparent ingress (needs CAP_NET_ADMIN).
+    #[arg(long, env = "TUNNEL_DNAT")]
+    dnat: bool,
+    /// Where the DNAT rules point (default: --transparent-listen).
+    #[arg(long, env = "TUNNEL_DNAT_TO")]
+    dnat_to: Option<SocketAddr>,
+    #[command(flatten)]
+    dnat_rules: DnatRuleArgs,
     #[command(flatten)]
     common: transport::cli::Common,
 }
 
+/// What the DNAT rules match; shared by `--dnat` and `dnat`.
+#[derive(ClapArgs, Debug, Clone)]
+struct DnatRuleArgs {
+    /// Ports redirected on every edge address.
+    #[arg(
+        long,
+        env = "TUNNEL_DNAT_PORTS",
+        value_delimiter = ',',
+        default_value = "10250,10255"
+    )]
+    dnat_ports: Vec<u16>,
+    /// Static edge range (CIDR) redirected even with no agent connected; repeatable.
+    #[arg(long, env = "TUNNEL_DNAT_CIDR", value_delimiter = ',')]
+    dnat_cidr: Vec<Prefix>,
+    /// Seconds between full re-checks that repair drift.
+    #[arg(long, env = "TUNNEL_DNAT_RESYNC", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    dnat_resync: u64,
+}
+
+impl DnatRuleArgs {
+    fn config(&self, to: SocketAddr) -> Result<DnatConfig> {
+        let mut config = DnatConfig::try_new(to, self.dnat_ports.clone(), self.dnat_cidr.clone())
+            .map_err(anyhow::Error::msg)?;
+        config.resync = Duration::from_secs(self.dnat_resync);
+        Ok(config)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run only the DNAT helper, on a control-plane host that runs no
+    /// server: follow a server's /v1/agents and point rules at it.
+    Dnat {
+        /// Admin URL of a tunnel-server, e.g. http://10.0.0.5:9090.
+        #[arg(long, env = "TUNNEL_SERVER_ADMIN", required_unless_present = "cleanup")]
+        server_admin: Option<String>,
+        /// The transparent ingress the rules point at.
+        #[arg(long, env = "TUNNEL_DNAT_TO", required_unless_present = "cleanup")]
+        to: Option<SocketAddr>,
+        /// Remove every rule this helper owns (after a crash) and exit.
+        #[arg(long)]
+        cleanup: bool,
+        /// Seconds between polls of /v1/agents.
+        #[arg(long, env = "TUNNEL_DNAT_POLL", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        poll: u64,
+        /// Remove the rules on exit (default). --keep-rules leaves them.
+        #[arg(long)]
+        keep_rules: bool,
+        #[command(flatten)]
+        rules: DnatRuleArgs,
+        #[command(flatten)]
+        common: transport::cli::Common,
+    },
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    match args.command {
+        Some(Command::Dnat {
+            server_admin,
+            to,
+            cleanup,
+            poll,
+            keep_rules,
+            rules,
+            common,
+        }) => {
+            transport::cli::init_logging(common.log_format);
+            let runtime = common.runtime()?;
+            runtime.block_on(standalone_dnat(
+                server_admin,
+                to,
+                cleanup,
+                poll,
+                keep_rules,
+                rules,
+            ))
+        }
+        None => serve(args),
+    }
+}
+
+async fn standalone_dnat(
+    server_admin: Option<String>,
+    to: Option<SocketAddr>,
+    cleanup: bool,
+    poll: u64,
+    keep_rules: bool,
+    rules: DnatRuleArgs,
+) -> Result<()> {
+    // Cleanup needs no target; any concrete address of the right family does.
+    let to = to.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1)));
+    let mut config = rules.config(to)?;
+    config.resync = Duration::from_secs(poll);
+    let dnat = Dnat::start(config).await?;
+    if cleanup {
+        dnat.cleanup().await?;
+        return Ok(());
+    }
+    let url = server_admin.context("--server-admin is required")?;
+    tracing::info!(%url, %to, "DNAT helper following the server's agents");
+    let never = tokio::sync::watch::channel(0u64).1;
+    if keep_rules {
+        // Same loop, but skip the cleanup by never finishing shutdown.
+        tokio::select! {
+            _ = reconciler::run(dnat, never, || reconciler::fetch_agent_addresses(&url), std::future::pending()) => {}
+            _ = transport::cli::shutdown_signal() => {}
+        }
+    } else {
+        reconciler::run(
+            dnat,
+            never,
+            || reconciler::fetch_agent_addresses(&url),
+            transport::cli::shutdown_signal(),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+fn serve(args: Args) -> Result<()> {
     transport::cli::init_logging(args.common.log_format);
+    let cert_dir = args.cert_dir.context("--cert-dir is required")?;
     if args.idle_timeout <= args.keepalive {
         anyhow::bail!(
             "--idle-timeout ({}s) must be longer than --keepalive ({}s)",
@@ -59,7 +193,16 @@ fn main() -> Result<()> {
             args.keepalive
         );
     }
-    let mut config = ServerConfig::new(args.listen, args.cert_dir);
+    let dnat_config = if args.dnat {
+        let to = args
+            .dnat_to
+            .or(args.transparent_listen)
+            .context("--dnat needs --transparent-listen (or --dnat-to) to point the rules at")?;
+        Some(args.dnat_rules.config(to)?)
+    } else {
+        None
+    };
+    let mut config = ServerConfig::new(args.listen, cert_dir);
     config.connect_listen = args.connect_listen;
     config.transparent_listen = args.transparent_listen;
     config.admin_listen = args.admin_listen;
@@ -72,7 +215,10 @@ fn main() -> Result<()> {
     config.quic.idle_timeout = Duration::from_secs(args.idle_timeout);
     let runtime = args.common.runtime()?;
     runtime.block_on(async move {
-        let server = Server::bind(config)?;
+        let mut server = Server::bind(config)?;
+        if let Some(dnat_config) = dnat_config {
+            server = server.with_dnat(Dnat::start(dnat_config).await?);
+        }
         let addrs = server.local_addrs();
         tracing::info!(?addrs, "listeners bound");
         server.run(transport::cli::shutdown_signal()).await;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use dashmap::DashMap;
+use tokio::sync::watch;
 
 use crate::link::AgentLink;
 
@@ -38,13 +39,34 @@ pub enum Route {
     NoAgent,
 }
 
-#[derive(Default)]
 pub struct AgentRegistry {
     by_node: DashMap<String, Arc<AgentHandle>>,
     by_addr: DashMap<IpAddr, String>,
+    /// Bumped on every registration and removal (the DNAT helper follows it).
+    changes: watch::Sender<u64>,
+}
+
+impl Default for AgentRegistry {
+    fn default() -> Self {
+        AgentRegistry {
+            by_node: DashMap::new(),
+            by_addr: DashMap::new(),
+            changes: watch::Sender::new(0),
+        }
+    }
 }
 
 impl AgentRegistry {
+    /// Notifies on every registration and removal.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Every address of every registered agent.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        self.by_addr.iter().map(|e| *e.key()).collect()
+    }
+
     /// Registers `agent`, returning the connection it replaced, if any.
     /// The caller closes the replaced connection.
     pub fn register(&self, agent: Arc<AgentHandle>) -> Option<Arc<AgentHandle>> {
@@ -62,6 +84,7 @@ impl AgentRegistry {
                 }
             }
         }
+        self.changes.send_modify(|v| *v += 1);
         old
     }
 
@@ -76,6 +99,7 @@ impl AgentRegistry {
             for addr in &agent.addresses {
                 self.by_addr.remove_if(addr, |_, node| *node == agent.node);
             }
+            self.changes.send_modify(|v| *v += 1);
         }
         removed
     }

@@ -12,13 +12,19 @@ fn main() -> anyhow::Result<()> {
             .position(|a| a == name)
             .and_then(|i| args.get(i + 1))
             .cloned()
-            .ok_or_else(|| anyhow::anyhow!("usage: sample-kubelet --listen ADDR --cert-dir DIR (missing {name})"))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "usage: sample-kubelet --listen ADDR --cert-dir DIR (missing {name})"
+                )
+            })
     };
     let listen: std::net::SocketAddr = flag("--listen")?.parse()?;
     let dir = PathBuf::from(flag("--cert-dir")?);
     let chain = certs::files::read_certs(&dir.join("tls.crt"))?;
     let key = certs::files::read_key(&dir.join("tls.key"))?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let l = transport::net::bind_tcp(listen)?;
         eprintln!("sample-kubelet listening on https://{listen}");

@@ -1,0 +1,569 @@
+//! End-to-end tests across a real NAT (network namespaces), with the real
+//! binaries: tunnel-server with its DNAT helper in `cloud`, tunnel-agent
+//! behind the NAT in `edge`. Need root; under CI=true a missing capability
+//! fails instead of skipping.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use certs::files::{self, OutFile};
+use e2e::netns::{self, bin, Proc, Topology, CLOUD_IP, EDGE_IP};
+use e2e::targets::{self, hex, pattern};
+use e2e::Pki;
+use futures_util::{SinkExt, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const ADMIN: &str = "127.0.0.1:9091";
+const ECHO_PORT: u16 = 7000;
+
+fn edge_ip() -> IpAddr {
+    EDGE_IP.parse().unwrap()
+}
+
+/// Certificates: the tunnel's PKI and a separate CA for the kubelet.
+struct Certs {
+    pki: Pki,
+    kubelet_dir: PathBuf,
+    kubelet_roots: rustls::RootCertStore,
+}
+
+fn certs() -> Certs {
+    let pki = Pki::with_server_ips(&[CLOUD_IP.parse().unwrap()]);
+    pki.issue_agent("edge-1", &[edge_ip()]);
+    let ca = certs::issue::Ca::generate("kubelet CA", 1).unwrap();
+    let leaf = ca
+        .issue_server("edge-1", &["edge-1".into()], &[edge_ip()], 1)
+        .unwrap();
+    let kubelet_dir = pki.dir.path().join("kubelet");
+    let ca_pem = ca.pem();
+    files::write_all(
+        &kubelet_dir,
+        &[
+            OutFile {
+                name: "tls.crt",
+                contents: &leaf.cert,
+                secret: false,
+            },
+            OutFile {
+                name: "tls.key",
+                contents: &leaf.key,
+                secret: true,
+            },
+            OutFile {
+                name: "ca.crt",
+                contents: &ca_pem.cert,
+                secret: false,
+            },
+        ],
+        true,
+    )
+    .unwrap();
+    let mut kubelet_roots = rustls::RootCertStore::empty();
+    for c in files::read_certs(&kubelet_dir.join("ca.crt")).unwrap() {
+        kubelet_roots.add(c).unwrap();
+    }
+    Certs {
+        pki,
+        kubelet_dir,
+        kubelet_roots,
+    }
+}
+
+/// The tunnel across the NAT.
+struct Edge {
+    certs: Certs,
+    server: Proc,
+    agent: Proc,
+    _kubelet: Proc,
+    topo: Topology,
+}
+
+fn start_server(topo: &Topology, certs: &Certs) -> Proc {
+    let server = topo.cloud.spawn(
+        bin("tunnel-server").to_str().unwrap(),
+        &[
+            "--listen",
+            &format!("{CLOUD_IP}:8443"),
+            "--cert-dir",
+            certs.pki.server_dir().to_str().unwrap(),
+            "--transparent-listen",
+            &format!("{CLOUD_IP}:8081"),
+            "--connect-listen",
+            "127.0.0.1:8080",
+            "--admin-listen",
+            ADMIN,
+            "--dnat",
+            "--dnat-ports",
+            &format!("10250,10255,9100,{ECHO_PORT}"),
+        ],
+        &topo.dir.join("server.log"),
+    );
+    wait_until(
+        &topo.cloud,
+        Duration::from_secs(10),
+        "server ready",
+        || curl_ok(&topo.cloud, &format!("http://{ADMIN}/readyz")),
+        &server,
+    );
+    server
+}
+
+fn start_agent(topo: &Topology, certs: &Certs, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "--server".to_owned(),
+        format!("{CLOUD_IP}:8443"),
+        "--cert-dir".to_owned(),
+        certs.pki.agent_dir("edge-1").to_str().unwrap().to_owned(),
+        "--node-name".to_owned(),
+        "edge-1".to_owned(),
+        "--allow".to_owned(),
+        format!("{EDGE_IP}:10250,9100,{ECHO_PORT}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    topo.edge.spawn(
+        bin("tunnel-agent").to_str().unwrap(),
+        &args,
+        &topo.dir.join("agent.log"),
+    )
+}
+
+impl Edge {
+    fn start(agent_args: &[&str]) -> Option<Edge> {
+        if !netns::available() {
+            return None;
+        }
+        let topo = Topology::new();
+        let certs = certs();
+        let kubelet = topo.edge.spawn(
+            env!("CARGO_BIN_EXE_sample-kubelet"),
+            &[
+                "--listen",
+                &format!("{EDGE_IP}:10250"),
+                "--cert-dir",
+                certs.kubelet_dir.to_str().unwrap(),
+            ],
+            &topo.dir.join("kubelet.log"),
+        );
+        assert!(
+            listening(&topo.edge, SocketAddr::new(edge_ip(), 10250)),
+            "kubelet-like never listened"
+        );
+        let server = start_server(&topo, &certs);
+        let agent = start_agent(&topo, &certs, agent_args);
+        let edge = Edge {
+            certs,
+            server,
+            agent,
+            _kubelet: kubelet,
+            topo,
+        };
+        edge.wait_registered(Duration::from_secs(15));
+        Some(edge)
+    }
+
+    fn wait_registered(&self, within: Duration) {
+        let cloud = &self.topo.cloud;
+        let deadline = Instant::now() + within;
+        loop {
+            let agents = curl(cloud, &[&format!("http://{ADMIN}/v1/agents")]);
+            let rules = String::from_utf8_lossy(&cloud.sh(&["iptables-save", "-t", "nat"]).stdout)
+                .into_owned();
+            if agents.contains("\"edge-1\"")
+                && rules.contains(&format!("-A TUNNEL-DNAT -d {EDGE_IP}/32"))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not registered with DNAT rules within {within:?}\nagents: {agents}\nrules:\n{rules}\nserver log:\n{}\nagent log:\n{}",
+                self.server.log_text(),
+                self.agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Waits (up to 5 s) until something accepts connections on `addr` in `ns`.
+fn listening(ns: &netns::Ns, addr: SocketAddr) -> bool {
+    ns.block_on(|| async move {
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    })
+}
+
+fn curl(ns: &netns::Ns, args: &[&str]) -> String {
+    let out = ns
+        .command("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn curl_ok(ns: &netns::Ns, url: &str) -> bool {
+    ns.command("curl")
+        .args(["-fsS", "--max-time", "2", "-o", "/dev/null", url])
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn wait_until(
+    ns: &netns::Ns,
+    within: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+    proc_: &Proc,
+) {
+    let _ = ns;
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {within:?}; log:\n{}",
+            proc_.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_nat_is_real_without_the_tunnel() {
+    if !netns::available() {
+        return;
+    }
+    let topo = Topology::new();
+    let certs = certs();
+    let _kubelet = topo.edge.spawn(
+        env!("CARGO_BIN_EXE_sample-kubelet"),
+        &[
+            "--listen",
+            &format!("{EDGE_IP}:10250"),
+            "--cert-dir",
+            certs.kubelet_dir.to_str().unwrap(),
+        ],
+        &topo.dir.join("kubelet.log"),
+    );
+    // The kubelet is up (reachable inside the edge)...
+    let edge_view = topo.edge.block_on(|| async {
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect((EDGE_IP, 10250))
+                .await
+                .is_ok()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    });
+    assert!(
+        edge_view,
+        "the kubelet-like server never listened in the edge"
+    );
+    // ...but the cloud cannot open a connection to it through the NAT.
+    let cloud_view = topo.cloud.block_on(|| async {
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect((EDGE_IP, 10250)),
+        )
+        .await
+    });
+    assert!(
+        !matches!(cloud_view, Ok(Ok(_))),
+        "cloud reached the edge directly: {cloud_view:?}"
+    );
+}
+
+#[test]
+fn kubelet_https_logs_and_exec_through_dnat_then_rules_are_removed() {
+    let Some(mut edge) = Edge::start(&[]) else {
+        return;
+    };
+    let cloud = &edge.topo.cloud;
+    let cacert = edge.certs.kubelet_dir.join("ca.crt");
+    let cacert = cacert.to_str().unwrap();
+    // kube-apiserver's view: it just dials the node's InternalIP.
+    let body = curl(
+        cloud,
+        &[
+            "--cacert",
+            cacert,
+            &format!("https://{EDGE_IP}:10250/healthz"),
+        ],
+    );
+    assert_eq!(body, "ok from kubelet-like\n");
+    // Streaming (kubectl logs -f): every line arrives.
+    let logs = curl(
+        cloud,
+        &[
+            "-N",
+            "--cacert",
+            cacert,
+            &format!("https://{EDGE_IP}:10250/logs"),
+        ],
+    );
+    assert_eq!(logs.lines().count(), 30, "{logs}");
+    assert_eq!(logs.lines().last(), Some("log line 29"));
+    // Interactive (kubectl exec): WebSocket echo from the cloud namespace.
+    let roots = edge.certs.kubelet_roots.clone();
+    cloud.block_on(|| async move {
+        let tcp = tokio::net::TcpStream::connect((EDGE_IP, 10250))
+            .await
+            .unwrap();
+        let tls = targets::tls_connect(tcp, &roots, edge_ip()).await;
+        let (mut ws, resp) =
+            tokio_tungstenite::client_async(format!("wss://{EDGE_IP}:10250/exec"), tls)
+                .await
+                .unwrap();
+        assert_eq!(resp.status(), 101);
+        for i in 0..50 {
+            let msg = WsMessage::text(format!("keystroke {i}"));
+            ws.send(msg.clone()).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap(), msg);
+        }
+        ws.close(None).await.unwrap();
+    });
+    // The metrics saw the transparent streams.
+    let metrics = curl(cloud, &[&format!("http://{ADMIN}/metrics")]);
+    assert!(
+        metrics.contains("edge_tunnel_streams_total{ingress=\"transparent\"} 3"),
+        "{metrics}"
+    );
+    // Stopping the server removes every rule it wrote.
+    let status = edge.server.terminate();
+    assert!(
+        status.success(),
+        "server exit {status}: {}",
+        edge.server.log_text()
+    );
+    let rules = String::from_utf8_lossy(&cloud.sh(&["iptables-save"]).stdout).into_owned();
+    assert!(!rules.contains("TUNNEL-DNAT"), "left behind:\n{rules}");
+    let status = edge.agent.terminate();
+    assert!(status.success(), "agent exit {status}");
+}
+
+#[test]
+fn prometheus_scrapes_node_exporter_through_the_tunnel() {
+    for tool in ["prometheus", "prometheus-node-exporter"] {
+        if !netns::on_path(tool) {
+            let msg = format!("{tool} is not installed (Debian package {tool})");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{msg}");
+            }
+            eprintln!("SKIPPED: {msg}");
+            return;
+        }
+    }
+    let Some(edge) = Edge::start(&[]) else { return };
+    let dir = &edge.topo.dir;
+    let _exporter = edge.topo.edge.spawn(
+        "prometheus-node-exporter",
+        &[
+            &format!("--web.listen-address={EDGE_IP}:9100"),
+            "--collector.disable-defaults",
+            "--collector.uname",
+            "--collector.loadavg",
+        ],
+        &dir.join("node-exporter.log"),
+    );
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: edge\n    static_configs:\n      - targets: ['{EDGE_IP}:9100']\n"
+        ),
+    )
+    .unwrap();
+    let prometheus = edge.topo.cloud.spawn(
+        "prometheus",
+        &[
+            &format!("--config.file={}", config.display()),
+            &format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
+            "--web.listen-address=127.0.0.1:9090",
+        ],
+        &dir.join("prometheus.log"),
+    );
+    let query = |q: &str| {
+        curl(
+            &edge.topo.cloud,
+            &[
+                "-G",
+                "http://127.0.0.1:9090/api/v1/query",
+                "--data-urlencode",
+                &format!("query={q}"),
+            ],
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = query("up{job=\"edge\"}");
+        let uname = query("node_uname_info");
+        if up.contains("\"value\":[") && up.contains(",\"1\"]") && uname.contains("\"nodename\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never saw the exporter\nup: {up}\nuname: {uname}\nprometheus log:\n{}",
+            prometheus.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn hundred_mib_arrive_intact_with_2_percent_loss() {
+    let Some(edge) = Edge::start(&[]) else { return };
+    let _echo = edge.topo.edge.spawn_task(|| async {
+        targets::echo_server_on(SocketAddr::new(edge_ip(), ECHO_PORT)).await;
+    });
+    edge.topo.set_loss(0.02);
+    let (sent, echoed, total) = edge.topo.cloud.block_on(|| async {
+        let mut tcp = tokio::net::TcpStream::connect((EDGE_IP, ECHO_PORT))
+            .await
+            .unwrap();
+        let total = 100usize << 20;
+        let block = pattern(256 * 1024, 11);
+        let (mut r, mut w) = tcp.split();
+        let write = async {
+            let mut h = Sha256::new();
+            let mut left = total;
+            while left > 0 {
+                let n = left.min(block.len());
+                w.write_all(&block[..n]).await.unwrap();
+                h.update(&block[..n]);
+                left -= n;
+            }
+            w.shutdown().await.unwrap();
+            hex(&h.finalize())
+        };
+        let read = async {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0;
+            loop {
+                let n = r.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                got += n;
+            }
+            (hex(&h.finalize()), got)
+        };
+        let (sent, (echoed, got)) = tokio::time::timeout(Duration::from_secs(600), async {
+            tokio::join!(write, read)
+        })
+        .await
+        .expect("100 MiB echo finished");
+        (sent, echoed, got)
+    });
+    assert_eq!(total, 100 << 20);
+    assert_eq!(sent, echoed);
+}
+
+#[test]
+fn agent_reconnects_after_a_10s_outage() {
+    // A short idle timeout makes the outage kill the QUIC connection, so
+    // this proves a real reconnect, not a connection that rode it out.
+    let Some(edge) = Edge::start(&["--keepalive", "1", "--idle-timeout", "3"]) else {
+        return;
+    };
+    let cloud = &edge.topo.cloud;
+    let cacert = edge.certs.kubelet_dir.join("ca.crt");
+    let url = format!("https://{EDGE_IP}:10250/healthz");
+    assert_eq!(
+        curl(cloud, &["--cacert", cacert.to_str().unwrap(), &url]),
+        "ok from kubelet-like\n"
+    );
+    edge.topo.cut_link();
+    std::thread::sleep(Duration::from_secs(10));
+    // The server noticed the agent is gone.
+    let agents = curl(cloud, &[&format!("http://{ADMIN}/v1/agents")]);
+    assert!(!agents.contains("edge-1"), "{agents}");
+    edge.topo.restore_link();
+    // Back within the backoff (at most 16 s after four failures) plus a handshake.
+    edge.wait_registered(Duration::from_secs(40));
+    assert_eq!(
+        curl(cloud, &["--cacert", cacert.to_str().unwrap(), &url]),
+        "ok from kubelet-like\n"
+    );
+    assert!(
+        edge.agent.log_text().contains("reconnecting in"),
+        "{}",
+        edge.agent.log_text()
+    );
+}
+
+#[test]
+fn dnat_without_net_admin_fails_with_a_clear_message() {
+    if !netns::available() || !netns::on_path("setpriv") {
+        return;
+    }
+    let topo = Topology::new();
+    let certs = certs();
+    let out = topo
+        .cloud
+        .command("setpriv")
+        .args(["--bounding-set=-net_admin", "--inh-caps=-net_admin", "--"])
+        .arg(bin("tunnel-server"))
+        .args(["--listen", &format!("{CLOUD_IP}:8443"), "--cert-dir"])
+        .arg(certs.pki.server_dir())
+        .args([
+            "--transparent-listen",
+            &format!("{CLOUD_IP}:8081"),
+            "--dnat",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("CAP_NET_ADMIN"), "{stderr}");
+}
+
+#[test]
+fn dnat_cleanup_removes_rules_left_by_a_crash() {
+    let Some(mut edge) = Edge::start(&[]) else {
+        return;
+    };
+    let cloud = &edge.topo.cloud;
+    // A crash: no chance to clean up.
+    let pid = edge.server.pid();
+    netns::sh(&["kill", "-KILL", &pid.to_string()]);
+    std::thread::sleep(Duration::from_millis(200));
+    let rules =
+        String::from_utf8_lossy(&cloud.sh(&["iptables-save", "-t", "nat"]).stdout).into_owned();
+    assert!(rules.contains("TUNNEL-DNAT"));
+    let out = cloud
+        .command(bin("tunnel-server").to_str().unwrap())
+        .args(["dnat", "--cleanup"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules = String::from_utf8_lossy(&cloud.sh(&["iptables-save"]).stdout).into_owned();
+    assert!(!rules.contains("TUNNEL-DNAT"), "{rules}");
+    // And a restart never duplicates rules. The restarted server has the
+    // same key, so its stateless reset ends the agent's old connection at
+    // the next keep-alive (10 s) instead of the idle timeout.
+    edge.server = start_server(&edge.topo, &edge.certs);
+    edge.wait_registered(Duration::from_secs(25));
+    let rules =
+        String::from_utf8_lossy(&cloud.sh(&["iptables-save", "-t", "nat"]).stdout).into_owned();
+    assert_eq!(rules.matches("-j TUNNEL-DNAT").count(), 2, "{rules}");
+}

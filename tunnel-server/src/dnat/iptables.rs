@@ -1,0 +1,199 @@
+//! Talking to iptables: back-end detection, atomic apply, cleanup,
+//! conntrack flushing, and the capability check.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use super::rules::{self, Current, Family};
+
+/// Bound on every iptables / conntrack invocation.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Linux capability number of CAP_NET_ADMIN.
+const CAP_NET_ADMIN: u32 = 12;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnatError {
+    #[error("the DNAT helper needs the CAP_NET_ADMIN capability to change iptables rules; run as root or grant NET_ADMIN (securityContext.capabilities.add: [NET_ADMIN])")]
+    MissingCapability,
+    #[error("no iptables found: install iptables (needs {0} or iptables-{{nft,legacy}}-restore on PATH)")]
+    NoIptables(&'static str),
+    #[error("{command} failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error("{command} did not finish within {COMMAND_TIMEOUT:?}")]
+    Timeout { command: String },
+    #[error("cannot read the agent list from {url}: {detail}")]
+    Source { url: String, detail: String },
+}
+
+/// Which kernel interface the iptables tools drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    NfTables,
+    Legacy,
+    /// Whatever plain `iptables-restore` is on this host.
+    Default,
+}
+
+/// The iptables tools for one family and back end.
+#[derive(Clone, Debug)]
+pub struct Iptables {
+    pub family: Family,
+    pub backend: Backend,
+    save: String,
+    restore: String,
+}
+
+/// Whether this process holds CAP_NET_ADMIN (from /proc/self/status).
+pub fn has_net_admin() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
+async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, DnatError> {
+    let command = format!("{program} {}", args.join(" "));
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let work = async {
+        let mut child = cmd.spawn().map_err(|e| DnatError::Command {
+            command: command.clone(),
+            detail: e.to_string(),
+        })?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes())
+                .await
+                .map_err(|e| DnatError::Command {
+                    command: command.clone(),
+                    detail: format!("writing its input: {e}"),
+                })?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| DnatError::Command {
+                command: command.clone(),
+                detail: e.to_string(),
+            })?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(DnatError::Command {
+                command: command.clone(),
+                detail: format!(
+                    "{}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            })
+        }
+    };
+    tokio::time::timeout(COMMAND_TIMEOUT, work)
+        .await
+        .map_err(|_| DnatError::Timeout {
+            command: command.clone(),
+        })?
+}
+
+fn count_rules(save: &str) -> usize {
+    save.lines().filter(|l| l.starts_with("-A ")).count()
+}
+
+impl Iptables {
+    /// Finds the tools for `family` and the back end this host uses: the
+    /// one that already holds rules (kube-proxy's, Docker's...), nf_tables
+    /// when neither does. Mixing back ends would leave our rules invisible
+    /// to the other one.
+    pub async fn detect(family: Family) -> Result<Iptables, DnatError> {
+        let base = match family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
+        let mk = |backend, infix: &str| Iptables {
+            family,
+            backend,
+            save: format!("{base}{infix}-save"),
+            restore: format!("{base}{infix}-restore"),
+        };
+        let nft = mk(Backend::NfTables, "-nft");
+        let legacy = mk(Backend::Legacy, "-legacy");
+        let nft_rules = nft.save_all().await.ok().map(|s| count_rules(&s));
+        let legacy_rules = legacy.save_all().await.ok().map(|s| count_rules(&s));
+        let chosen = match (nft_rules, legacy_rules) {
+            (Some(n), Some(l)) if l > n => legacy,
+            (Some(_), _) => nft,
+            (None, Some(_)) => legacy,
+            (None, None) => {
+                let plain = mk(Backend::Default, "");
+                plain.save_all().await.map_err(|_| {
+                    DnatError::NoIptables(if family == Family::V4 {
+                        "iptables-restore"
+                    } else {
+                        "ip6tables-restore"
+                    })
+                })?;
+                plain
+            }
+        };
+        tracing::info!(backend = ?chosen.backend, tool = %chosen.restore, "iptables back end detected");
+        Ok(chosen)
+    }
+
+    async fn save_all(&self) -> Result<String, DnatError> {
+        run(&self.save, &[], None).await
+    }
+
+    /// Our chain, jumps and rules as they are now.
+    pub async fn current(&self) -> Result<Current, DnatError> {
+        Ok(rules::parse_save(
+            &run(&self.save, &["-t", "nat"], None).await?,
+        ))
+    }
+
+    /// Applies a restore script in one transaction, leaving other chains alone.
+    pub async fn apply(&self, script: &str) -> Result<(), DnatError> {
+        run(&self.restore, &["--noflush", "-w", "5"], Some(script))
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Deletes conntrack entries for TCP to `dst:port`, so connections tried
+/// before a rule changed do not keep their old translation. Best effort:
+/// without the `conntrack` tool it logs and returns.
+pub async fn flush_conntrack(dst: &str, port: u16) {
+    // Only single addresses: conntrack's filter takes no CIDR.
+    let Some(ip) = dst.strip_suffix("/32").or_else(|| dst.strip_suffix("/128")) else {
+        return;
+    };
+    let port = port.to_string();
+    match run(
+        "conntrack",
+        &["-D", "-p", "tcp", "--orig-dst", ip, "--dport", &port],
+        None,
+    )
+    .await
+    {
+        Ok(_) => tracing::debug!(%ip, %port, "conntrack entries flushed"),
+        // Exit status 1 with "0 flow entries" just means there were none.
+        Err(DnatError::Command { detail, .. }) if detail.contains("0 flow entries") => {}
+        Err(e) => tracing::debug!("conntrack flush skipped: {e}"),
+    }
+}

@@ -1,0 +1,21 @@
+//! The DNAT helper: iptables rules that send kube-apiserver → kubelet
+//! traffic (and Prometheus → exporter traffic) into the transparent ingress.
+//!
+//! It owns one nat chain, [`CHAIN`], jumped to from `OUTPUT` (host processes
+//! such as kube-apiserver) and `PREROUTING` (pods such as Prometheus), with
+//! one DNAT rule per (edge address, port) and per static CIDR.
+//!
+//! - [`rules`]: rendering the desired rules and diffing them against what
+//!   `iptables-save` shows (pure, unit-tested).
+//! - [`iptables`]: back-end detection (nf_tables or legacy), atomic apply
+//!   with `iptables-restore --noflush`, cleanup, conntrack flushing, the
+//!   CAP_NET_ADMIN check.
+//! - [`reconciler`]: applies the registry's addresses on every change and
+//!   periodically (to repair drift), and removes everything on shutdown.
+
+pub mod iptables;
+pub mod reconciler;
+pub mod rules;
+
+/// The chain this helper owns in the nat table.
+pub const CHAIN: &str = "TUNNEL-DNAT";

@@ -1,0 +1,221 @@
+//! Keeping the DNAT rules in line with the agents, and removing them.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::iptables::{flush_conntrack, has_net_admin, DnatError, Iptables};
+use super::rules::{self, Family, Prefix};
+
+/// What the helper redirects, and where.
+#[derive(Clone, Debug)]
+pub struct DnatConfig {
+    /// The transparent ingress the rules point at.
+    pub to: SocketAddr,
+    /// Ports redirected on every edge address. Default 10250, 10255.
+    pub ports: Vec<u16>,
+    /// Static edge ranges redirected whether or not an agent is connected.
+    pub cidrs: Vec<Prefix>,
+    /// Re-check (and repair drift) at least this often. Default 30 s.
+    pub resync: Duration,
+}
+
+impl DnatConfig {
+    pub fn try_new(
+        to: SocketAddr,
+        ports: Vec<u16>,
+        cidrs: Vec<Prefix>,
+    ) -> Result<DnatConfig, String> {
+        if to.ip().is_unspecified() || to.port() == 0 {
+            return Err(format!(
+                "DNAT target {to} is not a concrete address: pass --dnat-to with the transparent listener's address"
+            ));
+        }
+        if ports.is_empty() || ports.contains(&0) {
+            return Err("--dnat-ports needs at least one port in 1-65535".into());
+        }
+        let family = Family::of(to.ip());
+        if let Some(c) = cidrs.iter().find(|c| c.family() != family) {
+            return Err(format!(
+                "--dnat-cidr {c} is not of the same address family as the DNAT target {to}"
+            ));
+        }
+        Ok(DnatConfig {
+            to,
+            ports,
+            cidrs,
+            resync: Duration::from_secs(30),
+        })
+    }
+}
+
+/// The helper: its configuration and the iptables tools it drives.
+pub struct Dnat {
+    config: DnatConfig,
+    iptables: Iptables,
+}
+
+impl Dnat {
+    /// Checks the capability and finds iptables; fails with a clear message.
+    pub async fn start(config: DnatConfig) -> Result<Dnat, DnatError> {
+        if !has_net_admin() {
+            return Err(DnatError::MissingCapability);
+        }
+        let iptables = Iptables::detect(Family::of(config.to.ip())).await?;
+        Ok(Dnat { config, iptables })
+    }
+
+    /// Makes the chain hold exactly the rules for `addresses`; returns
+    /// whether anything had to change.
+    pub async fn sync(&self, addresses: &[IpAddr]) -> Result<bool, DnatError> {
+        let c = &self.config;
+        let want = rules::desired(
+            self.iptables.family,
+            addresses.iter().copied(),
+            &c.cidrs,
+            &c.ports,
+            c.to,
+        );
+        let current = self.iptables.current().await?;
+        let Some(script) = rules::plan(&current, &want) else {
+            return Ok(false);
+        };
+        self.iptables.apply(&script).await?;
+        for (dst, port) in rules::changed_destinations(&current.rules, &want) {
+            flush_conntrack(&dst, port).await;
+        }
+        tracing::info!(rules = want.len(), "DNAT rules applied");
+        Ok(true)
+    }
+
+    /// Removes the jumps and the chain.
+    pub async fn cleanup(&self) -> Result<(), DnatError> {
+        let current = self.iptables.current().await?;
+        if let Some(script) = rules::cleanup(&current) {
+            self.iptables.apply(&script).await?;
+            for (dst, port) in rules::changed_destinations(&current.rules, &BTreeSet::new()) {
+                flush_conntrack(&dst, port).await;
+            }
+            tracing::info!("DNAT rules removed");
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> &DnatConfig {
+        &self.config
+    }
+}
+
+/// Syncs on every change signalled by `changes` and every `resync`, until
+/// `shutdown`; then removes the rules. A failed read of the addresses keeps
+/// the rules as they are (a restarting server must not blackhole nodes).
+pub async fn run<F, Fut>(
+    dnat: Dnat,
+    mut changes: watch::Receiver<u64>,
+    mut addresses: F,
+    shutdown: impl Future<Output = ()>,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Vec<IpAddr>, DnatError>>,
+{
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(dnat.config.resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        match addresses().await {
+            Ok(addrs) => {
+                if let Err(e) = dnat.sync(&addrs).await {
+                    tracing::error!("DNAT sync failed: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("keeping the current DNAT rules: {e}"),
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {}
+            r = changes.changed() => {
+                if r.is_err() {
+                    // The sender is gone: only the periodic resync remains.
+                    changes = watch::channel(0).1;
+                }
+            }
+        }
+    }
+    if let Err(e) = dnat.cleanup().await {
+        tracing::error!("removing the DNAT rules failed: {e}; run `tunnel-server dnat --cleanup`");
+    }
+}
+
+/// Reads every agent address from a server's `/v1/agents` (plain HTTP).
+pub async fn fetch_agent_addresses(url: &str) -> Result<Vec<IpAddr>, DnatError> {
+    let err = |detail: String| DnatError::Source {
+        url: url.to_owned(),
+        detail,
+    };
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| err("only http:// URLs are supported".into()))?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let fetch = async {
+        let mut tcp = tokio::net::TcpStream::connect(authority)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        tcp.write_all(format!("GET /v1/agents HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut body = Vec::new();
+        // 64 MiB is far above the listing of a 10,000-node fleet.
+        (&mut tcp)
+            .take(64 << 20)
+            .read_to_end(&mut body)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        Ok::<_, DnatError>(body)
+    };
+    let body = tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .map_err(|_| err("no answer within 10s".into()))??;
+    let text = String::from_utf8_lossy(&body);
+    let (head, json) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| err("malformed HTTP response".into()))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(err(format!(
+            "answered {}",
+            head.lines().next().unwrap_or("")
+        )));
+    }
+    #[derive(serde::Deserialize)]
+    struct Agent {
+        addresses: Vec<IpAddr>,
+    }
+    let agents: Vec<Agent> =
+        serde_json::from_str(json).map_err(|e| err(format!("bad JSON: {e}")))?;
+    Ok(agents.into_iter().flat_map(|a| a.addresses).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_validated() {
+        let to: SocketAddr = "198.18.0.1:8081".parse().unwrap();
+        assert!(DnatConfig::try_new(to, vec![10250], vec![]).is_ok());
+        assert!(
+            DnatConfig::try_new("0.0.0.0:8081".parse().unwrap(), vec![10250], vec![])
+                .unwrap_err()
+                .contains("--dnat-to")
+        );
+        assert!(DnatConfig::try_new(to, vec![], vec![]).is_err());
+        assert!(
+            DnatConfig::try_new(to, vec![10250], vec!["fd00::/64".parse().unwrap()])
+                .unwrap_err()
+                .contains("family")
+        );
+    }
+}
