@@ -1,6 +1,452 @@
-//! Benchmark runner (see the benchmark issue). Placeholder binary so the
-//! workspace builds; the runner is not written yet.
-fn main() {
-    eprintln!("the benchmark runner is not written yet");
-    std::process::exit(2);
+//! Benchmark runner: every workload through the tunnel and over a direct
+//! routed TCP path, interleaved in the same run, on the network-namespace
+//! topology of the end-to-end tests (cloud / router / edge). The tunnel
+//! runs as the real release binaries; the direct path is the same edge
+//! servers on other ports that the router lets through.
+//!
+//! ```text
+//! cargo run --release -p benches -- [--quick] [--json PATH] [--results PATH]
+//! ```
+//!
+//! Needs root (network namespaces) and `cargo build --release --bins`.
+
+mod load;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use e2e::netns::{self, bin, Proc, Topology, CLOUD_IP, EDGE_IP};
+use e2e::Pki;
+use load::Ports;
+use serde::Serialize;
+
+const TUNNEL: Ports = Ports {
+    echo: 7000,
+    sink: 7001,
+    source: 7002,
+};
+const DIRECT: Ports = Ports {
+    echo: 7100,
+    sink: 7101,
+    source: 7102,
+};
+const ADMIN: &str = "127.0.0.1:9091";
+
+#[derive(Clone, Copy)]
+struct Plan {
+    bulk_secs: f64,
+    ping_pongs: usize,
+    conns: usize,
+    fanout_conns: usize,
+}
+
+const FULL: Plan = Plan {
+    bulk_secs: 10.0,
+    ping_pongs: 20_000,
+    conns: 2_000,
+    fanout_conns: 1_000,
+};
+const QUICK: Plan = Plan {
+    bulk_secs: 2.0,
+    ping_pongs: 2_000,
+    conns: 256,
+    fanout_conns: 200,
+};
+
+/// One row of the results table.
+#[derive(Serialize, Clone)]
+struct Row {
+    workload: String,
+    unit: String,
+    direct: f64,
+    tunnel: f64,
+    /// tunnel ÷ direct
+    ratio: f64,
+    target: String,
+    met: Option<bool>,
+    /// CPU seconds of server and agent during the tunnel run.
+    server_cpu_s: f64,
+    agent_cpu_s: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    date: String,
+    machine: String,
+    command: String,
+    quick: bool,
+    rows: Vec<Row>,
+    memory: Memory,
+}
+
+#[derive(Serialize, Default)]
+struct Memory {
+    agent_idle_rss_kib: u64,
+    agent_peak_hwm_kib: u64,
+    server_idle_rss_kib: u64,
+    server_peak_hwm_kib: u64,
+}
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// utime + stime in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+struct Bench {
+    topo: Topology,
+    server: Proc,
+    agent: Proc,
+    _edge_servers: netns::NsTask,
+    _pki: Pki,
+}
+
+impl Bench {
+    fn start() -> Result<Bench> {
+        if !netns::available() {
+            bail!("the benchmark needs root and iproute2/iptables/curl (network namespaces)");
+        }
+        let topo = Topology::new();
+        netns::allow_direct(&topo, &format!("{}:{}", DIRECT.echo, DIRECT.source));
+        let pki = Pki::with_server_ips(&[CLOUD_IP.parse()?]);
+        let edge_ip: IpAddr = EDGE_IP.parse()?;
+        pki.issue_agent("edge-1", &[edge_ip]);
+        let edge_servers = topo.edge.spawn_task(move || async move {
+            load::serve(edge_ip, TUNNEL).await;
+            load::serve(edge_ip, DIRECT).await;
+        });
+        let server_runtime =
+            std::env::var("BENCH_SERVER_RUNTIME").unwrap_or_else(|_| "multi-thread".into());
+        let agent_runtime =
+            std::env::var("BENCH_AGENT_RUNTIME").unwrap_or_else(|_| "multi-thread".into());
+        let server = topo.cloud.spawn(
+            bin("tunnel-server").to_str().context("path")?,
+            &[
+                "--listen",
+                &format!("{CLOUD_IP}:8443"),
+                "--cert-dir",
+                pki.server_dir().to_str().context("path")?,
+                "--transparent-listen",
+                &format!("{CLOUD_IP}:8081"),
+                "--admin-listen",
+                ADMIN,
+                "--dnat",
+                "--dnat-ports",
+                &format!("{},{},{}", TUNNEL.echo, TUNNEL.sink, TUNNEL.source),
+                "--runtime",
+                &server_runtime,
+            ],
+            &topo.dir.join("server.log"),
+        );
+        let agent = topo.edge.spawn(
+            bin("tunnel-agent").to_str().context("path")?,
+            &[
+                "--server",
+                &format!("{CLOUD_IP}:8443"),
+                "--cert-dir",
+                pki.agent_dir("edge-1").to_str().context("path")?,
+                "--node-name",
+                "edge-1",
+                "--allow",
+                &format!(
+                    "{EDGE_IP}:{},{},{}",
+                    TUNNEL.echo, TUNNEL.sink, TUNNEL.source
+                ),
+                "--runtime",
+                &agent_runtime,
+            ],
+            &topo.dir.join("agent.log"),
+        );
+        let bench = Bench {
+            topo,
+            server,
+            agent,
+            _edge_servers: edge_servers,
+            _pki: pki,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let rules = String::from_utf8_lossy(
+                &bench.topo.cloud.sh(&["iptables-save", "-t", "nat"]).stdout,
+            )
+            .into_owned();
+            if rules.contains(&format!("-d {EDGE_IP}/32")) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent did not register\nserver: {}\nagent: {}",
+                    bench.server.log_text(),
+                    bench.agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(bench)
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::new(EDGE_IP.parse().unwrap(), port)
+    }
+
+    /// Runs `f` against the direct path, then the tunnel; returns both and
+    /// the CPU the tunnel processes used during the tunnel run.
+    fn pair<T: Send>(&self, f: impl Fn(Ports) -> T + Sync) -> (T, T, f64, f64) {
+        let direct = f(DIRECT);
+        let (s0, a0) = (
+            cpu_seconds(self.server.pid()),
+            cpu_seconds(self.agent.pid()),
+        );
+        let tunnel = f(TUNNEL);
+        let (s1, a1) = (
+            cpu_seconds(self.server.pid()),
+            cpu_seconds(self.agent.pid()),
+        );
+        (direct, tunnel, s1 - s0, a1 - a0)
+    }
+
+    fn in_cloud<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: std::future::Future<Output = T>,
+        T: Send,
+    {
+        self.topo.cloud.block_on(f)
+    }
+}
+
+fn row(
+    workload: &str,
+    unit: &str,
+    direct: f64,
+    tunnel: f64,
+    target: &str,
+    check: Option<bool>,
+    cpu: (f64, f64),
+) -> Row {
+    Row {
+        workload: workload.into(),
+        unit: unit.into(),
+        direct,
+        tunnel,
+        ratio: if direct > 0.0 { tunnel / direct } else { 0.0 },
+        target: target.into(),
+        met: check,
+        server_cpu_s: cpu.0,
+        agent_cpu_s: cpu.1,
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let json_path = flag("--json").unwrap_or_else(|| "target/bench-results.json".into());
+    let results_path = flag("--results");
+    let plan = if quick { QUICK } else { FULL };
+    let bench = Bench::start()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut memory = Memory {
+        agent_idle_rss_kib: proc_status(bench.agent.pid(), "VmRSS:"),
+        server_idle_rss_kib: proc_status(bench.server.pid(), "VmRSS:"),
+        ..Memory::default()
+    };
+    let mut rows = Vec::new();
+    let mbit = |bps: f64| bps * 8.0 / 1e6;
+
+    for (upload, label) in [
+        (true, "bulk 1 stream, upload (cloud→edge)"),
+        (false, "bulk 1 stream, download (edge→cloud)"),
+    ] {
+        let (d, t, sc, ac) = bench.pair(|p| {
+            let port = if upload { p.sink } else { p.source };
+            bench.in_cloud(|| load::bulk(Bench::addr(port), upload, 1, plan.bulk_secs))
+        });
+        rows.push(row(
+            label,
+            "Mbit/s",
+            mbit(d),
+            mbit(t),
+            "≥ 0.40×",
+            Some(t / d >= 0.40),
+            (sc, ac),
+        ));
+    }
+    let (d, t, sc, ac) = bench
+        .pair(|p| bench.in_cloud(|| load::bulk(Bench::addr(p.source), false, 8, plan.bulk_secs)));
+    rows.push(row(
+        "bulk 8 streams, download",
+        "Mbit/s",
+        mbit(d),
+        mbit(t),
+        "≥ 0.40×",
+        Some(t / d >= 0.40),
+        (sc, ac),
+    ));
+
+    let (d, t, sc, ac) = bench.pair(|p| {
+        let mut v = bench.in_cloud(|| load::ping_pong(Bench::addr(p.echo), plan.ping_pongs));
+        v.sort();
+        v
+    });
+    let us = |x: Duration| x.as_secs_f64() * 1e6;
+    for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+        let (dv, tv) = (us(load::percentile(&d, q)), us(load::percentile(&t, q)));
+        rows.push(row(
+            &format!("64 B ping-pong {name}"),
+            "µs",
+            dv,
+            tv,
+            "≤ 1.5×",
+            Some(tv / dv <= 1.5),
+            (sc, ac),
+        ));
+    }
+
+    for c in [1usize, 64] {
+        let (d, t, sc, ac) =
+            bench.pair(|p| bench.in_cloud(|| load::conn_rate(Bench::addr(p.echo), plan.conns, c)));
+        let ok = t.0 / d.0 >= 0.40 && t.1 == 0;
+        rows.push(row(
+            &format!("new conn + 64 B req/resp, c={c} (failures {}/{})", d.1, t.1),
+            "conn/s",
+            d.0,
+            t.0,
+            "≥ 0.40×",
+            Some(ok),
+            (sc, ac),
+        ));
+    }
+
+    let (d, t, sc, ac) = bench.pair(|p| {
+        bench.in_cloud(|| load::fanout(Bench::addr(p.echo), plan.fanout_conns, 256 * 1024))
+    });
+    let ok = t.0 / d.0 <= 2.0 && t.1 == 0;
+    rows.push(row(
+        &format!(
+            "{} concurrent × 256 KiB echo (failures {}/{})",
+            plan.fanout_conns, d.1, t.1
+        ),
+        "s",
+        d.0,
+        t.0,
+        "≤ 2.0×",
+        Some(ok),
+        (sc, ac),
+    ));
+    memory.agent_peak_hwm_kib = proc_status(bench.agent.pid(), "VmHWM:");
+    memory.server_peak_hwm_kib = proc_status(bench.server.pid(), "VmHWM:");
+
+    let machine = format!(
+        "{} cores, Linux {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    let date = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let command = format!(
+        "cargo build --release --bins && cargo run --release -p benches --{}",
+        if quick { " --quick" } else { "" }
+    );
+    let report = Report {
+        date,
+        machine,
+        command,
+        quick,
+        rows,
+        memory,
+    };
+    let table = render(&report);
+    println!("{table}");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("raw results: {json_path}");
+    if let Some(path) = results_path {
+        std::fs::write(&path, table)?;
+        eprintln!("table: {path}");
+    }
+    Ok(())
+}
+
+fn render(r: &Report) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Date: {}  \nMachine: {}  \nCommand: `{}`{}\n\n",
+        r.date,
+        r.machine,
+        r.command,
+        if r.quick {
+            " (quick mode: shorter runs, fewer connections)"
+        } else {
+            ""
+        }
+    ));
+    out.push_str("| workload | unit | direct | tunnel | tunnel ÷ direct | target | met | server CPU s | agent CPU s |\n");
+    out.push_str("|---|---|---:|---:|---:|---|---|---:|---:|\n");
+    for row in &r.rows {
+        out.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.2}× | {} | {} | {:.2} | {:.2} |\n",
+            row.workload,
+            row.unit,
+            row.direct,
+            row.tunnel,
+            row.ratio,
+            row.target,
+            match row.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "—",
+            },
+            row.server_cpu_s,
+            row.agent_cpu_s
+        ));
+    }
+    let m = &r.memory;
+    out.push_str(&format!(
+        "\n| memory | KiB | target |\n|---|---:|---|\n\
+         | agent idle RSS | {} | ≤ 8192 ({}) |\n| agent peak (VmHWM) after all workloads | {} | ≤ 65536 ({}) |\n\
+         | server idle RSS | {} | ≤ 16384 ({}) |\n| server peak (VmHWM) | {} | — |\n",
+        m.agent_idle_rss_kib,
+        yes(m.agent_idle_rss_kib <= 8192),
+        m.agent_peak_hwm_kib,
+        yes(m.agent_peak_hwm_kib <= 65536),
+        m.server_idle_rss_kib,
+        yes(m.server_idle_rss_kib <= 16384),
+        m.server_peak_hwm_kib
+    ));
+    out
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "met"
+    } else {
+        "**not met**"
+    }
 }

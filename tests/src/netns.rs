@@ -248,6 +248,8 @@ pub struct Topology {
     pub router: Ns,
     pub edge: Ns,
     pub dir: std::path::PathBuf,
+    /// The cloud's veth (extra cloud addresses go here).
+    pub cloud_if: String,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -267,6 +269,7 @@ impl Topology {
             router: ns("router"),
             edge: ns("edge"),
             dir: crate::tempdir(),
+            cloud_if: format!("et{id}c"),
             _serial: serial,
         };
         for n in [&topo.cloud, &topo.router, &topo.edge] {
@@ -436,23 +439,67 @@ impl Default for Topology {
     }
 }
 
+impl Topology {
+    /// Adds another address to the cloud side (another server replica).
+    pub fn add_cloud_ip(&self, ip: &str) {
+        self.cloud.sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            &self.cloud_if,
+        ]);
+    }
+}
+
+impl Ns {
+    /// The `/etc/hosts` programs started in this namespace see (`ip netns
+    /// exec` bind-mounts `/etc/netns/NAME/hosts` over `/etc/hosts`).
+    /// Rewrites in place, so running programs see the change too.
+    pub fn set_hosts(&self, lines: &str) {
+        let dir = std::path::Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let content = format!("127.0.0.1 localhost\n{lines}\n");
+        std::fs::write(dir.join("hosts"), content).unwrap();
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         for n in [&self.cloud, &self.router, &self.edge] {
             let _ = Command::new("ip").args(["netns", "del", &n.name]).status();
+            let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(&n.name));
         }
     }
 }
 
-/// The directory of the workspace's built binaries (target/debug).
+/// A workspace binary built in the same profile as the running executable
+/// (next to it, or one level up for test executables in `deps/`).
 pub fn bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is not built: run `cargo build --bins` first",
-        path.display()
-    );
-    path
+    let here = exe.parent().expect("exe dir");
+    let candidates = [
+        here.join(name),
+        here.parent().map(|d| d.join(name)).unwrap_or_default(),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not built next to {}: run `cargo build --bins` first",
+                exe.display()
+            )
+        })
+}
+
+/// Lets new cloud → edge TCP connections to `ports` (a `lo:hi` range)
+/// through the NAT: the direct path benchmarks compare against.
+pub fn allow_direct(topo: &Topology, ports: &str) {
+    topo.router.sh(&[
+        "iptables", "-I", "FORWARD", "1", "-d", EDGE_IP, "-p", "tcp", "--dport", ports, "-j",
+        "ACCEPT",
+    ]);
 }

@@ -19,16 +19,18 @@ impl Pki {
     }
 
     pub fn with_server_ips(ips: &[IpAddr]) -> Pki {
+        Self::with_server_names(&["localhost".into()], ips)
+    }
+
+    /// A server certificate for these DNS names and addresses.
+    pub fn with_server_names(dns: &[String], ips: &[IpAddr]) -> Pki {
         let dir = tempfile::Builder::new()
             .prefix("edge-tunnel-pki")
             .tempdir()
             .unwrap();
         let ca = Ca::generate("test CA", 1).unwrap();
         let pki = Pki { dir, ca };
-        let server = pki
-            .ca
-            .issue_server("tunnel-server", &["localhost".into()], ips, 1)
-            .unwrap();
+        let server = pki.ca.issue_server("tunnel-server", dns, ips, 1).unwrap();
         pki.write(&pki.server_dir(), &server);
         pki
     }

@@ -1,6 +1,6 @@
 //! Process setup shared by the `tunnel-server` and `tunnel-agent` binaries.
 
-use std::io;
+use std::io::{self, IsTerminal};
 
 use clap::{Args, ValueEnum};
 use tracing_subscriber::EnvFilter;
@@ -53,8 +53,10 @@ impl Common {
 /// Installs the tracing subscriber: RUST_LOG filter, text or JSON lines on stderr.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: `kubectl logs` and files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(io::stderr().is_terminal())
         .with_writer(io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -18,7 +18,7 @@ pub enum ConfigError {
     NodeMismatch { flag: String, cert: String },
     #[error(transparent)]
     Allow(#[from] AllowParseError),
-    #[error("--server {0:?} must be HOST:PORT")]
+    #[error("--server {0:?} must be HOST:PORT (or a comma-separated list of them)")]
     Server(String),
     #[error(transparent)]
     Tls(#[from] certs::tls::TlsConfigError),
@@ -26,10 +26,14 @@ pub enum ConfigError {
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// `HOST:PORT` of the server (resolved at every connect).
-    pub server: String,
-    /// Name to verify the server certificate against (default: HOST).
-    pub server_name: String,
+    /// The servers: each `HOST:PORT` is resolved periodically, and the
+    /// agent holds one connection to every address found (every replica).
+    pub servers: Vec<ServerSpec>,
+    /// Name to verify server certificates against (default: each HOST).
+    pub server_name: Option<String>,
+    /// How often the server names are resolved again (and after any
+    /// connection loss). Default 30 s.
+    pub resolve_interval: Duration,
     pub cert_dir: PathBuf,
     pub node: String,
     pub identity: Identity,
@@ -44,7 +48,32 @@ pub struct AgentConfig {
     pub quic: QuicSettings,
 }
 
+/// One `--server` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// `HOST:PORT`, as given.
+    pub spec: String,
+    /// HOST without brackets: the default TLS server name.
+    pub host: String,
+}
+
+impl ServerSpec {
+    pub fn parse(spec: &str) -> Result<ServerSpec, ConfigError> {
+        let bad = || ConfigError::Server(spec.to_owned());
+        let (host, port) = spec.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(bad());
+        }
+        Ok(ServerSpec {
+            spec: spec.to_owned(),
+            host: host.to_owned(),
+        })
+    }
+}
+
 impl AgentConfig {
+    /// `server` is `HOST:PORT` or a comma-separated list of them.
     /// Loads the certificate, checks `node` against its CN and builds the
     /// allow-list (`allow` entries, or the default for the certificate's
     /// addresses when empty).
@@ -54,12 +83,10 @@ impl AgentConfig {
         node: &str,
         allow: &[String],
     ) -> Result<AgentConfig, ConfigError> {
-        let (host, port) = server
-            .rsplit_once(':')
-            .ok_or_else(|| ConfigError::Server(server.to_owned()))?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
-            return Err(ConfigError::Server(server.to_owned()));
-        }
+        let servers = server
+            .split(',')
+            .map(|s| ServerSpec::parse(s.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
         let dir = CertDir::load(cert_dir)?;
         let identity = Identity::from_der(dir.leaf())?;
         if identity.common_name != node {
@@ -78,11 +105,9 @@ impl AgentConfig {
             list
         };
         Ok(AgentConfig {
-            server: server.to_owned(),
-            server_name: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
+            servers,
+            server_name: None,
+            resolve_interval: Duration::from_secs(30),
             cert_dir: cert_dir.to_owned(),
             node: node.to_owned(),
             identity,
@@ -99,5 +124,20 @@ impl AgentConfig {
     pub fn tls(&self) -> Result<rustls::ClientConfig, ConfigError> {
         let dir = CertDir::load(&self.cert_dir)?;
         Ok(certs::tls::client_config(&dir, proto::ALPN)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_specs() {
+        let s = ServerSpec::parse("tunnel.example.com:8443").unwrap();
+        assert_eq!(s.host, "tunnel.example.com");
+        assert_eq!(ServerSpec::parse("[fd00::1]:8443").unwrap().host, "fd00::1");
+        for bad in ["tunnel", ":8443", "tunnel:0", "tunnel:http"] {
+            assert!(ServerSpec::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -5,8 +5,10 @@
 //!   the check that `--node-name` is the certificate's CN.
 //! - [`allow`]: the allow-list of targets the agent will dial.
 //! - [`backoff`]: exponential backoff with full jitter for reconnects.
-//! - [`session`]: one connection to the server: dial, register on the
-//!   control stream, accept streams, drain; and [`run`], the reconnect loop.
+//! - [`supervisor`]: [`run`], the top level: resolves `--server` and keeps
+//!   one connection to every replica address it finds.
+//! - [`session`]: one connection to one replica: register on the control
+//!   stream, accept streams, drain; its reconnect loop with backoff.
 //! - [`dial`]: one tunneled stream: read `Dial`, check the allow-list,
 //!   connect with a deadline, answer `DialResult`, relay.
 #![forbid(unsafe_code)]
@@ -16,6 +18,7 @@ pub mod backoff;
 pub mod config;
 pub mod dial;
 pub mod session;
+pub mod supervisor;
 
 pub use config::{AgentConfig, ConfigError};
-pub use session::run;
+pub use supervisor::run;

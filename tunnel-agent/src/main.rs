@@ -14,9 +14,14 @@ use tunnel_agent::AgentConfig;
     about = "edge-tunnel agent: dials out to tunnel-server and serves the node's kubelet"
 )]
 struct Args {
-    /// Server to dial, HOST:PORT.
+    /// Server to dial, HOST:PORT; a name that resolves to several
+    /// addresses (a headless Service) gets one connection per address, so
+    /// every replica can reach this node. A comma-separated list also works.
     #[arg(long, env = "TUNNEL_SERVER")]
     server: String,
+    /// Seconds between resolutions of --server (also after any connection loss).
+    #[arg(long, env = "TUNNEL_RESOLVE_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    resolve_interval: u64,
     /// Name to verify the server certificate against (default: HOST of --server).
     #[arg(long, env = "TUNNEL_SERVER_NAME")]
     server_name: Option<String>,
@@ -61,9 +66,8 @@ fn main() -> Result<()> {
     }
     let mut config =
         AgentConfig::try_new(&args.server, &args.cert_dir, &args.node_name, &args.allow)?;
-    if let Some(name) = args.server_name {
-        config.server_name = name;
-    }
+    config.server_name = args.server_name;
+    config.resolve_interval = Duration::from_secs(args.resolve_interval);
     config.dial_timeout = Duration::from_secs(args.dial_timeout);
     config.connect_timeout = Duration::from_secs(args.connect_timeout);
     config.drain_grace = Duration::from_secs(args.drain_grace);

@@ -1,20 +1,20 @@
 //! The agent's connection to the server, and the reconnect loop around it.
 //!
-//! A session: resolve the server, QUIC + mutual-TLS handshake, open the
+//! A session (one per replica address): QUIC + mutual-TLS handshake, open the
 //! control stream, `Hello` → `Welcome` (or `Refuse`, which is logged with
 //! its reason and retried with backoff), then accept one stream per
 //! tunneled connection until the connection ends. On shutdown the agent
 //! sends `Drain`, answers new dials with `Draining`, lets open streams
 //! finish within the grace period, and closes.
 
-use std::future::Future;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proto::codes::close;
 use proto::{Hello, Message};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 use transport::{read_message, write_message};
@@ -40,66 +40,72 @@ pub enum SessionError {
 }
 
 /// How a registered session ended.
-enum SessionEnd {
+pub(crate) enum SessionEnd {
     /// Shutdown was asked for and the session drained.
     Drained,
     /// The connection was lost or closed by the server.
     Lost(String),
+    /// This address leads to a replica already held through another one.
+    Duplicate(String),
 }
 
-/// Runs the agent until `shutdown` completes and the session has drained.
-/// Reconnects forever with backoff while the server is unreachable.
-pub async fn run(
-    config: AgentConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), SessionError> {
-    let config = Arc::new(config);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let endpoint = bind_endpoint(&config)?;
+/// The replicas this agent holds: address → server id once registered.
+pub(crate) type Held = Arc<Mutex<HashMap<SocketAddr, String>>>;
+
+/// One server address: keeps a registered connection to it, reconnecting
+/// with backoff, until `stop` turns true (then drains).
+pub(crate) async fn replica_loop(
+    config: Arc<AgentConfig>,
+    endpoint: quinn::Endpoint,
+    target: Target,
+    stop: watch::Receiver<bool>,
+    lost: mpsc::Sender<()>,
+    held: Held,
+) {
     let mut backoff = Backoff::new();
     loop {
         let started = Instant::now();
-        let span = tracing::info_span!("session", node = %config.node, server = %config.server);
-        let result = session(&config, &endpoint, stop_rx.clone())
+        let span = tracing::info_span!("session", node = %config.node, server = %target.addr);
+        let result = session(&config, &endpoint, &target, stop.clone(), &held)
             .instrument(span)
             .await;
+        let server = target.addr;
         match result {
-            Ok(SessionEnd::Drained) => {
-                endpoint.close(
-                    quinn::VarInt::from_u32(close::AGENT_DRAINED),
-                    b"agent drained",
-                );
-                let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-                return Ok(());
-            }
+            Ok(SessionEnd::Drained) => return,
             Ok(SessionEnd::Lost(reason)) => {
-                tracing::warn!("connection to the server lost: {reason}");
+                tracing::warn!(%server, "connection to the server lost: {reason}");
                 backoff.connection_ended(started.elapsed());
+                let _ = lost.try_send(());
             }
-            Err(e) => tracing::warn!("{e}"),
+            Ok(SessionEnd::Duplicate(id)) => {
+                tracing::info!(%server, server_id = %id, "this address reaches a replica already held; not connecting twice");
+                let mut stop = stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(config.resolve_interval) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+            Err(e) => tracing::warn!(%server, "{e}"),
         }
-        if *stop_rx.borrow() {
-            return Ok(());
+        if *stop.borrow() {
+            return;
         }
         let delay = backoff.next_delay();
         tracing::info!(
+            %server,
             attempt = backoff.failures(),
             "reconnecting in {:.1}s",
             delay.as_secs_f64()
         );
-        let mut stop = stop_rx.clone();
+        let mut stop = stop.clone();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }
 
-fn bind_endpoint(config: &AgentConfig) -> Result<quinn::Endpoint, SessionError> {
+pub(crate) fn bind_endpoint(config: &AgentConfig) -> Result<quinn::Endpoint, SessionError> {
     // Dual-stack when the host has IPv6, else IPv4 only.
     let dual: SocketAddr = "[::]:0".parse().expect("literal");
     let v4: SocketAddr = "0.0.0.0:0".parse().expect("literal");
@@ -113,16 +119,50 @@ fn bind_endpoint(config: &AgentConfig) -> Result<quinn::Endpoint, SessionError> 
         })
 }
 
-async fn resolve(server: &str) -> Result<SocketAddr, SessionError> {
-    let err = |reason: String| SessionError::Resolve {
-        server: server.to_owned(),
-        reason,
-    };
-    let mut addrs = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(server))
-        .await
-        .map_err(|_| err("DNS lookup took longer than 5s".into()))?
-        .map_err(|e| err(e.to_string()))?;
-    addrs.next().ok_or_else(|| err("no addresses".into()))
+/// One address to connect to, and the name its certificate must carry.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub server_name: String,
+}
+
+/// Resolves every `--server` entry; an entry that fails is reported, the
+/// others still count.
+pub(crate) async fn resolve_all(config: &AgentConfig) -> (Vec<Target>, Vec<SessionError>) {
+    let mut targets = Vec::new();
+    let mut errors = Vec::new();
+    for spec in &config.servers {
+        let err = |reason: String| SessionError::Resolve {
+            server: spec.spec.clone(),
+            reason,
+        };
+        let name = config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| spec.host.clone());
+        match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&spec.spec))
+            .await
+        {
+            Ok(Ok(addrs)) => {
+                let before = targets.len();
+                for addr in addrs {
+                    let t = Target {
+                        addr,
+                        server_name: name.clone(),
+                    };
+                    if !targets.contains(&t) {
+                        targets.push(t);
+                    }
+                }
+                if targets.len() == before {
+                    errors.push(err("no addresses".into()));
+                }
+            }
+            Ok(Err(e)) => errors.push(err(e.to_string())),
+            Err(_) => errors.push(err("DNS lookup took longer than 5s".into())),
+        }
+    }
+    (targets, errors)
 }
 
 /// A registered connection, ready to accept streams.
@@ -138,8 +178,9 @@ pub struct Registered {
 pub async fn register(
     config: &AgentConfig,
     endpoint: &quinn::Endpoint,
+    target: &Target,
 ) -> Result<Registered, SessionError> {
-    let addr = resolve(&config.server).await?;
+    let addr = target.addr;
     let client = config
         .quic
         .client_config(config.tls()?)
@@ -154,7 +195,7 @@ pub async fn register(
     let bound = config.connect_timeout;
     let register = async {
         let conn = endpoint
-            .connect_with(client, addr, &config.server_name)
+            .connect_with(client, addr, &target.server_name)
             .map_err(|e| SessionError::Connect {
                 addr,
                 reason: e.to_string(),
@@ -231,7 +272,16 @@ fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
 /// would be accepted, and says why not.
 pub async fn probe(config: &AgentConfig) -> Result<proto::Welcome, SessionError> {
     let endpoint = bind_endpoint(config)?;
-    let registered = register(config, &endpoint).await?;
+    let (targets, mut errors) = resolve_all(config).await;
+    let target = match targets.into_iter().next() {
+        Some(t) => t,
+        None => {
+            return Err(errors
+                .pop()
+                .unwrap_or(SessionError::Register("no --server given".into())))
+        }
+    };
+    let registered = register(config, &endpoint, &target).await?;
     registered
         .conn
         .close(quinn::VarInt::from_u32(close::NORMAL), b"probe done");
@@ -242,7 +292,9 @@ pub async fn probe(config: &AgentConfig) -> Result<proto::Welcome, SessionError>
 async fn session(
     config: &Arc<AgentConfig>,
     endpoint: &quinn::Endpoint,
+    target: &Target,
     mut stop: watch::Receiver<bool>,
+    held: &Held,
 ) -> Result<SessionEnd, SessionError> {
     let Registered {
         conn,
@@ -251,13 +303,33 @@ async fn session(
         mut control_send,
         mut control_recv,
     } = tokio::select! {
-        r = register(config, endpoint) => r?,
+        r = register(config, endpoint, target) => r?,
         _ = stop.wait_for(|s| *s) => return Ok(SessionEnd::Drained),
     };
+    let holding = {
+        let mut map = held.lock().expect("held replicas lock");
+        let duplicate = map
+            .iter()
+            .any(|(other, id)| *other != addr && *id == welcome.server_id);
+        if duplicate {
+            None
+        } else {
+            map.insert(addr, welcome.server_id.clone());
+            let mut ids: Vec<&String> = map.values().collect();
+            ids.sort();
+            Some(format!("{ids:?}"))
+        }
+    };
+    let Some(holding) = holding else {
+        conn.close(quinn::VarInt::from_u32(close::NORMAL), b"duplicate replica");
+        return Ok(SessionEnd::Duplicate(welcome.server_id));
+    };
+    let _held = HeldGuard { held, addr };
     tracing::info!(
         server_id = %welcome.server_id,
         %addr,
         allow = %config.allow,
+        replicas = %holding,
         "registered"
     );
 
@@ -313,6 +385,20 @@ async fn session(
         b"agent drained",
     );
     Ok(SessionEnd::Drained)
+}
+
+/// Forgets a replica when its session ends, however it ends.
+struct HeldGuard<'a> {
+    held: &'a Held,
+    addr: SocketAddr,
+}
+
+impl Drop for HeldGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.held.lock() {
+            map.remove(&self.addr);
+        }
+    }
 }
 
 fn spawn_stream(

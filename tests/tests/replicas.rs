@@ -1,0 +1,262 @@
+//! Several server replicas behind one DNS name, across a real NAT: the
+//! agent holds a connection to every replica, any replica serves the
+//! node, losing one leaves the others serving, and the agent follows the
+//! name as it grows and shrinks. Real binaries, real name resolution
+//! (getaddrinfo reading the namespace's /etc/hosts).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use e2e::netns::{self, bin, Proc, Topology, EDGE_IP};
+use e2e::targets::{self, hex, pattern};
+use e2e::{connect_via, Pki};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const REPLICAS: [(&str, &str); 3] = [
+    ("r1", "198.18.0.1"),
+    ("r2", "198.18.0.3"),
+    ("r3", "198.18.0.4"),
+];
+const NAME: &str = "tunnel.test";
+const ECHO_PORT: u16 = 7000;
+
+struct Cluster {
+    topo: Topology,
+    pki: Pki,
+    servers: Vec<Option<Proc>>,
+    agent: Option<Proc>,
+    _echo: netns::NsTask,
+}
+
+fn hosts(ids: &[usize]) -> String {
+    ids.iter()
+        .map(|&i| format!("{} {NAME}", REPLICAS[i].1))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Cluster {
+    fn start(resolving_to: &[usize]) -> Option<Cluster> {
+        if !netns::available() {
+            return None;
+        }
+        let topo = Topology::new();
+        for (_, ip) in &REPLICAS[1..] {
+            topo.add_cloud_ip(ip);
+        }
+        let ips: Vec<_> = REPLICAS.iter().map(|(_, ip)| ip.parse().unwrap()).collect();
+        let pki = Pki::with_server_names(&[NAME.into()], &ips);
+        pki.issue_agent("edge-1", &[EDGE_IP.parse().unwrap()]);
+        let echo = topo.edge.spawn_task(|| async {
+            targets::echo_server_on(SocketAddr::new(EDGE_IP.parse().unwrap(), ECHO_PORT)).await;
+        });
+        topo.edge.set_hosts(&hosts(resolving_to));
+        let mut cluster = Cluster {
+            topo,
+            pki,
+            servers: vec![],
+            agent: None,
+            _echo: echo,
+        };
+        for i in 0..REPLICAS.len() {
+            let p = cluster.start_server(i);
+            cluster.servers.push(Some(p));
+        }
+        let agent = cluster.topo.edge.spawn(
+            bin("tunnel-agent").to_str().unwrap(),
+            &[
+                "--server",
+                &format!("{NAME}:8443"),
+                "--resolve-interval",
+                "2",
+                "--keepalive",
+                "1",
+                "--idle-timeout",
+                "3",
+                "--cert-dir",
+                cluster.pki.agent_dir("edge-1").to_str().unwrap(),
+                "--node-name",
+                "edge-1",
+                "--allow",
+                &format!("{EDGE_IP}:{ECHO_PORT}"),
+            ],
+            &cluster.topo.dir.join("agent.log"),
+        );
+        cluster.agent = Some(agent);
+        Some(cluster)
+    }
+
+    fn start_server(&self, i: usize) -> Proc {
+        let (id, ip) = REPLICAS[i];
+        let p = self.topo.cloud.spawn(
+            bin("tunnel-server").to_str().unwrap(),
+            &[
+                "--listen",
+                &format!("{ip}:8443"),
+                "--server-id",
+                id,
+                "--cert-dir",
+                self.pki.server_dir().to_str().unwrap(),
+                "--connect-listen",
+                &format!("{ip}:8080"),
+                "--admin-listen",
+                &format!("{ip}:9091"),
+            ],
+            &self.topo.dir.join(format!("server-{id}.log")),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.admin(i).is_none_or(|(code, _)| code != 200) {
+            assert!(
+                Instant::now() < deadline,
+                "replica {id} not up: {}",
+                p.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        p
+    }
+
+    fn admin(&self, i: usize) -> Option<(u16, String)> {
+        let addr: SocketAddr = format!("{}:9091", REPLICAS[i].1).parse().unwrap();
+        self.topo.cloud.block_on(|| async move {
+            tokio::time::timeout(Duration::from_secs(2), async {
+                let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+                drop(tcp);
+                Some(e2e::http_get(addr, "/v1/agents").await)
+            })
+            .await
+            .ok()
+            .flatten()
+        })
+    }
+
+    fn holds(&self, i: usize) -> bool {
+        self.admin(i)
+            .is_some_and(|(_, body)| body.contains("\"edge-1\""))
+    }
+
+    fn wait(&self, what: &str, within: Duration, cond: impl Fn(&Cluster) -> bool) {
+        let deadline = Instant::now() + within;
+        while !cond(self) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {within:?}\nagent log:\n{}",
+                self.agent.as_ref().unwrap().log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One checksummed echo through replica `i`'s CONNECT ingress; returns how long it took.
+    fn echo_through(&self, i: usize) -> Duration {
+        let proxy: SocketAddr = format!("{}:8080", REPLICAS[i].1).parse().unwrap();
+        self.topo.cloud.block_on(|| async move {
+            let start = Instant::now();
+            let mut tcp = connect_via(proxy, &format!("{EDGE_IP}:{ECHO_PORT}"))
+                .await
+                .unwrap_or_else(|(code, body)| panic!("CONNECT via {proxy}: {code} {body}"));
+            let data = pattern(256 * 1024, i as u64);
+            tcp.write_all(&data).await.unwrap();
+            tcp.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            tcp.read_to_end(&mut back).await.unwrap();
+            assert_eq!(hex(&Sha256::digest(&back)), hex(&Sha256::digest(&data)));
+            start.elapsed()
+        })
+    }
+}
+
+#[test]
+fn agent_holds_every_replica_and_survives_losing_one() {
+    let Some(mut c) = Cluster::start(&[0, 1, 2]) else {
+        return;
+    };
+    c.wait(
+        "agent held by all three replicas",
+        Duration::from_secs(20),
+        |c| (0..3).all(|i| c.holds(i)),
+    );
+    for i in 0..3 {
+        c.echo_through(i);
+    }
+    // Long-lived streams through r1 and r2.
+    let (r1_proxy, r2_proxy): (SocketAddr, SocketAddr) = (
+        format!("{}:8080", REPLICAS[0].1).parse().unwrap(),
+        format!("{}:8080", REPLICAS[1].1).parse().unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let cloud_name = c.topo.cloud.name.clone();
+    let streams = std::thread::spawn(move || {
+        let ns = netns::Ns { name: cloud_name };
+        ns.block_on(|| async move {
+            let target = format!("{EDGE_IP}:{ECHO_PORT}");
+            let mut s1 = connect_via(r1_proxy, &target).await.unwrap();
+            let mut s2 = connect_via(r2_proxy, &target).await.unwrap();
+            let mut buf = [0u8; 5];
+            for s in [&mut s1, &mut s2] {
+                s.write_all(b"hello").await.unwrap();
+                s.read_exact(&mut buf).await.unwrap();
+            }
+            tx.send(()).unwrap();
+            // Wait for the kill of r1, then check both.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let r1_end = tokio::time::timeout(Duration::from_secs(5), async {
+                let _ = s1.write_all(b"after").await;
+                s1.read(&mut buf).await
+            })
+            .await
+            .expect("the stream through the dead replica ends, never hangs");
+            assert!(matches!(r1_end, Ok(0) | Err(_)), "{r1_end:?}");
+            s2.write_all(b"still").await.unwrap();
+            s2.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"still");
+        })
+    });
+    rx.recv().unwrap();
+    let mut r1 = c.servers[0].take().unwrap();
+    netns::sh(&["kill", "-KILL", &r1.pid().to_string()]);
+    let _ = r1.is_running();
+    // New connections through the survivors succeed at once.
+    for i in [1, 2] {
+        let took = c.echo_through(i);
+        assert!(
+            took < Duration::from_secs(1),
+            "through {}: {took:?}",
+            REPLICAS[i].0
+        );
+    }
+    streams.join().expect("streams behaved");
+    // r1 comes back; the agent reconnects to it.
+    c.servers[0] = Some(c.start_server(0));
+    c.wait(
+        "agent back on the restarted replica",
+        Duration::from_secs(15),
+        |c| c.holds(0),
+    );
+    c.echo_through(0);
+    let log = c.agent.as_ref().unwrap().log_text();
+    assert!(log.contains("replicas=[\"r1\", \"r2\", \"r3\"]"), "{log}");
+}
+
+#[test]
+fn agent_follows_the_name_from_one_to_three_replicas_and_back() {
+    let Some(c) = Cluster::start(&[0]) else {
+        return;
+    };
+    c.wait("agent on r1", Duration::from_secs(20), |c| c.holds(0));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!c.holds(1) && !c.holds(2), "only r1 is in the name yet");
+    c.topo.edge.set_hosts(&hosts(&[0, 1, 2]));
+    c.wait("agent on all three", Duration::from_secs(15), |c| {
+        (0..3).all(|i| c.holds(i))
+    });
+    for i in 0..3 {
+        c.echo_through(i);
+    }
+    c.topo.edge.set_hosts(&hosts(&[2]));
+    c.wait("agent only on r3", Duration::from_secs(15), |c| {
+        !c.holds(0) && !c.holds(1) && c.holds(2)
+    });
+    c.echo_through(2);
+}

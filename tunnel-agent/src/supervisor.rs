@@ -1,0 +1,111 @@
+//! The agent's top level: one connection to every server replica.
+//!
+//! `--server` names resolve (periodically, and soon after any connection
+//! loss) to a set of addresses — a headless Service lists every replica.
+//! Each address gets its own [`replica_loop`](crate::session) with its own
+//! backoff; addresses that disappear are drained and dropped; a replica
+//! reachable through two addresses is held once (by its server id).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::codes::close;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::AgentConfig;
+use crate::session::{bind_endpoint, replica_loop, resolve_all, SessionError, Target};
+
+/// After a connection loss, wait this long before resolving again (many
+/// sessions may report the same outage at once).
+const LOSS_DEBOUNCE: Duration = Duration::from_millis(500);
+
+struct Replica {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Runs the agent until `shutdown` completes and every connection drained.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), SessionError> {
+    let config = Arc::new(config);
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let endpoint = bind_endpoint(&config)?;
+    let held = Arc::new(Mutex::new(HashMap::new()));
+    let (lost_tx, mut lost_rx) = mpsc::channel::<()>(64);
+    let mut replicas: HashMap<Target, Replica> = HashMap::new();
+    let mut retiring = Vec::new();
+    loop {
+        let (targets, errors) = resolve_all(&config).await;
+        for e in &errors {
+            tracing::warn!("{e}");
+        }
+        if targets.is_empty() {
+            tracing::warn!(
+                held = replicas.len(),
+                "no server address resolved; keeping the current connections"
+            );
+        } else {
+            for target in &targets {
+                if !replicas.contains_key(target) {
+                    tracing::info!(server = %target.addr, name = %target.server_name, "new server address");
+                    let (stop, stopped) = watch::channel(false);
+                    let task = tokio::spawn(replica_loop(
+                        config.clone(),
+                        endpoint.clone(),
+                        target.clone(),
+                        stopped,
+                        lost_tx.clone(),
+                        held.clone(),
+                    ));
+                    replicas.insert(target.clone(), Replica { stop, task });
+                }
+            }
+            let gone: Vec<Target> = replicas
+                .keys()
+                .filter(|t| !targets.contains(t))
+                .cloned()
+                .collect();
+            for target in gone {
+                tracing::info!(server = %target.addr, "server address no longer resolves; draining its connection");
+                let r = replicas.remove(&target).expect("present");
+                let _ = r.stop.send(true);
+                retiring.push(r.task);
+            }
+            retiring.retain(|t: &JoinHandle<()>| !t.is_finished());
+        }
+        let lost = tokio::select! {
+            _ = tokio::time::sleep(config.resolve_interval) => false,
+            Some(()) = lost_rx.recv() => true,
+            _ = stop_rx.wait_for(|s| *s) => break,
+        };
+        if lost {
+            tokio::time::sleep(LOSS_DEBOUNCE).await;
+            while lost_rx.try_recv().is_ok() {}
+        }
+    }
+    tracing::info!(
+        connections = replicas.len(),
+        "shutting down: draining every server connection"
+    );
+    for r in replicas.values() {
+        let _ = r.stop.send(true);
+    }
+    for task in replicas.into_values().map(|r| r.task).chain(retiring) {
+        let _ = task.await;
+    }
+    endpoint.close(
+        quinn::VarInt::from_u32(close::AGENT_DRAINED),
+        b"agent drained",
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok(())
+}
