@@ -16,6 +16,8 @@ echo "==> cargo build --bins (the network-namespace tests run the real binaries)
 cargo build --workspace --bins
 echo "==> cargo test --workspace"
 cargo test --workspace
+echo "==> Kubernetes manifests: render, validate strictly, check security posture"
+bash docker/check-manifests.sh
 echo "==> quickstart smoke test"
 bash scripts/quickstart.sh >/dev/null
 echo "==> all checks passed"

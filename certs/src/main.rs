@@ -71,6 +71,38 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print a directory's tls.crt, tls.key and ca.crt as a Kubernetes
+    /// Secret manifest (type kubernetes.io/tls).
+    Secret {
+        /// Directory in the Secret layout.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "edge-tunnel")]
+        namespace: String,
+    },
+}
+
+/// A Secret manifest with the PEM files as stringData block scalars.
+fn secret_manifest(dir: &Path, name: &str, namespace: &str) -> Result<String> {
+    certs::identity::validate_node_name(name).with_context(|| format!("--name {name:?}"))?;
+    certs::identity::validate_node_name(namespace)
+        .with_context(|| format!("--namespace {namespace:?}"))?;
+    let mut out = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\ntype: kubernetes.io/tls\nstringData:\n"
+    );
+    for file in [TLS_CRT, TLS_KEY, CA_CRT] {
+        let bytes = files::read(&dir.join(file))?;
+        let text = String::from_utf8(bytes).with_context(|| format!("{file} is not PEM text"))?;
+        out.push_str(&format!("  {file}: |\n"));
+        for line in text.lines() {
+            out.push_str("    ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    Ok(out)
 }
 
 fn load_ca(dir: &Path) -> Result<Ca> {
@@ -170,6 +202,13 @@ fn main() -> Result<()> {
                 "wrote {}/{{tls.crt,tls.key,ca.crt}} for node {node}",
                 out.display()
             );
+        }
+        Command::Secret {
+            dir,
+            name,
+            namespace,
+        } => {
+            print!("{}", secret_manifest(&dir, &name, &namespace)?);
         }
     }
     Ok(())

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Renders every kustomize target under docker/kubernetes, validates each
+object strictly against the Kubernetes schemas (kubernetes-validate, offline)
+and checks the security posture of the workloads.
+
+Exit status 0 when everything holds; otherwise each problem is printed.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kubernetes")
+TARGETS = [ROOT] + [
+    os.path.join(ROOT, "overlays", d) for d in sorted(os.listdir(os.path.join(ROOT, "overlays")))
+]
+# Custom resources have no built-in schema; they are checked by hand below.
+CRD_KINDS = {"ServiceMonitor"}
+# The only added capabilities allowed, per workload.
+ALLOWED_CAPS = {"tunnel-dnat": {"NET_ADMIN", "NET_RAW"}}
+# Workloads allowed on the host network.
+HOST_NETWORK = {"tunnel-agent", "tunnel-dnat"}
+# Workloads that must run as root (iptables), all others must not.
+ROOT_OK = {"tunnel-dnat"}
+
+problems = []
+
+
+def problem(target, msg):
+    problems.append(f"{os.path.relpath(target, ROOT) or '.'}: {msg}")
+
+
+def check_workload(target, obj):
+    name = obj["metadata"]["name"]
+    pod = obj["spec"]["template"]["spec"]
+    if pod.get("automountServiceAccountToken") is not False:
+        problem(target, f"{name}: service account token is mounted")
+    if pod.get("hostNetwork") and name not in HOST_NETWORK:
+        problem(target, f"{name}: hostNetwork is not expected")
+    for key in ("hostPID", "hostIPC"):
+        if pod.get(key):
+            problem(target, f"{name}: {key} is set")
+    pod_sc = pod.get("securityContext", {})
+    for c in pod.get("containers", []) + pod.get("initContainers", []):
+        cname = f"{name}/{c['name']}"
+        sc = c.get("securityContext", {})
+        if sc.get("privileged"):
+            problem(target, f"{cname}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problem(target, f"{cname}: allowPrivilegeEscalation is not false")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problem(target, f"{cname}: root filesystem is writable")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            problem(target, f"{cname}: capabilities are not dropped (drop: [ALL])")
+        extra = set(caps.get("add", [])) - ALLOWED_CAPS.get(name, set())
+        if extra:
+            problem(target, f"{cname}: unexpected capabilities {sorted(extra)}")
+        non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+        if name not in ROOT_OK and non_root is not True:
+            problem(target, f"{cname}: may run as root (runAsNonRoot is not true)")
+        res = c.get("resources", {})
+        for kind in ("requests", "limits"):
+            for r in ("cpu", "memory"):
+                if r not in res.get(kind, {}):
+                    problem(target, f"{cname}: no {kind}.{r}")
+
+
+def check_service_monitor(target, obj):
+    spec = obj.get("spec", {})
+    if not spec.get("selector", {}).get("matchLabels") or not spec.get("endpoints"):
+        problem(target, "ServiceMonitor without selector or endpoints")
+
+
+def main():
+    for target in TARGETS:
+        rendered = subprocess.run(
+            ["kubectl", "kustomize", target], capture_output=True, text=True
+        )
+        if rendered.returncode != 0:
+            problem(target, f"kubectl kustomize failed: {rendered.stderr.strip()}")
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(rendered.stdout)
+            path = f.name
+        validated = subprocess.run(
+            ["kubernetes-validate", "--strict", "--quiet", path], capture_output=True, text=True
+        )
+        output = (validated.stdout + validated.stderr).strip()
+        for line in output.splitlines():
+            if line.startswith("WARN") and any(f"kind {k} " in line for k in CRD_KINDS):
+                continue
+            problem(target, f"schema: {line}")
+        if validated.returncode != 0 and not output:
+            problem(target, "kubernetes-validate failed")
+        os.unlink(path)
+        objects = [o for o in yaml.safe_load_all(rendered.stdout) if o]
+        kinds = {o["kind"] for o in objects}
+        for rbac in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"):
+            if rbac in kinds:
+                problem(target, f"{rbac} present, but no component calls the Kubernetes API")
+        for obj in objects:
+            if obj["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
+                check_workload(target, obj)
+            elif obj["kind"] == "ServiceMonitor":
+                check_service_monitor(target, obj)
+        print(f"ok: {os.path.relpath(target, ROOT) or '.'}: {len(objects)} objects")
+    for p in problems:
+        print("PROBLEM:", p, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
