@@ -24,6 +24,7 @@ const T_REFUSE: u8 = 0x03;
 const T_DIAL: u8 = 0x10;
 const T_DIAL_RESULT: u8 = 0x11;
 const T_DRAIN: u8 = 0x20;
+const T_GOAWAY: u8 = 0x21;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,6 +109,11 @@ pub fn encode(msg: &Message, dst: &mut Vec<u8>) -> Result<(), EncodeError> {
             T_DIAL_RESULT
         }
         Message::Drain => T_DRAIN,
+        Message::GoAway(g) => {
+            w.u32(g.code);
+            w.str("reason", &g.reason, MAX_REASON)?;
+            T_GOAWAY
+        }
     };
     let body = dst.len() - start - FRAME_HEADER_LEN;
     // Field limits keep every body far below MAX_FRAME_BODY.
@@ -137,6 +143,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
         T_DIAL => "Dial",
         T_DIAL_RESULT => "DialResult",
         T_DRAIN => "Drain",
+        T_GOAWAY => "GoAway",
         other => return Err(DecodeError::UnknownType(other)),
     };
     if buf.len() < FRAME_HEADER_LEN + len {
@@ -192,6 +199,10 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
             message: r.str("message", MAX_REASON)?,
         }),
         T_DRAIN => Message::Drain,
+        T_GOAWAY => Message::GoAway(GoAway {
+            code: r.u32("code")?,
+            reason: r.str("reason", MAX_REASON)?,
+        }),
         _ => unreachable!("frame type checked above"),
     };
     Ok(Some((msg, FRAME_HEADER_LEN + len)))
@@ -378,6 +389,8 @@ mod tests {
                 })
             }),
             Just(Message::Drain),
+            (any::<u32>(), "\\PC{0,200}")
+                .prop_map(|(code, reason)| Message::GoAway(GoAway { code, reason })),
         ]
     }
 

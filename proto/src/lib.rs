@@ -20,13 +20,17 @@ pub mod message;
 
 pub use codec::{decode, encode, DecodeError, EncodeError, FRAME_HEADER_LEN, MAX_FRAME_BODY};
 pub use message::{
-    DialCode, DialRequest, DialResult, Hello, Message, Refusal, RefuseCode, Welcome,
+    DialCode, DialRequest, DialResult, GoAway, Hello, Message, Refusal, RefuseCode, Welcome,
 };
 
 /// ALPN protocol id: names the protocol and its major version. A peer that
 /// speaks another major version fails the TLS handshake with a clear
 /// "no application protocol" alert instead of misparsing frames.
 pub const ALPN: &[u8] = b"edge-tunnel/1";
+
+/// ALPN of the HTTP/2-over-TLS fallback transport (same messages, carried
+/// in HTTP/2 streams with the roles reversed: the agent serves HTTP/2).
+pub const ALPN_H2: &[u8] = b"edge-tunnel-h2/1";
 
 /// Major protocol version carried in [`Hello`] and [`Welcome`]. A different
 /// major version is refused ([`RefuseCode::UnsupportedVersion`]).
@@ -45,4 +49,8 @@ pub const MAX_REASON: usize = 1024;
 pub mod capability {
     /// The agent sends [`crate::Message::Drain`] before it shuts down.
     pub const DRAIN: u32 = 1 << 0;
+    /// This connection takes over from the agent's previous one (a
+    /// transport switch): let the old one finish its streams instead of
+    /// closing it at once.
+    pub const HANDOVER: u32 = 1 << 1;
 }

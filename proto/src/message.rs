@@ -19,6 +19,17 @@ pub enum Message {
     /// Agent → server on the control stream: route no new streams to me; the
     /// streams already open will finish.
     Drain,
+    /// Server → agent on the control stream, just before it closes the
+    /// connection: why (a `codes::close` value), so the agent can react
+    /// (for example not fight another agent with the same identity).
+    GoAway(GoAway),
+}
+
+/// Why the server is about to close the connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoAway {
+    pub code: u32,
+    pub reason: String,
 }
 
 impl Message {
@@ -31,6 +42,7 @@ impl Message {
             Message::Dial(_) => "Dial",
             Message::DialResult(_) => "DialResult",
             Message::Drain => "Drain",
+            Message::GoAway(_) => "GoAway",
         }
     }
 }

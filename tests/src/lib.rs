@@ -77,7 +77,20 @@ impl TestServer {
     }
 
     pub async fn start_with(config: tunnel_server::ServerConfig) -> TestServer {
-        let server = tunnel_server::Server::bind(config).expect("server binds");
+        // With port 0 the HTTP/2 listener takes the QUIC endpoint's port
+        // number on TCP, which another test may hold: pick again.
+        let mut attempts = 0;
+        let server = loop {
+            match tunnel_server::Server::bind(config.clone()) {
+                Ok(s) => break s,
+                Err(tunnel_server::ServerError::Bind { .. })
+                    if config.listen.port() == 0 && attempts < 20 =>
+                {
+                    attempts += 1;
+                }
+                Err(e) => panic!("server binds: {e}"),
+            }
+        };
         let addrs = server.local_addrs();
         let shared = server.shared();
         let (stop, stopped) = oneshot::channel::<()>();

@@ -25,15 +25,47 @@ struct Tunnel {
 
 /// A server and one registered agent for `edge-1` (address 127.0.0.1)
 /// allowed to reach `ports` on 127.0.0.1.
-async fn tunnel(ports: &[u16]) -> Tunnel {
+async fn tunnel(ports: &[u16], tr: Transport) -> Tunnel {
     init_logging();
     let pki = Pki::new();
     pki.issue_agent(NODE, &[localhost()]);
     let server = TestServer::start(&pki).await;
     let allow = allow(ports);
-    let agent = TestAgent::start(TestAgent::config(&pki, NODE, server.addrs.quic, &allow));
+    let agent = TestAgent::start(agent_config(&pki, NODE, &server, &allow, tr));
     server.wait_for_agent(NODE, Duration::from_secs(10)).await;
     Tunnel { pki, server, agent }
+}
+
+/// The transports every test runs over.
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Quic,
+    H2,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::H2 => "h2",
+        }
+    }
+}
+
+/// An agent configuration forced onto one transport.
+fn agent_config(
+    pki: &Pki,
+    node: &str,
+    server: &TestServer,
+    allow: &[String],
+    tr: Transport,
+) -> tunnel_agent::AgentConfig {
+    let mut c = TestAgent::config(pki, node, server.addrs.quic, allow);
+    c.transport = match tr {
+        Transport::Quic => tunnel_agent::config::TransportChoice::Quic,
+        Transport::H2 => tunnel_agent::config::TransportChoice::H2,
+    };
+    c
 }
 
 fn allow(ports: &[u16]) -> Vec<String> {
@@ -41,10 +73,9 @@ fn allow(ports: &[u16]) -> Vec<String> {
     vec![format!("127.0.0.1:{}", ports.join(","))]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_through_connect_verifies_the_targets_own_certificate() {
+async fn https_through_connect_verifies_the_targets_own_certificate(tr: Transport) {
     let kubelet = targets::kubelet_like(localhost()).await;
-    let t = tunnel(&[kubelet.addr.port()]).await;
+    let t = tunnel(&[kubelet.addr.port()], tr).await;
     for host in [
         kubelet.addr.to_string(),
         format!("{NODE}:{}", kubelet.addr.port()),
@@ -69,10 +100,9 @@ async fn https_through_connect_verifies_the_targets_own_certificate() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streaming_logs_arrive_as_written() {
+async fn streaming_logs_arrive_as_written(tr: Transport) {
     let kubelet = targets::kubelet_like(localhost()).await;
-    let t = tunnel(&[kubelet.addr.port()]).await;
+    let t = tunnel(&[kubelet.addr.port()], tr).await;
     let tcp = connect_via(t.server.connect_addr(), &kubelet.addr.to_string())
         .await
         .unwrap();
@@ -116,10 +146,9 @@ async fn streaming_logs_arrive_as_written() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_exec_session_echoes() {
+async fn websocket_exec_session_echoes(tr: Transport) {
     let kubelet = targets::kubelet_like(localhost()).await;
-    let t = tunnel(&[kubelet.addr.port()]).await;
+    let t = tunnel(&[kubelet.addr.port()], tr).await;
     let tcp = connect_via(t.server.connect_addr(), &kubelet.addr.to_string())
         .await
         .unwrap();
@@ -141,10 +170,9 @@ async fn websocket_exec_session_echoes() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_close_still_delivers_the_response() {
+async fn half_close_still_delivers_the_response(tr: Transport) {
     let target = targets::digest_after_eof_server().await;
-    let t = tunnel(&[target.port()]).await;
+    let t = tunnel(&[target.port()], tr).await;
     let mut tcp = connect_via(t.server.connect_addr(), &target.to_string())
         .await
         .unwrap();
@@ -162,10 +190,9 @@ async fn half_close_still_delivers_the_response() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn target_reset_reaches_the_client_as_a_reset() {
+async fn target_reset_reaches_the_client_as_a_reset(tr: Transport) {
     let target = targets::reset_server().await;
-    let t = tunnel(&[target.port()]).await;
+    let t = tunnel(&[target.port()], tr).await;
     let mut tcp = connect_via(t.server.connect_addr(), &target.to_string())
         .await
         .unwrap();
@@ -179,10 +206,9 @@ async fn target_reset_reaches_the_client_as_a_reset() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_reset_reaches_the_target_as_a_reset() {
+async fn client_reset_reaches_the_target_as_a_reset(tr: Transport) {
     let (target, mut seen) = targets::reset_observer().await;
-    let t = tunnel(&[target.port()]).await;
+    let t = tunnel(&[target.port()], tr).await;
     let tcp = connect_via(t.server.connect_addr(), &target.to_string())
         .await
         .unwrap();
@@ -238,10 +264,9 @@ async fn echo_digest(mut tcp: tokio::net::TcpStream, total: usize, seed: u64) ->
     tokio::join!(write, read)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_gib_each_way_on_one_connection() {
+async fn one_gib_each_way_on_one_connection(tr: Transport) {
     let target = targets::echo_server().await;
-    let t = tunnel(&[target.port()]).await;
+    let t = tunnel(&[target.port()], tr).await;
     let tcp = connect_via(t.server.connect_addr(), &target.to_string())
         .await
         .unwrap();
@@ -256,10 +281,9 @@ async fn one_gib_each_way_on_one_connection() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thousand_concurrent_connections_of_256_kib() {
+async fn thousand_concurrent_connections_of_256_kib(tr: Transport) {
     let target = targets::echo_server().await;
-    let t = tunnel(&[target.port()]).await;
+    let t = tunnel(&[target.port()], tr).await;
     let proxy = t.server.connect_addr();
     let target = target.to_string();
     let mut tasks = tokio::task::JoinSet::new();
@@ -290,11 +314,10 @@ async fn thousand_concurrent_connections_of_256_kib() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_reader_does_not_stall_other_streams() {
+async fn a_stalled_reader_does_not_stall_other_streams(tr: Transport) {
     let firehose = targets::firehose_server().await;
     let echo = targets::echo_server().await;
-    let t = tunnel(&[firehose.port(), echo.port()]).await;
+    let t = tunnel(&[firehose.port(), echo.port()], tr).await;
     // A client that reads a little and then stops reading altogether.
     let mut stalled = connect_via(t.server.connect_addr(), &firehose.to_string())
         .await
@@ -336,10 +359,9 @@ async fn a_stalled_reader_does_not_stall_other_streams() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn targets_outside_the_allow_list_get_403() {
+async fn targets_outside_the_allow_list_get_403(tr: Transport) {
     let echo = targets::echo_server().await;
-    let t = tunnel(&[echo.port()]).await;
+    let t = tunnel(&[echo.port()], tr).await;
     let (status, body) = connect_via(t.server.connect_addr(), "127.0.0.1:22")
         .await
         .unwrap_err();
@@ -357,9 +379,8 @@ async fn targets_outside_the_allow_list_get_403() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connect_to_a_node_without_agent_fails_fast_with_503() {
-    let t = tunnel(&[10250]).await;
+async fn connect_to_a_node_without_agent_fails_fast_with_503(tr: Transport) {
+    let t = tunnel(&[10250], tr).await;
     for target in ["edge-9:10250", "198.18.0.99:10250"] {
         let started = Instant::now();
         let (status, body) = connect_via(t.server.connect_addr(), target)
@@ -383,9 +404,8 @@ async fn connect_to_a_node_without_agent_fails_fast_with_503() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dial_failures_answer_502() {
-    let t = tunnel(&[1]).await;
+async fn dial_failures_answer_502(tr: Transport) {
+    let t = tunnel(&[1], tr).await;
     // Allowed, but nothing listens on port 1.
     let (status, body) = connect_via(t.server.connect_addr(), "127.0.0.1:1")
         .await
@@ -395,14 +415,13 @@ async fn dial_failures_answer_502() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_certificate_from_another_ca_is_refused() {
-    let t = tunnel(&[10250]).await;
+async fn agent_certificate_from_another_ca_is_refused(tr: Transport) {
+    let t = tunnel(&[10250], tr).await;
     // A certificate from a foreign CA, next to the server's real ca.crt.
     let foreign = Pki::new();
     let dir = foreign.issue_agent("edge-x", &[localhost()]);
     std::fs::copy(t.pki.server_dir().join("ca.crt"), dir.join("ca.crt")).unwrap();
-    let config = TestAgent::config(&foreign, "edge-x", t.server.addrs.quic, &[]);
+    let config = agent_config(&foreign, "edge-x", &t.server, &[], tr);
     let err = tunnel_agent::session::probe(&config)
         .await
         .unwrap_err()
@@ -418,9 +437,8 @@ async fn agent_certificate_from_another_ca_is_refused() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_name_must_match_the_certificate() {
-    let t = tunnel(&[10250]).await;
+async fn node_name_must_match_the_certificate(tr: Transport) {
+    let t = tunnel(&[10250], tr).await;
     // At start-up: the agent refuses to run.
     let err = tunnel_agent::AgentConfig::try_new(
         &t.server.addrs.quic.to_string(),
@@ -435,7 +453,7 @@ async fn node_name_must_match_the_certificate() {
         "{err}"
     );
     // On the wire: a Hello that lies about the node is refused by the server.
-    let mut config = TestAgent::config(&t.pki, NODE, t.server.addrs.quic, &[]);
+    let mut config = agent_config(&t.pki, NODE, &t.server, &[], tr);
     config.node = "edge-2".into();
     let err = tunnel_agent::session::probe(&config)
         .await
@@ -446,7 +464,7 @@ async fn node_name_must_match_the_certificate() {
         "{err}"
     );
     // Claiming an address the certificate does not carry.
-    let mut config = TestAgent::config(&t.pki, NODE, t.server.addrs.quic, &[]);
+    let mut config = agent_config(&t.pki, NODE, &t.server, &[], tr);
     config.identity.addresses = vec!["198.18.9.9".parse().unwrap()];
     let err = tunnel_agent::session::probe(&config)
         .await
@@ -478,10 +496,9 @@ async fn node_name_must_match_the_certificate() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_is_back_within_5s_of_a_server_restart() {
+async fn agent_is_back_within_5s_of_a_server_restart(tr: Transport) {
     let echo = targets::echo_server().await;
-    let t = tunnel(&[echo.port()]).await;
+    let t = tunnel(&[echo.port()], tr).await;
     let quic = t.server.addrs.quic;
     t.server.stop().await;
     let restarted = Instant::now();
@@ -500,10 +517,9 @@ async fn agent_is_back_within_5s_of_a_server_restart() {
     t.agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_registration_replaces_the_first() {
+async fn a_second_registration_replaces_the_first(tr: Transport) {
     let echo = targets::echo_server().await;
-    let t = tunnel(&[echo.port()]).await;
+    let t = tunnel(&[echo.port()], tr).await;
     let first_id = match t.server.shared.registry.by_node(NODE) {
         tunnel_server::registry::Route::Agent(a) => a.id,
         _ => unreachable!(),
@@ -515,11 +531,12 @@ async fn a_second_registration_replaces_the_first() {
     let mut buf = [0u8; 4];
     old_stream.read_exact(&mut buf).await.unwrap();
     // A second agent for the same node (a restarted pod, for example).
-    let second = TestAgent::start(TestAgent::config(
+    let second = TestAgent::start(agent_config(
         &t.pki,
         NODE,
-        t.server.addrs.quic,
+        &t.server,
         &allow(&[echo.port()]),
+        tr,
     ));
     let shared = t.server.shared.clone();
     eventually(
@@ -548,10 +565,9 @@ async fn a_second_registration_replaces_the_first() {
     second.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_finishes_active_streams_and_refuses_new_ones() {
+async fn drain_finishes_active_streams_and_refuses_new_ones(tr: Transport) {
     let echo = targets::echo_server().await;
-    let t = tunnel(&[echo.port()]).await;
+    let t = tunnel(&[echo.port()], tr).await;
     let mut active = connect_via(t.server.connect_addr(), &echo.to_string())
         .await
         .unwrap();
@@ -589,9 +605,8 @@ async fn drain_finishes_active_streams_and_refuses_new_ones() {
         .expect("agent stop task");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_endpoints() {
-    let t = tunnel(&[10250]).await;
+async fn admin_endpoints(tr: Transport) {
+    let t = tunnel(&[10250], tr).await;
     let admin = t.server.addrs.admin.unwrap();
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
     assert_eq!(http_get(admin, "/readyz").await.0, 200);
@@ -602,17 +617,58 @@ async fn admin_endpoints() {
     let a = &agents[0];
     assert_eq!(a["node"], NODE);
     assert_eq!(a["addresses"][0], "127.0.0.1");
-    assert_eq!(a["transport"], "quic");
-    assert!(a["rtt_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(a["transport"], tr.name());
+    match tr {
+        Transport::Quic => assert!(a["rtt_ms"].as_f64().unwrap() >= 0.0),
+        Transport::H2 => assert!(a["rtt_ms"].is_null()),
+    }
     assert!(a["connected_since"].as_str().unwrap().contains('T'));
     let metrics = t.server.metrics().await;
+    let registered = format!("edge_tunnel_registrations_total{{transport=\"{}\"}} 1", tr.name());
+    assert!(metrics.contains(&registered), "missing {registered} in\n{metrics}");
     for name in [
         "edge_tunnel_agents_connected 1",
         "edge_tunnel_streams_active",
         "edge_tunnel_dial_duration_seconds",
-        "edge_tunnel_registrations_total 1",
     ] {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
     t.agent.stop().await;
 }
+
+/// Runs each test once over QUIC and once over HTTP/2: `NAME::quic`, `NAME::h2`.
+macro_rules! over_both_transports {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn quic() {
+                super::$name(super::Transport::Quic).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn h2() {
+                super::$name(super::Transport::H2).await
+            }
+        }
+    )*};
+}
+
+over_both_transports!(
+    https_through_connect_verifies_the_targets_own_certificate,
+    streaming_logs_arrive_as_written,
+    websocket_exec_session_echoes,
+    half_close_still_delivers_the_response,
+    target_reset_reaches_the_client_as_a_reset,
+    client_reset_reaches_the_target_as_a_reset,
+    one_gib_each_way_on_one_connection,
+    thousand_concurrent_connections_of_256_kib,
+    a_stalled_reader_does_not_stall_other_streams,
+    targets_outside_the_allow_list_get_403,
+    connect_to_a_node_without_agent_fails_fast_with_503,
+    dial_failures_answer_502,
+    agent_certificate_from_another_ca_is_refused,
+    node_name_must_match_the_certificate,
+    agent_is_back_within_5s_of_a_server_restart,
+    a_second_registration_replaces_the_first,
+    drain_finishes_active_streams_and_refuses_new_ones,
+    admin_endpoints,
+);

@@ -73,7 +73,7 @@ fn certs() -> Certs {
 }
 
 /// The tunnel across the NAT.
-struct Edge {
+pub(crate) struct Edge {
     certs: Certs,
     server: Proc,
     agent: Proc,
@@ -287,10 +287,23 @@ fn the_nat_is_real_without_the_tunnel() {
 }
 
 #[test]
-fn kubelet_https_logs_and_exec_through_dnat_then_rules_are_removed() {
-    let Some(mut edge) = Edge::start(&[]) else {
+fn kubelet_https_logs_and_exec_through_dnat_then_rules_are_removed_quic() {
+    kubelet_https_logs_and_exec_through_dnat_then_rules_are_removed("quic")
+}
+
+#[test]
+fn kubelet_https_logs_and_exec_through_dnat_then_rules_are_removed_h2() {
+    kubelet_https_logs_and_exec_through_dnat_then_rules_are_removed("h2")
+}
+
+fn kubelet_https_logs_and_exec_through_dnat_then_rules_are_removed(transport: &str) {
+    let Some(mut edge) = Edge::start(&["--transport", transport]) else {
         return;
     };
+    assert!(
+        curl(&edge.topo.cloud, &[&format!("http://{ADMIN}/v1/agents")])
+            .contains(&format!("\"transport\": \"{transport}\""))
+    );
     let cloud = &edge.topo.cloud;
     let cacert = edge.certs.kubelet_dir.join("ca.crt");
     let cacert = cacert.to_str().unwrap();
@@ -424,8 +437,19 @@ fn prometheus_scrapes_node_exporter_through_the_tunnel() {
 }
 
 #[test]
-fn hundred_mib_arrive_intact_with_2_percent_loss() {
-    let Some(edge) = Edge::start(&[]) else { return };
+fn hundred_mib_arrive_intact_with_2_percent_loss_quic() {
+    hundred_mib_arrive_intact_with_2_percent_loss("quic")
+}
+
+#[test]
+fn hundred_mib_arrive_intact_with_2_percent_loss_h2() {
+    hundred_mib_arrive_intact_with_2_percent_loss("h2")
+}
+
+fn hundred_mib_arrive_intact_with_2_percent_loss(transport: &str) {
+    let Some(edge) = Edge::start(&["--transport", transport]) else {
+        return;
+    };
     let _echo = edge.topo.edge.spawn_task(|| async {
         targets::echo_server_on(SocketAddr::new(edge_ip(), ECHO_PORT)).await;
     });
@@ -566,4 +590,165 @@ fn dnat_cleanup_removes_rules_left_by_a_crash() {
     let rules =
         String::from_utf8_lossy(&cloud.sh(&["iptables-save", "-t", "nat"]).stdout).into_owned();
     assert_eq!(rules.matches("-j TUNNEL-DNAT").count(), 2, "{rules}");
+}
+
+fn agent_transport(edge: &Edge) -> Option<String> {
+    let agents = curl(&edge.topo.cloud, &[&format!("http://{ADMIN}/v1/agents")]);
+    let v: serde_json::Value = serde_json::from_str(&agents).ok()?;
+    v.get(0)?.get("transport")?.as_str().map(str::to_owned)
+}
+
+fn block_udp(topo: &Topology, on: bool) {
+    let op = if on { "-I" } else { "-D" };
+    let mut args = vec!["iptables", op, "FORWARD"];
+    if on {
+        args.push("1");
+    }
+    args.extend([
+        "-p",
+        "udp",
+        "-j",
+        "DROP",
+        "-m",
+        "comment",
+        "--comment",
+        "edge-tunnel-test-no-udp",
+    ]);
+    topo.router.sh(&args);
+}
+
+#[test]
+fn auto_falls_back_to_h2_without_udp_and_returns_to_quic() {
+    if !netns::available() {
+        return;
+    }
+    let topo = Topology::new();
+    let certs = certs();
+    block_udp(&topo, true);
+    let _kubelet = topo.edge.spawn(
+        env!("CARGO_BIN_EXE_sample-kubelet"),
+        &[
+            "--listen",
+            &format!("{EDGE_IP}:10250"),
+            "--cert-dir",
+            certs.kubelet_dir.to_str().unwrap(),
+        ],
+        &topo.dir.join("kubelet.log"),
+    );
+    let _echo = topo.edge.spawn_task(|| async {
+        targets::echo_server_on(SocketAddr::new(edge_ip(), ECHO_PORT)).await;
+    });
+    let server = start_server(&topo, &certs);
+    let started = Instant::now();
+    let agent = start_agent(
+        &topo,
+        &certs,
+        &[
+            "--transport",
+            "auto",
+            "--quic-timeout",
+            "2",
+            "--reprobe-interval",
+            "3",
+        ],
+    );
+    let edge = Edge {
+        certs,
+        server,
+        agent,
+        _kubelet,
+        topo,
+    };
+    // Serving over HTTP/2 within 10 s of start.
+    edge.wait_registered(Duration::from_secs(10));
+    assert_eq!(agent_transport(&edge).as_deref(), Some("h2"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let cacert = edge.certs.kubelet_dir.join("ca.crt");
+    let url = format!("https://{EDGE_IP}:10250/healthz");
+    assert_eq!(
+        curl(
+            &edge.topo.cloud,
+            &["--cacert", cacert.to_str().unwrap(), &url]
+        ),
+        "ok from kubelet-like\n"
+    );
+    // A stream that stays open across the switch back to QUIC.
+    let cloud = netns::Ns {
+        name: edge.topo.cloud.name.clone(),
+    };
+    let long_stream = std::thread::spawn(move || {
+        cloud.block_on(|| async {
+            let mut tcp = tokio::net::TcpStream::connect((EDGE_IP, ECHO_PORT))
+                .await
+                .unwrap();
+            let mut sent = Sha256::new();
+            let mut got = Sha256::new();
+            let mut buf = vec![0u8; 4096];
+            for i in 0..800u64 {
+                let chunk = pattern(1024, i);
+                tcp.write_all(&chunk).await.unwrap();
+                sent.update(&chunk);
+                tcp.read_exact(&mut buf[..1024]).await.unwrap();
+                got.update(&buf[..1024]);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (hex(&sent.finalize()), hex(&got.finalize()))
+        })
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    block_udp(&edge.topo, false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent_transport(&edge).as_deref() != Some("quic") {
+        assert!(
+            Instant::now() < deadline,
+            "never moved back to QUIC:\n{}",
+            edge.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (sent, echoed) = long_stream.join().expect("the stream across the switch");
+    assert_eq!(sent, echoed);
+    assert_eq!(
+        curl(
+            &edge.topo.cloud,
+            &["--cacert", cacert.to_str().unwrap(), &url]
+        ),
+        "ok from kubelet-like\n"
+    );
+    let log = edge.agent.log_text();
+    assert!(log.contains("falling back to HTTP/2"), "{log}");
+    assert!(log.contains("QUIC works again"), "{log}");
+}
+
+#[test]
+fn quic_only_agent_without_udp_retries_and_says_why() {
+    if !netns::available() {
+        return;
+    }
+    let topo = Topology::new();
+    let certs = certs();
+    block_udp(&topo, true);
+    let server = start_server(&topo, &certs);
+    let agent = start_agent(
+        &topo,
+        &certs,
+        &["--transport", "quic", "--connect-timeout", "2"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = agent.log_text();
+        if log.matches("UDP blocked or server down?").count() >= 2
+            && log.contains("reconnecting in")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent log does not say why:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let agents = curl(&topo.cloud, &[&format!("http://{ADMIN}/v1/agents")]);
+    assert!(!agents.contains("edge-1"), "{agents}");
+    drop(server);
 }

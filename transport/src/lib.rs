@@ -9,6 +9,7 @@
 //! - [`relay`]: the duplex copy between a TCP socket and a tunnel stream,
 //!   mapping half-close to FIN and resets to resets.
 //! - [`quic`]: QUIC endpoints (quinn) with the settings both ends share.
+//! - [`h2`]: the HTTP/2-over-TLS fallback's stream halves and settings.
 //! - [`net`]: socket helpers: large listen backlogs, original destination.
 //! - [`cli`]: process setup both binaries share: logging, runtime shape,
 //!   shutdown signals.
@@ -16,6 +17,7 @@
 
 pub mod cli;
 pub mod framed;
+pub mod h2;
 pub mod net;
 pub mod quic;
 pub mod relay;

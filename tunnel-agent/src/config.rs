@@ -46,6 +46,22 @@ pub struct AgentConfig {
     /// On shutdown, how long active streams may run on. Default 30 s.
     pub drain_grace: Duration,
     pub quic: QuicSettings,
+    pub transport: TransportChoice,
+    /// In `auto`, how long a QUIC handshake + registration may take before
+    /// falling back to HTTP/2. Default 5 s.
+    pub quic_timeout: Duration,
+    /// In `auto`, how often QUIC is tried again while on HTTP/2. Default 5 min.
+    pub reprobe_interval: Duration,
+}
+
+/// Which transport the agent uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportChoice {
+    /// QUIC first; HTTP/2 over TLS when QUIC does not get through, with
+    /// periodic re-probes of QUIC.
+    Auto,
+    Quic,
+    H2,
 }
 
 /// One `--server` entry.
@@ -116,14 +132,22 @@ impl AgentConfig {
             connect_timeout: Duration::from_secs(10),
             drain_grace: Duration::from_secs(30),
             quic: QuicSettings::default(),
+            transport: TransportChoice::Auto,
+            quic_timeout: Duration::from_secs(5),
+            reprobe_interval: Duration::from_secs(300),
         })
     }
 
     /// The TLS client configuration (reloaded from disk at every connect,
     /// so rotated certificates are picked up on the next reconnect).
     pub fn tls(&self) -> Result<rustls::ClientConfig, ConfigError> {
+        self.tls_with(proto::ALPN)
+    }
+
+    /// The TLS client configuration for a given ALPN (QUIC or HTTP/2).
+    pub fn tls_with(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, ConfigError> {
         let dir = CertDir::load(&self.cert_dir)?;
-        Ok(certs::tls::client_config(&dir, proto::ALPN)?)
+        Ok(certs::tls::client_config(&dir, alpn)?)
     }
 }
 

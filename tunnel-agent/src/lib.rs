@@ -9,6 +9,8 @@
 //!   one connection to every replica address it finds.
 //! - [`session`]: one connection to one replica: register on the control
 //!   stream, accept streams, drain; its reconnect loop with backoff.
+//! - [`h2_session`]: the same session over HTTP/2 over TLS (the agent
+//!   serves HTTP/2), with QUIC re-probes in `auto` mode.
 //! - [`dial`]: one tunneled stream: read `Dial`, check the allow-list,
 //!   connect with a deadline, answer `DialResult`, relay.
 #![forbid(unsafe_code)]
@@ -17,6 +19,7 @@ pub mod allow;
 pub mod backoff;
 pub mod config;
 pub mod dial;
+pub mod h2_session;
 pub mod session;
 pub mod supervisor;
 

@@ -22,6 +22,16 @@ struct Args {
     /// Seconds between resolutions of --server (also after any connection loss).
     #[arg(long, env = "TUNNEL_RESOLVE_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     resolve_interval: u64,
+    /// Transport: auto (QUIC, falling back to HTTP/2 over TLS when UDP does
+    /// not get through, re-probing QUIC later), quic, or h2.
+    #[arg(long, env = "TUNNEL_TRANSPORT", value_enum, default_value_t = tunnel_agent::config::TransportChoice::Auto)]
+    transport: tunnel_agent::config::TransportChoice,
+    /// In auto mode: seconds a QUIC handshake may take before falling back.
+    #[arg(long, env = "TUNNEL_QUIC_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=120))]
+    quic_timeout: u64,
+    /// In auto mode: seconds between QUIC re-probes while on HTTP/2.
+    #[arg(long, env = "TUNNEL_REPROBE_INTERVAL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    reprobe_interval: u64,
     /// Name to verify the server certificate against (default: HOST of --server).
     #[arg(long, env = "TUNNEL_SERVER_NAME")]
     server_name: Option<String>,
@@ -67,6 +77,9 @@ fn main() -> Result<()> {
     let mut config =
         AgentConfig::try_new(&args.server, &args.cert_dir, &args.node_name, &args.allow)?;
     config.server_name = args.server_name;
+    config.transport = args.transport;
+    config.quic_timeout = Duration::from_secs(args.quic_timeout);
+    config.reprobe_interval = Duration::from_secs(args.reprobe_interval);
     config.resolve_interval = Duration::from_secs(args.resolve_interval);
     config.dial_timeout = Duration::from_secs(args.dial_timeout);
     config.connect_timeout = Duration::from_secs(args.connect_timeout);

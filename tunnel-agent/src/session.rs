@@ -17,10 +17,10 @@ use proto::{Hello, Message};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
-use transport::{read_message, write_message};
+use transport::{read_message, write_message, TunnelRecv, TunnelSend};
 
 use crate::backoff::Backoff;
-use crate::config::{AgentConfig, ConfigError};
+use crate::config::{AgentConfig, ConfigError, TransportChoice};
 use crate::dial::serve_stream;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,17 @@ pub enum SessionError {
     Register(String),
 }
 
+impl SessionError {
+    /// Whether QUIC itself did not get through (a reason to try HTTP/2), as
+    /// opposed to a refusal or a local problem that HTTP/2 would share.
+    pub fn quic_unreachable(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Timeout { .. } | SessionError::Connect { .. }
+        )
+    }
+}
+
 /// How a registered session ended.
 pub(crate) enum SessionEnd {
     /// Shutdown was asked for and the session drained.
@@ -47,10 +58,15 @@ pub(crate) enum SessionEnd {
     Lost(String),
     /// This address leads to a replica already held through another one.
     Duplicate(String),
+    /// The server said why it closes the connection (`GoAway`).
+    GoneAway(proto::GoAway),
+    /// On HTTP/2, a QUIC re-probe registered: serve it (the HTTP/2
+    /// connection finishes its streams in the background).
+    Upgraded(Box<Registered>),
 }
 
 /// The replicas this agent holds: address → server id once registered.
-pub(crate) type Held = Arc<Mutex<HashMap<SocketAddr, String>>>;
+pub type Held = Arc<Mutex<HashMap<SocketAddr, String>>>;
 
 /// One server address: keeps a registered connection to it, reconnecting
 /// with backoff, until `stop` turns true (then drains).
@@ -63,17 +79,94 @@ pub(crate) async fn replica_loop(
     held: Held,
 ) {
     let mut backoff = Backoff::new();
+    // In `auto`: sticky on HTTP/2 once QUIC failed, until a re-probe works.
+    let mut on_h2 = config.transport == TransportChoice::H2;
+    let mut upgraded: Option<Registered> = None;
     loop {
         let started = Instant::now();
         let span = tracing::info_span!("session", node = %config.node, server = %target.addr);
-        let result = session(&config, &endpoint, &target, stop.clone(), &held)
-            .instrument(span)
-            .await;
         let server = target.addr;
+        let attempt = async {
+            if let Some(registered) = upgraded.take() {
+                return serve_quic(&config, registered, stop.clone(), &held).await;
+            }
+            if on_h2 {
+                let probe = config.transport == TransportChoice::Auto;
+                return crate::h2_session::session(
+                    &config,
+                    &endpoint,
+                    &target,
+                    stop.clone(),
+                    &held,
+                    probe,
+                )
+                .await;
+            }
+            let bound = if config.transport == TransportChoice::Auto {
+                config.quic_timeout
+            } else {
+                config.connect_timeout
+            };
+            let mut stop_wait = stop.clone();
+            let registered = tokio::select! {
+                r = register_with(&config, &endpoint, &target, bound, false) => r,
+                _ = stop_wait.wait_for(|s| *s) => return Ok(SessionEnd::Drained),
+            };
+            match registered {
+                Ok(r) => serve_quic(&config, r, stop.clone(), &held).await,
+                Err(e) if config.transport == TransportChoice::Auto && e.quic_unreachable() => {
+                    tracing::warn!(%server, "QUIC did not get through ({e}); falling back to HTTP/2 over TLS");
+                    on_h2 = true;
+                    crate::h2_session::session(
+                        &config,
+                        &endpoint,
+                        &target,
+                        stop.clone(),
+                        &held,
+                        true,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let result = attempt.instrument(span).await;
         match result {
             Ok(SessionEnd::Drained) => return,
+            Ok(SessionEnd::Upgraded(registered)) => {
+                tracing::info!(%server, "QUIC works again: moved over from HTTP/2");
+                on_h2 = false;
+                upgraded = Some(*registered);
+                continue;
+            }
+            Ok(SessionEnd::GoneAway(g)) if g.code == close::REPLACED => {
+                // Another agent with this node's identity (a new pod, or a
+                // copy of the certificate) took over: do not fight it.
+                let wait = config.resolve_interval.max(Duration::from_secs(30));
+                tracing::warn!(%server, "{}; another agent with this node's identity is connected; retrying in {}s", g.reason, wait.as_secs());
+                let mut stop = stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+            Ok(SessionEnd::GoneAway(g)) => {
+                tracing::warn!(%server, code = g.code, "the server closes the connection: {}", g.reason);
+                backoff.connection_ended(started.elapsed());
+                let _ = lost.try_send(());
+            }
             Ok(SessionEnd::Lost(reason)) => {
                 tracing::warn!(%server, "connection to the server lost: {reason}");
+                // A QUIC connection that dies of idle timeout right after
+                // connecting: UDP is filtered after the handshake.
+                if config.transport == TransportChoice::Auto
+                    && !on_h2
+                    && reason.contains("timed out")
+                    && started.elapsed() < config.quic.idle_timeout * 2
+                {
+                    tracing::warn!(%server, "QUIC died of idle timeout right after connecting; falling back to HTTP/2");
+                    on_h2 = true;
+                }
                 backoff.connection_ended(started.elapsed());
                 let _ = lost.try_send(());
             }
@@ -180,6 +273,18 @@ pub async fn register(
     endpoint: &quinn::Endpoint,
     target: &Target,
 ) -> Result<Registered, SessionError> {
+    register_with(config, endpoint, target, config.connect_timeout, false).await
+}
+
+/// [`register`] with its own bound; `handover` asks the server to let this
+/// agent's previous connection finish its streams (a transport switch).
+pub async fn register_with(
+    config: &AgentConfig,
+    endpoint: &quinn::Endpoint,
+    target: &Target,
+    bound: Duration,
+    handover: bool,
+) -> Result<Registered, SessionError> {
     let addr = target.addr;
     let client = config
         .quic
@@ -192,7 +297,6 @@ pub async fn register(
         addr,
         reason: describe_close(&e),
     };
-    let bound = config.connect_timeout;
     let register = async {
         let conn = endpoint
             .connect_with(client, addr, &target.server_name)
@@ -203,48 +307,66 @@ pub async fn register(
             .await
             .map_err(connect_err)?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(connect_err)?;
-        let hello = Message::Hello(Hello {
-            version_major: proto::VERSION_MAJOR,
-            version_minor: proto::VERSION_MINOR,
-            node: config.node.clone(),
-            addresses: config.identity.addresses.clone(),
-            capabilities: proto::capability::DRAIN,
-        });
-        write_message(&mut send, &hello)
-            .await
-            .map_err(|e| SessionError::Register(e.to_string()))?;
-        let mut buf = Vec::new();
-        match read_message(&mut recv, &mut buf).await {
-            Ok(Message::Welcome(welcome)) => Ok(Registered {
+        match hello_exchange(config, &mut send, &mut recv, handover).await {
+            Ok(welcome) => Ok(Registered {
                 conn,
                 addr,
                 welcome,
                 control_send: send,
                 control_recv: recv,
             }),
-            Ok(Message::Refuse(r)) => {
-                conn.close(quinn::VarInt::from_u32(close::REFUSED), b"refused");
-                Err(SessionError::Refused {
-                    code: r.code.label(),
-                    reason: r.reason,
-                })
+            Err(e) => {
+                let e = match (e, conn.close_reason()) {
+                    (SessionError::Register(_), Some(reason)) => SessionError::Register(format!(
+                        "the server closed the connection: {}",
+                        describe_close(&reason)
+                    )),
+                    (e, _) => e,
+                };
+                conn.close(quinn::VarInt::from_u32(close::REFUSED), b"not registered");
+                Err(e)
             }
-            Ok(other) => Err(SessionError::Register(format!(
-                "expected Welcome, got {}",
-                other.kind()
-            ))),
-            Err(e) => Err(SessionError::Register(match conn.close_reason() {
-                Some(reason) => format!(
-                    "the server closed the connection: {}",
-                    describe_close(&reason)
-                ),
-                None => e.to_string(),
-            })),
         }
     };
     match tokio::time::timeout(bound, register).await {
         Ok(r) => r,
         Err(_) => Err(SessionError::Timeout { addr, after: bound }),
+    }
+}
+
+/// Sends `Hello` on a control stream and reads the answer.
+pub(crate) async fn hello_exchange<S: TunnelSend, R: TunnelRecv>(
+    config: &AgentConfig,
+    send: &mut S,
+    recv: &mut R,
+    handover: bool,
+) -> Result<proto::Welcome, SessionError> {
+    let mut capabilities = proto::capability::DRAIN;
+    if handover {
+        capabilities |= proto::capability::HANDOVER;
+    }
+    let hello = Message::Hello(Hello {
+        version_major: proto::VERSION_MAJOR,
+        version_minor: proto::VERSION_MINOR,
+        node: config.node.clone(),
+        addresses: config.identity.addresses.clone(),
+        capabilities,
+    });
+    write_message(send, &hello)
+        .await
+        .map_err(|e| SessionError::Register(e.to_string()))?;
+    let mut buf = Vec::new();
+    match read_message(recv, &mut buf).await {
+        Ok(Message::Welcome(welcome)) => Ok(welcome),
+        Ok(Message::Refuse(r)) => Err(SessionError::Refused {
+            code: r.code.label(),
+            reason: r.reason,
+        }),
+        Ok(other) => Err(SessionError::Register(format!(
+            "expected Welcome, got {}",
+            other.kind()
+        ))),
+        Err(e) => Err(SessionError::Register(e.to_string())),
     }
 }
 
@@ -289,10 +411,33 @@ pub async fn probe(config: &AgentConfig) -> Result<proto::Welcome, SessionError>
     Ok(registered.welcome)
 }
 
-async fn session(
+/// Records a registered replica; `None` if another address already holds
+/// the same server id. Returns the guard and the list of held ids.
+pub(crate) fn hold(held: &Held, addr: SocketAddr, server_id: &str) -> Option<(HeldGuard, String)> {
+    let mut map = held.lock().expect("held replicas lock");
+    if map
+        .iter()
+        .any(|(other, id)| *other != addr && id == server_id)
+    {
+        return None;
+    }
+    map.insert(addr, server_id.to_owned());
+    let mut ids: Vec<&String> = map.values().collect();
+    ids.sort();
+    let list = format!("{ids:?}");
+    Some((
+        HeldGuard {
+            held: held.clone(),
+            addr,
+        },
+        list,
+    ))
+}
+
+/// Serves a registered QUIC connection until it ends or `stop` (drain).
+pub(crate) async fn serve_quic(
     config: &Arc<AgentConfig>,
-    endpoint: &quinn::Endpoint,
-    target: &Target,
+    registered: Registered,
     mut stop: watch::Receiver<bool>,
     held: &Held,
 ) -> Result<SessionEnd, SessionError> {
@@ -302,32 +447,15 @@ async fn session(
         welcome,
         mut control_send,
         mut control_recv,
-    } = tokio::select! {
-        r = register(config, endpoint, target) => r?,
-        _ = stop.wait_for(|s| *s) => return Ok(SessionEnd::Drained),
-    };
-    let holding = {
-        let mut map = held.lock().expect("held replicas lock");
-        let duplicate = map
-            .iter()
-            .any(|(other, id)| *other != addr && *id == welcome.server_id);
-        if duplicate {
-            None
-        } else {
-            map.insert(addr, welcome.server_id.clone());
-            let mut ids: Vec<&String> = map.values().collect();
-            ids.sort();
-            Some(format!("{ids:?}"))
-        }
-    };
-    let Some(holding) = holding else {
+    } = registered;
+    let Some((_held, holding)) = hold(held, addr, &welcome.server_id) else {
         conn.close(quinn::VarInt::from_u32(close::NORMAL), b"duplicate replica");
         return Ok(SessionEnd::Duplicate(welcome.server_id));
     };
-    let _held = HeldGuard { held, addr };
     tracing::info!(
         server_id = %welcome.server_id,
         %addr,
+        transport = "quic",
         allow = %config.allow,
         replicas = %holding,
         "registered"
@@ -339,14 +467,18 @@ async fn session(
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break None,
             accepted = conn.accept_bi() => match accepted {
-                Ok((send, recv)) => spawn_stream(&mut streams, config, send, recv, false),
+                Ok((send, recv)) => {
+                    let id = send.id().to_string();
+                    spawn_stream(&mut streams, config, send, recv, false, id)
+                }
                 Err(e) => break Some(e.to_string()),
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
             msg = read_message(&mut control_recv, &mut control_buf) => {
-                // The server sends nothing after Welcome today; an end or an
+                // After Welcome the server only says GoAway; an end or an
                 // error of the control stream ends the session.
                 match msg {
+                    Ok(Message::GoAway(g)) => return Ok(SessionEnd::GoneAway(g)),
                     Ok(m) => tracing::debug!("ignoring {} on the control stream", m.kind()),
                     Err(e) => break Some(format!("control stream ended: {e}")),
                 }
@@ -369,7 +501,10 @@ async fn session(
         }
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
-                Ok((send, recv)) => spawn_stream(&mut streams, config, send, recv, true),
+                Ok((send, recv)) => {
+                    let id = send.id().to_string();
+                    spawn_stream(&mut streams, config, send, recv, true, id)
+                }
                 Err(_) => break,
             },
             _ = streams.join_next() => {}
@@ -388,12 +523,12 @@ async fn session(
 }
 
 /// Forgets a replica when its session ends, however it ends.
-struct HeldGuard<'a> {
-    held: &'a Held,
+pub(crate) struct HeldGuard {
+    held: Held,
     addr: SocketAddr,
 }
 
-impl Drop for HeldGuard<'_> {
+impl Drop for HeldGuard {
     fn drop(&mut self) {
         if let Ok(mut map) = self.held.lock() {
             map.remove(&self.addr);
@@ -401,13 +536,14 @@ impl Drop for HeldGuard<'_> {
     }
 }
 
-fn spawn_stream(
+pub(crate) fn spawn_stream<S: TunnelSend + 'static, R: TunnelRecv + 'static>(
     streams: &mut JoinSet<()>,
     config: &Arc<AgentConfig>,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    send: S,
+    recv: R,
     draining: bool,
+    id: String,
 ) {
-    let span = tracing::debug_span!("stream", node = %config.node, stream = %send.id());
+    let span = tracing::debug_span!("stream", node = %config.node, stream = %id);
     streams.spawn(serve_stream(config.clone(), send, recv, draining).instrument(span));
 }

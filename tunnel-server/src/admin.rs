@@ -50,7 +50,8 @@ pub struct AgentInfo {
     pub remote_address: String,
     pub transport: &'static str,
     pub streams_active: i64,
-    pub rtt_ms: f64,
+    /// QUIC's RTT estimate; null over HTTP/2.
+    pub rtt_ms: Option<f64>,
     pub draining: bool,
 }
 
@@ -76,7 +77,7 @@ fn agents_json(shared: &Shared) -> String {
             remote_address: a.link.remote_address().to_string(),
             transport: a.link.transport(),
             streams_active: a.streams_active.load(Ordering::Relaxed),
-            rtt_ms: a.link.rtt().as_secs_f64() * 1000.0,
+            rtt_ms: a.link.rtt().map(|r| r.as_secs_f64() * 1000.0),
             draining: a.is_draining(),
         })
         .collect();

@@ -15,10 +15,10 @@ use std::time::{Duration, SystemTime};
 use certs::Identity;
 use proto::codes::close;
 use proto::{Hello, Message, Refusal, RefuseCode, Welcome};
-use quinn::VarInt;
 use rustls::pki_types::CertificateDer;
+use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
-use transport::read_message;
+use transport::{read_message, TunnelStream};
 
 use crate::link::AgentLink;
 use crate::registry::AgentHandle;
@@ -42,9 +42,9 @@ pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum AgentError {
+pub(crate) enum AgentError {
     #[error("TLS handshake failed: {0}")]
-    Handshake(quinn::ConnectionError),
+    Handshake(String),
     #[error("handshake did not complete within {0:?}")]
     HandshakeTimeout(Duration),
     #[error("registration refused ({}): {}", .0.code.label(), .0.reason)]
@@ -60,18 +60,45 @@ async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), Ag
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             metrics.refused("tls_handshake");
-            return Err(AgentError::Handshake(e));
+            return Err(AgentError::Handshake(e.to_string()));
         }
         Err(_) => {
             metrics.refused("handshake_timeout");
             return Err(AgentError::HandshakeTimeout(timeout));
         }
     };
-    let identity = match peer_identity(&conn) {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|b| *b)
+        .unwrap_or_default();
+    let link = AgentLink::Quic(conn.clone());
+    let control = async {
+        conn.accept_bi()
+            .await
+            .map(|(send, recv)| TunnelStream::new(send, recv))
+            .map_err(|e| e.to_string())
+    };
+    serve_agent(shared, &certs, link, control).await
+}
+
+/// Everything after the transport's handshake, the same for QUIC and
+/// HTTP/2: identity from `certs`, `Hello` on the `control` stream, checks,
+/// `Welcome` or `Refuse`, registration, and watching the control stream
+/// until the connection ends.
+pub(crate) async fn serve_agent(
+    shared: Arc<Shared>,
+    certs: &[CertificateDer<'static>],
+    link: AgentLink,
+    control: impl std::future::Future<Output = Result<TunnelStream, String>>,
+) -> Result<(), AgentError> {
+    let timeout = shared.config.register_timeout;
+    let metrics = &shared.metrics;
+    let identity = match peer_identity(certs) {
         Ok(id) => id,
         Err(reason) => {
             metrics.refused(RefuseCode::BadCertificate.label());
-            conn.close(VarInt::from_u32(close::REFUSED), reason.as_bytes());
+            link.close(close::REFUSED, &reason);
             return Err(AgentError::Refused(Refusal {
                 code: RefuseCode::BadCertificate,
                 reason,
@@ -80,28 +107,28 @@ async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), Ag
     };
     tracing::Span::current().record("node", identity.common_name.as_str());
 
-    let control = async {
-        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let hello = async {
+        let mut stream = control.await?;
         let mut buf = Vec::new();
-        let hello = match read_message(&mut recv, &mut buf)
+        let hello = match read_message(&mut stream.recv, &mut buf)
             .await
             .map_err(|e| e.to_string())?
         {
             Message::Hello(h) => h,
             other => return Err(format!("expected Hello, got {}", other.kind())),
         };
-        Ok((send, recv, hello))
+        Ok((stream, hello))
     };
-    let (mut send, mut recv, hello) = match tokio::time::timeout(timeout, control).await {
+    let (mut stream, hello) = match tokio::time::timeout(timeout, hello).await {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             metrics.refused("bad_hello");
-            conn.close(VarInt::from_u32(close::PROTOCOL), e.as_bytes());
+            link.close(close::PROTOCOL, &e);
             return Err(AgentError::Control(e));
         }
         Err(_) => {
             metrics.refused("register_timeout");
-            conn.close(VarInt::from_u32(close::PROTOCOL), b"no Hello in time");
+            link.close(close::PROTOCOL, "no Hello in time");
             return Err(AgentError::Control(format!("no Hello within {timeout:?}")));
         }
     };
@@ -110,12 +137,13 @@ async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), Ag
         Ok(addresses) => addresses,
         Err(refusal) => {
             metrics.refused(refusal.code.label());
-            let _ = transport::write_message(&mut send, &Message::Refuse(refusal.clone())).await;
-            let _ = send.finish();
+            let _ =
+                transport::write_message(&mut stream.send, &Message::Refuse(refusal.clone())).await;
+            let _ = stream.send.shutdown().await;
             // Let the refusal reach the agent (it closes on reading it)
             // before we tear the connection down.
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-            conn.close(VarInt::from_u32(close::REFUSED), refusal.reason.as_bytes());
+            let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
+            link.close(close::REFUSED, &refusal.reason);
             return Err(AgentError::Refused(refusal));
         }
     };
@@ -132,7 +160,7 @@ async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), Ag
             .as_millis()
             .min(u32::MAX as u128) as u32,
     });
-    if let Err(e) = transport::write_message(&mut send, &welcome).await {
+    if let Err(e) = transport::write_message(&mut stream.send, &welcome).await {
         return Err(AgentError::Control(e.to_string()));
     }
 
@@ -141,47 +169,54 @@ async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), Ag
         node: identity.common_name.clone(),
         addresses,
         connected_since: SystemTime::now(),
-        link: AgentLink::Quic(conn.clone()),
+        link: link.clone(),
         streams_active: AtomicI64::new(0),
         draining: AtomicBool::new(false),
+        kick: tokio::sync::Notify::new(),
     });
     if let Some(old) = shared.registry.register(agent.clone()) {
-        tracing::info!(old_remote = %old.link.remote_address(), "replacing the previous connection of this node");
-        old.link.close(
-            close::REPLACED,
-            "replaced by a newer connection of the same node",
-        );
+        if hello.capabilities & proto::capability::HANDOVER != 0 {
+            tracing::info!(
+                old_transport = old.link.transport(),
+                new_transport = link.transport(),
+                "agent moved to a new connection; the old one finishes its streams"
+            );
+            old.draining.store(true, Ordering::Relaxed);
+            tokio::spawn(close_when_idle(old));
+        } else {
+            tracing::info!(old_remote = %old.link.remote_address(), "replacing the previous connection of this node");
+            // Its task tells the old agent why, then closes.
+            old.kick.notify_one();
+        }
     }
-    shared.metrics.registrations.inc();
+    shared
+        .metrics
+        .registrations
+        .get_or_create(&[("transport", link.transport())])
+        .inc();
     shared
         .metrics
         .agents_connected
         .set(shared.registry.len() as i64);
-    tracing::info!(addresses = ?agent.addresses, "agent registered");
+    tracing::info!(addresses = ?agent.addresses, transport = link.transport(), "agent registered");
 
     // Watch the control stream until it ends or the connection dies.
     let watch = async {
         let mut buf = Vec::new();
         loop {
-            match read_message(&mut recv, &mut buf).await {
+            match read_message(&mut stream.recv, &mut buf).await {
                 Ok(Message::Drain) => {
                     tracing::info!("agent is draining; no new streams are routed to it");
                     agent.draining.store(true, Ordering::Relaxed);
                 }
                 Ok(other) => {
                     tracing::warn!("unexpected {} on the control stream", other.kind());
-                    conn.close(
-                        VarInt::from_u32(close::PROTOCOL),
-                        b"unexpected control message",
-                    );
+                    link.close(close::PROTOCOL, "unexpected control message");
                     break;
                 }
                 Err(e) => {
                     tracing::debug!("control stream ended: {e}");
-                    conn.close(
-                        VarInt::from_u32(close::CONTROL_CLOSED),
-                        b"control stream closed",
-                    );
+                    link.close(close::CONTROL_CLOSED, "control stream closed");
                     break;
                 }
             }
@@ -189,7 +224,16 @@ async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), Ag
     };
     tokio::select! {
         _ = watch => {}
-        reason = conn.closed() => tracing::info!("agent connection closed: {reason}"),
+        reason = link.closed() => tracing::info!("agent connection closed: {reason}"),
+        _ = agent.kick.notified() => {
+            let goaway = Message::GoAway(proto::GoAway {
+                code: close::REPLACED,
+                reason: "replaced by a newer connection of the same node".into(),
+            });
+            let _ = tokio::time::timeout(Duration::from_secs(1), transport::write_message(&mut stream.send, &goaway)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), link.closed()).await;
+            link.close(close::REPLACED, "replaced by a newer connection of the same node");
+        }
     }
     if shared.registry.deregister(&agent) {
         shared
@@ -201,11 +245,18 @@ async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), Ag
     Ok(())
 }
 
-fn peer_identity(conn: &quinn::Connection) -> Result<Identity, String> {
-    let certs = conn
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or_else(|| "the agent presented no certificate".to_owned())?;
+/// Closes a handed-over connection once its last stream is done (at most
+/// a minute later).
+async fn close_when_idle(old: Arc<AgentHandle>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while old.streams_active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    old.link
+        .close(close::REPLACED, "the agent moved to a new connection");
+}
+
+fn peer_identity(certs: &[CertificateDer<'static>]) -> Result<Identity, String> {
     let leaf = certs
         .first()
         .ok_or_else(|| "the agent presented an empty certificate chain".to_owned())?;

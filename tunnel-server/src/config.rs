@@ -12,6 +12,11 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Directory with `tls.crt`, `tls.key`, `ca.crt`.
     pub cert_dir: PathBuf,
+    /// Serve agents over HTTP/2-over-TLS on TCP too. Default on.
+    pub h2: bool,
+    /// TCP address for HTTP/2 agents. Default: the QUIC endpoint's
+    /// address and port.
+    pub h2_listen: Option<SocketAddr>,
     pub connect_listen: Option<SocketAddr>,
     pub transparent_listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
@@ -30,6 +35,8 @@ impl ServerConfig {
         ServerConfig {
             listen,
             cert_dir,
+            h2: true,
+            h2_listen: None,
             connect_listen: None,
             transparent_listen: None,
             admin_listen: None,

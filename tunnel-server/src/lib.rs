@@ -3,6 +3,9 @@
 //! Layout:
 //! - [`agents`]: the QUIC listener; handshake, identity check against the
 //!   certificate, registration on the control stream, drain and cleanup.
+//! - [`agents_h2`]: the HTTP/2-over-TLS listener (TCP, same port) for
+//!   agents whose network blocks UDP; shares everything after the
+//!   handshake with [`agents`].
 //! - [`registry`]: node → agent, address → node ([`registry::AgentRegistry`]).
 //! - [`link`]: one agent connection whatever its transport, and [`link::dial`]
 //!   which opens a tunneled stream on it.
@@ -22,6 +25,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod agents_h2;
 pub mod config;
 pub mod connect;
 pub mod dnat;
@@ -79,6 +83,7 @@ pub enum ServerError {
 pub struct Server {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
+    h2: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
     connect: Option<TcpListener>,
     transparent: Option<TcpListener>,
     admin: Option<TcpListener>,
@@ -89,6 +94,7 @@ pub struct Server {
 #[derive(Clone, Copy, Debug)]
 pub struct BoundAddrs {
     pub quic: SocketAddr,
+    pub h2: Option<SocketAddr>,
     pub connect: Option<SocketAddr>,
     pub transparent: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
@@ -112,6 +118,20 @@ impl Server {
         let endpoint = config
             .quic
             .server_endpoint(config.listen, tls, dir.key.secret_der())?;
+        let h2 = if config.h2 {
+            let addr = config
+                .h2_listen
+                .unwrap_or(endpoint.local_addr().map_err(|source| ServerError::Bind {
+                    what: "QUIC",
+                    addr: config.listen,
+                    source,
+                })?);
+            let listener = bind_tcp("HTTP/2 (agents)", Some(addr))?.expect("address given");
+            let tls = certs::tls::server_config(&dir, proto::ALPN_H2)?;
+            Some((listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
+        } else {
+            None
+        };
         let connect = bind_tcp("CONNECT", config.connect_listen)?;
         let transparent = bind_tcp("transparent", config.transparent_listen)?;
         let admin = bind_tcp("admin", config.admin_listen)?;
@@ -125,6 +145,7 @@ impl Server {
         Ok(Server {
             shared,
             endpoint,
+            h2,
             connect,
             transparent,
             admin,
@@ -146,6 +167,7 @@ impl Server {
                 .endpoint
                 .local_addr()
                 .expect("bound endpoint has an address"),
+            h2: self.h2.as_ref().and_then(|(l, _)| l.local_addr().ok()),
             connect: addr(&self.connect),
             transparent: addr(&self.transparent),
             admin: addr(&self.admin),
@@ -162,6 +184,9 @@ impl Server {
         let shared = self.shared;
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(agents::serve(self.endpoint.clone(), shared.clone()));
+        if let Some((listener, acceptor)) = self.h2 {
+            tasks.spawn(agents_h2::serve(listener, acceptor, shared.clone()));
+        }
         if let Some(l) = self.connect {
             tasks.spawn(connect::serve(l, shared.clone()));
         }
@@ -196,6 +221,11 @@ impl Server {
         tracing::info!("shutting down: closing agent connections");
         shared.ready.store(false, Ordering::SeqCst);
         tasks.abort_all();
+        for agent in shared.registry.snapshot() {
+            agent
+                .link
+                .close(proto::codes::close::SERVER_SHUTDOWN, "server shutting down");
+        }
         self.endpoint.close(
             quinn::VarInt::from_u32(proto::codes::close::SERVER_SHUTDOWN),
             b"server shutting down",

@@ -11,38 +11,81 @@ use transport::{read_message, write_message, TunnelStream};
 #[derive(Clone)]
 pub enum AgentLink {
     Quic(quinn::Connection),
+    H2(H2Link),
+}
+
+/// The cloud (HTTP/2 client) side of an HTTP/2-over-TLS agent connection.
+#[derive(Clone)]
+pub struct H2Link {
+    pub send: h2::client::SendRequest<bytes::Bytes>,
+    pub remote: SocketAddr,
+    /// Tells the connection task to drop the connection.
+    pub shutdown: std::sync::Arc<tokio::sync::Notify>,
+    /// Turns true when the connection is gone.
+    pub closed: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AgentLink {
     pub fn remote_address(&self) -> SocketAddr {
         match self {
             AgentLink::Quic(c) => c.remote_address(),
+            AgentLink::H2(h) => h.remote,
         }
     }
 
-    pub fn rtt(&self) -> Duration {
+    /// Round-trip time (QUIC's estimate; not measured over HTTP/2).
+    pub fn rtt(&self) -> Option<Duration> {
         match self {
-            AgentLink::Quic(c) => c.rtt(),
+            AgentLink::Quic(c) => Some(c.rtt()),
+            AgentLink::H2(_) => None,
         }
     }
 
     pub fn transport(&self) -> &'static str {
         match self {
             AgentLink::Quic(_) => "quic",
+            AgentLink::H2(_) => "h2",
         }
     }
 
     pub fn close(&self, code: u32, reason: &str) {
         match self {
             AgentLink::Quic(c) => c.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
+            AgentLink::H2(h) => h.shutdown.notify_one(),
         }
     }
 
-    async fn open(&self) -> Result<TunnelStream, String> {
+    /// Completes when the connection is gone.
+    pub async fn closed(&self) -> String {
+        match self {
+            AgentLink::Quic(c) => c.closed().await.to_string(),
+            AgentLink::H2(h) => {
+                let mut closed = h.closed.clone();
+                let _ = closed.wait_for(|c| *c).await;
+                "HTTP/2 connection closed".to_owned()
+            }
+        }
+    }
+
+    /// Opens the raw stream for a control exchange or a tunneled connection.
+    pub async fn open(&self, path: &'static str) -> Result<TunnelStream, String> {
         match self {
             AgentLink::Quic(c) => {
                 let (send, recv) = c.open_bi().await.map_err(|e| e.to_string())?;
                 Ok(TunnelStream::new(send, recv))
+            }
+            AgentLink::H2(h) => {
+                let mut send = h.send.clone().ready().await.map_err(|e| e.to_string())?;
+                let request = http::Request::post(path)
+                    .body(())
+                    .map_err(|e| e.to_string())?;
+                let (response, body) = send
+                    .send_request(request, false)
+                    .map_err(|e| e.to_string())?;
+                Ok(TunnelStream::new(
+                    transport::h2::H2Send::new(body),
+                    transport::h2::H2Recv::Pending(response),
+                ))
             }
         }
     }
@@ -104,10 +147,13 @@ pub async fn dial(
     let started = Instant::now();
     let bound = deadline + Duration::from_secs(2);
     let exchange = async {
-        let mut stream = link.open().await.map_err(|reason| DialError::Open {
-            node: node.to_owned(),
-            reason,
-        })?;
+        let mut stream = link
+            .open("/stream")
+            .await
+            .map_err(|reason| DialError::Open {
+                node: node.to_owned(),
+                reason,
+            })?;
         let request = Message::Dial(DialRequest {
             target,
             deadline_ms: deadline.as_millis().min(u32::MAX as u128) as u32,

@@ -26,6 +26,13 @@ struct Args {
     /// Directory with tls.crt, tls.key and ca.crt (Kubernetes Secret layout).
     #[arg(long, env = "TUNNEL_CERT_DIR")]
     cert_dir: Option<PathBuf>,
+    /// TCP address for agents on the HTTP/2-over-TLS fallback (default:
+    /// the same address and port as --listen).
+    #[arg(long, env = "TUNNEL_H2_LISTEN")]
+    h2_listen: Option<SocketAddr>,
+    /// Do not serve the HTTP/2 fallback.
+    #[arg(long, env = "TUNNEL_NO_H2")]
+    no_h2: bool,
     /// HTTP CONNECT ingress (egress selector, Prometheus proxy_url, curl -x).
     #[arg(long, env = "TUNNEL_CONNECT_LISTEN")]
     connect_listen: Option<SocketAddr>,
@@ -203,6 +210,8 @@ fn serve(args: Args) -> Result<()> {
         None
     };
     let mut config = ServerConfig::new(args.listen, cert_dir);
+    config.h2 = !args.no_h2;
+    config.h2_listen = args.h2_listen;
     config.connect_listen = args.connect_listen;
     config.transparent_listen = args.transparent_listen;
     config.admin_listen = args.admin_listen;

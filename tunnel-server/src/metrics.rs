@@ -19,7 +19,7 @@ pub struct Metrics {
     pub dial_duration: Histogram,
     pub dial_failures: Family<Label, Counter>,
     pub registration_refusals: Family<Label, Counter>,
-    pub registrations: Counter,
+    pub registrations: Family<Label, Counter>,
 }
 
 impl Default for Metrics {
@@ -41,7 +41,7 @@ impl Metrics {
         );
         let dial_failures = Family::<Label, Counter>::default();
         let registration_refusals = Family::<Label, Counter>::default();
-        let registrations = Counter::default();
+        let registrations = Family::<Label, Counter>::default();
         registry.register(
             "agents_connected",
             "Agents with a live, registered connection",
@@ -79,7 +79,7 @@ impl Metrics {
         );
         registry.register(
             "registrations",
-            "Agent registrations accepted",
+            "Agent registrations accepted, by transport (quic, h2)",
             registrations.clone(),
         );
         Metrics {

@@ -22,6 +22,8 @@ pub struct AgentHandle {
     pub link: AgentLink,
     pub streams_active: AtomicI64,
     pub draining: AtomicBool,
+    /// Asks the task serving this connection to send `GoAway` and close it.
+    pub kick: tokio::sync::Notify,
 }
 
 impl AgentHandle {

@@ -1,0 +1,205 @@
+//! The HTTP/2-over-TLS transport's stream halves, and its settings.
+//!
+//! Roles are reversed once TLS is up: the agent (which dialed) serves
+//! HTTP/2, the cloud side is the HTTP/2 client and opens one request per
+//! tunneled connection. The request body carries cloud → edge bytes, the
+//! response body edge → cloud bytes. [`H2Send`] and [`H2Recv`] adapt h2's
+//! streams to [`TunnelSend`] / [`TunnelRecv`], so the relay and the dial
+//! code are the same as over QUIC.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::stream::{Delivered, TunnelRecv, TunnelSend};
+
+/// Flow-control windows for both HTTP/2 ends, chosen like the QUIC ones:
+/// per stream 1 MiB (what one stalled reader can pin), per connection
+/// 32 MiB (so a few stalled readers do not stall the rest).
+#[derive(Clone, Copy, Debug)]
+pub struct H2Settings {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_streams: u32,
+    /// Largest DATA frame (16 KiB..16 MiB); bigger frames, fewer headers.
+    pub max_frame: u32,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        H2Settings {
+            stream_window: 1024 * 1024,
+            connection_window: 32 * 1024 * 1024,
+            max_streams: 8192,
+            max_frame: 64 * 1024,
+        }
+    }
+}
+
+impl H2Settings {
+    pub fn client(&self) -> h2::client::Builder {
+        let mut b = h2::client::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame)
+            .max_send_buffer_size(self.stream_window as usize);
+        b
+    }
+
+    pub fn server(&self) -> h2::server::Builder {
+        let mut b = h2::server::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame)
+            .max_concurrent_streams(self.max_streams)
+            .max_send_buffer_size(self.stream_window as usize);
+        b
+    }
+}
+
+fn to_io(e: h2::Error) -> io::Error {
+    if e.is_reset() || e.is_go_away() {
+        io::Error::new(io::ErrorKind::ConnectionReset, e)
+    } else if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
+    } else {
+        io::Error::new(io::ErrorKind::NotConnected, e)
+    }
+}
+
+/// Sending half: writes become DATA frames once the peer's window allows.
+pub struct H2Send {
+    inner: h2::SendStream<Bytes>,
+    finished: bool,
+}
+
+impl H2Send {
+    pub fn new(inner: h2::SendStream<Bytes>) -> Self {
+        H2Send {
+            inner,
+            finished: false,
+        }
+    }
+}
+
+impl AsyncWrite for H2Send {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.inner.reserve_capacity(buf.len());
+        let granted = loop {
+            match ready!(self.inner.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => break n,
+                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+                None => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "h2 stream closed",
+                    )))
+                }
+            }
+        };
+        let n = granted.min(buf.len());
+        // h2 takes owned frames: one copy per write, as quinn does internally.
+        self.inner
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(to_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.finished {
+            self.finished = true;
+            self.inner.send_data(Bytes::new(), true).map_err(to_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl TunnelSend for H2Send {
+    fn reset(&mut self, code: u32) {
+        self.inner.send_reset(h2::Reason::from(code));
+    }
+
+    fn delivered(&self) -> Delivered {
+        // HTTP/2 runs on TCP: what h2 has written reaches the peer unless
+        // the whole connection fails; nothing to wait for per stream.
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// Receiving half: a response that may still be on its way, then its body.
+pub enum H2Recv {
+    Pending(h2::client::ResponseFuture),
+    Body { body: h2::RecvStream, chunk: Bytes },
+}
+
+impl H2Recv {
+    pub fn body(body: h2::RecvStream) -> Self {
+        H2Recv::Body {
+            body,
+            chunk: Bytes::new(),
+        }
+    }
+}
+
+impl AsyncRead for H2Recv {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match this {
+                H2Recv::Pending(fut) => {
+                    let resp = ready!(Pin::new(fut).poll(cx)).map_err(to_io)?;
+                    if resp.status() != http::StatusCode::OK {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::ConnectionRefused,
+                            format!("agent answered {}", resp.status()),
+                        )));
+                    }
+                    *this = H2Recv::body(resp.into_body());
+                }
+                H2Recv::Body { body, chunk } => {
+                    if !chunk.is_empty() {
+                        let n = chunk.len().min(buf.remaining());
+                        buf.put_slice(&chunk[..n]);
+                        chunk.advance(n);
+                        // Hand the window back as the bytes leave.
+                        let _ = body.flow_control().release_capacity(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    match ready!(body.poll_data(cx)) {
+                        Some(Ok(data)) => *chunk = data,
+                        Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+                        None => return Poll::Ready(Ok(())),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl TunnelRecv for H2Recv {
+    fn stop(&mut self, _code: u32) {
+        // HTTP/2 has no STOP_SENDING: the send half's reset ends the whole
+        // stream, and the relay always resets both halves together.
+    }
+}

@@ -1,0 +1,100 @@
+//! The HTTP/2-over-TLS listener for agents whose network blocks UDP.
+//!
+//! Same port number as the QUIC endpoint, on TCP. After the mutual-TLS
+//! handshake the roles reverse: the agent serves HTTP/2 and this side is
+//! the client. It opens `/control` (the agent answers `Hello` on the
+//! response, this side `Welcome` on the request body) and then one
+//! `/stream` request per tunneled connection. From the control stream on,
+//! everything is [`crate::agents::serve_agent`], shared with QUIC.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+use transport::h2::H2Settings;
+
+use crate::agents::{serve_agent, AgentError};
+use crate::link::{AgentLink, H2Link};
+use crate::Shared;
+
+pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("h2 agent accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        let span =
+            tracing::info_span!("agent", %remote, transport = "h2", node = tracing::field::Empty);
+        tokio::spawn(
+            async move {
+                if let Err(e) = handle(tcp, remote, acceptor, shared).await {
+                    tracing::warn!("agent connection ended: {e}");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn handle(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+) -> Result<(), AgentError> {
+    let timeout = shared.config.register_timeout;
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            shared.metrics.refused("tls_handshake");
+            return Err(AgentError::Handshake(e.to_string()));
+        }
+        Err(_) => {
+            shared.metrics.refused("handshake_timeout");
+            return Err(AgentError::HandshakeTimeout(timeout));
+        }
+    };
+    let certs = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    let (send, connection) =
+        match tokio::time::timeout(timeout, H2Settings::default().client().handshake(tls)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(AgentError::Control(format!("HTTP/2 handshake: {e}"))),
+            Err(_) => return Err(AgentError::Control("HTTP/2 handshake timed out".into())),
+        };
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    let (closed_tx, closed) = tokio::sync::watch::channel(false);
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            r = connection => if let Err(e) = r { tracing::debug!("HTTP/2 connection ended: {e}") },
+            _ = stop.notified() => {}
+        }
+        let _ = closed_tx.send(true);
+    });
+    let link = AgentLink::H2(H2Link {
+        send,
+        remote,
+        shutdown,
+        closed,
+    });
+    let control = {
+        let link = link.clone();
+        async move { link.open("/control").await }
+    };
+    serve_agent(shared, &certs, link, control).await
+}
