@@ -39,6 +39,8 @@ struct Plan {
     ping_pongs: usize,
     conns: usize,
     fanout_conns: usize,
+    hol_secs: f64,
+    hol_pings: usize,
 }
 
 const FULL: Plan = Plan {
@@ -46,12 +48,16 @@ const FULL: Plan = Plan {
     ping_pongs: 20_000,
     conns: 2_000,
     fanout_conns: 1_000,
+    hol_secs: 20.0,
+    hol_pings: 1_000,
 };
 const QUICK: Plan = Plan {
     bulk_secs: 2.0,
     ping_pongs: 2_000,
     conns: 256,
     fanout_conns: 200,
+    hol_secs: 6.0,
+    hol_pings: 200,
 };
 
 /// One row of the results table.
@@ -78,6 +84,20 @@ struct Report {
     quick: bool,
     rows: Vec<Row>,
     memory: Memory,
+    transports: Vec<TransportRow>,
+}
+
+/// One transport in the QUIC vs HTTP/2 comparison.
+#[derive(Serialize)]
+struct TransportRow {
+    transport: String,
+    bulk_mbit: f64,
+    ping_p50_us: f64,
+    ping_p99_us: f64,
+    conns_per_s: f64,
+    /// Ping-pong next to a bulk transfer, 1% loss, 50 Mbit/s.
+    hol_ping_p50_us: f64,
+    hol_ping_p99_us: f64,
 }
 
 #[derive(Serialize, Default)]
@@ -118,6 +138,30 @@ struct Bench {
     _pki: Pki,
 }
 
+fn spawn_agent(topo: &Topology, pki: &Pki, runtime: &str, transport: &str) -> Result<Proc> {
+    Ok(topo.edge.spawn(
+        bin("tunnel-agent").to_str().context("path")?,
+        &[
+            "--server",
+            &format!("{CLOUD_IP}:8443"),
+            "--cert-dir",
+            pki.agent_dir("edge-1").to_str().context("path")?,
+            "--node-name",
+            "edge-1",
+            "--allow",
+            &format!(
+                "{EDGE_IP}:{},{},{}",
+                TUNNEL.echo, TUNNEL.sink, TUNNEL.source
+            ),
+            "--runtime",
+            runtime,
+            "--transport",
+            transport,
+        ],
+        &topo.dir.join(format!("agent-{transport}.log")),
+    ))
+}
+
 impl Bench {
     fn start() -> Result<Bench> {
         if !netns::available() {
@@ -155,25 +199,7 @@ impl Bench {
             ],
             &topo.dir.join("server.log"),
         );
-        let agent = topo.edge.spawn(
-            bin("tunnel-agent").to_str().context("path")?,
-            &[
-                "--server",
-                &format!("{CLOUD_IP}:8443"),
-                "--cert-dir",
-                pki.agent_dir("edge-1").to_str().context("path")?,
-                "--node-name",
-                "edge-1",
-                "--allow",
-                &format!(
-                    "{EDGE_IP}:{},{},{}",
-                    TUNNEL.echo, TUNNEL.sink, TUNNEL.source
-                ),
-                "--runtime",
-                &agent_runtime,
-            ],
-            &topo.dir.join("agent.log"),
-        );
+        let agent = spawn_agent(&topo, &pki, &agent_runtime, "quic")?;
         let bench = Bench {
             topo,
             server,
@@ -200,6 +226,30 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(bench)
+    }
+
+    /// Replaces the agent with one on `transport` and waits until the server
+    /// routes through it.
+    fn restart_agent(&mut self, transport: &str) -> Result<()> {
+        self.agent.terminate();
+        let runtime =
+            std::env::var("BENCH_AGENT_RUNTIME").unwrap_or_else(|_| "multi-thread".into());
+        self.agent = spawn_agent(&self.topo, &self._pki, &runtime, transport)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let want = format!("\"transport\": \"{transport}\"");
+        loop {
+            let (_, agents) = self.in_cloud(|| e2e::http_get(ADMIN.parse().unwrap(), "/v1/agents"));
+            if agents.contains(&want) && agents.contains("\"draining\": false") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent on {transport} did not register: {}",
+                    self.agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn addr(port: u16) -> SocketAddr {
@@ -275,6 +325,7 @@ fn main() -> Result<()> {
     };
     let mut rows = Vec::new();
     let mbit = |bps: f64| bps * 8.0 / 1e6;
+    let us = |x: Duration| x.as_secs_f64() * 1e6;
 
     for (upload, label) in [
         (true, "bulk 1 stream, upload (cloud→edge)"),
@@ -311,7 +362,6 @@ fn main() -> Result<()> {
         v.sort();
         v
     });
-    let us = |x: Duration| x.as_secs_f64() * 1e6;
     for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
         let (dv, tv) = (us(load::percentile(&d, q)), us(load::percentile(&t, q)));
         rows.push(row(
@@ -359,6 +409,42 @@ fn main() -> Result<()> {
     memory.agent_peak_hwm_kib = proc_status(bench.agent.pid(), "VmHWM:");
     memory.server_peak_hwm_kib = proc_status(bench.server.pid(), "VmHWM:");
 
+    // QUIC and HTTP/2 side by side, then the head-of-line case: a 64-byte
+    // ping-pong next to a bulk download through the same agent, with 1%
+    // loss and a 50 Mbit/s cap at the router.
+    let mut transports = Vec::new();
+    let mut bench = bench;
+    for transport in ["quic", "h2"] {
+        bench.restart_agent(transport)?;
+        let bulk =
+            bench.in_cloud(|| load::bulk(Bench::addr(TUNNEL.source), false, 1, plan.bulk_secs));
+        let mut pp = bench.in_cloud(|| load::ping_pong(Bench::addr(TUNNEL.echo), plan.ping_pongs));
+        pp.sort();
+        let (rate, _) = bench.in_cloud(|| load::conn_rate(Bench::addr(TUNNEL.echo), plan.conns, 1));
+        bench.topo.shape(Some((50, 0.01)));
+        let hol = bench.in_cloud(|| async {
+            let bulk = load::bulk(Bench::addr(TUNNEL.source), false, 1, plan.hol_secs);
+            let pings = async {
+                // Let the bulk transfer fill the link first.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                load::ping_pong(Bench::addr(TUNNEL.echo), plan.hol_pings).await
+            };
+            let (_, mut pings) = tokio::join!(bulk, pings);
+            pings.sort();
+            pings
+        });
+        bench.topo.shape(None);
+        transports.push(TransportRow {
+            transport: transport.into(),
+            bulk_mbit: mbit(bulk),
+            ping_p50_us: us(load::percentile(&pp, 0.5)),
+            ping_p99_us: us(load::percentile(&pp, 0.99)),
+            conns_per_s: rate,
+            hol_ping_p50_us: us(load::percentile(&hol, 0.5)),
+            hol_ping_p99_us: us(load::percentile(&hol, 0.99)),
+        });
+    }
+
     let machine = format!(
         "{} cores, Linux {}",
         std::thread::available_parallelism()
@@ -382,6 +468,7 @@ fn main() -> Result<()> {
         quick,
         rows,
         memory,
+        transports,
     };
     let table = render(&report);
     println!("{table}");
@@ -425,6 +512,24 @@ fn render(r: &Report) -> String {
             },
             row.server_cpu_s,
             row.agent_cpu_s
+        ));
+    }
+    if let [quic, h2] = &r.transports[..] {
+        out.push_str(&format!(
+            "\n### QUIC and HTTP/2 side by side\n\n| workload | QUIC | HTTP/2 | QUIC ÷ HTTP/2 |\n|---|---:|---:|---:|\n\
+             | bulk 1 stream, download (Mbit/s) | {:.0} | {:.0} | {:.2}× |\n\
+             | 64 B ping-pong p50 (µs) | {:.0} | {:.0} | {:.2}× |\n\
+             | 64 B ping-pong p99 (µs) | {:.0} | {:.0} | {:.2}× |\n\
+             | new conn + req/resp, c=1 (conn/s) | {:.0} | {:.0} | {:.2}× |\n\
+             | head-of-line: ping-pong p50 next to a bulk download, 1% loss, 50 Mbit/s (µs) | {:.0} | {:.0} | {:.2}× |\n\
+             | head-of-line: ping-pong p99, same (µs); target QUIC ≤ 0.5× HTTP/2 | {:.0} | {:.0} | {:.2}× ({}) |\n",
+            quic.bulk_mbit, h2.bulk_mbit, quic.bulk_mbit / h2.bulk_mbit,
+            quic.ping_p50_us, h2.ping_p50_us, quic.ping_p50_us / h2.ping_p50_us,
+            quic.ping_p99_us, h2.ping_p99_us, quic.ping_p99_us / h2.ping_p99_us,
+            quic.conns_per_s, h2.conns_per_s, quic.conns_per_s / h2.conns_per_s,
+            quic.hol_ping_p50_us, h2.hol_ping_p50_us, quic.hol_ping_p50_us / h2.hol_ping_p50_us,
+            quic.hol_ping_p99_us, h2.hol_ping_p99_us, quic.hol_ping_p99_us / h2.hol_ping_p99_us,
+            yes(quic.hol_ping_p99_us <= 0.5 * h2.hol_ping_p99_us),
         ));
     }
     let m = &r.memory;

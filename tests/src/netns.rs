@@ -250,6 +250,8 @@ pub struct Topology {
     pub dir: std::path::PathBuf,
     /// The cloud's veth (extra cloud addresses go here).
     pub cloud_if: String,
+    /// The router's veths towards the cloud and towards the edge.
+    pub router_ifs: [String; 2],
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -270,6 +272,7 @@ impl Topology {
             edge: ns("edge"),
             dir: crate::tempdir(),
             cloud_if: format!("et{id}c"),
+            router_ifs: [format!("et{id}r"), format!("et{id}s")],
             _serial: serial,
         };
         for n in [&topo.cloud, &topo.router, &topo.edge] {
@@ -416,6 +419,68 @@ impl Topology {
             "--comment",
             "edge-tunnel-test-cut",
         ]);
+    }
+
+    /// Caps both router links at `mbit` Mbit/s (tc tbf) and drops `loss`
+    /// of forwarded packets; `None` removes both.
+    pub fn shape(&self, shaping: Option<(u32, f64)>) {
+        for dev in &self.router_ifs {
+            let _ = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.router.name,
+                    "tc",
+                    "qdisc",
+                    "del",
+                    "dev",
+                    dev,
+                    "root",
+                ])
+                .output();
+            if let Some((mbit, _)) = shaping {
+                self.router.sh(&[
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    &format!("{mbit}mbit"),
+                    "burst",
+                    "64kb",
+                    "latency",
+                    "200ms",
+                ]);
+            }
+        }
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.router.name,
+                "iptables",
+                "-D",
+                "FORWARD",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                "0.01",
+                "-j",
+                "DROP",
+                "-m",
+                "comment",
+                "--comment",
+                "edge-tunnel-test-loss",
+            ])
+            .output();
+        if let Some((_, loss)) = shaping {
+            self.set_loss(loss);
+        }
     }
 
     pub fn restore_link(&self) {

@@ -624,8 +624,14 @@ async fn admin_endpoints(tr: Transport) {
     }
     assert!(a["connected_since"].as_str().unwrap().contains('T'));
     let metrics = t.server.metrics().await;
-    let registered = format!("edge_tunnel_registrations_total{{transport=\"{}\"}} 1", tr.name());
-    assert!(metrics.contains(&registered), "missing {registered} in\n{metrics}");
+    let registered = format!(
+        "edge_tunnel_registrations_total{{transport=\"{}\"}} 1",
+        tr.name()
+    );
+    assert!(
+        metrics.contains(&registered),
+        "missing {registered} in\n{metrics}"
+    );
     for name in [
         "edge_tunnel_agents_connected 1",
         "edge_tunnel_streams_active",
