@@ -18,6 +18,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const ADMIN: &str = "127.0.0.1:9091";
 const ECHO_PORT: u16 = 7000;
+/// The agent's admin endpoint, inside the edge namespace.
+const AGENT_ADMIN: &str = "127.0.0.1:9093";
 
 fn edge_ip() -> IpAddr {
     EDGE_IP.parse().unwrap()
@@ -121,6 +123,8 @@ fn start_agent(topo: &Topology, certs: &Certs, extra: &[&str]) -> Proc {
         "edge-1".to_owned(),
         "--allow".to_owned(),
         format!("{EDGE_IP}:10250,9100,{ECHO_PORT}"),
+        "--admin-listen".to_owned(),
+        AGENT_ADMIN.to_owned(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -718,6 +722,25 @@ fn auto_falls_back_to_h2_without_udp_and_returns_to_quic() {
     let log = edge.agent.log_text();
     assert!(log.contains("falling back to HTTP/2"), "{log}");
     assert!(log.contains("QUIC works again"), "{log}");
+    // The agent counts both, and says which transport each replica uses.
+    let metrics = curl(&edge.topo.edge, &[&format!("http://{AGENT_ADMIN}/metrics")]);
+    assert!(
+        metrics.contains("edge_tunnel_agent_transport_fallbacks_total{reason=\"quic_timeout\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edge_tunnel_agent_quic_reprobes_total{result=\"quic_back\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edge_tunnel_agent_replicas_connected{transport=\"quic\"} 1"),
+        "{metrics}"
+    );
+    let replicas = curl(
+        &edge.topo.edge,
+        &[&format!("http://{AGENT_ADMIN}/v1/replicas")],
+    );
+    assert!(replicas.contains("\"transport\": \"quic\""), "{replicas}");
 }
 
 #[test]

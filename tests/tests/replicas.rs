@@ -80,6 +80,8 @@ impl Cluster {
                 "edge-1",
                 "--allow",
                 &format!("{EDGE_IP}:{ECHO_PORT}"),
+                "--admin-listen",
+                "127.0.0.1:9093",
             ],
             &cluster.topo.dir.join("agent.log"),
         );
@@ -180,6 +182,19 @@ fn agent_holds_every_replica_and_survives_losing_one() {
     for i in 0..3 {
         c.echo_through(i);
     }
+    // The agent reports the replicas it holds.
+    let out = c
+        .topo
+        .edge
+        .command("curl")
+        .args(["-sS", "http://127.0.0.1:9093/metrics"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        metrics.contains("edge_tunnel_agent_replicas_connected{transport=\"quic\"} 3"),
+        "{metrics}"
+    );
     // Long-lived streams through r1 and r2.
     let (r1_proxy, r2_proxy): (SocketAddr, SocketAddr) = (
         format!("{}:8080", REPLICAS[0].1).parse().unwrap(),

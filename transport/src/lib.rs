@@ -11,10 +11,12 @@
 //! - [`quic`]: QUIC endpoints (quinn) with the settings both ends share.
 //! - [`h2`]: the HTTP/2-over-TLS fallback's stream halves and settings.
 //! - [`net`]: socket helpers: large listen backlogs, original destination.
+//! - [`admin`]: the small GET-only HTTP server for admin endpoints.
 //! - [`cli`]: process setup both binaries share: logging, runtime shape,
 //!   shutdown signals.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod framed;
 pub mod h2;

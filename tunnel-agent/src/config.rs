@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub drain_grace: Duration,
     pub quic: QuicSettings,
     pub transport: TransportChoice,
+    /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`, `/v1/replicas`). Default off.
+    pub admin_listen: Option<std::net::SocketAddr>,
     /// In `auto`, how long a QUIC handshake + registration may take before
     /// falling back to HTTP/2. Default 5 s.
     pub quic_timeout: Duration,
@@ -133,6 +135,7 @@ impl AgentConfig {
             drain_grace: Duration::from_secs(30),
             quic: QuicSettings::default(),
             transport: TransportChoice::Auto,
+            admin_listen: None,
             quic_timeout: Duration::from_secs(5),
             reprobe_interval: Duration::from_secs(300),
         })

@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use transport::{read_message, write_message, TunnelRecv, TunnelSend};
 
 use crate::config::AgentConfig;
+use crate::telemetry::AgentMetrics;
 
 /// How long the server may take to send `Dial` after opening a stream.
 const DIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -17,6 +18,7 @@ const DIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves one stream opened by the server.
 pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
     config: Arc<AgentConfig>,
+    metrics: Arc<AgentMetrics>,
     mut send: S,
     mut recv: R,
     draining: bool,
@@ -60,6 +62,7 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
     let tcp = match result {
         Ok(tcp) => tcp,
         Err(answer) => {
+            AgentMetrics::count(&metrics.dials, "result", answer.code.label());
             tracing::info!(%target, code = %answer.code, "dial failed: {}", answer.message);
             let _ = write_message(&mut send, &Message::DialResult(answer)).await;
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
@@ -71,7 +74,10 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
         tracing::debug!(%target, "server went away before the dial result: {e}");
         return;
     }
+    AgentMetrics::count(&metrics.dials, "result", "ok");
+    metrics.streams_active.inc();
     let stats = transport::relay(tcp, send, recv, |_, _| {}).await;
+    metrics.streams_active.dec();
     tracing::debug!(%target, ?stats, "stream ended");
 }
 

@@ -27,6 +27,7 @@ use crate::session::{
     hello_exchange, hold, register_with, spawn_stream, Held, Registered, SessionEnd, SessionError,
     Target,
 };
+use crate::telemetry::AgentMetrics;
 
 type Conn = h2::server::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>;
 
@@ -123,6 +124,7 @@ pub(crate) async fn session(
     mut stop: watch::Receiver<bool>,
     held: &Held,
     probe: bool,
+    metrics: &Arc<AgentMetrics>,
 ) -> Result<SessionEnd, SessionError> {
     let registered = tokio::select! {
         r = tokio::time::timeout(config.connect_timeout, register(config, target)) => match r {
@@ -137,7 +139,7 @@ pub(crate) async fn session(
         control_send,
         mut control_recv,
     } = registered;
-    let Some((held_guard, holding)) = hold(held, target.addr, &welcome.server_id) else {
+    let Some((held_guard, holding)) = hold(held, target.addr, &welcome.server_id, "h2") else {
         return Ok(SessionEnd::Duplicate(welcome.server_id));
     };
     tracing::info!(
@@ -167,7 +169,7 @@ pub(crate) async fn session(
             accepted = conn.accept() => match accepted {
                 Some(Ok((request, respond))) => {
                     next_id += 1;
-                    accept_stream(&mut streams, config, request, respond, false, next_id);
+                    accept_stream(&mut streams, config, metrics, request, respond, false, next_id);
                 }
                 Some(Err(e)) => break End::Lost(format!("HTTP/2: {e}")),
                 None => break End::Lost("the server closed the HTTP/2 connection".into()),
@@ -189,8 +191,14 @@ pub(crate) async fn session(
             Some(r) = probe_rx.recv() => {
                 probing = false;
                 match r {
-                    Ok(registered) => break End::Upgrade(registered),
-                    Err(e) => tracing::info!(addr = %target.addr, "QUIC re-probe failed ({e}); staying on HTTP/2"),
+                    Ok(registered) => {
+                        AgentMetrics::count(&metrics.reprobes, "result", "quic_back");
+                        break End::Upgrade(registered);
+                    }
+                    Err(e) => {
+                        AgentMetrics::count(&metrics.reprobes, "result", "failed");
+                        tracing::info!(addr = %target.addr, "QUIC re-probe failed ({e}); staying on HTTP/2");
+                    }
                 }
             }
         }
@@ -199,14 +207,29 @@ pub(crate) async fn session(
         End::Lost(reason) => Ok(SessionEnd::Lost(reason)),
         End::GoneAway(g) => Ok(SessionEnd::GoneAway(g)),
         End::Stop => {
-            drain(config.clone(), conn, control_send, streams, next_id).await;
+            drain(
+                config.clone(),
+                metrics.clone(),
+                conn,
+                control_send,
+                streams,
+                next_id,
+            )
+            .await;
             drop(held_guard);
             Ok(SessionEnd::Drained)
         }
         End::Upgrade(registered) => {
             // The QUIC session records the replica again under this address.
             drop(held_guard);
-            tokio::spawn(drain(config.clone(), conn, control_send, streams, next_id));
+            tokio::spawn(drain(
+                config.clone(),
+                metrics.clone(),
+                conn,
+                control_send,
+                streams,
+                next_id,
+            ));
             Ok(SessionEnd::Upgraded(Box::new(registered)))
         }
     }
@@ -215,6 +238,7 @@ pub(crate) async fn session(
 fn accept_stream(
     streams: &mut JoinSet<()>,
     config: &Arc<AgentConfig>,
+    metrics: &Arc<AgentMetrics>,
     request: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     draining: bool,
@@ -228,6 +252,7 @@ fn accept_stream(
         Ok(send) => spawn_stream(
             streams,
             config,
+            metrics,
             H2Send::new(send),
             H2Recv::body(request.into_body()),
             draining,
@@ -241,6 +266,7 @@ fn accept_stream(
 /// within the grace period, then closes the connection gracefully.
 async fn drain(
     config: Arc<AgentConfig>,
+    metrics: Arc<AgentMetrics>,
     mut conn: Conn,
     mut control_send: H2Send,
     mut streams: JoinSet<()>,
@@ -255,7 +281,7 @@ async fn drain(
             accepted = conn.accept() => match accepted {
                 Some(Ok((request, respond))) => {
                     next_id += 1;
-                    accept_stream(&mut streams, &config, request, respond, true, next_id);
+                    accept_stream(&mut streams, &config, &metrics, request, respond, true, next_id);
                 }
                 _ => break,
             },

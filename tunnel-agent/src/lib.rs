@@ -11,6 +11,7 @@
 //!   stream, accept streams, drain; its reconnect loop with backoff.
 //! - [`h2_session`]: the same session over HTTP/2 over TLS (the agent
 //!   serves HTTP/2), with QUIC re-probes in `auto` mode.
+//! - [`telemetry`]: the admin endpoint and the agent's metrics.
 //! - [`dial`]: one tunneled stream: read `Dial`, check the allow-list,
 //!   connect with a deadline, answer `DialResult`, relay.
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod dial;
 pub mod h2_session;
 pub mod session;
 pub mod supervisor;
+pub mod telemetry;
 
 pub use config::{AgentConfig, ConfigError};
 pub use supervisor::run;

@@ -57,6 +57,9 @@ struct Args {
     /// QUIC idle timeout in seconds (must exceed the keep-alive).
     #[arg(long, env = "TUNNEL_IDLE_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600))]
     idle_timeout: u64,
+    /// Admin endpoint: /healthz, /readyz, /metrics, /v1/replicas.
+    #[arg(long, env = "TUNNEL_ADMIN_LISTEN")]
+    admin_listen: Option<std::net::SocketAddr>,
     /// Seconds active streams may run on after SIGTERM.
     #[arg(long, env = "TUNNEL_DRAIN_GRACE", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     drain_grace: u64,
@@ -78,6 +81,7 @@ fn main() -> Result<()> {
         AgentConfig::try_new(&args.server, &args.cert_dir, &args.node_name, &args.allow)?;
     config.server_name = args.server_name;
     config.transport = args.transport;
+    config.admin_listen = args.admin_listen;
     config.quic_timeout = Duration::from_secs(args.quic_timeout);
     config.reprobe_interval = Duration::from_secs(args.reprobe_interval);
     config.resolve_interval = Duration::from_secs(args.resolve_interval);

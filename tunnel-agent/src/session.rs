@@ -22,6 +22,7 @@ use transport::{read_message, write_message, TunnelRecv, TunnelSend};
 use crate::backoff::Backoff;
 use crate::config::{AgentConfig, ConfigError, TransportChoice};
 use crate::dial::serve_stream;
+use crate::telemetry::AgentMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -37,6 +38,8 @@ pub enum SessionError {
     Refused { code: &'static str, reason: String },
     #[error("registration failed: {0}")]
     Register(String),
+    #[error("cannot listen on the admin address {addr}: {reason}")]
+    Admin { addr: SocketAddr, reason: String },
 }
 
 impl SessionError {
@@ -66,7 +69,7 @@ pub(crate) enum SessionEnd {
 }
 
 /// The replicas this agent holds: address → server id once registered.
-pub type Held = Arc<Mutex<HashMap<SocketAddr, String>>>;
+pub type Held = Arc<Mutex<HashMap<SocketAddr, (String, &'static str)>>>;
 
 /// One server address: keeps a registered connection to it, reconnecting
 /// with backoff, until `stop` turns true (then drains).
@@ -77,6 +80,7 @@ pub(crate) async fn replica_loop(
     stop: watch::Receiver<bool>,
     lost: mpsc::Sender<()>,
     held: Held,
+    metrics: Arc<AgentMetrics>,
 ) {
     let mut backoff = Backoff::new();
     // In `auto`: sticky on HTTP/2 once QUIC failed, until a re-probe works.
@@ -88,7 +92,7 @@ pub(crate) async fn replica_loop(
         let server = target.addr;
         let attempt = async {
             if let Some(registered) = upgraded.take() {
-                return serve_quic(&config, registered, stop.clone(), &held).await;
+                return serve_quic(&config, registered, stop.clone(), &held, &metrics).await;
             }
             if on_h2 {
                 let probe = config.transport == TransportChoice::Auto;
@@ -99,6 +103,7 @@ pub(crate) async fn replica_loop(
                     stop.clone(),
                     &held,
                     probe,
+                    &metrics,
                 )
                 .await;
             }
@@ -113,9 +118,15 @@ pub(crate) async fn replica_loop(
                 _ = stop_wait.wait_for(|s| *s) => return Ok(SessionEnd::Drained),
             };
             match registered {
-                Ok(r) => serve_quic(&config, r, stop.clone(), &held).await,
+                Ok(r) => serve_quic(&config, r, stop.clone(), &held, &metrics).await,
                 Err(e) if config.transport == TransportChoice::Auto && e.quic_unreachable() => {
                     tracing::warn!(%server, "QUIC did not get through ({e}); falling back to HTTP/2 over TLS");
+                    let reason = if matches!(e, SessionError::Timeout { .. }) {
+                        "quic_timeout"
+                    } else {
+                        "quic_connect_failed"
+                    };
+                    AgentMetrics::count(&metrics.fallbacks, "reason", reason);
                     on_h2 = true;
                     crate::h2_session::session(
                         &config,
@@ -124,6 +135,7 @@ pub(crate) async fn replica_loop(
                         stop.clone(),
                         &held,
                         true,
+                        &metrics,
                     )
                     .await
                 }
@@ -164,7 +176,9 @@ pub(crate) async fn replica_loop(
                     && reason.contains("timed out")
                     && started.elapsed() < config.quic.idle_timeout * 2
                 {
+                    AgentMetrics::count(&metrics.fallbacks, "reason", "quic_idle_after_connect");
                     tracing::warn!(%server, "QUIC died of idle timeout right after connecting; falling back to HTTP/2");
+                    AgentMetrics::count(&metrics.fallbacks, "reason", "quic_idle_after_connect");
                     on_h2 = true;
                 }
                 backoff.connection_ended(started.elapsed());
@@ -413,16 +427,21 @@ pub async fn probe(config: &AgentConfig) -> Result<proto::Welcome, SessionError>
 
 /// Records a registered replica; `None` if another address already holds
 /// the same server id. Returns the guard and the list of held ids.
-pub(crate) fn hold(held: &Held, addr: SocketAddr, server_id: &str) -> Option<(HeldGuard, String)> {
+pub(crate) fn hold(
+    held: &Held,
+    addr: SocketAddr,
+    server_id: &str,
+    transport: &'static str,
+) -> Option<(HeldGuard, String)> {
     let mut map = held.lock().expect("held replicas lock");
     if map
         .iter()
-        .any(|(other, id)| *other != addr && id == server_id)
+        .any(|(other, (id, _))| *other != addr && id == server_id)
     {
         return None;
     }
-    map.insert(addr, server_id.to_owned());
-    let mut ids: Vec<&String> = map.values().collect();
+    map.insert(addr, (server_id.to_owned(), transport));
+    let mut ids: Vec<&String> = map.values().map(|(id, _)| id).collect();
     ids.sort();
     let list = format!("{ids:?}");
     Some((
@@ -440,6 +459,7 @@ pub(crate) async fn serve_quic(
     registered: Registered,
     mut stop: watch::Receiver<bool>,
     held: &Held,
+    metrics: &Arc<AgentMetrics>,
 ) -> Result<SessionEnd, SessionError> {
     let Registered {
         conn,
@@ -448,7 +468,7 @@ pub(crate) async fn serve_quic(
         mut control_send,
         mut control_recv,
     } = registered;
-    let Some((_held, holding)) = hold(held, addr, &welcome.server_id) else {
+    let Some((_held, holding)) = hold(held, addr, &welcome.server_id, "quic") else {
         conn.close(quinn::VarInt::from_u32(close::NORMAL), b"duplicate replica");
         return Ok(SessionEnd::Duplicate(welcome.server_id));
     };
@@ -469,7 +489,7 @@ pub(crate) async fn serve_quic(
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     let id = send.id().to_string();
-                    spawn_stream(&mut streams, config, send, recv, false, id)
+                    spawn_stream(&mut streams, config, metrics, send, recv, false, id)
                 }
                 Err(e) => break Some(e.to_string()),
             },
@@ -503,7 +523,7 @@ pub(crate) async fn serve_quic(
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     let id = send.id().to_string();
-                    spawn_stream(&mut streams, config, send, recv, true, id)
+                    spawn_stream(&mut streams, config, metrics, send, recv, true, id)
                 }
                 Err(_) => break,
             },
@@ -539,11 +559,14 @@ impl Drop for HeldGuard {
 pub(crate) fn spawn_stream<S: TunnelSend + 'static, R: TunnelRecv + 'static>(
     streams: &mut JoinSet<()>,
     config: &Arc<AgentConfig>,
+    metrics: &Arc<AgentMetrics>,
     send: S,
     recv: R,
     draining: bool,
     id: String,
 ) {
     let span = tracing::debug_span!("stream", node = %config.node, stream = %id);
-    streams.spawn(serve_stream(config.clone(), send, recv, draining).instrument(span));
+    streams.spawn(
+        serve_stream(config.clone(), metrics.clone(), send, recv, draining).instrument(span),
+    );
 }

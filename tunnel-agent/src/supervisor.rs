@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::AgentConfig;
 use crate::session::{bind_endpoint, replica_loop, resolve_all, SessionError, Target};
+use crate::telemetry::{AgentAdmin, AgentMetrics};
 
 /// After a connection loss, wait this long before resolving again (many
 /// sessions may report the same outage at once).
@@ -39,7 +40,22 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let endpoint = bind_endpoint(&config)?;
-    let held = Arc::new(Mutex::new(HashMap::new()));
+    let held: crate::session::Held = Arc::new(Mutex::new(HashMap::new()));
+    let metrics = Arc::new(AgentMetrics::default());
+    let admin = match config.admin_listen {
+        Some(addr) => {
+            let listener = transport::net::bind_tcp(addr).map_err(|e| SessionError::Admin {
+                addr,
+                reason: e.to_string(),
+            })?;
+            let routes = Arc::new(AgentAdmin {
+                metrics: metrics.clone(),
+                held: held.clone(),
+            });
+            Some(tokio::spawn(transport::admin::serve(listener, routes)))
+        }
+        None => None,
+    };
     let (lost_tx, mut lost_rx) = mpsc::channel::<()>(64);
     let mut replicas: HashMap<Target, Replica> = HashMap::new();
     let mut retiring = Vec::new();
@@ -65,6 +81,7 @@ pub async fn run(
                         stopped,
                         lost_tx.clone(),
                         held.clone(),
+                        metrics.clone(),
                     ));
                     replicas.insert(target.clone(), Replica { stop, task });
                 }
@@ -101,6 +118,9 @@ pub async fn run(
     }
     for task in replicas.into_values().map(|r| r.task).chain(retiring) {
         let _ = task.await;
+    }
+    if let Some(admin) = admin {
+        admin.abort();
     }
     endpoint.close(
         quinn::VarInt::from_u32(close::AGENT_DRAINED),

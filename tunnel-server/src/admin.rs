@@ -1,42 +1,31 @@
 //! Admin endpoints: `/healthz`, `/readyz`, `/metrics`, `/v1/agents`.
 
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
+use transport::admin::{AdminRoutes, Reply, JSON, OPENMETRICS, TEXT};
 
 use crate::Shared;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!("admin accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| handle(req, shared.clone()));
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
+    transport::admin::serve(listener, Arc::new(ServerAdmin(shared))).await
+}
+
+struct ServerAdmin(Arc<Shared>);
+
+impl AdminRoutes for ServerAdmin {
+    fn get(&self, path: &str) -> Reply {
+        let shared = &self.0;
+        match path {
+            "/healthz" => Reply::new(200, TEXT, "ok\n"),
+            "/readyz" if shared.ready.load(Ordering::SeqCst) => Reply::new(200, TEXT, "ready\n"),
+            "/readyz" => Reply::new(503, TEXT, "not ready\n"),
+            "/metrics" => Reply::new(200, OPENMETRICS, shared.metrics.render()),
+            "/v1/agents" => Reply::new(200, JSON, agents_json(shared)),
+            _ => Reply::not_found(),
+        }
     }
 }
 
@@ -53,14 +42,6 @@ pub struct AgentInfo {
     /// QUIC's RTT estimate; null over HTTP/2.
     pub rtt_ms: Option<f64>,
     pub draining: bool,
-}
-
-fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
 }
 
 fn agents_json(shared: &Shared) -> String {
@@ -82,35 +63,4 @@ fn agents_json(shared: &Shared) -> String {
         })
         .collect();
     serde_json::to_string_pretty(&agents).expect("agent info serializes")
-}
-
-async fn handle(
-    req: Request<Incoming>,
-    shared: Arc<Shared>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    const TEXT: &str = "text/plain; charset=utf-8";
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(respond(
-            StatusCode::METHOD_NOT_ALLOWED,
-            TEXT,
-            "GET only\n".into(),
-        ));
-    }
-    Ok(match req.uri().path() {
-        "/healthz" => respond(StatusCode::OK, TEXT, "ok\n".into()),
-        "/readyz" => {
-            if shared.ready.load(Ordering::SeqCst) {
-                respond(StatusCode::OK, TEXT, "ready\n".into())
-            } else {
-                respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".into())
-            }
-        }
-        "/metrics" => respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.render(),
-        ),
-        "/v1/agents" => respond(StatusCode::OK, "application/json", agents_json(&shared)),
-        _ => respond(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
-    })
 }
