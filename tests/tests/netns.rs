@@ -775,3 +775,81 @@ fn quic_only_agent_without_udp_retries_and_says_why() {
     assert!(!agents.contains("edge-1"), "{agents}");
     drop(server);
 }
+
+#[test]
+fn standalone_dnat_helper_follows_the_servers_agents() {
+    if !netns::available() {
+        return;
+    }
+    let topo = Topology::new();
+    let certs = certs();
+    let _kubelet = topo.edge.spawn(
+        env!("CARGO_BIN_EXE_sample-kubelet"),
+        &[
+            "--listen",
+            &format!("{EDGE_IP}:10250"),
+            "--cert-dir",
+            certs.kubelet_dir.to_str().unwrap(),
+        ],
+        &topo.dir.join("kubelet.log"),
+    );
+    assert!(listening(&topo.edge, SocketAddr::new(edge_ip(), 10250)));
+    // A server without --dnat, and the helper on its own, following it.
+    let server = topo.cloud.spawn(
+        bin("tunnel-server").to_str().unwrap(),
+        &[
+            "--listen",
+            &format!("{CLOUD_IP}:8443"),
+            "--cert-dir",
+            certs.pki.server_dir().to_str().unwrap(),
+            "--transparent-listen",
+            &format!("{CLOUD_IP}:8081"),
+            "--admin-listen",
+            ADMIN,
+        ],
+        &topo.dir.join("server.log"),
+    );
+    let mut helper = topo.cloud.spawn(
+        bin("tunnel-server").to_str().unwrap(),
+        &[
+            "dnat",
+            "--server-admin",
+            &format!("http://{ADMIN}"),
+            "--to",
+            &format!("{CLOUD_IP}:8081"),
+            "--poll",
+            "1",
+        ],
+        &topo.dir.join("dnat.log"),
+    );
+    let agent = start_agent(&topo, &certs, &[]);
+    let edge = Edge {
+        certs,
+        server,
+        agent,
+        _kubelet,
+        topo,
+    };
+    // wait_registered also waits for the helper's rule for the agent's address.
+    edge.wait_registered(Duration::from_secs(20));
+    let cacert = edge.certs.kubelet_dir.join("ca.crt");
+    let body = curl(
+        &edge.topo.cloud,
+        &[
+            "--cacert",
+            cacert.to_str().unwrap(),
+            &format!("https://{EDGE_IP}:10250/healthz"),
+        ],
+    );
+    assert_eq!(
+        body,
+        "ok from kubelet-like\n",
+        "helper log:\n{}",
+        helper.log_text()
+    );
+    let status = helper.terminate();
+    assert!(status.success(), "{}", helper.log_text());
+    let rules =
+        String::from_utf8_lossy(&edge.topo.cloud.sh(&["iptables-save"]).stdout).into_owned();
+    assert!(!rules.contains("TUNNEL-DNAT"), "left behind:\n{rules}");
+}
