@@ -143,3 +143,34 @@ pub fn write_all(dir: &Path, files: &[OutFile<'_>], force: bool) -> Result<(), C
     }
     Ok(())
 }
+
+/// Writes a leaf in the Secret layout: `tls.crt`, `tls.key` (0600) and the
+/// CA certificate as `ca.crt`.
+pub fn write_leaf_dir(
+    dir: &Path,
+    leaf: &crate::issue::Pem,
+    ca_cert: &str,
+    force: bool,
+) -> Result<(), CertError> {
+    write_all(
+        dir,
+        &[
+            OutFile {
+                name: TLS_CRT,
+                contents: &leaf.cert,
+                secret: false,
+            },
+            OutFile {
+                name: TLS_KEY,
+                contents: &leaf.key,
+                secret: true,
+            },
+            OutFile {
+                name: CA_CRT,
+                contents: ca_cert,
+                secret: false,
+            },
+        ],
+        force,
+    )
+}

@@ -114,28 +114,7 @@ fn load_ca(dir: &Path) -> Result<Ca> {
 }
 
 fn write_leaf(out: &Path, ca: &Ca, leaf: &certs::issue::Pem, force: bool) -> Result<()> {
-    let ca_pem = ca.pem();
-    files::write_all(
-        out,
-        &[
-            OutFile {
-                name: TLS_CRT,
-                contents: &leaf.cert,
-                secret: false,
-            },
-            OutFile {
-                name: TLS_KEY,
-                contents: &leaf.key,
-                secret: true,
-            },
-            OutFile {
-                name: CA_CRT,
-                contents: &ca_pem.cert,
-                secret: false,
-            },
-        ],
-        force,
-    )?;
+    files::write_leaf_dir(out, leaf, &ca.pem().cert, force)?;
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use certs::files::{self, OutFile, CA_CRT, TLS_CRT, TLS_KEY};
+use certs::files;
 use certs::issue::{Ca, Pem};
 
 /// A CA with a server certificate for 127.0.0.1 / localhost, and agent
@@ -52,29 +52,7 @@ impl Pki {
     }
 
     fn write(&self, dir: &Path, leaf: &Pem) {
-        let ca = self.ca.pem();
-        files::write_all(
-            dir,
-            &[
-                OutFile {
-                    name: TLS_CRT,
-                    contents: &leaf.cert,
-                    secret: false,
-                },
-                OutFile {
-                    name: TLS_KEY,
-                    contents: &leaf.key,
-                    secret: true,
-                },
-                OutFile {
-                    name: CA_CRT,
-                    contents: &ca.cert,
-                    secret: false,
-                },
-            ],
-            true,
-        )
-        .unwrap();
+        files::write_leaf_dir(dir, leaf, &self.ca.pem().cert, true).unwrap();
     }
 }
 

@@ -311,6 +311,45 @@ pub async fn tls_connect(
         .expect("TLS handshake with the target through the tunnel")
 }
 
+/// Writes `total` bytes and reads back the echo concurrently; returns the
+/// digests of what was sent and what came back.
+pub async fn echo_digest(
+    mut tcp: tokio::net::TcpStream,
+    total: usize,
+    seed: u64,
+) -> (String, String) {
+    let block = pattern(256 * 1024, seed);
+    let (mut r, mut w) = tcp.split();
+    let write = async {
+        let mut hasher = Sha256::new();
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(block.len());
+            w.write_all(&block[..n]).await.unwrap();
+            hasher.update(&block[..n]);
+            left -= n;
+        }
+        w.shutdown().await.unwrap();
+        hex(&hasher.finalize())
+    };
+    let read = async {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0;
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            got += n;
+        }
+        assert_eq!(got, total);
+        hex(&hasher.finalize())
+    };
+    tokio::join!(write, read)
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = fastrand_like(seed);

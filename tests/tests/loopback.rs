@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use e2e::targets::{self, hex, pattern};
+use e2e::targets::{self, echo_digest, hex, pattern};
 use e2e::{connect_via, eventually, http_get, init_logging, Pki, TestAgent, TestServer};
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
@@ -227,41 +227,6 @@ async fn client_reset_reaches_the_target_as_a_reset(tr: Transport) {
         .unwrap();
     assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
     t.agent.stop().await;
-}
-
-/// Writes `total` bytes and reads back the echo concurrently; returns the
-/// digests of what was sent and what came back.
-async fn echo_digest(mut tcp: tokio::net::TcpStream, total: usize, seed: u64) -> (String, String) {
-    let block = pattern(256 * 1024, seed);
-    let (mut r, mut w) = tcp.split();
-    let write = async {
-        let mut hasher = Sha256::new();
-        let mut left = total;
-        while left > 0 {
-            let n = left.min(block.len());
-            w.write_all(&block[..n]).await.unwrap();
-            hasher.update(&block[..n]);
-            left -= n;
-        }
-        w.shutdown().await.unwrap();
-        hex(&hasher.finalize())
-    };
-    let read = async {
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut got = 0;
-        loop {
-            let n = r.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            got += n;
-        }
-        assert_eq!(got, total);
-        hex(&hasher.finalize())
-    };
-    tokio::join!(write, read)
 }
 
 async fn one_gib_each_way_on_one_connection(tr: Transport) {

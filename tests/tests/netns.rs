@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use certs::files::{self, OutFile};
+use certs::files;
 use e2e::netns::{self, bin, Proc, Topology, CLOUD_IP, EDGE_IP};
 use e2e::targets::{self, hex, pattern};
 use e2e::Pki;
@@ -40,29 +40,7 @@ fn certs() -> Certs {
         .issue_server("edge-1", &["edge-1".into()], &[edge_ip()], 1)
         .unwrap();
     let kubelet_dir = pki.dir.path().join("kubelet");
-    let ca_pem = ca.pem();
-    files::write_all(
-        &kubelet_dir,
-        &[
-            OutFile {
-                name: "tls.crt",
-                contents: &leaf.cert,
-                secret: false,
-            },
-            OutFile {
-                name: "tls.key",
-                contents: &leaf.key,
-                secret: true,
-            },
-            OutFile {
-                name: "ca.crt",
-                contents: &ca_pem.cert,
-                secret: false,
-            },
-        ],
-        true,
-    )
-    .unwrap();
+    files::write_leaf_dir(&kubelet_dir, &leaf, &ca.pem().cert, true).unwrap();
     let mut kubelet_roots = rustls::RootCertStore::empty();
     for c in files::read_certs(&kubelet_dir.join("ca.crt")).unwrap() {
         kubelet_roots.add(c).unwrap();
@@ -458,47 +436,17 @@ fn hundred_mib_arrive_intact_with_2_percent_loss(transport: &str) {
         targets::echo_server_on(SocketAddr::new(edge_ip(), ECHO_PORT)).await;
     });
     edge.topo.set_loss(0.02);
-    let (sent, echoed, total) = edge.topo.cloud.block_on(|| async {
-        let mut tcp = tokio::net::TcpStream::connect((EDGE_IP, ECHO_PORT))
+    let (sent, echoed) = edge.topo.cloud.block_on(|| async {
+        let tcp = tokio::net::TcpStream::connect((EDGE_IP, ECHO_PORT))
             .await
             .unwrap();
-        let total = 100usize << 20;
-        let block = pattern(256 * 1024, 11);
-        let (mut r, mut w) = tcp.split();
-        let write = async {
-            let mut h = Sha256::new();
-            let mut left = total;
-            while left > 0 {
-                let n = left.min(block.len());
-                w.write_all(&block[..n]).await.unwrap();
-                h.update(&block[..n]);
-                left -= n;
-            }
-            w.shutdown().await.unwrap();
-            hex(&h.finalize())
-        };
-        let read = async {
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut got = 0;
-            loop {
-                let n = r.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-                got += n;
-            }
-            (hex(&h.finalize()), got)
-        };
-        let (sent, (echoed, got)) = tokio::time::timeout(Duration::from_secs(600), async {
-            tokio::join!(write, read)
-        })
+        tokio::time::timeout(
+            Duration::from_secs(600),
+            targets::echo_digest(tcp, 100 << 20, 11),
+        )
         .await
-        .expect("100 MiB echo finished");
-        (sent, echoed, got)
+        .expect("100 MiB echo finished")
     });
-    assert_eq!(total, 100 << 20);
     assert_eq!(sent, echoed);
 }
 

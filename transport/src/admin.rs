@@ -48,14 +48,7 @@ pub trait AdminRoutes: Send + Sync + 'static {
 
 pub async fn serve(listener: TcpListener, routes: Arc<dyn AdminRoutes>) {
     loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!("admin accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, _) = crate::net::accept(&listener, "admin").await;
         let routes = routes.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(req, routes.clone()));

@@ -63,3 +63,17 @@ pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
         v4 => v4,
     }
 }
+
+/// Accepts the next connection. Errors such as EMFILE are logged and
+/// retried after a short pause instead of spinning or ending the listener.
+pub async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(v) => return v,
+            Err(e) => {
+                tracing::warn!("{what} accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -9,7 +9,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -22,14 +21,7 @@ use crate::Shared;
 
 pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!("h2 agent accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, remote) = transport::net::accept(&listener, "h2 agent").await;
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         let span =

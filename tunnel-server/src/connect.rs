@@ -36,15 +36,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(v) => v,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!("CONNECT accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, peer) = transport::net::accept(&listener, "CONNECT").await;
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {

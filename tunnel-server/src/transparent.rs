@@ -17,14 +17,7 @@ use crate::Shared;
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let local = listener.local_addr().ok();
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!("transparent accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, peer) = transport::net::accept(&listener, "transparent").await;
         let shared = shared.clone();
         tokio::spawn(async move { handle(tcp, peer, local, shared).await });
     }
