@@ -78,6 +78,11 @@ fn start_server(topo: &Topology, certs: &Certs) -> Proc {
             "--dnat",
             "--dnat-ports",
             &format!("10250,10255,9100,{ECHO_PORT}"),
+            // Notice a vanished agent within seconds (the outage test).
+            "--keepalive",
+            "1",
+            "--idle-timeout",
+            "3",
         ],
         &topo.dir.join("server.log"),
     );
@@ -350,7 +355,16 @@ fn kubelet_https_logs_and_exec_through_dnat_then_rules_are_removed(transport: &s
 }
 
 #[test]
-fn prometheus_scrapes_node_exporter_through_the_tunnel() {
+fn prometheus_scrapes_node_exporter_through_the_tunnel_quic() {
+    prometheus_scrapes_node_exporter_through_the_tunnel("quic")
+}
+
+#[test]
+fn prometheus_scrapes_node_exporter_through_the_tunnel_h2() {
+    prometheus_scrapes_node_exporter_through_the_tunnel("h2")
+}
+
+fn prometheus_scrapes_node_exporter_through_the_tunnel(transport: &str) {
     for tool in ["prometheus", "prometheus-node-exporter"] {
         if !netns::on_path(tool) {
             let msg = format!("{tool} is not installed (Debian package {tool})");
@@ -361,7 +375,9 @@ fn prometheus_scrapes_node_exporter_through_the_tunnel() {
             return;
         }
     }
-    let Some(edge) = Edge::start(&[]) else { return };
+    let Some(edge) = Edge::start(&["--transport", transport]) else {
+        return;
+    };
     let dir = &edge.topo.dir;
     let _exporter = edge.topo.edge.spawn(
         "prometheus-node-exporter",
@@ -451,10 +467,26 @@ fn hundred_mib_arrive_intact_with_2_percent_loss(transport: &str) {
 }
 
 #[test]
-fn agent_reconnects_after_a_10s_outage() {
+fn agent_reconnects_after_a_10s_outage_quic() {
+    agent_reconnects_after_a_10s_outage("quic")
+}
+
+#[test]
+fn agent_reconnects_after_a_10s_outage_h2() {
+    agent_reconnects_after_a_10s_outage("h2")
+}
+
+fn agent_reconnects_after_a_10s_outage(transport: &str) {
     // A short idle timeout makes the outage kill the QUIC connection, so
     // this proves a real reconnect, not a connection that rode it out.
-    let Some(edge) = Edge::start(&["--keepalive", "1", "--idle-timeout", "3"]) else {
+    let Some(edge) = Edge::start(&[
+        "--keepalive",
+        "1",
+        "--idle-timeout",
+        "3",
+        "--transport",
+        transport,
+    ]) else {
         return;
     };
     let cloud = &edge.topo.cloud;

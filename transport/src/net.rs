@@ -77,3 +77,25 @@ pub async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, SocketAdd
         }
     }
 }
+
+/// Makes a long-lived TCP connection (the HTTP/2 transport) notice a dead
+/// peer about as fast as QUIC's idle timeout does: keep-alive probes every
+/// `keepalive`, and TCP_USER_TIMEOUT so unacknowledged data or probes fail
+/// the connection after `idle_timeout`. Best effort.
+pub fn set_liveness(
+    stream: &TcpStream,
+    keepalive: std::time::Duration,
+    idle_timeout: std::time::Duration,
+) {
+    let sock = SockRef::from(stream);
+    let params = socket2::TcpKeepalive::new()
+        .with_time(keepalive)
+        .with_interval(keepalive)
+        .with_retries(((idle_timeout.as_secs() / keepalive.as_secs().max(1)).max(1)) as u32);
+    if let Err(e) = sock.set_tcp_keepalive(&params) {
+        tracing::debug!("TCP keep-alive not set: {e}");
+    }
+    if let Err(e) = sock.set_tcp_user_timeout(Some(idle_timeout)) {
+        tracing::debug!("TCP_USER_TIMEOUT not set: {e}");
+    }
+}

@@ -51,6 +51,7 @@ async fn register(config: &AgentConfig, target: &Target) -> Result<RegisteredH2,
         .await
         .map_err(|e| err(format!("TCP: {e}")))?;
     let _ = tcp.set_nodelay(true);
+    transport::net::set_liveness(&tcp, config.quic.keepalive, config.quic.idle_timeout);
     let tls = connector
         .connect(name, tcp)
         .await

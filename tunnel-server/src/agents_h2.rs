@@ -45,6 +45,8 @@ async fn handle(
 ) -> Result<(), AgentError> {
     let timeout = shared.config.register_timeout;
     let _ = tcp.set_nodelay(true);
+    let quic = &shared.config.quic;
+    transport::net::set_liveness(&tcp, quic.keepalive, quic.idle_timeout);
     let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
