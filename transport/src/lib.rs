@@ -6,6 +6,7 @@
 //!   relay, half-close, reset) is written once, whatever carries the bytes.
 //! - [`framed`]: reading and writing one `proto` frame on a stream without
 //!   reading past it (raw bytes follow the frame).
+//! - [`gate`]: the optimistic open: relay before the dial result, read it first.
 //! - [`relay`]: the duplex copy between a TCP socket and a tunnel stream,
 //!   mapping half-close to FIN and resets to resets.
 //! - [`quic`]: QUIC endpoints (quinn) with the settings both ends share.
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod cli;
 pub mod framed;
+pub mod gate;
 pub mod h2;
 pub mod net;
 pub mod quic;

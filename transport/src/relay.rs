@@ -25,7 +25,7 @@ use crate::stream::{TunnelRecv, TunnelSend};
 /// First buffer size per direction.
 pub const MIN_BUF: usize = 16 * 1024;
 /// Largest buffer size per direction.
-pub const MAX_BUF: usize = 128 * 1024;
+pub const MAX_BUF: usize = 64 * 1024;
 
 /// Longest wait for the peer to acknowledge a finished stream.
 const DELIVERY_WAIT: Duration = Duration::from_secs(5);

@@ -99,7 +99,10 @@ fn main() -> Result<()> {
     }
     tracing::info!(node = %config.node, allow = %config.allow, "starting");
     let runtime = args.common.runtime()?;
-    runtime.block_on(tunnel_agent::run(config, transport::cli::shutdown_signal()))?;
+    runtime.block_on(async {
+        let shutdown = transport::cli::shutdown_signal();
+        tunnel_agent::run(config, shutdown).await
+    })?;
     tracing::info!("drained; exiting");
     Ok(())
 }

@@ -135,6 +135,41 @@ impl DialError {
     }
 }
 
+/// How long to wait for a `DialResult`: the agent's connect deadline plus
+/// a margin for the round trip.
+pub fn answer_bound(deadline: Duration) -> Duration {
+    deadline + Duration::from_secs(2)
+}
+
+/// Opens a stream to `node` and writes the `Dial`, without waiting for the
+/// answer (the caller reads it: [`dial`], or a `ResultGate`).
+pub async fn request(
+    link: &AgentLink,
+    node: &str,
+    target: SocketAddr,
+    deadline: Duration,
+) -> Result<TunnelStream, DialError> {
+    let mut stream = link
+        .open("/stream")
+        .await
+        .map_err(|reason| DialError::Open {
+            node: node.to_owned(),
+            reason,
+        })?;
+    let request = Message::Dial(DialRequest {
+        target,
+        deadline_ms: deadline.as_millis().min(u32::MAX as u128) as u32,
+    });
+    write_message(&mut stream.send, &request)
+        .await
+        .map_err(|e| DialError::Protocol {
+            node: node.to_owned(),
+            target,
+            reason: e.to_string(),
+        })?;
+    Ok(stream)
+}
+
 /// Opens a stream to `node` over `link`, asks the agent to dial `target`
 /// and waits for its answer, at most `deadline` plus a margin for the
 /// round trip. On success the stream is ready for raw bytes.

@@ -160,6 +160,8 @@ async fn standalone_dnat(
     keep_rules: bool,
     rules: DnatRuleArgs,
 ) -> Result<()> {
+    // Before any rule is written, so SIGTERM always leads to cleanup.
+    let shutdown = transport::cli::shutdown_signal();
     // Cleanup needs no target; any concrete address of the right family does.
     let to = to.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1)));
     let mut config = rules.config(to)?;
@@ -176,14 +178,14 @@ async fn standalone_dnat(
         // Same loop, but skip the cleanup by never finishing shutdown.
         tokio::select! {
             _ = reconciler::run(dnat, never, || reconciler::fetch_agent_addresses(&url), std::future::pending()) => {}
-            _ = transport::cli::shutdown_signal() => {}
+            _ = shutdown => {}
         }
     } else {
         reconciler::run(
             dnat,
             never,
             || reconciler::fetch_agent_addresses(&url),
-            transport::cli::shutdown_signal(),
+            shutdown,
         )
         .await;
     }
@@ -224,13 +226,14 @@ fn serve(args: Args) -> Result<()> {
     config.quic.idle_timeout = Duration::from_secs(args.idle_timeout);
     let runtime = args.common.runtime()?;
     runtime.block_on(async move {
+        let shutdown = transport::cli::shutdown_signal();
         let mut server = Server::bind(config)?;
         if let Some(dnat_config) = dnat_config {
             server = server.with_dnat(Dnat::start(dnat_config).await?);
         }
         let addrs = server.local_addrs();
         tracing::info!(?addrs, "listeners bound");
-        server.run(transport::cli::shutdown_signal()).await;
+        server.run(shutdown).await;
         Ok(())
     })
 }

@@ -39,7 +39,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, local: Option<SocketAddr>, sha
         return reset(tcp);
     }
     let target = Target::Address(original);
-    match ingress::dial(&shared, &target).await {
+    match ingress::dial_optimistic(&shared, &target).await {
         Ok(dialed) => ingress::relay(shared, dialed, tcp, "transparent").await,
         Err(e) => {
             tracing::info!(%peer, %target, "transparent connection refused: {e}");
