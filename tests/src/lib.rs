@@ -78,15 +78,21 @@ impl TestServer {
 
     pub async fn start_with(config: tunnel_server::ServerConfig) -> TestServer {
         // With port 0 the HTTP/2 listener takes the QUIC endpoint's port
-        // number on TCP, which another test may hold: pick again.
+        // number on TCP, which another test may hold: pick again. With a
+        // fixed port (a restart in place) the previous server's UDP socket
+        // is released by quinn's endpoint task a moment after it stopped.
         let mut attempts = 0;
         let server = loop {
             match tunnel_server::Server::bind(config.clone()) {
                 Ok(s) => break s,
-                Err(tunnel_server::ServerError::Bind { .. })
-                    if config.listen.port() == 0 && attempts < 20 =>
-                {
+                Err(
+                    tunnel_server::ServerError::Bind { .. }
+                    | tunnel_server::ServerError::Endpoint(_),
+                ) if attempts < 40 => {
                     attempts += 1;
+                    if config.listen.port() != 0 {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
                 Err(e) => panic!("server binds: {e}"),
             }

@@ -52,6 +52,20 @@ fn certs() -> Certs {
     }
 }
 
+/// The kubelet-like HTTPS server at the edge address, port 10250.
+fn spawn_kubelet(topo: &Topology, certs: &Certs) -> Proc {
+    topo.edge.spawn(
+        env!("CARGO_BIN_EXE_sample-kubelet"),
+        &[
+            "--listen",
+            &format!("{EDGE_IP}:10250"),
+            "--cert-dir",
+            certs.kubelet_dir.to_str().unwrap(),
+        ],
+        &topo.dir.join("kubelet.log"),
+    )
+}
+
 /// The tunnel across the NAT.
 pub(crate) struct Edge {
     certs: Certs,
@@ -125,16 +139,7 @@ impl Edge {
         }
         let topo = Topology::new();
         let certs = certs();
-        let kubelet = topo.edge.spawn(
-            env!("CARGO_BIN_EXE_sample-kubelet"),
-            &[
-                "--listen",
-                &format!("{EDGE_IP}:10250"),
-                "--cert-dir",
-                certs.kubelet_dir.to_str().unwrap(),
-            ],
-            &topo.dir.join("kubelet.log"),
-        );
+        let kubelet = spawn_kubelet(&topo, &certs);
         assert!(
             listening(&topo.edge, SocketAddr::new(edge_ip(), 10250)),
             "kubelet-like never listened"
@@ -232,16 +237,7 @@ fn the_nat_is_real_without_the_tunnel() {
     }
     let topo = Topology::new();
     let certs = certs();
-    let _kubelet = topo.edge.spawn(
-        env!("CARGO_BIN_EXE_sample-kubelet"),
-        &[
-            "--listen",
-            &format!("{EDGE_IP}:10250"),
-            "--cert-dir",
-            certs.kubelet_dir.to_str().unwrap(),
-        ],
-        &topo.dir.join("kubelet.log"),
-    );
+    let _kubelet = spawn_kubelet(&topo, &certs);
     // The kubelet is up (reachable inside the edge)...
     let edge_view = topo.edge.block_on(|| async {
         for _ in 0..100 {
@@ -609,16 +605,7 @@ fn auto_falls_back_to_h2_without_udp_and_returns_to_quic() {
     let topo = Topology::new();
     let certs = certs();
     block_udp(&topo, true);
-    let _kubelet = topo.edge.spawn(
-        env!("CARGO_BIN_EXE_sample-kubelet"),
-        &[
-            "--listen",
-            &format!("{EDGE_IP}:10250"),
-            "--cert-dir",
-            certs.kubelet_dir.to_str().unwrap(),
-        ],
-        &topo.dir.join("kubelet.log"),
-    );
+    let _kubelet = spawn_kubelet(&topo, &certs);
     let _echo = topo.edge.spawn_task(|| async {
         targets::echo_server_on(SocketAddr::new(edge_ip(), ECHO_PORT)).await;
     });
@@ -763,16 +750,7 @@ fn standalone_dnat_helper_follows_the_servers_agents() {
     }
     let topo = Topology::new();
     let certs = certs();
-    let _kubelet = topo.edge.spawn(
-        env!("CARGO_BIN_EXE_sample-kubelet"),
-        &[
-            "--listen",
-            &format!("{EDGE_IP}:10250"),
-            "--cert-dir",
-            certs.kubelet_dir.to_str().unwrap(),
-        ],
-        &topo.dir.join("kubelet.log"),
-    );
+    let _kubelet = spawn_kubelet(&topo, &certs);
     assert!(listening(&topo.edge, SocketAddr::new(edge_ip(), 10250)));
     // A server without --dnat, and the helper on its own, following it.
     let server = topo.cloud.spawn(

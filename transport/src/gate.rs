@@ -172,8 +172,9 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use tokio::io::AsyncReadExt;
 
-    struct Bytes(std::io::Cursor<Vec<u8>>);
-    impl AsyncRead for Bytes {
+    /// Any reader as a receive half.
+    struct Recv<T>(T);
+    impl<T: AsyncRead + Unpin> AsyncRead for Recv<T> {
         fn poll_read(
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
@@ -182,15 +183,19 @@ mod tests {
             Pin::new(&mut self.0).poll_read(cx, buf)
         }
     }
-    impl TunnelRecv for Bytes {
+    impl<T: AsyncRead + Unpin + Send> TunnelRecv for Recv<T> {
         fn stop(&mut self, _: u32) {}
     }
 
-    fn wire(result: DialResult, rest: &[u8]) -> Bytes {
+    fn bytes(v: Vec<u8>) -> Recv<std::io::Cursor<Vec<u8>>> {
+        Recv(std::io::Cursor::new(v))
+    }
+
+    fn wire(result: DialResult, rest: &[u8]) -> Recv<std::io::Cursor<Vec<u8>>> {
         let mut v = Vec::new();
         proto::encode(&Message::DialResult(result), &mut v).unwrap();
         v.extend_from_slice(rest);
-        Bytes(std::io::Cursor::new(v))
+        bytes(v)
     }
 
     type Seen = Arc<Mutex<Option<Result<Duration, GateError>>>>;
@@ -237,18 +242,10 @@ mod tests {
     #[tokio::test]
     async fn garbage_and_early_end_are_errors() {
         let (cb, _) = recorder();
-        let mut gate = ResultGate::new(
-            Bytes(std::io::Cursor::new(b"HTTP/1.1 200".to_vec())),
-            Duration::from_secs(5),
-            cb,
-        );
+        let mut gate = ResultGate::new(bytes(b"HTTP/1.1 200".to_vec()), Duration::from_secs(5), cb);
         assert!(gate.read_to_end(&mut Vec::new()).await.is_err());
         let (cb, _) = recorder();
-        let mut gate = ResultGate::new(
-            Bytes(std::io::Cursor::new(vec![0x11, 0])),
-            Duration::from_secs(5),
-            cb,
-        );
+        let mut gate = ResultGate::new(bytes(vec![0x11, 0]), Duration::from_secs(5), cb);
         assert!(gate.read_to_end(&mut Vec::new()).await.is_err());
     }
 
@@ -256,20 +253,7 @@ mod tests {
     async fn no_answer_times_out() {
         let (cb, seen) = recorder();
         let (_keep, rx) = tokio::io::duplex(64);
-        struct Pipe(tokio::io::DuplexStream);
-        impl AsyncRead for Pipe {
-            fn poll_read(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                buf: &mut ReadBuf<'_>,
-            ) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.0).poll_read(cx, buf)
-            }
-        }
-        impl TunnelRecv for Pipe {
-            fn stop(&mut self, _: u32) {}
-        }
-        let mut gate = ResultGate::new(Pipe(rx), Duration::from_secs(3), cb);
+        let mut gate = ResultGate::new(Recv(rx), Duration::from_secs(3), cb);
         let err = gate.read(&mut [0u8; 16]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(*seen.lock().unwrap(), Some(Err(GateError::Timeout)));

@@ -221,6 +221,9 @@ impl Server {
         tracing::info!("shutting down: closing agent connections");
         shared.ready.store(false, Ordering::SeqCst);
         tasks.abort_all();
+        // Wait until the aborted listener tasks are gone: they hold sockets
+        // (and an endpoint handle that keeps the UDP socket open).
+        while tasks.join_next().await.is_some() {}
         for agent in shared.registry.snapshot() {
             agent
                 .link

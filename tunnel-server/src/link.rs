@@ -180,27 +180,14 @@ pub async fn dial(
     deadline: Duration,
 ) -> Result<(TunnelStream, Duration), DialError> {
     let started = Instant::now();
-    let bound = deadline + Duration::from_secs(2);
+    let bound = answer_bound(deadline);
     let exchange = async {
-        let mut stream = link
-            .open("/stream")
-            .await
-            .map_err(|reason| DialError::Open {
-                node: node.to_owned(),
-                reason,
-            })?;
-        let request = Message::Dial(DialRequest {
-            target,
-            deadline_ms: deadline.as_millis().min(u32::MAX as u128) as u32,
-        });
+        let mut stream = request(link, node, target, deadline).await?;
         let protocol = |reason: String| DialError::Protocol {
             node: node.to_owned(),
             target,
             reason,
         };
-        write_message(&mut stream.send, &request)
-            .await
-            .map_err(|e| protocol(e.to_string()))?;
         let mut buf = Vec::new();
         match read_message(&mut stream.recv, &mut buf).await {
             Ok(Message::DialResult(r)) if r.code == DialCode::Ok => Ok(stream),
