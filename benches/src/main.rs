@@ -10,6 +10,7 @@
 //!
 //! Needs root (network namespaces) and `cargo build --release --bins`.
 
+mod fleet_run;
 mod load;
 
 use std::net::{IpAddr, SocketAddr};
@@ -41,6 +42,8 @@ struct Plan {
     fanout_conns: usize,
     hol_secs: f64,
     hol_pings: usize,
+    fleet_agents: usize,
+    fleet_idle_secs: u64,
 }
 
 const FULL: Plan = Plan {
@@ -50,6 +53,8 @@ const FULL: Plan = Plan {
     fanout_conns: 1_000,
     hol_secs: 20.0,
     hol_pings: 1_000,
+    fleet_agents: 10_000,
+    fleet_idle_secs: 30,
 };
 const QUICK: Plan = Plan {
     bulk_secs: 2.0,
@@ -58,6 +63,8 @@ const QUICK: Plan = Plan {
     fanout_conns: 200,
     hol_secs: 6.0,
     hol_pings: 200,
+    fleet_agents: 500,
+    fleet_idle_secs: 5,
 };
 
 /// One row of the results table.
@@ -85,6 +92,7 @@ struct Report {
     rows: Vec<Row>,
     memory: Memory,
     transports: Vec<TransportRow>,
+    fleet: fleet_run::FleetReport,
 }
 
 /// One transport in the QUIC vs HTTP/2 comparison.
@@ -108,7 +116,7 @@ struct Memory {
     server_peak_hwm_kib: u64,
 }
 
-fn proc_status(pid: u32, field: &str) -> u64 {
+pub(crate) fn proc_status(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -120,7 +128,7 @@ fn proc_status(pid: u32, field: &str) -> u64 {
 }
 
 /// utime + stime in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses).
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -315,7 +323,14 @@ fn main() -> Result<()> {
     };
     let json_path = flag("--json").unwrap_or_else(|| "target/bench-results.json".into());
     let results_path = flag("--results");
-    let plan = if quick { QUICK } else { FULL };
+    let mut plan = if quick { QUICK } else { FULL };
+    if let Some(n) = flag("--fleet-agents") {
+        plan.fleet_agents = n
+            .parse()
+            .ok()
+            .filter(|n| (1..=100_000).contains(n))
+            .with_context(|| format!("--fleet-agents {n:?} is not within 1..=100000"))?;
+    }
     let bench = Bench::start()?;
     std::thread::sleep(Duration::from_secs(1));
     let mut memory = Memory {
@@ -445,6 +460,13 @@ fn main() -> Result<()> {
         });
     }
 
+    let fleet = fleet_run::run(
+        &bench.topo,
+        &bench._pki,
+        plan.fleet_agents,
+        Duration::from_secs(plan.fleet_idle_secs),
+    )?;
+
     let machine = format!(
         "{} cores, Linux {}",
         std::thread::available_parallelism()
@@ -469,6 +491,7 @@ fn main() -> Result<()> {
         rows,
         memory,
         transports,
+        fleet,
     };
     let table = render(&report);
     println!("{table}");
@@ -545,6 +568,32 @@ fn render(r: &Report) -> String {
         yes(m.server_idle_rss_kib <= 16384),
         m.server_peak_hwm_kib
     ));
+    let f = &r.fleet;
+    out.push_str(&format!(
+        "\n### Fleet: {} simulated agents (distinct certificates, one `edge-fleet` process) on one server\n\n\
+         | measure | value | target |\n|---|---:|---|\n\
+         | registered (generator / server gauge), failures | {} / {}, {} | all ({}) |\n\
+         | time to register all | {:.1} s | ≤ 60 s ({}) |\n\
+         | server RSS before / with the fleet / peak | {} / {} / {} KiB | ≤ 500 MiB ({}) |\n\
+         | server CPU while the fleet idles (keep-alives), {:.0} s window | {:.1}% of one core | ≤ 10% ({}) |\n",
+        f.agents,
+        f.registered,
+        f.server_agents_connected,
+        f.failed,
+        yes(f.registered == f.agents && f.server_agents_connected == f.agents as u64),
+        f.register_secs,
+        yes(f.register_secs <= 60.0),
+        f.server_idle_rss_before_kib,
+        f.server_rss_kib,
+        f.server_hwm_kib,
+        yes(f.server_hwm_kib <= 500 * 1024),
+        f.idle_window_secs,
+        f.server_idle_cpu_share * 100.0,
+        yes(f.server_idle_cpu_share <= 0.10),
+    ));
+    if let Some(e) = &f.first_error {
+        out.push_str(&format!("\nFirst fleet registration error: `{e}`\n"));
+    }
     out
 }
 
