@@ -74,7 +74,9 @@ fn parse_args() -> Result<Args> {
 
 /// Agent `i`'s address: 100.64.0.0 + i + 1.
 fn address(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i as u32 + 1))
+    IpAddr::V4(Ipv4Addr::from(
+        u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i as u32 + 1,
+    ))
 }
 
 fn node(i: usize) -> String {
@@ -199,8 +201,7 @@ fn main() -> Result<()> {
             first_error,
         };
         println!("FLEET {}", serde_json::to_string(&report)?);
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::time::sleep(args.hold) => {}
             _ = term.recv() => {}

@@ -95,6 +95,41 @@ pub async fn ping_pong(addr: SocketAddr, n: usize) -> Vec<Duration> {
     rtts
 }
 
+/// [`ping_pong`] on a direct and a tunnel connection at once, alternating
+/// blocks of `block` round trips, so both see the same machine state
+/// (on a VM, how idle the other vCPU is changes every wake-up's cost).
+/// Returns (direct, tunnel) round-trip times.
+pub async fn ping_pong_interleaved(
+    direct: SocketAddr,
+    tunnel: SocketAddr,
+    n: usize,
+    block: usize,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let mut d = TcpStream::connect(direct).await.expect("connect direct");
+    let mut t = TcpStream::connect(tunnel).await.expect("connect tunnel");
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let (mut dv, mut tv) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for tcp in [&mut d, &mut t] {
+        tcp.set_nodelay(true).unwrap();
+        for _ in 0..100 {
+            tcp.write_all(&msg).await.unwrap();
+            tcp.read_exact(&mut back).await.unwrap();
+        }
+    }
+    while tv.len() < n {
+        for (tcp, out) in [(&mut d, &mut dv), (&mut t, &mut tv)] {
+            for _ in 0..block.min(n - out.len()) {
+                let start = Instant::now();
+                tcp.write_all(&msg).await.unwrap();
+                tcp.read_exact(&mut back).await.unwrap();
+                out.push(start.elapsed());
+            }
+        }
+    }
+    (dv, tv)
+}
+
 /// Connections per second: connect, one 64-byte request/response, close;
 /// `total` of them with `concurrency` in flight. Returns (rate, failures).
 pub async fn conn_rate(addr: SocketAddr, total: usize, concurrency: usize) -> (f64, usize) {

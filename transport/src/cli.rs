@@ -29,18 +29,21 @@ pub struct Common {
     /// Runtime shape.
     #[arg(long, env = "TUNNEL_RUNTIME", value_enum, default_value_t = RuntimeShape::MultiThread)]
     pub runtime: RuntimeShape,
-    /// Worker threads for the multi-thread runtime (default: one per core).
+    /// Worker threads for the multi-thread runtime (default: one per core
+    /// for the server, one for the agent).
     #[arg(long, env = "TUNNEL_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub worker_threads: Option<u16>,
 }
 
 impl Common {
-    pub fn runtime(&self) -> io::Result<tokio::runtime::Runtime> {
+    /// `default_workers`: worker threads when `--worker-threads` is not
+    /// given (`None`: one per core).
+    pub fn runtime(&self, default_workers: Option<u16>) -> io::Result<tokio::runtime::Runtime> {
         let mut builder = match self.runtime {
             RuntimeShape::CurrentThread => tokio::runtime::Builder::new_current_thread(),
             RuntimeShape::MultiThread => {
                 let mut b = tokio::runtime::Builder::new_multi_thread();
-                if let Some(n) = self.worker_threads {
+                if let Some(n) = self.worker_threads.or(default_workers) {
                     b.worker_threads(n.into());
                 }
                 b

@@ -98,7 +98,10 @@ fn main() -> Result<()> {
         }
     }
     tracing::info!(node = %config.node, allow = %config.allow, "starting");
-    let runtime = args.common.runtime()?;
+    // One worker: an agent shares its node with kubelet and workloads, and
+    // on the benchmark one worker relays faster than two (fewer cross-thread
+    // wake-ups; see benches/RESULTS.md).
+    let runtime = args.common.runtime(Some(1))?;
     runtime.block_on(async {
         let shutdown = transport::cli::shutdown_signal();
         tunnel_agent::run(config, shutdown).await

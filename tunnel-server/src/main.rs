@@ -138,7 +138,7 @@ fn main() -> Result<()> {
             common,
         }) => {
             transport::cli::init_logging(common.log_format);
-            let runtime = common.runtime()?;
+            let runtime = common.runtime(Some(1))?;
             runtime.block_on(standalone_dnat(
                 server_admin,
                 to,
@@ -224,7 +224,7 @@ fn serve(args: Args) -> Result<()> {
     config.dial_timeout = Duration::from_secs(args.dial_timeout);
     config.quic.keepalive = Duration::from_secs(args.keepalive);
     config.quic.idle_timeout = Duration::from_secs(args.idle_timeout);
-    let runtime = args.common.runtime()?;
+    let runtime = args.common.runtime(None)?;
     runtime.block_on(async move {
         let shutdown = transport::cli::shutdown_signal();
         let mut server = Server::bind(config)?;
