@@ -11,9 +11,13 @@
 //!
 //! Each direction owns one buffer that starts small and doubles (up to
 //! `MAX_BUF`) while reads keep filling it, so idle connections cost little
-//! and bulk transfers make few, large writes.
+//! and bulk transfers make few, large writes. Growth is drawn from one
+//! budget per process (`GROWTH_BUDGET`): a burst of a thousand busy
+//! connections cannot grow every buffer at once; the ones over budget keep
+//! relaying with the buffer they have.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use proto::codes::stream as code;
@@ -23,9 +27,56 @@ use tokio::net::TcpStream;
 use crate::stream::{TunnelRecv, TunnelSend};
 
 /// First buffer size per direction.
-pub const MIN_BUF: usize = 16 * 1024;
+pub const MIN_BUF: usize = 4 * 1024;
 /// Largest buffer size per direction.
 pub const MAX_BUF: usize = 64 * 1024;
+/// Bytes all relays of this process may hold above `MIN_BUF` per direction.
+pub const GROWTH_BUDGET: usize = 16 * 1024 * 1024;
+
+/// Bytes currently drawn from `GROWTH_BUDGET`.
+static GROWN: AtomicUsize = AtomicUsize::new(0);
+
+/// A relay buffer whose growth beyond `MIN_BUF` is accounted against the
+/// process-wide budget and given back when it drops.
+struct RelayBuf {
+    data: Vec<u8>,
+}
+
+impl RelayBuf {
+    fn new() -> Self {
+        RelayBuf {
+            data: vec![0; MIN_BUF],
+        }
+    }
+
+    /// Doubles the buffer if it is below `MAX_BUF` and the budget allows.
+    /// Called only when a read filled the buffer: a few times per
+    /// connection, never per chunk once at the largest size.
+    fn grow(&mut self) {
+        let len = self.data.len();
+        if len >= MAX_BUF {
+            return;
+        }
+        let add = len;
+        let before = GROWN.fetch_add(add, Ordering::Relaxed);
+        if before + add > GROWTH_BUDGET {
+            GROWN.fetch_sub(add, Ordering::Relaxed);
+            return;
+        }
+        self.data.resize(len * 2, 0);
+    }
+}
+
+impl Drop for RelayBuf {
+    fn drop(&mut self) {
+        GROWN.fetch_sub(self.data.len() - MIN_BUF, Ordering::Relaxed);
+    }
+}
+
+/// Bytes the relays of this process hold above their first buffers.
+pub fn grown_bytes() -> usize {
+    GROWN.load(Ordering::Relaxed)
+}
 
 /// Longest wait for the peer to acknowledge a finished stream.
 const DELIVERY_WAIT: Duration = Duration::from_secs(5);
@@ -170,18 +221,18 @@ where
 {
     let read_fail = |e| dir.failure(true, e);
     let write_fail = |e| dir.failure(false, e);
-    let mut buf = vec![0u8; MIN_BUF];
+    let mut buf = RelayBuf::new();
     loop {
-        let n = r.read(&mut buf).await.map_err(read_fail)?;
+        let n = r.read(&mut buf.data).await.map_err(read_fail)?;
         if n == 0 {
             // FIN: pass the half-close on and stop this direction.
             return w.shutdown().await.map_err(write_fail);
         }
-        w.write_all(&buf[..n]).await.map_err(write_fail)?;
+        w.write_all(&buf.data[..n]).await.map_err(write_fail)?;
         *total += n as u64;
         on_bytes(dir, n);
-        if n == buf.len() && buf.len() < MAX_BUF {
-            buf.resize(buf.len() * 2, 0);
+        if n == buf.data.len() {
+            buf.grow();
         }
     }
 }
@@ -193,4 +244,37 @@ fn is_reset(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::BrokenPipe
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_growth_is_bounded_by_the_budget_and_given_back() {
+        let before = grown_bytes();
+        let mut bufs = Vec::new();
+        // Grow buffers to the largest size until the budget refuses one.
+        loop {
+            let mut b = RelayBuf::new();
+            for _ in 0..8 {
+                b.grow();
+            }
+            assert!(b.data.len() <= MAX_BUF);
+            let full = b.data.len() == MAX_BUF;
+            bufs.push(b);
+            if !full {
+                break;
+            }
+            assert!(
+                bufs.len() <= GROWTH_BUDGET / (MAX_BUF - MIN_BUF) + 1,
+                "grew past the budget"
+            );
+        }
+        assert!(grown_bytes() <= GROWTH_BUDGET);
+        // The one over budget still relays, with the buffer it has.
+        assert!(bufs.last().unwrap().data.len() >= MIN_BUF);
+        drop(bufs);
+        assert_eq!(grown_bytes(), before);
+    }
 }
