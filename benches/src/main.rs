@@ -146,7 +146,23 @@ struct Bench {
     _pki: Pki,
 }
 
-fn spawn_agent(topo: &Topology, pki: &Pki, runtime: &str, transport: &str) -> Result<Proc> {
+/// `--runtime` and `--worker-threads` for `who` ("SERVER" or "AGENT") from
+/// `BENCH_{who}_RUNTIME` and `BENCH_{who}_WORKERS`; unset: the defaults.
+fn runtime_args(who: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Ok(shape) = std::env::var(format!("BENCH_{who}_RUNTIME")) {
+        args.extend(["--runtime".to_owned(), shape]);
+    }
+    if let Ok(n) = std::env::var(format!("BENCH_{who}_WORKERS")) {
+        args.extend(["--worker-threads".to_owned(), n]);
+    }
+    args
+}
+
+fn spawn_agent(topo: &Topology, pki: &Pki, transport: &str) -> Result<Proc> {
+    let runtime = runtime_args("AGENT");
+    let mut args: Vec<&str> = runtime.iter().map(String::as_str).collect();
+    args.extend_from_slice(&["--transport", transport]);
     Ok(topo.edge.spawn(
         bin("tunnel-agent").to_str().context("path")?,
         &[
@@ -161,11 +177,10 @@ fn spawn_agent(topo: &Topology, pki: &Pki, runtime: &str, transport: &str) -> Re
                 "{EDGE_IP}:{},{},{}",
                 TUNNEL.echo, TUNNEL.sink, TUNNEL.source
             ),
-            "--runtime",
-            runtime,
-            "--transport",
-            transport,
-        ],
+        ]
+        .into_iter()
+        .chain(args)
+        .collect::<Vec<_>>(),
         &topo.dir.join(format!("agent-{transport}.log")),
     ))
 }
@@ -187,10 +202,7 @@ impl Bench {
                 load::serve(edge_ip, DIRECT).await;
             }
         });
-        let server_runtime =
-            std::env::var("BENCH_SERVER_RUNTIME").unwrap_or_else(|_| "multi-thread".into());
-        let agent_runtime =
-            std::env::var("BENCH_AGENT_RUNTIME").unwrap_or_else(|_| "multi-thread".into());
+        let server_runtime = runtime_args("SERVER");
         let server = topo.cloud.spawn(
             bin("tunnel-server").to_str().context("path")?,
             &[
@@ -205,12 +217,13 @@ impl Bench {
                 "--dnat",
                 "--dnat-ports",
                 &format!("{},{},{}", TUNNEL.echo, TUNNEL.sink, TUNNEL.source),
-                "--runtime",
-                &server_runtime,
-            ],
+            ]
+            .into_iter()
+            .chain(server_runtime.iter().map(String::as_str))
+            .collect::<Vec<_>>(),
             &topo.dir.join("server.log"),
         );
-        let agent = spawn_agent(&topo, &pki, &agent_runtime, "quic")?;
+        let agent = spawn_agent(&topo, &pki, "quic")?;
         let bench = Bench {
             topo,
             server,
@@ -243,9 +256,7 @@ impl Bench {
     /// routes through it.
     fn restart_agent(&mut self, transport: &str) -> Result<()> {
         self.agent.terminate();
-        let runtime =
-            std::env::var("BENCH_AGENT_RUNTIME").unwrap_or_else(|_| "multi-thread".into());
-        self.agent = spawn_agent(&self.topo, &self._pki, &runtime, transport)?;
+        self.agent = spawn_agent(&self.topo, &self._pki, transport)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let want = format!("\"transport\": \"{transport}\"");
         loop {
@@ -349,6 +360,13 @@ fn main() -> Result<()> {
     let json_path = flag("--json").unwrap_or_else(|| "target/bench-results.json".into());
     let results_path = flag("--results");
     let mut plan = if quick { QUICK } else { FULL };
+    if let Some(n) = flag("--fanout-conns") {
+        plan.fanout_conns = n
+            .parse()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .with_context(|| format!("--fanout-conns {n:?} is not within 1..=10000"))?;
+    }
     if let Some(n) = flag("--fleet-agents") {
         plan.fleet_agents = n
             .parse()

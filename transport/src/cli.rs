@@ -29,8 +29,8 @@ pub struct Common {
     /// Runtime shape.
     #[arg(long, env = "TUNNEL_RUNTIME", value_enum, default_value_t = RuntimeShape::MultiThread)]
     pub runtime: RuntimeShape,
-    /// Worker threads for the multi-thread runtime (default: one per core
-    /// for the server, one for the agent).
+    /// Worker threads for the multi-thread runtime (default: half the
+    /// cores for the server, one for the agent).
     #[arg(long, env = "TUNNEL_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub worker_threads: Option<u16>,
 }

@@ -224,7 +224,13 @@ fn serve(args: Args) -> Result<()> {
     config.dial_timeout = Duration::from_secs(args.dial_timeout);
     config.quic.keepalive = Duration::from_secs(args.keepalive);
     config.quic.idle_timeout = Duration::from_secs(args.idle_timeout);
-    let runtime = args.common.runtime(None)?;
+    // Half the cores (at least one): relaying is mostly kernel work (TCP and
+    // UDP paths, softirqs) that needs cores of its own, and each extra worker
+    // adds cross-thread wake-ups per packet. On the 2-core benchmark one
+    // worker beat two on every workload (benches/RESULTS.md).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = u16::try_from(cores / 2).unwrap_or(u16::MAX).max(1);
+    let runtime = args.common.runtime(Some(workers))?;
     runtime.block_on(async move {
         let shutdown = transport::cli::shutdown_signal();
         let mut server = Server::bind(config)?;
