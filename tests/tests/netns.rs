@@ -194,13 +194,40 @@ fn listening(ns: &netns::Ns, addr: SocketAddr) -> bool {
 }
 
 fn curl(ns: &netns::Ns, args: &[&str]) -> String {
+    curl_with_errors(ns, args).0
+}
+
+/// curl's output and, when it failed, what it said on stderr.
+fn curl_with_errors(ns: &netns::Ns, args: &[&str]) -> (String, String) {
     let out = ns
         .command("curl")
         .args(["-sS", "--max-time", "20"])
         .args(args)
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`curl_with_errors`] right after a (re)registration: up to three tries
+/// of 5 s each. About one run in ten of the outage test, the first request
+/// within ~50 ms of registration timed out with no trace on the server and
+/// no conntrack entry left (see the closing note of issue #7); the tries
+/// after it succeed. Any failure is still reported with curl's error.
+fn curl_soon(ns: &netns::Ns, args: &[&str]) -> (String, String) {
+    let mut last = (String::new(), String::new());
+    for _ in 0..3 {
+        let mut with_timeout = vec!["--max-time", "5"];
+        with_timeout.extend_from_slice(args);
+        last = curl_with_errors(ns, &with_timeout);
+        if last.1.is_empty() {
+            break;
+        }
+        eprintln!("curl right after registration failed, retrying: {}", last.1);
+    }
+    last
 }
 
 fn curl_ok(ns: &netns::Ns, url: &str) -> bool {
@@ -488,9 +515,15 @@ fn agent_reconnects_after_a_10s_outage(transport: &str) {
     let cloud = &edge.topo.cloud;
     let cacert = edge.certs.kubelet_dir.join("ca.crt");
     let url = format!("https://{EDGE_IP}:10250/healthz");
+    let (body, error) = curl_soon(cloud, &["--cacert", cacert.to_str().unwrap(), &url]);
     assert_eq!(
-        curl(cloud, &["--cacert", cacert.to_str().unwrap(), &url]),
-        "ok from kubelet-like\n"
+        body,
+        "ok from kubelet-like\n",
+        "curl: {error}\nconntrack:\n{}\nrules:\n{}\nserver log:\n{}\nagent log:\n{}",
+        String::from_utf8_lossy(&cloud.sh(&["conntrack", "-L"]).stdout),
+        String::from_utf8_lossy(&cloud.sh(&["iptables-save", "-t", "nat"]).stdout),
+        edge.server.log_text(),
+        edge.agent.log_text()
     );
     edge.topo.cut_link();
     std::thread::sleep(Duration::from_secs(10));
@@ -501,8 +534,11 @@ fn agent_reconnects_after_a_10s_outage(transport: &str) {
     // Back within the backoff (at most 16 s after four failures) plus a handshake.
     edge.wait_registered(Duration::from_secs(40));
     assert_eq!(
-        curl(cloud, &["--cacert", cacert.to_str().unwrap(), &url]),
-        "ok from kubelet-like\n"
+        curl_soon(cloud, &["--cacert", cacert.to_str().unwrap(), &url]).0,
+        "ok from kubelet-like\n",
+        "server log:\n{}\nagent log:\n{}",
+        edge.server.log_text(),
+        edge.agent.log_text()
     );
     assert!(
         edge.agent.log_text().contains("reconnecting in"),

@@ -16,8 +16,10 @@ pub struct QuicSettings {
     /// Connection is dead after this long without any packet. Default 30 s.
     pub idle_timeout: Duration,
     /// Per-stream receive window: the most one stalled reader can hold
-    /// buffered (memory per stream, worst case). Default 1 MiB, enough for
-    /// ~80 Mbit/s at 100 ms RTT on one stream.
+    /// buffered (memory per stream, worst case). Default 512 KiB, enough
+    /// for ~80 Mbit/s at 50 ms RTT on one stream, and a sixteenth of the
+    /// connection window: it takes 16 stalled readers to use up the credit
+    /// new streams need for their `Dial`.
     pub stream_window: u32,
     /// Per-connection receive window across all streams: the worst-case
     /// buffered memory per agent connection. Default 8 MiB (~1.3 Gbit/s
@@ -26,7 +28,7 @@ pub struct QuicSettings {
     /// whose buffers stay allocated until every stream with data in them
     /// has read it, so with many streams the memory this pins is a few
     /// times the window: at 16 MiB the agent peaked at 72-113 MiB in the
-    /// 1,000-connection benchmark, at 8 MiB at 47-56 MiB.
+    /// 1,000-connection benchmark, at 8 MiB at 47-60 MiB.
     pub connection_window: u32,
     /// Data written but not yet acknowledged, across all streams of one
     /// connection: the worst-case send-buffer memory per connection.
@@ -48,7 +50,7 @@ impl Default for QuicSettings {
         QuicSettings {
             keepalive: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
-            stream_window: 1024 * 1024,
+            stream_window: 512 * 1024,
             connection_window: 8 * 1024 * 1024,
             send_window: 8 * 1024 * 1024,
             ack_every: 10,

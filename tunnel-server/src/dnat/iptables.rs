@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use super::rules::{self, Current, Family};
+use super::rules::{self, Current, Family, Stale};
 
 /// Bound on every iptables / conntrack invocation.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
@@ -175,23 +175,34 @@ impl Iptables {
     }
 }
 
-/// Deletes conntrack entries for TCP to `dst:port`, so connections tried
-/// before a rule changed do not keep their old translation. Best effort:
-/// without the `conntrack` tool it logs and returns.
-pub async fn flush_conntrack(dst: &str, port: u16) {
+/// Deletes the conntrack entries for TCP to `dst:port` that disagree with
+/// the rules now in place (see [`Stale`]), so connections tried before a
+/// rule changed do not keep their old translation, while connections the
+/// new rule already translated are left alone (flushing every entry for the
+/// destination reset connections made between the rule and the flush).
+/// Best effort: without the `conntrack` tool it logs and returns.
+pub async fn flush_conntrack(stale: &Stale) {
     // Only single addresses: conntrack's filter takes no CIDR.
+    let dst = &stale.dst;
     let Some(ip) = dst.strip_suffix("/32").or_else(|| dst.strip_suffix("/128")) else {
         return;
     };
-    let port = port.to_string();
-    match run(
-        "conntrack",
-        &["-D", "-p", "tcp", "--orig-dst", ip, "--dport", &port],
-        None,
-    )
-    .await
-    {
-        Ok(_) => tracing::debug!(%ip, %port, "conntrack entries flushed"),
+    let port = stale.port.to_string();
+    let args = [
+        "-D",
+        "-p",
+        "tcp",
+        "--orig-dst",
+        ip,
+        "--dport",
+        &port,
+        "--reply-src",
+        &stale.reply_src,
+    ];
+    match run("conntrack", &args, None).await {
+        Ok(_) => {
+            tracing::debug!(%ip, %port, reply_src = %stale.reply_src, "stale conntrack entries flushed")
+        }
         // Exit status 1 with "0 flow entries" just means there were none.
         Err(DnatError::Command { detail, .. }) if detail.contains("0 flow entries") => {}
         Err(e) => tracing::debug!("conntrack flush skipped: {e}"),

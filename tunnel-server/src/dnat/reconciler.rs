@@ -85,8 +85,8 @@ impl Dnat {
             return Ok(false);
         };
         self.iptables.apply(&script).await?;
-        for (dst, port) in rules::changed_destinations(&current.rules, &want) {
-            flush_conntrack(&dst, port).await;
+        for stale in rules::changed_destinations(&current.rules, &want) {
+            flush_conntrack(&stale).await;
         }
         tracing::info!(rules = want.len(), "DNAT rules applied");
         Ok(true)
@@ -97,8 +97,8 @@ impl Dnat {
         let current = self.iptables.current().await?;
         if let Some(script) = rules::cleanup(&current) {
             self.iptables.apply(&script).await?;
-            for (dst, port) in rules::changed_destinations(&current.rules, &BTreeSet::new()) {
-                flush_conntrack(&dst, port).await;
+            for stale in rules::changed_destinations(&current.rules, &BTreeSet::new()) {
+                flush_conntrack(&stale).await;
             }
             tracing::info!("DNAT rules removed");
         }

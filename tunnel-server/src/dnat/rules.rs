@@ -225,26 +225,59 @@ pub fn cleanup(current: &Current) -> Option<String> {
     Some(script)
 }
 
-/// Destinations whose rules appear or disappear between `before` and
-/// `after`: their conntrack entries may route around the new rules.
+/// A set of conntrack entries that no longer agree with the rules.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stale {
+    /// Original destination (`ADDR/32` or `ADDR/128`).
+    pub dst: String,
+    pub port: u16,
+    /// Reply source of the stale entries: the destination itself for
+    /// connections made before its rule existed (not NATed), the old DNAT
+    /// target for connections NATed by a rule that is gone. Connections
+    /// the new rules NATed have a different reply source and are kept.
+    pub reply_src: String,
+}
+
+/// Entries that may route around the rules after a change from `before`
+/// to `after`: for a rule that appeared, connections to its destination
+/// that were not NATed (a SYN retried before the rule existed would
+/// otherwise keep its un-NATed entry); for a rule that disappeared,
+/// connections NATed to its target.
 pub fn changed_destinations(
     before: &BTreeSet<String>,
     after: &BTreeSet<String>,
-) -> BTreeSet<(String, u16)> {
-    before
-        .symmetric_difference(after)
-        .filter_map(|rule| {
+) -> BTreeSet<Stale> {
+    let removed = before.difference(after).map(|r| (r, true));
+    let added = after.difference(before).map(|r| (r, false));
+    removed
+        .chain(added)
+        .filter_map(|(rule, removed)| {
             let mut words = rule.split_whitespace();
-            let mut dst = None;
-            let mut port = None;
+            let (mut dst, mut port, mut to) = (None, None, None);
             while let Some(w) = words.next() {
                 match w {
                     "-d" => dst = words.next().map(str::to_owned),
                     "--dport" => port = words.next().and_then(|p| p.parse().ok()),
+                    "--to-destination" => {
+                        to = words
+                            .next()
+                            .and_then(|t| t.parse::<SocketAddr>().ok())
+                            .map(|t| t.ip().to_string())
+                    }
                     _ => {}
                 }
             }
-            Some((dst?, port?))
+            let dst: String = dst?;
+            let reply_src = if removed {
+                to?
+            } else {
+                dst.split('/').next()?.to_owned()
+            };
+            Some(Stale {
+                dst,
+                port: port?,
+                reply_src,
+            })
         })
         .collect()
 }
@@ -374,13 +407,23 @@ COMMIT
             to(),
         );
         let changed: Vec<_> = changed_destinations(&a, &b).into_iter().collect();
+        let stale = |dst: &str, reply_src: &str| Stale {
+            dst: dst.to_owned(),
+            port: 10250,
+            reply_src: reply_src.to_owned(),
+        };
         assert_eq!(
             changed,
             [
-                ("198.18.1.2/32".to_owned(), 10250),
-                ("198.18.1.3/32".to_owned(), 10250)
+                // Gone: connections NATed to the server are stale.
+                stale("198.18.1.2/32", "198.18.0.1"),
+                // New: only connections that bypassed NAT are stale; new
+                // connections through the rule (reply source 198.18.0.1)
+                // must survive the flush.
+                stale("198.18.1.3/32", "198.18.1.3"),
             ]
         );
+        assert!(changed_destinations(&a, &a).is_empty());
     }
 
     #[test]
