@@ -360,19 +360,21 @@ fn main() -> Result<()> {
     let json_path = flag("--json").unwrap_or_else(|| "target/bench-results.json".into());
     let results_path = flag("--results");
     let mut plan = if quick { QUICK } else { FULL };
-    if let Some(n) = flag("--fanout-conns") {
-        plan.fanout_conns = n
-            .parse()
-            .ok()
-            .filter(|n| (1..=10_000).contains(n))
-            .with_context(|| format!("--fanout-conns {n:?} is not within 1..=10000"))?;
+    let count = |name: &str, max: usize| -> Result<Option<usize>> {
+        flag(name)
+            .map(|n| {
+                n.parse()
+                    .ok()
+                    .filter(|v| (1..=max).contains(v))
+                    .with_context(|| format!("{name} {n:?} is not within 1..={max}"))
+            })
+            .transpose()
+    };
+    if let Some(n) = count("--fanout-conns", 10_000)? {
+        plan.fanout_conns = n;
     }
-    if let Some(n) = flag("--fleet-agents") {
-        plan.fleet_agents = n
-            .parse()
-            .ok()
-            .filter(|n| (1..=100_000).contains(n))
-            .with_context(|| format!("--fleet-agents {n:?} is not within 1..=100000"))?;
+    if let Some(n) = count("--fleet-agents", 100_000)? {
+        plan.fleet_agents = n;
     }
     let bench = Bench::start()?;
     std::thread::sleep(Duration::from_secs(1));
