@@ -89,10 +89,39 @@ struct Report {
     machine: String,
     command: String,
     quick: bool,
+    /// Workloads run (`--only`); all when empty.
+    only: Vec<String>,
+    /// Share of CPU time the hypervisor stole from this VM during the run
+    /// (`/proc/stat`): high values mean a noisy neighbour, not our code.
+    steal_share: f64,
     rows: Vec<Row>,
     memory: Memory,
     transports: Vec<TransportRow>,
-    fleet: fleet_run::FleetReport,
+    fleet: Option<fleet_run::FleetReport>,
+}
+
+/// Workload groups `--only` can select.
+const WORKLOADS: [&str; 6] = [
+    "bulk",
+    "ping-pong",
+    "conn-rate",
+    "echo",
+    "transports",
+    "fleet",
+];
+
+/// CPU time (ticks) stolen by the hypervisor and in total, from `/proc/stat`.
+fn steal_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    (fields.get(7).copied().unwrap_or(0), fields.iter().sum())
 }
 
 /// One transport in the QUIC vs HTTP/2 comparison.
@@ -376,6 +405,18 @@ fn main() -> Result<()> {
     if let Some(n) = count("--fleet-agents", 100_000)? {
         plan.fleet_agents = n;
     }
+    let only: Vec<String> = match flag("--only") {
+        Some(list) => list.split(',').map(|w| w.trim().to_owned()).collect(),
+        None => Vec::new(),
+    };
+    if let Some(bad) = only.iter().find(|w| !WORKLOADS.contains(&w.as_str())) {
+        bail!(
+            "--only: unknown workload {bad:?}; known: {}",
+            WORKLOADS.join(",")
+        );
+    }
+    let runs = |w: &str| only.is_empty() || only.iter().any(|o| o == w);
+    let steal_before = steal_ticks();
     let bench = Bench::start()?;
     std::thread::sleep(Duration::from_secs(1));
     let mut memory = Memory {
@@ -390,7 +431,10 @@ fn main() -> Result<()> {
     for (upload, label) in [
         (true, "bulk 1 stream, upload (cloud→edge)"),
         (false, "bulk 1 stream, download (edge→cloud)"),
-    ] {
+    ]
+    .into_iter()
+    .filter(|_| runs("bulk"))
+    {
         let (d, t, sc, ac) = bench.pair(|p| {
             let port = if upload { p.sink } else { p.source };
             bench.in_cloud(|| load::bulk(Bench::addr(port), upload, 1, plan.bulk_secs))
@@ -405,82 +449,88 @@ fn main() -> Result<()> {
             (sc, ac),
         ));
     }
-    let (d, t, sc, ac) = bench
-        .pair(|p| bench.in_cloud(|| load::bulk(Bench::addr(p.source), false, 8, plan.bulk_secs)));
-    rows.push(row(
-        "bulk 8 streams, download",
-        "Mbit/s",
-        mbit(d),
-        mbit(t),
-        "≥ 0.40×",
-        Some(t / d >= 0.40),
-        (sc, ac),
-    ));
-
-    // Interleaved in blocks rather than one path after the other: this
-    // workload is dominated by wake-up latency, which drifts on a VM.
-    let (s0, a0) = (
-        cpu_seconds(bench.server.pid()),
-        cpu_seconds(bench.agent.pid()),
-    );
-    let (mut d, mut t) = bench.in_cloud(|| {
-        load::ping_pong_interleaved(
-            Bench::addr(DIRECT.echo),
-            Bench::addr(TUNNEL.echo),
-            plan.ping_pongs,
-            500,
-        )
-    });
-    let (sc, ac) = (
-        cpu_seconds(bench.server.pid()) - s0,
-        cpu_seconds(bench.agent.pid()) - a0,
-    );
-    d.sort();
-    t.sort();
-    for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
-        let (dv, tv) = (us(load::percentile(&d, q)), us(load::percentile(&t, q)));
+    if runs("bulk") {
+        let (d, t, sc, ac) = bench.pair(|p| {
+            bench.in_cloud(|| load::bulk(Bench::addr(p.source), false, 8, plan.bulk_secs))
+        });
         rows.push(row(
-            &format!("64 B ping-pong {name}"),
-            "µs",
-            dv,
-            tv,
-            "≤ 1.5×",
-            Some(tv / dv <= 1.5),
+            "bulk 8 streams, download",
+            "Mbit/s",
+            mbit(d),
+            mbit(t),
+            "≥ 0.40×",
+            Some(t / d >= 0.40),
             (sc, ac),
         ));
     }
-
-    for c in [1usize, 64] {
-        let (d, t, sc, ac) =
-            bench.pair(|p| bench.in_cloud(|| load::conn_rate(Bench::addr(p.echo), plan.conns, c)));
-        let ok = t.0 / d.0 >= 0.40 && t.1 == 0;
+    if runs("ping-pong") {
+        // Interleaved in blocks rather than one path after the other: this
+        // workload is dominated by wake-up latency, which drifts on a VM.
+        let (s0, a0) = (
+            cpu_seconds(bench.server.pid()),
+            cpu_seconds(bench.agent.pid()),
+        );
+        let (mut d, mut t) = bench.in_cloud(|| {
+            load::ping_pong_interleaved(
+                Bench::addr(DIRECT.echo),
+                Bench::addr(TUNNEL.echo),
+                plan.ping_pongs,
+                500,
+            )
+        });
+        let (sc, ac) = (
+            cpu_seconds(bench.server.pid()) - s0,
+            cpu_seconds(bench.agent.pid()) - a0,
+        );
+        d.sort();
+        t.sort();
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            let (dv, tv) = (us(load::percentile(&d, q)), us(load::percentile(&t, q)));
+            rows.push(row(
+                &format!("64 B ping-pong {name}"),
+                "µs",
+                dv,
+                tv,
+                "≤ 1.5×",
+                Some(tv / dv <= 1.5),
+                (sc, ac),
+            ));
+        }
+    }
+    if runs("conn-rate") {
+        for c in [1usize, 64] {
+            let (d, t, sc, ac) = bench
+                .pair(|p| bench.in_cloud(|| load::conn_rate(Bench::addr(p.echo), plan.conns, c)));
+            let ok = t.0 / d.0 >= 0.40 && t.1 == 0;
+            rows.push(row(
+                &format!("new conn + 64 B req/resp, c={c} (failures {}/{})", d.1, t.1),
+                "conn/s",
+                d.0,
+                t.0,
+                "≥ 0.40×",
+                Some(ok),
+                (sc, ac),
+            ));
+        }
+    }
+    if runs("echo") {
+        let (d, t, sc, ac) = bench.pair(|p| {
+            bench.in_cloud(|| load::fanout(Bench::addr(p.echo), plan.fanout_conns, 256 * 1024))
+        });
+        let ok = t.0 / d.0 <= 2.0 && t.1 == 0;
         rows.push(row(
-            &format!("new conn + 64 B req/resp, c={c} (failures {}/{})", d.1, t.1),
-            "conn/s",
+            &format!(
+                "{} concurrent × 256 KiB echo (failures {}/{})",
+                plan.fanout_conns, d.1, t.1
+            ),
+            "s",
             d.0,
             t.0,
-            "≥ 0.40×",
+            "≤ 2.0×",
             Some(ok),
             (sc, ac),
         ));
     }
-
-    let (d, t, sc, ac) = bench.pair(|p| {
-        bench.in_cloud(|| load::fanout(Bench::addr(p.echo), plan.fanout_conns, 256 * 1024))
-    });
-    let ok = t.0 / d.0 <= 2.0 && t.1 == 0;
-    rows.push(row(
-        &format!(
-            "{} concurrent × 256 KiB echo (failures {}/{})",
-            plan.fanout_conns, d.1, t.1
-        ),
-        "s",
-        d.0,
-        t.0,
-        "≤ 2.0×",
-        Some(ok),
-        (sc, ac),
-    ));
     memory.agent_peak_hwm_kib = proc_status(bench.agent.pid(), "VmHWM:");
     memory.server_peak_hwm_kib = proc_status(bench.server.pid(), "VmHWM:");
 
@@ -489,7 +539,7 @@ fn main() -> Result<()> {
     // loss and a 50 Mbit/s cap at the router.
     let mut transports = Vec::new();
     let mut bench = bench;
-    for transport in ["quic", "h2"] {
+    for transport in ["quic", "h2"].into_iter().filter(|_| runs("transports")) {
         bench.restart_agent(transport)?;
         let bulk =
             bench.in_cloud(|| load::bulk(Bench::addr(TUNNEL.source), false, 1, plan.bulk_secs));
@@ -520,12 +570,19 @@ fn main() -> Result<()> {
         });
     }
 
-    let fleet = fleet_run::run(
-        &bench.topo,
-        &bench._pki,
-        plan.fleet_agents,
-        Duration::from_secs(plan.fleet_idle_secs),
-    )?;
+    let fleet = if runs("fleet") {
+        Some(fleet_run::run(
+            &bench.topo,
+            &bench._pki,
+            plan.fleet_agents,
+            Duration::from_secs(plan.fleet_idle_secs),
+        )?)
+    } else {
+        None
+    };
+    let steal_after = steal_ticks();
+    let steal_share =
+        (steal_after.0 - steal_before.0) as f64 / (steal_after.1 - steal_before.1).max(1) as f64;
 
     let machine = format!(
         "{} cores, Linux {}",
@@ -539,15 +596,21 @@ fn main() -> Result<()> {
     let date = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    let command = format!(
-        "cargo build --release --bins && cargo run --release -p benches --{}",
-        if quick { " --quick" } else { "" }
-    );
+    let mut command =
+        "cargo build --release --bins && cargo run --release -p benches --".to_owned();
+    if quick {
+        command.push_str(" --quick");
+    }
+    if !only.is_empty() {
+        command.push_str(&format!(" --only {}", only.join(",")));
+    }
     let report = Report {
         date,
         machine,
         command,
         quick,
+        only,
+        steal_share,
         rows,
         memory,
         transports,
@@ -567,7 +630,7 @@ fn main() -> Result<()> {
 fn render(r: &Report) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "Date: {}  \nMachine: {}  \nCommand: `{}`{}\n\n",
+        "Date: {}  \nMachine: {}  \nCommand: `{}`{}  \nCPU time stolen by the hypervisor during the run: {:.1}%\n\n",
         r.date,
         r.machine,
         r.command,
@@ -575,7 +638,8 @@ fn render(r: &Report) -> String {
             " (quick mode: shorter runs, fewer connections)"
         } else {
             ""
-        }
+        },
+        r.steal_share * 100.0
     ));
     out.push_str("| workload | unit | direct | tunnel | tunnel ÷ direct | target | met | server CPU s | agent CPU s |\n");
     out.push_str("|---|---|---:|---:|---:|---|---|---:|---:|\n");
@@ -628,7 +692,9 @@ fn render(r: &Report) -> String {
         yes(m.server_idle_rss_kib <= 16384),
         m.server_peak_hwm_kib
     ));
-    let f = &r.fleet;
+    let Some(f) = &r.fleet else {
+        return out;
+    };
     out.push_str(&format!(
         "\n### Fleet: {} simulated agents (distinct certificates, one `edge-fleet` process) on one server\n\n\
          | measure | value | target |\n|---|---:|---|\n\
