@@ -95,30 +95,29 @@ pub async fn ping_pong(addr: SocketAddr, n: usize) -> Vec<Duration> {
     rtts
 }
 
-/// [`ping_pong`] on a direct and a tunnel connection at once, alternating
-/// blocks of `block` round trips, so both see the same machine state
+/// [`ping_pong`] on one connection to each of `addrs` at once, alternating
+/// blocks of `block` round trips, so all paths see the same machine state
 /// (on a VM, how idle the other vCPU is changes every wake-up's cost).
-/// Returns (direct, tunnel) round-trip times.
+/// Returns the round-trip times per address, in the order given.
 pub async fn ping_pong_interleaved(
-    direct: SocketAddr,
-    tunnel: SocketAddr,
+    addrs: &[SocketAddr],
     n: usize,
     block: usize,
-) -> (Vec<Duration>, Vec<Duration>) {
-    let mut d = TcpStream::connect(direct).await.expect("connect direct");
-    let mut t = TcpStream::connect(tunnel).await.expect("connect tunnel");
+) -> Vec<Vec<Duration>> {
     let msg = [7u8; 64];
     let mut back = [0u8; 64];
-    let (mut dv, mut tv) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for tcp in [&mut d, &mut t] {
+    let mut conns = Vec::with_capacity(addrs.len());
+    for &addr in addrs {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
         tcp.set_nodelay(true).unwrap();
         for _ in 0..100 {
             tcp.write_all(&msg).await.unwrap();
             tcp.read_exact(&mut back).await.unwrap();
         }
+        conns.push((tcp, Vec::with_capacity(n)));
     }
-    while tv.len() < n {
-        for (tcp, out) in [(&mut d, &mut dv), (&mut t, &mut tv)] {
+    while conns.iter().any(|(_, out)| out.len() < n) {
+        for (tcp, out) in conns.iter_mut() {
             for _ in 0..block.min(n - out.len()) {
                 let start = Instant::now();
                 tcp.write_all(&msg).await.unwrap();
@@ -127,7 +126,7 @@ pub async fn ping_pong_interleaved(
             }
         }
     }
-    (dv, tv)
+    conns.into_iter().map(|(_, out)| out).collect()
 }
 
 /// Connections per second: connect, one 64-byte request/response, close;

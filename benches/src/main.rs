@@ -11,6 +11,7 @@
 //! Needs root (network namespaces) and `cargo build --release --bins`.
 
 mod fleet_run;
+mod forwarder;
 mod load;
 
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +32,18 @@ const DIRECT: Ports = Ports {
     echo: 7100,
     sink: 7101,
     source: 7102,
+};
+/// The reference path: two plain TCP forwarders, entered in `cloud` at
+/// these ports, hopping through `FLOOR_HOP` in `edge` to the direct ports.
+const FLOOR: Ports = Ports {
+    echo: 7200,
+    sink: 7201,
+    source: 7202,
+};
+const FLOOR_HOP: Ports = Ports {
+    echo: 7300,
+    sink: 7301,
+    source: 7302,
 };
 const ADMIN: &str = "127.0.0.1:9091";
 
@@ -94,6 +107,9 @@ struct Report {
     /// Share of CPU time the hypervisor stole from this VM during the run
     /// (`/proc/stat`): high values mean a noisy neighbour, not our code.
     steal_share: f64,
+    /// Context switches per ping-pong round trip of server, agent, cloud
+    /// forwarder, edge forwarder (each path did the same number).
+    switches_per_round_trip: Option<[f64; 4]>,
     rows: Vec<Row>,
     memory: Memory,
     transports: Vec<TransportRow>,
@@ -157,6 +173,28 @@ pub(crate) fn proc_status(pid: u32, field: &str) -> u64 {
 }
 
 /// utime + stime in seconds.
+/// Context switches (voluntary and not) of all threads of `pid` so far:
+/// each voluntary one is a sleep, and so a wake-up to come.
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                })
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses).
@@ -171,6 +209,8 @@ struct Bench {
     topo: Topology,
     server: Proc,
     agent: Proc,
+    /// The reference forwarders in `cloud` and in `edge`.
+    floor: (Proc, Proc),
     _edge_servers: netns::NsTask,
     _pki: Pki,
 }
@@ -214,6 +254,50 @@ fn spawn_agent(topo: &Topology, pki: &Pki, transport: &str) -> Result<Proc> {
     ))
 }
 
+/// Label of the rows measured through the reference forwarders.
+const REFERENCE: &str = "two plain TCP forwarders (reference, no tunnel)";
+
+/// Where a client in `cloud` enters the reference forwarders.
+fn floor_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(CLOUD_IP.parse().expect("CLOUD_IP"), port)
+}
+
+/// `LISTEN=TARGET` pairs for one forwarder process.
+fn forward_pairs(from_ip: &str, from: Ports, to_ip: &str, to: Ports) -> String {
+    [
+        (from.echo, to.echo),
+        (from.sink, to.sink),
+        (from.source, to.source),
+    ]
+    .iter()
+    .map(|(f, t)| format!("{from_ip}:{f}={to_ip}:{t}"))
+    .collect::<Vec<_>>()
+    .join(",")
+}
+
+/// Starts the two reference forwarders: `cloud` → `edge` → direct ports.
+fn spawn_floor(topo: &Topology) -> Result<(Proc, Proc)> {
+    let me = std::env::current_exe()?;
+    let me = me.to_str().context("path")?;
+    let edge = topo.edge.spawn(
+        me,
+        &[
+            "--forward",
+            &forward_pairs(EDGE_IP, FLOOR_HOP, EDGE_IP, DIRECT),
+        ],
+        &topo.dir.join("forwarder-edge.log"),
+    );
+    let cloud = topo.cloud.spawn(
+        me,
+        &[
+            "--forward",
+            &forward_pairs(CLOUD_IP, FLOOR, EDGE_IP, FLOOR_HOP),
+        ],
+        &topo.dir.join("forwarder-cloud.log"),
+    );
+    Ok((cloud, edge))
+}
+
 impl Bench {
     fn start() -> Result<Bench> {
         if !netns::available() {
@@ -221,6 +305,7 @@ impl Bench {
         }
         let topo = Topology::new();
         netns::allow_direct(&topo, &format!("{}:{}", DIRECT.echo, DIRECT.source));
+        netns::allow_direct(&topo, &format!("{}:{}", FLOOR_HOP.echo, FLOOR_HOP.source));
         let pki = Pki::with_server_ips(&[CLOUD_IP.parse()?]);
         let edge_ip: IpAddr = EDGE_IP.parse()?;
         pki.issue_agent("edge-1", &[edge_ip]);
@@ -253,10 +338,12 @@ impl Bench {
             &topo.dir.join("server.log"),
         );
         let agent = spawn_agent(&topo, &pki, "quic")?;
+        let floor = spawn_floor(&topo)?;
         let bench = Bench {
             topo,
             server,
             agent,
+            floor,
             _edge_servers: edge_servers,
             _pki: pki,
         };
@@ -323,6 +410,21 @@ impl Bench {
         (direct, tunnel, s1 - s0, a1 - a0)
     }
 
+    /// Runs `f` against the reference forwarders; returns the result and
+    /// the CPU the cloud and edge forwarder used.
+    fn floor<T>(&self, f: impl Fn(Ports) -> T) -> (T, f64, f64) {
+        let (c0, e0) = (
+            cpu_seconds(self.floor.0.pid()),
+            cpu_seconds(self.floor.1.pid()),
+        );
+        let r = f(FLOOR);
+        let (c1, e1) = (
+            cpu_seconds(self.floor.0.pid()),
+            cpu_seconds(self.floor.1.pid()),
+        );
+        (r, c1 - c0, e1 - e0)
+    }
+
     fn in_cloud<F, Fut, T>(&self, f: F) -> T
     where
         F: FnOnce() -> Fut + Send,
@@ -379,6 +481,12 @@ fn row(
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--forward") {
+        let pairs = args
+            .get(2)
+            .context("--forward LISTEN=TARGET[,LISTEN=TARGET...]")?;
+        return forwarder::run(pairs);
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let flag = |name: &str| {
         args.iter()
@@ -425,6 +533,7 @@ fn main() -> Result<()> {
         ..Memory::default()
     };
     let mut rows = Vec::new();
+    let mut switches_per_round_trip = None;
     let mbit = |bps: f64| bps * 8.0 / 1e6;
     let us = |x: Duration| x.as_secs_f64() * 1e6;
 
@@ -448,6 +557,20 @@ fn main() -> Result<()> {
             Some(t / d >= 0.40),
             (sc, ac),
         ));
+        if !upload {
+            let (f, cc, ec) = bench.floor(|p| {
+                bench.in_cloud(|| load::bulk(floor_addr(p.source), false, 1, plan.bulk_secs))
+            });
+            rows.push(row(
+                &format!("{label}: {REFERENCE}"),
+                "Mbit/s",
+                mbit(d),
+                mbit(f),
+                "—",
+                None,
+                (cc, ec),
+            ));
+        }
     }
     if runs("bulk") {
         let (d, t, sc, ac) = bench.pair(|p| {
@@ -470,18 +593,44 @@ fn main() -> Result<()> {
             cpu_seconds(bench.server.pid()),
             cpu_seconds(bench.agent.pid()),
         );
-        let (mut d, mut t) = bench.in_cloud(|| {
-            load::ping_pong_interleaved(
-                Bench::addr(DIRECT.echo),
-                Bench::addr(TUNNEL.echo),
-                plan.ping_pongs,
-                500,
-            )
-        });
+        let pids = [
+            bench.server.pid(),
+            bench.agent.pid(),
+            bench.floor.0.pid(),
+            bench.floor.1.pid(),
+        ];
+        let switches_before = pids.map(context_switches);
+        let (f0, e0) = (
+            cpu_seconds(bench.floor.0.pid()),
+            cpu_seconds(bench.floor.1.pid()),
+        );
+        let addrs = [
+            Bench::addr(DIRECT.echo),
+            Bench::addr(TUNNEL.echo),
+            floor_addr(FLOOR.echo),
+        ];
+        let mut times =
+            bench.in_cloud(|| load::ping_pong_interleaved(&addrs, plan.ping_pongs, 500));
+        let (fc, ec) = (
+            cpu_seconds(bench.floor.0.pid()) - f0,
+            cpu_seconds(bench.floor.1.pid()) - e0,
+        );
+        let (mut f, mut t, mut d) = (
+            times.pop().unwrap_or_default(),
+            times.pop().unwrap_or_default(),
+            times.pop().unwrap_or_default(),
+        );
+        f.sort();
         let (sc, ac) = (
             cpu_seconds(bench.server.pid()) - s0,
             cpu_seconds(bench.agent.pid()) - a0,
         );
+        let mut i = 0;
+        switches_per_round_trip = Some(pids.map(|pid| {
+            let per = (context_switches(pid) - switches_before[i]) as f64 / plan.ping_pongs as f64;
+            i += 1;
+            per
+        }));
         d.sort();
         t.sort();
         for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
@@ -494,6 +643,18 @@ fn main() -> Result<()> {
                 "≤ 1.5×",
                 Some(tv / dv <= 1.5),
                 (sc, ac),
+            ));
+        }
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            let (dv, fv) = (us(load::percentile(&d, q)), us(load::percentile(&f, q)));
+            rows.push(row(
+                &format!("64 B ping-pong {name}: {REFERENCE}"),
+                "µs",
+                dv,
+                fv,
+                "—",
+                None,
+                (fc, ec),
             ));
         }
     }
@@ -510,6 +671,20 @@ fn main() -> Result<()> {
                 "≥ 0.40×",
                 Some(ok),
                 (sc, ac),
+            ));
+            let (f, fc, ec) = bench
+                .floor(|p| bench.in_cloud(|| load::conn_rate(floor_addr(p.echo), plan.conns, c)));
+            rows.push(row(
+                &format!(
+                    "new conn + 64 B req/resp, c={c}: {REFERENCE} (failures {})",
+                    f.1
+                ),
+                "conn/s",
+                d.0,
+                f.0,
+                "—",
+                None,
+                (fc, ec),
             ));
         }
     }
@@ -611,6 +786,7 @@ fn main() -> Result<()> {
         quick,
         only,
         steal_share,
+        switches_per_round_trip,
         rows,
         memory,
         transports,
@@ -659,6 +835,19 @@ fn render(r: &Report) -> String {
             },
             row.server_cpu_s,
             row.agent_cpu_s
+        ));
+    }
+    if r.rows.iter().any(|row| row.workload.contains(REFERENCE)) {
+        out.push_str(&format!(
+            "\nRows marked \"{REFERENCE}\" are the floor for any tunnel made of two relaying processes: \
+             the same one-worker tokio runtime copying TCP to TCP in `cloud` and in `edge`, without \
+             QUIC, TLS or multiplexing. Their CPU columns are the cloud and the edge forwarder.\n"
+        ));
+    }
+    if let Some([s, a, fc, fe]) = r.switches_per_round_trip {
+        out.push_str(&format!(
+            "\nContext switches per 64 B ping-pong round trip: server {s:.2}, agent {a:.2}; \
+             forwarders {fc:.2} (cloud), {fe:.2} (edge).\n"
         ));
     }
     if let [quic, h2] = &r.transports[..] {
