@@ -279,19 +279,29 @@ async fn thousand_concurrent_connections_of_256_kib(tr: Transport) {
     t.agent.stop().await;
 }
 
-async fn a_stalled_reader_does_not_stall_other_streams(tr: Transport) {
+async fn stalled_readers_do_not_stall_other_streams(tr: Transport) {
     let firehose = targets::firehose_server().await;
     let echo = targets::echo_server().await;
     let t = tunnel(&[firehose.port(), echo.port()], tr).await;
-    // A client that reads a little and then stops reading altogether.
-    let mut stalled = connect_via(t.server.connect_addr(), &firehose.to_string())
-        .await
-        .unwrap();
-    let mut first = vec![0u8; 1024];
-    stalled.read_exact(&mut first).await.unwrap();
-    // Let the stalled stream fill every buffer on its path.
+    // More stalled streams than the connection window can hold at their
+    // full stream windows (16 over QUIC at the defaults, 32 over HTTP/2):
+    // without credit lent to stalled streams, these alone would use up the
+    // connection's flow control and every other stream would wait.
+    let quic = transport::quic::QuicSettings::default();
+    let stalled_count = (quic.connection_window / quic.stream_window) as usize + 8;
+    let mut stalled = Vec::new();
+    for _ in 0..stalled_count {
+        // A client that reads a little and then stops reading altogether.
+        let mut tcp = connect_via(t.server.connect_addr(), &firehose.to_string())
+            .await
+            .unwrap();
+        let mut first = vec![0u8; 1024];
+        tcp.read_exact(&mut first).await.unwrap();
+        stalled.push(tcp);
+    }
+    // Let the stalled streams fill every buffer on their path.
     let shared = t.server.shared.clone();
-    eventually("stalled stream backs up", Duration::from_secs(30), || {
+    eventually("stalled streams back up", Duration::from_secs(30), || {
         let before = shared
             .metrics
             .bytes
@@ -309,18 +319,37 @@ async fn a_stalled_reader_does_not_stall_other_streams(tr: Transport) {
         }
     })
     .await;
-    // Another connection through the same agent still moves 64 MiB.
+    let agent = shared.registry.snapshot().pop().expect("the agent");
+    if let Some(credit) = &agent.stall {
+        assert_eq!(
+            credit.stalled_streams(),
+            stalled_count as u64,
+            "every stalled stream holds lent credit"
+        );
+    }
+    // A new connection through the same agent still opens and moves 64 MiB.
     let tcp = connect_via(t.server.connect_addr(), &echo.to_string())
         .await
-        .unwrap();
+        .expect("a new stream opens next to the stalled ones");
     let (sent, echoed) =
         tokio::time::timeout(Duration::from_secs(120), echo_digest(tcp, 64 << 20, 3))
             .await
-            .expect("the second stream is not stalled");
+            .expect("the new stream is not stalled");
     assert_eq!(sent, echoed);
-    // And the stalled one is still alive.
-    let mut more = vec![0u8; 64 * 1024];
-    stalled.read_exact(&mut more).await.unwrap();
+    // The stalled ones are still alive; once read again, they give the
+    // credit back.
+    for tcp in &mut stalled {
+        let mut more = vec![0u8; 64 * 1024];
+        tcp.read_exact(&mut more).await.unwrap();
+    }
+    drop(stalled);
+    if let Some(credit) = agent.stall.clone() {
+        eventually("lent credit returned", Duration::from_secs(10), || {
+            let credit = credit.clone();
+            async move { credit.stalled_streams() == 0 }
+        })
+        .await;
+    }
     t.agent.stop().await;
 }
 
@@ -632,7 +661,7 @@ over_both_transports!(
     client_reset_reaches_the_target_as_a_reset,
     one_gib_each_way_on_one_connection,
     thousand_concurrent_connections_of_256_kib,
-    a_stalled_reader_does_not_stall_other_streams,
+    stalled_readers_do_not_stall_other_streams,
     targets_outside_the_allow_list_get_403,
     connect_to_a_node_without_agent_fails_fast_with_503,
     dial_failures_answer_502,

@@ -16,15 +16,22 @@
 //! connections cannot grow every buffer at once; the ones over budget keep
 //! relaying with the buffer they have.
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use proto::codes::stream as code;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::quic::StallCredit;
 use crate::stream::{TunnelRecv, TunnelSend};
+
+/// A write to TCP blocked this long means its reader has stalled; see
+/// [`StallCredit`].
+pub const STALL_AFTER: Duration = Duration::from_millis(100);
 
 /// First buffer size per direction.
 pub const MIN_BUF: usize = 4 * 1024;
@@ -117,7 +124,15 @@ enum Failure {
 /// Relays until both directions are done or one side resets.
 ///
 /// `on_bytes` is called after every chunk moved (keep it cheap: a counter).
-pub async fn relay<S, R, F>(tcp: TcpStream, mut send: S, mut recv: R, on_bytes: F) -> RelayStats
+/// `stall`: the QUIC connection's [`StallCredit`], told when the TCP side
+/// stops taking the stream's data (`None` over HTTP/2).
+pub async fn relay<S, R, F>(
+    tcp: TcpStream,
+    mut send: S,
+    mut recv: R,
+    on_bytes: F,
+    stall: Option<&StallCredit>,
+) -> RelayStats
 where
     S: TunnelSend,
     R: TunnelRecv,
@@ -135,6 +150,7 @@ where
             Direction::TcpToTunnel,
             &mut up,
             &on_bytes,
+            None,
         );
         let downstream = copy(
             &mut recv,
@@ -142,6 +158,7 @@ where
             Direction::TunnelToTcp,
             &mut down,
             &on_bytes,
+            stall,
         );
         tokio::pin!(upstream, downstream);
         let (mut up_done, mut down_done) = (false, false);
@@ -213,6 +230,7 @@ async fn copy<Rd, Wr, F>(
     dir: Direction,
     total: &mut u64,
     on_bytes: &F,
+    stall: Option<&StallCredit>,
 ) -> Result<(), Failure>
 where
     Rd: AsyncRead + Unpin + ?Sized,
@@ -228,11 +246,39 @@ where
             // FIN: pass the half-close on and stop this direction.
             return w.shutdown().await.map_err(write_fail);
         }
-        w.write_all(&buf.data[..n]).await.map_err(write_fail)?;
+        write_watching(w, &buf.data[..n], stall)
+            .await
+            .map_err(write_fail)?;
         *total += n as u64;
         on_bytes(dir, n);
         if n == buf.data.len() {
             buf.grow();
+        }
+    }
+}
+
+/// `write_all`, and if it stays blocked for [`STALL_AFTER`], the stream
+/// counts as stalled until it completes. The timer is armed only for a
+/// write that did not complete at once, so a flowing relay arms none.
+async fn write_watching<W>(w: &mut W, data: &[u8], stall: Option<&StallCredit>) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let write = w.write_all(data);
+    tokio::pin!(write);
+    let Some(stall) = stall else {
+        return write.await;
+    };
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    if let Poll::Ready(r) = first {
+        return r;
+    }
+    tokio::select! {
+        biased;
+        r = &mut write => r,
+        _ = tokio::time::sleep(STALL_AFTER) => {
+            let _stalled = stall.stall();
+            write.await
         }
     }
 }

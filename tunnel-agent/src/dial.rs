@@ -15,14 +15,23 @@ use crate::telemetry::AgentMetrics;
 /// How long the server may take to send `Dial` after opening a stream.
 const DIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How the agent serves a new stream.
+pub struct StreamMode {
+    /// The agent is draining: answer `Draining` instead of dialing.
+    pub draining: bool,
+    /// The QUIC connection's credit for stalled streams (`None` over HTTP/2).
+    pub stall: Option<transport::quic::StallCredit>,
+}
+
 /// Serves one stream opened by the server.
 pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
     config: Arc<AgentConfig>,
     metrics: Arc<AgentMetrics>,
     mut send: S,
     mut recv: R,
-    draining: bool,
+    mode: StreamMode,
 ) {
+    let StreamMode { draining, stall } = mode;
     let mut buf = Vec::new();
     let request =
         match tokio::time::timeout(DIAL_FRAME_TIMEOUT, read_message(&mut recv, &mut buf)).await {
@@ -76,7 +85,7 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
     }
     AgentMetrics::count(&metrics.dials, "result", "ok");
     metrics.streams_active.inc();
-    let stats = transport::relay(tcp, send, recv, |_, _| {}).await;
+    let stats = transport::relay(tcp, send, recv, |_, _| {}, stall.as_ref()).await;
     metrics.streams_active.dec();
     tracing::debug!(%target, ?stats, "stream ended");
 }

@@ -23,6 +23,7 @@ use transport::h2::{H2Recv, H2Send, H2Settings};
 use transport::{read_message, write_message};
 
 use crate::config::AgentConfig;
+use crate::dial::StreamMode;
 use crate::session::{
     hello_exchange, hold, register_with, spawn_stream, Held, Registered, SessionEnd, SessionError,
     Target,
@@ -256,7 +257,10 @@ fn accept_stream(
             metrics,
             H2Send::new(send),
             H2Recv::body(request.into_body()),
-            draining,
+            StreamMode {
+                draining,
+                stall: None,
+            },
             format!("h2-{id}"),
         ),
         Err(e) => tracing::debug!("cannot answer a stream: {e}"),

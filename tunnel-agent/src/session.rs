@@ -21,7 +21,7 @@ use transport::{read_message, write_message, TunnelRecv, TunnelSend};
 
 use crate::backoff::Backoff;
 use crate::config::{AgentConfig, ConfigError, TransportChoice};
-use crate::dial::serve_stream;
+use crate::dial::{serve_stream, StreamMode};
 use crate::telemetry::AgentMetrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -481,6 +481,7 @@ pub(crate) async fn serve_quic(
         "registered"
     );
 
+    let stall = transport::quic::StallCredit::new(&conn, &config.quic);
     let mut streams = JoinSet::new();
     let mut control_buf = Vec::new();
     let end = loop {
@@ -489,7 +490,8 @@ pub(crate) async fn serve_quic(
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     let id = send.id().to_string();
-                    spawn_stream(&mut streams, config, metrics, send, recv, false, id)
+                    let mode = StreamMode { draining: false, stall: Some(stall.clone()) };
+                    spawn_stream(&mut streams, config, metrics, send, recv, mode, id)
                 }
                 Err(e) => break Some(e.to_string()),
             },
@@ -523,7 +525,8 @@ pub(crate) async fn serve_quic(
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     let id = send.id().to_string();
-                    spawn_stream(&mut streams, config, metrics, send, recv, true, id)
+                    let mode = StreamMode { draining: true, stall: Some(stall.clone()) };
+                    spawn_stream(&mut streams, config, metrics, send, recv, mode, id)
                 }
                 Err(_) => break,
             },
@@ -562,11 +565,9 @@ pub(crate) fn spawn_stream<S: TunnelSend + 'static, R: TunnelRecv + 'static>(
     metrics: &Arc<AgentMetrics>,
     send: S,
     recv: R,
-    draining: bool,
+    mode: StreamMode,
     id: String,
 ) {
     let span = tracing::debug_span!("stream", node = %config.node, stream = %id);
-    streams.spawn(
-        serve_stream(config.clone(), metrics.clone(), send, recv, draining).instrument(span),
-    );
+    streams.spawn(serve_stream(config.clone(), metrics.clone(), send, recv, mode).instrument(span));
 }

@@ -170,6 +170,12 @@ pub(crate) async fn serve_agent(
         addresses,
         connected_since: SystemTime::now(),
         link: link.clone(),
+        stall: match &link {
+            AgentLink::Quic(conn) => {
+                Some(transport::quic::StallCredit::new(conn, &shared.config.quic))
+            }
+            AgentLink::H2(_) => None,
+        },
         streams_active: AtomicI64::new(0),
         draining: AtomicBool::new(false),
         kick: tokio::sync::Notify::new(),

@@ -148,14 +148,20 @@ pub async fn relay(shared: Arc<Shared>, dialed: Dialed, tcp: TcpStream, ingress:
         .bytes
         .get_or_create(&[("direction", "from_agent")])
         .clone();
-    let stats = transport::relay(tcp, stream.send, stream.recv, |dir, n| match dir {
-        Direction::TcpToTunnel => {
-            to_agent.inc_by(n as u64);
-        }
-        Direction::TunnelToTcp => {
-            from_agent.inc_by(n as u64);
-        }
-    })
+    let stats = transport::relay(
+        tcp,
+        stream.send,
+        stream.recv,
+        |dir, n| match dir {
+            Direction::TcpToTunnel => {
+                to_agent.inc_by(n as u64);
+            }
+            Direction::TunnelToTcp => {
+                from_agent.inc_by(n as u64);
+            }
+        },
+        agent.stall.as_ref(),
+    )
     .instrument(span.clone())
     .await;
     span.in_scope(|| tracing::debug!(?stats, "stream ended"));
