@@ -11,6 +11,7 @@
 //!   mapping half-close to FIN and resets to resets.
 //! - [`quic`]: QUIC endpoints (quinn) with the settings both ends share.
 //! - [`h2`]: the HTTP/2-over-TLS fallback's stream halves and settings.
+//! - [`stall`]: connection credit lent to streams whose reader stalled.
 //! - [`net`]: socket helpers: large listen backlogs, original destination.
 //! - [`admin`]: the small GET-only HTTP server for admin endpoints.
 //! - [`cli`]: process setup both binaries share: logging, runtime shape,
@@ -25,6 +26,7 @@ pub mod h2;
 pub mod net;
 pub mod quic;
 pub mod relay;
+pub mod stall;
 pub mod stream;
 
 pub use framed::{read_message, write_message, FrameError};

@@ -1,8 +1,7 @@
 //! QUIC endpoints shared by server and agent.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -43,7 +42,7 @@ pub struct QuicSettings {
     pub max_streams: u32,
     /// Connection-level receive credit this process may lend, across all
     /// its connections, to streams whose TCP reader has stopped reading
-    /// (see [`StallCredit`]). Default 64 MiB: 128 stalled streams at the
+    /// (see [`crate::stall::StallCredit`]; HTTP/2 connections draw on the same budget). Default 64 MiB: 128 stalled streams at the
     /// default stream window. This much more memory can be held by stalled
     /// streams, process-wide, on top of the connection windows.
     pub stall_budget: u64,
@@ -173,101 +172,5 @@ impl QuicSettings {
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(self.transport(true)?));
         Ok(config)
-    }
-}
-
-/// Connection receive credit lent to stalled streams, process-wide.
-static STALL_LENT: AtomicU64 = AtomicU64::new(0);
-
-/// Bytes of connection receive window currently lent to stalled streams by
-/// this process.
-pub fn stall_credit_lent() -> u64 {
-    STALL_LENT.load(Ordering::Relaxed)
-}
-
-/// Keeps stalled streams from starving the rest of their connection.
-///
-/// QUIC flow control has two levels: each stream may have `stream_window`
-/// bytes unread, and all streams of a connection together
-/// `connection_window`. Data a stream's reader has not taken still counts
-/// against the connection, so a few streams whose TCP client stopped
-/// reading (a `kubectl logs` to a stuck terminal) would use up the
-/// connection's credit and stall every other stream, new ones included:
-/// head-of-line blocking by flow control, with 16 such streams at the
-/// defaults.
-///
-/// The relay reports a stream as stalled when its TCP write has been
-/// blocked for [`crate::relay::STALL_AFTER`]; this widens the connection's
-/// receive window by one stream window for as long as it stays stalled
-/// (that is the most it can hold), so the others keep the whole base
-/// window. What all connections of the process may borrow is capped by
-/// [`QuicSettings::stall_budget`]; past it, stalled streams share the base
-/// window as before.
-#[derive(Clone)]
-pub struct StallCredit(Arc<StallInner>);
-
-struct StallInner {
-    conn: quinn::Connection,
-    base: u64,
-    per_stream: u64,
-    budget: u64,
-    /// Streams of this connection holding lent credit.
-    stalled: Mutex<u64>,
-}
-
-impl StallCredit {
-    pub fn new(conn: &quinn::Connection, settings: &QuicSettings) -> Self {
-        StallCredit(Arc::new(StallInner {
-            conn: conn.clone(),
-            base: u64::from(settings.connection_window),
-            per_stream: u64::from(settings.stream_window),
-            budget: settings.stall_budget,
-            stalled: Mutex::new(0),
-        }))
-    }
-
-    /// A stream stopped taking data: lend it credit until the guard drops.
-    pub fn stall(&self) -> StallGuard {
-        let inner = &self.0;
-        let lent = STALL_LENT.fetch_add(inner.per_stream, Ordering::Relaxed);
-        if lent + inner.per_stream > inner.budget {
-            STALL_LENT.fetch_sub(inner.per_stream, Ordering::Relaxed);
-            tracing::debug!(
-                budget = inner.budget,
-                "stall budget spent; the stream shares the connection window"
-            );
-            return StallGuard(None);
-        }
-        self.adjust(1);
-        StallGuard(Some(self.clone()))
-    }
-
-    /// Connection streams currently holding lent credit.
-    pub fn stalled_streams(&self) -> u64 {
-        *self.0.stalled.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn adjust(&self, delta: i64) {
-        let inner = &self.0;
-        // Under the lock, so concurrent stalls and resumes set the window
-        // in the order they counted.
-        let mut stalled = inner.stalled.lock().unwrap_or_else(|e| e.into_inner());
-        *stalled = stalled.saturating_add_signed(delta);
-        let window = inner.base + *stalled * inner.per_stream;
-        inner
-            .conn
-            .set_receive_window(VarInt::from_u64(window).unwrap_or(VarInt::MAX));
-    }
-}
-
-/// Held while a stream is stalled; gives the credit back when dropped.
-pub struct StallGuard(Option<StallCredit>);
-
-impl Drop for StallGuard {
-    fn drop(&mut self) {
-        if let Some(credit) = self.0.take() {
-            credit.adjust(-1);
-            STALL_LENT.fetch_sub(credit.0.per_stream, Ordering::Relaxed);
-        }
     }
 }

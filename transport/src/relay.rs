@@ -26,7 +26,7 @@ use proto::codes::stream as code;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::quic::StallCredit;
+use crate::stall::StallCredit;
 use crate::stream::{TunnelRecv, TunnelSend};
 
 /// A write to TCP blocked this long means its reader has stalled; see

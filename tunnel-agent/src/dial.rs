@@ -20,7 +20,7 @@ pub struct StreamMode {
     /// The agent is draining: answer `Draining` instead of dialing.
     pub draining: bool,
     /// The QUIC connection's credit for stalled streams (`None` over HTTP/2).
-    pub stall: Option<transport::quic::StallCredit>,
+    pub stall: Option<transport::stall::StallCredit>,
 }
 
 /// Serves one stream opened by the server.

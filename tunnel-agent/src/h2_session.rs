@@ -152,6 +152,8 @@ pub(crate) async fn session(
         replicas = %holding,
         "registered"
     );
+    let (stall, mut window) =
+        transport::stall::StallCredit::h2(&H2Settings::default(), config.quic.stall_budget);
     let mut streams = JoinSet::new();
     let mut control_buf = Vec::new();
     let mut next_id = 0u64;
@@ -171,12 +173,17 @@ pub(crate) async fn session(
             accepted = conn.accept() => match accepted {
                 Some(Ok((request, respond))) => {
                     next_id += 1;
-                    accept_stream(&mut streams, config, metrics, request, respond, false, next_id);
+                    let mode = StreamMode { draining: false, stall: Some(stall.clone()) };
+                    accept_stream(&mut streams, config, metrics, request, respond, mode, next_id);
                 }
                 Some(Err(e)) => break End::Lost(format!("HTTP/2: {e}")),
                 None => break End::Lost("the server closed the HTTP/2 connection".into()),
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            Ok(()) = window.changed() => {
+                let size = *window.borrow_and_update();
+                conn.set_target_window_size(size);
+            }
             msg = read_message(&mut control_recv, &mut control_buf) => match msg {
                 Ok(Message::GoAway(g)) => break End::GoneAway(g),
                 Ok(m) => tracing::debug!("ignoring {} on the control stream", m.kind()),
@@ -216,6 +223,7 @@ pub(crate) async fn session(
                 control_send,
                 streams,
                 next_id,
+                (stall, window),
             )
             .await;
             drop(held_guard);
@@ -231,6 +239,7 @@ pub(crate) async fn session(
                 control_send,
                 streams,
                 next_id,
+                (stall, window),
             ));
             Ok(SessionEnd::Upgraded(Box::new(registered)))
         }
@@ -243,7 +252,7 @@ fn accept_stream(
     metrics: &Arc<AgentMetrics>,
     request: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
-    draining: bool,
+    mode: StreamMode,
     id: u64,
 ) {
     if request.uri().path() != "/stream" {
@@ -257,10 +266,7 @@ fn accept_stream(
             metrics,
             H2Send::new(send),
             H2Recv::body(request.into_body()),
-            StreamMode {
-                draining,
-                stall: None,
-            },
+            mode,
             format!("h2-{id}"),
         ),
         Err(e) => tracing::debug!("cannot answer a stream: {e}"),
@@ -276,6 +282,7 @@ async fn drain(
     mut control_send: H2Send,
     mut streams: JoinSet<()>,
     mut next_id: u64,
+    (stall, mut window): (transport::stall::StallCredit, watch::Receiver<u32>),
 ) {
     tracing::info!(active = streams.len(), transport = "h2", "draining");
     let _ = write_message(&mut control_send, &Message::Drain).await;
@@ -286,11 +293,16 @@ async fn drain(
             accepted = conn.accept() => match accepted {
                 Some(Ok((request, respond))) => {
                     next_id += 1;
-                    accept_stream(&mut streams, &config, &metrics, request, respond, true, next_id);
+                    let mode = StreamMode { draining: true, stall: Some(stall.clone()) };
+                    accept_stream(&mut streams, &config, &metrics, request, respond, mode, next_id);
                 }
                 _ => break,
             },
             _ = streams.join_next() => {}
+            Ok(()) = window.changed() => {
+                let size = *window.borrow_and_update();
+                conn.set_target_window_size(size);
+            }
             _ = &mut deadline => {
                 tracing::warn!(active = streams.len(), "grace period over; resetting the remaining streams");
                 break;

@@ -171,10 +171,8 @@ pub(crate) async fn serve_agent(
         connected_since: SystemTime::now(),
         link: link.clone(),
         stall: match &link {
-            AgentLink::Quic(conn) => {
-                Some(transport::quic::StallCredit::new(conn, &shared.config.quic))
-            }
-            AgentLink::H2(_) => None,
+            AgentLink::Quic(conn) => transport::stall::StallCredit::quic(conn, &shared.config.quic),
+            AgentLink::H2(h) => h.stall.clone(),
         },
         streams_active: AtomicI64::new(0),
         draining: AtomicBool::new(false),

@@ -64,8 +64,9 @@ async fn handle(
         .peer_certificates()
         .map(<[_]>::to_vec)
         .unwrap_or_default();
-    let (send, connection) =
-        match tokio::time::timeout(timeout, H2Settings::default().client().handshake(tls)).await {
+    let settings = H2Settings::default();
+    let (send, mut connection) =
+        match tokio::time::timeout(timeout, settings.client().handshake(tls)).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => return Err(AgentError::Control(format!("HTTP/2 handshake: {e}"))),
             Err(_) => return Err(AgentError::Control("HTTP/2 handshake timed out".into())),
@@ -73,10 +74,20 @@ async fn handle(
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let (closed_tx, closed) = tokio::sync::watch::channel(false);
     let stop = shutdown.clone();
+    let (stall, mut window) = transport::stall::StallCredit::h2(&settings, quic.stall_budget);
     tokio::spawn(async move {
-        tokio::select! {
-            r = connection => if let Err(e) = r { tracing::debug!("HTTP/2 connection ended: {e}") },
-            _ = stop.notified() => {}
+        loop {
+            tokio::select! {
+                r = &mut connection => {
+                    if let Err(e) = r { tracing::debug!("HTTP/2 connection ended: {e}") }
+                    break;
+                }
+                _ = stop.notified() => break,
+                Ok(()) = window.changed() => {
+                    let size = *window.borrow_and_update();
+                    connection.set_target_window_size(size);
+                }
+            }
         }
         let _ = closed_tx.send(true);
     });
@@ -85,6 +96,7 @@ async fn handle(
         remote,
         shutdown,
         closed,
+        stall,
     });
     let control = {
         let link = link.clone();

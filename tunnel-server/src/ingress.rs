@@ -160,7 +160,7 @@ pub async fn relay(shared: Arc<Shared>, dialed: Dialed, tcp: TcpStream, ingress:
                 from_agent.inc_by(n as u64);
             }
         },
-        agent.stall.as_ref(),
+        Some(&agent.stall),
     )
     .instrument(span.clone())
     .await;

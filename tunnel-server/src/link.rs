@@ -23,6 +23,9 @@ pub struct H2Link {
     pub shutdown: std::sync::Arc<tokio::sync::Notify>,
     /// Turns true when the connection is gone.
     pub closed: tokio::sync::watch::Receiver<bool>,
+    /// Lends receive window to stalled streams; the connection task
+    /// applies it.
+    pub stall: transport::stall::StallCredit,
 }
 
 impl AgentLink {

@@ -20,8 +20,8 @@ pub struct AgentHandle {
     pub addresses: Vec<IpAddr>,
     pub connected_since: SystemTime,
     pub link: AgentLink,
-    /// Lends receive credit to stalled streams (QUIC only).
-    pub stall: Option<transport::quic::StallCredit>,
+    /// Lends receive window to this connection's stalled streams.
+    pub stall: transport::stall::StallCredit,
     pub streams_active: AtomicI64,
     pub draining: AtomicBool,
     /// Asks the task serving this connection to send `GoAway` and close it.
