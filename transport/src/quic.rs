@@ -40,11 +40,11 @@ pub struct QuicSettings {
     pub ack_every: u32,
     /// Streams the server may have open to one agent at once. Default 8192.
     pub max_streams: u32,
-    /// Connection-level receive credit this process may lend, across all
-    /// its connections, to streams whose TCP reader has stopped reading
-    /// (see [`crate::stall::StallCredit`]; HTTP/2 connections draw on the same budget). Default 64 MiB: 128 stalled streams at the
-    /// default stream window. This much more memory can be held by stalled
-    /// streams, process-wide, on top of the connection windows.
+    /// Receive window this process may lend, across all its connections
+    /// (QUIC and HTTP/2), to streams whose TCP reader has stopped reading
+    /// (see [`crate::stall::StallCredit`]). Default 64 MiB: 128 stalled
+    /// streams at the default stream window. Stalled streams can hold this
+    /// much more memory, process-wide, on top of the connection windows.
     pub stall_budget: u64,
     /// UDP socket send/receive buffer. Default 4 MiB (+15% bulk throughput
     /// over the kernel default in our measurements).
