@@ -137,7 +137,10 @@ fn steal_ticks() -> (u64, u64) {
         .skip(1)
         .filter_map(|f| f.parse().ok())
         .collect();
-    (fields.get(7).copied().unwrap_or(0), fields.iter().sum())
+    // user nice system idle iowait irq softirq steal; guest time is
+    // already counted in user and nice.
+    let total = fields.iter().take(8).sum();
+    (fields.get(7).copied().unwrap_or(0), total)
 }
 
 /// One transport in the QUIC vs HTTP/2 comparison.
@@ -172,7 +175,6 @@ pub(crate) fn proc_status(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// utime + stime in seconds.
 /// Context switches (voluntary and not) of all threads of `pid` so far:
 /// each voluntary one is a sleep, and so a wake-up to come.
 fn context_switches(pid: u32) -> u64 {
@@ -195,6 +197,7 @@ fn context_switches(pid: u32) -> u64 {
         .sum()
 }
 
+/// utime + stime in seconds.
 pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses).
@@ -625,12 +628,12 @@ fn main() -> Result<()> {
             cpu_seconds(bench.server.pid()) - s0,
             cpu_seconds(bench.agent.pid()) - a0,
         );
-        let mut i = 0;
-        switches_per_round_trip = Some(pids.map(|pid| {
-            let per = (context_switches(pid) - switches_before[i]) as f64 / plan.ping_pongs as f64;
-            i += 1;
-            per
-        }));
+        let mut per_round_trip = [0.0; 4];
+        for ((per, pid), before) in per_round_trip.iter_mut().zip(pids).zip(switches_before) {
+            // Threads that exited took their counts along: never below 0.
+            *per = context_switches(pid).saturating_sub(before) as f64 / plan.ping_pongs as f64;
+        }
+        switches_per_round_trip = Some(per_round_trip);
         d.sort();
         t.sort();
         for (name, q) in [("p50", 0.5), ("p99", 0.99)] {

@@ -874,6 +874,10 @@ fn conntrack_flush_keeps_connections_the_new_rule_translated() {
             1,
             "the untranslated SYN has an entry"
         );
+        // Close the connecting socket, so no SYN retransmission (the first
+        // after 1 s) makes a new entry after the flush.
+        bypass.abort();
+        let _ = bypass.await;
 
         tunnel_server::dnat::iptables::flush_conntrack(&stale(NO_RULE_PORT)).await;
         tunnel_server::dnat::iptables::flush_conntrack(&stale(ECHO_PORT)).await;
@@ -890,6 +894,5 @@ fn conntrack_flush_keeps_connections_the_new_rule_translated() {
             .expect("the translated connection still answers")
             .expect("the translated connection was not reset");
         assert_eq!(&buf, b"two");
-        bypass.abort();
     });
 }

@@ -40,12 +40,6 @@ pub struct QuicSettings {
     pub ack_every: u32,
     /// Streams the server may have open to one agent at once. Default 8192.
     pub max_streams: u32,
-    /// Receive window this process may lend, across all its connections
-    /// (QUIC and HTTP/2), to streams whose TCP reader has stopped reading
-    /// (see [`crate::stall::StallCredit`]). Default 64 MiB: 128 stalled
-    /// streams at the default stream window. Stalled streams can hold this
-    /// much more memory, process-wide, on top of the connection windows.
-    pub stall_budget: u64,
     /// UDP socket send/receive buffer. Default 4 MiB (+15% bulk throughput
     /// over the kernel default in our measurements).
     pub udp_buffer: usize,
@@ -61,7 +55,6 @@ impl Default for QuicSettings {
             send_window: 8 * 1024 * 1024,
             ack_every: 10,
             max_streams: 8192,
-            stall_budget: 64 * 1024 * 1024,
             udp_buffer: 4 * 1024 * 1024,
         }
     }

@@ -26,7 +26,7 @@ use proto::codes::stream as code;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::stall::StallCredit;
+use crate::stall::{StallCredit, StallGuard};
 use crate::stream::{TunnelRecv, TunnelSend};
 
 /// A write to TCP blocked this long means its reader has stalled; see
@@ -124,8 +124,8 @@ enum Failure {
 /// Relays until both directions are done or one side resets.
 ///
 /// `on_bytes` is called after every chunk moved (keep it cheap: a counter).
-/// `stall`: the QUIC connection's [`StallCredit`], told when the TCP side
-/// stops taking the stream's data (`None` over HTTP/2).
+/// `stall`: the connection's [`StallCredit`], told when the TCP side stops
+/// taking the stream's data (`None`: never lend).
 pub async fn relay<S, R, F>(
     tcp: TcpStream,
     mut send: S,
@@ -240,13 +240,16 @@ where
     let read_fail = |e| dir.failure(true, e);
     let write_fail = |e| dir.failure(false, e);
     let mut buf = RelayBuf::new();
+    // Credit lent once this direction stalled; kept until the relay ends.
+    let mut stalled = None;
     loop {
         let n = r.read(&mut buf.data).await.map_err(read_fail)?;
         if n == 0 {
             // FIN: pass the half-close on and stop this direction.
             return w.shutdown().await.map_err(write_fail);
         }
-        write_watching(w, &buf.data[..n], stall)
+        let watch = if stalled.is_none() { stall } else { None };
+        write_watching(w, &buf.data[..n], watch, &mut stalled)
             .await
             .map_err(write_fail)?;
         *total += n as u64;
@@ -257,10 +260,16 @@ where
     }
 }
 
-/// `write_all`, and if it stays blocked for [`STALL_AFTER`], the stream
-/// counts as stalled until it completes. The timer is armed only for a
-/// write that did not complete at once, so a flowing relay arms none.
-async fn write_watching<W>(w: &mut W, data: &[u8], stall: Option<&StallCredit>) -> io::Result<()>
+/// `write_all`; if it stays blocked for [`STALL_AFTER`], the stream is
+/// stalled and `stalled` gets the credit `stall` lends it. The timer is
+/// armed only for a write that did not complete at once, so a flowing relay
+/// arms none, and never once the stream holds credit (`stall` is `None`).
+async fn write_watching<W>(
+    w: &mut W,
+    data: &[u8],
+    stall: Option<&StallCredit>,
+    stalled: &mut Option<StallGuard>,
+) -> io::Result<()>
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
@@ -277,7 +286,7 @@ where
         biased;
         r = &mut write => r,
         _ = tokio::time::sleep(STALL_AFTER) => {
-            let _stalled = stall.stall();
+            *stalled = Some(stall.stall());
             write.await
         }
     }

@@ -9,13 +9,17 @@
 //! head-of-line blocking by flow control, with 16 such streams over QUIC
 //! and 32 over HTTP/2 at the default windows.
 //!
-//! The relay reports a stream as stalled when its TCP write has been
-//! blocked for [`crate::relay::STALL_AFTER`]; [`StallCredit`] then widens
-//! the connection's receive window by one stream window (the most that
-//! stream can hold) for as long as it stays stalled, so the other streams
-//! keep the whole base window. What all connections of the process may
-//! borrow is capped (`QuicSettings::stall_budget`); past it, stalled
-//! streams share the base window as before.
+//! The relay reports a stream as stalled when one of its TCP writes has
+//! been blocked for [`crate::relay::STALL_AFTER`]. [`StallCredit`] then
+//! widens the connection's receive window by one stream window (the most
+//! that stream can hold) until the stream ends, so the other streams keep
+//! the whole base window. A stream is lent once: returning the credit
+//! whenever a write goes through would move the window up and down with
+//! every chunk of a slow reader, and QUIC (quinn) grants a raise at once
+//! but takes a cut back only as data is read, so the window would creep.
+//! What one process lends is capped by its [`StallBudget`], and what one
+//! connection borrows by a quarter of it; past either, stalled streams
+//! share the base window as before.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,12 +29,44 @@ use tokio::sync::watch;
 use crate::h2::H2Settings;
 use crate::quic::QuicSettings;
 
-/// Receive window lent to stalled streams, process-wide.
-static LENT: AtomicU64 = AtomicU64::new(0);
+/// Receive window one process may lend to stalled streams, across all its
+/// connections and both transports.
+#[derive(Debug)]
+pub struct StallBudget {
+    limit: u64,
+    lent: AtomicU64,
+}
 
-/// Bytes of receive window this process currently lends to stalled streams.
-pub fn lent() -> u64 {
-    LENT.load(Ordering::Relaxed)
+impl StallBudget {
+    /// Server default: 256 MiB, 512 stalled QUIC streams across all agents.
+    pub const SERVER: u64 = 256 * 1024 * 1024;
+    /// Agent default: 16 MiB, 32 stalled QUIC streams (a kubelet or
+    /// exporter that stops reading what the cloud sends).
+    pub const AGENT: u64 = 16 * 1024 * 1024;
+
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(StallBudget {
+            limit,
+            lent: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes lent now.
+    pub fn lent(&self) -> u64 {
+        self.lent.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, n: u64) -> bool {
+        self.lent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |lent| {
+                lent.checked_add(n).filter(|&after| after <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: u64) {
+        self.lent.fetch_sub(n, Ordering::Relaxed);
+    }
 }
 
 /// One connection's lending; cheap to clone, shared by its streams.
@@ -41,7 +77,9 @@ struct Inner {
     window: Window,
     base: u64,
     per_stream: u64,
-    budget: u64,
+    budget: Arc<StallBudget>,
+    /// Most streams of this connection that may hold lent credit.
+    max_stalled: u64,
     /// Streams of this connection holding lent credit.
     stalled: Mutex<u64>,
 }
@@ -50,24 +88,42 @@ struct Inner {
 enum Window {
     Quic(quinn::Connection),
     /// h2 changes the window through the `Connection` its task owns: the
-    /// task watches this and calls `set_target_window_size`.
+    /// task applies what [`H2Window::next`] returns.
     H2(watch::Sender<u32>),
+}
+
+/// The HTTP/2 connection task's end of [`StallCredit::h2`].
+pub struct H2Window(watch::Receiver<u32>);
+
+impl H2Window {
+    /// The next connection window to apply with `set_target_window_size`;
+    /// pends forever once the credit is gone (use it in a `select!`).
+    pub async fn next(&mut self) -> u32 {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        *self.0.borrow_and_update()
+    }
 }
 
 impl StallCredit {
     /// For a QUIC connection: its receive window is set directly.
-    pub fn quic(conn: &quinn::Connection, settings: &QuicSettings) -> Self {
+    pub fn quic(
+        conn: &quinn::Connection,
+        settings: &QuicSettings,
+        budget: &Arc<StallBudget>,
+    ) -> Self {
         Self::new(
             Window::Quic(conn.clone()),
             settings.connection_window,
             settings.stream_window,
-            settings.stall_budget,
+            budget,
         )
     }
 
     /// For an HTTP/2 connection: the task that drives it must apply every
-    /// value the returned receiver sees with `set_target_window_size`.
-    pub fn h2(settings: &H2Settings, budget: u64) -> (Self, watch::Receiver<u32>) {
+    /// value the returned [`H2Window`] yields.
+    pub fn h2(settings: &H2Settings, budget: &Arc<StallBudget>) -> (Self, H2Window) {
         let (tx, rx) = watch::channel(settings.connection_window);
         let credit = Self::new(
             Window::H2(tx),
@@ -75,32 +131,36 @@ impl StallCredit {
             settings.stream_window,
             budget,
         );
-        (credit, rx)
+        (credit, H2Window(rx))
     }
 
-    fn new(window: Window, base: u32, per_stream: u32, budget: u64) -> Self {
+    fn new(window: Window, base: u32, per_stream: u32, budget: &Arc<StallBudget>) -> Self {
+        let per_stream = u64::from(per_stream).max(1);
         StallCredit(Arc::new(Inner {
             window,
             base: base.into(),
-            per_stream: per_stream.into(),
-            budget,
+            per_stream,
+            max_stalled: (budget.limit / 4 / per_stream).max(1),
+            budget: budget.clone(),
             stalled: Mutex::new(0),
         }))
     }
 
-    /// A stream stopped taking data: lend it credit until the guard drops.
+    /// A stream stopped taking data: lend it credit until the guard drops
+    /// (the relay keeps it until the stream ends).
     pub fn stall(&self) -> StallGuard {
         let inner = &self.0;
-        let before = LENT.fetch_add(inner.per_stream, Ordering::Relaxed);
-        if before + inner.per_stream > inner.budget {
-            LENT.fetch_sub(inner.per_stream, Ordering::Relaxed);
+        let mut stalled = inner.stalled.lock().unwrap_or_else(|e| e.into_inner());
+        if *stalled >= inner.max_stalled || !inner.budget.take(inner.per_stream) {
             tracing::debug!(
-                budget = inner.budget,
-                "stall budget spent; the stream shares the connection window"
+                stalled = *stalled,
+                lent = inner.budget.lent(),
+                "stall credit spent; the stream shares the connection window"
             );
             return StallGuard(None);
         }
-        self.adjust(1);
+        *stalled += 1;
+        self.set_window(*stalled);
         StallGuard(Some(self.clone()))
     }
 
@@ -109,13 +169,11 @@ impl StallCredit {
         *self.0.stalled.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn adjust(&self, delta: i64) {
+    /// Called with the `stalled` lock held, so concurrent changes set the
+    /// window in the order they counted.
+    fn set_window(&self, stalled: u64) {
         let inner = &self.0;
-        // Under the lock, so concurrent stalls and resumes set the window
-        // in the order they counted.
-        let mut stalled = inner.stalled.lock().unwrap_or_else(|e| e.into_inner());
-        *stalled = stalled.saturating_add_signed(delta);
-        let window = inner.base + *stalled * inner.per_stream;
+        let window = inner.base + stalled * inner.per_stream;
         match &inner.window {
             Window::Quic(conn) => conn
                 .set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX)),
@@ -131,11 +189,21 @@ impl StallCredit {
 /// Held while a stream is stalled; gives the credit back when dropped.
 pub struct StallGuard(Option<StallCredit>);
 
+impl StallGuard {
+    /// Whether credit was lent (false past the budget).
+    pub fn is_lent(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
 impl Drop for StallGuard {
     fn drop(&mut self) {
         if let Some(credit) = self.0.take() {
-            credit.adjust(-1);
-            LENT.fetch_sub(credit.0.per_stream, Ordering::Relaxed);
+            let inner = &credit.0;
+            let mut stalled = inner.stalled.lock().unwrap_or_else(|e| e.into_inner());
+            *stalled = stalled.saturating_sub(1);
+            credit.set_window(*stalled);
+            inner.budget.give(inner.per_stream);
         }
     }
 }
@@ -144,35 +212,42 @@ impl Drop for StallGuard {
 mod tests {
     use super::*;
 
-    #[test]
-    fn window_grows_per_stalled_stream_within_the_budget() {
+    #[tokio::test]
+    async fn window_grows_per_stalled_stream_within_the_budgets() {
         let settings = H2Settings::default();
-        let (credit, rx) = StallCredit::h2(&settings, u64::MAX);
+        let per = u64::from(settings.stream_window);
         let base = settings.connection_window;
+        // Room for 8 streams in the process, so 2 per connection.
+        let budget = StallBudget::new(8 * per);
+        let (credit, mut window) = StallCredit::h2(&settings, &budget);
         let a = credit.stall();
         let b = credit.stall();
-        assert_eq!(*rx.borrow(), base + 2 * settings.stream_window);
+        assert_eq!(window.next().await, base + 2 * settings.stream_window);
+        assert_eq!(credit.stalled_streams(), 2);
+        // The connection's share is spent; the stream gets nothing.
+        let c = credit.stall();
+        assert!(!c.is_lent());
         assert_eq!(credit.stalled_streams(), 2);
         drop(a);
-        assert_eq!(*rx.borrow(), base + settings.stream_window);
-        drop(b);
-        assert_eq!(*rx.borrow(), base);
-        assert_eq!(credit.stalled_streams(), 0);
+        assert_eq!(window.next().await, base + settings.stream_window);
 
-        // Past the budget, stalled streams get nothing.
-        let per = u64::from(settings.stream_window);
-        // Room for exactly one more stream on top of what other tests lend.
-        let (credit, rx) = StallCredit::h2(&settings, lent() + per);
-        let first = credit.stall();
-        let second = credit.stall();
-        assert_eq!(credit.stalled_streams(), 1);
-        assert_eq!(
-            *rx.borrow(),
-            settings.connection_window + settings.stream_window
-        );
-        drop(second);
-        assert_eq!(credit.stalled_streams(), 1);
-        drop(first);
-        assert_eq!(*rx.borrow(), settings.connection_window);
+        // Another connection of the process draws on the same budget.
+        let others: Vec<_> = (0..3)
+            .map(|_| StallCredit::h2(&settings, &budget))
+            .collect();
+        let held: Vec<_> = others
+            .iter()
+            .flat_map(|(credit, _)| [credit.stall(), credit.stall()])
+            .collect();
+        assert_eq!(held.iter().filter(|g| g.is_lent()).count(), 6);
+        assert_eq!(budget.lent(), 7 * per);
+        let last = credit.stall();
+        assert!(last.is_lent());
+        let (fresh, _) = StallCredit::h2(&settings, &budget);
+        assert!(!fresh.stall().is_lent(), "the process budget is spent");
+        drop((b, c, last, held));
+        assert_eq!(budget.lent(), 0);
+        assert_eq!(window.next().await, base);
+        assert_eq!(credit.stalled_streams(), 0);
     }
 }

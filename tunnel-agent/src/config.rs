@@ -1,6 +1,7 @@
 //! Agent configuration, validated when built.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use certs::{CertDir, Identity};
@@ -54,6 +55,9 @@ pub struct AgentConfig {
     pub quic_timeout: Duration,
     /// In `auto`, how often QUIC is tried again while on HTTP/2. Default 5 min.
     pub reprobe_interval: Duration,
+    /// Receive window this agent lends to stalled streams (runtime state
+    /// shared by all its connections; see `transport::stall`).
+    pub stall_budget: Arc<transport::stall::StallBudget>,
 }
 
 /// Which transport the agent uses.
@@ -138,6 +142,7 @@ impl AgentConfig {
             admin_listen: None,
             quic_timeout: Duration::from_secs(5),
             reprobe_interval: Duration::from_secs(300),
+            stall_budget: transport::stall::StallBudget::new(transport::stall::StallBudget::AGENT),
         })
     }
 

@@ -19,7 +19,7 @@ const DIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct StreamMode {
     /// The agent is draining: answer `Draining` instead of dialing.
     pub draining: bool,
-    /// The QUIC connection's credit for stalled streams (`None` over HTTP/2).
+    /// The connection's credit for stalled streams (`None`: never lend).
     pub stall: Option<transport::stall::StallCredit>,
 }
 

@@ -34,6 +34,8 @@ type Conn = h2::server::Connection<tokio_rustls::client::TlsStream<TcpStream>, B
 
 struct RegisteredH2 {
     conn: Conn,
+    /// What the connection was made with (its base windows).
+    settings: H2Settings,
     welcome: proto::Welcome,
     control_send: H2Send,
     control_recv: H2Recv,
@@ -59,16 +61,13 @@ async fn register(config: &AgentConfig, target: &Target) -> Result<RegisteredH2,
         .map_err(|e| err(describe_tls(&e)))?;
     // In TLS 1.3 the server checks our certificate after our side of the
     // handshake is done: a rejection arrives as an alert on the first read.
-    let mut conn: Conn = H2Settings::default()
-        .server()
-        .handshake(tls)
-        .await
-        .map_err(|e| {
-            err(e
-                .get_io()
-                .map(describe_tls)
-                .unwrap_or_else(|| format!("HTTP/2 handshake: {e}")))
-        })?;
+    let settings = H2Settings::default();
+    let mut conn: Conn = settings.server().handshake(tls).await.map_err(|e| {
+        err(e
+            .get_io()
+            .map(describe_tls)
+            .unwrap_or_else(|| format!("HTTP/2 handshake: {e}")))
+    })?;
     let (request, mut respond) = match conn.accept().await {
         Some(Ok(r)) => r,
         Some(Err(e)) => return Err(SessionError::Register(format!("HTTP/2: {e}"))),
@@ -98,6 +97,7 @@ async fn register(config: &AgentConfig, target: &Target) -> Result<RegisteredH2,
     };
     Ok(RegisteredH2 {
         conn,
+        settings,
         welcome,
         control_send,
         control_recv,
@@ -137,6 +137,7 @@ pub(crate) async fn session(
     };
     let RegisteredH2 {
         mut conn,
+        settings,
         welcome,
         control_send,
         mut control_recv,
@@ -152,8 +153,7 @@ pub(crate) async fn session(
         replicas = %holding,
         "registered"
     );
-    let (stall, mut window) =
-        transport::stall::StallCredit::h2(&H2Settings::default(), config.quic.stall_budget);
+    let (stall, mut window) = transport::stall::StallCredit::h2(&settings, &config.stall_budget);
     let mut streams = JoinSet::new();
     let mut control_buf = Vec::new();
     let mut next_id = 0u64;
@@ -180,10 +180,7 @@ pub(crate) async fn session(
                 None => break End::Lost("the server closed the HTTP/2 connection".into()),
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
-            Ok(()) = window.changed() => {
-                let size = *window.borrow_and_update();
-                conn.set_target_window_size(size);
-            }
+            size = window.next() => conn.set_target_window_size(size),
             msg = read_message(&mut control_recv, &mut control_buf) => match msg {
                 Ok(Message::GoAway(g)) => break End::GoneAway(g),
                 Ok(m) => tracing::debug!("ignoring {} on the control stream", m.kind()),
@@ -282,7 +279,7 @@ async fn drain(
     mut control_send: H2Send,
     mut streams: JoinSet<()>,
     mut next_id: u64,
-    (stall, mut window): (transport::stall::StallCredit, watch::Receiver<u32>),
+    (stall, mut window): (transport::stall::StallCredit, transport::stall::H2Window),
 ) {
     tracing::info!(active = streams.len(), transport = "h2", "draining");
     let _ = write_message(&mut control_send, &Message::Drain).await;
@@ -299,10 +296,7 @@ async fn drain(
                 _ => break,
             },
             _ = streams.join_next() => {}
-            Ok(()) = window.changed() => {
-                let size = *window.borrow_and_update();
-                conn.set_target_window_size(size);
-            }
+            size = window.next() => conn.set_target_window_size(size),
             _ = &mut deadline => {
                 tracing::warn!(active = streams.len(), "grace period over; resetting the remaining streams");
                 break;

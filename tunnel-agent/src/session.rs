@@ -481,7 +481,7 @@ pub(crate) async fn serve_quic(
         "registered"
     );
 
-    let stall = transport::stall::StallCredit::quic(&conn, &config.quic);
+    let stall = transport::stall::StallCredit::quic(&conn, &config.quic, &config.stall_budget);
     let mut streams = JoinSet::new();
     let mut control_buf = Vec::new();
     let end = loop {

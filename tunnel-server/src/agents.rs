@@ -171,7 +171,9 @@ pub(crate) async fn serve_agent(
         connected_since: SystemTime::now(),
         link: link.clone(),
         stall: match &link {
-            AgentLink::Quic(conn) => transport::stall::StallCredit::quic(conn, &shared.config.quic),
+            AgentLink::Quic(conn) => {
+                transport::stall::StallCredit::quic(conn, &shared.config.quic, &shared.stall_budget)
+            }
             AgentLink::H2(h) => h.stall.clone(),
         },
         streams_active: AtomicI64::new(0),

@@ -74,7 +74,7 @@ async fn handle(
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let (closed_tx, closed) = tokio::sync::watch::channel(false);
     let stop = shutdown.clone();
-    let (stall, mut window) = transport::stall::StallCredit::h2(&settings, quic.stall_budget);
+    let (stall, mut window) = transport::stall::StallCredit::h2(&settings, &shared.stall_budget);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -83,10 +83,7 @@ async fn handle(
                     break;
                 }
                 _ = stop.notified() => break,
-                Ok(()) = window.changed() => {
-                    let size = *window.borrow_and_update();
-                    connection.set_target_window_size(size);
-                }
+                size = window.next() => connection.set_target_window_size(size),
             }
         }
         let _ = closed_tx.send(true);

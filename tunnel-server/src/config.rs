@@ -43,12 +43,7 @@ impl ServerConfig {
             server_id: default_server_id(),
             register_timeout: Duration::from_secs(10),
             dial_timeout: Duration::from_secs(10),
-            quic: QuicSettings {
-                // Stalled client streams, across all agents: 512 at the
-                // default stream window.
-                stall_budget: 256 * 1024 * 1024,
-                ..QuicSettings::default()
-            },
+            quic: QuicSettings::default(),
         }
     }
 }

@@ -53,6 +53,8 @@ pub struct Shared {
     pub registry: AgentRegistry,
     pub metrics: Metrics,
     pub ready: AtomicBool,
+    /// Receive window this server lends to stalled streams, all agents.
+    pub stall_budget: Arc<transport::stall::StallBudget>,
     next_id: AtomicU64,
 }
 
@@ -140,6 +142,7 @@ impl Server {
             registry: AgentRegistry::default(),
             metrics: Metrics::new(),
             ready: AtomicBool::new(false),
+            stall_budget: transport::stall::StallBudget::new(transport::stall::StallBudget::SERVER),
             next_id: AtomicU64::new(1),
         });
         Ok(Server {
