@@ -335,6 +335,14 @@ async fn stalled_readers_do_not_stall_other_streams(tr: Transport) {
         stalled_count as u64,
         "every stalled stream holds lent credit"
     );
+    let metrics = shared.render_metrics();
+    assert!(
+        metrics.contains(&format!(
+            "edge_tunnel_stall_credit_bytes {}",
+            shared.stall_budget.lent()
+        )) && shared.stall_budget.lent() > 0,
+        "{metrics}"
+    );
     // A new connection through the same agent still opens and moves 64 MiB.
     let tcp = connect_via(t.server.connect_addr(), &echo.to_string())
         .await

@@ -51,6 +51,7 @@ pub async fn run(
             let routes = Arc::new(AgentAdmin {
                 metrics: metrics.clone(),
                 held: held.clone(),
+                stall_budget: config.stall_budget.clone(),
             });
             Some(tokio::spawn(transport::admin::serve(listener, routes)))
         }

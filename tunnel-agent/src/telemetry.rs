@@ -12,6 +12,7 @@ use serde::Serialize;
 use transport::admin::{AdminRoutes, Reply, JSON, OPENMETRICS, TEXT};
 
 use crate::session::Held;
+use transport::stall::StallBudget;
 
 type Label = [(&'static str, &'static str); 1];
 
@@ -27,6 +28,8 @@ pub struct AgentMetrics {
     /// Dials answered, by result (ok, not_allowed, refused, ...).
     pub dials: Family<Label, Counter>,
     pub streams_active: Gauge,
+    /// Receive window lent to stalled streams (set at scrape time).
+    stall_credit: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -39,6 +42,7 @@ impl Default for AgentMetrics {
             reprobes: Family::default(),
             dials: Family::default(),
             streams_active: Gauge::default(),
+            stall_credit: Gauge::default(),
         };
         registry.register(
             "replicas_connected",
@@ -65,6 +69,11 @@ impl Default for AgentMetrics {
             "Tunneled connections open now",
             m.streams_active.clone(),
         );
+        registry.register(
+            "stall_credit_bytes",
+            "Receive window lent to streams whose target stopped reading",
+            m.stall_credit.clone(),
+        );
         AgentMetrics { registry, ..m }
     }
 }
@@ -74,7 +83,9 @@ impl AgentMetrics {
         family.get_or_create(&[(key, value)]).inc();
     }
 
-    fn render(&self, held: &Held) -> String {
+    fn render(&self, held: &Held, stall_budget: &StallBudget) -> String {
+        self.stall_credit
+            .set(i64::try_from(stall_budget.lent()).unwrap_or(i64::MAX));
         let (mut quic, mut h2) = (0, 0);
         if let Ok(map) = held.lock() {
             for (_, transport) in map.values() {
@@ -106,6 +117,7 @@ struct ReplicaInfo {
 pub struct AgentAdmin {
     pub metrics: Arc<AgentMetrics>,
     pub held: Held,
+    pub stall_budget: Arc<StallBudget>,
 }
 
 impl AdminRoutes for AgentAdmin {
@@ -120,7 +132,11 @@ impl AdminRoutes for AgentAdmin {
                     Reply::new(503, TEXT, "not ready: no server replica registered\n")
                 }
             }
-            "/metrics" => Reply::new(200, OPENMETRICS, self.metrics.render(&self.held)),
+            "/metrics" => Reply::new(
+                200,
+                OPENMETRICS,
+                self.metrics.render(&self.held, &self.stall_budget),
+            ),
             "/v1/replicas" => {
                 let mut list: Vec<ReplicaInfo> = self
                     .held

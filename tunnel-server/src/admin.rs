@@ -22,7 +22,7 @@ impl AdminRoutes for ServerAdmin {
             "/healthz" => Reply::new(200, TEXT, "ok\n"),
             "/readyz" if shared.ready.load(Ordering::SeqCst) => Reply::new(200, TEXT, "ready\n"),
             "/readyz" => Reply::new(503, TEXT, "not ready\n"),
-            "/metrics" => Reply::new(200, OPENMETRICS, shared.metrics.render()),
+            "/metrics" => Reply::new(200, OPENMETRICS, shared.render_metrics()),
             "/v1/agents" => Reply::new(200, JSON, agents_json(shared)),
             _ => Reply::not_found(),
         }

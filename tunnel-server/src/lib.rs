@@ -62,6 +62,13 @@ impl Shared {
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// The `/metrics` page, with the scrape-time gauges brought up to date.
+    pub fn render_metrics(&self) -> String {
+        let lent = i64::try_from(self.stall_budget.lent()).unwrap_or(i64::MAX);
+        self.metrics.stall_credit.set(lent);
+        self.metrics.render()
+    }
 }
 
 /// Why the server could not start.

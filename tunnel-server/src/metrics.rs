@@ -14,6 +14,8 @@ pub struct Metrics {
     registry: Registry,
     pub agents_connected: Gauge,
     pub streams_active: Gauge,
+    /// Receive window lent to stalled streams (set at scrape time).
+    pub stall_credit: Gauge,
     pub streams: Family<Label, Counter>,
     pub bytes: Family<Label, Counter>,
     pub dial_duration: Histogram,
@@ -33,6 +35,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("edge_tunnel");
         let agents_connected = Gauge::default();
         let streams_active = Gauge::default();
+        let stall_credit = Gauge::default();
         let streams = Family::<Label, Counter>::default();
         let bytes = Family::<Label, Counter>::default();
         // 0.5 ms .. ~16 s: a dial is one tunnel round trip plus a local connect.
@@ -51,6 +54,11 @@ impl Metrics {
             "streams_active",
             "Tunneled connections open now",
             streams_active.clone(),
+        );
+        registry.register(
+            "stall_credit_bytes",
+            "Receive window lent to streams whose client stopped reading",
+            stall_credit.clone(),
         );
         registry.register(
             "streams",
@@ -86,6 +94,7 @@ impl Metrics {
             registry,
             agents_connected,
             streams_active,
+            stall_credit,
             streams,
             bytes,
             dial_duration,
