@@ -286,7 +286,12 @@ where
         biased;
         r = &mut write => r,
         _ = tokio::time::sleep(STALL_AFTER) => {
-            *stalled = Some(stall.stall());
+            // Past the budget nothing is lent; the next blocked write asks
+            // again, in case credit came back meanwhile.
+            let guard = stall.stall();
+            if guard.is_lent() {
+                *stalled = Some(guard);
+            }
             write.await
         }
     }
