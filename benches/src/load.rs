@@ -15,6 +15,17 @@ pub struct Ports {
     pub source: u16,
 }
 
+impl Ports {
+    /// Echo at `base`, sink at `base + 1`, source at `base + 2`.
+    pub const fn from(base: u16) -> Ports {
+        Ports {
+            echo: base,
+            sink: base + 1,
+            source: base + 2,
+        }
+    }
+}
+
 fn bind(addr: SocketAddr) -> TcpListener {
     // A 4096 backlog: the fan-out workload connects a thousand at once.
     transport::net::bind_tcp(addr).expect("bind")

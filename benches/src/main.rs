@@ -23,28 +23,12 @@ use e2e::Pki;
 use load::Ports;
 use serde::Serialize;
 
-const TUNNEL: Ports = Ports {
-    echo: 7000,
-    sink: 7001,
-    source: 7002,
-};
-const DIRECT: Ports = Ports {
-    echo: 7100,
-    sink: 7101,
-    source: 7102,
-};
+const TUNNEL: Ports = Ports::from(7000);
+const DIRECT: Ports = Ports::from(7100);
 /// The reference path: two plain TCP forwarders, entered in `cloud` at
 /// these ports, hopping through `FLOOR_HOP` in `edge` to the direct ports.
-const FLOOR: Ports = Ports {
-    echo: 7200,
-    sink: 7201,
-    source: 7202,
-};
-const FLOOR_HOP: Ports = Ports {
-    echo: 7300,
-    sink: 7301,
-    source: 7302,
-};
+const FLOOR: Ports = Ports::from(7200);
+const FLOOR_HOP: Ports = Ports::from(7300);
 const ADMIN: &str = "127.0.0.1:9091";
 
 #[derive(Clone, Copy)]
@@ -195,6 +179,17 @@ fn context_switches(pid: u32) -> u64 {
                 .sum::<u64>()
         })
         .sum()
+}
+
+/// `f`'s result and the CPU seconds each of `pids` used while it ran.
+fn cpu_during<T, const N: usize>(pids: [u32; N], f: impl FnOnce() -> T) -> (T, [f64; N]) {
+    let before = pids.map(cpu_seconds);
+    let r = f();
+    let mut used = pids.map(cpu_seconds);
+    for (u, b) in used.iter_mut().zip(before) {
+        *u -= b;
+    }
+    (r, used)
 }
 
 /// utime + stime in seconds.
@@ -401,31 +396,15 @@ impl Bench {
     /// the CPU the tunnel processes used during the tunnel run.
     fn pair<T: Send>(&self, f: impl Fn(Ports) -> T + Sync) -> (T, T, f64, f64) {
         let direct = f(DIRECT);
-        let (s0, a0) = (
-            cpu_seconds(self.server.pid()),
-            cpu_seconds(self.agent.pid()),
-        );
-        let tunnel = f(TUNNEL);
-        let (s1, a1) = (
-            cpu_seconds(self.server.pid()),
-            cpu_seconds(self.agent.pid()),
-        );
-        (direct, tunnel, s1 - s0, a1 - a0)
+        let (tunnel, [s, a]) = cpu_during([self.server.pid(), self.agent.pid()], || f(TUNNEL));
+        (direct, tunnel, s, a)
     }
 
     /// Runs `f` against the reference forwarders; returns the result and
     /// the CPU the cloud and edge forwarder used.
     fn floor<T>(&self, f: impl Fn(Ports) -> T) -> (T, f64, f64) {
-        let (c0, e0) = (
-            cpu_seconds(self.floor.0.pid()),
-            cpu_seconds(self.floor.1.pid()),
-        );
-        let r = f(FLOOR);
-        let (c1, e1) = (
-            cpu_seconds(self.floor.0.pid()),
-            cpu_seconds(self.floor.1.pid()),
-        );
-        (r, c1 - c0, e1 - e0)
+        let (r, [c, e]) = cpu_during([self.floor.0.pid(), self.floor.1.pid()], || f(FLOOR));
+        (r, c, e)
     }
 
     fn in_cloud<F, Fut, T>(&self, f: F) -> T
@@ -592,10 +571,6 @@ fn main() -> Result<()> {
     if runs("ping-pong") {
         // Interleaved in blocks rather than one path after the other: this
         // workload is dominated by wake-up latency, which drifts on a VM.
-        let (s0, a0) = (
-            cpu_seconds(bench.server.pid()),
-            cpu_seconds(bench.agent.pid()),
-        );
         let pids = [
             bench.server.pid(),
             bench.agent.pid(),
@@ -603,30 +578,18 @@ fn main() -> Result<()> {
             bench.floor.1.pid(),
         ];
         let switches_before = pids.map(context_switches);
-        let (f0, e0) = (
-            cpu_seconds(bench.floor.0.pid()),
-            cpu_seconds(bench.floor.1.pid()),
-        );
         let addrs = [
             Bench::addr(DIRECT.echo),
             Bench::addr(TUNNEL.echo),
             floor_addr(FLOOR.echo),
         ];
-        let mut times =
-            bench.in_cloud(|| load::ping_pong_interleaved(&addrs, plan.ping_pongs, 500));
-        let (fc, ec) = (
-            cpu_seconds(bench.floor.0.pid()) - f0,
-            cpu_seconds(bench.floor.1.pid()) - e0,
-        );
+        let (mut times, [sc, ac, fc, ec]) = cpu_during(pids, || {
+            bench.in_cloud(|| load::ping_pong_interleaved(&addrs, plan.ping_pongs, 500))
+        });
         let (mut f, mut t, mut d) = (
             times.pop().unwrap_or_default(),
             times.pop().unwrap_or_default(),
             times.pop().unwrap_or_default(),
-        );
-        f.sort();
-        let (sc, ac) = (
-            cpu_seconds(bench.server.pid()) - s0,
-            cpu_seconds(bench.agent.pid()) - a0,
         );
         let mut per_round_trip = [0.0; 4];
         for ((per, pid), before) in per_round_trip.iter_mut().zip(pids).zip(switches_before) {
@@ -634,6 +597,7 @@ fn main() -> Result<()> {
             *per = context_switches(pid).saturating_sub(before) as f64 / plan.ping_pongs as f64;
         }
         switches_per_round_trip = Some(per_round_trip);
+        f.sort();
         d.sort();
         t.sort();
         for (name, q) in [("p50", 0.5), ("p99", 0.99)] {

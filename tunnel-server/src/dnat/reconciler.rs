@@ -85,7 +85,7 @@ impl Dnat {
             return Ok(false);
         };
         self.iptables.apply(&script).await?;
-        for stale in rules::changed_destinations(&current.rules, &want) {
+        for stale in rules::stale_entries(&current.rules, &want) {
             flush_conntrack(&stale).await;
         }
         tracing::info!(rules = want.len(), "DNAT rules applied");
@@ -97,7 +97,7 @@ impl Dnat {
         let current = self.iptables.current().await?;
         if let Some(script) = rules::cleanup(&current) {
             self.iptables.apply(&script).await?;
-            for stale in rules::changed_destinations(&current.rules, &BTreeSet::new()) {
+            for stale in rules::stale_entries(&current.rules, &BTreeSet::new()) {
                 flush_conntrack(&stale).await;
             }
             tracing::info!("DNAT rules removed");

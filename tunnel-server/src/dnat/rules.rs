@@ -243,10 +243,7 @@ pub struct Stale {
 /// that were not NATed (a SYN retried before the rule existed would
 /// otherwise keep its un-NATed entry); for a rule that disappeared,
 /// connections NATed to its target.
-pub fn changed_destinations(
-    before: &BTreeSet<String>,
-    after: &BTreeSet<String>,
-) -> BTreeSet<Stale> {
+pub fn stale_entries(before: &BTreeSet<String>, after: &BTreeSet<String>) -> BTreeSet<Stale> {
     let removed = before.difference(after).map(|r| (r, true));
     let added = after.difference(before).map(|r| (r, false));
     removed
@@ -391,7 +388,7 @@ COMMIT
     }
 
     #[test]
-    fn changed_destinations_are_the_difference() {
+    fn stale_entries_are_the_difference() {
         let a = desired(
             Family::V4,
             ["198.18.1.2".parse().unwrap()],
@@ -406,7 +403,7 @@ COMMIT
             &[10250],
             to(),
         );
-        let changed: Vec<_> = changed_destinations(&a, &b).into_iter().collect();
+        let changed: Vec<_> = stale_entries(&a, &b).into_iter().collect();
         let stale = |dst: &str, reply_src: &str| Stale {
             dst: dst.to_owned(),
             port: 10250,
@@ -423,7 +420,7 @@ COMMIT
                 stale("198.18.1.3/32", "198.18.1.3"),
             ]
         );
-        assert!(changed_destinations(&a, &a).is_empty());
+        assert!(stale_entries(&a, &a).is_empty());
     }
 
     #[test]
