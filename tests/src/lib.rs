@@ -163,7 +163,7 @@ impl Drop for TestServer {
 /// A running in-process tunnel-agent.
 pub struct TestAgent {
     stop: Option<oneshot::Sender<()>>,
-    pub task: Option<JoinHandle<Result<(), tunnel_agent::session::SessionError>>>,
+    pub task: Option<JoinHandle<Result<(), tunnel_agent::AgentError>>>,
 }
 
 impl TestAgent {

@@ -1,7 +1,7 @@
 //! End-to-end tests on loopback: the real server and agent code in-process,
 //! real sockets, real QUIC and TLS.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use e2e::targets::{self, echo_digest, hex, pattern};
@@ -430,7 +430,7 @@ async fn agent_certificate_from_another_ca_is_refused(tr: Transport) {
     let dir = foreign.issue_agent("edge-x", &[localhost()]);
     std::fs::copy(t.pki.server_dir().join("ca.crt"), dir.join("ca.crt")).unwrap();
     let config = agent_config(&foreign, "edge-x", &t.server, &[], tr);
-    let err = tunnel_agent::session::probe(&config)
+    let err = tunnel_agent::probe::probe(&config)
         .await
         .unwrap_err()
         .to_string();
@@ -461,9 +461,10 @@ async fn node_name_must_match_the_certificate(tr: Transport) {
         "{err}"
     );
     // On the wire: a Hello that lies about the node is refused by the server.
-    let mut config = agent_config(&t.pki, NODE, &t.server, &[], tr);
-    config.node = "edge-2".into();
-    let err = tunnel_agent::session::probe(&config)
+    let config = agent_config(&t.pki, NODE, &t.server, &[], tr);
+    let mut lying = config.credentials().unwrap();
+    lying.node = "edge-2".into();
+    let err = tunnel_agent::probe::probe_with(&config, lying)
         .await
         .unwrap_err()
         .to_string();
@@ -472,9 +473,9 @@ async fn node_name_must_match_the_certificate(tr: Transport) {
         "{err}"
     );
     // Claiming an address the certificate does not carry.
-    let mut config = agent_config(&t.pki, NODE, &t.server, &[], tr);
-    config.identity.addresses = vec!["198.18.9.9".parse().unwrap()];
-    let err = tunnel_agent::session::probe(&config)
+    let mut lying = config.credentials().unwrap();
+    lying.addresses = vec!["198.18.9.9".parse().unwrap()];
+    let err = tunnel_agent::probe::probe_with(&config, lying)
         .await
         .unwrap_err()
         .to_string();
@@ -523,6 +524,56 @@ async fn agent_is_back_within_5s_of_a_server_restart(tr: Transport) {
         restarted.elapsed()
     );
     t.agent.stop().await;
+}
+
+/// A rolling update of the server must not move `auto` agents to HTTP/2:
+/// while the server is down QUIC gets no answer and TCP is refused, which
+/// is no reason to fall back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_agent_stays_on_quic_across_a_server_restart() {
+    init_logging();
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let server = TestServer::start(&pki).await;
+    let quic = server.addrs.quic;
+    let mut config = TestAgent::config(&pki, NODE, quic, &[]);
+    config.transport = tunnel_agent::config::TransportChoice::Auto;
+    config.quic_timeout = Duration::from_millis(500);
+    let admin = free_port();
+    config.admin_listen = Some(admin);
+    let agent = TestAgent::start(config);
+    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    server.stop().await;
+    // Down long enough for attempts over both transports to fail.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let server = TestServer::start_with(TestServer::config(&pki, quic)).await;
+    server.wait_for_agent(NODE, Duration::from_secs(15)).await;
+    let transport = match server.shared.registry.by_node(NODE) {
+        tunnel_server::registry::Route::Agent(a) => a.link.transport(),
+        _ => unreachable!("registered"),
+    };
+    assert_eq!(transport, "quic");
+    eventually(
+        "the agent holds the replica",
+        Duration::from_secs(5),
+        || async {
+            let (_, metrics) = http_get(admin, "/metrics").await;
+            metrics.contains("edge_tunnel_agent_replicas_connected{transport=\"quic\"} 1")
+        },
+    )
+    .await;
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    assert!(
+        !metrics.contains("transport_fallbacks_total{"),
+        "no fallback counted:\n{metrics}"
+    );
+    agent.stop().await;
+}
+
+/// A loopback port nothing listens on now.
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
 }
 
 async fn a_second_registration_replaces_the_first(tr: Transport) {

@@ -1,5 +1,8 @@
-//! Agent configuration, validated when built.
+//! Agent configuration, checked when built ([`AgentConfig::try_new`]), and
+//! the credentials loaded from `--cert-dir` at every connection attempt
+//! ([`Credentials`]).
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,8 +40,10 @@ pub struct AgentConfig {
     pub resolve_interval: Duration,
     pub cert_dir: PathBuf,
     pub node: String,
-    pub identity: Identity,
-    pub allow: AllowList,
+    /// `--allow` entries; `None`: the certificate's addresses on the
+    /// kubelet ports, taken from the certificate loaded for each
+    /// connection (so a renewed certificate with new addresses applies).
+    pub allow: Option<AllowList>,
     /// Longest local connect the agent attempts. Default 10 s; the server's
     /// deadline applies when shorter.
     pub dial_timeout: Duration,
@@ -53,11 +58,38 @@ pub struct AgentConfig {
     /// In `auto`, how long a QUIC handshake + registration may take before
     /// falling back to HTTP/2. Default 5 s.
     pub quic_timeout: Duration,
-    /// In `auto`, how often QUIC is tried again while on HTTP/2. Default 5 min.
+    /// In `auto`, the longest wait between QUIC re-probes while on HTTP/2;
+    /// the first comes after [`REPROBE_FIRST`] and the waits double up to
+    /// this. Default 5 min.
     pub reprobe_interval: Duration,
     /// Receive window this agent lends to stalled streams (runtime state
     /// shared by all its connections; see `transport::stall`).
     pub stall_budget: Arc<transport::stall::StallBudget>,
+}
+
+/// In `auto`, the first QUIC re-probe after a fall back to HTTP/2 (at most
+/// `reprobe_interval`).
+pub const REPROBE_FIRST: Duration = Duration::from_secs(5);
+
+/// What one connection attempt presents, loaded from `--cert-dir` for each
+/// attempt: a rotated certificate changes the TLS identity, the `Hello`
+/// addresses and the default allow-list together.
+#[derive(Debug)]
+pub struct Credentials {
+    /// The node name sent in `Hello` (the certificate's CN).
+    pub node: String,
+    /// The addresses sent in `Hello` (the certificate's IP SANs).
+    pub addresses: Vec<IpAddr>,
+    /// Targets this connection's streams may dial.
+    pub allow: AllowList,
+    dir: CertDir,
+}
+
+impl Credentials {
+    /// The TLS client configuration for `alpn` (QUIC or HTTP/2).
+    pub fn tls(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, ConfigError> {
+        Ok(certs::tls::client_config(&self.dir, alpn)?)
+    }
 }
 
 /// Which transport the agent uses.
@@ -109,30 +141,21 @@ impl AgentConfig {
             .split(',')
             .map(|s| ServerSpec::parse(s.trim()))
             .collect::<Result<Vec<_>, _>>()?;
-        let dir = CertDir::load(cert_dir)?;
-        let identity = Identity::from_der(dir.leaf())?;
-        if identity.common_name != node {
-            return Err(ConfigError::NodeMismatch {
-                flag: node.to_owned(),
-                cert: identity.common_name,
-            });
-        }
         let allow = if allow.is_empty() {
-            AllowList::default_for(&identity.addresses)
+            None
         } else {
             let mut list = AllowList::default();
             for entry in allow {
                 list.add_entry(entry)?;
             }
-            list
+            Some(list)
         };
-        Ok(AgentConfig {
+        let config = AgentConfig {
             servers,
             server_name: None,
             resolve_interval: Duration::from_secs(30),
             cert_dir: cert_dir.to_owned(),
             node: node.to_owned(),
-            identity,
             allow,
             dial_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
@@ -143,19 +166,34 @@ impl AgentConfig {
             quic_timeout: Duration::from_secs(5),
             reprobe_interval: Duration::from_secs(300),
             stall_budget: transport::stall::StallBudget::new(transport::stall::StallBudget::AGENT),
-        })
+        };
+        // Fail at start, not at the first connect, on unusable certificates.
+        config.credentials()?.tls(proto::ALPN)?;
+        Ok(config)
     }
 
-    /// The TLS client configuration (reloaded from disk at every connect,
-    /// so rotated certificates are picked up on the next reconnect).
-    pub fn tls(&self) -> Result<rustls::ClientConfig, ConfigError> {
-        self.tls_with(proto::ALPN)
-    }
-
-    /// The TLS client configuration for a given ALPN (QUIC or HTTP/2).
-    pub fn tls_with(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, ConfigError> {
+    /// Loads the certificate files (at every connection attempt, so rotated
+    /// certificates are picked up at the next reconnect) and checks that
+    /// the certificate still names this node.
+    pub fn credentials(&self) -> Result<Credentials, ConfigError> {
         let dir = CertDir::load(&self.cert_dir)?;
-        Ok(certs::tls::client_config(&dir, alpn)?)
+        let identity = Identity::from_der(dir.leaf())?;
+        if identity.common_name != self.node {
+            return Err(ConfigError::NodeMismatch {
+                flag: self.node.clone(),
+                cert: identity.common_name,
+            });
+        }
+        let allow = match &self.allow {
+            Some(list) => list.clone(),
+            None => AllowList::default_for(&identity.addresses),
+        };
+        Ok(Credentials {
+            node: identity.common_name,
+            addresses: identity.addresses,
+            allow,
+            dir,
+        })
     }
 }
 

@@ -9,11 +9,22 @@ use proto::{DialCode, DialResult, Message};
 use tokio::net::TcpStream;
 use transport::{read_message, write_message, TunnelRecv, TunnelSend};
 
-use crate::config::AgentConfig;
+use crate::allow::AllowList;
 use crate::telemetry::AgentMetrics;
 
 /// How long the server may take to send `Dial` after opening a stream.
 const DIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the streams of one connection may do: taken from the
+/// credentials that connection registered with.
+pub struct DialPolicy {
+    /// The node name (for refusal messages).
+    pub node: String,
+    pub allow: AllowList,
+    /// Longest local connect; the server's deadline applies when shorter.
+    pub dial_timeout: Duration,
+    pub metrics: Arc<AgentMetrics>,
+}
 
 /// How the agent serves a new stream.
 pub struct StreamMode {
@@ -25,13 +36,13 @@ pub struct StreamMode {
 
 /// Serves one stream opened by the server.
 pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
-    config: Arc<AgentConfig>,
-    metrics: Arc<AgentMetrics>,
+    policy: Arc<DialPolicy>,
     mut send: S,
     mut recv: R,
     mode: StreamMode,
 ) {
     let StreamMode { draining, stall } = mode;
+    let metrics = &policy.metrics;
     let mut buf = Vec::new();
     let request =
         match tokio::time::timeout(DIAL_FRAME_TIMEOUT, read_message(&mut recv, &mut buf)).await {
@@ -55,17 +66,17 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
             DialCode::Draining,
             "the agent is shutting down",
         ))
-    } else if !config.allow.permits(target) {
+    } else if !policy.allow.permits(target) {
         tracing::warn!(%target, "dial refused: target is not on the allow-list");
         Err(DialResult::error(
             DialCode::NotAllowed,
             format!(
                 "{target} is not on the allow-list of node {} ({})",
-                config.node, config.allow
+                policy.node, policy.allow
             ),
         ))
     } else {
-        let deadline = Duration::from_millis(request.deadline_ms.into()).min(config.dial_timeout);
+        let deadline = Duration::from_millis(request.deadline_ms.into()).min(policy.dial_timeout);
         connect(target, deadline).await
     };
     let tcp = match result {

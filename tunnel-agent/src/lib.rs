@@ -1,29 +1,42 @@
 //! tunnel-agent: the edge side of edge-tunnel.
 //!
-//! Layout:
-//! - [`config`]: flags turned into a validated [`AgentConfig`], including
-//!   the check that `--node-name` is the certificate's CN.
-//! - [`allow`]: the allow-list of targets the agent will dial.
-//! - [`backoff`]: exponential backoff with full jitter for reconnects.
-//! - [`supervisor`]: [`run`], the top level: resolves `--server` and keeps
-//!   one connection to every replica address it finds.
-//! - [`session`]: one connection to one replica: register on the control
-//!   stream, accept streams, drain; its reconnect loop with backoff.
-//! - [`h2_session`]: the same session over HTTP/2 over TLS (the agent
-//!   serves HTTP/2), with QUIC re-probes in `auto` mode.
-//! - [`telemetry`]: the admin endpoint and the agent's metrics.
-//! - [`dial`]: one tunneled stream: read `Dial`, check the allow-list,
-//!   connect with a deadline, answer `DialResult`, relay.
+//! Layout, from the top down:
+//! - [`supervisor`]: [`run`], the top level: resolves `--server` ([`resolve`])
+//!   and keeps one [`replica::ReplicaLoop`] per address it finds.
+//! - [`replica`]: the reconnect loop for one address: connect over the
+//!   transport the [`selector`] names, hold the replica ([`replicas`]),
+//!   serve, wait, again; QUIC re-probes while on HTTP/2.
+//! - [`selector`]: QUIC or HTTP/2, decided from typed events.
+//! - [`register`]: the handshake of either transport and `Hello` →
+//!   `Welcome`, giving a [`connection::ServerConnection`];
+//!   [`diagnose`] says what a failure means.
+//! - [`connection`]: one registered connection, whatever the transport.
+//! - [`serve`]: the accept / serve / drain loop, written once above it.
+//! - [`dial`]: one tunneled stream: read `Dial`, check the allow-list
+//!   ([`allow`]), connect with a deadline, answer `DialResult`, relay.
+//! - [`config`]: flags turned into an [`AgentConfig`]; the credentials
+//!   reloaded from `--cert-dir` at every connection attempt.
+//! - [`backoff`], [`error`], [`telemetry`] (admin endpoint and metrics),
+//!   [`probe`] (a one-shot registration, for tests and troubleshooting).
 #![forbid(unsafe_code)]
 
 pub mod allow;
 pub mod backoff;
 pub mod config;
+pub mod connection;
+pub mod diagnose;
 pub mod dial;
-pub mod h2_session;
-pub mod session;
+pub mod error;
+pub mod probe;
+pub mod register;
+pub mod replica;
+pub mod replicas;
+pub mod resolve;
+pub mod selector;
+pub mod serve;
 pub mod supervisor;
 pub mod telemetry;
 
 pub use config::{AgentConfig, ConfigError};
+pub use error::AgentError;
 pub use supervisor::run;

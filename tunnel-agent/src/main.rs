@@ -90,14 +90,13 @@ fn main() -> Result<()> {
     config.drain_grace = Duration::from_secs(args.drain_grace);
     config.quic.keepalive = Duration::from_secs(args.keepalive);
     config.quic.idle_timeout = Duration::from_secs(args.idle_timeout);
-    // Fail at start, not at the first connect, on unusable certificates.
-    config.tls()?;
-    for host in config.allow.hosts() {
-        if !config.identity.addresses.contains(host) && !host.is_loopback() {
+    let credentials = config.credentials()?;
+    for host in credentials.allow.hosts() {
+        if !credentials.addresses.contains(host) && !host.is_loopback() {
             tracing::warn!(%host, "allow-list host is not in the certificate; the server routes only certificate addresses to this node");
         }
     }
-    tracing::info!(node = %config.node, allow = %config.allow, "starting");
+    tracing::info!(node = %config.node, allow = %credentials.allow, "starting");
     // One worker: an agent shares its node with kubelet and workloads, and
     // on the benchmark one worker relays faster than two (fewer cross-thread
     // wake-ups; see benches/RESULTS.md).

@@ -2,21 +2,26 @@
 //!
 //! `--server` names resolve (periodically, and soon after any connection
 //! loss) to a set of addresses — a headless Service lists every replica.
-//! Each address gets its own [`replica_loop`](crate::session) with its own
-//! backoff; addresses that disappear are drained and dropped; a replica
+//! Each address gets its own [`ReplicaLoop`] with its own backoff; addresses that disappear are drained and dropped; a replica
 //! reachable through two addresses is held once (by its server id).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proto::codes::close;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use tracing::Instrument;
+
 use crate::config::AgentConfig;
-use crate::session::{bind_endpoint, replica_loop, resolve_all, SessionError, Target};
+use crate::error::AgentError;
+use crate::replica::{LoopSettings, ReplicaLoop, ServerConnector};
+use crate::replicas::HeldReplicas;
+use crate::resolve::{resolve_all, Target};
 use crate::telemetry::{AgentAdmin, AgentMetrics};
 
 /// After a connection loss, wait this long before resolving again (many
@@ -32,7 +37,7 @@ struct Replica {
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), SessionError> {
+) -> Result<(), AgentError> {
     let config = Arc::new(config);
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -40,11 +45,11 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let endpoint = bind_endpoint(&config)?;
-    let held: crate::session::Held = Arc::new(Mutex::new(HashMap::new()));
+    let held = HeldReplicas::default();
     let metrics = Arc::new(AgentMetrics::default());
     let admin = match config.admin_listen {
         Some(addr) => {
-            let listener = transport::net::bind_tcp(addr).map_err(|e| SessionError::Admin {
+            let listener = transport::net::bind_tcp(addr).map_err(|e| AgentError::Admin {
                 addr,
                 reason: e.to_string(),
             })?;
@@ -75,15 +80,23 @@ pub async fn run(
                 if !replicas.contains_key(target) {
                     tracing::info!(server = %target.addr, name = %target.server_name, "new server address");
                     let (stop, stopped) = watch::channel(false);
-                    let task = tokio::spawn(replica_loop(
-                        config.clone(),
-                        endpoint.clone(),
-                        target.clone(),
-                        stopped,
-                        lost_tx.clone(),
-                        held.clone(),
-                        metrics.clone(),
-                    ));
+                    let replica = ReplicaLoop {
+                        connector: ServerConnector {
+                            config: config.clone(),
+                            metrics: metrics.clone(),
+                            endpoint: endpoint.clone(),
+                            target: target.clone(),
+                        },
+                        addr: target.addr,
+                        settings: LoopSettings::from_config(&config),
+                        held: held.clone(),
+                        metrics: metrics.clone(),
+                        stop: stopped,
+                        lost: lost_tx.clone(),
+                    };
+                    let span =
+                        tracing::info_span!("session", node = %config.node, server = %target.addr);
+                    let task = tokio::spawn(replica.run().instrument(span));
                     replicas.insert(target.clone(), Replica { stop, task });
                 }
             }
@@ -129,4 +142,16 @@ pub async fn run(
     );
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// The agent's one QUIC client endpoint: dual-stack when the host has
+/// IPv6, else IPv4 only.
+pub(crate) fn bind_endpoint(config: &AgentConfig) -> Result<quinn::Endpoint, AgentError> {
+    let dual = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+    config
+        .quic
+        .client_endpoint(dual)
+        .or_else(|_| config.quic.client_endpoint(v4))
+        .map_err(|e| AgentError::Endpoint(e.to_string()))
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -11,20 +12,54 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use transport::admin::{AdminRoutes, Reply, JSON, OPENMETRICS, TEXT};
 
-use crate::session::Held;
+use crate::replicas::HeldReplicas;
+use crate::selector::{FallbackReason, Transport};
 use transport::stall::StallBudget;
 
 type Label = [(&'static str, &'static str); 1];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    transport: Transport,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabel {
+    reason: FallbackReason,
+}
+
+/// How a QUIC re-probe went.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ReprobeResult {
+    /// QUIC registered; the agent moved over.
+    QuicBack,
+    Failed,
+}
+
+impl EncodeLabelValue for ReprobeResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        let label = match self {
+            ReprobeResult::QuicBack => "quic_back",
+            ReprobeResult::Failed => "failed",
+        };
+        std::fmt::Write::write_str(encoder, label)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReprobeLabel {
+    result: ReprobeResult,
+}
 
 /// Every metric the agent exports.
 pub struct AgentMetrics {
     registry: Registry,
     /// Replica connections held now, by transport (set at scrape time).
-    replicas: Family<Label, Gauge>,
+    replicas: Family<TransportLabel, Gauge>,
     /// Falls back from QUIC to HTTP/2, by reason.
-    pub fallbacks: Family<Label, Counter>,
+    fallbacks: Family<FallbackLabel, Counter>,
     /// QUIC re-probes while on HTTP/2, by result.
-    pub reprobes: Family<Label, Counter>,
+    reprobes: Family<ReprobeLabel, Counter>,
     /// Dials answered, by result (ok, not_allowed, refused, ...).
     pub dials: Family<Label, Counter>,
     pub streams_active: Gauge,
@@ -83,23 +118,39 @@ impl AgentMetrics {
         family.get_or_create(&[(key, value)]).inc();
     }
 
-    fn render(&self, held: &Held, stall_budget: &StallBudget) -> String {
+    /// Counts a move from QUIC to HTTP/2.
+    pub fn fallback(&self, reason: FallbackReason) {
+        self.fallbacks
+            .get_or_create(&FallbackLabel { reason })
+            .inc();
+    }
+
+    /// How many fallbacks were counted for `reason`.
+    pub fn fallbacks(&self, reason: FallbackReason) -> u64 {
+        self.fallbacks
+            .get_or_create(&FallbackLabel { reason })
+            .get()
+    }
+
+    /// Counts a QUIC re-probe.
+    pub fn reprobe(&self, result: ReprobeResult) {
+        self.reprobes.get_or_create(&ReprobeLabel { result }).inc();
+    }
+
+    /// How many re-probes ended with `result`.
+    pub fn reprobes(&self, result: ReprobeResult) -> u64 {
+        self.reprobes.get_or_create(&ReprobeLabel { result }).get()
+    }
+
+    fn render(&self, held: &HeldReplicas, stall_budget: &StallBudget) -> String {
         self.stall_credit
             .set(i64::try_from(stall_budget.lent()).unwrap_or(i64::MAX));
-        let (mut quic, mut h2) = (0, 0);
-        if let Ok(map) = held.lock() {
-            for (_, transport) in map.values() {
-                if *transport == "h2" {
-                    h2 += 1
-                } else {
-                    quic += 1
-                }
-            }
+        for transport in [Transport::Quic, Transport::H2] {
+            let n = i64::try_from(held.count(transport)).unwrap_or(i64::MAX);
+            self.replicas
+                .get_or_create(&TransportLabel { transport })
+                .set(n);
         }
-        self.replicas
-            .get_or_create(&[("transport", "quic")])
-            .set(quic);
-        self.replicas.get_or_create(&[("transport", "h2")]).set(h2);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
@@ -116,7 +167,7 @@ struct ReplicaInfo {
 /// Routes of the agent's admin server.
 pub struct AgentAdmin {
     pub metrics: Arc<AgentMetrics>,
-    pub held: Held,
+    pub held: HeldReplicas,
     pub stall_budget: Arc<StallBudget>,
 }
 
@@ -125,7 +176,7 @@ impl AdminRoutes for AgentAdmin {
         match path {
             "/healthz" => Reply::new(200, TEXT, "ok\n"),
             "/readyz" => {
-                let n = self.held.lock().map(|m| m.len()).unwrap_or(0);
+                let n = self.held.len();
                 if n > 0 {
                     Reply::new(200, TEXT, format!("ready: {n} replica(s)\n"))
                 } else {
@@ -138,20 +189,16 @@ impl AdminRoutes for AgentAdmin {
                 self.metrics.render(&self.held, &self.stall_budget),
             ),
             "/v1/replicas" => {
-                let mut list: Vec<ReplicaInfo> = self
+                let list: Vec<ReplicaInfo> = self
                     .held
-                    .lock()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(addr, (id, transport))| ReplicaInfo {
-                                address: addr.to_string(),
-                                server_id: id.clone(),
-                                transport,
-                            })
-                            .collect()
+                    .list()
+                    .into_iter()
+                    .map(|r| ReplicaInfo {
+                        address: r.addr.to_string(),
+                        server_id: r.server_id,
+                        transport: r.transport.label(),
                     })
-                    .unwrap_or_default();
-                list.sort_by(|a, b| a.server_id.cmp(&b.server_id));
+                    .collect();
                 Reply::new(
                     200,
                     JSON,
