@@ -128,7 +128,7 @@ async fn register(
         version_minor: proto::VERSION_MINOR,
         node: node(i),
         addresses: vec![address(i)],
-        capabilities: proto::capability::DRAIN,
+        capabilities: 0,
     });
     write_message(&mut send, &hello).await?;
     match read_message(&mut recv, &mut Vec::new()).await? {

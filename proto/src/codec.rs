@@ -88,8 +88,6 @@ pub fn encode(msg: &Message, dst: &mut Vec<u8>) -> Result<(), EncodeError> {
             w.u8(m.version_major);
             w.u8(m.version_minor);
             w.str("server_id", &m.server_id, MAX_NODE_NAME)?;
-            w.u16(m.replica_count);
-            w.u32(m.keepalive_ms);
             T_WELCOME
         }
         Message::Refuse(r) => {
@@ -179,8 +177,6 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
             version_major: r.u8("version")?,
             version_minor: r.u8("version")?,
             server_id: r.str("server_id", MAX_NODE_NAME)?,
-            replica_count: r.u16("replica_count")?,
-            keepalive_ms: r.u32("keepalive")?,
         }),
         T_REFUSE => Message::Refuse(Refusal {
             code: RefuseCode::from_wire(r.u16("code")?),
@@ -356,22 +352,13 @@ mod tests {
                         capabilities,
                     })
                 }),
-            (
-                any::<u8>(),
-                any::<u8>(),
-                "\\PC{0,60}",
-                any::<u16>(),
-                any::<u32>()
-            )
-                .prop_map(|(a, b, server_id, replica_count, keepalive_ms)| {
-                    Message::Welcome(Welcome {
-                        version_major: a,
-                        version_minor: b,
-                        server_id,
-                        replica_count,
-                        keepalive_ms,
-                    })
-                }),
+            (any::<u8>(), any::<u8>(), "\\PC{0,60}").prop_map(|(a, b, server_id)| {
+                Message::Welcome(Welcome {
+                    version_major: a,
+                    version_minor: b,
+                    server_id,
+                })
+            }),
             (any::<u16>(), "\\PC{0,200}").prop_map(|(c, reason)| Message::Refuse(Refusal {
                 code: RefuseCode::from_wire(c),
                 reason

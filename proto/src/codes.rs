@@ -12,8 +12,8 @@ pub mod stream {
     pub const IO_ERROR: u32 = 0x02;
     /// A frame on the stream was malformed or arrived out of order.
     pub const PROTOCOL: u32 = 0x03;
-    /// The tunnel is shutting down and the stream ran past its grace period.
-    pub const SHUTDOWN: u32 = 0x04;
+    // 0x04 is reserved (once "shutdown"; a drain that runs out of grace
+    // closes the whole connection with `close::AGENT_DRAINED` instead).
     /// The stream was not wanted any more (for example a dial that failed).
     pub const CANCELLED: u32 = 0x05;
 }

@@ -47,8 +47,7 @@ pub const MAX_REASON: usize = 1024;
 
 /// Capability bits an agent announces in [`Hello::capabilities`].
 pub mod capability {
-    /// The agent sends [`crate::Message::Drain`] before it shuts down.
-    pub const DRAIN: u32 = 1 << 0;
+    // Bit 0 is reserved (once "sends Drain": every agent does).
     /// This connection takes over from the agent's previous one (a
     /// transport switch): let the old one finish its streams instead of
     /// closing it at once.

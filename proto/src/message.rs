@@ -68,10 +68,6 @@ pub struct Welcome {
     pub version_minor: u8,
     /// Stable id of this server replica.
     pub server_id: String,
-    /// How many replicas the server knows of (1 when it runs alone).
-    pub replica_count: u16,
-    /// Keep-alive interval the server asks the agent to use, in milliseconds.
-    pub keepalive_ms: u32,
 }
 
 /// Why a registration was refused.
@@ -85,8 +81,6 @@ pub enum RefuseCode {
     AddressNotInCertificate,
     /// The certificate carries no usable identity.
     BadCertificate,
-    /// The server is shutting down or otherwise not accepting agents.
-    Unavailable,
     /// A code this build does not know; carried through, not rejected.
     Other(u16),
 }
@@ -98,7 +92,6 @@ impl RefuseCode {
             RefuseCode::NodeMismatch => 2,
             RefuseCode::AddressNotInCertificate => 3,
             RefuseCode::BadCertificate => 4,
-            RefuseCode::Unavailable => 5,
             RefuseCode::Other(c) => c,
         }
     }
@@ -109,7 +102,6 @@ impl RefuseCode {
             2 => RefuseCode::NodeMismatch,
             3 => RefuseCode::AddressNotInCertificate,
             4 => RefuseCode::BadCertificate,
-            5 => RefuseCode::Unavailable,
             c => RefuseCode::Other(c),
         }
     }
@@ -121,7 +113,6 @@ impl RefuseCode {
             RefuseCode::NodeMismatch => "node_mismatch",
             RefuseCode::AddressNotInCertificate => "address_not_in_certificate",
             RefuseCode::BadCertificate => "bad_certificate",
-            RefuseCode::Unavailable => "unavailable",
             RefuseCode::Other(_) => "other",
         }
     }

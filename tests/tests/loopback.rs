@@ -570,6 +570,37 @@ async fn auto_agent_stays_on_quic_across_a_server_restart() {
     agent.stop().await;
 }
 
+/// A renewed certificate applies whole at the next connection: the TLS
+/// identity, the addresses in `Hello`, and the default allow-list.
+async fn a_renewed_certificate_applies_whole_at_reconnect(tr: Transport) {
+    init_logging();
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let server = TestServer::start(&pki).await;
+    // No --allow: the default list, from the certificate.
+    let config = agent_config(&pki, NODE, &server, &[], tr);
+    let agent = TestAgent::start(config.clone());
+    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    let t = Tunnel { pki, server, agent };
+    let second: IpAddr = "127.0.0.2".parse().unwrap();
+    let kubelet = std::net::SocketAddr::new(second, 10250);
+    assert!(!config.credentials().unwrap().allow.permits(kubelet));
+    t.pki.issue_agent(NODE, &[localhost(), second]);
+    let credentials = config.credentials().unwrap();
+    assert_eq!(credentials.addresses, [localhost(), second]);
+    assert!(credentials.allow.permits(kubelet));
+    // The running agent presents the new addresses once it reconnects.
+    let quic = t.server.addrs.quic;
+    t.server.stop().await;
+    let server = TestServer::start_with(TestServer::config(&t.pki, quic)).await;
+    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    assert!(matches!(
+        server.shared.registry.by_address(second),
+        tunnel_server::registry::Route::Agent(a) if a.node == NODE
+    ));
+    t.agent.stop().await;
+}
+
 /// A loopback port nothing listens on now.
 fn free_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -718,6 +749,7 @@ macro_rules! over_both_transports {
 }
 
 over_both_transports!(
+    a_renewed_certificate_applies_whole_at_reconnect,
     https_through_connect_verifies_the_targets_own_certificate,
     streaming_logs_arrive_as_written,
     websocket_exec_session_echoes,

@@ -152,13 +152,6 @@ pub(crate) async fn serve_agent(
         version_major: proto::VERSION_MAJOR,
         version_minor: proto::VERSION_MINOR,
         server_id: shared.config.server_id.clone(),
-        replica_count: 1,
-        keepalive_ms: shared
-            .config
-            .quic
-            .keepalive
-            .as_millis()
-            .min(u32::MAX as u128) as u32,
     });
     if let Err(e) = transport::write_message(&mut stream.send, &welcome).await {
         return Err(AgentError::Control(e.to_string()));
