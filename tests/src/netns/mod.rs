@@ -15,10 +15,17 @@
 //!   impairing the link (loss, shaping, cuts, blocked UDP).
 //! - [`ns`]: one namespace: commands, processes and async tasks in it.
 //! - [`proc`]: a process started in a namespace, and finding the binaries.
+//! - [`tunnel`]: the tunnel across the NAT (real server with DNAT in
+//!   `cloud`, real agent and a kubelet-like server in `edge`) and the
+//!   certificates it uses.
+//! - [`probe`]: looking at it from inside a namespace (curl, TCP connects,
+//!   waiting on a condition).
 
 pub mod ns;
+pub mod probe;
 pub mod proc;
 pub mod topology;
+pub mod tunnel;
 
 use std::process::{Command, Output};
 
