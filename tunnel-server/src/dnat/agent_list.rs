@@ -17,7 +17,7 @@ pub enum AgentListError {
     UnsupportedUrl { url: String },
     #[error("cannot connect to {url}: {source}")]
     Connect { url: String, source: std::io::Error },
-    #[error("HTTP exchange with {url} failed: {source}")]
+    #[error("HTTP exchange with {url} failed: {}", with_causes(source))]
     Http { url: String, source: hyper::Error },
     #[error("{url} answered {status}, not 200 OK")]
     Status { url: String, status: StatusCode },
@@ -32,6 +32,18 @@ pub enum AgentListError {
         url: String,
         source: serde_json::Error,
     },
+}
+
+/// `e` and its causes, `: `-separated (hyper's own message is often only
+/// "operation was canceled"; the cause says why).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }
 
 /// A server's agent listing, as the standalone helper polls it.
@@ -155,7 +167,7 @@ mod tests {
     use hyper::server::conn::http1;
     use hyper::service::service_fn;
     use hyper::Response;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -186,14 +198,23 @@ mod tests {
         addr
     }
 
-    /// A raw TCP server that writes `bytes` to every connection and then
-    /// keeps it open.
+    /// A raw TCP server that reads each request's head, answers `bytes`
+    /// and then keeps the connection open. (Bytes sent before the request
+    /// would make hyper drop the connection before it sends anything.)
     async fn raw(bytes: &'static [u8]) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let _ = tcp.write_all(bytes).await;
                 held.push(tcp);
             }
