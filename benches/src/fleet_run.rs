@@ -5,9 +5,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use e2e::netns::{bin, Topology, CLOUD_IP};
-use e2e::Pki;
+use e2e::netns::{bin, CLOUD_IP};
 use serde::Serialize;
+
+use crate::cli::Plan;
+use crate::proc_stats::{cpu_seconds, proc_status};
+use crate::testbed::Testbed;
 
 const LISTEN_PORT: u16 = 8444;
 const ADMIN: &str = "127.0.0.1:9092";
@@ -52,7 +55,9 @@ fn gauge(metrics: &str, name: &str) -> Option<u64> {
     })
 }
 
-pub fn run(topo: &Topology, pki: &Pki, agents: usize, idle: Duration) -> Result<FleetReport> {
+pub fn run(bed: &Testbed, plan: &Plan) -> Result<FleetReport> {
+    let (topo, pki) = (&bed.topo, &bed.pki);
+    let (agents, idle) = (plan.fleet_agents, Duration::from_secs(plan.fleet_idle_secs));
     let ca_dir = topo.dir.join("fleet-ca");
     std::fs::create_dir_all(&ca_dir)?;
     let ca = pki.ca.pem();
@@ -81,7 +86,7 @@ pub fn run(topo: &Topology, pki: &Pki, agents: usize, idle: Duration) -> Result<
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let rss_before = crate::proc_status(server.pid(), "VmRSS:");
+    let rss_before = proc_status(server.pid(), "VmRSS:");
 
     let mut fleet = topo.edge.spawn(
         bin("edge-fleet").to_str().context("path")?,
@@ -120,10 +125,10 @@ pub fn run(topo: &Topology, pki: &Pki, agents: usize, idle: Duration) -> Result<
 
     // Idle: the fleet only sends keep-alives (every 10 s per agent).
     let pid = server.pid();
-    let cpu0 = crate::cpu_seconds(pid);
+    let cpu0 = cpu_seconds(pid);
     let t0 = Instant::now();
     std::thread::sleep(idle);
-    let cpu = crate::cpu_seconds(pid) - cpu0;
+    let cpu = cpu_seconds(pid) - cpu0;
     let window = t0.elapsed().as_secs_f64();
     let report = FleetReport {
         agents,
@@ -132,8 +137,8 @@ pub fn run(topo: &Topology, pki: &Pki, agents: usize, idle: Duration) -> Result<
         server_agents_connected: connected,
         register_secs: generated.register_secs,
         server_idle_rss_before_kib: rss_before,
-        server_rss_kib: crate::proc_status(pid, "VmRSS:"),
-        server_hwm_kib: crate::proc_status(pid, "VmHWM:"),
+        server_rss_kib: proc_status(pid, "VmRSS:"),
+        server_hwm_kib: proc_status(pid, "VmHWM:"),
         server_idle_cpu_share: cpu / window,
         idle_window_secs: window,
         first_error: generated.first_error,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args as ClapArgs, Parser, Subcommand};
+use tunnel_server::dnat::agent_list::AgentList;
 use tunnel_server::dnat::reconciler::{self, Dnat, DnatConfig};
 use tunnel_server::dnat::rules::Prefix;
 use tunnel_server::{Server, ServerConfig};
@@ -171,23 +172,18 @@ async fn standalone_dnat(
         dnat.cleanup().await?;
         return Ok(());
     }
-    let url = server_admin.context("--server-admin is required")?;
-    tracing::info!(%url, %to, "DNAT helper following the server's agents");
+    let agents = AgentList::try_new(&server_admin.context("--server-admin is required")?)?;
+    tracing::info!(url = agents.url(), %to, "DNAT helper following the server's agents");
+    let fetch = || async { Ok(agents.fetch().await?) };
     let never = tokio::sync::watch::channel(0u64).1;
     if keep_rules {
         // Same loop, but skip the cleanup by never finishing shutdown.
         tokio::select! {
-            _ = reconciler::run(dnat, never, || reconciler::fetch_agent_addresses(&url), std::future::pending()) => {}
+            _ = reconciler::run(dnat, never, fetch, std::future::pending()) => {}
             _ = shutdown => {}
         }
     } else {
-        reconciler::run(
-            dnat,
-            never,
-            || reconciler::fetch_agent_addresses(&url),
-            shutdown,
-        )
-        .await;
+        reconciler::run(dnat, never, fetch, shutdown).await;
     }
     Ok(())
 }

@@ -25,8 +25,8 @@ pub enum DnatError {
     Command { command: String, detail: String },
     #[error("{command} did not finish within {COMMAND_TIMEOUT:?}")]
     Timeout { command: String },
-    #[error("cannot read the agent list from {url}: {detail}")]
-    Source { url: String, detail: String },
+    #[error(transparent)]
+    Source(#[from] super::agent_list::AgentListError),
 }
 
 /// Which kernel interface the iptables tools drive.

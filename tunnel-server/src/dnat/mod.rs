@@ -10,9 +10,12 @@
 //! - [`iptables`]: back-end detection (nf_tables or legacy), atomic apply
 //!   with `iptables-restore --noflush`, cleanup, conntrack flushing, the
 //!   CAP_NET_ADMIN check.
+//! - [`agent_list`]: the standalone helper's source of addresses, a
+//!   server's `/v1/agents` read with hyper's HTTP/1.1 client.
 //! - [`reconciler`]: applies the registry's addresses on every change and
 //!   periodically (to repair drift), and removes everything on shutdown.
 
+pub mod agent_list;
 pub mod iptables;
 pub mod reconciler;
 pub mod rules;

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::iptables::{flush_conntrack, has_net_admin, DnatError, Iptables};
@@ -148,54 +147,6 @@ pub async fn run<F, Fut>(
     if let Err(e) = dnat.cleanup().await {
         tracing::error!("removing the DNAT rules failed: {e}; run `tunnel-server dnat --cleanup`");
     }
-}
-
-/// Reads every agent address from a server's `/v1/agents` (plain HTTP).
-pub async fn fetch_agent_addresses(url: &str) -> Result<Vec<IpAddr>, DnatError> {
-    let err = |detail: String| DnatError::Source {
-        url: url.to_owned(),
-        detail,
-    };
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| err("only http:// URLs are supported".into()))?;
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let fetch = async {
-        let mut tcp = tokio::net::TcpStream::connect(authority)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        tcp.write_all(format!("GET /v1/agents HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let mut body = Vec::new();
-        // 64 MiB is far above the listing of a 10,000-node fleet.
-        (&mut tcp)
-            .take(64 << 20)
-            .read_to_end(&mut body)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        Ok::<_, DnatError>(body)
-    };
-    let body = tokio::time::timeout(Duration::from_secs(10), fetch)
-        .await
-        .map_err(|_| err("no answer within 10s".into()))??;
-    let text = String::from_utf8_lossy(&body);
-    let (head, json) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| err("malformed HTTP response".into()))?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(err(format!(
-            "answered {}",
-            head.lines().next().unwrap_or("")
-        )));
-    }
-    #[derive(serde::Deserialize)]
-    struct Agent {
-        addresses: Vec<IpAddr>,
-    }
-    let agents: Vec<Agent> =
-        serde_json::from_str(json).map_err(|e| err(format!("bad JSON: {e}")))?;
-    Ok(agents.into_iter().flat_map(|a| a.addresses).collect())
 }
 
 #[cfg(test)]

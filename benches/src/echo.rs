@@ -1,0 +1,25 @@
+//! Fan-out: many concurrent connections, each echoing 256 KiB checksummed.
+
+use crate::cli::Plan;
+use crate::load;
+use crate::report::{row, Row};
+use crate::testbed::Testbed;
+
+pub fn run(bed: &Testbed, plan: &Plan) -> Row {
+    let (d, t, sc, ac) = bed.pair(|p| {
+        bed.in_cloud(|| load::fanout(Testbed::addr(p.echo), plan.fanout_conns, 256 * 1024))
+    });
+    let ok = t.0 / d.0 <= 2.0 && t.1 == 0;
+    row(
+        &format!(
+            "{} concurrent × 256 KiB echo (failures {}/{})",
+            plan.fanout_conns, d.1, t.1
+        ),
+        "s",
+        d.0,
+        t.0,
+        "≤ 2.0×",
+        Some(ok),
+        (sc, ac),
+    )
+}

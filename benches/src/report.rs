@@ -1,0 +1,295 @@
+//! What a run produces: the rows and the rest of the [`Report`], its
+//! Markdown rendering, and the files it is written to.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::cli::{Cli, Workload};
+use crate::fleet_run::FleetReport;
+use crate::proc_stats::proc_status;
+use crate::testbed::Testbed;
+
+/// Label of the rows measured through the reference forwarders.
+pub const REFERENCE: &str = "two plain TCP forwarders (reference, no tunnel)";
+
+/// One row of the results table.
+#[derive(Serialize, Clone)]
+pub struct Row {
+    workload: String,
+    unit: String,
+    direct: f64,
+    tunnel: f64,
+    /// tunnel ÷ direct
+    ratio: f64,
+    target: String,
+    met: Option<bool>,
+    /// CPU seconds of server and agent during the tunnel run.
+    server_cpu_s: f64,
+    agent_cpu_s: f64,
+}
+
+/// A row: `direct` and `tunnel` in `unit`, whether `target` was met
+/// (`check`; `None` for rows without a target), and the CPU seconds of
+/// the two processes on the measured path.
+pub fn row(
+    workload: &str,
+    unit: &str,
+    direct: f64,
+    tunnel: f64,
+    target: &str,
+    check: Option<bool>,
+    cpu: (f64, f64),
+) -> Row {
+    Row {
+        workload: workload.into(),
+        unit: unit.into(),
+        direct,
+        tunnel,
+        ratio: if direct > 0.0 { tunnel / direct } else { 0.0 },
+        target: target.into(),
+        met: check,
+        server_cpu_s: cpu.0,
+        agent_cpu_s: cpu.1,
+    }
+}
+
+/// Bytes per second in Mbit/s.
+pub fn mbit(bytes_per_sec: f64) -> f64 {
+    bytes_per_sec * 8.0 / 1e6
+}
+
+/// A duration in µs.
+pub fn us(x: Duration) -> f64 {
+    x.as_secs_f64() * 1e6
+}
+
+/// One transport in the QUIC vs HTTP/2 comparison.
+#[derive(Serialize)]
+pub struct TransportRow {
+    pub transport: String,
+    pub bulk_mbit: f64,
+    pub ping_p50_us: f64,
+    pub ping_p99_us: f64,
+    pub conns_per_s: f64,
+    /// Ping-pong next to a bulk transfer, 1% loss, 50 Mbit/s.
+    pub hol_ping_p50_us: f64,
+    pub hol_ping_p99_us: f64,
+}
+
+#[derive(Serialize, Default)]
+pub struct Memory {
+    agent_idle_rss_kib: u64,
+    agent_peak_hwm_kib: u64,
+    server_idle_rss_kib: u64,
+    server_peak_hwm_kib: u64,
+}
+
+impl Memory {
+    /// Server and agent RSS before any workload.
+    pub fn idle(bed: &Testbed) -> Memory {
+        Memory {
+            agent_idle_rss_kib: proc_status(bed.agent.pid(), "VmRSS:"),
+            server_idle_rss_kib: proc_status(bed.server.pid(), "VmRSS:"),
+            ..Memory::default()
+        }
+    }
+
+    /// Adds server and agent peak memory so far (VmHWM).
+    pub fn record_peak(&mut self, bed: &Testbed) {
+        self.agent_peak_hwm_kib = proc_status(bed.agent.pid(), "VmHWM:");
+        self.server_peak_hwm_kib = proc_status(bed.server.pid(), "VmHWM:");
+    }
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    date: String,
+    machine: String,
+    command: String,
+    quick: bool,
+    /// Workloads run (`--only`); all when empty.
+    only: Vec<Workload>,
+    /// Share of CPU time the hypervisor stole from this VM during the run
+    /// (`/proc/stat`): high values mean a noisy neighbour, not our code.
+    steal_share: f64,
+    /// Context switches per ping-pong round trip of server, agent, cloud
+    /// forwarder, edge forwarder (each path did the same number).
+    switches_per_round_trip: Option<[f64; 4]>,
+    rows: Vec<Row>,
+    memory: Memory,
+    transports: Vec<TransportRow>,
+    fleet: Option<FleetReport>,
+}
+
+impl Report {
+    /// The report of `cli`'s run, dated now.
+    pub fn new(
+        cli: &Cli,
+        steal_share: f64,
+        switches_per_round_trip: Option<[f64; 4]>,
+        rows: Vec<Row>,
+        memory: Memory,
+        transports: Vec<TransportRow>,
+        fleet: Option<FleetReport>,
+    ) -> Report {
+        let machine = format!(
+            "{} cores, Linux {}",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+        );
+        let date = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        Report {
+            date,
+            machine,
+            command: cli.command(),
+            quick: cli.quick,
+            only: cli.only.clone(),
+            steal_share,
+            switches_per_round_trip,
+            rows,
+            memory,
+            transports,
+            fleet,
+        }
+    }
+
+    /// Prints the table, writes the raw results to `json_path` and, if
+    /// given, the table to `results_path`.
+    pub fn write(&self, json_path: &str, results_path: Option<&str>) -> Result<()> {
+        let table = render(self);
+        println!("{table}");
+        std::fs::write(json_path, serde_json::to_string_pretty(self)?)?;
+        eprintln!("raw results: {json_path}");
+        if let Some(path) = results_path {
+            std::fs::write(path, table)?;
+            eprintln!("table: {path}");
+        }
+        Ok(())
+    }
+}
+
+/// The Markdown table: tunnel vs direct rows, QUIC vs HTTP/2, memory, fleet.
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Date: {}  \nMachine: {}  \nCommand: `{}`{}  \nCPU time stolen by the hypervisor during the run: {:.1}%\n\n",
+        r.date,
+        r.machine,
+        r.command,
+        if r.quick {
+            " (quick mode: shorter runs, fewer connections)"
+        } else {
+            ""
+        },
+        r.steal_share * 100.0
+    ));
+    out.push_str("| workload | unit | direct | tunnel | tunnel ÷ direct | target | met | server CPU s | agent CPU s |\n");
+    out.push_str("|---|---|---:|---:|---:|---|---|---:|---:|\n");
+    for row in &r.rows {
+        out.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.2}× | {} | {} | {:.2} | {:.2} |\n",
+            row.workload,
+            row.unit,
+            row.direct,
+            row.tunnel,
+            row.ratio,
+            row.target,
+            match row.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "—",
+            },
+            row.server_cpu_s,
+            row.agent_cpu_s
+        ));
+    }
+    if r.rows.iter().any(|row| row.workload.contains(REFERENCE)) {
+        out.push_str(&format!(
+            "\nRows marked \"{REFERENCE}\" are the floor for any tunnel made of two relaying processes: \
+             the same one-worker tokio runtime copying TCP to TCP in `cloud` and in `edge`, without \
+             QUIC, TLS or multiplexing. Their CPU columns are the cloud and the edge forwarder.\n"
+        ));
+    }
+    if let Some([s, a, fc, fe]) = r.switches_per_round_trip {
+        out.push_str(&format!(
+            "\nContext switches per 64 B ping-pong round trip: server {s:.2}, agent {a:.2}; \
+             forwarders {fc:.2} (cloud), {fe:.2} (edge).\n"
+        ));
+    }
+    if let [quic, h2] = &r.transports[..] {
+        out.push_str(&format!(
+            "\n### QUIC and HTTP/2 side by side\n\n| workload | QUIC | HTTP/2 | QUIC ÷ HTTP/2 |\n|---|---:|---:|---:|\n\
+             | bulk 1 stream, download (Mbit/s) | {:.0} | {:.0} | {:.2}× |\n\
+             | 64 B ping-pong p50 (µs) | {:.0} | {:.0} | {:.2}× |\n\
+             | 64 B ping-pong p99 (µs) | {:.0} | {:.0} | {:.2}× |\n\
+             | new conn + req/resp, c=1 (conn/s) | {:.0} | {:.0} | {:.2}× |\n\
+             | head-of-line: ping-pong p50 next to a bulk download, 1% loss, 50 Mbit/s (µs) | {:.0} | {:.0} | {:.2}× |\n\
+             | head-of-line: ping-pong p99, same (µs); target QUIC ≤ 0.5× HTTP/2 | {:.0} | {:.0} | {:.2}× ({}) |\n",
+            quic.bulk_mbit, h2.bulk_mbit, quic.bulk_mbit / h2.bulk_mbit,
+            quic.ping_p50_us, h2.ping_p50_us, quic.ping_p50_us / h2.ping_p50_us,
+            quic.ping_p99_us, h2.ping_p99_us, quic.ping_p99_us / h2.ping_p99_us,
+            quic.conns_per_s, h2.conns_per_s, quic.conns_per_s / h2.conns_per_s,
+            quic.hol_ping_p50_us, h2.hol_ping_p50_us, quic.hol_ping_p50_us / h2.hol_ping_p50_us,
+            quic.hol_ping_p99_us, h2.hol_ping_p99_us, quic.hol_ping_p99_us / h2.hol_ping_p99_us,
+            yes(quic.hol_ping_p99_us <= 0.5 * h2.hol_ping_p99_us),
+        ));
+    }
+    let m = &r.memory;
+    out.push_str(&format!(
+        "\n| memory | KiB | target |\n|---|---:|---|\n\
+         | agent idle RSS | {} | ≤ 8192 ({}) |\n| agent peak (VmHWM) after all workloads | {} | ≤ 65536 ({}) |\n\
+         | server idle RSS | {} | ≤ 16384 ({}) |\n| server peak (VmHWM) | {} | — |\n",
+        m.agent_idle_rss_kib,
+        yes(m.agent_idle_rss_kib <= 8192),
+        m.agent_peak_hwm_kib,
+        yes(m.agent_peak_hwm_kib <= 65536),
+        m.server_idle_rss_kib,
+        yes(m.server_idle_rss_kib <= 16384),
+        m.server_peak_hwm_kib
+    ));
+    let Some(f) = &r.fleet else {
+        return out;
+    };
+    out.push_str(&format!(
+        "\n### Fleet: {} simulated agents (distinct certificates, one `edge-fleet` process) on one server\n\n\
+         | measure | value | target |\n|---|---:|---|\n\
+         | registered (generator / server gauge), failures | {} / {}, {} | all ({}) |\n\
+         | time to register all | {:.1} s | ≤ 60 s ({}) |\n\
+         | server RSS before / with the fleet / peak | {} / {} / {} KiB | ≤ 500 MiB ({}) |\n\
+         | server CPU while the fleet idles (keep-alives), {:.0} s window | {:.1}% of one core | ≤ 10% ({}) |\n",
+        f.agents,
+        f.registered,
+        f.server_agents_connected,
+        f.failed,
+        yes(f.registered == f.agents && f.server_agents_connected == f.agents as u64),
+        f.register_secs,
+        yes(f.register_secs <= 60.0),
+        f.server_idle_rss_before_kib,
+        f.server_rss_kib,
+        f.server_hwm_kib,
+        yes(f.server_hwm_kib <= 500 * 1024),
+        f.idle_window_secs,
+        f.server_idle_cpu_share * 100.0,
+        yes(f.server_idle_cpu_share <= 0.10),
+    ));
+    if let Some(e) = &f.first_error {
+        out.push_str(&format!("\nFirst fleet registration error: `{e}`\n"));
+    }
+    out
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "met"
+    } else {
+        "**not met**"
+    }
+}

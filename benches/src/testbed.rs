@@ -1,0 +1,266 @@
+//! The benchmark's testbed on the network-namespace topology: the edge
+//! servers (twice: behind the tunnel and on the direct path), the tunnel's
+//! real server and agent, and the two reference forwarders; and how a
+//! workload reaches each path from `cloud`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use e2e::netns::{self, bin, Proc, Topology, CLOUD_IP, EDGE_IP};
+use e2e::Pki;
+
+use crate::load::{self, Ports};
+use crate::proc_stats::cpu_during;
+
+/// The edge servers the tunnel reaches (DNAT sends these ports through it).
+pub const TUNNEL: Ports = Ports::from(7000);
+/// The same edge servers on ports the router lets through.
+pub const DIRECT: Ports = Ports::from(7100);
+/// The reference path: two plain TCP forwarders, entered in `cloud` at
+/// these ports, hopping through `FLOOR_HOP` in `edge` to the direct ports.
+pub const FLOOR: Ports = Ports::from(7200);
+const FLOOR_HOP: Ports = Ports::from(7300);
+const ADMIN: &str = "127.0.0.1:9091";
+
+/// The load generator's client and the edge servers each run on one
+/// thread, pinned to different CPUs: client and target are different hosts
+/// in reality, so a round trip between them never gets the shortcut of a
+/// same-CPU wake-up, on the direct path or through the tunnel. (Unpinned,
+/// the direct ping-pong flips between ~15 µs and ~120 µs with the
+/// scheduler's placement.) The tunnel's processes are not pinned.
+const CLIENT_CPU: usize = 0;
+const EDGE_CPU: usize = 1;
+
+pub struct Testbed {
+    pub topo: Topology,
+    pub server: Proc,
+    pub agent: Proc,
+    /// The reference forwarders in `cloud` and in `edge`.
+    pub floor: (Proc, Proc),
+    _edge_servers: netns::NsTask,
+    pub pki: Pki,
+}
+
+impl Testbed {
+    /// Builds the topology, starts everything, and waits until the agent
+    /// is registered (its DNAT rule is in place).
+    pub fn start() -> Result<Testbed> {
+        if !netns::available() {
+            bail!("the benchmark needs root and iproute2/iptables/curl (network namespaces)");
+        }
+        let topo = Topology::new();
+        netns::allow_direct(&topo, &format!("{}:{}", DIRECT.echo, DIRECT.source));
+        netns::allow_direct(&topo, &format!("{}:{}", FLOOR_HOP.echo, FLOOR_HOP.source));
+        let pki = Pki::with_server_ips(&[CLOUD_IP.parse()?]);
+        let edge_ip: IpAddr = EDGE_IP.parse()?;
+        pki.issue_agent("edge-1", &[edge_ip]);
+        let edge_servers = topo.edge.spawn_task(move || {
+            pin_thread(EDGE_CPU);
+            async move {
+                load::serve(edge_ip, TUNNEL).await;
+                load::serve(edge_ip, DIRECT).await;
+            }
+        });
+        let server = spawn_server(&topo, &pki)?;
+        let agent = spawn_agent(&topo, &pki, "quic")?;
+        let floor = spawn_floor(&topo)?;
+        let bed = Testbed {
+            topo,
+            server,
+            agent,
+            floor,
+            _edge_servers: edge_servers,
+            pki,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let rules =
+                String::from_utf8_lossy(&bed.topo.cloud.sh(&["iptables-save", "-t", "nat"]).stdout)
+                    .into_owned();
+            if rules.contains(&format!("-d {EDGE_IP}/32")) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent did not register\nserver: {}\nagent: {}",
+                    bed.server.log_text(),
+                    bed.agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(bed)
+    }
+
+    /// Replaces the agent with one on `transport` and waits until the server
+    /// routes through it.
+    pub fn restart_agent(&mut self, transport: &str) -> Result<()> {
+        self.agent.terminate();
+        self.agent = spawn_agent(&self.topo, &self.pki, transport)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let want = format!("\"transport\": \"{transport}\"");
+        loop {
+            let (_, agents) = self.in_cloud(|| e2e::http_get(ADMIN.parse().unwrap(), "/v1/agents"));
+            if agents.contains(&want) && agents.contains("\"draining\": false") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent on {transport} did not register: {}",
+                    self.agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// An edge server's address, as a client in `cloud` dials it.
+    pub fn addr(port: u16) -> SocketAddr {
+        SocketAddr::new(EDGE_IP.parse().unwrap(), port)
+    }
+
+    /// Where a client in `cloud` enters the reference forwarders.
+    pub fn floor_addr(port: u16) -> SocketAddr {
+        SocketAddr::new(CLOUD_IP.parse().expect("CLOUD_IP"), port)
+    }
+
+    /// Runs `f` against the direct path, then the tunnel; returns both and
+    /// the CPU the tunnel processes used during the tunnel run.
+    pub fn pair<T: Send>(&self, f: impl Fn(Ports) -> T + Sync) -> (T, T, f64, f64) {
+        let direct = f(DIRECT);
+        let (tunnel, [s, a]) = cpu_during([self.server.pid(), self.agent.pid()], || f(TUNNEL));
+        (direct, tunnel, s, a)
+    }
+
+    /// Runs `f` against the reference forwarders; returns the result and
+    /// the CPU the cloud and edge forwarder used.
+    pub fn floor<T>(&self, f: impl Fn(Ports) -> T) -> (T, f64, f64) {
+        let (r, [c, e]) = cpu_during([self.floor.0.pid(), self.floor.1.pid()], || f(FLOOR));
+        (r, c, e)
+    }
+
+    /// Runs the load generator's future in `cloud`, on the client's CPU.
+    pub fn in_cloud<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: std::future::Future<Output = T>,
+        T: Send,
+    {
+        self.topo.cloud.block_on(|| {
+            pin_thread(CLIENT_CPU);
+            f()
+        })
+    }
+}
+
+fn pin_thread(cpu: usize) {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) <= cpu {
+        return;
+    }
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// `--runtime` and `--worker-threads` for `who` ("SERVER" or "AGENT") from
+/// `BENCH_{who}_RUNTIME` and `BENCH_{who}_WORKERS`; unset: the defaults.
+fn runtime_args(who: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Ok(shape) = std::env::var(format!("BENCH_{who}_RUNTIME")) {
+        args.extend(["--runtime".to_owned(), shape]);
+    }
+    if let Ok(n) = std::env::var(format!("BENCH_{who}_WORKERS")) {
+        args.extend(["--worker-threads".to_owned(), n]);
+    }
+    args
+}
+
+/// The tunnel-server in `cloud`, with DNAT for the tunnel's ports.
+fn spawn_server(topo: &Topology, pki: &Pki) -> Result<Proc> {
+    let server_runtime = runtime_args("SERVER");
+    Ok(topo.cloud.spawn(
+        bin("tunnel-server").to_str().context("path")?,
+        &[
+            "--listen",
+            &format!("{CLOUD_IP}:8443"),
+            "--cert-dir",
+            pki.server_dir().to_str().context("path")?,
+            "--transparent-listen",
+            &format!("{CLOUD_IP}:8081"),
+            "--admin-listen",
+            ADMIN,
+            "--dnat",
+            "--dnat-ports",
+            &format!("{},{},{}", TUNNEL.echo, TUNNEL.sink, TUNNEL.source),
+        ]
+        .into_iter()
+        .chain(server_runtime.iter().map(String::as_str))
+        .collect::<Vec<_>>(),
+        &topo.dir.join("server.log"),
+    ))
+}
+
+fn spawn_agent(topo: &Topology, pki: &Pki, transport: &str) -> Result<Proc> {
+    let runtime = runtime_args("AGENT");
+    let mut args: Vec<&str> = runtime.iter().map(String::as_str).collect();
+    args.extend_from_slice(&["--transport", transport]);
+    Ok(topo.edge.spawn(
+        bin("tunnel-agent").to_str().context("path")?,
+        &[
+            "--server",
+            &format!("{CLOUD_IP}:8443"),
+            "--cert-dir",
+            pki.agent_dir("edge-1").to_str().context("path")?,
+            "--node-name",
+            "edge-1",
+            "--allow",
+            &format!(
+                "{EDGE_IP}:{},{},{}",
+                TUNNEL.echo, TUNNEL.sink, TUNNEL.source
+            ),
+        ]
+        .into_iter()
+        .chain(args)
+        .collect::<Vec<_>>(),
+        &topo.dir.join(format!("agent-{transport}.log")),
+    ))
+}
+
+/// `LISTEN=TARGET` pairs for one forwarder process.
+fn forward_pairs(from_ip: &str, from: Ports, to_ip: &str, to: Ports) -> String {
+    [
+        (from.echo, to.echo),
+        (from.sink, to.sink),
+        (from.source, to.source),
+    ]
+    .iter()
+    .map(|(f, t)| format!("{from_ip}:{f}={to_ip}:{t}"))
+    .collect::<Vec<_>>()
+    .join(",")
+}
+
+/// Starts the two reference forwarders (this executable, `--forward`):
+/// `cloud` → `edge` → direct ports.
+fn spawn_floor(topo: &Topology) -> Result<(Proc, Proc)> {
+    let me = std::env::current_exe()?;
+    let me = me.to_str().context("path")?;
+    let edge = topo.edge.spawn(
+        me,
+        &[
+            "--forward",
+            &forward_pairs(EDGE_IP, FLOOR_HOP, EDGE_IP, DIRECT),
+        ],
+        &topo.dir.join("forwarder-edge.log"),
+    );
+    let cloud = topo.cloud.spawn(
+        me,
+        &[
+            "--forward",
+            &forward_pairs(CLOUD_IP, FLOOR, EDGE_IP, FLOOR_HOP),
+        ],
+        &topo.dir.join("forwarder-cloud.log"),
+    );
+    Ok((cloud, edge))
+}

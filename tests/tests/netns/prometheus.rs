@@ -1,0 +1,88 @@
+//! A real Prometheus in `cloud` scrapes a real node-exporter at the edge
+//! address through the tunnel.
+
+use std::time::{Duration, Instant};
+
+use e2e::netns::probe::curl;
+use e2e::netns::tunnel::Edge;
+use e2e::netns::{self, EDGE_IP};
+
+#[test]
+fn prometheus_scrapes_node_exporter_through_the_tunnel_quic() {
+    prometheus_scrapes_node_exporter_through_the_tunnel("quic")
+}
+
+#[test]
+fn prometheus_scrapes_node_exporter_through_the_tunnel_h2() {
+    prometheus_scrapes_node_exporter_through_the_tunnel("h2")
+}
+
+fn prometheus_scrapes_node_exporter_through_the_tunnel(transport: &str) {
+    for tool in ["prometheus", "prometheus-node-exporter"] {
+        if !netns::on_path(tool) {
+            let msg = format!("{tool} is not installed (Debian package {tool})");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{msg}");
+            }
+            eprintln!("SKIPPED: {msg}");
+            return;
+        }
+    }
+    let Some(edge) = Edge::start(&["--transport", transport]) else {
+        return;
+    };
+    let dir = &edge.topo.dir;
+    let _exporter = edge.topo.edge.spawn(
+        "prometheus-node-exporter",
+        &[
+            &format!("--web.listen-address={EDGE_IP}:9100"),
+            "--collector.disable-defaults",
+            "--collector.uname",
+            "--collector.loadavg",
+        ],
+        &dir.join("node-exporter.log"),
+    );
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: edge\n    static_configs:\n      - targets: ['{EDGE_IP}:9100']\n"
+        ),
+    )
+    .unwrap();
+    let prometheus = edge.topo.cloud.spawn(
+        "prometheus",
+        &[
+            &format!("--config.file={}", config.display()),
+            &format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
+            "--web.listen-address=127.0.0.1:9090",
+        ],
+        &dir.join("prometheus.log"),
+    );
+    let query = |q: &str| {
+        curl(
+            &edge.topo.cloud,
+            &[
+                "-G",
+                "http://127.0.0.1:9090/api/v1/query",
+                "--data-urlencode",
+                &format!("query={q}"),
+            ],
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = query("up{job=\"edge\"}");
+        let uname = query("node_uname_info");
+        if up.contains("\"value\":[") && up.contains(",\"1\"]") && uname.contains("\"nodename\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never saw the exporter\nup: {up}\nuname: {uname}\nprometheus log:\n{}",
+            prometheus.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
