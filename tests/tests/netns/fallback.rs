@@ -159,3 +159,34 @@ fn quic_only_agent_without_udp_retries_and_says_why() {
     assert!(!agents.contains("edge-1"), "{agents}");
     drop(server);
 }
+
+/// A rolling update, with real binaries across the NAT: the server goes
+/// away (SIGTERM) and comes back 4 s later. While it is down QUIC gets no
+/// answer and TCP is refused — no reason to fall back: the `auto` agent
+/// is back on QUIC and counted no fallback.
+#[test]
+fn auto_agent_is_back_on_quic_after_a_server_restart() {
+    let Some(mut edge) = Edge::start(&["--transport", "auto", "--quic-timeout", "1"]) else {
+        return;
+    };
+    assert_eq!(edge.agent_transport().as_deref(), Some("quic"));
+    assert!(edge.server.terminate().success());
+    std::thread::sleep(Duration::from_secs(4));
+    edge.server = start_server(&edge.topo, &edge.certs);
+    edge.wait_registered(Duration::from_secs(20));
+    assert_eq!(
+        edge.agent_transport().as_deref(),
+        Some("quic"),
+        "agent log:\n{}",
+        edge.agent.log_text()
+    );
+    let metrics = curl(&edge.topo.edge, &[&format!("http://{AGENT_ADMIN}/metrics")]);
+    assert!(
+        !metrics.contains("edge_tunnel_agent_transport_fallbacks_total{"),
+        "{metrics}\nagent log:\n{}",
+        edge.agent.log_text()
+    );
+    let log = edge.agent.log_text();
+    assert!(log.contains("trying HTTP/2"), "both were tried:\n{log}");
+    assert!(!log.contains("falling back to HTTP/2"), "{log}");
+}
