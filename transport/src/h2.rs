@@ -17,13 +17,19 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::stream::{Delivered, TunnelRecv, TunnelSend};
 
-/// Flow-control windows for both HTTP/2 ends, chosen like the QUIC ones:
-/// per stream 1 MiB (what one stalled reader can pin), per connection
-/// 32 MiB (so a few stalled readers do not stall the rest).
+/// Flow-control settings for both HTTP/2 ends. The windows are larger than
+/// QUIC's (512 KiB / 8 MiB) because one TCP connection has to carry what
+/// QUIC spreads over its streams' own loss recovery; the ratio is 1:32
+/// (QUIC's is 1:16): 32 stalled readers use up the connection window,
+/// after which the stall credit lends more (see `stall`).
 #[derive(Clone, Copy, Debug)]
 pub struct H2Settings {
+    /// Per-stream window: what one stalled reader can pin. Default 1 MiB.
     pub stream_window: u32,
+    /// Per-connection window across all streams: the worst-case buffered
+    /// memory per agent connection. Default 32 MiB.
     pub connection_window: u32,
+    /// Streams the server may have open to one agent at once. Default 8192.
     pub max_streams: u32,
     /// Largest DATA frame (16 KiB..16 MiB); bigger frames, fewer headers.
     pub max_frame: u32,
