@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-pub use config::ServerConfig;
+pub use config::{ConfigError, ServerConfig, ServerSettings};
 use metrics::Metrics;
 use registry::AgentRegistry;
 
