@@ -27,8 +27,8 @@ use proto::DialCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::ingress::{self, Target};
-use crate::link::DialError;
+use crate::dial::{self, DialError, DialMode, Target};
+use crate::ingress;
 use crate::Shared;
 
 /// How long a client may take to send its request head.
@@ -124,7 +124,7 @@ async fn handle(
             ))
         }
     };
-    let dialed = match ingress::dial(&shared, &target).await {
+    let dialed = match dial::dial(&shared, &target, DialMode::AwaitResult).await {
         Ok(d) => d,
         Err(e) => {
             tracing::info!(%target, "CONNECT refused: {e}");
@@ -133,7 +133,7 @@ async fn handle(
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
-        let stream_fail = |d: ingress::Dialed, why: String| {
+        let stream_fail = |d: dial::Dialed, why: String| {
             tracing::warn!("CONNECT upgrade failed: {why}");
             let mut s = d.stream;
             transport::TunnelSend::reset(&mut s.send, proto::codes::stream::CANCELLED);
