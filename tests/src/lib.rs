@@ -62,8 +62,9 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub fn config(pki: &Pki, listen: SocketAddr) -> tunnel_server::ServerConfig {
-        let mut c = tunnel_server::ServerConfig::new(listen, pki.server_dir());
+    /// Settings for a test server; [`TestServer::start_with`] checks them.
+    pub fn config(pki: &Pki, listen: SocketAddr) -> tunnel_server::ServerSettings {
+        let mut c = tunnel_server::ServerSettings::new(listen, pki.server_dir());
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         c.connect_listen = Some(any);
         c.transparent_listen = Some(any);
@@ -76,7 +77,8 @@ impl TestServer {
         Self::start_with(Self::config(pki, "127.0.0.1:0".parse().unwrap())).await
     }
 
-    pub async fn start_with(config: tunnel_server::ServerConfig) -> TestServer {
+    pub async fn start_with(settings: tunnel_server::ServerSettings) -> TestServer {
+        let config = tunnel_server::ServerConfig::try_new(settings).expect("valid test settings");
         // With port 0 the HTTP/2 listener takes the QUIC endpoint's port
         // number on TCP, which another test may hold: pick again. With a
         // fixed port (a restart in place) the previous server's UDP socket

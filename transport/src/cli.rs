@@ -1,6 +1,9 @@
-//! Process setup shared by the `tunnel-server` and `tunnel-agent` binaries.
+//! Process setup shared by the `tunnel-server` and `tunnel-agent` binaries:
+//! logging, runtime shape, shutdown signals, and the parser for duration
+//! flags.
 
 use std::io::{self, IsTerminal};
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use tracing_subscriber::EnvFilter;
@@ -88,5 +91,94 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'stat
                 std::future::pending::<()>().await
             }
         }
+    }
+}
+
+/// Parses a duration flag the way Kubernetes writes them: `500ms`, `10s`,
+/// `5m`, `1h`, `1h30m` (any unit `humantime` knows). A plain integer is
+/// seconds, so `10` is 10 s, as the flags took before units existed.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| {
+        format!("{s:?} is not a duration ({e}): use seconds (10) or a number with a unit (500ms, 10s, 5m, 1h)")
+    })
+}
+
+/// A clap value parser for a duration flag that must lie in `min..=max`
+/// (bounds in the message in the same form the flag takes).
+pub fn duration_in(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let d = parse_duration(s)?;
+        let show = humantime::format_duration;
+        if d < min {
+            return Err(format!(
+                "{} is shorter than the minimum, {}",
+                show(d),
+                show(min)
+            ));
+        }
+        if d > max {
+            return Err(format!(
+                "{} is longer than the maximum, {}",
+                show(d),
+                show(max)
+            ));
+        }
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn plain_integers_are_seconds() {
+        assert_eq!(parse_duration("10"), Ok(S(10)));
+        assert_eq!(parse_duration(" 600 "), Ok(S(600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn kubernetes_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(S(10)));
+        assert_eq!(parse_duration("5m"), Ok(S(300)));
+        assert_eq!(parse_duration("1h"), Ok(S(3600)));
+        assert_eq!(parse_duration("1h30m"), Ok(S(5400)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn garbage_names_the_input() {
+        for bad in ["", "ten", "10 parsecs", "-5", "1.5", "s10"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains(&format!("{:?}", bad.trim())), "{bad:?}: {e}");
+            assert!(e.contains("500ms, 10s, 5m, 1h"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn bounds_are_checked_and_shown() {
+        let p = duration_in(S(1), S(600));
+        assert_eq!(p("1s"), Ok(S(1)));
+        assert_eq!(p("10m"), Ok(S(600)));
+        assert_eq!(
+            p("500ms").unwrap_err(),
+            "500ms is shorter than the minimum, 1s"
+        );
+        assert_eq!(p("0").unwrap_err(), "0s is shorter than the minimum, 1s");
+        assert_eq!(p("11m").unwrap_err(), "11m is longer than the maximum, 10m");
+        assert!(p("soon")
+            .unwrap_err()
+            .contains("\"soon\" is not a duration"));
     }
 }

@@ -15,7 +15,7 @@
 //! - [`net`]: socket helpers: large listen backlogs, original destination.
 //! - [`admin`]: the small GET-only HTTP server for admin endpoints.
 //! - [`cli`]: process setup both binaries share: logging, runtime shape,
-//!   shutdown signals.
+//!   shutdown signals, the parser for duration flags.
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -60,6 +60,43 @@ impl Default for QuicSettings {
     }
 }
 
+/// Why QUIC settings cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuicSettingsError {
+    #[error("the keep-alive interval must be above zero")]
+    ZeroKeepalive,
+    #[error(
+        "the idle timeout ({}) must be longer than the keep-alive interval ({}), \
+         or an idle connection dies between two keep-alives",
+        humantime::format_duration(*.idle),
+        humantime::format_duration(*.keepalive)
+    )]
+    IdleNotAboveKeepalive { keepalive: Duration, idle: Duration },
+    #[error("the idle timeout {0:?} is longer than QUIC can express")]
+    IdleTooLong(Duration),
+}
+
+impl QuicSettings {
+    /// Checks what the endpoints would otherwise reject at run time or
+    /// get wrong silently: a keep-alive that is zero or not shorter than
+    /// the idle timeout (the connection would time out while idle). Both
+    /// binaries call this when they build their configuration.
+    pub fn validate(&self) -> Result<(), QuicSettingsError> {
+        if self.keepalive.is_zero() {
+            return Err(QuicSettingsError::ZeroKeepalive);
+        }
+        if self.idle_timeout <= self.keepalive {
+            return Err(QuicSettingsError::IdleNotAboveKeepalive {
+                keepalive: self.keepalive,
+                idle: self.idle_timeout,
+            });
+        }
+        IdleTimeout::try_from(self.idle_timeout)
+            .map_err(|_| QuicSettingsError::IdleTooLong(self.idle_timeout))?;
+        Ok(())
+    }
+}
+
 /// Why an endpoint could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -165,5 +202,33 @@ impl QuicSettings {
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(self.transport(true)?));
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        QuicSettings::default().validate().unwrap();
+    }
+
+    #[test]
+    fn idle_timeout_must_exceed_the_keepalive() {
+        let mut s = QuicSettings {
+            keepalive: Duration::from_secs(30),
+            ..QuicSettings::default()
+        };
+        let e = s.validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the idle timeout (30s) must be longer than the keep-alive interval (30s), \
+             or an idle connection dies between two keep-alives"
+        );
+        s.idle_timeout = Duration::from_secs(31);
+        s.validate().unwrap();
+        s.keepalive = Duration::ZERO;
+        assert_eq!(s.validate(), Err(QuicSettingsError::ZeroKeepalive));
     }
 }

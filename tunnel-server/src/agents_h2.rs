@@ -97,7 +97,7 @@ async fn handle(
     });
     let control = {
         let link = link.clone();
-        async move { link.open("/control").await }
+        async move { link.open_control().await.map_err(|e| e.to_string()) }
     };
     serve_agent(shared, &certs, link, control).await
 }

@@ -1,13 +1,20 @@
 //! Server configuration, validated when built.
+//!
+//! [`ServerSettings`] is what an operator (or a test) asks for, with
+//! defaults; [`ServerConfig::try_new`] checks it once, and only a checked
+//! [`ServerConfig`] reaches [`crate::Server::bind`]. The code that uses the
+//! configuration never re-checks it.
 
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use transport::quic::QuicSettings;
+use transport::quic::{QuicSettings, QuicSettingsError};
 
+/// Every server setting, unchecked.
 #[derive(Clone, Debug)]
-pub struct ServerConfig {
+pub struct ServerSettings {
     /// QUIC endpoint for agents.
     pub listen: SocketAddr,
     /// Directory with `tls.crt`, `tls.key`, `ca.crt`.
@@ -20,19 +27,21 @@ pub struct ServerConfig {
     pub connect_listen: Option<SocketAddr>,
     pub transparent_listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
-    /// Stable id of this replica, sent to agents in `Welcome`.
+    /// Stable id of this replica, sent to agents in `Welcome`. Default: the
+    /// host name.
     pub server_id: String,
     /// How long an agent may take from QUIC handshake to `Hello`. Default 10 s.
     pub register_timeout: Duration,
-    /// How long the agent may take to connect to a target. Default 10 s.
+    /// How long the agent may take to connect to a target. Default 10 s;
+    /// the server waits 2 s more for its answer.
     pub dial_timeout: Duration,
     pub quic: QuicSettings,
 }
 
-impl ServerConfig {
-    /// A configuration with defaults for everything but the endpoint and certificates.
+impl ServerSettings {
+    /// Defaults for everything but the endpoint and certificates.
     pub fn new(listen: SocketAddr, cert_dir: PathBuf) -> Self {
-        ServerConfig {
+        ServerSettings {
             listen,
             cert_dir,
             h2: true,
@@ -48,6 +57,56 @@ impl ServerConfig {
     }
 }
 
+/// Why a configuration cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Quic(#[from] QuicSettingsError),
+    #[error("the {0} must be above zero")]
+    ZeroTimeout(&'static str),
+    #[error(
+        "the server id must be 1 to {max} bytes long (it is sent to every agent), not {len}",
+        max = proto::MAX_NODE_NAME
+    )]
+    ServerId { len: usize },
+    #[error("an HTTP/2 listen address ({0}) is set, but the HTTP/2 fallback is turned off")]
+    H2ListenWithoutH2(SocketAddr),
+}
+
+/// Checked server settings; read them through `Deref`. No `DerefMut`: a
+/// checked configuration cannot be changed into an unchecked one.
+#[derive(Clone, Debug)]
+pub struct ServerConfig(ServerSettings);
+
+impl ServerConfig {
+    /// Checks `settings`; the only way to make a `ServerConfig`.
+    pub fn try_new(settings: ServerSettings) -> Result<Self, ConfigError> {
+        settings.quic.validate()?;
+        if settings.register_timeout.is_zero() {
+            return Err(ConfigError::ZeroTimeout("register timeout"));
+        }
+        if settings.dial_timeout.is_zero() {
+            return Err(ConfigError::ZeroTimeout("dial timeout"));
+        }
+        let len = settings.server_id.len();
+        if len == 0 || len > proto::MAX_NODE_NAME {
+            return Err(ConfigError::ServerId { len });
+        }
+        if let (false, Some(addr)) = (settings.h2, settings.h2_listen) {
+            return Err(ConfigError::H2ListenWithoutH2(addr));
+        }
+        Ok(ServerConfig(settings))
+    }
+}
+
+impl Deref for ServerConfig {
+    type Target = ServerSettings;
+
+    fn deref(&self) -> &ServerSettings {
+        &self.0
+    }
+}
+
 /// The host name (the pod name under Kubernetes), else "tunnel-server".
 pub fn default_server_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -55,4 +114,59 @@ pub fn default_server_id() -> String {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "tunnel-server".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ServerSettings {
+        ServerSettings::new("127.0.0.1:0".parse().unwrap(), "/nonexistent".into())
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        ServerConfig::try_new(settings()).unwrap();
+    }
+
+    #[test]
+    fn keepalive_not_below_idle_timeout_is_refused() {
+        let mut s = settings();
+        s.quic.keepalive = Duration::from_secs(30);
+        let e = ServerConfig::try_new(s).unwrap_err();
+        assert!(matches!(
+            e,
+            ConfigError::Quic(QuicSettingsError::IdleNotAboveKeepalive { .. })
+        ));
+        assert!(e.to_string().contains("must be longer than the keep-alive"));
+    }
+
+    #[test]
+    fn each_rule_names_what_to_fix() {
+        let mut s = settings();
+        s.dial_timeout = Duration::ZERO;
+        assert_eq!(
+            ServerConfig::try_new(s).unwrap_err().to_string(),
+            "the dial timeout must be above zero"
+        );
+        let mut s = settings();
+        s.register_timeout = Duration::ZERO;
+        assert_eq!(
+            ServerConfig::try_new(s).unwrap_err(),
+            ConfigError::ZeroTimeout("register timeout")
+        );
+        let mut s = settings();
+        s.server_id = "x".repeat(proto::MAX_NODE_NAME + 1);
+        assert_eq!(
+            ServerConfig::try_new(s).unwrap_err(),
+            ConfigError::ServerId { len: 254 }
+        );
+        let mut s = settings();
+        s.h2 = false;
+        s.h2_listen = Some("127.0.0.1:8443".parse().unwrap());
+        assert!(ServerConfig::try_new(s)
+            .unwrap_err()
+            .to_string()
+            .contains("HTTP/2 fallback is turned off"));
+    }
 }

@@ -7,9 +7,10 @@
 //! | 200 | the agent connected to the target; bytes flow |
 //! | 400 | not a CONNECT `host:port` request |
 //! | 403 | the agent refused: the target is not on its allow-list |
-//! | 502 | the agent could not connect (refused, unreachable, timeout) or broke the protocol |
-//! | 503 | no live agent serves the node, or it is draining |
 //! | 405 | any method but CONNECT |
+//! | 502 | the agent could not connect (refused, unreachable), no stream could be opened to it, or it broke the protocol |
+//! | 503 | no live agent serves the node, or it is draining |
+//! | 504 | the agent's connect timed out, or the agent did not answer within the dial timeout plus 2 s |
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -27,8 +28,8 @@ use proto::DialCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::ingress::{self, Target};
-use crate::link::DialError;
+use crate::dial::{self, DialError, DialMode, Target};
+use crate::ingress;
 use crate::Shared;
 
 /// How long a client may take to send its request head.
@@ -94,7 +95,11 @@ fn status_for(e: &DialError) -> StatusCode {
             code: DialCode::Draining,
             ..
         } => StatusCode::SERVICE_UNAVAILABLE,
-        DialError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        DialError::Refused {
+            code: DialCode::Timeout,
+            ..
+        }
+        | DialError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_GATEWAY,
     }
 }
@@ -124,7 +129,7 @@ async fn handle(
             ))
         }
     };
-    let dialed = match ingress::dial(&shared, &target).await {
+    let dialed = match dial::dial(&shared, &target, DialMode::AwaitResult).await {
         Ok(d) => d,
         Err(e) => {
             tracing::info!(%target, "CONNECT refused: {e}");
@@ -133,7 +138,7 @@ async fn handle(
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
-        let stream_fail = |d: ingress::Dialed, why: String| {
+        let stream_fail = |d: dial::Dialed, why: String| {
             tracing::warn!("CONNECT upgrade failed: {why}");
             let mut s = d.stream;
             transport::TunnelSend::reset(&mut s.send, proto::codes::stream::CANCELLED);
@@ -163,6 +168,45 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_follow_the_table() {
+        let target: SocketAddr = "198.18.0.5:10250".parse().unwrap();
+        let refused = |code| DialError::Refused {
+            node: "edge-1".into(),
+            target,
+            code,
+            message: String::new(),
+        };
+        let cases = [
+            (DialError::NoAgent("x".into()), 503),
+            (DialError::Draining("edge-1".into()), 503),
+            (refused(DialCode::Draining), 503),
+            (refused(DialCode::NotAllowed), 403),
+            (refused(DialCode::Refused), 502),
+            (refused(DialCode::Unreachable), 502),
+            (refused(DialCode::Timeout), 504),
+            (
+                DialError::Timeout {
+                    node: "edge-1".into(),
+                    target,
+                    after: Duration::from_secs(12),
+                },
+                504,
+            ),
+            (
+                DialError::Protocol {
+                    node: "edge-1".into(),
+                    target,
+                    reason: "garbage".into(),
+                },
+                502,
+            ),
+        ];
+        for (e, status) in cases {
+            assert_eq!(status_for(&e).as_u16(), status, "{e}");
+        }
+    }
 
     #[test]
     fn targets() {

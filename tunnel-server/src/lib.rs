@@ -7,12 +7,14 @@
 //!   agents whose network blocks UDP; shares everything after the
 //!   handshake with [`agents`].
 //! - [`registry`]: node → agent, address → node ([`registry::AgentRegistry`]).
-//! - [`link`]: one agent connection whatever its transport, and [`link::dial`]
-//!   which opens a tunneled stream on it.
+//! - [`link`]: one agent connection whatever its transport
+//!   ([`link::AgentLink`]); opens streams on it.
+//! - [`dial`]: routing (target → agent and address, no I/O) and the one
+//!   dial procedure, under one deadline, for both ingresses.
 //! - [`connect`]: the HTTP CONNECT ingress (apiserver egress selector,
 //!   Prometheus `proxy_url`, `curl -x`).
 //! - [`transparent`]: the ingress for DNAT-redirected connections.
-//! - [`ingress`]: what both ingresses share: route, dial, relay, count.
+//! - [`ingress`]: what both ingresses share after the dial: relay, count.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/v1/agents`.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`dnat`]: the iptables DNAT helper that sends apiserver → kubelet
@@ -28,6 +30,7 @@ pub mod agents;
 pub mod agents_h2;
 pub mod config;
 pub mod connect;
+pub mod dial;
 pub mod dnat;
 pub mod ingress;
 pub mod link;
@@ -43,7 +46,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-pub use config::ServerConfig;
+pub use config::{ConfigError, ServerConfig, ServerSettings};
 use metrics::Metrics;
 use registry::AgentRegistry;
 

@@ -1,11 +1,14 @@
-//! The connection to one agent, whatever transport carries it, and the
-//! dial exchange that opens a tunneled stream over it.
+//! The connection to one agent, whatever transport carries it.
+//!
+//! The transports differ only in how a stream is opened: QUIC opens a
+//! bidirectional stream, HTTP/2 sends a `POST` whose path says what the
+//! stream is for. Callers name the kind of stream ([`AgentLink::open_stream`],
+//! [`AgentLink::open_control`]); only the HTTP/2 arm turns it into a path.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use proto::{DialCode, DialRequest, Message};
-use transport::{read_message, write_message, TunnelStream};
+use transport::TunnelStream;
 
 /// An agent connection.
 #[derive(Clone)]
@@ -70,21 +73,28 @@ impl AgentLink {
         }
     }
 
-    /// Opens the raw stream for a control exchange or a tunneled connection.
-    pub async fn open(&self, path: &'static str) -> Result<TunnelStream, String> {
+    /// Opens a stream for one tunneled connection (it starts with `Dial`).
+    pub async fn open_stream(&self) -> Result<TunnelStream, OpenError> {
+        self.open(StreamKind::Tunnel).await
+    }
+
+    /// Opens the control stream (HTTP/2 only: over QUIC the agent opens it).
+    pub async fn open_control(&self) -> Result<TunnelStream, OpenError> {
+        self.open(StreamKind::Control).await
+    }
+
+    async fn open(&self, kind: StreamKind) -> Result<TunnelStream, OpenError> {
         match self {
             AgentLink::Quic(c) => {
-                let (send, recv) = c.open_bi().await.map_err(|e| e.to_string())?;
+                let (send, recv) = c.open_bi().await?;
                 Ok(TunnelStream::new(send, recv))
             }
             AgentLink::H2(h) => {
-                let mut send = h.send.clone().ready().await.map_err(|e| e.to_string())?;
-                let request = http::Request::post(path)
-                    .body(())
-                    .map_err(|e| e.to_string())?;
-                let (response, body) = send
-                    .send_request(request, false)
-                    .map_err(|e| e.to_string())?;
+                let mut send = h.send.clone().ready().await?;
+                let mut request = http::Request::new(());
+                *request.method_mut() = http::Method::POST;
+                *request.uri_mut() = http::Uri::from_static(kind.h2_path());
+                let (response, body) = send.send_request(request, false)?;
                 Ok(TunnelStream::new(
                     transport::h2::H2Send::new(body),
                     transport::h2::H2Recv::Pending(response),
@@ -94,126 +104,29 @@ impl AgentLink {
     }
 }
 
-/// Why a tunneled connection could not be established.
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    #[error("no live agent for {0}")]
-    NoAgent(String),
-    #[error("the agent of node {0} is draining")]
-    Draining(String),
-    #[error("cannot open a stream to node {node}: {reason}")]
-    Open { node: String, reason: String },
-    #[error("node {node} refused the dial to {target} ({code}): {message}")]
-    Refused {
-        node: String,
-        target: SocketAddr,
-        code: DialCode,
-        message: String,
-    },
-    #[error("node {node} did not answer the dial to {target} within {after:?}")]
-    Timeout {
-        node: String,
-        target: SocketAddr,
-        after: Duration,
-    },
-    #[error("node {node} broke the protocol while dialing {target}: {reason}")]
-    Protocol {
-        node: String,
-        target: SocketAddr,
-        reason: String,
-    },
+/// What a stream the server opens is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StreamKind {
+    Control,
+    Tunnel,
 }
 
-impl DialError {
-    /// Stable label for the dial failure metric.
-    pub fn label(&self) -> &'static str {
+impl StreamKind {
+    /// The request path that names the stream's purpose over HTTP/2.
+    fn h2_path(self) -> &'static str {
         match self {
-            DialError::NoAgent(_) => "no_agent",
-            DialError::Draining(_) => "draining",
-            DialError::Open { .. } => "open_failed",
-            DialError::Refused { code, .. } => code.label(),
-            DialError::Timeout { .. } => "timeout",
-            DialError::Protocol { .. } => "protocol",
+            StreamKind::Control => "/control",
+            StreamKind::Tunnel => "/stream",
         }
     }
 }
 
-/// How long to wait for a `DialResult`: the agent's connect deadline plus
-/// a margin for the round trip.
-pub fn answer_bound(deadline: Duration) -> Duration {
-    deadline + Duration::from_secs(2)
-}
-
-/// Opens a stream to `node` and writes the `Dial`, without waiting for the
-/// answer (the caller reads it: [`dial`], or a `ResultGate`).
-pub async fn request(
-    link: &AgentLink,
-    node: &str,
-    target: SocketAddr,
-    deadline: Duration,
-) -> Result<TunnelStream, DialError> {
-    let mut stream = link
-        .open("/stream")
-        .await
-        .map_err(|reason| DialError::Open {
-            node: node.to_owned(),
-            reason,
-        })?;
-    let request = Message::Dial(DialRequest {
-        target,
-        deadline_ms: deadline.as_millis().min(u32::MAX as u128) as u32,
-    });
-    write_message(&mut stream.send, &request)
-        .await
-        .map_err(|e| DialError::Protocol {
-            node: node.to_owned(),
-            target,
-            reason: e.to_string(),
-        })?;
-    Ok(stream)
-}
-
-/// Opens a stream to `node` over `link`, asks the agent to dial `target`
-/// and waits for its answer, at most `deadline` plus a margin for the
-/// round trip. On success the stream is ready for raw bytes.
-pub async fn dial(
-    link: &AgentLink,
-    node: &str,
-    target: SocketAddr,
-    deadline: Duration,
-) -> Result<(TunnelStream, Duration), DialError> {
-    let started = Instant::now();
-    let bound = answer_bound(deadline);
-    let exchange = async {
-        let mut stream = request(link, node, target, deadline).await?;
-        let protocol = |reason: String| DialError::Protocol {
-            node: node.to_owned(),
-            target,
-            reason,
-        };
-        let mut buf = Vec::new();
-        match read_message(&mut stream.recv, &mut buf).await {
-            Ok(Message::DialResult(r)) if r.code == DialCode::Ok => Ok(stream),
-            Ok(Message::DialResult(r)) => Err(DialError::Refused {
-                node: node.to_owned(),
-                target,
-                code: r.code,
-                message: r.message,
-            }),
-            Ok(other) => Err(protocol(format!(
-                "expected DialResult, got {}",
-                other.kind()
-            ))),
-            Err(e) => Err(protocol(e.to_string())),
-        }
-    };
-    match tokio::time::timeout(bound, exchange).await {
-        Ok(Ok(stream)) => Ok((stream, started.elapsed())),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(DialError::Timeout {
-            node: node.to_owned(),
-            target,
-            after: bound,
-        }),
-    }
+/// Why a stream could not be opened: the connection is gone or refuses
+/// new streams.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("QUIC: {0}")]
+    Quic(#[from] quinn::ConnectionError),
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
 }

@@ -6,16 +6,25 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args as ClapArgs, Parser, Subcommand};
+use transport::cli::duration_in;
 use tunnel_server::dnat::agent_list::AgentList;
 use tunnel_server::dnat::reconciler::{self, Dnat, DnatConfig};
 use tunnel_server::dnat::rules::Prefix;
-use tunnel_server::{Server, ServerConfig};
+use tunnel_server::{Server, ServerConfig, ServerSettings};
+
+const DURATIONS: &str =
+    "Durations take a unit, as in Kubernetes (500ms, 10s, 5m, 1h); a plain number is seconds.";
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
 
 #[derive(Parser, Debug)]
 #[command(
     name = "tunnel-server",
     version,
     about = "edge-tunnel server: the cloud end agents dial",
+    after_help = DURATIONS,
     args_conflicts_with_subcommands = true
 )]
 struct Args {
@@ -46,18 +55,19 @@ struct Args {
     /// Stable id of this replica (default: the host name).
     #[arg(long, env = "TUNNEL_SERVER_ID")]
     server_id: Option<String>,
-    /// Seconds an agent may take to register after connecting.
-    #[arg(long, env = "TUNNEL_REGISTER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
-    register_timeout: u64,
-    /// Seconds an agent may take to connect to a target.
-    #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
-    dial_timeout: u64,
-    /// QUIC keep-alive interval in seconds.
-    #[arg(long, env = "TUNNEL_KEEPALIVE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    keepalive: u64,
-    /// QUIC idle timeout in seconds (must exceed the keep-alive).
-    #[arg(long, env = "TUNNEL_IDLE_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600))]
-    idle_timeout: u64,
+    /// How long an agent may take to register after connecting (1s-10m).
+    #[arg(long, env = "TUNNEL_REGISTER_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), secs(600)))]
+    register_timeout: Duration,
+    /// How long an agent may take to connect to a target (100ms-10m); the
+    /// server waits 2s more for its answer.
+    #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = duration_in(Duration::from_millis(100), secs(600)))]
+    dial_timeout: Duration,
+    /// QUIC keep-alive interval (1s-1h).
+    #[arg(long, env = "TUNNEL_KEEPALIVE", default_value = "10s", value_parser = duration_in(secs(1), secs(3600)))]
+    keepalive: Duration,
+    /// QUIC idle timeout (2s-1h; must exceed --keepalive).
+    #[arg(long, env = "TUNNEL_IDLE_TIMEOUT", default_value = "30s", value_parser = duration_in(secs(2), secs(3600)))]
+    idle_timeout: Duration,
     /// Manage iptables DNAT rules that send traffic for agents' addresses
     /// into the transparent ingress (needs CAP_NET_ADMIN).
     #[arg(long, env = "TUNNEL_DNAT")]
@@ -85,16 +95,16 @@ struct DnatRuleArgs {
     /// Static edge range (CIDR) redirected even with no agent connected; repeatable.
     #[arg(long, env = "TUNNEL_DNAT_CIDR", value_delimiter = ',')]
     dnat_cidr: Vec<Prefix>,
-    /// Seconds between full re-checks that repair drift.
-    #[arg(long, env = "TUNNEL_DNAT_RESYNC", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    dnat_resync: u64,
+    /// Interval between full re-checks that repair drift (1s-1h).
+    #[arg(long, env = "TUNNEL_DNAT_RESYNC", default_value = "30s", value_parser = duration_in(secs(1), secs(3600)))]
+    dnat_resync: Duration,
 }
 
 impl DnatRuleArgs {
     fn config(&self, to: SocketAddr) -> Result<DnatConfig> {
         let mut config = DnatConfig::try_new(to, self.dnat_ports.clone(), self.dnat_cidr.clone())
             .map_err(anyhow::Error::msg)?;
-        config.resync = Duration::from_secs(self.dnat_resync);
+        config.resync = self.dnat_resync;
         Ok(config)
     }
 }
@@ -103,6 +113,7 @@ impl DnatRuleArgs {
 enum Command {
     /// Run only the DNAT helper, on a control-plane host that runs no
     /// server: follow a server's /v1/agents and point rules at it.
+    #[command(after_help = DURATIONS)]
     Dnat {
         /// Admin URL of a tunnel-server, e.g. http://10.0.0.5:9090.
         #[arg(long, env = "TUNNEL_SERVER_ADMIN", required_unless_present = "cleanup")]
@@ -113,9 +124,9 @@ enum Command {
         /// Remove every rule this helper owns (after a crash) and exit.
         #[arg(long)]
         cleanup: bool,
-        /// Seconds between polls of /v1/agents.
-        #[arg(long, env = "TUNNEL_DNAT_POLL", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
-        poll: u64,
+        /// Interval between polls of /v1/agents (1s-1h).
+        #[arg(long, env = "TUNNEL_DNAT_POLL", default_value = "5s", value_parser = duration_in(secs(1), secs(3600)))]
+        poll: Duration,
         /// Remove the rules on exit (default). --keep-rules leaves them.
         #[arg(long)]
         keep_rules: bool,
@@ -157,7 +168,7 @@ async fn standalone_dnat(
     server_admin: Option<String>,
     to: Option<SocketAddr>,
     cleanup: bool,
-    poll: u64,
+    poll: Duration,
     keep_rules: bool,
     rules: DnatRuleArgs,
 ) -> Result<()> {
@@ -166,7 +177,7 @@ async fn standalone_dnat(
     // Cleanup needs no target; any concrete address of the right family does.
     let to = to.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1)));
     let mut config = rules.config(to)?;
-    config.resync = Duration::from_secs(poll);
+    config.resync = poll;
     let dnat = Dnat::start(config).await?;
     if cleanup {
         dnat.cleanup().await?;
@@ -191,13 +202,6 @@ async fn standalone_dnat(
 fn serve(args: Args) -> Result<()> {
     transport::cli::init_logging(args.common.log_format);
     let cert_dir = args.cert_dir.context("--cert-dir is required")?;
-    if args.idle_timeout <= args.keepalive {
-        anyhow::bail!(
-            "--idle-timeout ({}s) must be longer than --keepalive ({}s)",
-            args.idle_timeout,
-            args.keepalive
-        );
-    }
     let dnat_config = if args.dnat {
         let to = args
             .dnat_to
@@ -207,19 +211,20 @@ fn serve(args: Args) -> Result<()> {
     } else {
         None
     };
-    let mut config = ServerConfig::new(args.listen, cert_dir);
-    config.h2 = !args.no_h2;
-    config.h2_listen = args.h2_listen;
-    config.connect_listen = args.connect_listen;
-    config.transparent_listen = args.transparent_listen;
-    config.admin_listen = args.admin_listen;
+    let mut settings = ServerSettings::new(args.listen, cert_dir);
+    settings.h2 = !args.no_h2;
+    settings.h2_listen = args.h2_listen;
+    settings.connect_listen = args.connect_listen;
+    settings.transparent_listen = args.transparent_listen;
+    settings.admin_listen = args.admin_listen;
     if let Some(id) = args.server_id {
-        config.server_id = id;
+        settings.server_id = id;
     }
-    config.register_timeout = Duration::from_secs(args.register_timeout);
-    config.dial_timeout = Duration::from_secs(args.dial_timeout);
-    config.quic.keepalive = Duration::from_secs(args.keepalive);
-    config.quic.idle_timeout = Duration::from_secs(args.idle_timeout);
+    settings.register_timeout = args.register_timeout;
+    settings.dial_timeout = args.dial_timeout;
+    settings.quic.keepalive = args.keepalive;
+    settings.quic.idle_timeout = args.idle_timeout;
+    let config = ServerConfig::try_new(settings).context("invalid configuration")?;
     // Half the cores (at least one): relaying is mostly kernel work (TCP and
     // UDP paths, softirqs) that needs cores of its own, and each extra worker
     // adds cross-thread wake-ups per packet. On the 2-core benchmark one

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::ingress::{self, Target};
+use crate::dial::{self, DialMode, Target};
+use crate::ingress;
 use crate::Shared;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -39,7 +40,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, local: Option<SocketAddr>, sha
         return reset(tcp);
     }
     let target = Target::Address(original);
-    match ingress::dial_optimistic(&shared, &target).await {
+    match dial::dial(&shared, &target, DialMode::Optimistic).await {
         Ok(dialed) => ingress::relay(shared, dialed, tcp, "transparent").await,
         Err(e) => {
             tracing::info!(%peer, %target, "transparent connection refused: {e}");
