@@ -26,6 +26,10 @@ pub enum ConfigError {
     Server(String),
     #[error(transparent)]
     Tls(#[from] certs::tls::TlsConfigError),
+    #[error(transparent)]
+    Quic(#[from] transport::quic::QuicSettingsError),
+    #[error("{name} must be longer than zero")]
+    ZeroDuration { name: &'static str },
 }
 
 #[derive(Clone, Debug)]
@@ -169,7 +173,29 @@ impl AgentConfig {
         };
         // Fail at start, not at the first connect, on unusable certificates.
         config.credentials()?.tls(proto::ALPN)?;
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Checks the settings that can be wrong together or silently: the
+    /// QUIC keep-alive against the idle timeout, and bounds that must not
+    /// be zero. [`crate::run`] refuses a configuration that fails this, so
+    /// a caller that changed fields after [`AgentConfig::try_new`] cannot
+    /// start with an unchecked one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.quic.validate()?;
+        for (name, d) in [
+            ("--resolve-interval", self.resolve_interval),
+            ("--dial-timeout", self.dial_timeout),
+            ("--connect-timeout", self.connect_timeout),
+            ("--quic-timeout", self.quic_timeout),
+            ("--reprobe-interval", self.reprobe_interval),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::ZeroDuration { name });
+            }
+        }
+        Ok(())
     }
 
     /// Loads the certificate files (at every connection attempt, so rotated
@@ -200,6 +226,25 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keepalive_must_be_shorter_than_idle_and_bounds_not_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = certs::issue::Ca::generate("test CA", 1).unwrap();
+        let leaf = ca
+            .issue_agent("edge-1", &["127.0.0.1".parse().unwrap()], 1)
+            .unwrap();
+        certs::files::write_leaf_dir(dir.path(), &leaf, &ca.pem().cert, true).unwrap();
+        let mut c = AgentConfig::try_new("127.0.0.1:8443", dir.path(), "edge-1", &[]).unwrap();
+        c.validate().unwrap();
+        c.quic.idle_timeout = c.quic.keepalive;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("keep"), "{err}");
+        c.quic.idle_timeout = Duration::from_secs(30);
+        c.connect_timeout = Duration::ZERO;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--connect-timeout"), "{err}");
+    }
 
     #[test]
     fn server_specs() {

@@ -5,13 +5,22 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
+use transport::cli::duration_in;
 use tunnel_agent::AgentConfig;
+
+const DURATIONS: &str =
+    "Durations take a unit, as in Kubernetes (500ms, 10s, 5m, 1h); a plain number is seconds.";
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
 
 #[derive(Parser, Debug)]
 #[command(
     name = "tunnel-agent",
     version,
-    about = "edge-tunnel agent: dials out to tunnel-server and serves the node's kubelet"
+    about = "edge-tunnel agent: dials out to tunnel-server and serves the node's kubelet",
+    after_help = DURATIONS
 )]
 struct Args {
     /// Server to dial, HOST:PORT; a name that resolves to several
@@ -19,19 +28,21 @@ struct Args {
     /// every replica can reach this node. A comma-separated list also works.
     #[arg(long, env = "TUNNEL_SERVER")]
     server: String,
-    /// Seconds between resolutions of --server (also after any connection loss).
-    #[arg(long, env = "TUNNEL_RESOLVE_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    resolve_interval: u64,
+    /// Time between resolutions of --server (also after any connection loss; 1s-1h).
+    #[arg(long, env = "TUNNEL_RESOLVE_INTERVAL", default_value = "30s", value_parser = duration_in(secs(1), secs(3600)))]
+    resolve_interval: Duration,
     /// Transport: auto (QUIC, falling back to HTTP/2 over TLS when UDP does
     /// not get through, re-probing QUIC later), quic, or h2.
     #[arg(long, env = "TUNNEL_TRANSPORT", value_enum, default_value_t = tunnel_agent::config::TransportChoice::Auto)]
     transport: tunnel_agent::config::TransportChoice,
-    /// In auto mode: seconds a QUIC handshake may take before falling back.
-    #[arg(long, env = "TUNNEL_QUIC_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=120))]
-    quic_timeout: u64,
-    /// In auto mode: seconds between QUIC re-probes while on HTTP/2.
-    #[arg(long, env = "TUNNEL_REPROBE_INTERVAL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
-    reprobe_interval: u64,
+    /// In auto mode: how long QUIC may take to answer before HTTP/2 is
+    /// tried (100ms-2m).
+    #[arg(long, env = "TUNNEL_QUIC_TIMEOUT", default_value = "5s", value_parser = duration_in(Duration::from_millis(100), secs(120)))]
+    quic_timeout: Duration,
+    /// In auto mode: the longest wait between QUIC re-probes while on
+    /// HTTP/2; the first comes after 5s and the waits double (1s-24h).
+    #[arg(long, env = "TUNNEL_REPROBE_INTERVAL", default_value = "5m", value_parser = duration_in(secs(1), secs(86400)))]
+    reprobe_interval: Duration,
     /// Name to verify the server certificate against (default: HOST of --server).
     #[arg(long, env = "TUNNEL_SERVER_NAME")]
     server_name: Option<String>,
@@ -45,24 +56,24 @@ struct Args {
     /// certificate's addresses on ports 10250 and 10255.
     #[arg(long = "allow", env = "TUNNEL_ALLOW", value_delimiter = ' ')]
     allow: Vec<String>,
-    /// Seconds a local connect may take.
-    #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
-    dial_timeout: u64,
-    /// Seconds the handshake plus registration may take.
-    #[arg(long, env = "TUNNEL_CONNECT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
-    connect_timeout: u64,
-    /// QUIC keep-alive interval in seconds.
-    #[arg(long, env = "TUNNEL_KEEPALIVE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    keepalive: u64,
-    /// QUIC idle timeout in seconds (must exceed the keep-alive).
-    #[arg(long, env = "TUNNEL_IDLE_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600))]
-    idle_timeout: u64,
+    /// How long a local connect may take (100ms-10m).
+    #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = duration_in(Duration::from_millis(100), secs(600)))]
+    dial_timeout: Duration,
+    /// How long the handshake plus registration may take (1s-10m).
+    #[arg(long, env = "TUNNEL_CONNECT_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), secs(600)))]
+    connect_timeout: Duration,
+    /// QUIC keep-alive interval (1s-1h).
+    #[arg(long, env = "TUNNEL_KEEPALIVE", default_value = "10s", value_parser = duration_in(secs(1), secs(3600)))]
+    keepalive: Duration,
+    /// QUIC idle timeout (2s-1h; must exceed --keepalive).
+    #[arg(long, env = "TUNNEL_IDLE_TIMEOUT", default_value = "30s", value_parser = duration_in(secs(2), secs(3600)))]
+    idle_timeout: Duration,
     /// Admin endpoint: /healthz, /readyz, /metrics, /v1/replicas.
     #[arg(long, env = "TUNNEL_ADMIN_LISTEN")]
     admin_listen: Option<std::net::SocketAddr>,
-    /// Seconds active streams may run on after SIGTERM.
-    #[arg(long, env = "TUNNEL_DRAIN_GRACE", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    drain_grace: u64,
+    /// How long active streams may run on after SIGTERM (0s-1h).
+    #[arg(long, env = "TUNNEL_DRAIN_GRACE", default_value = "30s", value_parser = duration_in(Duration::ZERO, secs(3600)))]
+    drain_grace: Duration,
     #[command(flatten)]
     common: transport::cli::Common,
 }
@@ -70,26 +81,20 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     transport::cli::init_logging(args.common.log_format);
-    if args.idle_timeout <= args.keepalive {
-        anyhow::bail!(
-            "--idle-timeout ({}s) must be longer than --keepalive ({}s)",
-            args.idle_timeout,
-            args.keepalive
-        );
-    }
     let mut config =
         AgentConfig::try_new(&args.server, &args.cert_dir, &args.node_name, &args.allow)?;
     config.server_name = args.server_name;
     config.transport = args.transport;
     config.admin_listen = args.admin_listen;
-    config.quic_timeout = Duration::from_secs(args.quic_timeout);
-    config.reprobe_interval = Duration::from_secs(args.reprobe_interval);
-    config.resolve_interval = Duration::from_secs(args.resolve_interval);
-    config.dial_timeout = Duration::from_secs(args.dial_timeout);
-    config.connect_timeout = Duration::from_secs(args.connect_timeout);
-    config.drain_grace = Duration::from_secs(args.drain_grace);
-    config.quic.keepalive = Duration::from_secs(args.keepalive);
-    config.quic.idle_timeout = Duration::from_secs(args.idle_timeout);
+    config.quic_timeout = args.quic_timeout;
+    config.reprobe_interval = args.reprobe_interval;
+    config.resolve_interval = args.resolve_interval;
+    config.dial_timeout = args.dial_timeout;
+    config.connect_timeout = args.connect_timeout;
+    config.drain_grace = args.drain_grace;
+    config.quic.keepalive = args.keepalive;
+    config.quic.idle_timeout = args.idle_timeout;
+    config.validate()?;
     let credentials = config.credentials()?;
     for host in credentials.allow.hosts() {
         if !credentials.addresses.contains(host) && !host.is_loopback() {

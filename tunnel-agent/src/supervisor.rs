@@ -38,6 +38,7 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
+    config.validate()?;
     let config = Arc::new(config);
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
