@@ -11,10 +11,10 @@
 //!
 //! Each direction owns one buffer that starts small and doubles (up to
 //! `MAX_BUF`) while reads keep filling it, so idle connections cost little
-//! and bulk transfers make few, large writes. Growth is drawn from one
-//! budget per process (`GROWTH_BUDGET`): a burst of a thousand busy
-//! connections cannot grow every buffer at once; the ones over budget keep
-//! relaying with the buffer they have.
+//! and bulk transfers make few, large writes. Growth is drawn from a
+//! [`BufferBudget`] the caller owns (one per process in the binaries): a
+//! burst of a thousand busy connections cannot grow every buffer at once;
+//! the ones over budget keep relaying with the buffer they have.
 
 use std::future::Future;
 use std::io;
@@ -37,22 +37,50 @@ pub const STALL_AFTER: Duration = Duration::from_millis(100);
 pub const MIN_BUF: usize = 4 * 1024;
 /// Largest buffer size per direction.
 pub const MAX_BUF: usize = 64 * 1024;
-/// Bytes all relays of this process may hold above `MIN_BUF` per direction.
+/// Bytes the relays sharing one [`BufferBudget`] may hold above `MIN_BUF`
+/// per direction, by default: 16 MiB, the relay buffer memory beyond the
+/// 8 KiB every connection costs (256 connections at full size).
 pub const GROWTH_BUDGET: usize = 16 * 1024 * 1024;
 
-/// Bytes currently drawn from `GROWTH_BUDGET`.
-static GROWN: AtomicUsize = AtomicUsize::new(0);
-
-/// A relay buffer whose growth beyond `MIN_BUF` is accounted against the
-/// process-wide budget and given back when it drops.
-struct RelayBuf {
-    data: Vec<u8>,
+/// What relay buffers may grow into, shared by the relays of a process.
+#[derive(Debug)]
+pub struct BufferBudget {
+    limit: usize,
+    grown: AtomicUsize,
 }
 
-impl RelayBuf {
-    fn new() -> Self {
+impl BufferBudget {
+    pub fn new(limit: usize) -> Self {
+        BufferBudget {
+            limit,
+            grown: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes the relays hold above their first buffers now.
+    pub fn grown(&self) -> usize {
+        self.grown.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for BufferBudget {
+    fn default() -> Self {
+        Self::new(GROWTH_BUDGET)
+    }
+}
+
+/// A relay buffer whose growth beyond `MIN_BUF` is accounted against a
+/// budget and given back when it drops.
+struct RelayBuf<'a> {
+    data: Vec<u8>,
+    budget: &'a BufferBudget,
+}
+
+impl<'a> RelayBuf<'a> {
+    fn new(budget: &'a BufferBudget) -> Self {
         RelayBuf {
             data: vec![0; MIN_BUF],
+            budget,
         }
     }
 
@@ -65,24 +93,20 @@ impl RelayBuf {
             return;
         }
         let add = len;
-        let before = GROWN.fetch_add(add, Ordering::Relaxed);
-        if before + add > GROWTH_BUDGET {
-            GROWN.fetch_sub(add, Ordering::Relaxed);
+        let before = self.budget.grown.fetch_add(add, Ordering::Relaxed);
+        if before + add > self.budget.limit {
+            self.budget.grown.fetch_sub(add, Ordering::Relaxed);
             return;
         }
         self.data.resize(len * 2, 0);
     }
 }
 
-impl Drop for RelayBuf {
+impl Drop for RelayBuf<'_> {
     fn drop(&mut self) {
-        GROWN.fetch_sub(self.data.len() - MIN_BUF, Ordering::Relaxed);
+        let grown = self.data.len() - MIN_BUF;
+        self.budget.grown.fetch_sub(grown, Ordering::Relaxed);
     }
-}
-
-/// Bytes the relays of this process hold above their first buffers.
-pub fn grown_bytes() -> usize {
-    GROWN.load(Ordering::Relaxed)
 }
 
 /// Longest wait for the peer to acknowledge a finished stream.
@@ -125,13 +149,15 @@ enum Failure {
 ///
 /// `on_bytes` is called after every chunk moved (keep it cheap: a counter).
 /// `stall`: the connection's [`StallCredit`], told when the TCP side stops
-/// taking the stream's data (`None`: never lend).
+/// taking the stream's data (`None`: never lend). `buffers`: what the two
+/// copy buffers may grow into.
 pub async fn relay<S, R, F>(
     tcp: TcpStream,
     mut send: S,
     mut recv: R,
     on_bytes: F,
     stall: Option<&StallCredit>,
+    buffers: &BufferBudget,
 ) -> RelayStats
 where
     S: TunnelSend,
@@ -151,6 +177,7 @@ where
             &mut up,
             &on_bytes,
             None,
+            buffers,
         );
         let downstream = copy(
             &mut recv,
@@ -159,6 +186,7 @@ where
             &mut down,
             &on_bytes,
             stall,
+            buffers,
         );
         tokio::pin!(upstream, downstream);
         let (mut up_done, mut down_done) = (false, false);
@@ -231,6 +259,7 @@ async fn copy<Rd, Wr, F>(
     total: &mut u64,
     on_bytes: &F,
     stall: Option<&StallCredit>,
+    buffers: &BufferBudget,
 ) -> Result<(), Failure>
 where
     Rd: AsyncRead + Unpin + ?Sized,
@@ -239,7 +268,7 @@ where
 {
     let read_fail = |e| dir.failure(true, e);
     let write_fail = |e| dir.failure(false, e);
-    let mut buf = RelayBuf::new();
+    let mut buf = RelayBuf::new(buffers);
     // Credit lent once this direction stalled; kept until the relay ends.
     let mut stalled = None;
     loop {
@@ -312,11 +341,11 @@ mod tests {
 
     #[test]
     fn buffer_growth_is_bounded_by_the_budget_and_given_back() {
-        let before = grown_bytes();
+        let budget = BufferBudget::default();
         let mut bufs = Vec::new();
         // Grow buffers to the largest size until the budget refuses one.
         loop {
-            let mut b = RelayBuf::new();
+            let mut b = RelayBuf::new(&budget);
             for _ in 0..8 {
                 b.grow();
             }
@@ -331,10 +360,10 @@ mod tests {
                 "grew past the budget"
             );
         }
-        assert!(grown_bytes() <= GROWTH_BUDGET);
+        assert!(budget.grown() <= GROWTH_BUDGET);
         // The one over budget still relays, with the buffer it has.
         assert!(bufs.last().unwrap().data.len() >= MIN_BUF);
         drop(bufs);
-        assert_eq!(grown_bytes(), before);
+        assert_eq!(budget.grown(), 0);
     }
 }

@@ -69,6 +69,9 @@ pub struct AgentConfig {
     /// Receive window this agent lends to stalled streams (runtime state
     /// shared by all its connections; see `transport::stall`).
     pub stall_budget: Arc<transport::stall::StallBudget>,
+    /// What the relay buffers of all this agent's streams may grow into
+    /// (runtime state shared by all its connections).
+    pub relay_buffers: Arc<transport::BufferBudget>,
 }
 
 /// In `auto`, the first QUIC re-probe after a fall back to HTTP/2 (at most
@@ -170,6 +173,7 @@ impl AgentConfig {
             quic_timeout: Duration::from_secs(5),
             reprobe_interval: Duration::from_secs(300),
             stall_budget: transport::stall::StallBudget::new(transport::stall::StallBudget::AGENT),
+            relay_buffers: Arc::default(),
         };
         // Fail at start, not at the first connect, on unusable certificates.
         config.credentials()?.tls(proto::ALPN)?;

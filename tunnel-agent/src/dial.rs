@@ -24,6 +24,8 @@ pub struct DialPolicy {
     /// Longest local connect; the server's deadline applies when shorter.
     pub dial_timeout: Duration,
     pub metrics: Arc<AgentMetrics>,
+    /// What relay buffers may grow into (shared by the whole agent).
+    pub buffers: Arc<transport::BufferBudget>,
 }
 
 /// How the agent serves a new stream.
@@ -96,7 +98,7 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
     }
     AgentMetrics::count(&metrics.dials, "result", "ok");
     metrics.streams_active.inc();
-    let stats = transport::relay(tcp, send, recv, |_, _| {}, stall.as_ref()).await;
+    let stats = transport::relay(tcp, send, recv, |_, _| {}, stall.as_ref(), &policy.buffers).await;
     metrics.streams_active.dec();
     tracing::debug!(%target, ?stats, "stream ended");
 }

@@ -42,6 +42,7 @@ impl Registration<'_> {
             allow: self.credentials.allow.clone(),
             dial_timeout: self.config.dial_timeout,
             metrics: self.metrics.clone(),
+            buffers: self.config.relay_buffers.clone(),
         })
     }
 

@@ -47,6 +47,7 @@ pub async fn relay(shared: Arc<Shared>, dialed: Dialed, tcp: TcpStream, ingress:
             }
         },
         Some(&agent.stall),
+        &shared.relay_buffers,
     )
     .instrument(span.clone())
     .await;

@@ -58,6 +58,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// Receive window this server lends to stalled streams, all agents.
     pub stall_budget: Arc<transport::stall::StallBudget>,
+    /// What the relay buffers of all streams may grow into.
+    pub relay_buffers: transport::BufferBudget,
     next_id: AtomicU64,
 }
 
@@ -153,6 +155,7 @@ impl Server {
             metrics: Metrics::new(),
             ready: AtomicBool::new(false),
             stall_budget: transport::stall::StallBudget::new(transport::stall::StallBudget::SERVER),
+            relay_buffers: transport::BufferBudget::default(),
             next_id: AtomicU64::new(1),
         });
         Ok(Server {

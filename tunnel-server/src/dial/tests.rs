@@ -335,6 +335,7 @@ fn shared() -> Arc<Shared> {
         metrics: Metrics::new(),
         ready: AtomicBool::new(false),
         stall_budget: transport::stall::StallBudget::new(0),
+        relay_buffers: transport::BufferBudget::default(),
         next_id: std::sync::atomic::AtomicU64::new(1),
     })
 }
