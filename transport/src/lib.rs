@@ -13,13 +13,8 @@
 //! - [`h2`]: the HTTP/2-over-TLS fallback's stream halves and settings.
 //! - [`stall`]: connection credit lent to streams whose reader stalled.
 //! - [`net`]: socket helpers: large listen backlogs, original destination.
-//! - [`admin`]: the small GET-only HTTP server for admin endpoints.
-//! - [`cli`]: process setup both binaries share: logging, runtime shape,
-//!   shutdown signals, the parser for duration flags.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod cli;
 pub mod framed;
 pub mod gate;
 pub mod h2;

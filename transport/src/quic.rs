@@ -27,8 +27,7 @@ pub struct QuicSettings {
     /// stall the other streams. Received packets arrive in GRO batches
     /// whose buffers stay allocated until every stream with data in them
     /// has read it, so with many streams the memory this pins is a few
-    /// times the window: at 16 MiB the agent peaked at 72-113 MiB in the
-    /// 1,000-connection benchmark, at 8 MiB at 47-60 MiB.
+    /// times the window (measurements in `benches/RESULTS.md`).
     pub connection_window: u32,
     /// Data written but not yet acknowledged, across all streams of one
     /// connection: the worst-case send-buffer memory per connection.
@@ -40,8 +39,9 @@ pub struct QuicSettings {
     pub ack_every: u32,
     /// Streams the server may have open to one agent at once. Default 8192.
     pub max_streams: u32,
-    /// UDP socket send/receive buffer. Default 4 MiB (+15% bulk throughput
-    /// over the kernel default in our measurements).
+    /// UDP socket send/receive buffer: kernel memory per endpoint.
+    /// Default 4 MiB, so bursts of GSO batches are not dropped at the
+    /// socket (measured against the kernel default in `benches/RESULTS.md`).
     pub udp_buffer: usize,
 }
 

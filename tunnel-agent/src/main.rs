@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use transport::cli::duration_in;
+use daemon::cli::duration_in;
 use tunnel_agent::AgentConfig;
 
 const DURATIONS: &str =
@@ -75,12 +75,12 @@ struct Args {
     #[arg(long, env = "TUNNEL_DRAIN_GRACE", default_value = "30s", value_parser = duration_in(Duration::ZERO, secs(3600)))]
     drain_grace: Duration,
     #[command(flatten)]
-    common: transport::cli::Common,
+    common: daemon::cli::Common,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    transport::cli::init_logging(args.common.log_format);
+    daemon::cli::init_logging(args.common.log_format);
     let mut config =
         AgentConfig::try_new(&args.server, &args.cert_dir, &args.node_name, &args.allow)?;
     config.server_name = args.server_name;
@@ -107,7 +107,7 @@ fn main() -> Result<()> {
     // wake-ups; see benches/RESULTS.md).
     let runtime = args.common.runtime(Some(1))?;
     runtime.block_on(async {
-        let shutdown = transport::cli::shutdown_signal();
+        let shutdown = daemon::cli::shutdown_signal();
         tunnel_agent::run(config, shutdown).await
     })?;
     tracing::info!("drained; exiting");

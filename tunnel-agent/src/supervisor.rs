@@ -59,7 +59,7 @@ pub async fn run(
                 held: held.clone(),
                 stall_budget: config.stall_budget.clone(),
             });
-            Some(tokio::spawn(transport::admin::serve(listener, routes)))
+            Some(tokio::spawn(daemon::admin::serve(listener, routes)))
         }
         None => None,
     };

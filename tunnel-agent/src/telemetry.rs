@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use daemon::admin::{AdminRoutes, Reply, JSON, OPENMETRICS, TEXT};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -10,7 +11,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
-use transport::admin::{AdminRoutes, Reply, JSON, OPENMETRICS, TEXT};
 
 use crate::replicas::HeldReplicas;
 use crate::selector::{FallbackReason, Transport};

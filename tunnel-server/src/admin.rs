@@ -3,14 +3,14 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use daemon::admin::{AdminRoutes, Reply, JSON, OPENMETRICS, TEXT};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use transport::admin::{AdminRoutes, Reply, JSON, OPENMETRICS, TEXT};
 
 use crate::Shared;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    transport::admin::serve(listener, Arc::new(ServerAdmin(shared))).await
+    daemon::admin::serve(listener, Arc::new(ServerAdmin(shared))).await
 }
 
 struct ServerAdmin(Arc<Shared>);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use transport::cli::duration_in;
+use daemon::cli::duration_in;
 use tunnel_server::dnat::agent_list::AgentList;
 use tunnel_server::dnat::reconciler::{self, Dnat, DnatConfig};
 use tunnel_server::dnat::rules::Prefix;
@@ -78,7 +78,7 @@ struct Args {
     #[command(flatten)]
     dnat_rules: DnatRuleArgs,
     #[command(flatten)]
-    common: transport::cli::Common,
+    common: daemon::cli::Common,
 }
 
 /// What the DNAT rules match; shared by `--dnat` and `dnat`.
@@ -133,7 +133,7 @@ enum Command {
         #[command(flatten)]
         rules: DnatRuleArgs,
         #[command(flatten)]
-        common: transport::cli::Common,
+        common: daemon::cli::Common,
     },
 }
 
@@ -149,7 +149,7 @@ fn main() -> Result<()> {
             rules,
             common,
         }) => {
-            transport::cli::init_logging(common.log_format);
+            daemon::cli::init_logging(common.log_format);
             let runtime = common.runtime(Some(1))?;
             runtime.block_on(standalone_dnat(
                 server_admin,
@@ -173,7 +173,7 @@ async fn standalone_dnat(
     rules: DnatRuleArgs,
 ) -> Result<()> {
     // Before any rule is written, so SIGTERM always leads to cleanup.
-    let shutdown = transport::cli::shutdown_signal();
+    let shutdown = daemon::cli::shutdown_signal();
     // Cleanup needs no target; any concrete address of the right family does.
     let to = to.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1)));
     let mut config = rules.config(to)?;
@@ -200,7 +200,7 @@ async fn standalone_dnat(
 }
 
 fn serve(args: Args) -> Result<()> {
-    transport::cli::init_logging(args.common.log_format);
+    daemon::cli::init_logging(args.common.log_format);
     let cert_dir = args.cert_dir.context("--cert-dir is required")?;
     let dnat_config = if args.dnat {
         let to = args
@@ -233,7 +233,7 @@ fn serve(args: Args) -> Result<()> {
     let workers = u16::try_from(cores / 2).unwrap_or(u16::MAX).max(1);
     let runtime = args.common.runtime(Some(workers))?;
     runtime.block_on(async move {
-        let shutdown = transport::cli::shutdown_signal();
+        let shutdown = daemon::cli::shutdown_signal();
         let mut server = Server::bind(config)?;
         if let Some(dnat_config) = dnat_config {
             server = server.with_dnat(Dnat::start(dnat_config).await?);

@@ -48,7 +48,7 @@ pub trait AdminRoutes: Send + Sync + 'static {
 
 pub async fn serve(listener: TcpListener, routes: Arc<dyn AdminRoutes>) {
     loop {
-        let (tcp, _) = crate::net::accept(&listener, "admin").await;
+        let (tcp, _) = transport::net::accept(&listener, "admin").await;
         let routes = routes.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(req, routes.clone()));
