@@ -72,16 +72,16 @@ pub(crate) enum Carrier {
 /// A tunneled stream the server opened.
 pub(crate) enum Incoming {
     Quic(quinn::SendStream, quinn::RecvStream),
-    H2(H2Send, H2Recv),
+    /// With the number of streams accepted on the connection so far.
+    H2(H2Send, H2Recv, u64),
 }
 
 impl Incoming {
     /// An id for the stream's log span.
-    pub(crate) fn id(&self, carrier: &Carrier) -> String {
-        match (self, carrier) {
-            (Incoming::Quic(send, _), _) => send.id().to_string(),
-            (Incoming::H2(..), Carrier::H2 { accepted, .. }) => format!("h2-{accepted}"),
-            (Incoming::H2(..), Carrier::Quic(_)) => "h2".to_owned(),
+    pub(crate) fn id(&self) -> String {
+        match self {
+            Incoming::Quic(send, _) => send.id().to_string(),
+            Incoming::H2(_, _, n) => format!("h2-{n}"),
         }
     }
 }
@@ -127,6 +127,7 @@ impl Carrier {
                                 return Ok(Incoming::H2(
                                     H2Send::new(send),
                                     H2Recv::body(request.into_body()),
+                                    *accepted,
                                 ));
                             }
                             Err(e) => tracing::debug!("cannot answer a stream: {e}"),
@@ -166,11 +167,7 @@ fn lost_h2(e: &h2::Error) -> LostReason {
             return LostReason::IdleTimeout;
         }
     }
-    if e.is_go_away() && e.is_remote() {
-        return LostReason::ClosedByServer {
-            code: e.reason().map_or(0, u32::from),
-            reason: format!("HTTP/2 GOAWAY: {e}"),
-        };
-    }
+    // An HTTP/2 GOAWAY code is not a `proto::codes::close` value (the
+    // server says why on the control stream, `GoAway`, before it closes).
     LostReason::Failed(format!("HTTP/2: {e}"))
 }

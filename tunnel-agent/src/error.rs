@@ -21,7 +21,7 @@ pub enum AgentError {
     Resolve(String),
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("cannot load certificates: {0}")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
 }
 

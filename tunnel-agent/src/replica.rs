@@ -91,8 +91,9 @@ impl LoopSettings {
 /// What to do after a session or attempt.
 enum Next<L> {
     Stop,
-    /// Serve this connection at once (a QUIC re-probe registered).
-    Serve(L),
+    /// Serve this connection at once (a QUIC re-probe registered); the
+    /// connection it replaces drains in this task.
+    Serve(L, tokio::task::JoinHandle<SessionEnd>),
     Wait(Duration),
     Backoff,
 }
@@ -116,6 +117,8 @@ impl<C: Connector> ReplicaLoop<C> {
             TransportSelector::new(s.choice, s.idle_timeout, s.reprobe_first, s.reprobe_max);
         let mut backoff = Backoff::new();
         let mut ready: Option<C::Link> = None;
+        // Connections left behind by a transport switch, still draining.
+        let mut retiring = Vec::new();
         loop {
             let started = Instant::now();
             let next = match ready.take() {
@@ -129,10 +132,12 @@ impl<C: Connector> ReplicaLoop<C> {
                     None => Next::Stop,
                 },
             };
+            retiring.retain(|t: &tokio::task::JoinHandle<SessionEnd>| !t.is_finished());
             let wait = match next {
-                Next::Stop => return,
-                Next::Serve(link) => {
+                Next::Stop => break,
+                Next::Serve(link, old) => {
                     ready = Some(link);
+                    retiring.push(old);
                     continue;
                 }
                 Next::Wait(d) => d,
@@ -144,8 +149,12 @@ impl<C: Connector> ReplicaLoop<C> {
                 }
             };
             if !self.sleep(wait).await {
-                return;
+                break;
             }
+        }
+        // Their streams get the rest of their grace period.
+        for old in retiring {
+            let _ = old.await;
         }
     }
 
@@ -165,11 +174,19 @@ impl<C: Connector> ReplicaLoop<C> {
         }
     }
 
-    async fn attempt(&self, transport: Transport, handover: bool) -> Result<C::Link, ConnectError> {
-        let bound = self.bound(transport);
-        match tokio::time::timeout(bound, self.connector.connect(transport, handover)).await {
-            Ok(r) => r,
-            Err(_) => Err(ConnectError::timeout(transport, self.addr, bound)),
+    /// One bounded connection attempt over `transport`; a future that owns
+    /// what it needs, so a re-probe can run beside the served connection.
+    fn attempt(
+        &self,
+        transport: Transport,
+        handover: bool,
+    ) -> impl Future<Output = Result<C::Link, ConnectError>> + Send + 'static {
+        let (connector, addr, bound) = (self.connector.clone(), self.addr, self.bound(transport));
+        async move {
+            match tokio::time::timeout(bound, connector.connect(transport, handover)).await {
+                Ok(r) => r,
+                Err(_) => Err(ConnectError::timeout(transport, addr, bound)),
+            }
         }
     }
 
@@ -224,7 +241,8 @@ impl<C: Connector> ReplicaLoop<C> {
             link.close_duplicate().await;
             return Next::Wait(self.settings.resolve_interval);
         };
-        tracing::info!(%server_id, transport = transport.label(), replicas = self.held.len(), "registered");
+        let held: Vec<String> = self.held.list().into_iter().map(|r| r.server_id).collect();
+        tracing::info!(%server_id, transport = transport.label(), ?held, "registered");
         let (drain_tx, drain_rx) = watch::channel(false);
         let mut serving = Box::pin(link.serve(drain_rx));
         let mut stop = self.stop.clone();
@@ -245,15 +263,7 @@ impl<C: Connector> ReplicaLoop<C> {
                         _ => std::future::pending().await,
                     }
                 } => {
-                    let this = self.connector.clone();
-                    let bound = self.bound(Transport::Quic);
-                    let addr = self.addr;
-                    probe = Some(Box::pin(async move {
-                        match tokio::time::timeout(bound, this.connect(Transport::Quic, true)).await {
-                            Ok(r) => r,
-                            Err(_) => Err(ConnectError::timeout(Transport::Quic, addr, bound)),
-                        }
-                    }));
+                    probe = Some(Box::pin(self.attempt(Transport::Quic, true)));
                 }
                 result = async {
                     match probe.as_mut() {
@@ -269,8 +279,8 @@ impl<C: Connector> ReplicaLoop<C> {
                             tracing::info!("QUIC works again: moved over from HTTP/2");
                             // The HTTP/2 connection finishes its streams.
                             let _ = drain_tx.send(true);
-                            tokio::spawn(serving.in_current_span());
-                            return Next::Serve(quic);
+                            let old = tokio::spawn(serving.in_current_span());
+                            return Next::Serve(quic, old);
                         }
                         Err(e) => {
                             self.metrics.reprobe(ReprobeResult::Failed);
@@ -389,380 +399,4 @@ impl Link for ServerConnection {
 }
 
 #[cfg(test)]
-mod tests {
-    //! The loop's policy against a fake connector, on a paused clock.
-
-    use std::sync::Mutex;
-
-    use proto::codes::close;
-
-    use super::*;
-    use crate::error::LostReason;
-    use crate::selector::{FailureKind, FallbackReason};
-
-    /// What the fake server does with one connection attempt.
-    #[derive(Clone, Debug)]
-    enum Answer {
-        /// Never answers (packets dropped).
-        Hang,
-        /// No answer until this long after the start, then registers (a
-        /// QUIC handshake retransmits until the server is back).
-        DownUntil(Duration),
-        Fail(FailureKind),
-        /// Registers; the connection is lost `after` this long with
-        /// `reason`, or serves until drained when `None`.
-        Register(Option<(Duration, LostReason)>),
-    }
-
-    #[derive(Clone, Debug, PartialEq, Eq)]
-    enum Event {
-        Attempt(Transport, bool),
-        Served(Transport),
-        Drained(Transport),
-        Lost(Transport),
-    }
-
-    type Script = dyn Fn(Transport, Duration) -> Answer + Send + Sync;
-
-    #[derive(Clone)]
-    struct Fake {
-        script: Arc<Script>,
-        events: Arc<Mutex<Vec<Event>>>,
-        start: tokio::time::Instant,
-    }
-
-    impl Fake {
-        fn new(script: impl Fn(Transport, Duration) -> Answer + Send + Sync + 'static) -> Self {
-            Fake {
-                script: Arc::new(script),
-                events: Arc::default(),
-                start: tokio::time::Instant::now(),
-            }
-        }
-
-        fn events(&self) -> Vec<Event> {
-            self.events.lock().unwrap().clone()
-        }
-
-        fn attempts(&self, transport: Transport) -> usize {
-            self.events()
-                .iter()
-                .filter(|e| matches!(e, Event::Attempt(t, _) if *t == transport))
-                .count()
-        }
-
-        fn served(&self) -> Vec<Transport> {
-            self.events()
-                .iter()
-                .filter_map(|e| match e {
-                    Event::Served(t) => Some(*t),
-                    _ => None,
-                })
-                .collect()
-        }
-    }
-
-    struct FakeLink {
-        transport: Transport,
-        ends: Option<(Duration, LostReason)>,
-        events: Arc<Mutex<Vec<Event>>>,
-    }
-
-    impl Connector for Fake {
-        type Link = FakeLink;
-
-        fn connect(
-            &self,
-            transport: Transport,
-            handover: bool,
-        ) -> impl Future<Output = Result<FakeLink, ConnectError>> + Send {
-            let this = self.clone();
-            async move {
-                this.events
-                    .lock()
-                    .unwrap()
-                    .push(Event::Attempt(transport, handover));
-                let addr = SocketAddr::from(([127, 0, 0, 1], 1));
-                match (this.script)(transport, this.start.elapsed()) {
-                    Answer::Hang => std::future::pending().await,
-                    Answer::DownUntil(up) => {
-                        tokio::time::sleep_until(this.start + up).await;
-                        Ok(FakeLink {
-                            transport,
-                            ends: None,
-                            events: this.events.clone(),
-                        })
-                    }
-                    Answer::Fail(kind) => Err(ConnectError::new(transport, addr, kind, "fake")),
-                    Answer::Register(ends) => Ok(FakeLink {
-                        transport,
-                        ends,
-                        events: this.events.clone(),
-                    }),
-                }
-            }
-        }
-    }
-
-    impl Link for FakeLink {
-        fn server_id(&self) -> &str {
-            "replica-1"
-        }
-
-        fn transport(&self) -> Transport {
-            self.transport
-        }
-
-        async fn serve(self, mut drain: watch::Receiver<bool>) -> SessionEnd {
-            let t = self.transport;
-            self.events.lock().unwrap().push(Event::Served(t));
-            let lose = async {
-                match &self.ends {
-                    Some((after, _)) => tokio::time::sleep(*after).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = async { drain.wait_for(|d| *d).await.map(|_| ()) } => {
-                    // Open streams take a while to finish.
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    self.events.lock().unwrap().push(Event::Drained(t));
-                    SessionEnd::Drained
-                }
-                _ = lose => {
-                    self.events.lock().unwrap().push(Event::Lost(t));
-                    SessionEnd::Lost(self.ends.clone().expect("ends").1)
-                }
-            }
-        }
-
-        async fn close_duplicate(self) {}
-    }
-
-    struct Running {
-        fake: Fake,
-        metrics: Arc<AgentMetrics>,
-        held: HeldReplicas,
-        stop: watch::Sender<bool>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl Running {
-        async fn stop(self) -> Fake {
-            self.stop.send(true).unwrap();
-            self.task.await.unwrap();
-            self.fake
-        }
-
-        fn held(&self) -> Vec<Transport> {
-            self.held.list().into_iter().map(|r| r.transport).collect()
-        }
-    }
-
-    fn start(choice: TransportChoice, fake: Fake) -> Running {
-        let (stop, stop_rx) = watch::channel(false);
-        let (lost, _lost_rx) = mpsc::channel(64);
-        let metrics = Arc::new(AgentMetrics::default());
-        let held = HeldReplicas::default();
-        let replica = ReplicaLoop {
-            connector: fake.clone(),
-            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
-            settings: LoopSettings {
-                choice,
-                quic_timeout: Duration::from_secs(5),
-                connect_timeout: Duration::from_secs(10),
-                idle_timeout: Duration::from_secs(30),
-                reprobe_first: Duration::from_secs(5),
-                reprobe_max: Duration::from_secs(300),
-                resolve_interval: Duration::from_secs(30),
-            },
-            held: held.clone(),
-            metrics: metrics.clone(),
-            stop: stop_rx,
-            lost,
-        };
-        let task = tokio::spawn(async move {
-            // Keep the loss channel open for the loop's lifetime.
-            let _lost_rx = _lost_rx;
-            replica.run().await
-        });
-        Running {
-            fake,
-            metrics,
-            held,
-            stop,
-            task,
-        }
-    }
-
-    async fn run_for(secs: u64) {
-        tokio::time::sleep(Duration::from_secs(secs)).await;
-    }
-
-    fn total_fallbacks(m: &AgentMetrics) -> u64 {
-        [
-            FallbackReason::QuicTimeout,
-            FallbackReason::QuicUnreachable,
-            FallbackReason::QuicIdleAfterConnect,
-        ]
-        .into_iter()
-        .map(|r| m.fallbacks(r))
-        .sum()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn quic_timeout_falls_back_to_h2() {
-        let fake = Fake::new(|t, _| match t {
-            Transport::Quic => Answer::Hang,
-            Transport::H2 => Answer::Register(None),
-        });
-        let r = start(TransportChoice::Auto, fake);
-        run_for(4).await;
-        assert!(r.held().is_empty(), "QUIC gets {}s", 5);
-        run_for(2).await;
-        assert_eq!(r.held(), [Transport::H2]);
-        assert_eq!(r.metrics.fallbacks(FallbackReason::QuicTimeout), 1);
-        let fake = r.stop().await;
-        assert_eq!(fake.served(), [Transport::H2]);
-        assert!(fake.events().contains(&Event::Drained(Transport::H2)));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_refusal_never_falls_back() {
-        for kind in [FailureKind::Refused, FailureKind::Tls, FailureKind::Local] {
-            let fake = Fake::new(move |t, _| match t {
-                Transport::Quic => Answer::Fail(kind),
-                Transport::H2 => Answer::Register(None),
-            });
-            let r = start(TransportChoice::Auto, fake);
-            run_for(120).await;
-            assert_eq!(total_fallbacks(&r.metrics), 0, "{kind:?}");
-            assert!(r.held().is_empty(), "{kind:?}");
-            let fake = r.stop().await;
-            assert_eq!(fake.attempts(Transport::H2), 0, "{kind:?}");
-            assert!(fake.attempts(Transport::Quic) >= 3, "retried with backoff");
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn both_failing_stays_on_quic() {
-        let fake = Fake::new(|t, _| match t {
-            Transport::Quic => Answer::Hang,
-            Transport::H2 => Answer::Fail(FailureKind::Unreachable),
-        });
-        let r = start(TransportChoice::Auto, fake);
-        run_for(120).await;
-        assert_eq!(total_fallbacks(&r.metrics), 0);
-        let fake = r.stop().await;
-        // Every attempt starts with QUIC, then tries HTTP/2 once.
-        let attempts: Vec<Transport> = fake
-            .events()
-            .iter()
-            .filter_map(|e| match e {
-                Event::Attempt(t, _) => Some(*t),
-                _ => None,
-            })
-            .collect();
-        assert!(attempts.len() >= 6, "{attempts:?}");
-        for pair in attempts.chunks(2) {
-            assert_eq!(pair[0], Transport::Quic, "{attempts:?}");
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn idle_death_right_after_connect_falls_back_once() {
-        let fake = Fake::new(|t, _| match t {
-            Transport::Quic => {
-                Answer::Register(Some((Duration::from_secs(30), LostReason::IdleTimeout)))
-            }
-            Transport::H2 => Answer::Register(None),
-        });
-        let r = start(TransportChoice::Auto, fake);
-        run_for(33).await;
-        // Within the first re-probe wait: still on HTTP/2.
-        assert_eq!(r.held(), [Transport::H2]);
-        assert_eq!(r.metrics.fallbacks(FallbackReason::QuicIdleAfterConnect), 1);
-        assert_eq!(total_fallbacks(&r.metrics), 1);
-        let fake = r.stop().await;
-        assert_eq!(fake.served()[..2], [Transport::Quic, Transport::H2]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_successful_reprobe_upgrades_and_the_h2_connection_drains() {
-        // UDP is blocked for the first 20 s.
-        let fake = Fake::new(|t, now| match t {
-            Transport::Quic if now < Duration::from_secs(20) => Answer::Hang,
-            Transport::Quic => Answer::Register(None),
-            Transport::H2 => Answer::Register(None),
-        });
-        let r = start(TransportChoice::Auto, fake);
-        run_for(10).await;
-        assert_eq!(r.held(), [Transport::H2]);
-        // Re-probes every 5-10 s, then 10-20 s...: back within a minute.
-        run_for(60).await;
-        assert_eq!(r.held(), [Transport::Quic]);
-        assert_eq!(r.metrics.reprobes(ReprobeResult::QuicBack), 1);
-        assert!(r.metrics.reprobes(ReprobeResult::Failed) >= 1);
-        let events = r.fake.events();
-        // The HTTP/2 connection was drained (its streams finished), not dropped.
-        assert!(
-            events.contains(&Event::Drained(Transport::H2)),
-            "{events:?}"
-        );
-        assert!(!events.contains(&Event::Lost(Transport::H2)), "{events:?}");
-        // The QUIC connection that took over announced the handover.
-        assert!(
-            events.contains(&Event::Attempt(Transport::Quic, true)),
-            "{events:?}"
-        );
-        assert_eq!(r.metrics.fallbacks(FallbackReason::QuicTimeout), 1);
-        let fake = r.stop().await;
-        assert_eq!(fake.served(), [Transport::H2, Transport::Quic]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_server_restart_keeps_auto_on_quic() {
-        // Registered until the server shuts down at 10 s; down (no UDP
-        // answer, TCP refused) until 25 s; then up again.
-        let fake = Fake::new(|t, now| {
-            let down = now >= Duration::from_secs(10) && now < Duration::from_secs(25);
-            match t {
-                _ if now < Duration::from_secs(10) => Answer::Register(Some((
-                    Duration::from_secs(10) - now,
-                    LostReason::ClosedByServer {
-                        code: close::SERVER_SHUTDOWN,
-                        reason: "server shutting down".into(),
-                    },
-                ))),
-                Transport::Quic if down => Answer::DownUntil(Duration::from_secs(25)),
-                Transport::H2 if down => Answer::Fail(FailureKind::Unreachable),
-                _ => Answer::Register(None),
-            }
-        });
-        let r = start(TransportChoice::Auto, fake);
-        run_for(90).await;
-        assert_eq!(r.held(), [Transport::Quic]);
-        assert_eq!(total_fallbacks(&r.metrics), 0);
-        let fake = r.stop().await;
-        assert_eq!(fake.served(), [Transport::Quic, Transport::Quic]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn replaced_by_another_agent_waits_before_trying_again() {
-        let fake = Fake::new(|_, _| {
-            Answer::Register(Some((
-                Duration::from_secs(1),
-                LostReason::GoAway(proto::GoAway {
-                    code: close::REPLACED,
-                    reason: "replaced".into(),
-                }),
-            )))
-        });
-        let r = start(TransportChoice::Quic, fake);
-        run_for(20).await;
-        assert_eq!(r.fake.attempts(Transport::Quic), 1, "no fight within 30 s");
-        run_for(20).await;
-        assert_eq!(r.fake.attempts(Transport::Quic), 2);
-        r.stop().await;
-    }
-}
+mod tests;

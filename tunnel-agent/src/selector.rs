@@ -11,7 +11,10 @@
 //!   (UDP filtered after the handshake) makes the next attempt start with
 //!   HTTP/2;
 //! - once on HTTP/2, QUIC is re-probed soon (seconds), then less often,
-//!   up to the configured interval.
+//!   up to the configured interval. A QUIC connection won back by a
+//!   re-probe is on probation until it outlives the idle window: if it
+//!   dies of idle timeout before, the re-probe counts as failed and the
+//!   waits keep growing (no flapping every few seconds).
 
 use std::fmt;
 use std::time::Duration;
@@ -123,6 +126,9 @@ pub struct TransportSelector {
     reprobe_first: Duration,
     reprobe_max: Duration,
     reprobe_next: Duration,
+    /// QUIC came back through a re-probe and has not yet outlived the
+    /// idle window.
+    probation: bool,
 }
 
 impl TransportSelector {
@@ -148,6 +154,7 @@ impl TransportSelector {
             reprobe_first,
             reprobe_max,
             reprobe_next: reprobe_first,
+            probation: false,
         }
     }
 
@@ -205,7 +212,11 @@ impl TransportSelector {
             Transport::H2 if self.choice == TransportChoice::Auto => self.reason.take(),
             _ => None,
         };
-        if fell_back.is_some() || transport != self.current {
+        if fell_back.is_some() && self.probation {
+            // The QUIC connection a re-probe won back did not last.
+            self.probation = false;
+            self.reprobe_failed();
+        } else if fell_back.is_some() || transport != self.current {
             self.reprobe_next = self.reprobe_first;
         }
         self.current = transport;
@@ -228,6 +239,9 @@ impl TransportSelector {
             self.h2_first = Some(FallbackReason::QuicIdleAfterConnect);
             return self.h2_first;
         }
+        if lived >= self.idle_window {
+            self.probation = false;
+        }
         None
     }
 
@@ -242,10 +256,11 @@ impl TransportSelector {
         self.reprobe_next = (self.reprobe_next * 2).min(self.reprobe_max);
     }
 
-    /// A re-probe registered over QUIC: serve it.
+    /// A re-probe registered over QUIC: serve it. The re-probe schedule
+    /// starts over only once QUIC has outlived the idle window.
     pub fn upgraded(&mut self) {
         self.current = Transport::Quic;
-        self.reprobe_next = self.reprobe_first;
+        self.probation = true;
     }
 }
 
@@ -378,11 +393,32 @@ mod tests {
         s.upgraded();
         assert_eq!(s.current(), Quic);
         assert_eq!(s.reprobe_in(), None);
-        // A later fallback starts the schedule over.
+        // Once QUIC outlived the idle window, a later fallback starts the
+        // schedule over.
+        s.lost(Quic, Duration::from_secs(3600), false);
         s.begin();
         s.failed(Quic, Timeout);
         s.connected(H2);
         assert_eq!(s.reprobe_in(), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn quic_won_back_that_dies_at_once_does_not_flap() {
+        let mut s = auto();
+        s.begin();
+        s.failed(Quic, Timeout);
+        s.connected(H2);
+        let mut waits = Vec::new();
+        // UDP is filtered after the handshake: every re-probe registers,
+        // and every QUIC connection it wins back dies of idle timeout.
+        for _ in 0..7 {
+            waits.push(s.reprobe_in().unwrap().as_secs());
+            s.upgraded();
+            s.lost(Quic, Duration::from_secs(31), true);
+            assert_eq!(s.begin(), H2);
+            assert_eq!(s.connected(H2), Some(FallbackReason::QuicIdleAfterConnect));
+        }
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300]);
     }
 
     #[test]

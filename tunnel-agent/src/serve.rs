@@ -37,28 +37,38 @@ pub async fn serve(conn: ServerConnection, mut drain: watch::Receiver<bool>) -> 
             Incoming::Quic(send, recv) => {
                 streams.spawn(serve_stream(policy, send, recv, mode).instrument(span))
             }
-            Incoming::H2(send, recv) => {
+            Incoming::H2(send, recv, _) => {
                 streams.spawn(serve_stream(policy, send, recv, mode).instrument(span))
             }
         };
     };
-    let mut control_buf = Vec::new();
+    // After Welcome the server only says GoAway; an end or an error of the
+    // control stream ends the session. Read in one future that lives
+    // across the loop: a frame read is not cancel-safe.
+    let control = async {
+        let mut buf = Vec::new();
+        loop {
+            match read_message(&mut control_recv, &mut buf).await {
+                Ok(Message::GoAway(g)) => return Ok(g),
+                Ok(m) => tracing::debug!("ignoring {} on the control stream", m.kind()),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    tokio::pin!(control);
     let lost = loop {
         tokio::select! {
             _ = async { drain.wait_for(|d| *d).await.map(|_| ()) } => break None,
             incoming = carrier.accept() => match incoming {
                 Ok(s) => {
-                    let id = s.id(&carrier);
+                    let id = s.id();
                     spawn(&mut streams, s, id, false);
                 }
                 Err(lost) => break Some(lost),
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
-            // After Welcome the server only says GoAway; an end or an error
-            // of the control stream ends the session.
-            msg = read_message(&mut control_recv, &mut control_buf) => match msg {
-                Ok(Message::GoAway(g)) => break Some(LostReason::GoAway(g)),
-                Ok(m) => tracing::debug!("ignoring {} on the control stream", m.kind()),
+            msg = &mut control => match msg {
+                Ok(g) => break Some(LostReason::GoAway(g)),
                 Err(e) => break Some(carrier.lost_reason().unwrap_or_else(|| {
                     LostReason::Failed(format!("control stream ended: {e}"))
                 })),
@@ -72,23 +82,27 @@ pub async fn serve(conn: ServerConnection, mut drain: watch::Receiver<bool>) -> 
     tracing::info!(active = streams.len(), grace = ?drain_grace, "draining");
     let deadline = tokio::time::sleep(drain_grace);
     tokio::pin!(deadline);
-    // Bounded by the grace period like everything else in the drain.
-    tokio::select! {
-        _ = write_message(&mut control_send, &Message::Drain) => {}
-        _ = &mut deadline => {}
-    }
-    while !streams.is_empty() {
+    // `Drain` is written while the connection keeps being driven (HTTP/2
+    // moves only while polled: a write waiting for window would otherwise
+    // freeze every stream), within the grace period like everything else.
+    let tell = write_message(&mut control_send, &Message::Drain);
+    tokio::pin!(tell);
+    let mut told = false;
+    while !(told && streams.is_empty()) {
         tokio::select! {
+            _ = &mut tell, if !told => told = true,
             incoming = carrier.accept() => match incoming {
                 Ok(s) => {
-                    let id = s.id(&carrier);
+                    let id = s.id();
                     spawn(&mut streams, s, id, true);
                 }
                 Err(_) => break,
             },
-            _ = streams.join_next() => {}
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
             _ = &mut deadline => {
-                tracing::warn!(active = streams.len(), "grace period over; resetting the remaining streams");
+                if !streams.is_empty() {
+                    tracing::warn!(active = streams.len(), "grace period over; resetting the remaining streams");
+                }
                 break;
             }
         }

@@ -2,7 +2,8 @@
 //!
 //! `--server` names resolve (periodically, and soon after any connection
 //! loss) to a set of addresses — a headless Service lists every replica.
-//! Each address gets its own [`ReplicaLoop`] with its own backoff; addresses that disappear are drained and dropped; a replica
+//! Each address gets its own [`ReplicaLoop`] with its own backoff;
+//! addresses that disappear are drained and dropped; a replica
 //! reachable through two addresses is held once (by its server id).
 
 use std::collections::HashMap;
