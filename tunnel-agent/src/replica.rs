@@ -92,8 +92,8 @@ impl LoopSettings {
 enum Next<L> {
     Stop,
     /// Serve this connection at once (a QUIC re-probe registered); the
-    /// connection it replaces drains in this task.
-    Serve(L, tokio::task::JoinHandle<SessionEnd>),
+    /// connection it replaces drains in this task, if it is still open.
+    Serve(L, Option<tokio::task::JoinHandle<SessionEnd>>),
     Wait(Duration),
     Backoff,
 }
@@ -137,7 +137,7 @@ impl<C: Connector> ReplicaLoop<C> {
                 Next::Stop => break,
                 Next::Serve(link, old) => {
                     ready = Some(link);
-                    retiring.push(old);
+                    retiring.extend(old);
                     continue;
                 }
                 Next::Wait(d) => d,
@@ -274,24 +274,32 @@ impl<C: Connector> ReplicaLoop<C> {
                     probe = None;
                     match result {
                         Ok(quic) => {
-                            self.metrics.reprobe(ReprobeResult::QuicBack);
-                            selector.upgraded();
-                            tracing::info!("QUIC works again: moved over from HTTP/2");
+                            self.reprobed(selector);
                             // The HTTP/2 connection finishes its streams.
                             let _ = drain_tx.send(true);
                             let old = tokio::spawn(serving.in_current_span());
-                            return Next::Serve(quic, old);
+                            return Next::Serve(quic, Some(old));
                         }
                         Err(e) => {
-                            self.metrics.reprobe(ReprobeResult::Failed);
-                            selector.reprobe_failed();
+                            self.reprobe_failed(selector, &e);
                             reprobe_at = selector.reprobe_in().map(jittered);
-                            tracing::info!("QUIC re-probe failed ({e}); staying on HTTP/2");
                         }
                     }
                 }
             }
         };
+        // A server that accepts the QUIC re-probe closes the HTTP/2
+        // connection it replaces (handover), which may end it before the
+        // probe's answer is read here: the probe decides.
+        if let (SessionEnd::Lost(_), Some(p)) = (&end, probe.take()) {
+            match p.await {
+                Ok(quic) => {
+                    self.reprobed(selector);
+                    return Next::Serve(quic, None);
+                }
+                Err(e) => self.reprobe_failed(selector, &e),
+            }
+        }
         let lived = started.elapsed();
         match end {
             SessionEnd::Drained => Next::Stop,
@@ -319,6 +327,29 @@ impl<C: Connector> ReplicaLoop<C> {
                 Next::Backoff
             }
         }
+    }
+}
+
+impl<C: Connector> ReplicaLoop<C> {
+    /// A QUIC re-probe registered.
+    fn reprobed(&self, selector: &mut TransportSelector) {
+        self.metrics.reprobe(ReprobeResult::QuicBack);
+        selector.upgraded();
+        tracing::info!("QUIC works again: moved over from HTTP/2");
+    }
+
+    /// A QUIC re-probe failed; the fallback is counted when it was the
+    /// second try that confirms it.
+    fn reprobe_failed(&self, selector: &mut TransportSelector, e: &ConnectError) {
+        self.metrics.reprobe(ReprobeResult::Failed);
+        if let Some(reason) = selector.reprobe_failed() {
+            self.metrics.fallback(reason);
+            tracing::warn!(
+                reason = reason.label(),
+                "QUIC does not get through; falling back to HTTP/2 over TLS"
+            );
+        }
+        tracing::info!("QUIC re-probe failed ({e}); staying on HTTP/2");
     }
 }
 

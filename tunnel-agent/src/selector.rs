@@ -5,7 +5,11 @@
 //! text), so every rule has a unit test:
 //! - a refusal, a TLS failure or a local problem never causes a fallback:
 //!   HTTP/2 would meet the same answer;
-//! - fall back only when QUIC got no answer *and* HTTP/2 then registers;
+//! - fall back only when QUIC got no answer *and* HTTP/2 then registers
+//!   *and* QUIC, tried again at once beside the HTTP/2 connection, still
+//!   gets no answer: a server that came back during the QUIC attempt (a
+//!   rolling update) answers the second try, and the agent moves to QUIC
+//!   without counting a fallback;
 //! - when both fail, the next attempt starts with QUIC again;
 //! - a QUIC connection that dies of idle timeout soon after registering
 //!   (UDP filtered after the handshake) makes the next attempt start with
@@ -129,6 +133,9 @@ pub struct TransportSelector {
     /// QUIC came back through a re-probe and has not yet outlived the
     /// idle window.
     probation: bool,
+    /// On HTTP/2 because QUIC got no answer, for this reason, until an
+    /// immediate second QUIC try confirms it.
+    unconfirmed: Option<FallbackReason>,
 }
 
 impl TransportSelector {
@@ -155,6 +162,7 @@ impl TransportSelector {
             reprobe_max,
             reprobe_next: reprobe_first,
             probation: false,
+            unconfirmed: None,
         }
     }
 
@@ -206,12 +214,24 @@ impl TransportSelector {
     }
 
     /// `transport` registered. Returns the fallback to count, if this
-    /// registration moved the agent from QUIC to HTTP/2.
+    /// registration moved the agent from QUIC to HTTP/2 for certain. A
+    /// move after QUIC got no answer is counted only once a second QUIC
+    /// try, at once, fails too ([`TransportSelector::reprobe_failed`]).
     pub fn connected(&mut self, transport: Transport) -> Option<FallbackReason> {
         let fell_back = match transport {
             Transport::H2 if self.choice == TransportChoice::Auto => self.reason.take(),
             _ => None,
         };
+        self.unconfirmed = None;
+        if let Some(reason @ (FallbackReason::QuicTimeout | FallbackReason::QuicUnreachable)) =
+            fell_back
+        {
+            self.unconfirmed = Some(reason);
+            self.probation = false;
+            self.reprobe_next = self.reprobe_first;
+            self.current = transport;
+            return None;
+        }
         if fell_back.is_some() && self.probation {
             // The QUIC connection a re-probe won back did not last.
             self.probation = false;
@@ -247,20 +267,32 @@ impl TransportSelector {
 
     /// While on HTTP/2 in `auto`: how long until QUIC is tried again.
     pub fn reprobe_in(&self) -> Option<Duration> {
-        (self.choice == TransportChoice::Auto && self.current == Transport::H2)
-            .then_some(self.reprobe_next)
+        if self.choice != TransportChoice::Auto || self.current != Transport::H2 {
+            return None;
+        }
+        Some(match self.unconfirmed {
+            Some(_) => Duration::ZERO,
+            None => self.reprobe_next,
+        })
     }
 
-    /// A re-probe failed: wait longer for the next one.
-    pub fn reprobe_failed(&mut self) {
+    /// A re-probe failed: wait longer for the next one. Returns the
+    /// fallback to count when this was the second try that confirms it.
+    pub fn reprobe_failed(&mut self) -> Option<FallbackReason> {
+        if let Some(reason) = self.unconfirmed.take() {
+            return Some(reason);
+        }
         self.reprobe_next = (self.reprobe_next * 2).min(self.reprobe_max);
+        None
     }
 
     /// A re-probe registered over QUIC: serve it. The re-probe schedule
     /// starts over only once QUIC has outlived the idle window.
     pub fn upgraded(&mut self) {
         self.current = Transport::Quic;
-        self.probation = true;
+        // A second try that got through: the server was restarting, not
+        // UDP blocked.
+        self.probation = self.unconfirmed.take().is_none();
     }
 }
 
@@ -279,13 +311,25 @@ mod tests {
         )
     }
 
+    /// QUIC gets no answer (`kind`), HTTP/2 registers, and the second QUIC
+    /// try beside it fails too: the fallback is counted then.
+    fn fall_back(s: &mut TransportSelector, kind: FailureKind) -> Option<FallbackReason> {
+        assert_eq!(s.begin(), Quic);
+        assert_eq!(s.failed(Quic, kind), Some(H2));
+        assert_eq!(s.connected(H2), None, "not counted before the second try");
+        assert_eq!(s.reprobe_in(), Some(Duration::ZERO), "second try at once");
+        s.reprobe_failed()
+    }
+
     #[test]
     fn timeout_then_h2_registers_is_a_fallback() {
         let mut s = auto();
-        assert_eq!(s.begin(), Quic);
-        assert_eq!(s.failed(Quic, Timeout), Some(H2));
-        assert_eq!(s.connected(H2), Some(FallbackReason::QuicTimeout));
+        assert_eq!(
+            fall_back(&mut s, Timeout),
+            Some(FallbackReason::QuicTimeout)
+        );
         assert_eq!(s.current(), H2);
+        assert_eq!(s.reprobe_in(), Some(Duration::from_secs(5)));
         // Sticky: the next attempt starts on HTTP/2, and counts nothing.
         assert_eq!(s.begin(), H2);
         assert_eq!(s.connected(H2), None);
@@ -294,9 +338,25 @@ mod tests {
     #[test]
     fn unreachable_quic_is_a_fallback_with_its_own_reason() {
         let mut s = auto();
+        assert_eq!(
+            fall_back(&mut s, Unreachable),
+            Some(FallbackReason::QuicUnreachable)
+        );
+    }
+
+    #[test]
+    fn a_server_back_during_the_quic_attempt_is_no_fallback() {
+        let mut s = auto();
         s.begin();
-        assert_eq!(s.failed(Quic, Unreachable), Some(H2));
-        assert_eq!(s.connected(H2), Some(FallbackReason::QuicUnreachable));
+        s.failed(Quic, Timeout);
+        assert_eq!(s.connected(H2), None);
+        // The second QUIC try, at once, registers: the agent moves over.
+        assert_eq!(s.reprobe_in(), Some(Duration::ZERO));
+        s.upgraded();
+        assert_eq!(s.current(), Quic);
+        assert_eq!(s.begin(), Quic);
+        // Not on probation: an idle death later is judged on its own.
+        assert_eq!(s.lost(Quic, Duration::from_secs(3600), true), None);
     }
 
     #[test]
@@ -381,9 +441,7 @@ mod tests {
     fn reprobes_start_soon_and_grow_to_the_interval() {
         let mut s = auto();
         assert_eq!(s.reprobe_in(), None, "no re-probe while on QUIC");
-        s.begin();
-        s.failed(Quic, Timeout);
-        s.connected(H2);
+        fall_back(&mut s, Timeout);
         let mut waits = Vec::new();
         for _ in 0..8 {
             waits.push(s.reprobe_in().unwrap().as_secs());
@@ -396,18 +454,14 @@ mod tests {
         // Once QUIC outlived the idle window, a later fallback starts the
         // schedule over.
         s.lost(Quic, Duration::from_secs(3600), false);
-        s.begin();
-        s.failed(Quic, Timeout);
-        s.connected(H2);
+        fall_back(&mut s, Timeout);
         assert_eq!(s.reprobe_in(), Some(Duration::from_secs(5)));
     }
 
     #[test]
     fn quic_won_back_that_dies_at_once_does_not_flap() {
         let mut s = auto();
-        s.begin();
-        s.failed(Quic, Timeout);
-        s.connected(H2);
+        fall_back(&mut s, Timeout);
         let mut waits = Vec::new();
         // UDP is filtered after the handshake: every re-probe registers,
         // and every QUIC connection it wins back dies of idle timeout.

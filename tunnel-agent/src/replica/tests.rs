@@ -228,10 +228,36 @@ async fn quic_timeout_falls_back_to_h2() {
     run_for(4).await;
     assert!(r.held().is_empty(), "QUIC gets {}s", 5);
     run_for(2).await;
+    // Serving over HTTP/2 while QUIC is tried a second time, at once.
     assert_eq!(r.held(), [Transport::H2]);
+    assert_eq!(r.metrics.fallbacks(FallbackReason::QuicTimeout), 0);
+    assert_eq!(r.fake.attempts(Transport::Quic), 2);
+    run_for(5).await;
     assert_eq!(r.metrics.fallbacks(FallbackReason::QuicTimeout), 1);
+    assert_eq!(r.metrics.reprobes(ReprobeResult::Failed), 1);
     let fake = r.stop().await;
     assert_eq!(fake.served(), [Transport::H2]);
+    assert!(fake.events().contains(&Event::Drained(Transport::H2)));
+}
+
+/// The race of every rolling update: the server comes back while a QUIC
+/// attempt is waiting for an answer to an Initial sent while it was down.
+/// HTTP/2 registers; the second QUIC try at once gets through, and the
+/// agent moves over without counting a fallback.
+#[tokio::test(start_paused = true)]
+async fn a_server_back_during_the_quic_attempt_is_no_fallback() {
+    let fake = Fake::new(|t, now| match t {
+        Transport::Quic if now < Duration::from_secs(1) => Answer::Hang,
+        _ => Answer::Register(None),
+    });
+    let r = start(TransportChoice::Auto, fake);
+    run_for(10).await;
+    assert_eq!(r.held(), [Transport::Quic]);
+    assert_eq!(total_fallbacks(&r.metrics), 0);
+    let fake = r.stop().await;
+    let mut served = fake.served();
+    served.sort_by_key(|t| t.label());
+    assert_eq!(served, [Transport::H2, Transport::Quic]);
     assert!(fake.events().contains(&Event::Drained(Transport::H2)));
 }
 
