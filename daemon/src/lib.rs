@@ -4,7 +4,10 @@
 //! - [`cli`]: flags both binaries take, logging, runtime shape, shutdown
 //!   signals, and the parser for Kubernetes-style duration flags.
 //! - [`admin`]: the small GET-only HTTP server for admin endpoints.
+//! - [`fds`]: the open-files limit, raised at start, and the share of it
+//!   connections may use.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
+pub mod fds;

@@ -67,12 +67,38 @@ pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
 /// Accepts the next connection. Errors such as EMFILE are logged and
 /// retried after a short pause instead of spinning or ending the listener.
 pub async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
+    accept_with(listener, what, |_| {}).await
+}
+
+/// [`accept`], telling `on_error` about each failed accept. Consecutive
+/// failures back off from 10 ms to 1 s (a process out of descriptors gets
+/// no better by retrying at once); the first is logged as a warning, the
+/// rest at debug, and recovery is logged.
+pub async fn accept_with(
+    listener: &TcpListener,
+    what: &str,
+    on_error: impl Fn(&io::Error),
+) -> (TcpStream, SocketAddr) {
+    let mut pause = std::time::Duration::from_millis(10);
+    let mut failures = 0u64;
     loop {
         match listener.accept().await {
-            Ok(v) => return v,
+            Ok(v) => {
+                if failures > 0 {
+                    tracing::info!(failures, "{what} accepts again");
+                }
+                return v;
+            }
             Err(e) => {
-                tracing::warn!("{what} accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                on_error(&e);
+                if failures == 0 {
+                    tracing::warn!("{what} accept failed: {e}; backing off");
+                } else {
+                    tracing::debug!(failures, "{what} accept failed: {e}");
+                }
+                failures += 1;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
             }
         }
     }

@@ -11,6 +11,10 @@ use tunnel_agent::AgentConfig;
 const DURATIONS: &str =
     "Durations take a unit, as in Kubernetes (500ms, 10s, 5m, 1h); a plain number is seconds.";
 
+/// Descriptors kept free for everything but tunneled streams: the admin
+/// listener, server connections over HTTP/2, certificate reloads, logs.
+const FD_RESERVE: u64 = 64;
+
 const fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
@@ -81,6 +85,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     daemon::cli::init_logging(args.common.log_format);
+    let fds = daemon::fds::raise_nofile_logged();
     let mut config =
         AgentConfig::try_new(&args.server, &args.cert_dir, &args.node_name, &args.allow)?;
     config.server_name = args.server_name;
@@ -94,6 +99,17 @@ fn main() -> Result<()> {
     config.drain_grace = args.drain_grace;
     config.quic.keepalive = args.keepalive;
     config.quic.idle_timeout = args.idle_timeout;
+    // Each tunneled stream holds one socket to its target: never let the
+    // server open more streams than there are descriptors for.
+    let fit = u32::try_from(fds.share(FD_RESERVE, 16)).unwrap_or(u32::MAX);
+    if config.quic.max_streams > fit {
+        tracing::warn!(
+            open_files = fds.soft,
+            streams = fit,
+            "the open-files limit allows only this many tunneled streams per connection"
+        );
+        config.quic.max_streams = fit;
+    }
     config.validate()?;
     let credentials = config.credentials()?;
     for host in credentials.allow.hosts() {

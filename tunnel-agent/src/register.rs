@@ -135,7 +135,10 @@ impl Registration<'_> {
             .map_err(|e| tls_err(&e))?;
         // In TLS 1.3 the server checks our certificate after our side of
         // the handshake is done: a rejection arrives as an alert here.
-        let settings = H2Settings::default();
+        let settings = H2Settings {
+            max_streams: self.config.quic.max_streams,
+            ..H2Settings::default()
+        };
         let mut conn: H2Conn =
             settings
                 .server()

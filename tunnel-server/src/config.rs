@@ -35,6 +35,12 @@ pub struct ServerSettings {
     /// How long the agent may take to connect to a target. Default 10 s;
     /// the server waits 2 s more for its answer.
     pub dial_timeout: Duration,
+    /// Most client connections (CONNECT and transparent ingress together)
+    /// open at once; more wait in the listen backlog. Each holds one file
+    /// descriptor and up to two relay buffers. Default 8192; the binary
+    /// sizes it from the open-files limit unless `--max-client-connections`
+    /// is given.
+    pub max_client_connections: usize,
     pub quic: QuicSettings,
 }
 
@@ -52,6 +58,7 @@ impl ServerSettings {
             server_id: default_server_id(),
             register_timeout: Duration::from_secs(10),
             dial_timeout: Duration::from_secs(10),
+            max_client_connections: 8192,
             quic: QuicSettings::default(),
         }
     }
@@ -71,6 +78,8 @@ pub enum ConfigError {
     ServerId { len: usize },
     #[error("an HTTP/2 listen address ({0}) is set, but the HTTP/2 fallback is turned off")]
     H2ListenWithoutH2(SocketAddr),
+    #[error("--max-client-connections must be at least 1")]
+    NoClientConnections,
 }
 
 /// Checked server settings; read them through `Deref`. No `DerefMut`: a
@@ -94,6 +103,9 @@ impl ServerConfig {
         }
         if let (false, Some(addr)) = (settings.h2, settings.h2_listen) {
             return Err(ConfigError::H2ListenWithoutH2(addr));
+        }
+        if settings.max_client_connections == 0 {
+            return Err(ConfigError::NoClientConnections);
         }
         Ok(ServerConfig(settings))
     }

@@ -37,10 +37,16 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let (tcp, peer) = transport::net::accept(&listener, "CONNECT").await;
+        let slot = shared.client_slots.acquire(&shared.metrics).await;
+        let (tcp, peer) = transport::net::accept_with(&listener, "CONNECT", |_| {
+            shared.metrics.accept_failed("connect")
+        })
+        .await;
         let _ = tcp.set_nodelay(true);
+        crate::ingress::watch_client(&tcp);
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| handle(req, shared.clone()));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -13,6 +13,20 @@ use crate::Shared;
 
 static STREAM_IDS: AtomicU64 = AtomicU64::new(1);
 
+/// TCP keep-alive on client sockets: a client that vanished without a FIN
+/// or RST (a rebooted apiserver node, a dropped NAT binding) is noticed
+/// after about [`CLIENT_IDLE_DEAD`] instead of holding its slot, its
+/// descriptor and its agent stream forever.
+pub const CLIENT_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+/// See [`CLIENT_KEEPALIVE`]: probes (or unacknowledged data) unanswered
+/// this long fail the connection.
+pub const CLIENT_IDLE_DEAD: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Sets [`CLIENT_KEEPALIVE`] on an accepted client socket.
+pub fn watch_client(tcp: &TcpStream) {
+    transport::net::set_liveness(tcp, CLIENT_KEEPALIVE, CLIENT_IDLE_DEAD);
+}
+
 /// Relays `tcp` over a dialed stream until both sides are done.
 pub async fn relay(shared: Arc<Shared>, dialed: Dialed, tcp: TcpStream, ingress: &'static str) {
     let Dialed {

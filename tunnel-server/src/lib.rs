@@ -36,6 +36,7 @@ pub mod ingress;
 pub mod link;
 pub mod metrics;
 pub mod registry;
+pub mod slots;
 pub mod transparent;
 
 use std::future::Future;
@@ -60,6 +61,8 @@ pub struct Shared {
     pub stall_budget: Arc<transport::stall::StallBudget>,
     /// What the relay buffers of all streams may grow into.
     pub relay_buffers: transport::BufferBudget,
+    /// Client connection slots (CONNECT and transparent together).
+    pub client_slots: slots::ClientSlots,
     next_id: AtomicU64,
 }
 
@@ -72,6 +75,12 @@ impl Shared {
     pub fn render_metrics(&self) -> String {
         let lent = i64::try_from(self.stall_budget.lent()).unwrap_or(i64::MAX);
         self.metrics.stall_credit.set(lent);
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let slots = &self.client_slots;
+        self.metrics.client_connections.set(gauge(slots.in_use()));
+        self.metrics
+            .client_connection_limit
+            .set(gauge(slots.limit()));
         self.metrics.render()
     }
 }
@@ -150,12 +159,13 @@ impl Server {
         let transparent = bind_tcp("transparent", config.transparent_listen)?;
         let admin = bind_tcp("admin", config.admin_listen)?;
         let shared = Arc::new(Shared {
-            config,
             registry: AgentRegistry::default(),
             metrics: Metrics::new(),
             ready: AtomicBool::new(false),
             stall_budget: transport::stall::StallBudget::new(transport::stall::StallBudget::SERVER),
             relay_buffers: transport::BufferBudget::default(),
+            client_slots: slots::ClientSlots::new(config.max_client_connections),
+            config,
             next_id: AtomicU64::new(1),
         });
         Ok(Server {

@@ -77,6 +77,15 @@ struct Args {
     dnat_to: Option<SocketAddr>,
     #[command(flatten)]
     dnat_rules: DnatRuleArgs,
+    /// Most client connections (CONNECT and transparent together) open at
+    /// once; more wait in the listen backlog. Default: the open-files
+    /// limit (raised to the hard limit at start) minus --fd-reserve.
+    #[arg(long, env = "TUNNEL_MAX_CLIENT_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_client_connections: Option<u64>,
+    /// File descriptors kept free for everything but client connections:
+    /// the admin listener, HTTP/2 agents, certificate reloads, logs.
+    #[arg(long, env = "TUNNEL_FD_RESERVE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    fd_reserve: u64,
     #[command(flatten)]
     common: daemon::cli::Common,
 }
@@ -201,6 +210,7 @@ async fn standalone_dnat(
 
 fn serve(args: Args) -> Result<()> {
     daemon::cli::init_logging(args.common.log_format);
+    let fds = daemon::fds::raise_nofile_logged();
     let cert_dir = args.cert_dir.context("--cert-dir is required")?;
     let dnat_config = if args.dnat {
         let to = args
@@ -224,6 +234,23 @@ fn serve(args: Args) -> Result<()> {
     settings.dial_timeout = args.dial_timeout;
     settings.quic.keepalive = args.keepalive;
     settings.quic.idle_timeout = args.idle_timeout;
+    settings.max_client_connections = match args.max_client_connections {
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        None => fds.share(args.fd_reserve, 16),
+    };
+    if settings.max_client_connections as u64 + args.fd_reserve > fds.soft {
+        tracing::warn!(
+            max_client_connections = settings.max_client_connections,
+            fd_reserve = args.fd_reserve,
+            open_files = fds.soft,
+            "client connections plus the reserve exceed the open-files limit; accepts may fail with EMFILE"
+        );
+    }
+    tracing::info!(
+        max_client_connections = settings.max_client_connections,
+        open_files = fds.soft,
+        "client connection cap"
+    );
     let config = ServerConfig::try_new(settings).context("invalid configuration")?;
     // Half the cores (at least one): relaying is mostly kernel work (TCP and
     // UDP paths, softirqs) that needs cores of its own, and each extra worker

@@ -22,6 +22,14 @@ pub struct Metrics {
     pub dial_failures: Family<Label, Counter>,
     pub registration_refusals: Family<Label, Counter>,
     pub registrations: Family<Label, Counter>,
+    /// Client connections (CONNECT and transparent) open now, and the cap
+    /// (both set at scrape time).
+    pub client_connections: Gauge,
+    pub client_connection_limit: Gauge,
+    /// Accepts that waited because every client slot was taken.
+    pub client_limit_hits: Counter,
+    /// Failed accepts, by listener (EMFILE and the like).
+    pub accept_errors: Family<Label, Counter>,
 }
 
 impl Default for Metrics {
@@ -45,6 +53,30 @@ impl Metrics {
         let dial_failures = Family::<Label, Counter>::default();
         let registration_refusals = Family::<Label, Counter>::default();
         let registrations = Family::<Label, Counter>::default();
+        let client_connections = Gauge::default();
+        let client_connection_limit = Gauge::default();
+        let client_limit_hits = Counter::default();
+        let accept_errors = Family::<Label, Counter>::default();
+        registry.register(
+            "client_connections",
+            "Client connections (CONNECT and transparent ingress) open now",
+            client_connections.clone(),
+        );
+        registry.register(
+            "client_connection_limit",
+            "Most client connections open at once (--max-client-connections)",
+            client_connection_limit.clone(),
+        );
+        registry.register(
+            "client_connection_limit_hits",
+            "Client connections that waited in the listen backlog because every slot was taken",
+            client_limit_hits.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts, by listener (for example out of file descriptors)",
+            accept_errors.clone(),
+        );
         registry.register(
             "agents_connected",
             "Agents with a live, registered connection",
@@ -101,7 +133,17 @@ impl Metrics {
             dial_failures,
             registration_refusals,
             registrations,
+            client_connections,
+            client_connection_limit,
+            client_limit_hits,
+            accept_errors,
         }
+    }
+
+    pub fn accept_failed(&self, listener: &'static str) {
+        self.accept_errors
+            .get_or_create(&[("listener", listener)])
+            .inc();
     }
 
     pub fn refused(&self, reason: &'static str) {

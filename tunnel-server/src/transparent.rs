@@ -18,9 +18,17 @@ use crate::Shared;
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let local = listener.local_addr().ok();
     loop {
-        let (tcp, peer) = transport::net::accept(&listener, "transparent").await;
+        let slot = shared.client_slots.acquire(&shared.metrics).await;
+        let (tcp, peer) = transport::net::accept_with(&listener, "transparent", |_| {
+            shared.metrics.accept_failed("transparent")
+        })
+        .await;
+        crate::ingress::watch_client(&tcp);
         let shared = shared.clone();
-        tokio::spawn(async move { handle(tcp, peer, local, shared).await });
+        tokio::spawn(async move {
+            let _slot = slot;
+            handle(tcp, peer, local, shared).await
+        });
     }
 }
 

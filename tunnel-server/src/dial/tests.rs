@@ -336,6 +336,7 @@ fn shared() -> Arc<Shared> {
         ready: AtomicBool::new(false),
         stall_budget: transport::stall::StallBudget::new(0),
         relay_buffers: transport::BufferBudget::default(),
+        client_slots: crate::slots::ClientSlots::new(16),
         next_id: std::sync::atomic::AtomicU64::new(1),
     })
 }
