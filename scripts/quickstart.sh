@@ -42,7 +42,7 @@ echo "==> sample kubelet on https://127.0.0.1:$KUBELET"
 pids+=($!)
 
 echo "==> tunnel-server: QUIC 127.0.0.1:$QUIC, CONNECT 127.0.0.1:$CONNECT, admin 127.0.0.1:$ADMIN"
-"$bin/tunnel-server" --listen "127.0.0.1:$QUIC" --cert-dir "$work/server" \
+"$bin/tunnel-server" --listen "127.0.0.1:$QUIC" --cert-dir "$work/server" --allow-loopback-agents \
     --connect-listen "127.0.0.1:$CONNECT" --admin-listen "127.0.0.1:$ADMIN" 2>"$work/server.log" &
 pids+=($!)
 

@@ -79,6 +79,9 @@ pub enum RefuseCode {
     NodeMismatch,
     /// The Hello claims an address the certificate does not carry.
     AddressNotInCertificate,
+    /// The Hello claims an address this server never routes to an edge
+    /// (loopback, link-local, its own, outside the allowed edge range).
+    AddressNotAllowed,
     /// The certificate carries no usable identity.
     BadCertificate,
     /// A code this build does not know; carried through, not rejected.
@@ -91,6 +94,7 @@ impl RefuseCode {
             RefuseCode::UnsupportedVersion => 1,
             RefuseCode::NodeMismatch => 2,
             RefuseCode::AddressNotInCertificate => 3,
+            RefuseCode::AddressNotAllowed => 6,
             RefuseCode::BadCertificate => 4,
             RefuseCode::Other(c) => c,
         }
@@ -101,6 +105,7 @@ impl RefuseCode {
             1 => RefuseCode::UnsupportedVersion,
             2 => RefuseCode::NodeMismatch,
             3 => RefuseCode::AddressNotInCertificate,
+            6 => RefuseCode::AddressNotAllowed,
             4 => RefuseCode::BadCertificate,
             c => RefuseCode::Other(c),
         }
@@ -112,6 +117,7 @@ impl RefuseCode {
             RefuseCode::UnsupportedVersion => "unsupported_version",
             RefuseCode::NodeMismatch => "node_mismatch",
             RefuseCode::AddressNotInCertificate => "address_not_in_certificate",
+            RefuseCode::AddressNotAllowed => "address_not_allowed",
             RefuseCode::BadCertificate => "bad_certificate",
             RefuseCode::Other(_) => "other",
         }

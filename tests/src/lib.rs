@@ -70,6 +70,8 @@ impl TestServer {
         c.transparent_listen = Some(any);
         c.admin_listen = Some(any);
         c.server_id = "test-server".into();
+        // Agents on this machine have loopback addresses.
+        c.addresses.allow_loopback = true;
         c
     }
 

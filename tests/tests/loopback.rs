@@ -445,6 +445,34 @@ async fn agent_certificate_from_another_ca_is_refused(tr: Transport) {
     t.agent.stop().await;
 }
 
+/// A certificate naming an address that is never an edge's (here
+/// loopback, on a server that does not allow loopback agents) is refused
+/// at registration: the server would otherwise route, and DNAT redirect,
+/// traffic that was never the edge's.
+async fn an_address_that_is_never_an_edges_is_refused(tr: Transport) {
+    init_logging();
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let mut settings = TestServer::config(&pki, "127.0.0.1:0".parse().unwrap());
+    settings.addresses.allow_loopback = false;
+    let server = TestServer::start_with(settings).await;
+    let config = agent_config(&pki, NODE, &server, &[], tr);
+    let err = tunnel_agent::probe::probe(&config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("address_not_allowed") && err.contains("loopback"),
+        "{err}"
+    );
+    assert_eq!(
+        server
+            .metric("edge_tunnel_registration_refusals_total{reason=\"address_not_allowed\"}")
+            .await,
+        1.0
+    );
+}
+
 async fn node_name_must_match_the_certificate(tr: Transport) {
     let t = tunnel(&[10250], tr).await;
     // At start-up: the agent refuses to run.
@@ -749,6 +777,7 @@ macro_rules! over_both_transports {
 }
 
 over_both_transports!(
+    an_address_that_is_never_an_edges_is_refused,
     a_renewed_certificate_applies_whole_at_reconnect,
     https_through_connect_verifies_the_targets_own_certificate,
     streaming_logs_arrive_as_written,

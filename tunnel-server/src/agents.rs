@@ -133,7 +133,9 @@ pub(crate) async fn serve_agent(
         }
     };
 
-    let addresses = match check_hello(&hello, &identity) {
+    let own = crate::addresses::own_addresses();
+    let allowed = |a: IpAddr| shared.config.addresses.check(a, &own);
+    let addresses = match check_hello(&hello, &identity, allowed) {
         Ok(addresses) => addresses,
         Err(refusal) => {
             metrics.refused(refusal.code.label());
@@ -264,7 +266,11 @@ fn peer_identity(certs: &[CertificateDer<'static>]) -> Result<Identity, String> 
 
 /// Checks a Hello against the certificate and returns the addresses to
 /// register: those claimed, or every certificate address if none were.
-fn check_hello(hello: &Hello, identity: &Identity) -> Result<Vec<IpAddr>, Refusal> {
+fn check_hello(
+    hello: &Hello,
+    identity: &Identity,
+    allowed: impl Fn(IpAddr) -> Result<(), crate::addresses::Forbidden>,
+) -> Result<Vec<IpAddr>, Refusal> {
     if hello.version_major != proto::VERSION_MAJOR {
         return Err(Refusal {
             code: RefuseCode::UnsupportedVersion,
@@ -298,16 +304,47 @@ fn check_hello(hello: &Hello, identity: &Identity) -> Result<Vec<IpAddr>, Refusa
             ),
         });
     }
-    Ok(if hello.addresses.is_empty() {
+    let addresses = if hello.addresses.is_empty() {
         identity.addresses.clone()
     } else {
         hello.addresses.clone()
-    })
+    };
+    for &a in &addresses {
+        if let Err(why) = allowed(a) {
+            return Err(Refusal {
+                code: RefuseCode::AddressNotAllowed,
+                reason: format!("address {a} is {why}: this server never routes it to an edge"),
+            });
+        }
+    }
+    Ok(addresses)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn check_hello_any(hello: &Hello, identity: &Identity) -> Result<Vec<IpAddr>, Refusal> {
+        check_hello(hello, identity, |_| Ok(()))
+    }
+
+    #[test]
+    fn forbidden_addresses_are_refused() {
+        let identity = Identity {
+            common_name: "edge-1".into(),
+            addresses: vec!["127.0.0.1".parse().unwrap()],
+        };
+        let policy = crate::addresses::AddressPolicy::default();
+        let none = std::collections::BTreeSet::new();
+        let r =
+            check_hello(&hello("edge-1", &[]), &identity, |a| policy.check(a, &none)).unwrap_err();
+        assert_eq!(r.code, RefuseCode::AddressNotAllowed);
+        assert!(
+            r.reason.contains("127.0.0.1 is a loopback address"),
+            "{}",
+            r.reason
+        );
+    }
 
     fn identity() -> Identity {
         Identity {
@@ -329,23 +366,23 @@ mod tests {
     #[test]
     fn accepts_matching_identity() {
         assert_eq!(
-            check_hello(&hello("edge-1", &[]), &identity()).unwrap(),
+            check_hello_any(&hello("edge-1", &[]), &identity()).unwrap(),
             identity().addresses
         );
-        assert!(check_hello(&hello("edge-1", &["198.18.1.2"]), &identity()).is_ok());
+        assert!(check_hello_any(&hello("edge-1", &["198.18.1.2"]), &identity()).is_ok());
     }
 
     #[test]
     fn refuses_what_the_certificate_does_not_carry() {
-        let r = check_hello(&hello("edge-2", &[]), &identity()).unwrap_err();
+        let r = check_hello_any(&hello("edge-2", &[]), &identity()).unwrap_err();
         assert_eq!(r.code, RefuseCode::NodeMismatch);
-        let r = check_hello(&hello("edge-1", &["10.0.0.1"]), &identity()).unwrap_err();
+        let r = check_hello_any(&hello("edge-1", &["10.0.0.1"]), &identity()).unwrap_err();
         assert_eq!(r.code, RefuseCode::AddressNotInCertificate);
         assert!(r.reason.contains("10.0.0.1"));
         let mut h = hello("edge-1", &[]);
         h.version_major = 9;
         assert_eq!(
-            check_hello(&h, &identity()).unwrap_err().code,
+            check_hello_any(&h, &identity()).unwrap_err().code,
             RefuseCode::UnsupportedVersion
         );
     }

@@ -41,6 +41,11 @@ pub struct ServerSettings {
     /// sizes it from the open-files limit unless `--max-client-connections`
     /// is given.
     pub max_client_connections: usize,
+    /// Which addresses agents may register (and DNAT may redirect):
+    /// never loopback (unless allowed), unspecified, link-local,
+    /// multicast or this host's own; within `--agent-address-cidr` when
+    /// given. Default: any other address.
+    pub addresses: crate::addresses::AddressPolicy,
     pub quic: QuicSettings,
 }
 
@@ -59,6 +64,7 @@ impl ServerSettings {
             register_timeout: Duration::from_secs(10),
             dial_timeout: Duration::from_secs(10),
             max_client_connections: 8192,
+            addresses: crate::addresses::AddressPolicy::default(),
             quic: QuicSettings::default(),
         }
     }

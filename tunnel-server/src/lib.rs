@@ -25,6 +25,7 @@
 //! future completes.
 #![forbid(unsafe_code)]
 
+pub mod addresses;
 pub mod admin;
 pub mod agents;
 pub mod agents_h2;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use daemon::cli::duration_in;
+use tunnel_server::addresses::AddressPolicy;
 use tunnel_server::dnat::agent_list::AgentList;
 use tunnel_server::dnat::reconciler::{self, Dnat, DnatConfig};
 use tunnel_server::dnat::rules::Prefix;
@@ -77,6 +78,11 @@ struct Args {
     dnat_to: Option<SocketAddr>,
     #[command(flatten)]
     dnat_rules: DnatRuleArgs,
+    /// Register agents whose certificate addresses are loopback (a tunnel
+    /// and its agents on one machine, as in the quickstart). Loopback is
+    /// never redirected by DNAT.
+    #[arg(long, env = "TUNNEL_ALLOW_LOOPBACK_AGENTS")]
+    allow_loopback_agents: bool,
     /// Most client connections (CONNECT and transparent together) open at
     /// once; more wait in the listen backlog. Default: the open-files
     /// limit (raised to the hard limit at start) minus --fd-reserve.
@@ -104,6 +110,11 @@ struct DnatRuleArgs {
     /// Static edge range (CIDR) redirected even with no agent connected; repeatable.
     #[arg(long, env = "TUNNEL_DNAT_CIDR", value_delimiter = ',')]
     dnat_cidr: Vec<Prefix>,
+    /// Edge range (CIDR) agent addresses must lie in, to be registered and
+    /// redirected; repeatable. Default: any address that is not loopback,
+    /// unspecified, link-local, multicast or this host's own.
+    #[arg(long, env = "TUNNEL_AGENT_ADDRESS_CIDR", value_delimiter = ',')]
+    agent_address_cidr: Vec<Prefix>,
     /// Interval between full re-checks that repair drift (1s-1h).
     #[arg(long, env = "TUNNEL_DNAT_RESYNC", default_value = "30s", value_parser = duration_in(secs(1), secs(3600)))]
     dnat_resync: Duration,
@@ -114,6 +125,7 @@ impl DnatRuleArgs {
         let mut config = DnatConfig::try_new(to, self.dnat_ports.clone(), self.dnat_cidr.clone())
             .map_err(anyhow::Error::msg)?;
         config.resync = self.dnat_resync;
+        config.policy = AddressPolicy::new(self.agent_address_cidr.clone());
         Ok(config)
     }
 }
@@ -234,6 +246,8 @@ fn serve(args: Args) -> Result<()> {
     settings.dial_timeout = args.dial_timeout;
     settings.quic.keepalive = args.keepalive;
     settings.quic.idle_timeout = args.idle_timeout;
+    settings.addresses = AddressPolicy::new(args.dnat_rules.agent_address_cidr.clone());
+    settings.addresses.allow_loopback = args.allow_loopback_agents;
     settings.max_client_connections = match args.max_client_connections {
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         None => fds.share(args.fd_reserve, 16),

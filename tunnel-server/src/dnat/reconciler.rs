@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use super::iptables::{flush_conntrack, has_net_admin, DnatError, Iptables};
 use super::rules::{self, Family, Prefix};
+use crate::addresses::{forbidden_kind, own_addresses, AddressPolicy};
 
 /// What the helper redirects, and where.
 #[derive(Clone, Debug)]
@@ -21,6 +22,10 @@ pub struct DnatConfig {
     pub cidrs: Vec<Prefix>,
     /// Re-check (and repair drift) at least this often. Default 30 s.
     pub resync: Duration,
+    /// Which agent addresses may be redirected (loopback never is). An
+    /// address from a certificate or from the standalone helper's feed
+    /// that fails it gets no rule.
+    pub policy: AddressPolicy,
 }
 
 impl DnatConfig {
@@ -43,11 +48,20 @@ impl DnatConfig {
                 "--dnat-cidr {c} is not of the same address family as the DNAT target {to}"
             ));
         }
+        if let Some((c, why)) = cidrs
+            .iter()
+            .find_map(|c| forbidden_kind(c.ip).map(|why| (c, why)))
+        {
+            return Err(format!(
+                "--dnat-cidr {c} is {why}: it must never be redirected"
+            ));
+        }
         Ok(DnatConfig {
             to,
             ports,
             cidrs,
             resync: Duration::from_secs(30),
+            policy: AddressPolicy::default(),
         })
     }
 }
@@ -72,13 +86,20 @@ impl Dnat {
     /// whether anything had to change.
     pub async fn sync(&self, addresses: &[IpAddr]) -> Result<bool, DnatError> {
         let c = &self.config;
-        let want = rules::desired(
-            self.iptables.family,
-            addresses.iter().copied(),
-            &c.cidrs,
-            &c.ports,
-            c.to,
-        );
+        let own = own_addresses();
+        let mut policy = c.policy.clone();
+        policy.allow_loopback = false;
+        let addresses = addresses
+            .iter()
+            .copied()
+            .filter(|&a| match policy.check(a, &own) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!(address = %a, "not redirecting {a}: it is {why}");
+                    false
+                }
+            });
+        let want = rules::desired(self.iptables.family, addresses, &c.cidrs, &c.ports, c.to);
         let current = self.iptables.current().await?;
         let Some(script) = rules::plan(&current, &want) else {
             return Ok(false);
@@ -168,5 +189,13 @@ mod tests {
                 .unwrap_err()
                 .contains("family")
         );
+        for forbidden in ["127.0.0.0/8", "169.254.0.0/16", "0.0.0.0/0"] {
+            let err =
+                DnatConfig::try_new(to, vec![10250], vec![forbidden.parse().unwrap()]).unwrap_err();
+            assert!(
+                err.contains("must never be redirected"),
+                "{forbidden}: {err}"
+            );
+        }
     }
 }

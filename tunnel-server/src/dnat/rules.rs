@@ -41,6 +41,29 @@ impl Prefix {
     pub fn family(&self) -> Family {
         Family::of(self.ip)
     }
+
+    /// Whether `ip` lies in this prefix (IPv4-mapped IPv6 counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.ip, transport::net::canonical_ip(ip)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.len))
+                };
+                u32::from(ip) & mask == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(self.len))
+                };
+                u128::from(ip) & mask == u128::from(net)
+            }
+            _ => false,
+        }
+    }
 }
 
 impl fmt::Display for Prefix {
