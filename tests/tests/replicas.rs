@@ -251,7 +251,7 @@ fn agent_holds_every_replica_and_survives_losing_one() {
     );
     c.echo_through(0);
     let log = c.agent.as_ref().unwrap().log_text();
-    assert!(log.contains("replicas=[\"r1\", \"r2\", \"r3\"]"), "{log}");
+    assert!(log.contains("held=[\"r1\", \"r2\", \"r3\"]"), "{log}");
 }
 
 #[test]
