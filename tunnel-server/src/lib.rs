@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod agents;
 pub mod agents_h2;
 pub mod config;
@@ -34,6 +35,7 @@ pub mod dial;
 pub mod dnat;
 pub mod ingress;
 pub mod link;
+pub mod log_throttle;
 pub mod metrics;
 pub mod registry;
 pub mod transparent;
