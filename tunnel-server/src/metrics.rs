@@ -7,6 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::handshake::{FailureLabel, LimitedLabel, ListenerLabel};
+
 type Label = [(&'static str, &'static str); 1];
 
 /// Every metric the server exports.
@@ -22,6 +24,12 @@ pub struct Metrics {
     pub dial_failures: Family<Label, Counter>,
     pub registration_refusals: Family<Label, Counter>,
     pub registrations: Family<Label, Counter>,
+    /// Agent handshakes in flight, by listener (set at scrape time).
+    pub handshakes_in_flight: Family<ListenerLabel, Gauge>,
+    /// Handshakes that ran into a limit, by listener, limit and action.
+    pub handshakes_limited: Family<LimitedLabel, Counter>,
+    /// Handshakes that did not finish, by listener and reason.
+    pub handshake_failures: Family<FailureLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -45,6 +53,9 @@ impl Metrics {
         let dial_failures = Family::<Label, Counter>::default();
         let registration_refusals = Family::<Label, Counter>::default();
         let registrations = Family::<Label, Counter>::default();
+        let handshakes_in_flight = Family::<ListenerLabel, Gauge>::default();
+        let handshakes_limited = Family::<LimitedLabel, Counter>::default();
+        let handshake_failures = Family::<FailureLabel, Counter>::default();
         registry.register(
             "agents_connected",
             "Agents with a live, registered connection",
@@ -90,6 +101,22 @@ impl Metrics {
             "Agent registrations accepted, by transport (quic, h2)",
             registrations.clone(),
         );
+        registry.register(
+            "handshakes_in_flight",
+            "Agent handshakes (before the client certificate is verified) in flight, by transport",
+            handshakes_in_flight.clone(),
+        );
+        registry.register(
+            "handshakes_limited",
+            "Agent handshakes that ran into a limit (retry_threshold, max_in_flight, per_source), \
+             by transport and action (retry, ignore, close)",
+            handshakes_limited.clone(),
+        );
+        registry.register(
+            "handshake_failures",
+            "Agent handshakes that did not finish, by transport and reason",
+            handshake_failures.clone(),
+        );
         Metrics {
             registry,
             agents_connected,
@@ -101,6 +128,9 @@ impl Metrics {
             dial_failures,
             registration_refusals,
             registrations,
+            handshakes_in_flight,
+            handshakes_limited,
+            handshake_failures,
         }
     }
 
