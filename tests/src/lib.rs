@@ -1,10 +1,12 @@
 //! Test harness for edge-tunnel's end-to-end tests: throw-away PKI, the real
 //! server and agent started in-process on loopback, fake targets (echo,
-//! TLS, streaming, WebSocket) and a CONNECT client.
+//! TLS, streaming, WebSocket), a CONNECT client, and attack generators
+//! ([`flood`]).
 //!
 //! Everything binds port 0 and waits on conditions ([`eventually`]), never
 //! on fixed sleeps.
 
+pub mod flood;
 pub mod netns;
 pub mod pki;
 pub mod targets;

@@ -435,12 +435,15 @@ async fn agent_certificate_from_another_ca_is_refused(tr: Transport) {
         .unwrap_err()
         .to_string();
     assert!(err.contains("rejected this agent's certificate"), "{err}");
-    eventually("refusal counted", Duration::from_secs(5), || async {
-        t.server
-            .metric("edge_tunnel_registration_refusals_total{reason=\"tls_handshake\"}")
-            .await
-            >= 1.0
-    })
+    let series = format!(
+        "edge_tunnel_handshake_failures_total{{transport=\"{}\",reason=\"tls\"}}",
+        tr.name()
+    );
+    eventually(
+        "failed handshake counted",
+        Duration::from_secs(5),
+        || async { t.server.metric(&series).await >= 1.0 },
+    )
     .await;
     t.agent.stop().await;
 }

@@ -43,6 +43,19 @@ pub struct QuicSettings {
     /// Default 4 MiB, so bursts of GSO batches are not dropped at the
     /// socket (measured against the kernel default in `benches/RESULTS.md`).
     pub udp_buffer: usize,
+    /// Connection attempts (first Initials) quinn holds on a server
+    /// endpoint before the accept loop has decided on them; past it quinn
+    /// drops new Initials unanswered. Default 1024 (quinn's is 65,536);
+    /// the server sets it to its handshake cap. The accept loop decides
+    /// at once, so this fills only when that loop is starved.
+    pub max_incoming: usize,
+    /// Bytes quinn buffers for one undecided connection attempt beyond its
+    /// first packet (more Initials of a large ClientHello, 0-RTT). Default
+    /// 64 KiB (quinn's is 10 MiB); agents send no 0-RTT.
+    pub incoming_buffer: u64,
+    /// The same, all undecided attempts together. Default 16 MiB (quinn's
+    /// is 100 MiB).
+    pub incoming_buffer_total: u64,
 }
 
 impl Default for QuicSettings {
@@ -56,6 +69,9 @@ impl Default for QuicSettings {
             ack_every: 10,
             max_streams: 8192,
             udp_buffer: 4 * 1024 * 1024,
+            max_incoming: 1024,
+            incoming_buffer: 64 * 1024,
+            incoming_buffer_total: 16 * 1024 * 1024,
         }
     }
 }
@@ -151,8 +167,13 @@ impl QuicSettings {
             .map_err(|e| EndpointError::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(Arc::new(self.transport(false)?));
-        // The agent's address is proven by the handshake itself; skip the
-        // extra Retry round trip unless under attack (quinn's default).
+        // quinn never sends a Retry on its own: the server's accept loop
+        // decides per connection attempt (`Incoming::retry`) once many
+        // handshakes are in flight. These bound what quinn holds before
+        // that decision.
+        config.max_incoming(self.max_incoming);
+        config.incoming_buffer_size(self.incoming_buffer);
+        config.incoming_buffer_size_total(self.incoming_buffer_total);
         let socket = crate::net::bind_udp(addr, self.udp_buffer)
             .map_err(|source| EndpointError::Bind { addr, source })?;
         let mut seed = ring::digest::Context::new(&ring::digest::SHA256);

@@ -20,20 +20,56 @@ use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 use transport::{read_message, TunnelStream};
 
+use crate::admission::{Admission, Permit};
+use crate::handshake::HandshakeFailure;
 use crate::link::AgentLink;
 use crate::registry::AgentHandle;
 use crate::Shared;
 
 /// Accepts agent connections until the endpoint closes.
+///
+/// Every connection attempt passes the QUIC [`HandshakeGate`] first:
+/// admitted, it is handshaken in a task of its own; over the Retry
+/// threshold (or its source's share) without a proven address, it gets a
+/// Retry; over the cap, or over its source's share with a proven address,
+/// it is ignored. Ignored rather than refused: a refusal costs deriving
+/// the Initial keys and sending a packet for every Initial of the flood
+/// (quinn ignores at its own `max_incoming` for the same reason), while
+/// a real agent simply retransmits its Initial and gets in when a slot
+/// frees, and its `auto` transport choice still sees "no answer" rather
+/// than a refusal it would not fall back from.
+///
+/// [`HandshakeGate`]: crate::handshake::HandshakeGate
 pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
-        let shared = shared.clone();
         let remote = incoming.remote_address();
+        let validated = incoming.remote_address_validated();
+        let permit = match shared
+            .quic_handshakes
+            .admit(&shared.metrics, remote, validated)
+        {
+            Admission::Admit(permit) => permit,
+            Admission::Retry(_) => {
+                // Only unvalidated sources get here, and they may always
+                // be retried; should quinn disagree, drop the attempt.
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
+            Admission::Shed(_) => {
+                incoming.ignore();
+                continue;
+            }
+        };
+        let shared = shared.clone();
         let span = tracing::info_span!("agent", %remote, node = tracing::field::Empty);
         tokio::spawn(
             async move {
-                if let Err(e) = handle(incoming, shared).await {
-                    tracing::warn!("agent connection ended: {e}");
+                match handle(incoming, permit, shared).await {
+                    // Counted and logged (at a bounded rate) by the gate.
+                    Ok(()) | Err(AgentError::Handshake(_)) => {}
+                    Err(e) => tracing::warn!("agent connection ended: {e}"),
                 }
             }
             .instrument(span),
@@ -43,30 +79,26 @@ pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AgentError {
-    #[error("TLS handshake failed: {0}")]
-    Handshake(String),
-    #[error("handshake did not complete within {0:?}")]
-    HandshakeTimeout(Duration),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeFailure),
     #[error("registration refused ({}): {}", .0.code.label(), .0.reason)]
     Refused(Refusal),
     #[error("no control stream: {0}")]
     Control(String),
 }
 
-async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), AgentError> {
-    let timeout = shared.config.register_timeout;
-    let metrics = &shared.metrics;
-    let conn = match tokio::time::timeout(timeout, incoming).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            metrics.refused("tls_handshake");
-            return Err(AgentError::Handshake(e.to_string()));
-        }
-        Err(_) => {
-            metrics.refused("handshake_timeout");
-            return Err(AgentError::HandshakeTimeout(timeout));
-        }
-    };
+async fn handle(
+    incoming: quinn::Incoming,
+    permit: Permit,
+    shared: Arc<Shared>,
+) -> Result<(), AgentError> {
+    let gate = &shared.quic_handshakes;
+    // The handshake may fail before it starts (quinn could not accept the
+    // attempt); that is a failed handshake like any other.
+    let connecting = incoming.accept();
+    let conn = gate
+        .run(&shared.metrics, permit, async move { connecting?.await })
+        .await?;
     let certs = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())

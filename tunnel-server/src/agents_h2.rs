@@ -15,21 +15,40 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 use transport::h2::H2Settings;
 
+use crate::admission::{Admission, Permit};
 use crate::agents::{serve_agent, AgentError};
 use crate::link::{AgentLink, H2Link};
 use crate::Shared;
 
+/// Accepts TCP connections from agents until the task is dropped.
+///
+/// Each passes the HTTP/2 listener's [`HandshakeGate`] first: over the
+/// cap of TLS handshakes in flight, or over its source's share, the TCP
+/// connection is closed at once (its source address is proven by the TCP
+/// handshake, so there is nothing to Retry). Closing frees the socket and
+/// its buffers immediately; a real agent retries with backoff.
+///
+/// [`HandshakeGate`]: crate::handshake::HandshakeGate
 pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     loop {
         let (tcp, remote) = transport::net::accept(&listener, "h2 agent").await;
+        let permit = match shared.h2_handshakes.admit(&shared.metrics, remote, true) {
+            Admission::Admit(permit) => permit,
+            Admission::Retry(_) | Admission::Shed(_) => {
+                drop(tcp);
+                continue;
+            }
+        };
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         let span =
             tracing::info_span!("agent", %remote, transport = "h2", node = tracing::field::Empty);
         tokio::spawn(
             async move {
-                if let Err(e) = handle(tcp, remote, acceptor, shared).await {
-                    tracing::warn!("agent connection ended: {e}");
+                match handle(tcp, remote, permit, acceptor, shared).await {
+                    // Counted and logged (at a bounded rate) by the gate.
+                    Ok(()) | Err(AgentError::Handshake(_)) => {}
+                    Err(e) => tracing::warn!("agent connection ended: {e}"),
                 }
             }
             .instrument(span),
@@ -40,6 +59,7 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Sha
 async fn handle(
     tcp: TcpStream,
     remote: SocketAddr,
+    permit: Permit,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
 ) -> Result<(), AgentError> {
@@ -47,17 +67,10 @@ async fn handle(
     let _ = tcp.set_nodelay(true);
     let quic = &shared.config.quic;
     transport::net::set_liveness(&tcp, quic.keepalive, quic.idle_timeout);
-    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            shared.metrics.refused("tls_handshake");
-            return Err(AgentError::Handshake(e.to_string()));
-        }
-        Err(_) => {
-            shared.metrics.refused("handshake_timeout");
-            return Err(AgentError::HandshakeTimeout(timeout));
-        }
-    };
+    let tls = shared
+        .h2_handshakes
+        .run(&shared.metrics, permit, acceptor.accept(tcp))
+        .await?;
     let certs = tls
         .get_ref()
         .1

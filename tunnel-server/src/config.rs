@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use transport::quic::{QuicSettings, QuicSettingsError};
 
+use crate::admission::{HandshakeLimits, HandshakeLimitsError};
+
 /// Every server setting, unchecked.
 #[derive(Clone, Debug)]
 pub struct ServerSettings {
@@ -30,8 +32,18 @@ pub struct ServerSettings {
     /// Stable id of this replica, sent to agents in `Welcome`. Default: the
     /// host name.
     pub server_id: String,
-    /// How long an agent may take from QUIC handshake to `Hello`. Default 10 s.
+    /// How long an agent may take from its finished handshake to `Hello`.
+    /// Default 10 s.
     pub register_timeout: Duration,
+    /// How long a QUIC or TLS-over-TCP handshake may take, from the
+    /// peer's first packet to a verified client certificate. Until then the
+    /// peer is unauthenticated, so this is how long a peer that never
+    /// finishes holds a handshake slot. Default 5 s: several round trips
+    /// and retransmissions on a lossy WAN link.
+    pub handshake_timeout: Duration,
+    /// Handshakes in flight per listener (QUIC, TLS over TCP): cap, Retry
+    /// threshold, per source.
+    pub handshake_limits: HandshakeLimits,
     /// How long the agent may take to connect to a target. Default 10 s;
     /// the server waits 2 s more for its answer.
     pub dial_timeout: Duration,
@@ -62,6 +74,8 @@ impl ServerSettings {
             admin_listen: None,
             server_id: default_server_id(),
             register_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            handshake_limits: HandshakeLimits::default(),
             dial_timeout: Duration::from_secs(10),
             max_client_connections: 8192,
             addresses: crate::addresses::AddressPolicy::default(),
@@ -75,6 +89,8 @@ impl ServerSettings {
 pub enum ConfigError {
     #[error(transparent)]
     Quic(#[from] QuicSettingsError),
+    #[error(transparent)]
+    HandshakeLimits(#[from] HandshakeLimitsError),
     #[error("the {0} must be above zero")]
     ZeroTimeout(&'static str),
     #[error(
@@ -103,6 +119,10 @@ impl ServerConfig {
         if settings.dial_timeout.is_zero() {
             return Err(ConfigError::ZeroTimeout("dial timeout"));
         }
+        if settings.handshake_timeout.is_zero() {
+            return Err(ConfigError::ZeroTimeout("handshake timeout"));
+        }
+        settings.handshake_limits.validate()?;
         let len = settings.server_id.len();
         if len == 0 || len > proto::MAX_NODE_NAME {
             return Err(ConfigError::ServerId { len });
@@ -179,6 +199,18 @@ mod tests {
             ServerConfig::try_new(s).unwrap_err(),
             ConfigError::ServerId { len: 254 }
         );
+        let mut s = settings();
+        s.handshake_timeout = Duration::ZERO;
+        assert_eq!(
+            ServerConfig::try_new(s).unwrap_err(),
+            ConfigError::ZeroTimeout("handshake timeout")
+        );
+        let mut s = settings();
+        s.handshake_limits.retry_above = s.handshake_limits.max_in_flight + 1;
+        assert!(matches!(
+            ServerConfig::try_new(s).unwrap_err(),
+            ConfigError::HandshakeLimits(HandshakeLimitsError::RetryAboveCap { .. })
+        ));
         let mut s = settings();
         s.h2 = false;
         s.h2_listen = Some("127.0.0.1:8443".parse().unwrap());

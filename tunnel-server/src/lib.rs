@@ -3,6 +3,10 @@
 //! Layout:
 //! - [`agents`]: the QUIC listener; handshake, identity check against the
 //!   certificate, registration on the control stream, drain and cleanup.
+//! - [`handshake`]: the unauthenticated part, on both listeners: the
+//!   limits on handshakes in flight ([`admission`], no I/O), the handshake
+//!   timeout, failures counted and logged at a bounded rate
+//!   ([`log_throttle`]).
 //! - [`agents_h2`]: the HTTP/2-over-TLS listener (TCP, same port) for
 //!   agents whose network blocks UDP; shares everything after the
 //!   handshake with [`agents`].
@@ -27,14 +31,17 @@
 
 pub mod addresses;
 pub mod admin;
+pub mod admission;
 pub mod agents;
 pub mod agents_h2;
 pub mod config;
 pub mod connect;
 pub mod dial;
 pub mod dnat;
+pub mod handshake;
 pub mod ingress;
 pub mod link;
+pub mod log_throttle;
 pub mod metrics;
 pub mod registry;
 pub mod slots;
@@ -64,10 +71,37 @@ pub struct Shared {
     pub relay_buffers: transport::BufferBudget,
     /// Client connection slots (CONNECT and transparent together).
     pub client_slots: slots::ClientSlots,
+    /// Unauthenticated QUIC handshakes: in flight, limits, failures.
+    pub quic_handshakes: handshake::HandshakeGate,
+    /// Unauthenticated TLS-over-TCP handshakes of the HTTP/2 listener.
+    pub h2_handshakes: handshake::HandshakeGate,
     next_id: AtomicU64,
 }
 
 impl Shared {
+    /// Fresh state for a server with `config`.
+    pub fn new(config: ServerConfig, stall_budget: Arc<transport::stall::StallBudget>) -> Self {
+        let gate = |listener| {
+            handshake::HandshakeGate::new(
+                listener,
+                config.handshake_limits.clone(),
+                config.handshake_timeout,
+            )
+        };
+        Shared {
+            quic_handshakes: gate(handshake::Listener::Quic),
+            h2_handshakes: gate(handshake::Listener::H2),
+            registry: AgentRegistry::default(),
+            metrics: Metrics::new(),
+            ready: AtomicBool::new(false),
+            stall_budget,
+            relay_buffers: transport::BufferBudget::default(),
+            client_slots: slots::ClientSlots::new(config.max_client_connections),
+            config,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -82,6 +116,8 @@ impl Shared {
         self.metrics
             .client_connection_limit
             .set(gauge(slots.limit()));
+        self.quic_handshakes.export(&self.metrics);
+        self.h2_handshakes.export(&self.metrics);
         self.metrics.render()
     }
 }
@@ -139,9 +175,13 @@ impl Server {
     pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         let dir = certs::CertDir::load(&config.cert_dir)?;
         let tls = certs::tls::server_config(&dir, proto::ALPN)?;
-        let endpoint = config
-            .quic
-            .server_endpoint(config.listen, tls, dir.key.secret_der())?;
+        // quinn holds no more undecided connection attempts than may be
+        // in flight.
+        let quic = transport::quic::QuicSettings {
+            max_incoming: config.handshake_limits.max_in_flight,
+            ..config.quic.clone()
+        };
+        let endpoint = quic.server_endpoint(config.listen, tls, dir.key.secret_der())?;
         let h2 = if config.h2 {
             let addr = config
                 .h2_listen
@@ -159,16 +199,9 @@ impl Server {
         let connect = bind_tcp("CONNECT", config.connect_listen)?;
         let transparent = bind_tcp("transparent", config.transparent_listen)?;
         let admin = bind_tcp("admin", config.admin_listen)?;
-        let shared = Arc::new(Shared {
-            registry: AgentRegistry::default(),
-            metrics: Metrics::new(),
-            ready: AtomicBool::new(false),
-            stall_budget: transport::stall::StallBudget::new(transport::stall::StallBudget::SERVER),
-            relay_buffers: transport::BufferBudget::default(),
-            client_slots: slots::ClientSlots::new(config.max_client_connections),
-            config,
-            next_id: AtomicU64::new(1),
-        });
+        let stall_budget =
+            transport::stall::StallBudget::new(transport::stall::StallBudget::SERVER);
+        let shared = Arc::new(Shared::new(config, stall_budget));
         Ok(Server {
             shared,
             endpoint,

@@ -56,9 +56,27 @@ struct Args {
     /// Stable id of this replica (default: the host name).
     #[arg(long, env = "TUNNEL_SERVER_ID")]
     server_id: Option<String>,
-    /// How long an agent may take to register after connecting (1s-10m).
+    /// How long an agent may take to register after its handshake (1s-10m).
     #[arg(long, env = "TUNNEL_REGISTER_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), secs(600)))]
     register_timeout: Duration,
+    /// How long a QUIC or TLS-over-TCP handshake may take, until the
+    /// agent's certificate is verified (500ms-1m): how long a peer that
+    /// never finishes holds a handshake slot.
+    #[arg(long, env = "TUNNEL_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = duration_in(Duration::from_millis(500), secs(60)))]
+    handshake_timeout: Duration,
+    /// Agent handshakes in flight at most, per listener (QUIC, TLS over
+    /// TCP); more are dropped. Each QUIC handshake holds ~35 KiB.
+    #[arg(long, env = "TUNNEL_MAX_HANDSHAKES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_handshakes: u32,
+    /// From this many QUIC handshakes in flight on, a source that has not
+    /// proven its address gets a Retry first (0: always; at most
+    /// --max-handshakes).
+    #[arg(long, env = "TUNNEL_HANDSHAKE_RETRY_ABOVE", default_value_t = 256)]
+    handshake_retry_above: u32,
+    /// Agent handshakes in flight from one source address (IPv6: one /64),
+    /// per listener (at most --max-handshakes).
+    #[arg(long, env = "TUNNEL_MAX_HANDSHAKES_PER_SOURCE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_handshakes_per_source: u32,
     /// How long an agent may take to connect to a target (100ms-10m); the
     /// server waits 2s more for its answer.
     #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = duration_in(Duration::from_millis(100), secs(600)))]
@@ -243,6 +261,12 @@ fn serve(args: Args) -> Result<()> {
         settings.server_id = id;
     }
     settings.register_timeout = args.register_timeout;
+    settings.handshake_timeout = args.handshake_timeout;
+    settings.handshake_limits = tunnel_server::admission::HandshakeLimits {
+        max_in_flight: args.max_handshakes as usize,
+        retry_above: args.handshake_retry_above as usize,
+        per_source: args.max_handshakes_per_source as usize,
+    };
     settings.dial_timeout = args.dial_timeout;
     settings.quic.keepalive = args.keepalive;
     settings.quic.idle_timeout = args.idle_timeout;

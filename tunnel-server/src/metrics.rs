@@ -7,6 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::handshake::{FailureLabel, LimitedLabel, ListenerLabel};
+
 type Label = [(&'static str, &'static str); 1];
 
 /// Every metric the server exports.
@@ -30,6 +32,12 @@ pub struct Metrics {
     pub client_limit_hits: Counter,
     /// Failed accepts, by listener (EMFILE and the like).
     pub accept_errors: Family<Label, Counter>,
+    /// Agent handshakes in flight, by listener (set at scrape time).
+    pub handshakes_in_flight: Family<ListenerLabel, Gauge>,
+    /// Handshakes that ran into a limit, by listener, limit and action.
+    pub handshakes_limited: Family<LimitedLabel, Counter>,
+    /// Handshakes that did not finish, by listener and reason.
+    pub handshake_failures: Family<FailureLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -77,6 +85,9 @@ impl Metrics {
             "Failed accepts, by listener (for example out of file descriptors)",
             accept_errors.clone(),
         );
+        let handshakes_in_flight = Family::<ListenerLabel, Gauge>::default();
+        let handshakes_limited = Family::<LimitedLabel, Counter>::default();
+        let handshake_failures = Family::<FailureLabel, Counter>::default();
         registry.register(
             "agents_connected",
             "Agents with a live, registered connection",
@@ -122,6 +133,22 @@ impl Metrics {
             "Agent registrations accepted, by transport (quic, h2)",
             registrations.clone(),
         );
+        registry.register(
+            "handshakes_in_flight",
+            "Agent handshakes (before the client certificate is verified) in flight, by transport",
+            handshakes_in_flight.clone(),
+        );
+        registry.register(
+            "handshakes_limited",
+            "Agent handshakes that ran into a limit (retry_threshold, max_in_flight, per_source), \
+             by transport and action (retry, ignore, close)",
+            handshakes_limited.clone(),
+        );
+        registry.register(
+            "handshake_failures",
+            "Agent handshakes that did not finish, by transport and reason",
+            handshake_failures.clone(),
+        );
         Metrics {
             registry,
             agents_connected,
@@ -137,6 +164,9 @@ impl Metrics {
             client_connection_limit,
             client_limit_hits,
             accept_errors,
+            handshakes_in_flight,
+            handshakes_limited,
+            handshake_failures,
         }
     }
 

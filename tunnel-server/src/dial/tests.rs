@@ -329,16 +329,10 @@ async fn a_node_without_addresses_has_nothing_to_dial() {
 
 fn shared() -> Arc<Shared> {
     let settings = crate::ServerSettings::new("127.0.0.1:0".parse().unwrap(), "/none".into());
-    Arc::new(Shared {
-        config: crate::ServerConfig::try_new(settings).unwrap(),
-        registry: AgentRegistry::default(),
-        metrics: Metrics::new(),
-        ready: AtomicBool::new(false),
-        stall_budget: transport::stall::StallBudget::new(0),
-        relay_buffers: transport::BufferBudget::default(),
-        client_slots: crate::slots::ClientSlots::new(16),
-        next_id: std::sync::atomic::AtomicU64::new(1),
-    })
+    Arc::new(Shared::new(
+        crate::ServerConfig::try_new(settings).unwrap(),
+        transport::stall::StallBudget::new(0),
+    ))
 }
 
 #[tokio::test]
