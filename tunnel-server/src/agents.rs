@@ -18,6 +18,7 @@ use proto::{Hello, Message, Refusal, RefuseCode, Welcome};
 use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
+use transport::net::canonical_ip;
 use transport::{read_message, TunnelStream};
 
 use crate::link::AgentLink;
@@ -285,11 +286,10 @@ fn check_hello(hello: &Hello, identity: &Identity) -> Result<Vec<IpAddr>, Refusa
             ),
         });
     }
-    if let Some(bad) = hello
-        .addresses
-        .iter()
-        .find(|a| !identity.addresses.contains(a))
-    {
+    // Certificate addresses are canonical (IPv4, not IPv4-mapped); an
+    // agent that spells one mapped means the same address.
+    let claimed: Vec<IpAddr> = hello.addresses.iter().map(|a| canonical_ip(*a)).collect();
+    if let Some(bad) = claimed.iter().find(|a| !identity.addresses.contains(a)) {
         return Err(Refusal {
             code: RefuseCode::AddressNotInCertificate,
             reason: format!(
@@ -298,10 +298,16 @@ fn check_hello(hello: &Hello, identity: &Identity) -> Result<Vec<IpAddr>, Refusa
             ),
         });
     }
-    Ok(if hello.addresses.is_empty() {
+    Ok(if claimed.is_empty() {
         identity.addresses.clone()
     } else {
-        hello.addresses.clone()
+        let mut unique = Vec::with_capacity(claimed.len());
+        for a in claimed {
+            if !unique.contains(&a) {
+                unique.push(a);
+            }
+        }
+        unique
     })
 }
 
@@ -333,6 +339,16 @@ mod tests {
             identity().addresses
         );
         assert!(check_hello(&hello("edge-1", &["198.18.1.2"]), &identity()).is_ok());
+    }
+
+    #[test]
+    fn ipv4_mapped_claims_register_as_ipv4() {
+        let addrs = check_hello(
+            &hello("edge-1", &["::ffff:198.18.1.2", "198.18.1.2"]),
+            &identity(),
+        )
+        .unwrap();
+        assert_eq!(addrs, identity().addresses);
     }
 
     #[test]
