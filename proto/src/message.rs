@@ -81,6 +81,9 @@ pub enum RefuseCode {
     AddressNotInCertificate,
     /// The certificate carries no usable identity.
     BadCertificate,
+    /// Another node's live agent serves one of the claimed addresses (two
+    /// certificates carry it); the reason names the address and that node.
+    AddressInUse,
     /// A code this build does not know; carried through, not rejected.
     Other(u16),
 }
@@ -92,6 +95,7 @@ impl RefuseCode {
             RefuseCode::NodeMismatch => 2,
             RefuseCode::AddressNotInCertificate => 3,
             RefuseCode::BadCertificate => 4,
+            RefuseCode::AddressInUse => 5,
             RefuseCode::Other(c) => c,
         }
     }
@@ -102,6 +106,7 @@ impl RefuseCode {
             2 => RefuseCode::NodeMismatch,
             3 => RefuseCode::AddressNotInCertificate,
             4 => RefuseCode::BadCertificate,
+            5 => RefuseCode::AddressInUse,
             c => RefuseCode::Other(c),
         }
     }
@@ -113,6 +118,7 @@ impl RefuseCode {
             RefuseCode::NodeMismatch => "node_mismatch",
             RefuseCode::AddressNotInCertificate => "address_not_in_certificate",
             RefuseCode::BadCertificate => "bad_certificate",
+            RefuseCode::AddressInUse => "address_in_use",
             RefuseCode::Other(_) => "other",
         }
     }

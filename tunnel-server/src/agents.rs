@@ -134,8 +134,44 @@ pub(crate) async fn serve_agent(
         }
     };
 
-    let addresses = match check_hello(&hello, &identity) {
-        Ok(addresses) => addresses,
+    // Registered before `Welcome` is written, so that the address check
+    // and the registration are one step; undone if `Welcome` cannot go.
+    let registered = check_hello(&hello, &identity).and_then(|addresses| {
+        let agent = Arc::new(AgentHandle {
+            id: shared.next_id(),
+            node: identity.common_name.clone(),
+            addresses,
+            connected_since: SystemTime::now(),
+            link: link.clone(),
+            stall: match &link {
+                AgentLink::Quic(conn) => transport::stall::StallCredit::quic(
+                    conn,
+                    &shared.config.quic,
+                    &shared.stall_budget,
+                ),
+                AgentLink::H2(h) => h.stall.clone(),
+            },
+            streams_active: AtomicI64::new(0),
+            draining: AtomicBool::new(false),
+            kick: tokio::sync::Notify::new(),
+        });
+        match shared.registry.register(agent.clone()) {
+            Ok(old) => Ok((agent, old)),
+            Err(conflict) => {
+                tracing::warn!(
+                    address = %conflict.address,
+                    holder = %conflict.holder,
+                    "registration refused: another node's live agent serves this address"
+                );
+                Err(Refusal {
+                    code: RefuseCode::AddressInUse,
+                    reason: conflict.to_string(),
+                })
+            }
+        }
+    });
+    let (agent, old) = match registered {
+        Ok(v) => v,
         Err(refusal) => {
             metrics.refused(refusal.code.label());
             let _ =
@@ -155,26 +191,11 @@ pub(crate) async fn serve_agent(
         server_id: shared.config.server_id.clone(),
     });
     if let Err(e) = transport::write_message(&mut stream.send, &welcome).await {
+        shared.registry.deregister(&agent);
         return Err(AgentError::Control(e.to_string()));
     }
 
-    let agent = Arc::new(AgentHandle {
-        id: shared.next_id(),
-        node: identity.common_name.clone(),
-        addresses,
-        connected_since: SystemTime::now(),
-        link: link.clone(),
-        stall: match &link {
-            AgentLink::Quic(conn) => {
-                transport::stall::StallCredit::quic(conn, &shared.config.quic, &shared.stall_budget)
-            }
-            AgentLink::H2(h) => h.stall.clone(),
-        },
-        streams_active: AtomicI64::new(0),
-        draining: AtomicBool::new(false),
-        kick: tokio::sync::Notify::new(),
-    });
-    if let Some(old) = shared.registry.register(agent.clone()) {
+    if let Some(old) = old {
         if hello.capabilities & proto::capability::HANDOVER != 0 {
             tracing::info!(
                 old_transport = old.link.transport(),
