@@ -222,16 +222,26 @@ pub(crate) async fn serve_agent(
     tracing::info!(addresses = ?agent.addresses, transport = link.transport(), "agent registered");
 
     // Watch the control stream until it ends or the connection dies.
+    // After `Welcome` the agent sends `Drain` once; a repeated `Drain` is
+    // harmless and ignored (debug log, counted), anything else is a
+    // protocol error that ends the connection (one warning per connection).
     let watch = async {
         let mut buf = Vec::new();
+        let mut drained = false;
         loop {
             match read_message(&mut stream.recv, &mut buf).await {
+                Ok(Message::Drain) if drained => {
+                    tracing::debug!("repeated Drain ignored");
+                    metrics.agent_protocol_error("repeated_drain");
+                }
                 Ok(Message::Drain) => {
+                    drained = true;
                     tracing::info!("agent is draining; no new streams are routed to it");
                     agent.draining.store(true, Ordering::Relaxed);
                 }
                 Ok(other) => {
                     tracing::warn!("unexpected {} on the control stream", other.kind());
+                    metrics.agent_protocol_error("unexpected_control_message");
                     link.close(close::PROTOCOL, "unexpected control message");
                     break;
                 }

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub dial_failures: Family<Label, Counter>,
     pub registration_refusals: Family<Label, Counter>,
     pub registrations: Family<Label, Counter>,
+    /// Agent misbehaviour the server noticed, by kind.
+    pub agent_protocol_errors: Family<Label, Counter>,
 }
 
 impl Default for Metrics {
@@ -45,6 +47,7 @@ impl Metrics {
         let dial_failures = Family::<Label, Counter>::default();
         let registration_refusals = Family::<Label, Counter>::default();
         let registrations = Family::<Label, Counter>::default();
+        let agent_protocol_errors = Family::<Label, Counter>::default();
         registry.register(
             "agents_connected",
             "Agents with a live, registered connection",
@@ -90,6 +93,13 @@ impl Metrics {
             "Agent registrations accepted, by transport (quic, h2)",
             registrations.clone(),
         );
+        registry.register(
+            "agent_protocol_errors",
+            "Protocol violations by registered agents, by kind: repeated_drain (ignored), \
+             unexpected_control_message (connection closed), h2_protocol (the HTTP/2 client \
+             closed the connection: a push promise, an oversized header list, a frame flood)",
+            agent_protocol_errors.clone(),
+        );
         Metrics {
             registry,
             agents_connected,
@@ -101,7 +111,14 @@ impl Metrics {
             dial_failures,
             registration_refusals,
             registrations,
+            agent_protocol_errors,
         }
+    }
+
+    pub fn agent_protocol_error(&self, kind: &'static str) {
+        self.agent_protocol_errors
+            .get_or_create(&[("kind", kind)])
+            .inc();
     }
 
     pub fn refused(&self, reason: &'static str) {
