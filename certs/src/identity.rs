@@ -1,4 +1,8 @@
 //! The identity a certificate carries: CN = node name, IP SANs = addresses.
+//!
+//! Addresses are canonical: an IPv4-mapped IPv6 SAN (`::ffff:a.b.c.d`) is
+//! the IPv4 address it maps, as every socket and route in the tunnel
+//! spells it (registered raw, it could never be routed to).
 
 use std::net::IpAddr;
 
@@ -42,6 +46,15 @@ pub fn validate_node_name(node: &str) -> Result<(), IdentityError> {
     }
 }
 
+/// `ip` as the tunnel spells it: an IPv4-mapped IPv6 address becomes the
+/// IPv4 address it maps; anything else is unchanged.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
 impl Identity {
     /// Extracts the identity from a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<Identity, IdentityError> {
@@ -59,10 +72,14 @@ impl Identity {
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
                 if let GeneralName::IPAddress(bytes) = name {
-                    match bytes.len() {
-                        4 => addresses.push(IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap())),
-                        16 => addresses.push(IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap())),
-                        _ => {}
+                    let ip = match bytes.len() {
+                        4 => IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap()),
+                        16 => IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap()),
+                        _ => continue,
+                    };
+                    let ip = canonical_ip(ip);
+                    if !addresses.contains(&ip) {
+                        addresses.push(ip);
                     }
                 }
             }
@@ -91,6 +108,40 @@ mod tests {
         let id = Identity::from_der(&der).unwrap();
         assert_eq!(id.common_name, "edge-1");
         assert_eq!(id.addresses, ips);
+    }
+
+    #[test]
+    fn ipv4_mapped_sans_become_ipv4() {
+        let ca = Ca::generate("test-ca", 1).unwrap();
+        let ips: Vec<IpAddr> = [
+            "::ffff:198.18.0.5",
+            "198.18.0.5",
+            "fd00::5",
+            "::ffff:10.0.0.1",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let pem = ca.issue_agent("edge-1", &ips, 1).unwrap();
+        let der = rustls_pemfile::certs(&mut pem.cert.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let id = Identity::from_der(&der).unwrap();
+        let want: Vec<IpAddr> = ["198.18.0.5", "fd00::5", "10.0.0.1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(id.addresses, want, "canonical and without duplicates");
+        assert_eq!(
+            canonical_ip("::ffff:1.2.3.4".parse().unwrap()),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        // Only the mapped form moves; IPv4-compatible and plain IPv6 stay.
+        for same in ["::1.2.3.4", "fd00::1", "1.2.3.4"] {
+            let ip: IpAddr = same.parse().unwrap();
+            assert_eq!(canonical_ip(ip), ip);
+        }
     }
 
     #[test]

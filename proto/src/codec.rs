@@ -6,6 +6,11 @@
 //! it, so a partial frame costs no allocation. Fields added by a later minor
 //! version are appended to a body; a decoder ignores bytes after the fields
 //! it knows.
+//!
+//! Human-readable reasons (`Refuse`, `DialResult`, `GoAway`) never fail to
+//! encode: one longer than [`MAX_REASON`] is cut on a character boundary
+//! and ends in `…` ([`truncate_reason`]). Losing the end of an explanation
+//! is better than losing the answer it explains (a 403 turning into a 502).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -92,7 +97,7 @@ pub fn encode(msg: &Message, dst: &mut Vec<u8>) -> Result<(), EncodeError> {
         }
         Message::Refuse(r) => {
             w.u16(r.code.to_wire());
-            w.str("reason", &r.reason, MAX_REASON)?;
+            w.reason(&r.reason);
             T_REFUSE
         }
         Message::Dial(d) => {
@@ -103,13 +108,13 @@ pub fn encode(msg: &Message, dst: &mut Vec<u8>) -> Result<(), EncodeError> {
         }
         Message::DialResult(r) => {
             w.u8(r.code.to_wire());
-            w.str("message", &r.message, MAX_REASON)?;
+            w.reason(&r.message);
             T_DIAL_RESULT
         }
         Message::Drain => T_DRAIN,
         Message::GoAway(g) => {
             w.u32(g.code);
-            w.str("reason", &g.reason, MAX_REASON)?;
+            w.reason(&g.reason);
             T_GOAWAY
         }
     };
@@ -204,6 +209,23 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
     Ok(Some((msg, FRAME_HEADER_LEN + len)))
 }
 
+/// What ends a reason that was cut short.
+const ELLIPSIS: &str = "…";
+
+/// `reason` as it goes on the wire: unchanged if it fits in [`MAX_REASON`]
+/// bytes, else cut on a character boundary so that, with a trailing `…`,
+/// it fits.
+pub fn truncate_reason(reason: &str) -> std::borrow::Cow<'_, str> {
+    if reason.len() <= MAX_REASON {
+        return reason.into();
+    }
+    let mut end = MAX_REASON - ELLIPSIS.len();
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ELLIPSIS}", &reason[..end]).into()
+}
+
 struct Writer<'a> {
     buf: &'a mut Vec<u8>,
     message: &'static str,
@@ -229,6 +251,12 @@ impl Writer<'_> {
         self.u16(s.len() as u16);
         self.buf.extend_from_slice(s.as_bytes());
         Ok(())
+    }
+    /// A human-readable reason: cut to [`MAX_REASON`], never an error.
+    fn reason(&mut self, s: &str) {
+        let s = truncate_reason(s);
+        self.u16(s.len() as u16);
+        self.buf.extend_from_slice(s.as_bytes());
     }
     fn ip(&mut self, ip: IpAddr) {
         match ip {
@@ -454,6 +482,54 @@ mod tests {
             decode(&[T_DIAL_RESULT, 0, 4, 1, 0, 1, 0xff]),
             Err(DecodeError::InvalidUtf8 { .. })
         ));
+    }
+
+    #[test]
+    fn long_reasons_are_cut_on_a_char_boundary() {
+        assert_eq!(truncate_reason("short"), "short");
+        let exact = "x".repeat(MAX_REASON);
+        assert_eq!(truncate_reason(&exact), exact);
+        // A 4-byte character straddles every possible cut point in turn.
+        for pad in 0..4 {
+            let long = format!("{}{}", "a".repeat(MAX_REASON - 4 - pad), "🦀".repeat(10));
+            let cut = truncate_reason(&long);
+            assert!(cut.len() <= MAX_REASON, "pad {pad}: {}", cut.len());
+            assert!(cut.len() > MAX_REASON - 4 - ELLIPSIS.len(), "pad {pad}");
+            assert!(cut.ends_with("🦀…") || cut.ends_with("a…"), "pad {pad}");
+            assert!(long.starts_with(cut.trim_end_matches(ELLIPSIS)));
+        }
+    }
+
+    #[test]
+    fn an_overlong_dial_result_still_encodes() {
+        // An allow-list of 40 entries in a refusal: the answer must arrive.
+        let message = "ü".repeat(MAX_REASON);
+        for msg in [
+            Message::DialResult(DialResult::error(DialCode::NotAllowed, message.clone())),
+            Message::Refuse(Refusal {
+                code: RefuseCode::BadCertificate,
+                reason: message.clone(),
+            }),
+            Message::GoAway(GoAway {
+                code: 1,
+                reason: message.clone(),
+            }),
+        ] {
+            let mut buf = Vec::new();
+            encode(&msg, &mut buf).unwrap();
+            let (decoded, _) = decode(&buf).unwrap().unwrap();
+            let text = match decoded {
+                Message::DialResult(r) => {
+                    assert_eq!(r.code, DialCode::NotAllowed);
+                    r.message
+                }
+                Message::Refuse(r) => r.reason,
+                Message::GoAway(g) => g.reason,
+                other => panic!("{other:?}"),
+            };
+            assert!(text.len() <= MAX_REASON);
+            assert!(text.ends_with("ü…"), "{text}");
+        }
     }
 
     #[test]

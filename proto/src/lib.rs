@@ -18,7 +18,9 @@ pub mod codec;
 pub mod codes;
 pub mod message;
 
-pub use codec::{decode, encode, DecodeError, EncodeError, FRAME_HEADER_LEN, MAX_FRAME_BODY};
+pub use codec::{
+    decode, encode, truncate_reason, DecodeError, EncodeError, FRAME_HEADER_LEN, MAX_FRAME_BODY,
+};
 pub use message::{
     DialCode, DialRequest, DialResult, GoAway, Hello, Message, Refusal, RefuseCode, Welcome,
 };
@@ -42,7 +44,8 @@ pub const VERSION_MINOR: u8 = 0;
 pub const MAX_NODE_NAME: usize = 253;
 /// Most addresses an agent may announce in its [`Hello`].
 pub const MAX_ADDRESSES: usize = 32;
-/// Longest human-readable reason carried in a refusal or dial result.
+/// Longest human-readable reason carried in a refusal, dial result or
+/// `GoAway`, in bytes; longer ones are cut when encoded ([`truncate_reason`]).
 pub const MAX_REASON: usize = 1024;
 
 /// Capability bits an agent announces in [`Hello::capabilities`].

@@ -84,6 +84,9 @@ pub enum RefuseCode {
     AddressNotAllowed,
     /// The certificate carries no usable identity.
     BadCertificate,
+    /// Another node's live agent serves one of the claimed addresses (two
+    /// certificates carry it); the reason names the address and that node.
+    AddressInUse,
     /// A code this build does not know; carried through, not rejected.
     Other(u16),
 }
@@ -96,6 +99,7 @@ impl RefuseCode {
             RefuseCode::AddressNotInCertificate => 3,
             RefuseCode::AddressNotAllowed => 6,
             RefuseCode::BadCertificate => 4,
+            RefuseCode::AddressInUse => 5,
             RefuseCode::Other(c) => c,
         }
     }
@@ -107,6 +111,7 @@ impl RefuseCode {
             3 => RefuseCode::AddressNotInCertificate,
             6 => RefuseCode::AddressNotAllowed,
             4 => RefuseCode::BadCertificate,
+            5 => RefuseCode::AddressInUse,
             c => RefuseCode::Other(c),
         }
     }
@@ -119,6 +124,7 @@ impl RefuseCode {
             RefuseCode::AddressNotInCertificate => "address_not_in_certificate",
             RefuseCode::AddressNotAllowed => "address_not_allowed",
             RefuseCode::BadCertificate => "bad_certificate",
+            RefuseCode::AddressInUse => "address_in_use",
             RefuseCode::Other(_) => "other",
         }
     }

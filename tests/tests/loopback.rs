@@ -368,14 +368,29 @@ async fn stalled_readers_do_not_stall_other_streams(tr: Transport) {
 }
 
 async fn targets_outside_the_allow_list_get_403(tr: Transport) {
+    init_logging();
     let echo = targets::echo_server().await;
-    let t = tunnel(&[echo.port()], tr).await;
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let server = TestServer::start(&pki).await;
+    // An allow-list long enough that printing it would not fit in a
+    // DialResult (1 KiB): the refusal must still be a 403, and the list
+    // must not reach the client.
+    let mut allow = allow(&[echo.port()]);
+    allow.extend((1..=48).map(|i| format!("10.200.0.{i}:10250,10255,9100")));
+    let agent = TestAgent::start(agent_config(&pki, NODE, &server, &allow, tr));
+    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    let t = Tunnel { pki, server, agent };
     let (status, body) = connect_via(t.server.connect_addr(), "127.0.0.1:22")
         .await
         .unwrap_err();
-    assert_eq!(status, 403);
+    assert_eq!(status, 403, "{body}");
     assert!(
         body.contains("not on the allow-list of node edge-1"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("10.200.0.") && !body.contains(&echo.port().to_string()),
         "{body}"
     );
     assert_eq!(
@@ -632,6 +647,85 @@ async fn a_renewed_certificate_applies_whole_at_reconnect(tr: Transport) {
     t.agent.stop().await;
 }
 
+/// Two nodes' certificates carry the same address: the node that holds it
+/// keeps it (the other is refused, and counted), and the refused one's
+/// exit does not take it away.
+async fn an_address_is_not_taken_over_by_another_nodes_certificate(tr: Transport) {
+    let echo = targets::echo_server().await;
+    let t = tunnel(&[echo.port()], tr).await;
+    let intruder = "edge-2";
+    t.pki.issue_agent(intruder, &[localhost()]);
+    let second = TestAgent::start(agent_config(
+        &t.pki,
+        intruder,
+        &t.server,
+        &allow(&[echo.port()]),
+        tr,
+    ));
+    let refusals = "edge_tunnel_registration_refusals_total{reason=\"address_in_use\"}";
+    eventually(
+        "the second node is refused",
+        Duration::from_secs(10),
+        || {
+            let server = &t.server;
+            async move { server.metric(refusals).await >= 1.0 }
+        },
+    )
+    .await;
+    let route = |registry: &tunnel_server::registry::AgentRegistry| match registry
+        .by_address(localhost())
+    {
+        tunnel_server::registry::Route::Agent(a) => Some(a.node.clone()),
+        _ => None,
+    };
+    assert_eq!(route(&t.server.shared.registry).as_deref(), Some(NODE));
+    assert!(matches!(
+        t.server.shared.registry.by_node(intruder),
+        tunnel_server::registry::Route::NoAgent
+    ));
+    let mut tcp = connect_via(t.server.connect_addr(), &echo.to_string())
+        .await
+        .unwrap();
+    tcp.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tcp.read_exact(&mut buf).await.unwrap();
+    drop(tcp);
+    // The refused node leaves: the rightful one keeps its address (and its
+    // DNAT rules, which follow `addresses()`).
+    second.stop().await;
+    assert_eq!(route(&t.server.shared.registry).as_deref(), Some(NODE));
+    assert_eq!(t.server.shared.registry.addresses(), [localhost()]);
+    // Once the holder leaves, the other node may have the address.
+    let second = TestAgent::start(agent_config(
+        &t.pki,
+        intruder,
+        &t.server,
+        &allow(&[echo.port()]),
+        tr,
+    ));
+    eventually(
+        "the second node is refused again",
+        Duration::from_secs(10),
+        || {
+            let server = &t.server;
+            async move { server.metric(refusals).await >= 2.0 }
+        },
+    )
+    .await;
+    t.agent.stop().await;
+    t.server
+        .wait_for_agent(intruder, Duration::from_secs(60))
+        .await;
+    assert_eq!(route(&t.server.shared.registry).as_deref(), Some(intruder));
+    second.stop().await;
+    let registry = &t.server.shared.registry;
+    eventually("no address left behind", Duration::from_secs(10), || {
+        let empty = registry.addresses().is_empty();
+        async move { empty }
+    })
+    .await;
+}
+
 /// A loopback port nothing listens on now.
 fn free_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -798,6 +892,7 @@ over_both_transports!(
     node_name_must_match_the_certificate,
     agent_is_back_within_5s_of_a_server_restart,
     a_second_registration_replaces_the_first,
+    an_address_is_not_taken_over_by_another_nodes_certificate,
     drain_finishes_active_streams_and_refuses_new_ones,
     admin_endpoints,
 );

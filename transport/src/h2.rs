@@ -17,11 +17,19 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::stream::{Delivered, TunnelRecv, TunnelSend};
 
-/// Flow-control settings for both HTTP/2 ends. The windows are larger than
-/// QUIC's (512 KiB / 8 MiB) because one TCP connection has to carry what
-/// QUIC spreads over its streams' own loss recovery; the ratio is 1:32
-/// (QUIC's is 1:16): 32 stalled readers use up the connection window,
-/// after which the stall credit lends more (see `stall`).
+/// Flow-control settings and memory bounds for both HTTP/2 ends. The
+/// windows are larger than QUIC's (512 KiB / 8 MiB) because one TCP
+/// connection has to carry what QUIC spreads over its streams' own loss
+/// recovery; the ratio is 1:32 (QUIC's is 1:16): 32 stalled readers use up
+/// the connection window, after which the stall credit lends more (see
+/// `stall`).
+///
+/// The cloud side is the HTTP/2 *client* of an agent it cannot fully
+/// trust (a compromised edge node has a valid certificate), so
+/// [`Self::client`] also turns off everything in which the agent could
+/// make it hold memory that no stream asked for: server push (h2 stores
+/// every PUSH_PROMISE until someone takes it, and nothing here would),
+/// streams opened by the agent, and header lists beyond a few KiB.
 #[derive(Clone, Copy, Debug)]
 pub struct H2Settings {
     /// Per-stream window: what one stalled reader can pin. Default 1 MiB.
@@ -33,7 +41,26 @@ pub struct H2Settings {
     pub max_streams: u32,
     /// Largest DATA frame (16 KiB..16 MiB); bigger frames, fewer headers.
     pub max_frame: u32,
+    /// Largest decoded header list either end accepts
+    /// (SETTINGS_MAX_HEADER_LIST_SIZE; it also bounds what h2 buffers of a
+    /// header block while it arrives). Our requests and responses carry a
+    /// method, a path and a status: a few dozen bytes. Default 16 KiB
+    /// ([`DEFAULT_MAX_HEADER_LIST`]; h2's own default is 16 MiB). A peer
+    /// over it gets its stream reset, or its connection closed when it
+    /// is far over.
+    pub max_header_list: u32,
+    /// Data queued per stream ahead of the socket (h2's send buffer): the
+    /// memory a stream holds when the peer's windows are open but its TCP
+    /// connection does not drain. Default 256 KiB ([`DEFAULT_SEND_BUFFER`],
+    /// four 64 KiB frames); worst case per connection is this times the
+    /// open streams.
+    pub send_buffer: u32,
 }
+
+/// Default [`H2Settings::max_header_list`]: 16 KiB.
+pub const DEFAULT_MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Default [`H2Settings::send_buffer`]: 256 KiB.
+pub const DEFAULT_SEND_BUFFER: u32 = 256 * 1024;
 
 impl Default for H2Settings {
     fn default() -> Self {
@@ -42,27 +69,38 @@ impl Default for H2Settings {
             connection_window: 32 * 1024 * 1024,
             max_streams: 8192,
             max_frame: 64 * 1024,
+            max_header_list: DEFAULT_MAX_HEADER_LIST,
+            send_buffer: DEFAULT_SEND_BUFFER,
         }
     }
 }
 
 impl H2Settings {
+    /// The cloud side (HTTP/2 client, facing the agent). Push is off, so a
+    /// PUSH_PROMISE is a connection error (PROTOCOL_ERROR) and the agent
+    /// may open no stream of its own (`max_concurrent_streams(0)`, which
+    /// h2 also applies to reserved push streams).
     pub fn client(&self) -> h2::client::Builder {
         let mut b = h2::client::Builder::new();
         b.initial_window_size(self.stream_window)
             .initial_connection_window_size(self.connection_window)
             .max_frame_size(self.max_frame)
-            .max_send_buffer_size(self.stream_window as usize);
+            .enable_push(false)
+            .max_concurrent_streams(0)
+            .max_header_list_size(self.max_header_list)
+            .max_send_buffer_size(self.send_buffer as usize);
         b
     }
 
+    /// The agent side (HTTP/2 server, serving the cloud's streams).
     pub fn server(&self) -> h2::server::Builder {
         let mut b = h2::server::Builder::new();
         b.initial_window_size(self.stream_window)
             .initial_connection_window_size(self.connection_window)
             .max_frame_size(self.max_frame)
             .max_concurrent_streams(self.max_streams)
-            .max_send_buffer_size(self.stream_window as usize);
+            .max_header_list_size(self.max_header_list)
+            .max_send_buffer_size(self.send_buffer as usize);
         b
     }
 }

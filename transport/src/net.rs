@@ -56,13 +56,9 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
 }
 
 /// Maps an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) to plain IPv4, so
-/// dual-stack listeners route IPv4 clients by their real address.
-pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(Into::into).unwrap_or(ip),
-        v4 => v4,
-    }
-}
+/// dual-stack listeners route IPv4 clients by their real address. The same
+/// function canonicalizes certificate addresses (`certs::identity`).
+pub use certs::identity::canonical_ip;
 
 /// Accepts the next connection. Errors such as EMFILE are logged and
 /// retried after a short pause instead of spinning or ending the listener.

@@ -153,10 +153,11 @@ impl QuicSettings {
     /// The server endpoint that agents dial.
     ///
     /// `reset_secret` (the server's private key) seeds the stateless-reset
-    /// key, so a server that crashed and restarted with the same
-    /// certificate can tell agents at once that their old connection is
-    /// gone (a valid stateless reset) instead of leaving them to wait out
-    /// the idle timeout.
+    /// key and the connection-id key (separate HKDF subkeys,
+    /// `EndpointKeys`), so a server that crashed and restarted with the
+    /// same certificate can tell agents at once that their old connection
+    /// is gone (a valid stateless reset) instead of leaving them to wait
+    /// out the idle timeout.
     pub fn server_endpoint(
         &self,
         addr: SocketAddr,
@@ -176,16 +177,12 @@ impl QuicSettings {
         config.incoming_buffer_size_total(self.incoming_buffer_total);
         let socket = crate::net::bind_udp(addr, self.udp_buffer)
             .map_err(|source| EndpointError::Bind { addr, source })?;
-        let mut seed = ring::digest::Context::new(&ring::digest::SHA256);
-        seed.update(b"edge-tunnel stateless reset key v1");
-        seed.update(reset_secret);
-        let seed = seed.finish();
-        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed.as_ref());
+        let keys = EndpointKeys::derive(reset_secret);
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &keys.reset);
         let mut endpoint_config = EndpointConfig::new(Arc::new(reset_key));
         // quinn drops (without a reset) packets whose connection id was not
         // made by this generator's key: keep that key stable as well.
-        let cid_key =
-            u64::from_le_bytes(seed.as_ref()[..8].try_into().expect("SHA-256 is 32 bytes"));
+        let cid_key = keys.cid;
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
@@ -226,9 +223,66 @@ impl QuicSettings {
     }
 }
 
+/// The server endpoint's stable keys, derived from its private key with
+/// HKDF-SHA256 under one label each, so that neither key says anything
+/// about the other (the connection-id key's hash is visible to anyone who
+/// sees connection ids; it must not be the first bytes of the reset key).
+struct EndpointKeys {
+    /// HMAC key that makes stateless-reset tokens.
+    reset: [u8; 32],
+    /// Key of the connection-id generator.
+    cid: u64,
+}
+
+impl EndpointKeys {
+    const SALT: &'static [u8] = b"edge-tunnel endpoint keys v2";
+    const RESET_LABEL: &'static [u8] = b"stateless reset";
+    const CID_LABEL: &'static [u8] = b"connection id";
+
+    fn derive(secret: &[u8]) -> Self {
+        struct Len(usize);
+        impl ring::hkdf::KeyType for Len {
+            fn len(&self) -> usize {
+                self.0
+            }
+        }
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, Self::SALT).extract(secret);
+        let expand = |label: &[u8], out: &mut [u8]| {
+            let info = [label];
+            prk.expand(&info, Len(out.len()))
+                .and_then(|okm| okm.fill(out))
+                .expect("32 bytes or less is within HKDF-SHA256's output limit");
+        };
+        let mut reset = [0u8; 32];
+        expand(Self::RESET_LABEL, &mut reset);
+        let mut cid = [0u8; 8];
+        expand(Self::CID_LABEL, &mut cid);
+        EndpointKeys {
+            reset,
+            cid: u64::from_le_bytes(cid),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_keys_are_stable_and_independent() {
+        let a = EndpointKeys::derive(b"server private key");
+        let again = EndpointKeys::derive(b"server private key");
+        // Stable across restarts with the same key...
+        assert_eq!((a.reset, a.cid), (again.reset, again.cid));
+        // ...different for another key...
+        let b = EndpointKeys::derive(b"another private key");
+        assert_ne!(a.reset, b.reset);
+        assert_ne!(a.cid, b.cid);
+        // ...and the connection-id key is no slice of the reset key.
+        for window in a.reset.windows(8) {
+            assert_ne!(u64::from_le_bytes(window.try_into().unwrap()), a.cid);
+        }
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -69,13 +69,12 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
             "the agent is shutting down",
         ))
     } else if !policy.allow.permits(target) {
-        tracing::warn!(%target, "dial refused: target is not on the allow-list");
+        tracing::warn!(%target, allow = %policy.allow, "dial refused: target is not on the allow-list");
+        // The message reaches CONNECT clients: it names the target, never
+        // the allow-list (which says what else on the node is reachable).
         Err(DialResult::error(
             DialCode::NotAllowed,
-            format!(
-                "{target} is not on the allow-list of node {} ({})",
-                policy.node, policy.allow
-            ),
+            format!("{target} is not on the allow-list of node {}", policy.node),
         ))
     } else {
         let deadline = Duration::from_millis(request.deadline_ms.into()).min(policy.dial_timeout);

@@ -18,6 +18,7 @@ use proto::{Hello, Message, Refusal, RefuseCode, Welcome};
 use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
+use transport::net::canonical_ip;
 use transport::{read_message, TunnelStream};
 
 use crate::admission::{Admission, Permit};
@@ -167,8 +168,44 @@ pub(crate) async fn serve_agent(
 
     let own = crate::addresses::own_addresses();
     let allowed = |a: IpAddr| shared.config.addresses.check(a, &own);
-    let addresses = match check_hello(&hello, &identity, allowed) {
-        Ok(addresses) => addresses,
+    // Registered before `Welcome` is written, so that the address check
+    // and the registration are one step; undone if `Welcome` cannot go.
+    let registered = check_hello(&hello, &identity, allowed).and_then(|addresses| {
+        let agent = Arc::new(AgentHandle {
+            id: shared.next_id(),
+            node: identity.common_name.clone(),
+            addresses,
+            connected_since: SystemTime::now(),
+            link: link.clone(),
+            stall: match &link {
+                AgentLink::Quic(conn) => transport::stall::StallCredit::quic(
+                    conn,
+                    &shared.config.quic,
+                    &shared.stall_budget,
+                ),
+                AgentLink::H2(h) => h.stall.clone(),
+            },
+            streams_active: AtomicI64::new(0),
+            draining: AtomicBool::new(false),
+            kick: tokio::sync::Notify::new(),
+        });
+        match shared.registry.register(agent.clone()) {
+            Ok(old) => Ok((agent, old)),
+            Err(conflict) => {
+                tracing::warn!(
+                    address = %conflict.address,
+                    holder = %conflict.holder,
+                    "registration refused: another node's live agent serves this address"
+                );
+                Err(Refusal {
+                    code: RefuseCode::AddressInUse,
+                    reason: conflict.to_string(),
+                })
+            }
+        }
+    });
+    let (agent, old) = match registered {
+        Ok(v) => v,
         Err(refusal) => {
             metrics.refused(refusal.code.label());
             let _ =
@@ -188,26 +225,11 @@ pub(crate) async fn serve_agent(
         server_id: shared.config.server_id.clone(),
     });
     if let Err(e) = transport::write_message(&mut stream.send, &welcome).await {
+        shared.registry.deregister(&agent);
         return Err(AgentError::Control(e.to_string()));
     }
 
-    let agent = Arc::new(AgentHandle {
-        id: shared.next_id(),
-        node: identity.common_name.clone(),
-        addresses,
-        connected_since: SystemTime::now(),
-        link: link.clone(),
-        stall: match &link {
-            AgentLink::Quic(conn) => {
-                transport::stall::StallCredit::quic(conn, &shared.config.quic, &shared.stall_budget)
-            }
-            AgentLink::H2(h) => h.stall.clone(),
-        },
-        streams_active: AtomicI64::new(0),
-        draining: AtomicBool::new(false),
-        kick: tokio::sync::Notify::new(),
-    });
-    if let Some(old) = shared.registry.register(agent.clone()) {
+    if let Some(old) = old {
         if hello.capabilities & proto::capability::HANDOVER != 0 {
             tracing::info!(
                 old_transport = old.link.transport(),
@@ -234,16 +256,26 @@ pub(crate) async fn serve_agent(
     tracing::info!(addresses = ?agent.addresses, transport = link.transport(), "agent registered");
 
     // Watch the control stream until it ends or the connection dies.
+    // After `Welcome` the agent sends `Drain` once; a repeated `Drain` is
+    // harmless and ignored (debug log, counted), anything else is a
+    // protocol error that ends the connection (one warning per connection).
     let watch = async {
         let mut buf = Vec::new();
+        let mut drained = false;
         loop {
             match read_message(&mut stream.recv, &mut buf).await {
+                Ok(Message::Drain) if drained => {
+                    tracing::debug!("repeated Drain ignored");
+                    metrics.agent_protocol_error("repeated_drain");
+                }
                 Ok(Message::Drain) => {
+                    drained = true;
                     tracing::info!("agent is draining; no new streams are routed to it");
                     agent.draining.store(true, Ordering::Relaxed);
                 }
                 Ok(other) => {
                     tracing::warn!("unexpected {} on the control stream", other.kind());
+                    metrics.agent_protocol_error("unexpected_control_message");
                     link.close(close::PROTOCOL, "unexpected control message");
                     break;
                 }
@@ -323,11 +355,10 @@ fn check_hello(
             ),
         });
     }
-    if let Some(bad) = hello
-        .addresses
-        .iter()
-        .find(|a| !identity.addresses.contains(a))
-    {
+    // Certificate addresses are canonical (IPv4, not IPv4-mapped); an
+    // agent that spells one mapped means the same address.
+    let claimed: Vec<IpAddr> = hello.addresses.iter().map(|a| canonical_ip(*a)).collect();
+    if let Some(bad) = claimed.iter().find(|a| !identity.addresses.contains(a)) {
         return Err(Refusal {
             code: RefuseCode::AddressNotInCertificate,
             reason: format!(
@@ -336,10 +367,16 @@ fn check_hello(
             ),
         });
     }
-    let addresses = if hello.addresses.is_empty() {
+    let addresses = if claimed.is_empty() {
         identity.addresses.clone()
     } else {
-        hello.addresses.clone()
+        let mut unique = Vec::with_capacity(claimed.len());
+        for a in claimed {
+            if !unique.contains(&a) {
+                unique.push(a);
+            }
+        }
+        unique
     };
     for &a in &addresses {
         if let Err(why) = allowed(a) {
@@ -402,6 +439,16 @@ mod tests {
             identity().addresses
         );
         assert!(check_hello_any(&hello("edge-1", &["198.18.1.2"]), &identity()).is_ok());
+    }
+
+    #[test]
+    fn ipv4_mapped_claims_register_as_ipv4() {
+        let addrs = check_hello_any(
+            &hello("edge-1", &["::ffff:198.18.1.2", "198.18.1.2"]),
+            &identity(),
+        )
+        .unwrap();
+        assert_eq!(addrs, identity().addresses);
     }
 
     #[test]

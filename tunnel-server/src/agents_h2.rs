@@ -88,11 +88,22 @@ async fn handle(
     let (closed_tx, closed) = tokio::sync::watch::channel(false);
     let stop = shutdown.clone();
     let (stall, mut window) = transport::stall::StallCredit::h2(&settings, &shared.stall_budget);
+    let task_shared = shared.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 r = &mut connection => {
-                    if let Err(e) = r { tracing::debug!("HTTP/2 connection ended: {e}") }
+                    match r {
+                        // Our h2 closed it for a violation (a push promise,
+                        // an oversized header list, a flood): counted, and
+                        // logged once per connection.
+                        Err(e) if e.is_go_away() && e.is_library() => {
+                            task_shared.metrics.agent_protocol_error("h2_protocol");
+                            tracing::warn!("HTTP/2 protocol violation by the agent: {e}");
+                        }
+                        Err(e) => tracing::debug!("HTTP/2 connection ended: {e}"),
+                        Ok(()) => {}
+                    }
                     break;
                 }
                 _ = stop.notified() => break,

@@ -110,6 +110,22 @@ fn status_for(e: &DialError) -> StatusCode {
     }
 }
 
+/// What a CONNECT client is told about a failed dial. The agent's own
+/// words are passed on except for an allow-list refusal: agents before
+/// this version put their whole allow-list in it, and which other ports
+/// a node opens is not the client's business (the log has it all).
+fn client_body(e: &DialError) -> String {
+    match e {
+        DialError::Refused {
+            node,
+            target,
+            code: DialCode::NotAllowed,
+            ..
+        } => format!("{target} is not on the allow-list of node {node}"),
+        _ => e.to_string(),
+    }
+}
+
 async fn handle(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
@@ -139,7 +155,7 @@ async fn handle(
         Ok(d) => d,
         Err(e) => {
             tracing::info!(%target, "CONNECT refused: {e}");
-            return Ok(text(status_for(&e), e.to_string()));
+            return Ok(text(status_for(&e), client_body(&e)));
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -212,6 +228,29 @@ mod tests {
         for (e, status) in cases {
             assert_eq!(status_for(&e).as_u16(), status, "{e}");
         }
+    }
+
+    #[test]
+    fn allow_lists_stay_out_of_client_bodies() {
+        let target: SocketAddr = "198.18.0.5:22".parse().unwrap();
+        let e = DialError::Refused {
+            node: "edge-1".into(),
+            target,
+            code: DialCode::NotAllowed,
+            message: "198.18.0.5:22 is not on the allow-list (127.0.0.1:10250,9100)".into(),
+        };
+        let body = client_body(&e);
+        assert_eq!(
+            body,
+            "198.18.0.5:22 is not on the allow-list of node edge-1"
+        );
+        let e = DialError::Refused {
+            node: "edge-1".into(),
+            target,
+            code: DialCode::Refused,
+            message: "198.18.0.5:22 refused the connection".into(),
+        };
+        assert!(client_body(&e).ends_with("198.18.0.5:22 refused the connection"));
     }
 
     #[test]

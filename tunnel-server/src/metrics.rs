@@ -38,6 +38,8 @@ pub struct Metrics {
     pub handshakes_limited: Family<LimitedLabel, Counter>,
     /// Handshakes that did not finish, by listener and reason.
     pub handshake_failures: Family<FailureLabel, Counter>,
+    /// Agent misbehaviour the server noticed, by kind.
+    pub agent_protocol_errors: Family<Label, Counter>,
 }
 
 impl Default for Metrics {
@@ -88,6 +90,7 @@ impl Metrics {
         let handshakes_in_flight = Family::<ListenerLabel, Gauge>::default();
         let handshakes_limited = Family::<LimitedLabel, Counter>::default();
         let handshake_failures = Family::<FailureLabel, Counter>::default();
+        let agent_protocol_errors = Family::<Label, Counter>::default();
         registry.register(
             "agents_connected",
             "Agents with a live, registered connection",
@@ -149,6 +152,13 @@ impl Metrics {
             "Agent handshakes that did not finish, by transport and reason",
             handshake_failures.clone(),
         );
+        registry.register(
+            "agent_protocol_errors",
+            "Protocol violations by registered agents, by kind: repeated_drain (ignored), \
+             unexpected_control_message (connection closed), h2_protocol (the HTTP/2 client \
+             closed the connection: a push promise, an oversized header list, a frame flood)",
+            agent_protocol_errors.clone(),
+        );
         Metrics {
             registry,
             agents_connected,
@@ -167,12 +177,19 @@ impl Metrics {
             handshakes_in_flight,
             handshakes_limited,
             handshake_failures,
+            agent_protocol_errors,
         }
     }
 
     pub fn accept_failed(&self, listener: &'static str) {
         self.accept_errors
             .get_or_create(&[("listener", listener)])
+            .inc();
+    }
+
+    pub fn agent_protocol_error(&self, kind: &'static str) {
+        self.agent_protocol_errors
+            .get_or_create(&[("kind", kind)])
             .inc();
     }
 

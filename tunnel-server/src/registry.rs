@@ -1,11 +1,15 @@
 //! The agent registry: node name → live agent, address → node.
 //!
 //! Entries are keyed by node; each carries a connection id so that the
-//! cleanup of a replaced connection never removes its replacement.
+//! cleanup of a replaced connection never removes its replacement. An
+//! address belongs to one live node at a time: a registration that claims
+//! an address another node's live agent serves is refused
+//! ([`AddressConflict`]), so the address map is always exactly the union
+//! of the live registrations' addresses.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
@@ -45,7 +49,13 @@ pub enum Route {
 
 pub struct AgentRegistry {
     by_node: DashMap<String, Arc<AgentHandle>>,
+    /// Derived from `by_node`: every address of every registered agent.
+    /// Live registrations never share an address (see [`Self::register`]),
+    /// so each address has exactly one node.
     by_addr: DashMap<IpAddr, String>,
+    /// Serializes registrations and removals: the conflict check and the
+    /// update of both maps are one step.
+    writes: Mutex<()>,
     /// Bumped on every registration and removal (the DNAT helper follows it).
     changes: watch::Sender<u64>,
 }
@@ -55,9 +65,23 @@ impl Default for AgentRegistry {
         AgentRegistry {
             by_node: DashMap::new(),
             by_addr: DashMap::new(),
+            writes: Mutex::new(()),
             changes: watch::Sender::new(0),
         }
     }
+}
+
+/// A registration refused because another node's live agent serves one of
+/// its addresses.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "address {address} is served by node {holder}, whose agent is connected; \
+     two nodes' certificates carry it"
+)]
+pub struct AddressConflict {
+    pub address: IpAddr,
+    /// The node that holds the address.
+    pub holder: String,
 }
 
 impl AgentRegistry {
@@ -71,37 +95,55 @@ impl AgentRegistry {
         self.by_addr.iter().map(|e| *e.key()).collect()
     }
 
-    /// Registers `agent`, returning the connection it replaced, if any.
-    /// The caller closes the replaced connection.
-    pub fn register(&self, agent: Arc<AgentHandle>) -> Option<Arc<AgentHandle>> {
-        let old = self.by_node.insert(agent.node.clone(), agent.clone());
-        if let Some(old) = &old {
-            for addr in &old.addresses {
-                self.by_addr.remove_if(addr, |_, node| *node == old.node);
-            }
-        }
+    /// Registers `agent`, returning the connection of the same node it
+    /// replaced, if any (the caller closes it).
+    ///
+    /// An address is served by one node at a time: while another node's
+    /// agent is registered with one of `agent`'s addresses, `agent` is
+    /// refused, whole, and nothing changes. First come keeps it: a second
+    /// certificate carrying the address must not take its traffic, and
+    /// when the holder leaves the newcomer's next attempt succeeds.
+    pub fn register(
+        &self,
+        agent: Arc<AgentHandle>,
+    ) -> Result<Option<Arc<AgentHandle>>, AddressConflict> {
+        let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         for addr in &agent.addresses {
-            if let Some(prev) = self.by_addr.insert(*addr, agent.node.clone()) {
-                if prev != agent.node {
-                    tracing::warn!(%addr, new = %agent.node, old = %prev,
-                        "address moved to another node's certificate");
+            if let Some(holder) = self.by_addr.get(addr) {
+                if *holder != agent.node {
+                    return Err(AddressConflict {
+                        address: *addr,
+                        holder: holder.clone(),
+                    });
                 }
             }
         }
+        let old = self.by_node.insert(agent.node.clone(), agent.clone());
+        if let Some(old) = &old {
+            // A renewed certificate may have dropped some.
+            for addr in &old.addresses {
+                self.by_addr.remove(addr);
+            }
+        }
+        for addr in &agent.addresses {
+            self.by_addr.insert(*addr, agent.node.clone());
+        }
         self.changes.send_modify(|v| *v += 1);
-        old
+        Ok(old)
     }
 
     /// Removes `agent` if it is still the registered connection of its node.
     /// Returns whether it was.
     pub fn deregister(&self, agent: &AgentHandle) -> bool {
+        let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         let removed = self
             .by_node
             .remove_if(&agent.node, |_, cur| cur.id == agent.id)
             .is_some();
         if removed {
+            // Registrations never share addresses: these were its own.
             for addr in &agent.addresses {
-                self.by_addr.remove_if(addr, |_, node| *node == agent.node);
+                self.by_addr.remove(addr);
             }
             self.changes.send_modify(|v| *v += 1);
         }
@@ -137,5 +179,174 @@ impl AgentRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.by_node.is_empty()
+    }
+}
+
+/// Agent handles without a network, for unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// An agent link over an in-memory HTTP/2 connection nobody serves:
+    /// enough to register a handle and route to it.
+    pub(crate) async fn idle_link() -> AgentLink {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let settings = transport::h2::H2Settings::default();
+        let (send, connection) = settings.client().handshake(ours).await.unwrap();
+        tokio::spawn(async move {
+            let _peer = theirs;
+            let _ = connection.await;
+        });
+        let budget = transport::stall::StallBudget::new(0);
+        let (stall, _window) = transport::stall::StallCredit::h2(&settings, &budget);
+        AgentLink::H2(crate::link::H2Link {
+            send,
+            remote: "127.0.0.1:1".parse().unwrap(),
+            shutdown: Arc::new(tokio::sync::Notify::new()),
+            closed: tokio::sync::watch::channel(false).1,
+            stall,
+        })
+    }
+
+    /// A handle for connection `id` of `node` with `addresses`.
+    pub(crate) async fn handle(id: u64, node: &str, addresses: &[&str]) -> Arc<AgentHandle> {
+        let link = idle_link().await;
+        let stall = match &link {
+            AgentLink::H2(h) => h.stall.clone(),
+            AgentLink::Quic(_) => unreachable!(),
+        };
+        Arc::new(AgentHandle {
+            id,
+            node: node.to_owned(),
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            connected_since: SystemTime::now(),
+            link,
+            stall,
+            streams_active: AtomicI64::new(0),
+            draining: AtomicBool::new(false),
+            kick: tokio::sync::Notify::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::handle;
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn node_at(registry: &AgentRegistry, addr: &str) -> Option<String> {
+        match registry.by_address(ip(addr)) {
+            Route::Agent(a) => Some(a.node.clone()),
+            Route::Draining(n) => Some(n),
+            Route::NoAgent => None,
+        }
+    }
+
+    /// The address map, checked against a recomputation from the live
+    /// registrations.
+    fn addresses(registry: &AgentRegistry) -> Vec<(IpAddr, String)> {
+        let mut derived: Vec<_> = registry
+            .by_addr
+            .iter()
+            .map(|e| (*e.key(), e.value().clone()))
+            .collect();
+        derived.sort();
+        let mut recomputed: Vec<_> = registry
+            .snapshot()
+            .iter()
+            .flat_map(|a| a.addresses.iter().map(|ip| (*ip, a.node.clone())))
+            .collect();
+        recomputed.sort();
+        assert_eq!(derived, recomputed, "address map out of step");
+        derived
+    }
+
+    #[tokio::test]
+    async fn a_live_nodes_address_is_refused_to_another_node() {
+        let registry = AgentRegistry::default();
+        let rightful = handle(1, "edge-1", &["198.18.0.5", "198.18.0.6"]).await;
+        let intruder = handle(2, "edge-2", &["198.18.0.7", "198.18.0.5"]).await;
+        registry.register(rightful.clone()).unwrap();
+        let changes = *registry.subscribe().borrow();
+        let conflict = registry.register(intruder.clone()).err().unwrap();
+        assert_eq!(
+            conflict,
+            AddressConflict {
+                address: ip("198.18.0.5"),
+                holder: "edge-1".into()
+            }
+        );
+        assert!(conflict
+            .to_string()
+            .contains("198.18.0.5 is served by node edge-1"));
+        // Refused whole: none of its addresses, not even the free one.
+        assert_eq!(node_at(&registry, "198.18.0.5").as_deref(), Some("edge-1"));
+        assert_eq!(node_at(&registry, "198.18.0.7"), None);
+        assert!(matches!(registry.by_node("edge-2"), Route::NoAgent));
+        assert_eq!(*registry.subscribe().borrow(), changes, "nothing changed");
+        addresses(&registry);
+
+        // The refused agent's cleanup must not touch the holder.
+        assert!(!registry.deregister(&intruder));
+        assert_eq!(node_at(&registry, "198.18.0.5").as_deref(), Some("edge-1"));
+        assert_eq!(addresses(&registry).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_address_is_free_once_its_holder_leaves() {
+        let registry = AgentRegistry::default();
+        let first = handle(1, "edge-1", &["198.18.0.5"]).await;
+        let second = handle(2, "edge-2", &["198.18.0.5", "198.18.0.9"]).await;
+        registry.register(first.clone()).unwrap();
+        assert!(registry.register(second.clone()).is_err());
+        // First leaves: the address is unrouted, then the second's next
+        // attempt gets it.
+        assert!(registry.deregister(&first));
+        assert_eq!(node_at(&registry, "198.18.0.5"), None);
+        assert!(addresses(&registry).is_empty());
+        let second_again = handle(3, "edge-2", &["198.18.0.5", "198.18.0.9"]).await;
+        registry.register(second_again.clone()).unwrap();
+        assert_eq!(node_at(&registry, "198.18.0.5").as_deref(), Some("edge-2"));
+        // Now the first one comes back and is the one refused.
+        let first_again = handle(4, "edge-1", &["198.18.0.5"]).await;
+        assert_eq!(
+            registry.register(first_again).err().unwrap().holder,
+            "edge-2"
+        );
+        // Second leaves: nothing is left behind.
+        assert!(registry.deregister(&second_again));
+        assert!(addresses(&registry).is_empty());
+        assert!(registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_node_may_re_register_its_own_addresses() {
+        let registry = AgentRegistry::default();
+        let old = handle(1, "edge-1", &["198.18.0.5", "198.18.0.6"]).await;
+        registry.register(old.clone()).unwrap();
+        // A renewed certificate: one address kept, one dropped, one new.
+        let new = handle(2, "edge-1", &["198.18.0.5", "198.18.0.8"]).await;
+        let replaced = registry.register(new.clone()).unwrap().unwrap();
+        assert_eq!(replaced.id, 1);
+        assert_eq!(
+            addresses(&registry),
+            [
+                (ip("198.18.0.5"), "edge-1".to_owned()),
+                (ip("198.18.0.8"), "edge-1".to_owned())
+            ]
+        );
+        // The replaced connection's cleanup leaves the new one alone.
+        assert!(!registry.deregister(&old));
+        assert_eq!(addresses(&registry).len(), 2);
+        // The dropped address is free for another node.
+        registry
+            .register(handle(3, "edge-2", &["198.18.0.6"]).await)
+            .unwrap();
+        assert_eq!(node_at(&registry, "198.18.0.6").as_deref(), Some("edge-2"));
+        addresses(&registry);
     }
 }

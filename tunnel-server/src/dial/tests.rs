@@ -3,17 +3,14 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64};
 use std::sync::Mutex;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
 
 use proto::DialResult;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use transport::{TunnelRecv, TunnelSend};
 
 use super::*;
-use crate::link::{AgentLink, H2Link};
 
 const TARGET: &str = "198.18.0.5:10250";
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -231,45 +228,9 @@ async fn a_failed_open_is_open_failed() {
     assert_eq!(e.label(), "open_failed");
 }
 
-/// An agent link over an in-memory HTTP/2 connection nobody serves:
-/// enough to register a handle and route to it.
-async fn idle_link() -> AgentLink {
-    let (ours, theirs) = tokio::io::duplex(64 * 1024);
-    let settings = transport::h2::H2Settings::default();
-    let (send, connection) = settings.client().handshake(ours).await.unwrap();
-    tokio::spawn(async move {
-        let _peer = theirs;
-        let _ = connection.await;
-    });
-    let budget = transport::stall::StallBudget::new(0);
-    let (stall, _window) = transport::stall::StallCredit::h2(&settings, &budget);
-    AgentLink::H2(H2Link {
-        send,
-        remote: "127.0.0.1:1".parse().unwrap(),
-        shutdown: Arc::new(tokio::sync::Notify::new()),
-        closed: tokio::sync::watch::channel(false).1,
-        stall,
-    })
-}
-
 async fn register(registry: &AgentRegistry, node: &str, addresses: &[&str]) -> Arc<AgentHandle> {
-    let link = idle_link().await;
-    let stall = match &link {
-        AgentLink::H2(h) => h.stall.clone(),
-        AgentLink::Quic(_) => unreachable!(),
-    };
-    let handle = Arc::new(AgentHandle {
-        id: 1,
-        node: node.to_owned(),
-        addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
-        connected_since: SystemTime::now(),
-        link,
-        stall,
-        streams_active: AtomicI64::new(0),
-        draining: AtomicBool::new(false),
-        kick: tokio::sync::Notify::new(),
-    });
-    registry.register(handle.clone());
+    let handle = crate::registry::testing::handle(1, node, addresses).await;
+    registry.register(handle.clone()).unwrap();
     handle
 }
 
