@@ -113,7 +113,9 @@ fn main() -> Result<()> {
     config.validate()?;
     let credentials = config.credentials()?;
     for host in credentials.allow.hosts() {
-        if !credentials.addresses.contains(host) && !host.is_loopback() {
+        if host.is_loopback() {
+            tracing::warn!(%host, "the allow-list lets the server reach this node's loopback services; allow only the ports it needs");
+        } else if !credentials.addresses.contains(host) {
             tracing::warn!(%host, "allow-list host is not in the certificate; the server routes only certificate addresses to this node");
         }
     }
