@@ -491,6 +491,50 @@ async fn an_address_that_is_never_an_edges_is_refused(tr: Transport) {
     );
 }
 
+/// A client holding CONNECT tunnels to one node cannot take the streams
+/// the transparent path (the apiserver) needs: CONNECT stops at the limit
+/// minus the reserve and is told so at once, instead of a 504 after 12 s
+/// once the agent grants no more streams.
+async fn connect_stops_at_the_node_stream_limit_minus_the_reserve(tr: Transport) {
+    init_logging();
+    let echo = targets::echo_server().await;
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let mut settings = TestServer::config(&pki, "127.0.0.1:0".parse().unwrap());
+    settings.max_streams_per_node = 4;
+    settings.transparent_stream_reserve = 2;
+    let server = TestServer::start_with(settings).await;
+    let agent = TestAgent::start(agent_config(
+        &pki,
+        NODE,
+        &server,
+        &allow(&[echo.port()]),
+        tr,
+    ));
+    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    let target = echo.to_string();
+    let first = connect_via(server.connect_addr(), &target).await.unwrap();
+    let _second = connect_via(server.connect_addr(), &target).await.unwrap();
+    let (status, body) = connect_via(server.connect_addr(), &target)
+        .await
+        .unwrap_err();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("limit"), "{body}");
+    assert_eq!(
+        server
+            .metric("edge_tunnel_dial_failures_total{reason=\"node_stream_limit\"}")
+            .await,
+        1.0
+    );
+    // A tunnel that ends gives its slot back.
+    drop(first);
+    eventually("a slot is free again", Duration::from_secs(10), || async {
+        connect_via(server.connect_addr(), &target).await.is_ok()
+    })
+    .await;
+    agent.stop().await;
+}
+
 async fn node_name_must_match_the_certificate(tr: Transport) {
     let t = tunnel(&[10250], tr).await;
     // At start-up: the agent refuses to run.
@@ -874,6 +918,7 @@ macro_rules! over_both_transports {
 }
 
 over_both_transports!(
+    connect_stops_at_the_node_stream_limit_minus_the_reserve,
     an_address_that_is_never_an_edges_is_refused,
     a_renewed_certificate_applies_whole_at_reconnect,
     https_through_connect_verifies_the_targets_own_certificate,

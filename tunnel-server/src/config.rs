@@ -53,6 +53,14 @@ pub struct ServerSettings {
     /// sizes it from the open-files limit unless `--max-client-connections`
     /// is given.
     pub max_client_connections: usize,
+    /// Tunneled connections open to one node at once through this server.
+    /// Default 8192, the streams an agent accepts by default: past it a
+    /// dial fails at once (CONNECT 503, transparent reset) instead of
+    /// waiting for a stream the agent will not grant (504 after 12 s).
+    pub max_streams_per_node: usize,
+    /// Of those, how many only the transparent ingress may use (the
+    /// apiserver's default route to kubelets). Default 256.
+    pub transparent_stream_reserve: usize,
     /// Which addresses agents may register (and DNAT may redirect):
     /// never loopback (unless allowed), unspecified, link-local,
     /// multicast or this host's own; within `--agent-address-cidr` when
@@ -78,6 +86,8 @@ impl ServerSettings {
             handshake_limits: HandshakeLimits::default(),
             dial_timeout: Duration::from_secs(10),
             max_client_connections: 8192,
+            max_streams_per_node: 8192,
+            transparent_stream_reserve: 256,
             addresses: crate::addresses::AddressPolicy::default(),
             quic: QuicSettings::default(),
         }
@@ -102,6 +112,10 @@ pub enum ConfigError {
     H2ListenWithoutH2(SocketAddr),
     #[error("--max-client-connections must be at least 1")]
     NoClientConnections,
+    #[error(
+        "--transparent-stream-reserve ({reserve}) must be below --max-streams-per-node ({max})"
+    )]
+    StreamReserve { reserve: usize, max: usize },
 }
 
 /// Checked server settings; read them through `Deref`. No `DerefMut`: a
@@ -132,6 +146,12 @@ impl ServerConfig {
         }
         if settings.max_client_connections == 0 {
             return Err(ConfigError::NoClientConnections);
+        }
+        if settings.transparent_stream_reserve >= settings.max_streams_per_node {
+            return Err(ConfigError::StreamReserve {
+                reserve: settings.transparent_stream_reserve,
+                max: settings.max_streams_per_node,
+            });
         }
         Ok(ServerConfig(settings))
     }

@@ -92,7 +92,9 @@ pub fn parse_target(authority: &str) -> Result<Target, String> {
 
 fn status_for(e: &DialError) -> StatusCode {
     match e {
-        DialError::NoAgent(_) | DialError::Draining(_) => StatusCode::SERVICE_UNAVAILABLE,
+        DialError::NoAgent(_) | DialError::Draining(_) | DialError::NodeBusy { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         DialError::Refused {
             code: DialCode::NotAllowed,
             ..

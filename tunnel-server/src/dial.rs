@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,41 @@ pub struct Dialed {
     pub agent: Arc<AgentHandle>,
     pub target: SocketAddr,
     pub stream: TunnelStream,
+    /// The stream's place in its node's stream limit, held until the
+    /// relay ends.
+    pub slot: StreamSlot,
+}
+
+/// One stream counted against a node's limit (`AgentHandle::streams_active`);
+/// given back when dropped.
+pub struct StreamSlot(Arc<AgentHandle>);
+
+impl StreamSlot {
+    /// Takes a slot on `agent` if fewer than `limit` streams are open.
+    pub fn take(agent: &Arc<AgentHandle>, limit: usize) -> Result<StreamSlot, DialError> {
+        let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
+        let before = agent.streams_active.fetch_add(1, Ordering::AcqRel);
+        if before >= limit_i {
+            agent.streams_active.fetch_sub(1, Ordering::AcqRel);
+            return Err(DialError::NodeBusy {
+                node: agent.node.clone(),
+                limit,
+            });
+        }
+        Ok(StreamSlot(agent.clone()))
+    }
+}
+
+impl std::fmt::Debug for StreamSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StreamSlot({})", self.0.node)
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams_active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why a tunneled connection could not be established.
@@ -77,6 +113,8 @@ pub enum DialError {
     NoAgent(String),
     #[error("the agent of node {0} is draining")]
     Draining(String),
+    #[error("node {node} has {limit} tunneled connections open through this ingress, its limit")]
+    NodeBusy { node: String, limit: usize },
     #[error("cannot open a stream to node {node}: {source}")]
     Open {
         node: String,
@@ -117,6 +155,7 @@ impl DialError {
         match self {
             DialError::NoAgent(_) => "no_agent",
             DialError::Draining(_) => "draining",
+            DialError::NodeBusy { .. } => "node_stream_limit",
             DialError::Open { .. } | DialError::Send { .. } => "open_failed",
             DialError::Refused { code, .. } => code.label(),
             DialError::Timeout { .. } => "timeout",
@@ -139,6 +178,17 @@ pub async fn dial(
     let started = Instant::now();
     let result: Result<Dialed, DialError> = async {
         let (agent, addr) = route(&shared.registry, target)?;
+        // CONNECT leaves a reserve for the transparent path (the
+        // apiserver's default route to kubelets), so a client holding idle
+        // CONNECT tunnels cannot lock the apiserver out of a node.
+        let limit = match mode {
+            DialMode::Optimistic => shared.config.max_streams_per_node,
+            DialMode::AwaitResult => shared
+                .config
+                .max_streams_per_node
+                .saturating_sub(shared.config.transparent_stream_reserve),
+        };
+        let slot = StreamSlot::take(&agent, limit)?;
         let answer = match mode {
             DialMode::AwaitResult => Answer::Read,
             DialMode::Optimistic => {
@@ -160,6 +210,7 @@ pub async fn dial(
             agent,
             target: addr,
             stream,
+            slot,
         })
     }
     .await;

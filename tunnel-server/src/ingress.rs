@@ -33,13 +33,13 @@ pub async fn relay(shared: Arc<Shared>, dialed: Dialed, tcp: TcpStream, ingress:
         agent,
         target,
         stream,
+        slot: _slot,
     } = dialed;
     let id = STREAM_IDS.fetch_add(1, Ordering::Relaxed);
     let span = tracing::debug_span!("stream", node = %agent.node, stream = id, %target, ingress);
     let metrics = &shared.metrics;
     metrics.streams.get_or_create(&[("ingress", ingress)]).inc();
     metrics.streams_active.inc();
-    agent.streams_active.fetch_add(1, Ordering::Relaxed);
     let to_agent = metrics
         .bytes
         .get_or_create(&[("direction", "to_agent")])
@@ -66,6 +66,5 @@ pub async fn relay(shared: Arc<Shared>, dialed: Dialed, tcp: TcpStream, ingress:
     .instrument(span.clone())
     .await;
     span.in_scope(|| tracing::debug!(?stats, "stream ended"));
-    agent.streams_active.fetch_sub(1, Ordering::Relaxed);
     metrics.streams_active.dec();
 }

@@ -110,6 +110,14 @@ struct Args {
     /// the admin listener, HTTP/2 agents, certificate reloads, logs.
     #[arg(long, env = "TUNNEL_FD_RESERVE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
     fd_reserve: u64,
+    /// Tunneled connections open to one node at once through this server;
+    /// past it a dial fails at once (CONNECT 503, transparent reset).
+    #[arg(long, env = "TUNNEL_MAX_STREAMS_PER_NODE", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
+    max_streams_per_node: u64,
+    /// Of --max-streams-per-node, how many only the transparent ingress
+    /// (the apiserver's route to kubelets) may use.
+    #[arg(long, env = "TUNNEL_TRANSPARENT_STREAM_RESERVE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    transparent_stream_reserve: u64,
     #[command(flatten)]
     common: daemon::cli::Common,
 }
@@ -270,6 +278,10 @@ fn serve(args: Args) -> Result<()> {
     settings.dial_timeout = args.dial_timeout;
     settings.quic.keepalive = args.keepalive;
     settings.quic.idle_timeout = args.idle_timeout;
+    settings.max_streams_per_node =
+        usize::try_from(args.max_streams_per_node).unwrap_or(usize::MAX);
+    settings.transparent_stream_reserve =
+        usize::try_from(args.transparent_stream_reserve).unwrap_or(usize::MAX);
     settings.addresses = AddressPolicy::new(args.dnat_rules.agent_address_cidr.clone());
     settings.addresses.allow_loopback = args.allow_loopback_agents;
     settings.max_client_connections = match args.max_client_connections {

@@ -313,3 +313,18 @@ async fn a_failed_dial_is_counted_once_in_either_mode() {
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn a_node_at_its_stream_limit_fails_at_once_and_frees_slots() {
+    let agent = crate::registry::testing::handle(1, "edge-1", &["198.18.1.2"]).await;
+    let a = StreamSlot::take(&agent, 2).unwrap();
+    let _b = StreamSlot::take(&agent, 2).unwrap();
+    let e = StreamSlot::take(&agent, 2).unwrap_err();
+    assert!(matches!(e, DialError::NodeBusy { limit: 2, .. }));
+    assert_eq!(e.label(), "node_stream_limit");
+    // A higher limit (the transparent path's reserve) still has room.
+    let _c = StreamSlot::take(&agent, 3).unwrap();
+    drop(a);
+    assert!(StreamSlot::take(&agent, 3).is_ok());
+    assert_eq!(agent.streams_active.load(Ordering::Relaxed), 2);
+}
