@@ -535,6 +535,53 @@ async fn connect_stops_at_the_node_stream_limit_minus_the_reserve(tr: Transport)
     agent.stop().await;
 }
 
+/// A client that stopped reading is reset after --client-stall-timeout,
+/// so its unread data does not pin the stream's window and the agent's
+/// memory for good; the stream's slot comes back.
+async fn a_client_that_stopped_reading_is_reset(tr: Transport) {
+    init_logging();
+    let firehose = targets::firehose_server().await;
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let mut settings = TestServer::config(&pki, "127.0.0.1:0".parse().unwrap());
+    settings.client_stall_timeout = Some(Duration::from_secs(2));
+    let server = TestServer::start_with(settings).await;
+    let agent = TestAgent::start(agent_config(
+        &pki,
+        NODE,
+        &server,
+        &allow(&[firehose.port()]),
+        tr,
+    ));
+    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    let mut silent = connect_via(server.connect_addr(), &firehose.to_string())
+        .await
+        .unwrap();
+    eventually(
+        "the silent client is reset",
+        Duration::from_secs(60),
+        || async { server.metric("edge_tunnel_client_stall_resets_total").await >= 1.0 },
+    )
+    .await;
+    eventually("its stream is gone", Duration::from_secs(10), || async {
+        server.metric("edge_tunnel_streams_active").await == 0.0
+    })
+    .await;
+    // The client sees the end: a reset once it reads what was buffered.
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the client connection was closed");
+    agent.stop().await;
+}
+
 async fn node_name_must_match_the_certificate(tr: Transport) {
     let t = tunnel(&[10250], tr).await;
     // At start-up: the agent refuses to run.
@@ -918,6 +965,7 @@ macro_rules! over_both_transports {
 }
 
 over_both_transports!(
+    a_client_that_stopped_reading_is_reset,
     connect_stops_at_the_node_stream_limit_minus_the_reserve,
     an_address_that_is_never_an_edges_is_refused,
     a_renewed_certificate_applies_whole_at_reconnect,

@@ -25,5 +25,5 @@ pub mod stall;
 pub mod stream;
 
 pub use framed::{read_message, write_message, FrameError};
-pub use relay::{relay, BufferBudget, Direction, RelayOutcome};
+pub use relay::{relay, BufferBudget, Direction, RelayLimits, RelayOutcome};
 pub use stream::{TunnelRecv, TunnelSend, TunnelStream};

@@ -121,6 +121,27 @@ pub enum Direction {
     TunnelToTcp,
 }
 
+/// What bounds one relay.
+#[derive(Clone, Copy)]
+pub struct RelayLimits<'a> {
+    /// The connection's [`StallCredit`], told when the TCP side stops
+    /// taking the stream's data (`None`: never lend).
+    pub stall: Option<&'a StallCredit>,
+    /// What the two copy buffers may grow into.
+    pub buffers: &'a BufferBudget,
+    /// Reset both sides when one write of tunnel data to the TCP side
+    /// (at most [`MAX_BUF`]) stays blocked this long: the TCP peer stopped
+    /// reading, and its unread data would pin window and memory for good.
+    /// `None`: wait as long as it takes.
+    pub reader_gone_after: Option<Duration>,
+}
+
+/// The error a write gives when its reader took longer than
+/// [`RelayLimits::reader_gone_after`].
+#[derive(Debug, thiserror::Error)]
+#[error("the TCP peer read nothing for {0:?}")]
+struct ReaderGone(Duration);
+
 /// How a relay ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RelayOutcome {
@@ -130,6 +151,9 @@ pub enum RelayOutcome {
     TcpReset,
     /// The tunnel side reset or was lost; the TCP socket was reset.
     TunnelReset,
+    /// The TCP peer stopped reading for longer than allowed; both sides
+    /// were reset.
+    ReaderGone,
 }
 
 /// Totals for one relayed connection.
@@ -148,16 +172,12 @@ enum Failure {
 /// Relays until both directions are done or one side resets.
 ///
 /// `on_bytes` is called after every chunk moved (keep it cheap: a counter).
-/// `stall`: the connection's [`StallCredit`], told when the TCP side stops
-/// taking the stream's data (`None`: never lend). `buffers`: what the two
-/// copy buffers may grow into.
 pub async fn relay<S, R, F>(
     tcp: TcpStream,
     mut send: S,
     mut recv: R,
     on_bytes: F,
-    stall: Option<&StallCredit>,
-    buffers: &BufferBudget,
+    limits: RelayLimits<'_>,
 ) -> RelayStats
 where
     S: TunnelSend,
@@ -176,8 +196,11 @@ where
             Direction::TcpToTunnel,
             &mut up,
             &on_bytes,
-            None,
-            buffers,
+            RelayLimits {
+                stall: None,
+                reader_gone_after: None,
+                ..limits
+            },
         );
         let downstream = copy(
             &mut recv,
@@ -185,8 +208,7 @@ where
             Direction::TunnelToTcp,
             &mut down,
             &on_bytes,
-            stall,
-            buffers,
+            limits,
         );
         tokio::pin!(upstream, downstream);
         let (mut up_done, mut down_done) = (false, false);
@@ -212,6 +234,13 @@ where
             // after (agent drain) does not turn it into a reset. Bounded.
             let _ = tokio::time::timeout(DELIVERY_WAIT, send.delivered()).await;
             RelayOutcome::Closed
+        }
+        Err(Failure::Tcp(e)) if e.get_ref().is_some_and(|i| i.is::<ReaderGone>()) => {
+            tracing::debug!(error = %e, "resetting both sides");
+            send.reset(code::CANCELLED);
+            recv.stop(code::CANCELLED);
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            RelayOutcome::ReaderGone
         }
         Err(Failure::Tcp(e)) => {
             tracing::debug!(error = %e, "TCP side of the relay failed; resetting the stream");
@@ -258,8 +287,7 @@ async fn copy<Rd, Wr, F>(
     dir: Direction,
     total: &mut u64,
     on_bytes: &F,
-    stall: Option<&StallCredit>,
-    buffers: &BufferBudget,
+    limits: RelayLimits<'_>,
 ) -> Result<(), Failure>
 where
     Rd: AsyncRead + Unpin + ?Sized,
@@ -268,7 +296,7 @@ where
 {
     let read_fail = |e| dir.failure(true, e);
     let write_fail = |e| dir.failure(false, e);
-    let mut buf = RelayBuf::new(buffers);
+    let mut buf = RelayBuf::new(limits.buffers);
     // Credit lent once this direction stalled; kept until the relay ends.
     let mut stalled = None;
     loop {
@@ -277,8 +305,13 @@ where
             // FIN: pass the half-close on and stop this direction.
             return w.shutdown().await.map_err(write_fail);
         }
-        let watch = if stalled.is_none() { stall } else { None };
-        write_watching(w, &buf.data[..n], watch, &mut stalled)
+        let watch = if stalled.is_none() {
+            limits.stall
+        } else {
+            None
+        };
+        let give_up = limits.reader_gone_after;
+        write_watching(w, &buf.data[..n], watch, &mut stalled, give_up)
             .await
             .map_err(write_fail)?;
         *total += n as u64;
@@ -290,39 +323,50 @@ where
 }
 
 /// `write_all`; if it stays blocked for [`STALL_AFTER`], the stream is
-/// stalled and `stalled` gets the credit `stall` lends it. The timer is
-/// armed only for a write that did not complete at once, so a flowing relay
-/// arms none, and never once the stream holds credit (`stall` is `None`).
+/// stalled and `stalled` gets the credit `stall` lends it; if it stays
+/// blocked for `give_up`, it fails with [`ReaderGone`]. Timers are armed
+/// only for a write that did not complete at once, so a flowing relay arms
+/// none.
 async fn write_watching<W>(
     w: &mut W,
     data: &[u8],
     stall: Option<&StallCredit>,
     stalled: &mut Option<StallGuard>,
+    give_up: Option<Duration>,
 ) -> io::Result<()>
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
     let write = w.write_all(data);
     tokio::pin!(write);
-    let Some(stall) = stall else {
+    if stall.is_none() && give_up.is_none() {
         return write.await;
-    };
+    }
     let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
     if let Poll::Ready(r) = first {
         return r;
     }
-    tokio::select! {
-        biased;
-        r = &mut write => r,
-        _ = tokio::time::sleep(STALL_AFTER) => {
-            // Past the budget nothing is lent; the next blocked write asks
-            // again, in case credit came back meanwhile.
-            let guard = stall.stall();
-            if guard.is_lent() {
-                *stalled = Some(guard);
+    let blocked = tokio::time::Instant::now();
+    if let Some(stall) = stall {
+        tokio::select! {
+            biased;
+            r = &mut write => return r,
+            _ = tokio::time::sleep(STALL_AFTER) => {
+                // Past the budget nothing is lent; the next blocked write
+                // asks again, in case credit came back meanwhile.
+                let guard = stall.stall();
+                if guard.is_lent() {
+                    *stalled = Some(guard);
+                }
             }
-            write.await
         }
+    }
+    match give_up {
+        None => write.await,
+        Some(limit) => match tokio::time::timeout_at(blocked + limit, write).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, ReaderGone(limit))),
+        },
     }
 }
 

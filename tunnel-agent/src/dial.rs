@@ -97,7 +97,19 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
     }
     AgentMetrics::count(&metrics.dials, "result", "ok");
     metrics.streams_active.inc();
-    let stats = transport::relay(tcp, send, recv, |_, _| {}, stall.as_ref(), &policy.buffers).await;
+    let stats = transport::relay(
+        tcp,
+        send,
+        recv,
+        |_, _| {},
+        transport::RelayLimits {
+            stall: stall.as_ref(),
+            buffers: &policy.buffers,
+            // The target is a local service; the server side bounds clients.
+            reader_gone_after: None,
+        },
+    )
+    .await;
     metrics.streams_active.dec();
     tracing::debug!(%target, ?stats, "stream ended");
 }

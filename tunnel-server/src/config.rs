@@ -61,6 +61,11 @@ pub struct ServerSettings {
     /// Of those, how many only the transparent ingress may use (the
     /// apiserver's default route to kubelets). Default 256.
     pub transparent_stream_reserve: usize,
+    /// Reset a tunneled connection whose client has not taken one relay
+    /// chunk (up to 64 KiB) for this long: a client that stopped reading
+    /// otherwise pins the stream's window and the agent's memory for good.
+    /// Default 2 min; `None`: never.
+    pub client_stall_timeout: Option<Duration>,
     /// Which addresses agents may register (and DNAT may redirect):
     /// never loopback (unless allowed), unspecified, link-local,
     /// multicast or this host's own; within `--agent-address-cidr` when
@@ -87,6 +92,7 @@ impl ServerSettings {
             dial_timeout: Duration::from_secs(10),
             max_client_connections: 8192,
             max_streams_per_node: 8192,
+            client_stall_timeout: Some(Duration::from_secs(120)),
             transparent_stream_reserve: 256,
             addresses: crate::addresses::AddressPolicy::default(),
             quic: QuicSettings::default(),

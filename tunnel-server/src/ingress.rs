@@ -60,11 +60,18 @@ pub async fn relay(shared: Arc<Shared>, dialed: Dialed, tcp: TcpStream, ingress:
                 from_agent.inc_by(n as u64);
             }
         },
-        Some(&agent.stall),
-        &shared.relay_buffers,
+        transport::RelayLimits {
+            stall: Some(&agent.stall),
+            buffers: &shared.relay_buffers,
+            reader_gone_after: shared.config.client_stall_timeout,
+        },
     )
     .instrument(span.clone())
     .await;
     span.in_scope(|| tracing::debug!(?stats, "stream ended"));
+    if stats.outcome == transport::RelayOutcome::ReaderGone {
+        metrics.client_stall_resets.inc();
+        span.in_scope(|| tracing::info!("the client stopped reading; both sides were reset"));
+    }
     metrics.streams_active.dec();
 }

@@ -114,6 +114,10 @@ struct Args {
     /// past it a dial fails at once (CONNECT 503, transparent reset).
     #[arg(long, env = "TUNNEL_MAX_STREAMS_PER_NODE", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
     max_streams_per_node: u64,
+    /// Reset a tunneled connection whose client has not taken one relay
+    /// chunk (up to 64 KiB) for this long; 0 turns it off (0-1h).
+    #[arg(long, env = "TUNNEL_CLIENT_STALL_TIMEOUT", default_value = "2m", value_parser = duration_in(Duration::ZERO, secs(3600)))]
+    client_stall_timeout: Duration,
     /// Of --max-streams-per-node, how many only the transparent ingress
     /// (the apiserver's route to kubelets) may use.
     #[arg(long, env = "TUNNEL_TRANSPARENT_STREAM_RESERVE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
@@ -278,6 +282,7 @@ fn serve(args: Args) -> Result<()> {
     settings.dial_timeout = args.dial_timeout;
     settings.quic.keepalive = args.keepalive;
     settings.quic.idle_timeout = args.idle_timeout;
+    settings.client_stall_timeout = Some(args.client_stall_timeout).filter(|d| !d.is_zero());
     settings.max_streams_per_node =
         usize::try_from(args.max_streams_per_node).unwrap_or(usize::MAX);
     settings.transparent_stream_reserve =

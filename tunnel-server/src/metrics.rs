@@ -32,6 +32,8 @@ pub struct Metrics {
     pub client_limit_hits: Counter,
     /// Failed accepts, by listener (EMFILE and the like).
     pub accept_errors: Family<Label, Counter>,
+    /// Tunneled connections reset because the client stopped reading.
+    pub client_stall_resets: Counter,
     /// Agent handshakes in flight, by listener (set at scrape time).
     pub handshakes_in_flight: Family<ListenerLabel, Gauge>,
     /// Handshakes that ran into a limit, by listener, limit and action.
@@ -67,6 +69,12 @@ impl Metrics {
         let client_connection_limit = Gauge::default();
         let client_limit_hits = Counter::default();
         let accept_errors = Family::<Label, Counter>::default();
+        let client_stall_resets = Counter::default();
+        registry.register(
+            "client_stall_resets",
+            "Tunneled connections reset because the client read nothing for --client-stall-timeout",
+            client_stall_resets.clone(),
+        );
         registry.register(
             "client_connections",
             "Client connections (CONNECT and transparent ingress) open now",
@@ -174,6 +182,7 @@ impl Metrics {
             client_connection_limit,
             client_limit_hits,
             accept_errors,
+            client_stall_resets,
             handshakes_in_flight,
             handshakes_limited,
             handshake_failures,
