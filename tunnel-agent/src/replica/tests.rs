@@ -312,8 +312,10 @@ async fn idle_death_right_after_connect_falls_back_once() {
         Transport::H2 => Answer::Register(None),
     });
     let r = start(TransportChoice::Auto, fake);
-    run_for(33).await;
-    // Within the first re-probe wait: still on HTTP/2.
+    // QUIC dies at 30 s; HTTP/2 registers within the first backoff (≤ 1 s);
+    // the first re-probe waits at least 2.5 s (5 s with jitter): at 32 s
+    // the agent is on HTTP/2.
+    run_for(32).await;
     assert_eq!(r.held(), [Transport::H2]);
     assert_eq!(r.metrics.fallbacks(FallbackReason::QuicIdleAfterConnect), 1);
     assert_eq!(total_fallbacks(&r.metrics), 1);
