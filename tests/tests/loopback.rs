@@ -26,12 +26,23 @@ struct Tunnel {
 /// A server and one registered agent for `edge-1` (address 127.0.0.1)
 /// allowed to reach `ports` on 127.0.0.1.
 async fn tunnel(ports: &[u16], tr: Transport) -> Tunnel {
+    tunnel_with(&allow(ports), tr, |_| {}).await
+}
+
+/// [`tunnel`] with the agent's `--allow` entries (empty: the default from
+/// its certificate) and server settings changed by `tune`.
+async fn tunnel_with(
+    allow: &[String],
+    tr: Transport,
+    tune: impl FnOnce(&mut tunnel_server::ServerSettings),
+) -> Tunnel {
     init_logging();
     let pki = Pki::new();
     pki.issue_agent(NODE, &[localhost()]);
-    let server = TestServer::start(&pki).await;
-    let allow = allow(ports);
-    let agent = TestAgent::start(agent_config(&pki, NODE, &server, &allow, tr));
+    let mut settings = TestServer::config(&pki, "127.0.0.1:0".parse().unwrap());
+    tune(&mut settings);
+    let server = TestServer::start_with(settings).await;
+    let agent = TestAgent::start(agent_config(&pki, NODE, &server, allow, tr));
     server.wait_for_agent(NODE, Duration::from_secs(10)).await;
     Tunnel { pki, server, agent }
 }
@@ -368,19 +379,13 @@ async fn stalled_readers_do_not_stall_other_streams(tr: Transport) {
 }
 
 async fn targets_outside_the_allow_list_get_403(tr: Transport) {
-    init_logging();
     let echo = targets::echo_server().await;
-    let pki = Pki::new();
-    pki.issue_agent(NODE, &[localhost()]);
-    let server = TestServer::start(&pki).await;
     // An allow-list long enough that printing it would not fit in a
     // DialResult (1 KiB): the refusal must still be a 403, and the list
     // must not reach the client.
     let mut allow = allow(&[echo.port()]);
     allow.extend((1..=48).map(|i| format!("10.200.0.{i}:10250,10255,9100")));
-    let agent = TestAgent::start(agent_config(&pki, NODE, &server, &allow, tr));
-    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
-    let t = Tunnel { pki, server, agent };
+    let t = tunnel_with(&allow, tr, |_| {}).await;
     let (status, body) = connect_via(t.server.connect_addr(), "127.0.0.1:22")
         .await
         .unwrap_err();
@@ -496,22 +501,12 @@ async fn an_address_that_is_never_an_edges_is_refused(tr: Transport) {
 /// minus the reserve and is told so at once, instead of a 504 after 12 s
 /// once the agent grants no more streams.
 async fn connect_stops_at_the_node_stream_limit_minus_the_reserve(tr: Transport) {
-    init_logging();
     let echo = targets::echo_server().await;
-    let pki = Pki::new();
-    pki.issue_agent(NODE, &[localhost()]);
-    let mut settings = TestServer::config(&pki, "127.0.0.1:0".parse().unwrap());
-    settings.max_streams_per_node = 4;
-    settings.transparent_stream_reserve = 2;
-    let server = TestServer::start_with(settings).await;
-    let agent = TestAgent::start(agent_config(
-        &pki,
-        NODE,
-        &server,
-        &allow(&[echo.port()]),
-        tr,
-    ));
-    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    let Tunnel { server, agent, .. } = tunnel_with(&allow(&[echo.port()]), tr, |s| {
+        s.max_streams_per_node = 4;
+        s.transparent_stream_reserve = 2;
+    })
+    .await;
     let target = echo.to_string();
     let first = connect_via(server.connect_addr(), &target).await.unwrap();
     let _second = connect_via(server.connect_addr(), &target).await.unwrap();
@@ -539,21 +534,11 @@ async fn connect_stops_at_the_node_stream_limit_minus_the_reserve(tr: Transport)
 /// so its unread data does not pin the stream's window and the agent's
 /// memory for good; the stream's slot comes back.
 async fn a_client_that_stopped_reading_is_reset(tr: Transport) {
-    init_logging();
     let firehose = targets::firehose_server().await;
-    let pki = Pki::new();
-    pki.issue_agent(NODE, &[localhost()]);
-    let mut settings = TestServer::config(&pki, "127.0.0.1:0".parse().unwrap());
-    settings.client_stall_timeout = Some(Duration::from_secs(2));
-    let server = TestServer::start_with(settings).await;
-    let agent = TestAgent::start(agent_config(
-        &pki,
-        NODE,
-        &server,
-        &allow(&[firehose.port()]),
-        tr,
-    ));
-    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    let Tunnel { server, agent, .. } = tunnel_with(&allow(&[firehose.port()]), tr, |s| {
+        s.client_stall_timeout = Some(Duration::from_secs(2));
+    })
+    .await;
     let mut silent = connect_via(server.connect_addr(), &firehose.to_string())
         .await
         .unwrap();
@@ -710,15 +695,9 @@ async fn auto_agent_stays_on_quic_across_a_server_restart() {
 /// A renewed certificate applies whole at the next connection: the TLS
 /// identity, the addresses in `Hello`, and the default allow-list.
 async fn a_renewed_certificate_applies_whole_at_reconnect(tr: Transport) {
-    init_logging();
-    let pki = Pki::new();
-    pki.issue_agent(NODE, &[localhost()]);
-    let server = TestServer::start(&pki).await;
     // No --allow: the default list, from the certificate.
-    let config = agent_config(&pki, NODE, &server, &[], tr);
-    let agent = TestAgent::start(config.clone());
-    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
-    let t = Tunnel { pki, server, agent };
+    let t = tunnel_with(&[], tr, |_| {}).await;
+    let config = agent_config(&t.pki, NODE, &t.server, &[], tr);
     let second: IpAddr = "127.0.0.2".parse().unwrap();
     let kubelet = std::net::SocketAddr::new(second, 10250);
     assert!(!config.credentials().unwrap().allow.permits(kubelet));
