@@ -1,6 +1,6 @@
 //! Process setup shared by the `tunnel-server` and `tunnel-agent` binaries:
-//! logging, runtime shape, shutdown signals, and the parser for duration
-//! flags.
+//! logging, runtime shape, shutdown signals, and the parsers for duration
+//! and size flags.
 
 use std::io::{self, IsTerminal};
 use std::time::Duration;
@@ -134,6 +134,58 @@ pub fn duration_in(
     }
 }
 
+/// Parses a size flag the way Kubernetes writes memory: `256Mi`, `64Ki`,
+/// `1Gi` (binary units; a trailing `B` is accepted: `256MiB`), or a plain
+/// number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t2 = t.strip_suffix('B').unwrap_or(t);
+    let (digits, shift) = [("Ki", 10), ("Mi", 20), ("Gi", 30), ("Ti", 40)]
+        .iter()
+        .find_map(|(unit, shift)| t2.strip_suffix(unit).map(|d| (d, *shift)))
+        .unwrap_or((t, 0));
+    let bad = || {
+        format!("{t:?} is not a size: use bytes (65536) or a number with a binary unit (64Ki, 256Mi, 1Gi)")
+    };
+    let n: u64 = digits.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Formats bytes in the largest binary unit that divides them.
+pub fn format_size(bytes: u64) -> String {
+    for (unit, shift) in [("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+/// A clap value parser for a size flag that must lie in `min..=max`.
+pub fn size_in(
+    min: u64,
+    max: u64,
+) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let n = parse_size(s)?;
+        if n < min {
+            return Err(format!(
+                "{} is below the minimum, {}",
+                format_size(n),
+                format_size(min)
+            ));
+        }
+        if n > max {
+            return Err(format!(
+                "{} is above the maximum, {}",
+                format_size(n),
+                format_size(max)
+            ));
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +216,24 @@ mod tests {
             assert!(e.contains(&format!("{:?}", bad.trim())), "{bad:?}: {e}");
             assert!(e.contains("500ms, 10s, 5m, 1h"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn sizes_take_kubernetes_binary_units() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64Ki"), Ok(64 << 10));
+        assert_eq!(parse_size("256Mi"), Ok(256 << 20));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size(" 1Gi "), Ok(1 << 30));
+        for bad in ["", "1.5Gi", "256MB", "-1", "Mi", "99999999999Ti"] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains("64Ki, 256Mi, 1Gi"), "{bad:?}: {e}");
+        }
+        assert_eq!(format_size(256 << 20), "256Mi");
+        assert_eq!(format_size(1000), "1000");
+        let p = size_in(1 << 20, 1 << 30);
+        assert_eq!(p("512Ki").unwrap_err(), "512Ki is below the minimum, 1Mi");
+        assert_eq!(p("2Gi").unwrap_err(), "2Gi is above the maximum, 1Gi");
     }
 
     #[test]

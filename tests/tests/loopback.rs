@@ -293,7 +293,12 @@ async fn thousand_concurrent_connections_of_256_kib(tr: Transport) {
 async fn stalled_readers_do_not_stall_other_streams(tr: Transport) {
     let firehose = targets::firehose_server().await;
     let echo = targets::echo_server().await;
-    let t = tunnel(&[firehose.port(), echo.port()], tr).await;
+    // Every stalled stream here comes from one client (127.0.0.1): let it
+    // borrow the whole budget (the per-client cap has its own test).
+    let t = tunnel_with(&allow(&[firehose.port(), echo.port()]), tr, |s| {
+        s.receive_budget.per_client = s.receive_budget.total;
+    })
+    .await;
     // More stalled streams than the connection window can hold at their
     // full stream windows (16 over QUIC at the defaults, 32 over HTTP/2):
     // without credit lent to stalled streams, these alone would use up the
@@ -340,7 +345,7 @@ async fn stalled_readers_do_not_stall_other_streams(tr: Transport) {
     })
     .await;
     let agent = shared.registry.snapshot().pop().expect("the agent");
-    let credit = agent.stall.clone();
+    let credit = agent.window.clone();
     assert_eq!(
         credit.stalled_streams(),
         stalled_count as u64,
@@ -350,8 +355,8 @@ async fn stalled_readers_do_not_stall_other_streams(tr: Transport) {
     assert!(
         metrics.contains(&format!(
             "edge_tunnel_stall_credit_bytes {}",
-            shared.stall_budget.lent()
-        )) && shared.stall_budget.lent() > 0,
+            shared.receive_budget.lent()
+        )) && shared.receive_budget.lent() > 0,
         "{metrics}"
     );
     // A new connection through the same agent still opens and moves 64 MiB.
@@ -564,6 +569,81 @@ async fn a_client_that_stopped_reading_is_reset(tr: Transport) {
     })
     .await;
     assert!(ended.is_ok(), "the client connection was closed");
+    agent.stop().await;
+}
+
+async fn a_client_over_its_stream_limit_gets_429(tr: Transport) {
+    let echo = targets::echo_server().await;
+    let Tunnel { server, agent, .. } = tunnel_with(&allow(&[echo.port()]), tr, |s| {
+        s.max_streams_per_client = 2;
+    })
+    .await;
+    let target = echo.to_string();
+    let first = connect_via(server.connect_addr(), &target).await.unwrap();
+    let _second = connect_via(server.connect_addr(), &target).await.unwrap();
+    let (status, body) = connect_via(server.connect_addr(), &target)
+        .await
+        .err()
+        .expect("a third tunnel from the same client is refused");
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("--max-streams-per-client"), "{body}");
+    assert_eq!(
+        server
+            .metric("edge_tunnel_client_stream_limit_hits_total")
+            .await,
+        1.0
+    );
+    let page = server.metrics().await;
+    assert!(
+        page.contains(&format!("edge_tunnel_node_streams{{node=\"{NODE}\"}} 2")),
+        "{page}"
+    );
+    assert!(
+        page.contains("edge_tunnel_node_stream_limit 8192"),
+        "{page}"
+    );
+    assert!(page.contains("edge_tunnel_clients 1"), "{page}");
+    // Closing one gives its place back.
+    drop(first);
+    eventually("a place is free again", Duration::from_secs(10), || async {
+        connect_via(server.connect_addr(), &target).await.is_ok()
+    })
+    .await;
+    agent.stop().await;
+}
+
+async fn an_idle_tunnel_is_reset_after_the_relay_idle_timeout(tr: Transport) {
+    let echo = targets::echo_server().await;
+    let Tunnel { server, agent, .. } = tunnel_with(&allow(&[echo.port()]), tr, |s| {
+        s.relay_idle_timeout = Some(Duration::from_secs(1));
+    })
+    .await;
+    let mut tcp = connect_via(server.connect_addr(), &echo.to_string())
+        .await
+        .unwrap();
+    // Traffic keeps it open past the timeout.
+    for _ in 0..6 {
+        tcp.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tcp.read_exact(&mut back).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        server.metric("edge_tunnel_relay_idle_resets_total").await,
+        0.0
+    );
+    // Then it goes quiet, and is reset.
+    let mut buf = [0u8; 16];
+    let ended = tokio::time::timeout(Duration::from_secs(20), tcp.read(&mut buf)).await;
+    assert!(
+        matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle tunnel was closed: {ended:?}"
+    );
+    eventually("counted", Duration::from_secs(10), || async {
+        server.metric("edge_tunnel_relay_idle_resets_total").await == 1.0
+            && server.metric("edge_tunnel_streams_active").await == 0.0
+    })
+    .await;
     agent.stop().await;
 }
 
@@ -945,6 +1025,8 @@ macro_rules! over_both_transports {
 
 over_both_transports!(
     a_client_that_stopped_reading_is_reset,
+    a_client_over_its_stream_limit_gets_429,
+    an_idle_tunnel_is_reset_after_the_relay_idle_timeout,
     connect_stops_at_the_node_stream_limit_minus_the_reserve,
     an_address_that_is_never_an_edges_is_refused,
     a_renewed_certificate_applies_whole_at_reconnect,

@@ -11,7 +11,8 @@
 //!   mapping half-close to FIN and resets to resets.
 //! - [`quic`]: QUIC endpoints (quinn) with the settings both ends share.
 //! - [`h2`]: the HTTP/2-over-TLS fallback's stream halves and settings.
-//! - [`stall`]: connection credit lent to streams whose reader stalled.
+//! - [`window`]: every receive window of a process drawn from one budget,
+//!   and the credit lent to streams whose reader stalled.
 //! - [`net`]: socket helpers: large listen backlogs, original destination.
 #![forbid(unsafe_code)]
 
@@ -21,8 +22,8 @@ pub mod h2;
 pub mod net;
 pub mod quic;
 pub mod relay;
-pub mod stall;
 pub mod stream;
+pub mod window;
 
 pub use framed::{read_message, write_message, FrameError};
 pub use relay::{relay, BufferBudget, Direction, RelayLimits, RelayOutcome};

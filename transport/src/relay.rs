@@ -15,10 +15,17 @@
 //! [`BufferBudget`] the caller owns (one per process in the binaries): a
 //! burst of a thousand busy connections cannot grow every buffer at once;
 //! the ones over budget keep relaying with the buffer they have.
+//!
+//! Two optional limits end a relay that would otherwise hold its stream,
+//! window and descriptors for good: [`RelayLimits::reader_gone_after`] (the
+//! TCP peer stopped reading) and [`RelayLimits::idle_after`] (nothing moved
+//! either way). The idle check costs one clock read per chunk and one
+//! timer per idle period, never a timer reset per chunk.
 
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -26,11 +33,11 @@ use proto::codes::stream as code;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::stall::{StallCredit, StallGuard};
 use crate::stream::{TunnelRecv, TunnelSend};
+use crate::window::{ReceiveWindow, StallGuard};
 
 /// A write to TCP blocked this long means its reader has stalled; see
-/// [`StallCredit`].
+/// [`ReceiveWindow::stall`].
 pub const STALL_AFTER: Duration = Duration::from_millis(100);
 
 /// First buffer size per direction.
@@ -124,9 +131,12 @@ pub enum Direction {
 /// What bounds one relay.
 #[derive(Clone, Copy)]
 pub struct RelayLimits<'a> {
-    /// The connection's [`StallCredit`], told when the TCP side stops
+    /// The connection's [`ReceiveWindow`], told when the TCP side stops
     /// taking the stream's data (`None`: never lend).
-    pub stall: Option<&'a StallCredit>,
+    pub stall: Option<&'a ReceiveWindow>,
+    /// The TCP client's address, where the stall credit counts per client
+    /// (the server's ingresses); `None` on the agent.
+    pub client: Option<IpAddr>,
     /// What the two copy buffers may grow into.
     pub buffers: &'a BufferBudget,
     /// Reset both sides when one write of tunnel data to the TCP side
@@ -134,13 +144,27 @@ pub struct RelayLimits<'a> {
     /// reading, and its unread data would pin window and memory for good.
     /// `None`: wait as long as it takes.
     pub reader_gone_after: Option<Duration>,
+    /// The same, sooner, for a stalled stream its [`ReceiveWindow`] could
+    /// lend nothing (the budget, the connection's or the client's part of
+    /// it is spent): under overload the streams whose clients stopped
+    /// reading are shed, so that they do not take the flowing streams'
+    /// window. `None`: such a stream waits like any other.
+    pub unlent_gone_after: Option<Duration>,
+    /// Reset both sides when no byte has moved either way for this long
+    /// (`None`: a quiet connection may stay open for good; `kubectl logs
+    /// -f` and `exec` sessions are often quiet for hours).
+    pub idle_after: Option<Duration>,
 }
 
 /// The error a write gives when its reader took longer than
 /// [`RelayLimits::reader_gone_after`].
 #[derive(Debug, thiserror::Error)]
-#[error("the TCP peer read nothing for {0:?}")]
-struct ReaderGone(Duration);
+#[error("the TCP peer read nothing for {after:?}")]
+struct ReaderGone {
+    after: Duration,
+    /// Whether the stream had been refused stall credit.
+    unlent: bool,
+}
 
 /// How a relay ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,8 +176,12 @@ pub enum RelayOutcome {
     /// The tunnel side reset or was lost; the TCP socket was reset.
     TunnelReset,
     /// The TCP peer stopped reading for longer than allowed; both sides
-    /// were reset.
-    ReaderGone,
+    /// were reset. `unlent`: it was refused stall credit, and reset after
+    /// [`RelayLimits::unlent_gone_after`].
+    ReaderGone { unlent: bool },
+    /// Nothing moved either way for longer than allowed; both sides were
+    /// reset.
+    Idle,
 }
 
 /// Totals for one relayed connection.
@@ -167,6 +195,49 @@ pub struct RelayStats {
 enum Failure {
     Tcp(io::Error),
     Tunnel(io::Error),
+    Idle(Duration),
+}
+
+/// When the relay last moved a chunk, for [`RelayLimits::idle_after`]: an
+/// atomic (both directions run in one task, but the relay future must stay
+/// `Send`), written with one relaxed store per chunk.
+struct Activity {
+    start: tokio::time::Instant,
+    /// Nanoseconds from `start` to the last chunk.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+
+    /// Completes once nothing has moved for `after`: one timer per idle
+    /// period, re-armed from the last chunk when it fires early.
+    async fn idle(&self, after: Option<Duration>) -> Failure {
+        let Some(after) = after else {
+            return std::future::pending().await;
+        };
+        loop {
+            let deadline = self.last() + after;
+            if tokio::time::Instant::now() >= deadline {
+                return Failure::Idle(after);
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
 }
 
 /// Relays until both directions are done or one side resets.
@@ -189,6 +260,8 @@ where
     let (mut tcp_r, mut tcp_w) = tcp.split();
     let mut up = 0u64;
     let mut down = 0u64;
+    let activity = Activity::new();
+    let watched = limits.idle_after.map(|_| &activity);
     let result = {
         let upstream = copy(
             &mut tcp_r,
@@ -196,9 +269,11 @@ where
             Direction::TcpToTunnel,
             &mut up,
             &on_bytes,
+            watched,
             RelayLimits {
                 stall: None,
                 reader_gone_after: None,
+                unlent_gone_after: None,
                 ..limits
             },
         );
@@ -208,9 +283,11 @@ where
             Direction::TunnelToTcp,
             &mut down,
             &on_bytes,
+            watched,
             limits,
         );
-        tokio::pin!(upstream, downstream);
+        let idle = activity.idle(limits.idle_after);
+        tokio::pin!(upstream, downstream, idle);
         let (mut up_done, mut down_done) = (false, false);
         loop {
             if up_done && down_done {
@@ -225,6 +302,7 @@ where
                     down_done = true;
                     if let Err(e) = r { break Err(e); }
                 }
+                e = &mut idle => break Err(e),
             }
         }
     };
@@ -236,11 +314,22 @@ where
             RelayOutcome::Closed
         }
         Err(Failure::Tcp(e)) if e.get_ref().is_some_and(|i| i.is::<ReaderGone>()) => {
+            let unlent = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<ReaderGone>())
+                .is_some_and(|g| g.unlent);
             tracing::debug!(error = %e, "resetting both sides");
             send.reset(code::CANCELLED);
             recv.stop(code::CANCELLED);
             let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-            RelayOutcome::ReaderGone
+            RelayOutcome::ReaderGone { unlent }
+        }
+        Err(Failure::Idle(after)) => {
+            tracing::debug!(?after, "idle; resetting both sides");
+            send.reset(code::CANCELLED);
+            recv.stop(code::CANCELLED);
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            RelayOutcome::Idle
         }
         Err(Failure::Tcp(e)) => {
             tracing::debug!(error = %e, "TCP side of the relay failed; resetting the stream");
@@ -287,6 +376,7 @@ async fn copy<Rd, Wr, F>(
     dir: Direction,
     total: &mut u64,
     on_bytes: &F,
+    activity: Option<&Activity>,
     limits: RelayLimits<'_>,
 ) -> Result<(), Failure>
 where
@@ -301,6 +391,9 @@ where
     let mut stalled = None;
     loop {
         let n = r.read(&mut buf.data).await.map_err(read_fail)?;
+        if let Some(a) = activity {
+            a.touch();
+        }
         if n == 0 {
             // FIN: pass the half-close on and stop this direction.
             return w.shutdown().await.map_err(write_fail);
@@ -310,10 +403,12 @@ where
         } else {
             None
         };
-        let give_up = limits.reader_gone_after;
-        write_watching(w, &buf.data[..n], watch, &mut stalled, give_up)
+        write_watching(w, &buf.data[..n], watch, &mut stalled, &limits)
             .await
             .map_err(write_fail)?;
+        if let Some(a) = activity {
+            a.touch();
+        }
         *total += n as u64;
         on_bytes(dir, n);
         if n == buf.data.len() {
@@ -324,21 +419,22 @@ where
 
 /// `write_all`; if it stays blocked for [`STALL_AFTER`], the stream is
 /// stalled and `stalled` gets the credit `stall` lends it; if it stays
-/// blocked for `give_up`, it fails with [`ReaderGone`]. Timers are armed
-/// only for a write that did not complete at once, so a flowing relay arms
-/// none.
+/// blocked for `reader_gone_after` (`unlent_gone_after` when nothing could
+/// be lent), it fails with [`ReaderGone`]. Timers are armed only for a
+/// write that did not complete at once, so a flowing relay arms none.
 async fn write_watching<W>(
     w: &mut W,
     data: &[u8],
-    stall: Option<&StallCredit>,
+    stall: Option<&ReceiveWindow>,
     stalled: &mut Option<StallGuard>,
-    give_up: Option<Duration>,
+    limits: &RelayLimits<'_>,
 ) -> io::Result<()>
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
     let write = w.write_all(data);
     tokio::pin!(write);
+    let mut give_up = limits.reader_gone_after;
     if stall.is_none() && give_up.is_none() {
         return write.await;
     }
@@ -347,25 +443,32 @@ where
         return r;
     }
     let blocked = tokio::time::Instant::now();
+    let mut unlent = false;
     if let Some(stall) = stall {
         tokio::select! {
             biased;
             r = &mut write => return r,
             _ = tokio::time::sleep(STALL_AFTER) => {
-                // Past the budget nothing is lent; the next blocked write
-                // asks again, in case credit came back meanwhile.
-                let guard = stall.stall();
+                // Past a limit nothing is lent; the next blocked write asks
+                // again, in case credit came back meanwhile.
+                let guard = stall.stall(limits.client);
                 if guard.is_lent() {
                     *stalled = Some(guard);
+                } else if let Some(shed) = limits.unlent_gone_after {
+                    unlent = true;
+                    give_up = Some(give_up.map_or(shed, |g| g.min(shed)));
                 }
             }
         }
     }
     match give_up {
         None => write.await,
-        Some(limit) => match tokio::time::timeout_at(blocked + limit, write).await {
+        Some(after) => match tokio::time::timeout_at(blocked + after, write).await {
             Ok(r) => r,
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, ReaderGone(limit))),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                ReaderGone { after, unlent },
+            )),
         },
     }
 }

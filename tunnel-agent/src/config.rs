@@ -66,9 +66,10 @@ pub struct AgentConfig {
     /// the first comes after [`REPROBE_FIRST`] and the waits double up to
     /// this. Default 5 min.
     pub reprobe_interval: Duration,
-    /// Receive window this agent lends to stalled streams (runtime state
-    /// shared by all its connections; see `transport::stall`).
-    pub stall_budget: Arc<transport::stall::StallBudget>,
+    /// Every receive window of this agent's connections together, with
+    /// the credit lent to stalled streams (runtime state shared by all its
+    /// connections; see `transport::window`). Default 64 MiB.
+    pub receive_budget: Arc<transport::window::ReceiveBudget>,
     /// What the relay buffers of all this agent's streams may grow into
     /// (runtime state shared by all its connections).
     pub relay_buffers: Arc<transport::BufferBudget>,
@@ -172,7 +173,9 @@ impl AgentConfig {
             admin_listen: None,
             quic_timeout: Duration::from_secs(5),
             reprobe_interval: Duration::from_secs(300),
-            stall_budget: transport::stall::StallBudget::new(transport::stall::StallBudget::AGENT),
+            receive_budget: transport::window::ReceiveBudget::new(
+                transport::window::BudgetLimits::AGENT,
+            ),
             relay_buffers: Arc::default(),
         };
         // Fail at start, not at the first connect, on unusable certificates.

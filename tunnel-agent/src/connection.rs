@@ -18,7 +18,7 @@ use bytes::Bytes;
 use proto::codes::close;
 use tokio::net::TcpStream;
 use transport::h2::{H2Recv, H2Send};
-use transport::stall::{H2Window, StallCredit};
+use transport::window::{H2Window, ReceiveWindow};
 use transport::{TunnelRecv, TunnelSend};
 
 use crate::dial::DialPolicy;
@@ -37,7 +37,7 @@ pub struct ServerConnection {
     pub(crate) control_send: Box<dyn TunnelSend>,
     pub(crate) control_recv: Box<dyn TunnelRecv>,
     /// Lends connection credit to streams whose target stopped reading.
-    pub(crate) stall: StallCredit,
+    pub(crate) window: ReceiveWindow,
     /// What streams of this connection may dial.
     pub(crate) policy: Arc<DialPolicy>,
     /// How long open streams may run on once draining starts.

@@ -32,8 +32,9 @@ pub struct DialPolicy {
 pub struct StreamMode {
     /// The agent is draining: answer `Draining` instead of dialing.
     pub draining: bool,
-    /// The connection's credit for stalled streams (`None`: never lend).
-    pub stall: Option<transport::stall::StallCredit>,
+    /// The connection's receive window, which lends credit to stalled
+    /// streams (`None`: never lend).
+    pub stall: Option<transport::window::ReceiveWindow>,
 }
 
 /// Serves one stream opened by the server.
@@ -104,9 +105,14 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
         |_, _| {},
         transport::RelayLimits {
             stall: stall.as_ref(),
+            // The agent's one client is the cloud.
+            client: None,
             buffers: &policy.buffers,
-            // The target is a local service; the server side bounds clients.
+            // The target is a local service; the server side bounds clients
+            // and idle connections.
             reader_gone_after: None,
+            unlent_gone_after: None,
+            idle_after: None,
         },
     )
     .await;

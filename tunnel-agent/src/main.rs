@@ -78,6 +78,11 @@ struct Args {
     /// How long active streams may run on after SIGTERM (0s-1h).
     #[arg(long, env = "TUNNEL_DRAIN_GRACE", default_value = "30s", value_parser = duration_in(Duration::ZERO, secs(3600)))]
     drain_grace: Duration,
+    /// All receive windows of this agent's connections together: the most
+    /// data the server replicas may send ahead of the local targets
+    /// reading it (1Mi-16Gi).
+    #[arg(long, env = "TUNNEL_RECEIVE_BUDGET", default_value = "64Mi", value_parser = daemon::cli::size_in(1 << 20, 16 << 30))]
+    receive_budget: u64,
     #[command(flatten)]
     common: daemon::cli::Common,
 }
@@ -99,6 +104,11 @@ fn main() -> Result<()> {
     config.drain_grace = args.drain_grace;
     config.quic.keepalive = args.keepalive;
     config.quic.idle_timeout = args.idle_timeout;
+    config.receive_budget =
+        transport::window::ReceiveBudget::new(transport::window::BudgetLimits {
+            total: args.receive_budget,
+            per_client: args.receive_budget,
+        });
     // Each tunneled stream holds one socket to its target: never let the
     // server open more streams than there are descriptors for.
     let fit = u32::try_from(fds.share(FD_RESERVE, 16)).unwrap_or(u32::MAX);

@@ -79,10 +79,10 @@ impl Registration<'_> {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| quic_err(&e))?;
         match self.hello_exchange(t, &mut send, &mut recv).await {
             Ok(welcome) => Ok(ServerConnection {
-                stall: transport::stall::StallCredit::quic(
+                window: transport::window::ReceiveWindow::quic(
                     &conn,
                     &self.config.quic,
-                    &self.config.stall_budget,
+                    &self.config.receive_budget,
                 ),
                 carrier: Carrier::Quic(conn),
                 control_send: Box::new(send),
@@ -184,8 +184,8 @@ impl Registration<'_> {
                 return Err(self.err(t, FailureKind::Refused, detail));
             }
         };
-        let (stall, window) =
-            transport::stall::StallCredit::h2(&settings, &self.config.stall_budget);
+        let (receive, window) =
+            transport::window::ReceiveWindow::h2(&settings, &self.config.receive_budget);
         Ok(ServerConnection {
             carrier: Carrier::H2 {
                 conn: Box::new(conn),
@@ -194,7 +194,7 @@ impl Registration<'_> {
             },
             control_send: Box::new(send),
             control_recv: Box::new(recv),
-            stall,
+            window: receive,
             policy: self.policy(),
             drain_grace: self.config.drain_grace,
             welcome,

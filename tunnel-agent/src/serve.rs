@@ -20,7 +20,7 @@ pub async fn serve(conn: ServerConnection, mut drain: watch::Receiver<bool>) -> 
         mut carrier,
         mut control_send,
         mut control_recv,
-        stall,
+        window,
         policy,
         drain_grace,
         ..
@@ -29,7 +29,7 @@ pub async fn serve(conn: ServerConnection, mut drain: watch::Receiver<bool>) -> 
     let spawn = |streams: &mut JoinSet<()>, incoming: Incoming, id: String, draining| {
         let mode = StreamMode {
             draining,
-            stall: Some(stall.clone()),
+            stall: Some(window.clone()),
         };
         let span = tracing::debug_span!("stream", node = %policy.node, stream = %id);
         let policy = policy.clone();

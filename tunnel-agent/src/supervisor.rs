@@ -58,7 +58,7 @@ pub async fn run(
             let routes = Arc::new(AgentAdmin {
                 metrics: metrics.clone(),
                 held: held.clone(),
-                stall_budget: config.stall_budget.clone(),
+                receive_budget: config.receive_budget.clone(),
             });
             Some(tokio::spawn(daemon::admin::serve(listener, routes)))
         }

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::replicas::HeldReplicas;
 use crate::selector::{FallbackReason, Transport};
-use transport::stall::StallBudget;
+use transport::window::ReceiveBudget;
 
 type Label = [(&'static str, &'static str); 1];
 
@@ -63,8 +63,11 @@ pub struct AgentMetrics {
     /// Dials answered, by result (ok, not_allowed, refused, ...).
     pub dials: Family<Label, Counter>,
     pub streams_active: Gauge,
-    /// Receive window lent to stalled streams (set at scrape time).
+    /// Receive window lent to stalled streams, the windows advertised,
+    /// and lending refused by reason (set at scrape time).
     stall_credit: Gauge,
+    receive_windows: Gauge,
+    stall_credit_refusals: Family<Label, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -78,7 +81,20 @@ impl Default for AgentMetrics {
             dials: Family::default(),
             streams_active: Gauge::default(),
             stall_credit: Gauge::default(),
+            receive_windows: Gauge::default(),
+            stall_credit_refusals: Family::default(),
         };
+        registry.register(
+            "receive_windows_bytes",
+            "Receive windows advertised to the server replicas now, lent credit included \
+             (at most --receive-budget)",
+            m.receive_windows.clone(),
+        );
+        registry.register(
+            "stall_credit_refusals",
+            "Stalled streams lent no credit, by the limit reached (process, connection)",
+            m.stall_credit_refusals.clone(),
+        );
         registry.register(
             "replicas_connected",
             "Server replicas this agent holds a registered connection to, by transport",
@@ -142,9 +158,17 @@ impl AgentMetrics {
         self.reprobes.get_or_create(&ReprobeLabel { result }).get()
     }
 
-    fn render(&self, held: &HeldReplicas, stall_budget: &StallBudget) -> String {
-        self.stall_credit
-            .set(i64::try_from(stall_budget.lent()).unwrap_or(i64::MAX));
+    fn render(&self, held: &HeldReplicas, budget: &ReceiveBudget) -> String {
+        let stats = budget.stats();
+        let g = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.stall_credit.set(g(stats.lent));
+        self.receive_windows.set(g(stats.windows));
+        for reason in transport::window::Refusal::ALL {
+            self.stall_credit_refusals
+                .get_or_create(&[("reason", reason.label())])
+                .inner()
+                .store(budget.refused(reason), std::sync::atomic::Ordering::Relaxed);
+        }
         for transport in [Transport::Quic, Transport::H2] {
             let n = i64::try_from(held.count(transport)).unwrap_or(i64::MAX);
             self.replicas
@@ -168,7 +192,7 @@ struct ReplicaInfo {
 pub struct AgentAdmin {
     pub metrics: Arc<AgentMetrics>,
     pub held: HeldReplicas,
-    pub stall_budget: Arc<StallBudget>,
+    pub receive_budget: Arc<ReceiveBudget>,
 }
 
 impl AdminRoutes for AgentAdmin {
@@ -186,7 +210,7 @@ impl AdminRoutes for AgentAdmin {
             "/metrics" => Reply::new(
                 200,
                 OPENMETRICS,
-                self.metrics.render(&self.held, &self.stall_budget),
+                self.metrics.render(&self.held, &self.receive_budget),
             ),
             "/v1/replicas" => {
                 let list: Vec<ReplicaInfo> = self

@@ -177,13 +177,13 @@ pub(crate) async fn serve_agent(
             addresses,
             connected_since: SystemTime::now(),
             link: link.clone(),
-            stall: match &link {
-                AgentLink::Quic(conn) => transport::stall::StallCredit::quic(
+            window: match &link {
+                AgentLink::Quic(conn) => transport::window::ReceiveWindow::quic(
                     conn,
                     &shared.config.quic,
-                    &shared.stall_budget,
+                    &shared.receive_budget,
                 ),
-                AgentLink::H2(h) => h.stall.clone(),
+                AgentLink::H2(h) => h.window.clone(),
             },
             streams_active: AtomicI64::new(0),
             draining: AtomicBool::new(false),

@@ -87,7 +87,8 @@ async fn handle(
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let (closed_tx, closed) = tokio::sync::watch::channel(false);
     let stop = shutdown.clone();
-    let (stall, mut window) = transport::stall::StallCredit::h2(&settings, &shared.stall_budget);
+    let (window, mut h2_window) =
+        transport::window::ReceiveWindow::h2(&settings, &shared.receive_budget);
     let task_shared = shared.clone();
     tokio::spawn(async move {
         loop {
@@ -107,7 +108,7 @@ async fn handle(
                     break;
                 }
                 _ = stop.notified() => break,
-                size = window.next() => connection.set_target_window_size(size),
+                size = h2_window.next() => connection.set_target_window_size(size),
             }
         }
         let _ = closed_tx.send(true);
@@ -117,7 +118,7 @@ async fn handle(
         remote,
         shutdown,
         closed,
-        stall,
+        window,
     });
     let control = {
         let link = link.clone();

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use transport::quic::{QuicSettings, QuicSettingsError};
+use transport::window::{BudgetLimits, FLOOR};
 
 use crate::admission::{HandshakeLimits, HandshakeLimitsError};
 
@@ -66,6 +67,30 @@ pub struct ServerSettings {
     /// otherwise pins the stream's window and the agent's memory for good.
     /// Default 2 min; `None`: never.
     pub client_stall_timeout: Option<Duration>,
+    /// The same, sooner, for a client that stopped reading when no stall
+    /// credit is left for its stream (the receive budget, the agent
+    /// connection's quarter of it or the client's part is spent): under
+    /// overload the streams that do not read are shed, so they cannot
+    /// take the window the reading ones need. Default 2 s; `None`: such
+    /// streams share their connection's window until
+    /// `client_stall_timeout`.
+    pub stall_shed_timeout: Option<Duration>,
+    /// Reset a tunneled connection on which nothing has moved either way
+    /// for this long. Default `None` (never): `kubectl logs -f`, `exec`
+    /// and `attach` are often quiet for hours, and TCP keep-alive already
+    /// finds clients that vanished.
+    pub relay_idle_timeout: Option<Duration>,
+    /// Tunneled connections one client (an IPv4 address or an IPv6 /64)
+    /// may have open at once through this server, both ingresses together:
+    /// one client cannot take every client slot or node stream. Default
+    /// 4096; past it the connection is refused at once (CONNECT 429,
+    /// transparent reset).
+    pub max_streams_per_client: usize,
+    /// Every receive window of this server together (the data agents may
+    /// send ahead of the clients reading it), and what the stalled streams
+    /// of one client may be lent of it; see `transport::window`. Default
+    /// 256 MiB and 32 MiB.
+    pub receive_budget: BudgetLimits,
     /// Which addresses agents may register (and DNAT may redirect):
     /// never loopback (unless allowed), unspecified, link-local,
     /// multicast or this host's own; within `--agent-address-cidr` when
@@ -93,7 +118,11 @@ impl ServerSettings {
             max_client_connections: 8192,
             max_streams_per_node: 8192,
             client_stall_timeout: Some(Duration::from_secs(120)),
+            stall_shed_timeout: Some(Duration::from_secs(2)),
             transparent_stream_reserve: 256,
+            relay_idle_timeout: None,
+            max_streams_per_client: 4096,
+            receive_budget: BudgetLimits::SERVER,
             addresses: crate::addresses::AddressPolicy::default(),
             quic: QuicSettings::default(),
         }
@@ -122,7 +151,22 @@ pub enum ConfigError {
         "--transparent-stream-reserve ({reserve}) must be below --max-streams-per-node ({max})"
     )]
     StreamReserve { reserve: usize, max: usize },
+    #[error("--max-streams-per-client must be at least 1")]
+    NoStreamsPerClient,
+    #[error(
+        "--receive-budget ({budget} bytes) must be at least {min} bytes (16 connections at the \
+         64 KiB floor)"
+    )]
+    ReceiveBudget { budget: u64, min: u64 },
+    #[error(
+        "--stall-credit-per-client ({per_client} bytes) must not exceed --receive-budget \
+         ({budget} bytes)"
+    )]
+    StallCreditPerClient { per_client: u64, budget: u64 },
 }
+
+/// The smallest receive budget: 16 connections at the floor.
+pub const MIN_RECEIVE_BUDGET: u64 = 16 * FLOOR;
 
 /// Checked server settings; read them through `Deref`. No `DerefMut`: a
 /// checked configuration cannot be changed into an unchecked one.
@@ -157,6 +201,22 @@ impl ServerConfig {
             return Err(ConfigError::StreamReserve {
                 reserve: settings.transparent_stream_reserve,
                 max: settings.max_streams_per_node,
+            });
+        }
+        if settings.max_streams_per_client == 0 {
+            return Err(ConfigError::NoStreamsPerClient);
+        }
+        let budget = settings.receive_budget;
+        if budget.total < MIN_RECEIVE_BUDGET {
+            return Err(ConfigError::ReceiveBudget {
+                budget: budget.total,
+                min: MIN_RECEIVE_BUDGET,
+            });
+        }
+        if budget.per_client > budget.total {
+            return Err(ConfigError::StallCreditPerClient {
+                per_client: budget.per_client,
+                budget: budget.total,
             });
         }
         Ok(ServerConfig(settings))

@@ -8,6 +8,7 @@
 //! | 400 | not a CONNECT `host:port` request |
 //! | 403 | the agent refused: the target is not on its allow-list |
 //! | 405 | any method but CONNECT |
+//! | 429 | the client has `--max-streams-per-client` connections open (the connection then closes) |
 //! | 502 | the agent could not connect (refused, unreachable), no stream could be opened to it, or it broke the protocol |
 //! | 503 | no live agent serves the node, or it is draining |
 //! | 504 | the agent's connect timed out, or the agent did not answer within the dial timeout plus 2 s |
@@ -44,10 +45,29 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .await;
         let _ = tcp.set_nodelay(true);
         crate::ingress::watch_client(&tcp);
+        // A client over its limit is told so (429) on this connection,
+        // which then closes; it holds no tunnel meanwhile.
+        let claim = shared.client_slots.claim(peer.ip());
+        let busy = claim.as_ref().err().copied();
+        if let Some(busy) = &busy {
+            crate::ingress::client_busy(&shared, busy, "connect");
+        }
         let shared = shared.clone();
+        // The client's slot and claim live as long as this connection:
+        // through its requests here, and through the relay a CONNECT
+        // upgrades it into (which outlives the HTTP connection task).
+        let held: Held = Arc::new((slot, claim));
         tokio::spawn(async move {
-            let _slot = slot;
-            let service = service_fn(move |req| handle(req, shared.clone()));
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                let held = held.clone();
+                async move {
+                    match busy {
+                        Some(busy) => Ok(too_many(&busy)),
+                        None => handle(req, shared, held).await,
+                    }
+                }
+            });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
@@ -66,6 +86,16 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// The answer to every request of a client over `--max-streams-per-client`.
+fn too_many(busy: &crate::slots::ClientBusy) -> Response<Full<Bytes>> {
+    let mut resp = text(StatusCode::TOO_MANY_REQUESTS, busy.to_string());
+    resp.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
     );
     resp
 }
@@ -128,9 +158,13 @@ fn client_body(e: &DialError) -> String {
     }
 }
 
+/// What a client connection holds while it lives (its slot, its claim).
+type Held = Arc<dyn std::any::Any + Send + Sync>;
+
 async fn handle(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
+    held: Held,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::CONNECT {
         let mut resp = text(
@@ -162,6 +196,7 @@ async fn handle(
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
+        let _held = held;
         let stream_fail = |d: dial::Dialed, why: String| {
             tracing::warn!("CONNECT upgrade failed: {why}");
             let mut s = d.stream;

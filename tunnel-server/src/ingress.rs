@@ -27,8 +27,19 @@ pub fn watch_client(tcp: &TcpStream) {
     transport::net::set_liveness(tcp, CLIENT_KEEPALIVE, CLIENT_IDLE_DEAD);
 }
 
+/// Counts a connection refused by `--max-streams-per-client`, and logs
+/// the 1st, 2nd, 4th, 8th ... one (a client over its limit usually keeps
+/// trying).
+pub fn client_busy(shared: &Shared, busy: &crate::slots::ClientBusy, ingress: &'static str) {
+    let hits = shared.metrics.client_stream_limit_hits.inc() + 1;
+    if hits.is_power_of_two() {
+        tracing::warn!(client = %busy.client, limit = busy.limit, ingress, hits, "{busy}; refused");
+    }
+}
+
 /// Relays `tcp` over a dialed stream until both sides are done.
 pub async fn relay(shared: Arc<Shared>, dialed: Dialed, tcp: TcpStream, ingress: &'static str) {
+    let client = tcp.peer_addr().ok().map(|a| a.ip());
     let Dialed {
         agent,
         target,
@@ -61,17 +72,37 @@ pub async fn relay(shared: Arc<Shared>, dialed: Dialed, tcp: TcpStream, ingress:
             }
         },
         transport::RelayLimits {
-            stall: Some(&agent.stall),
+            stall: Some(&agent.window),
+            client,
             buffers: &shared.relay_buffers,
             reader_gone_after: shared.config.client_stall_timeout,
+            unlent_gone_after: shared.config.stall_shed_timeout,
+            idle_after: shared.config.relay_idle_timeout,
         },
     )
     .instrument(span.clone())
     .await;
     span.in_scope(|| tracing::debug!(?stats, "stream ended"));
-    if stats.outcome == transport::RelayOutcome::ReaderGone {
-        metrics.client_stall_resets.inc();
-        span.in_scope(|| tracing::info!("the client stopped reading; both sides were reset"));
+    match stats.outcome {
+        transport::RelayOutcome::ReaderGone { unlent: false } => {
+            metrics.client_stall_resets.inc();
+            span.in_scope(|| tracing::info!("the client stopped reading; both sides were reset"));
+        }
+        transport::RelayOutcome::ReaderGone { unlent: true } => {
+            metrics.stalled_streams_shed.inc();
+            span.in_scope(|| {
+                tracing::debug!(
+                    "the client stopped reading and no stall credit was left; both sides were reset"
+                )
+            });
+        }
+        transport::RelayOutcome::Idle => {
+            metrics.relay_idle_resets.inc();
+            span.in_scope(|| {
+                tracing::info!("nothing moved for --relay-idle-timeout; both sides were reset")
+            });
+        }
+        _ => {}
     }
     metrics.streams_active.dec();
 }

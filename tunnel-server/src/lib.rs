@@ -65,8 +65,9 @@ pub struct Shared {
     pub registry: AgentRegistry,
     pub metrics: Metrics,
     pub ready: AtomicBool,
-    /// Receive window this server lends to stalled streams, all agents.
-    pub stall_budget: Arc<transport::stall::StallBudget>,
+    /// Every agent connection's receive window is drawn from this, and
+    /// what stalled streams are lent (`--receive-budget`).
+    pub receive_budget: Arc<transport::window::ReceiveBudget>,
     /// What the relay buffers of all streams may grow into.
     pub relay_buffers: transport::BufferBudget,
     /// Client connection slots (CONNECT and transparent together).
@@ -80,7 +81,7 @@ pub struct Shared {
 
 impl Shared {
     /// Fresh state for a server with `config`.
-    pub fn new(config: ServerConfig, stall_budget: Arc<transport::stall::StallBudget>) -> Self {
+    pub fn new(config: ServerConfig) -> Self {
         let gate = |listener| {
             handshake::HandshakeGate::new(
                 listener,
@@ -94,9 +95,12 @@ impl Shared {
             registry: AgentRegistry::default(),
             metrics: Metrics::new(),
             ready: AtomicBool::new(false),
-            stall_budget,
+            receive_budget: transport::window::ReceiveBudget::new(config.receive_budget),
             relay_buffers: transport::BufferBudget::default(),
-            client_slots: slots::ClientSlots::new(config.max_client_connections),
+            client_slots: slots::ClientSlots::new(
+                config.max_client_connections,
+                config.max_streams_per_client,
+            ),
             config,
             next_id: AtomicU64::new(1),
         }
@@ -108,11 +112,13 @@ impl Shared {
 
     /// The `/metrics` page, with the scrape-time gauges brought up to date.
     pub fn render_metrics(&self) -> String {
-        let lent = i64::try_from(self.stall_budget.lent()).unwrap_or(i64::MAX);
-        self.metrics.stall_credit.set(lent);
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.export_receive_budget(&self.receive_budget);
+        self.metrics
+            .export_node_streams(&self.registry.snapshot(), self.config.max_streams_per_node);
         let slots = &self.client_slots;
         self.metrics.client_connections.set(gauge(slots.in_use()));
+        self.metrics.clients.set(gauge(slots.clients()));
         self.metrics
             .client_connection_limit
             .set(gauge(slots.limit()));
@@ -199,9 +205,7 @@ impl Server {
         let connect = bind_tcp("CONNECT", config.connect_listen)?;
         let transparent = bind_tcp("transparent", config.transparent_listen)?;
         let admin = bind_tcp("admin", config.admin_listen)?;
-        let stall_budget =
-            transport::stall::StallBudget::new(transport::stall::StallBudget::SERVER);
-        let shared = Arc::new(Shared::new(config, stall_budget));
+        let shared = Arc::new(Shared::new(config));
         Ok(Server {
             shared,
             endpoint,

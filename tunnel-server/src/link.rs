@@ -26,9 +26,9 @@ pub struct H2Link {
     pub shutdown: std::sync::Arc<tokio::sync::Notify>,
     /// Turns true when the connection is gone.
     pub closed: tokio::sync::watch::Receiver<bool>,
-    /// Lends receive window to stalled streams; the connection task
-    /// applies it.
-    pub stall: transport::stall::StallCredit,
+    /// The connection's receive window (its share of the budget, lent
+    /// credit); the connection task applies it.
+    pub window: transport::window::ReceiveWindow,
 }
 
 impl AgentLink {

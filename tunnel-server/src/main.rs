@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use daemon::cli::duration_in;
+use daemon::cli::{duration_in, size_in};
 use tunnel_server::addresses::AddressPolicy;
 use tunnel_server::dnat::agent_list::AgentList;
 use tunnel_server::dnat::reconciler::{self, Dnat, DnatConfig};
@@ -118,10 +118,37 @@ struct Args {
     /// chunk (up to 64 KiB) for this long; 0 turns it off (0-1h).
     #[arg(long, env = "TUNNEL_CLIENT_STALL_TIMEOUT", default_value = "2m", value_parser = duration_in(Duration::ZERO, secs(3600)))]
     client_stall_timeout: Duration,
+    /// Reset a tunneled connection whose client stopped reading after this
+    /// long when no stall credit is left for it (--receive-budget, the
+    /// agent connection's quarter of it, or --stall-credit-per-client is
+    /// spent), so that under overload non-reading clients are shed, not
+    /// the reading ones; 0 turns it off (0-1h).
+    #[arg(long, env = "TUNNEL_STALL_SHED_TIMEOUT", default_value = "2s", value_parser = duration_in(Duration::ZERO, secs(3600)))]
+    stall_shed_timeout: Duration,
     /// Of --max-streams-per-node, how many only the transparent ingress
     /// (the apiserver's route to kubelets) may use.
     #[arg(long, env = "TUNNEL_TRANSPARENT_STREAM_RESERVE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     transparent_stream_reserve: u64,
+    /// Tunneled connections one client (an IPv4 address or an IPv6 /64)
+    /// may have open at once, both ingresses together; past it a
+    /// connection is refused at once (CONNECT 429, transparent reset).
+    #[arg(long, env = "TUNNEL_MAX_STREAMS_PER_CLIENT", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_streams_per_client: u64,
+    /// Reset a tunneled connection on which nothing moved either way for
+    /// this long; 0 (the default) never does: `kubectl logs -f` and `exec`
+    /// sessions are often quiet for hours (0-7d).
+    #[arg(long, env = "TUNNEL_RELAY_IDLE_TIMEOUT", default_value = "0", value_parser = duration_in(Duration::ZERO, secs(7 * 24 * 3600)))]
+    relay_idle_timeout: Duration,
+    /// All receive windows of this server together: the most data agents
+    /// may send ahead of the clients reading it. Windows shrink as agents
+    /// connect and as stalled streams are lent credit (1Mi-64Gi).
+    #[arg(long, env = "TUNNEL_RECEIVE_BUDGET", default_value = "256Mi", value_parser = size_in(1 << 20, 64 << 30))]
+    receive_budget: u64,
+    /// Of --receive-budget, the most lent to the stalled streams of one
+    /// client (an IPv4 address or an IPv6 /64) across all agents. Default:
+    /// 32Mi, or the budget when that is smaller.
+    #[arg(long, env = "TUNNEL_STALL_CREDIT_PER_CLIENT", value_parser = size_in(0, 64 << 30))]
+    stall_credit_per_client: Option<u64>,
     #[command(flatten)]
     common: daemon::cli::Common,
 }
@@ -283,10 +310,22 @@ fn serve(args: Args) -> Result<()> {
     settings.quic.keepalive = args.keepalive;
     settings.quic.idle_timeout = args.idle_timeout;
     settings.client_stall_timeout = Some(args.client_stall_timeout).filter(|d| !d.is_zero());
+    settings.stall_shed_timeout = Some(args.stall_shed_timeout).filter(|d| !d.is_zero());
     settings.max_streams_per_node =
         usize::try_from(args.max_streams_per_node).unwrap_or(usize::MAX);
     settings.transparent_stream_reserve =
         usize::try_from(args.transparent_stream_reserve).unwrap_or(usize::MAX);
+    settings.max_streams_per_client =
+        usize::try_from(args.max_streams_per_client).unwrap_or(usize::MAX);
+    settings.relay_idle_timeout = Some(args.relay_idle_timeout).filter(|d| !d.is_zero());
+    settings.receive_budget = transport::window::BudgetLimits {
+        total: args.receive_budget,
+        per_client: args.stall_credit_per_client.unwrap_or(
+            transport::window::BudgetLimits::SERVER
+                .per_client
+                .min(args.receive_budget),
+        ),
+    };
     settings.addresses = AddressPolicy::new(args.dnat_rules.agent_address_cidr.clone());
     settings.addresses.allow_loopback = args.allow_loopback_agents;
     settings.max_client_connections = match args.max_client_connections {

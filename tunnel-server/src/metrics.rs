@@ -10,14 +10,31 @@ use prometheus_client::registry::Registry;
 use crate::handshake::{FailureLabel, LimitedLabel, ListenerLabel};
 
 type Label = [(&'static str, &'static str); 1];
+type NodeLabel = [(&'static str, String); 1];
 
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Registry,
     pub agents_connected: Gauge,
     pub streams_active: Gauge,
-    /// Receive window lent to stalled streams (set at scrape time).
+    /// The receive budget: its limit, the windows drawn from it, each
+    /// connection's share, what is lent to stalled streams, and lending
+    /// refused by reason (all set at scrape time).
+    pub receive_budget: Gauge,
+    pub receive_windows: Gauge,
+    pub receive_window_share: Gauge,
     pub stall_credit: Gauge,
+    pub stall_credit_refusals: Family<Label, Counter>,
+    /// Tunneled connections open per node, and the per-node limit (set at
+    /// scrape time).
+    pub node_streams: Family<NodeLabel, Gauge>,
+    pub node_stream_limit: Gauge,
+    /// Client connections refused by --max-streams-per-client.
+    pub client_stream_limit_hits: Counter,
+    /// Tunneled connections reset by --relay-idle-timeout.
+    pub relay_idle_resets: Counter,
+    /// Clients with a connection open now (set at scrape time).
+    pub clients: Gauge,
     pub streams: Family<Label, Counter>,
     pub bytes: Family<Label, Counter>,
     pub dial_duration: Histogram,
@@ -34,6 +51,8 @@ pub struct Metrics {
     pub accept_errors: Family<Label, Counter>,
     /// Tunneled connections reset because the client stopped reading.
     pub client_stall_resets: Counter,
+    /// The same, sooner, because no stall credit was left for them.
+    pub stalled_streams_shed: Counter,
     /// Agent handshakes in flight, by listener (set at scrape time).
     pub handshakes_in_flight: Family<ListenerLabel, Gauge>,
     /// Handshakes that ran into a limit, by listener, limit and action.
@@ -56,6 +75,61 @@ impl Metrics {
         let agents_connected = Gauge::default();
         let streams_active = Gauge::default();
         let stall_credit = Gauge::default();
+        let receive_budget = Gauge::default();
+        let receive_windows = Gauge::default();
+        let receive_window_share = Gauge::default();
+        let stall_credit_refusals = Family::<Label, Counter>::default();
+        let node_streams = Family::<NodeLabel, Gauge>::default();
+        let node_stream_limit = Gauge::default();
+        let relay_idle_resets = Counter::default();
+        let client_stream_limit_hits = Counter::default();
+        registry.register(
+            "client_stream_limit_hits",
+            "Client connections refused at once because their client had --max-streams-per-client open",
+            client_stream_limit_hits.clone(),
+        );
+        let clients = Gauge::default();
+        registry.register(
+            "receive_budget_bytes",
+            "Most receive window all agent connections together may advertise (--receive-budget)",
+            receive_budget.clone(),
+        );
+        registry.register(
+            "receive_windows_bytes",
+            "Receive windows advertised to agents now, lent credit included",
+            receive_windows.clone(),
+        );
+        registry.register(
+            "receive_window_share_bytes",
+            "Base receive window of each agent connection now (shrinks as agents connect and credit is lent)",
+            receive_window_share.clone(),
+        );
+        registry.register(
+            "stall_credit_refusals",
+            "Stalled streams lent no credit, by the limit reached: process (three quarters of \
+             the budget), connection (a quarter), client (--stall-credit-per-client)",
+            stall_credit_refusals.clone(),
+        );
+        registry.register(
+            "node_streams",
+            "Tunneled connections open to a node through this server now",
+            node_streams.clone(),
+        );
+        registry.register(
+            "node_stream_limit",
+            "Most tunneled connections open to one node (--max-streams-per-node)",
+            node_stream_limit.clone(),
+        );
+        registry.register(
+            "relay_idle_resets",
+            "Tunneled connections reset because nothing moved for --relay-idle-timeout",
+            relay_idle_resets.clone(),
+        );
+        registry.register(
+            "clients",
+            "Client addresses (IPv4, IPv6 /64) with a tunneled connection open now",
+            clients.clone(),
+        );
         let streams = Family::<Label, Counter>::default();
         let bytes = Family::<Label, Counter>::default();
         // 0.5 ms .. ~16 s: a dial is one tunnel round trip plus a local connect.
@@ -70,6 +144,13 @@ impl Metrics {
         let client_limit_hits = Counter::default();
         let accept_errors = Family::<Label, Counter>::default();
         let client_stall_resets = Counter::default();
+        let stalled_streams_shed = Counter::default();
+        registry.register(
+            "stalled_streams_shed",
+            "Tunneled connections reset after --stall-shed-timeout because their client stopped \
+             reading and no stall credit was left for them",
+            stalled_streams_shed.clone(),
+        );
         registry.register(
             "client_stall_resets",
             "Tunneled connections reset because the client read nothing for --client-stall-timeout",
@@ -172,6 +253,15 @@ impl Metrics {
             agents_connected,
             streams_active,
             stall_credit,
+            receive_budget,
+            receive_windows,
+            receive_window_share,
+            stall_credit_refusals,
+            node_streams,
+            node_stream_limit,
+            relay_idle_resets,
+            client_stream_limit_hits,
+            clients,
             streams,
             bytes,
             dial_duration,
@@ -183,6 +273,7 @@ impl Metrics {
             client_limit_hits,
             accept_errors,
             client_stall_resets,
+            stalled_streams_shed,
             handshakes_in_flight,
             handshakes_limited,
             handshake_failures,
@@ -212,6 +303,44 @@ impl Metrics {
         self.dial_failures
             .get_or_create(&[("reason", reason)])
             .inc();
+    }
+
+    /// Brings the receive-budget gauges and refusal counts up to date.
+    pub fn export_receive_budget(&self, budget: &transport::window::ReceiveBudget) {
+        let stats = budget.stats();
+        let g = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.receive_budget.set(g(stats.limits.total));
+        self.receive_windows.set(g(stats.windows));
+        self.receive_window_share.set(g(stats.share));
+        self.stall_credit.set(g(stats.lent));
+        for reason in transport::window::Refusal::ALL {
+            let counter = self
+                .stall_credit_refusals
+                .get_or_create(&[("reason", reason.label())]);
+            counter
+                .inner()
+                .store(budget.refused(reason), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Sets the per-node stream gauges from the registered agents (nodes
+    /// that left are dropped).
+    pub fn export_node_streams(
+        &self,
+        agents: &[std::sync::Arc<crate::registry::AgentHandle>],
+        limit: usize,
+    ) {
+        self.node_streams.clear();
+        for agent in agents {
+            let open = agent
+                .streams_active
+                .load(std::sync::atomic::Ordering::Relaxed);
+            self.node_streams
+                .get_or_create(&[("node", agent.node.clone())])
+                .set(open);
+        }
+        self.node_stream_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition.

@@ -24,8 +24,9 @@ pub struct AgentHandle {
     pub addresses: Vec<IpAddr>,
     pub connected_since: SystemTime,
     pub link: AgentLink,
-    /// Lends receive window to this connection's stalled streams.
-    pub stall: transport::stall::StallCredit,
+    /// This connection's receive window: its share of the server's
+    /// budget, and credit lent to its stalled streams.
+    pub window: transport::window::ReceiveWindow,
     pub streams_active: AtomicI64,
     pub draining: AtomicBool,
     /// Asks the task serving this connection to send `GoAway` and close it.
@@ -197,22 +198,22 @@ pub(crate) mod testing {
             let _peer = theirs;
             let _ = connection.await;
         });
-        let budget = transport::stall::StallBudget::new(0);
-        let (stall, _window) = transport::stall::StallCredit::h2(&settings, &budget);
+        let budget = transport::window::ReceiveBudget::new(transport::window::BudgetLimits::SERVER);
+        let (window, _h2) = transport::window::ReceiveWindow::h2(&settings, &budget);
         AgentLink::H2(crate::link::H2Link {
             send,
             remote: "127.0.0.1:1".parse().unwrap(),
             shutdown: Arc::new(tokio::sync::Notify::new()),
             closed: tokio::sync::watch::channel(false).1,
-            stall,
+            window,
         })
     }
 
     /// A handle for connection `id` of `node` with `addresses`.
     pub(crate) async fn handle(id: u64, node: &str, addresses: &[&str]) -> Arc<AgentHandle> {
         let link = idle_link().await;
-        let stall = match &link {
-            AgentLink::H2(h) => h.stall.clone(),
+        let window = match &link {
+            AgentLink::H2(h) => h.window.clone(),
             AgentLink::Quic(_) => unreachable!(),
         };
         Arc::new(AgentHandle {
@@ -221,7 +222,7 @@ pub(crate) mod testing {
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
             connected_since: SystemTime::now(),
             link,
-            stall,
+            window,
             streams_active: AtomicI64::new(0),
             draining: AtomicBool::new(false),
             kick: tokio::sync::Notify::new(),

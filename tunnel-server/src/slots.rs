@@ -5,8 +5,16 @@
 //! stop accepting: new connections wait in the kernel's listen backlog
 //! instead of failing with EMFILE, and the admin listener and the agents
 //! keep their descriptors.
+//!
+//! Within the pool, one client (an IPv4 address or an IPv6 /64) may hold
+//! at most `--max-streams-per-client` connections ([`ClientSlots::claim`]):
+//! past it a connection is refused at once rather than queued, so one
+//! client cannot fill the pool, or a node's streams, for the others.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+
+use dashmap::DashMap;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -17,15 +25,72 @@ use crate::metrics::Metrics;
 pub struct ClientSlots {
     sem: Arc<Semaphore>,
     limit: usize,
+    per_client: usize,
+    /// Connections open per client; an entry lives while its count is
+    /// above zero, so the map is bounded by the pool.
+    clients: Arc<DashMap<IpAddr, usize>>,
+}
+
+/// One client's connection counted against `--max-streams-per-client`;
+/// given back when dropped.
+#[derive(Debug)]
+pub struct ClientClaim {
+    clients: Arc<DashMap<IpAddr, usize>>,
+    key: IpAddr,
+}
+
+impl Drop for ClientClaim {
+    fn drop(&mut self) {
+        self.clients.remove_if_mut(&self.key, |_, n| {
+            *n -= 1;
+            *n == 0
+        });
+    }
+}
+
+/// A client over its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "client {client} has {limit} tunneled connections open, its limit (--max-streams-per-client)"
+)]
+pub struct ClientBusy {
+    pub client: IpAddr,
+    pub limit: usize,
 }
 
 impl ClientSlots {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(limit: usize, per_client: usize) -> Self {
         let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
         ClientSlots {
             sem: Arc::new(Semaphore::new(limit)),
             limit,
+            per_client: per_client.max(1),
+            clients: Arc::default(),
         }
+    }
+
+    /// Counts a connection from `client` if it has fewer than the
+    /// per-client limit open.
+    pub fn claim(&self, client: IpAddr) -> Result<ClientClaim, ClientBusy> {
+        let key = transport::window::client_key(client);
+        let mut n = self.clients.entry(key).or_insert(0);
+        if *n >= self.per_client {
+            return Err(ClientBusy {
+                client: key,
+                limit: self.per_client,
+            });
+        }
+        *n += 1;
+        drop(n);
+        Ok(ClientClaim {
+            clients: self.clients.clone(),
+            key,
+        })
+    }
+
+    /// Clients with a connection open now.
+    pub fn clients(&self) -> usize {
+        self.clients.len()
     }
 
     pub fn limit(&self) -> usize {
@@ -66,7 +131,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_pool_waits_and_counts() {
         let metrics = Metrics::new();
-        let slots = ClientSlots::new(2);
+        let slots = ClientSlots::new(2, 2);
         let a = slots.acquire(&metrics).await;
         let _b = slots.acquire(&metrics).await;
         assert_eq!(slots.in_use(), 2);
@@ -82,5 +147,42 @@ mod tests {
         tokio::task::yield_now().await;
         drop(a);
         assert_eq!(waiting.await.unwrap(), 1);
+    }
+
+    #[test]
+    fn one_client_stops_at_its_limit_and_others_do_not() {
+        let slots = ClientSlots::new(100, 2);
+        let a: IpAddr = "198.18.0.1".parse().unwrap();
+        let b: IpAddr = "198.18.0.2".parse().unwrap();
+        let first = slots.claim(a).unwrap();
+        let _second = slots.claim(a).unwrap();
+        assert_eq!(
+            slots.claim(a).unwrap_err(),
+            ClientBusy {
+                client: a,
+                limit: 2
+            }
+        );
+        let _other = slots.claim(b).unwrap();
+        // The same /64 is one client; an IPv4-mapped address is its IPv4.
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let _v6 = slots.claim(v6).unwrap();
+        let _v6b = slots.claim("2001:db8::ffff".parse().unwrap()).unwrap();
+        assert!(slots.claim("2001:db8::2".parse().unwrap()).is_err());
+        assert!(slots.claim("::ffff:198.18.0.1".parse().unwrap()).is_err());
+        drop(first);
+        let _again = slots.claim(a).unwrap();
+        assert_eq!(slots.clients(), 3);
+    }
+
+    #[test]
+    fn the_map_forgets_clients_with_nothing_open() {
+        let slots = ClientSlots::new(100, 8);
+        let claims: Vec<_> = (1..=50u8)
+            .map(|i| slots.claim(IpAddr::from([198, 18, 1, i])).unwrap())
+            .collect();
+        assert_eq!(slots.clients(), 50);
+        drop(claims);
+        assert_eq!(slots.clients(), 0);
     }
 }

@@ -3,7 +3,8 @@
 //! The original destination (SO_ORIGINAL_DST) names the edge address and
 //! port the client wanted. A connection no live agent can serve, or whose
 //! dial fails, is reset at once: the client sees exactly what a refused
-//! TCP connection looks like, never a hang.
+//! TCP connection looks like, never a hang. So is a connection from a
+//! client over `--max-streams-per-client`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,10 +24,18 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             shared.metrics.accept_failed("transparent")
         })
         .await;
+        let claim = match shared.client_slots.claim(peer.ip()) {
+            Ok(claim) => claim,
+            Err(busy) => {
+                crate::ingress::client_busy(&shared, &busy, "transparent");
+                reset(tcp);
+                continue;
+            }
+        };
         crate::ingress::watch_client(&tcp);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, claim);
             handle(tcp, peer, local, shared).await
         });
     }

@@ -290,10 +290,7 @@ async fn a_node_without_addresses_has_nothing_to_dial() {
 
 fn shared() -> Arc<Shared> {
     let settings = crate::ServerSettings::new("127.0.0.1:0".parse().unwrap(), "/none".into());
-    Arc::new(Shared::new(
-        crate::ServerConfig::try_new(settings).unwrap(),
-        transport::stall::StallBudget::new(0),
-    ))
+    Arc::new(Shared::new(crate::ServerConfig::try_new(settings).unwrap()))
 }
 
 #[tokio::test]
