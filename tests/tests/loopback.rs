@@ -583,8 +583,7 @@ async fn a_client_over_its_stream_limit_gets_429(tr: Transport) {
     let _second = connect_via(server.connect_addr(), &target).await.unwrap();
     let (status, body) = connect_via(server.connect_addr(), &target)
         .await
-        .err()
-        .expect("a third tunnel from the same client is refused");
+        .expect_err("a third tunnel from the same client is refused");
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("--max-streams-per-client"), "{body}");
     assert_eq!(
