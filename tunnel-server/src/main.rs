@@ -328,6 +328,7 @@ async fn standalone_dnat(s: Standalone) -> Result<()> {
     }
     // Every flag is checked before any rule is written.
     let url = s.server_feed.context("--server-feed is required")?;
+    agent_list::parse_feed_url(&url)?;
     let cert_dir = s.cert_dir.context("--cert-dir is required")?;
     let tls = agent_list::client_config(&cert_dir, s.server_ca.as_deref())?;
     let mut agents = AgentList::try_new(&url, s.server_name.as_deref(), tls)?;
