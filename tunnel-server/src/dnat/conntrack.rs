@@ -12,11 +12,12 @@
 //! Why the CLI and not netlink from Rust: conntrack-tools is the
 //! maintained reference client of ctnetlink, ships next to iptables in the
 //! DNAT image and in CI, and its filters (original destination with a
-//! CIDR mask, port, reply source) are what we need. The Rust netlink
-//! crates cover conntrack partially at best (no filtered delete), and
-//! writing that protocol by hand is more unchecked code on a privileged
-//! path. A flush runs only when the rules change, so a process per
-//! destination is cheap.
+//! CIDR mask, port, reply source) are what we need, applied in the
+//! kernel. Of the Rust crates, `conntrack` only dumps,
+//! `netlink-packet-netfilter` has no conntrack messages (only a fork
+//! does) and `nlink` deletes by tuple or id, so ranges would still mean
+//! dump, filter and delete in our code, on a privileged path. A flush runs
+//! only when the rules change, so a process per destination is cheap.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
