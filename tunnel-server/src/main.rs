@@ -180,7 +180,7 @@ enum Command {
     Dnat {
         /// The server's agent feed, https://HOST:PORT (its --feed-listen).
         /// Plain http:// is refused.
-        #[arg(long, env = "TUNNEL_SERVER_FEED", required_unless_present = "cleanup")]
+        #[arg(long, env = "TUNNEL_SERVER_FEED", required_unless_present_any = ["cleanup", "server_admin"])]
         server_feed: Option<String>,
         /// PEM file with the CA the server's certificate must chain to
         /// (default: ca.crt in --cert-dir).
@@ -192,7 +192,7 @@ enum Command {
         server_name: Option<String>,
         /// This helper's client certificate: tls.crt, tls.key (CN
         /// edge-tunnel:dnat-helper, `tunnel-certs dnat-helper`) and ca.crt.
-        #[arg(long, env = "TUNNEL_CERT_DIR", required_unless_present = "cleanup")]
+        #[arg(long, env = "TUNNEL_CERT_DIR", required_unless_present_any = ["cleanup", "server_admin"])]
         cert_dir: Option<PathBuf>,
         /// Bound on one read of the feed: connect, TLS, request and body
         /// (1s-5m).
