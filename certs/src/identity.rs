@@ -27,6 +27,12 @@ pub enum IdentityError {
     BadNodeName(String),
 }
 
+/// The common name of the standalone DNAT helper's client certificate
+/// (`tunnel-certs dnat-helper`). The colon makes it an invalid node name,
+/// so no agent certificate can carry it and the helper's certificate can
+/// never register as an agent.
+pub const DNAT_HELPER_CN: &str = "edge-tunnel:dnat-helper";
+
 /// Longest node name (a DNS-1123 subdomain, as Kubernetes node names are).
 pub const MAX_NODE_NAME: usize = 253;
 
@@ -142,6 +148,20 @@ mod tests {
             let ip: IpAddr = same.parse().unwrap();
             assert_eq!(canonical_ip(ip), ip);
         }
+    }
+
+    #[test]
+    fn the_dnat_helper_identity_is_no_node_name() {
+        assert!(validate_node_name(DNAT_HELPER_CN).is_err());
+        let ca = Ca::generate("test-ca", 1).unwrap();
+        let pem = ca.issue_dnat_helper(1).unwrap();
+        let der = rustls_pemfile::certs(&mut pem.cert.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let id = Identity::from_der(&der).unwrap();
+        assert_eq!(id.common_name, DNAT_HELPER_CN);
+        assert!(id.addresses.is_empty());
     }
 
     #[test]

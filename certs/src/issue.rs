@@ -107,6 +107,18 @@ impl Ca {
         self.issue_leaf(node, sans, ExtendedKeyUsagePurpose::ClientAuth, days)
     }
 
+    /// A client certificate for the standalone DNAT helper: CN =
+    /// [`crate::identity::DNAT_HELPER_CN`], no addresses. A server's
+    /// `--feed-listen` serves the agent list only to this identity.
+    pub fn issue_dnat_helper(&self, days: u32) -> Result<Pem, IssueError> {
+        self.issue_leaf(
+            crate::identity::DNAT_HELPER_CN,
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+            days,
+        )
+    }
+
     fn issue_leaf(
         &self,
         common_name: &str,

@@ -71,6 +71,19 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Issue the standalone DNAT helper's client certificate (CN
+    /// edge-tunnel:dnat-helper): what a server's --feed-listen requires
+    /// before it serves the agent list.
+    DnatHelper {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
     /// Print a directory's tls.crt, tls.key and ca.crt as a Kubernetes
     /// Secret manifest (type kubernetes.io/tls).
     Secret {
@@ -180,6 +193,21 @@ fn main() -> Result<()> {
             println!(
                 "wrote {}/{{tls.crt,tls.key,ca.crt}} for node {node}",
                 out.display()
+            );
+        }
+        Command::DnatHelper {
+            ca,
+            out,
+            days,
+            force,
+        } => {
+            let ca = load_ca(&ca)?;
+            let leaf = ca.issue_dnat_helper(days)?;
+            write_leaf(&out, &ca, &leaf, force)?;
+            println!(
+                "wrote {}/{{tls.crt,tls.key,ca.crt}} for the DNAT helper ({})",
+                out.display(),
+                certs::identity::DNAT_HELPER_CN
             );
         }
         Command::Secret {

@@ -51,6 +51,19 @@ impl Pki {
         dir
     }
 
+    /// Where [`Pki::issue_dnat_helper`] writes.
+    pub fn dnat_helper_dir(&self) -> PathBuf {
+        self.dir.path().join("dnat-helper")
+    }
+
+    /// Issues the standalone DNAT helper's client certificate.
+    pub fn issue_dnat_helper(&self) -> PathBuf {
+        let pem = self.ca.issue_dnat_helper(1).unwrap();
+        let dir = self.dnat_helper_dir();
+        self.write(&dir, &pem);
+        dir
+    }
+
     fn write(&self, dir: &Path, leaf: &Pem) {
         files::write_leaf_dir(dir, leaf, &self.ca.pem().cert, true).unwrap();
     }

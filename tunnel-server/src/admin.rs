@@ -44,7 +44,8 @@ pub struct AgentInfo {
     pub draining: bool,
 }
 
-fn agents_json(shared: &Shared) -> String {
+/// The `/v1/agents` listing (also what `--feed-listen` serves).
+pub(crate) fn agents_json(shared: &Shared) -> String {
     let agents: Vec<AgentInfo> = shared
         .registry
         .snapshot()

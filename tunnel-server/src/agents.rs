@@ -346,6 +346,14 @@ fn check_hello(
             ),
         });
     }
+    // A certificate whose CN is no node name (the DNAT helper's client
+    // certificate, `edge-tunnel:dnat-helper`) is not an agent's.
+    if let Err(e) = certs::identity::validate_node_name(&identity.common_name) {
+        return Err(Refusal {
+            code: RefuseCode::BadCertificate,
+            reason: format!("this certificate is not an agent's: its common name {e}"),
+        });
+    }
     if hello.node != identity.common_name {
         return Err(Refusal {
             code: RefuseCode::NodeMismatch,
@@ -439,6 +447,17 @@ mod tests {
             identity().addresses
         );
         assert!(check_hello_any(&hello("edge-1", &["198.18.1.2"]), &identity()).is_ok());
+    }
+
+    #[test]
+    fn the_dnat_helper_certificate_is_no_agent() {
+        let helper = Identity {
+            common_name: certs::identity::DNAT_HELPER_CN.into(),
+            addresses: vec![],
+        };
+        let r = check_hello_any(&hello(certs::identity::DNAT_HELPER_CN, &[]), &helper).unwrap_err();
+        assert_eq!(r.code, RefuseCode::BadCertificate);
+        assert!(r.reason.contains("not an agent's"), "{}", r.reason);
     }
 
     #[test]

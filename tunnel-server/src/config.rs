@@ -30,6 +30,12 @@ pub struct ServerSettings {
     pub connect_listen: Option<SocketAddr>,
     pub transparent_listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
+    /// TLS listener serving the agent list to the standalone DNAT helper
+    /// (client certificate required, CN `edge-tunnel:dnat-helper`).
+    pub feed_listen: Option<SocketAddr>,
+    /// Connections on `feed_listen` at once; more are closed at once.
+    /// Default 64 (a helper per control-plane host polls every few seconds).
+    pub feed_max_connections: usize,
     /// Stable id of this replica, sent to agents in `Welcome`. Default: the
     /// host name.
     pub server_id: String,
@@ -110,6 +116,8 @@ impl ServerSettings {
             connect_listen: None,
             transparent_listen: None,
             admin_listen: None,
+            feed_listen: None,
+            feed_max_connections: 64,
             server_id: default_server_id(),
             register_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
@@ -163,6 +171,8 @@ pub enum ConfigError {
          ({budget} bytes)"
     )]
     StallCreditPerClient { per_client: u64, budget: u64 },
+    #[error("--feed-max-connections must be at least 1")]
+    NoFeedConnections,
 }
 
 /// The smallest receive budget: 16 connections at the floor.
@@ -196,6 +206,9 @@ impl ServerConfig {
         }
         if settings.max_client_connections == 0 {
             return Err(ConfigError::NoClientConnections);
+        }
+        if settings.feed_max_connections == 0 {
+            return Err(ConfigError::NoFeedConnections);
         }
         if settings.transparent_stream_reserve >= settings.max_streams_per_node {
             return Err(ConfigError::StreamReserve {

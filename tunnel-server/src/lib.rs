@@ -20,6 +20,8 @@
 //! - [`transparent`]: the ingress for DNAT-redirected connections.
 //! - [`ingress`]: what both ingresses share after the dial: relay, count.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/v1/agents`.
+//! - [`feed`]: `/v1/agents` over mutually authenticated TLS, for the
+//!   standalone DNAT helper (`--feed-listen`).
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`dnat`]: the iptables DNAT helper that sends apiserver → kubelet
 //!   traffic into the transparent ingress.
@@ -38,6 +40,7 @@ pub mod config;
 pub mod connect;
 pub mod dial;
 pub mod dnat;
+pub mod feed;
 pub mod handshake;
 pub mod ingress;
 pub mod link;
@@ -153,6 +156,7 @@ pub struct Server {
     connect: Option<TcpListener>,
     transparent: Option<TcpListener>,
     admin: Option<TcpListener>,
+    feed: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
     dnat: Option<dnat::reconciler::Dnat>,
 }
 
@@ -164,6 +168,7 @@ pub struct BoundAddrs {
     pub connect: Option<SocketAddr>,
     pub transparent: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    pub feed: Option<SocketAddr>,
 }
 
 fn bind_tcp(
@@ -205,6 +210,13 @@ impl Server {
         let connect = bind_tcp("CONNECT", config.connect_listen)?;
         let transparent = bind_tcp("transparent", config.transparent_listen)?;
         let admin = bind_tcp("admin", config.admin_listen)?;
+        let feed = match bind_tcp("feed", config.feed_listen)? {
+            Some(listener) => {
+                let tls = certs::tls::server_config(&dir, feed::ALPN)?;
+                Some((listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared::new(config));
         Ok(Server {
             shared,
@@ -213,6 +225,7 @@ impl Server {
             connect,
             transparent,
             admin,
+            feed,
             dnat: None,
         })
     }
@@ -235,6 +248,7 @@ impl Server {
             connect: addr(&self.connect),
             transparent: addr(&self.transparent),
             admin: addr(&self.admin),
+            feed: self.feed.as_ref().and_then(|(l, _)| l.local_addr().ok()),
         }
     }
 
@@ -259,6 +273,9 @@ impl Server {
         }
         if let Some(l) = self.admin {
             tasks.spawn(admin::serve(l, shared.clone()));
+        }
+        if let Some((listener, acceptor)) = self.feed {
+            tasks.spawn(feed::serve(listener, acceptor, shared.clone()));
         }
         let (dnat_stop, dnat_task) = match self.dnat {
             Some(dnat) => {

@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use daemon::cli::{duration_in, size_in};
 use tunnel_server::addresses::AddressPolicy;
-use tunnel_server::dnat::agent_list::AgentList;
+use tunnel_server::dnat::agent_list::{self, AgentList};
+use tunnel_server::dnat::metrics::DnatMetrics;
 use tunnel_server::dnat::reconciler::{self, Dnat, DnatConfig};
 use tunnel_server::dnat::rules::Prefix;
 use tunnel_server::{Server, ServerConfig, ServerSettings};
@@ -53,6 +54,16 @@ struct Args {
     /// Admin endpoints: /healthz /readyz /metrics /v1/agents.
     #[arg(long, env = "TUNNEL_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
+    /// TLS listener serving the agent list (/v1/agents) to the standalone
+    /// DNAT helper (`tunnel-server dnat --server-feed`): the server's
+    /// certificate from --cert-dir; a client certificate chaining to its
+    /// ca.crt with CN edge-tunnel:dnat-helper (`tunnel-certs dnat-helper`)
+    /// is required. Off by default.
+    #[arg(long, env = "TUNNEL_FEED_LISTEN")]
+    feed_listen: Option<SocketAddr>,
+    /// Connections on --feed-listen at once; more are closed at once.
+    #[arg(long, env = "TUNNEL_FEED_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    feed_max_connections: u32,
     /// Stable id of this replica (default: the host name).
     #[arg(long, env = "TUNNEL_SERVER_ID")]
     server_id: Option<String>,
@@ -190,11 +201,40 @@ impl DnatRuleArgs {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run only the DNAT helper, on a control-plane host that runs no
-    /// server: follow a server's /v1/agents and point rules at it.
+    /// server: follow a server's agent feed (its --feed-listen, over
+    /// mutually authenticated TLS) and point rules at it.
     #[command(after_help = DURATIONS)]
     Dnat {
-        /// Admin URL of a tunnel-server, e.g. http://10.0.0.5:9090.
-        #[arg(long, env = "TUNNEL_SERVER_ADMIN", required_unless_present = "cleanup")]
+        /// The server's agent feed, https://HOST:PORT (its --feed-listen).
+        /// Plain http:// is refused.
+        #[arg(long, env = "TUNNEL_SERVER_FEED", required_unless_present_any = ["cleanup", "server_admin"])]
+        server_feed: Option<String>,
+        /// PEM file with the CA the server's certificate must chain to
+        /// (default: ca.crt in --cert-dir).
+        #[arg(long, env = "TUNNEL_SERVER_CA")]
+        server_ca: Option<PathBuf>,
+        /// Name the server's certificate must carry (default: the host of
+        /// --server-feed).
+        #[arg(long, env = "TUNNEL_SERVER_NAME")]
+        server_name: Option<String>,
+        /// This helper's client certificate: tls.crt, tls.key (CN
+        /// edge-tunnel:dnat-helper, `tunnel-certs dnat-helper`) and ca.crt.
+        #[arg(long, env = "TUNNEL_CERT_DIR", required_unless_present_any = ["cleanup", "server_admin"])]
+        cert_dir: Option<PathBuf>,
+        /// Bound on one read of the feed: connect, TLS, request and body
+        /// (1s-5m).
+        #[arg(long, env = "TUNNEL_FEED_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), secs(300)))]
+        feed_timeout: Duration,
+        /// Largest agent list accepted, in bytes (64 KiB-1 GiB; the default
+        /// 16 MiB is ~5 times a 10,000-node listing).
+        #[arg(long, env = "TUNNEL_FEED_MAX_BODY", default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(65_536..=1 << 30))]
+        feed_max_body: u64,
+        /// Admin endpoints of the helper: /healthz, /metrics. Off by default.
+        #[arg(long, env = "TUNNEL_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
+        /// Removed: the plain-HTTP feed was unauthenticated. Use
+        /// --server-feed.
+        #[arg(long, hide = true)]
         server_admin: Option<String>,
         /// The transparent ingress the rules point at.
         #[arg(long, env = "TUNNEL_DNAT_TO", required_unless_present = "cleanup")]
@@ -219,6 +259,13 @@ fn main() -> Result<()> {
     let args = Args::parse();
     match args.command {
         Some(Command::Dnat {
+            server_feed,
+            server_ca,
+            server_name,
+            cert_dir,
+            feed_timeout,
+            feed_max_body,
+            admin_listen,
             server_admin,
             to,
             cleanup,
@@ -228,44 +275,119 @@ fn main() -> Result<()> {
             common,
         }) => {
             daemon::cli::init_logging(common.log_format);
+            if let Some(url) = server_admin {
+                anyhow::bail!(
+                    "--server-admin {url} is no longer supported: the plain-HTTP /v1/agents \
+                     was unauthenticated, and every address in it becomes a DNAT rule. Serve the \
+                     feed with the server's --feed-listen and follow it with --server-feed \
+                     https://HOST:PORT, --server-ca and --cert-dir (a certificate from \
+                     `tunnel-certs dnat-helper`)"
+                );
+            }
             let runtime = common.runtime(Some(1))?;
-            runtime.block_on(standalone_dnat(
-                server_admin,
+            runtime.block_on(standalone_dnat(Standalone {
+                server_feed,
+                server_ca,
+                server_name,
+                cert_dir,
+                feed_timeout,
+                feed_max_body,
+                admin_listen,
                 to,
                 cleanup,
                 poll,
                 keep_rules,
                 rules,
-            ))
+            }))
         }
         None => serve(args),
     }
 }
 
-async fn standalone_dnat(
-    server_admin: Option<String>,
+/// The standalone helper's settings.
+struct Standalone {
+    server_feed: Option<String>,
+    server_ca: Option<PathBuf>,
+    server_name: Option<String>,
+    cert_dir: Option<PathBuf>,
+    feed_timeout: Duration,
+    feed_max_body: u64,
+    admin_listen: Option<SocketAddr>,
     to: Option<SocketAddr>,
     cleanup: bool,
     poll: Duration,
     keep_rules: bool,
     rules: DnatRuleArgs,
-) -> Result<()> {
+}
+
+/// The standalone helper's admin endpoints: /healthz and its metrics.
+struct HelperAdmin(prometheus_client::registry::Registry);
+
+impl daemon::admin::AdminRoutes for HelperAdmin {
+    fn get(&self, path: &str) -> daemon::admin::Reply {
+        use daemon::admin::{Reply, OPENMETRICS, TEXT};
+        match path {
+            "/healthz" => Reply::new(200, TEXT, "ok\n"),
+            "/metrics" => {
+                let mut out = String::new();
+                match prometheus_client::encoding::text::encode(&mut out, &self.0) {
+                    Ok(()) => Reply::new(200, OPENMETRICS, out),
+                    Err(_) => Reply::new(500, TEXT, "encoding the metrics failed\n"),
+                }
+            }
+            _ => Reply::not_found(),
+        }
+    }
+}
+
+async fn standalone_dnat(s: Standalone) -> Result<()> {
     // Before any rule is written, so SIGTERM always leads to cleanup.
     let shutdown = daemon::cli::shutdown_signal();
     // Cleanup needs no target; any concrete address of the right family does.
-    let to = to.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1)));
-    let mut config = rules.config(to)?;
-    config.resync = poll;
-    let dnat = Dnat::start(config).await?;
-    if cleanup {
-        dnat.cleanup().await?;
+    let to =
+        s.to.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1)));
+    let mut config = s.rules.config(to)?;
+    config.resync = s.poll;
+    let metrics = DnatMetrics::default();
+    if s.cleanup {
+        Dnat::start(config, metrics).await?.cleanup().await?;
         return Ok(());
     }
-    let agents = AgentList::try_new(&server_admin.context("--server-admin is required")?)?;
-    tracing::info!(url = agents.url(), %to, "DNAT helper following the server's agents");
-    let fetch = || async { Ok(agents.fetch().await?) };
+    // Every flag is checked before any rule is written.
+    let url = s.server_feed.context("--server-feed is required")?;
+    agent_list::parse_feed_url(&url)?;
+    let cert_dir = s.cert_dir.context("--cert-dir is required")?;
+    let tls = agent_list::client_config(&cert_dir, s.server_ca.as_deref())?;
+    let mut agents = AgentList::try_new(&url, s.server_name.as_deref(), tls)?;
+    agents.timeout = s.feed_timeout;
+    agents.max_body = usize::try_from(s.feed_max_body).unwrap_or(usize::MAX);
+    let admin = match s.admin_listen {
+        Some(addr) => Some(
+            transport::net::bind_tcp(addr)
+                .with_context(|| format!("cannot bind --admin-listen {addr}"))?,
+        ),
+        None => None,
+    };
+    let dnat = Dnat::start(config, metrics.clone()).await?;
+    if let Some(listener) = admin {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("edge_tunnel");
+        metrics.register(&mut registry);
+        tokio::spawn(daemon::admin::serve(
+            listener,
+            std::sync::Arc::new(HelperAdmin(registry)),
+        ));
+    }
+    tracing::info!(url = agents.url(), %to, "DNAT helper following the server's agent feed");
+    let fetch = || async {
+        let result = agents.fetch().await;
+        metrics.feed_read(match &result {
+            Ok(_) => "ok",
+            Err(e) => e.reason(),
+        });
+        Ok(result?)
+    };
     let never = tokio::sync::watch::channel(0u64).1;
-    if keep_rules {
+    if s.keep_rules {
         // Same loop, but skip the cleanup by never finishing shutdown.
         tokio::select! {
             _ = reconciler::run(dnat, never, fetch, std::future::pending()) => {}
@@ -296,6 +418,8 @@ fn serve(args: Args) -> Result<()> {
     settings.connect_listen = args.connect_listen;
     settings.transparent_listen = args.transparent_listen;
     settings.admin_listen = args.admin_listen;
+    settings.feed_listen = args.feed_listen;
+    settings.feed_max_connections = args.feed_max_connections as usize;
     if let Some(id) = args.server_id {
         settings.server_id = id;
     }
@@ -357,7 +481,8 @@ fn serve(args: Args) -> Result<()> {
         let shutdown = daemon::cli::shutdown_signal();
         let mut server = Server::bind(config)?;
         if let Some(dnat_config) = dnat_config {
-            server = server.with_dnat(Dnat::start(dnat_config).await?);
+            let metrics = server.shared().metrics.dnat.clone();
+            server = server.with_dnat(Dnat::start(dnat_config, metrics).await?);
         }
         let addrs = server.local_addrs();
         tracing::info!(?addrs, "listeners bound");

@@ -61,6 +61,10 @@ pub struct Metrics {
     pub handshake_failures: Family<FailureLabel, Counter>,
     /// Agent misbehaviour the server noticed, by kind.
     pub agent_protocol_errors: Family<Label, Counter>,
+    /// Connections and requests on `--feed-listen`, by result.
+    pub feed_requests: Family<Label, Counter>,
+    /// The DNAT helper's (`--dnat`).
+    pub dnat: crate::dnat::metrics::DnatMetrics,
 }
 
 impl Default for Metrics {
@@ -248,8 +252,20 @@ impl Metrics {
              closed the connection: a push promise, an oversized header list, a frame flood)",
             agent_protocol_errors.clone(),
         );
+        let feed_requests = Family::<Label, Counter>::default();
+        registry.register(
+            "feed_requests",
+            "Connections and requests on the agent feed (--feed-listen), by result: ok, \
+             forbidden (a certificate that is not the DNAT helper's), not_found, bad_request, \
+             tls_failed (handshake failed or timed out), limited (--feed-max-connections)",
+            feed_requests.clone(),
+        );
+        let dnat = crate::dnat::metrics::DnatMetrics::default();
+        dnat.register(&mut registry);
         Metrics {
             registry,
+            feed_requests,
+            dnat,
             agents_connected,
             streams_active,
             stall_credit,
@@ -290,6 +306,12 @@ impl Metrics {
     pub fn agent_protocol_error(&self, kind: &'static str) {
         self.agent_protocol_errors
             .get_or_create(&[("kind", kind)])
+            .inc();
+    }
+
+    pub fn feed_request(&self, result: &'static str) {
+        self.feed_requests
+            .get_or_create(&[("result", result)])
             .inc();
     }
 

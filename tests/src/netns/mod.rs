@@ -53,7 +53,7 @@ pub fn available() -> bool {
     if !root {
         missing.push("root (CAP_NET_ADMIN, CAP_SYS_ADMIN)".to_owned());
     }
-    for tool in ["ip", "iptables", "iptables-save", "curl"] {
+    for tool in ["ip", "iptables", "iptables-save", "conntrack", "curl"] {
         if !on_path(tool) {
             missing.push(format!("`{tool}`"));
         }

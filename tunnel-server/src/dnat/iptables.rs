@@ -1,5 +1,5 @@
-//! Talking to iptables: back-end detection, atomic apply, cleanup,
-//! conntrack flushing, and the capability check.
+//! Talking to iptables: back-end detection, atomic apply, cleanup, the
+//! capability check, and the bounded command runner `conntrack` uses too.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use super::rules::{self, Current, Family, Stale};
+use super::rules::{self, Current, Family};
 
 /// Bound on every iptables / conntrack invocation.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
@@ -23,6 +23,8 @@ pub enum DnatError {
     NoIptables(&'static str),
     #[error("{command} failed: {detail}")]
     Command { command: String, detail: String },
+    #[error("{program} is not installed (not found on PATH)")]
+    Missing { program: String },
     #[error("{command} did not finish within {COMMAND_TIMEOUT:?}")]
     Timeout { command: String },
     #[error(transparent)]
@@ -60,7 +62,23 @@ pub fn has_net_admin() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
+/// What a command that succeeded printed.
+pub(super) struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
 async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, DnatError> {
+    run_output(program, args, stdin).await.map(|o| o.stdout)
+}
+
+/// Runs `program` with `args` (and `stdin`), bounded by [`COMMAND_TIMEOUT`];
+/// a non-zero exit is an error carrying its stderr.
+pub(super) async fn run_output(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<Output, DnatError> {
     let command = format!("{program} {}", args.join(" "));
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -73,9 +91,17 @@ async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let work = async {
-        let mut child = cmd.spawn().map_err(|e| DnatError::Command {
-            command: command.clone(),
-            detail: e.to_string(),
+        let mut child = cmd.spawn().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                DnatError::Missing {
+                    program: program.to_owned(),
+                }
+            } else {
+                DnatError::Command {
+                    command: command.clone(),
+                    detail: e.to_string(),
+                }
+            }
         })?;
         if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
             pipe.write_all(input.as_bytes())
@@ -93,7 +119,10 @@ async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String
                 detail: e.to_string(),
             })?;
         if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            Ok(Output {
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            })
         } else {
             Err(DnatError::Command {
                 command: command.clone(),
@@ -172,39 +201,5 @@ impl Iptables {
         run(&self.restore, &["--noflush", "-w", "5"], Some(script))
             .await
             .map(|_| ())
-    }
-}
-
-/// Deletes the conntrack entries for TCP to `dst:port` that disagree with
-/// the rules now in place (see [`Stale`]), so connections tried before a
-/// rule changed do not keep their old translation, while connections the
-/// new rule already translated are left alone (flushing every entry for the
-/// destination reset connections made between the rule and the flush).
-/// Best effort: without the `conntrack` tool it logs and returns.
-pub async fn flush_conntrack(stale: &Stale) {
-    // Only single addresses: conntrack's filter takes no CIDR.
-    let dst = &stale.dst;
-    let Some(ip) = dst.strip_suffix("/32").or_else(|| dst.strip_suffix("/128")) else {
-        return;
-    };
-    let port = stale.port.to_string();
-    let args = [
-        "-D",
-        "-p",
-        "tcp",
-        "--orig-dst",
-        ip,
-        "--dport",
-        &port,
-        "--reply-src",
-        &stale.reply_src,
-    ];
-    match run("conntrack", &args, None).await {
-        Ok(_) => {
-            tracing::debug!(%ip, %port, reply_src = %stale.reply_src, "stale conntrack entries flushed")
-        }
-        // Exit status 1 with "0 flow entries" just means there were none.
-        Err(DnatError::Command { detail, .. }) if detail.contains("0 flow entries") => {}
-        Err(e) => tracing::debug!("conntrack flush skipped: {e}"),
     }
 }

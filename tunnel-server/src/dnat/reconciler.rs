@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::iptables::{flush_conntrack, has_net_admin, DnatError, Iptables};
+use super::conntrack::Conntrack;
+use super::iptables::{has_net_admin, DnatError, Iptables};
+use super::metrics::DnatMetrics;
 use super::rules::{self, Family, Prefix};
 use crate::addresses::{forbidden_kind, own_addresses, AddressPolicy};
 
@@ -31,7 +33,7 @@ pub struct DnatConfig {
 impl DnatConfig {
     pub fn try_new(
         to: SocketAddr,
-        ports: Vec<u16>,
+        mut ports: Vec<u16>,
         cidrs: Vec<Prefix>,
     ) -> Result<DnatConfig, String> {
         if to.ip().is_unspecified() || to.port() == 0 {
@@ -42,6 +44,8 @@ impl DnatConfig {
         if ports.is_empty() || ports.contains(&0) {
             return Err("--dnat-ports needs at least one port in 1-65535".into());
         }
+        ports.sort_unstable();
+        ports.dedup();
         let family = Family::of(to.ip());
         if let Some(c) = cidrs.iter().find(|c| c.family() != family) {
             return Err(format!(
@@ -70,21 +74,42 @@ impl DnatConfig {
 pub struct Dnat {
     config: DnatConfig,
     iptables: Iptables,
+    conntrack: Conntrack,
+    metrics: DnatMetrics,
 }
 
 impl Dnat {
-    /// Checks the capability and finds iptables; fails with a clear message.
-    pub async fn start(config: DnatConfig) -> Result<Dnat, DnatError> {
+    /// Checks the capability and finds iptables; fails with a clear
+    /// message. Counts into `metrics`.
+    pub async fn start(config: DnatConfig, metrics: DnatMetrics) -> Result<Dnat, DnatError> {
         if !has_net_admin() {
             return Err(DnatError::MissingCapability);
         }
         let iptables = Iptables::detect(Family::of(config.to.ip())).await?;
-        Ok(Dnat { config, iptables })
+        Ok(Dnat {
+            config,
+            iptables,
+            conntrack: Conntrack::new(metrics.clone()),
+            metrics,
+        })
     }
 
-    /// Makes the chain hold exactly the rules for `addresses`; returns
-    /// whether anything had to change.
+    /// Makes the chain hold exactly the rules for `addresses`, and the
+    /// jumps into it match exactly the redirected ports; returns whether
+    /// anything had to change. Rules of ours that are no longer wanted
+    /// (including those a previous run left, e.g. a `--dnat-cidr` dropped
+    /// across a restart) have their conntrack entries flushed.
     pub async fn sync(&self, addresses: &[IpAddr]) -> Result<bool, DnatError> {
+        let result = self.sync_inner(addresses).await;
+        self.metrics.sync(match result {
+            Ok(true) => "changed",
+            Ok(false) => "unchanged",
+            Err(_) => "failed",
+        });
+        result
+    }
+
+    async fn sync_inner(&self, addresses: &[IpAddr]) -> Result<bool, DnatError> {
         let c = &self.config;
         let own = own_addresses();
         let mut policy = c.policy.clone();
@@ -105,10 +130,10 @@ impl Dnat {
             return Ok(false);
         };
         self.iptables.apply(&script).await?;
-        for stale in rules::stale_entries(&current.rules, &want) {
-            flush_conntrack(&stale).await;
+        for stale in rules::stale_entries(&current.rules, &want.rules) {
+            self.conntrack.flush(&stale).await;
         }
-        tracing::info!(rules = want.len(), "DNAT rules applied");
+        tracing::info!(rules = want.rules.len(), jump = %want.jump_match, "DNAT rules applied");
         Ok(true)
     }
 
@@ -118,7 +143,7 @@ impl Dnat {
         if let Some(script) = rules::cleanup(&current) {
             self.iptables.apply(&script).await?;
             for stale in rules::stale_entries(&current.rules, &BTreeSet::new()) {
-                flush_conntrack(&stale).await;
+                self.conntrack.flush(&stale).await;
             }
             tracing::info!("DNAT rules removed");
         }

@@ -135,6 +135,53 @@ impl Rule {
     }
 }
 
+/// Most ports one `-m multiport --dports` match takes (an iptables limit).
+pub const MULTIPORT_MAX: usize = 15;
+
+/// The built-in chains that jump to ours: `OUTPUT` (host processes such as
+/// kube-apiserver) and `PREROUTING` (pods such as Prometheus).
+pub const JUMP_FROM: [&str; 2] = ["OUTPUT", "PREROUTING"];
+
+/// What the chain of one family should hold, and which traffic enters it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// The DNAT rules, as `iptables-save` prints them.
+    pub rules: BTreeSet<String>,
+    /// The match on the jumps from [`JUMP_FROM`] (see [`jump_match`]).
+    pub jump_match: String,
+}
+
+impl Desired {
+    /// The jump rules from [`JUMP_FROM`], as `iptables-save` prints them.
+    pub fn jumps(&self) -> [String; 2] {
+        JUMP_FROM.map(|from| jump(from, &self.jump_match))
+    }
+}
+
+/// The match of the jumps into our chain: TCP to the redirected ports, so
+/// other traffic never traverses the chain. Every rule in the chain is TCP
+/// to one of these ports, so nothing the chain would redirect is missed.
+/// Past [`MULTIPORT_MAX`] ports, TCP only.
+pub fn jump_match(ports: &[u16]) -> String {
+    let mut ports: Vec<u16> = ports.to_vec();
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.is_empty() || ports.len() > MULTIPORT_MAX {
+        return "-p tcp".to_owned();
+    }
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!("-p tcp -m multiport --dports {}", list.join(","))
+}
+
+/// A jump rule from a built-in chain, as `iptables-save` prints it.
+pub fn jump(from: &str, matches: &str) -> String {
+    if matches.is_empty() {
+        format!("-A {from} -j {CHAIN}")
+    } else {
+        format!("-A {from} {matches} -j {CHAIN}")
+    }
+}
+
 /// What the chain of one family should hold.
 pub fn desired(
     family: Family,
@@ -142,8 +189,11 @@ pub fn desired(
     cidrs: &[Prefix],
     ports: &[u16],
     to: SocketAddr,
-) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
+) -> Desired {
+    let mut out = Desired {
+        rules: BTreeSet::new(),
+        jump_match: jump_match(ports),
+    };
     if Family::of(to.ip()) != family {
         return out;
     }
@@ -154,7 +204,7 @@ pub fn desired(
         .filter(|p| p.family() == family);
     for dst in prefixes {
         for &port in ports {
-            out.insert(Rule { dst, port, to }.render());
+            out.rules.insert(Rule { dst, port, to }.render());
         }
     }
     out
@@ -165,19 +215,18 @@ pub fn desired(
 pub struct Current {
     pub chain_exists: bool,
     pub rules: BTreeSet<String>,
-    pub jump_from_output: bool,
-    pub jump_from_prerouting: bool,
-}
-
-/// The jump rule from a built-in chain, as `iptables-save` prints it.
-pub fn jump(from: &str) -> String {
-    format!("-A {from} -j {CHAIN}")
+    /// Every rule of the nat table that jumps to our chain, as printed
+    /// (`-A OUTPUT -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT`), in
+    /// order, duplicates kept. Jumps of an older format (no match, other
+    /// ports) are here too: [`plan`] replaces them, [`cleanup`] removes them.
+    pub jumps: Vec<String>,
 }
 
 /// Reads our chain out of `iptables-save -t nat` output.
 pub fn parse_save(save: &str) -> Current {
     let mut current = Current::default();
     let own = format!("-A {CHAIN} ");
+    let target = format!(" -j {CHAIN}");
     let mut in_nat = false;
     for line in save.lines() {
         let line = line.trim_end();
@@ -192,22 +241,43 @@ pub fn parse_save(save: &str) -> Current {
             current.chain_exists = true;
         } else if line.starts_with(&own) {
             current.rules.insert(line.to_owned());
-        } else if line == jump("OUTPUT") {
-            current.jump_from_output = true;
-        } else if line == jump("PREROUTING") {
-            current.jump_from_prerouting = true;
+        } else if line.starts_with("-A ") && line.ends_with(&target) {
+            current.jumps.push(line.to_owned());
         }
     }
     current
 }
 
+/// `-A CHAIN spec` as the `-D CHAIN spec` that deletes it.
+fn delete(appended: &str) -> String {
+    format!("-D {}", appended.strip_prefix("-A ").unwrap_or(appended))
+}
+
 /// An `iptables-restore --noflush` script that makes `current` into
-/// `desired` in one transaction, or `None` when nothing differs.
-pub fn plan(current: &Current, desired: &BTreeSet<String>) -> Option<String> {
+/// `desired` in one transaction, or `None` when nothing differs. Jumps that
+/// are not exactly the wanted ones (an older format, other ports, a
+/// duplicate) are deleted; missing ones are inserted first in their chain.
+pub fn plan(current: &Current, desired: &Desired) -> Option<String> {
+    let wanted = desired.jumps();
+    let mut kept = Vec::new();
+    let mut stale = Vec::new();
+    for j in &current.jumps {
+        if wanted.contains(j) && !kept.contains(j) {
+            kept.push(j.clone());
+        } else {
+            stale.push(j);
+        }
+    }
+    let missing: Vec<(&str, &String)> = JUMP_FROM
+        .iter()
+        .zip(&wanted)
+        .filter(|(_, j)| !kept.contains(j))
+        .map(|(from, j)| (*from, j))
+        .collect();
     let in_sync = current.chain_exists
-        && current.jump_from_output
-        && current.jump_from_prerouting
-        && current.rules == *desired;
+        && stale.is_empty()
+        && missing.is_empty()
+        && current.rules == desired.rules;
     if in_sync {
         return None;
     }
@@ -215,13 +285,16 @@ pub fn plan(current: &Current, desired: &BTreeSet<String>) -> Option<String> {
     // Declaring the chain creates it, or flushes it if it exists: the rules
     // below then replace its whole content atomically.
     script.push_str(&format!(":{CHAIN} - [0:0]\n"));
-    if !current.jump_from_output {
-        script.push_str(&format!("-I OUTPUT 1 -j {CHAIN}\n"));
+    for j in stale {
+        script.push_str(&delete(j));
+        script.push('\n');
     }
-    if !current.jump_from_prerouting {
-        script.push_str(&format!("-I PREROUTING 1 -j {CHAIN}\n"));
+    for (from, _) in missing {
+        let spec = jump(from, &desired.jump_match);
+        let spec = spec.strip_prefix(&format!("-A {from} ")).unwrap_or(&spec);
+        script.push_str(&format!("-I {from} 1 {spec}\n"));
     }
-    for rule in desired {
+    for rule in &desired.rules {
         script.push_str(rule);
         script.push('\n');
     }
@@ -229,17 +302,16 @@ pub fn plan(current: &Current, desired: &BTreeSet<String>) -> Option<String> {
     Some(script)
 }
 
-/// A script that removes the jumps and the chain, or `None` if nothing is there.
+/// A script that removes every jump to our chain (whatever its format)
+/// and the chain, or `None` if nothing is there.
 pub fn cleanup(current: &Current) -> Option<String> {
-    if !current.chain_exists && !current.jump_from_output && !current.jump_from_prerouting {
+    if !current.chain_exists && current.jumps.is_empty() {
         return None;
     }
     let mut script = String::from("*nat\n");
-    if current.jump_from_output {
-        script.push_str(&format!("-D OUTPUT -j {CHAIN}\n"));
-    }
-    if current.jump_from_prerouting {
-        script.push_str(&format!("-D PREROUTING -j {CHAIN}\n"));
+    for j in &current.jumps {
+        script.push_str(&delete(j));
+        script.push('\n');
     }
     if current.chain_exists {
         script.push_str(&format!("-F {CHAIN}\n-X {CHAIN}\n"));
@@ -248,58 +320,81 @@ pub fn cleanup(current: &Current) -> Option<String> {
     Some(script)
 }
 
+/// Which conntrack entries of a destination disagree with the rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StaleKind {
+    /// Entries NATed to this (old) target by a rule that is gone: they
+    /// would keep steering the flow, and its retries, to the old target.
+    NatedTo(IpAddr),
+    /// Entries that were not NATed (reply source = original destination):
+    /// a SYN retried before the rule existed would keep bypassing it.
+    NotNated,
+}
+
 /// A set of conntrack entries that no longer agree with the rules.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Stale {
-    /// Original destination (`ADDR/32` or `ADDR/128`).
-    pub dst: String,
+    /// Original destination: an address (`/32`, `/128`) or a range.
+    pub dst: Prefix,
     pub port: u16,
-    /// Reply source of the stale entries: the destination itself for
-    /// connections made before its rule existed (not NATed), the old DNAT
-    /// target for connections NATed by a rule that is gone. Connections
-    /// the new rules NATed have a different reply source and are kept.
-    pub reply_src: String,
+    pub kind: StaleKind,
+}
+
+/// A rule read back from its rendered form.
+fn parse_rule(rule: &str) -> Option<Rule> {
+    let mut words = rule.split_whitespace();
+    let (mut dst, mut port, mut to) = (None, None, None);
+    while let Some(w) = words.next() {
+        match w {
+            "-d" => dst = words.next().and_then(|d| d.parse::<Prefix>().ok()),
+            "--dport" => port = words.next().and_then(|p| p.parse().ok()),
+            "--to-destination" => to = words.next().and_then(|t| t.parse::<SocketAddr>().ok()),
+            _ => {}
+        }
+    }
+    Some(Rule {
+        dst: dst?,
+        port: port?,
+        to: to?,
+    })
+}
+
+/// Whether `outer` holds every address of `inner`.
+fn covers(outer: &Prefix, inner: &Prefix) -> bool {
+    outer.len <= inner.len && outer.contains(inner.ip)
 }
 
 /// Entries that may route around the rules after a change from `before`
 /// to `after`: for a rule that appeared, connections to its destination
-/// that were not NATed (a SYN retried before the rule existed would
-/// otherwise keep its un-NATed entry); for a rule that disappeared,
-/// connections NATed to its target.
+/// that were not NATed; for a rule that disappeared (an agent left, a
+/// `--dnat-cidr` was removed, the target moved), connections NATed to its
+/// old target, unless a rule that remains still sends that destination
+/// and port to the same target (an agent address inside a `--dnat-cidr`).
+/// Connections the new rules translated are never among them.
 pub fn stale_entries(before: &BTreeSet<String>, after: &BTreeSet<String>) -> BTreeSet<Stale> {
-    let removed = before.difference(after).map(|r| (r, true));
-    let added = after.difference(before).map(|r| (r, false));
-    removed
-        .chain(added)
-        .filter_map(|(rule, removed)| {
-            let mut words = rule.split_whitespace();
-            let (mut dst, mut port, mut to) = (None, None, None);
-            while let Some(w) = words.next() {
-                match w {
-                    "-d" => dst = words.next().map(str::to_owned),
-                    "--dport" => port = words.next().and_then(|p| p.parse().ok()),
-                    "--to-destination" => {
-                        to = words
-                            .next()
-                            .and_then(|t| t.parse::<SocketAddr>().ok())
-                            .map(|t| t.ip().to_string())
-                    }
-                    _ => {}
-                }
-            }
-            let dst: String = dst?;
-            let reply_src = if removed {
-                to?
-            } else {
-                dst.split('/').next()?.to_owned()
-            };
-            Some(Stale {
-                dst,
-                port: port?,
-                reply_src,
-            })
+    let after_rules: Vec<Rule> = after.iter().filter_map(|r| parse_rule(r)).collect();
+    let removed = before
+        .difference(after)
+        .filter_map(|r| parse_rule(r))
+        .filter(|gone| {
+            !after_rules
+                .iter()
+                .any(|r| r.port == gone.port && r.to == gone.to && covers(&r.dst, &gone.dst))
         })
-        .collect()
+        .map(|gone| Stale {
+            dst: gone.dst,
+            port: gone.port,
+            kind: StaleKind::NatedTo(gone.to.ip()),
+        });
+    let added = after
+        .difference(before)
+        .filter_map(|r| parse_rule(r))
+        .map(|new| Stale {
+            dst: new.dst,
+            port: new.port,
+            kind: StaleKind::NotNated,
+        });
+    removed.chain(added).collect()
 }
 
 #[cfg(test)]
@@ -320,12 +415,34 @@ COMMIT
 :PREROUTING ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
 :TUNNEL-DNAT - [0:0]
--A PREROUTING -j TUNNEL-DNAT
--A OUTPUT -j TUNNEL-DNAT
+-A PREROUTING -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT
+-A OUTPUT -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT
 -A OUTPUT -d 10.0.0.0/8 -j RETURN
 -A TUNNEL-DNAT -d 198.18.1.2/32 -p tcp -m tcp --dport 10250 -j DNAT --to-destination 198.18.0.1:8081
 COMMIT
 ";
+
+    /// The same rules with the jumps of before #13: no match at all.
+    const OLD_SAVE: &str = "\
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:TUNNEL-DNAT - [0:0]
+-A PREROUTING -j TUNNEL-DNAT
+-A OUTPUT -j TUNNEL-DNAT
+-A TUNNEL-DNAT -d 198.18.1.2/32 -p tcp -m tcp --dport 10250 -j DNAT --to-destination 198.18.0.1:8081
+COMMIT
+";
+
+    fn want(addrs: &[&str], ports: &[u16]) -> Desired {
+        desired(
+            Family::V4,
+            addrs.iter().map(|a| a.parse().unwrap()),
+            &[],
+            ports,
+            to(),
+        )
+    }
 
     #[test]
     fn renders_in_iptables_save_form() {
@@ -336,7 +453,7 @@ COMMIT
             &[10250, 9100],
             to(),
         );
-        let v: Vec<_> = rules.into_iter().collect();
+        let v: Vec<_> = rules.rules.iter().cloned().collect();
         assert_eq!(
             v,
             [
@@ -344,6 +461,13 @@ COMMIT
                 "-A TUNNEL-DNAT -d 10.20.0.0/16 -p tcp -m tcp --dport 9100 -j DNAT --to-destination 198.18.0.1:8081",
                 "-A TUNNEL-DNAT -d 198.18.1.2/32 -p tcp -m tcp --dport 10250 -j DNAT --to-destination 198.18.0.1:8081",
                 "-A TUNNEL-DNAT -d 198.18.1.2/32 -p tcp -m tcp --dport 9100 -j DNAT --to-destination 198.18.0.1:8081",
+            ]
+        );
+        assert_eq!(
+            rules.jumps(),
+            [
+                "-A OUTPUT -p tcp -m multiport --dports 9100,10250 -j TUNNEL-DNAT",
+                "-A PREROUTING -p tcp -m multiport --dports 9100,10250 -j TUNNEL-DNAT",
             ]
         );
         let v6 = desired(
@@ -354,50 +478,99 @@ COMMIT
             "[fd00::1]:8081".parse().unwrap(),
         );
         assert_eq!(
-            v6.into_iter().next().unwrap(),
+            v6.rules.into_iter().next().unwrap(),
             "-A TUNNEL-DNAT -d fd00::2/128 -p tcp -m tcp --dport 10250 -j DNAT --to-destination [fd00::1]:8081"
         );
     }
 
     #[test]
+    fn the_jump_matches_only_the_redirected_ports() {
+        assert_eq!(
+            jump_match(&[10255, 10250, 10250]),
+            "-p tcp -m multiport --dports 10250,10255"
+        );
+        let fifteen: Vec<u16> = (1..=15).collect();
+        assert!(jump_match(&fifteen).contains("--dports 1,2,3"));
+        // multiport takes at most 15 ports; past that, TCP only.
+        let sixteen: Vec<u16> = (1..=16).collect();
+        assert_eq!(jump_match(&sixteen), "-p tcp");
+    }
+
+    #[test]
     fn parses_only_the_nat_table() {
         let c = parse_save(SAVE);
-        assert!(c.chain_exists && c.jump_from_output && c.jump_from_prerouting);
+        assert!(c.chain_exists);
+        assert_eq!(
+            c.jumps,
+            [
+                "-A PREROUTING -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT",
+                "-A OUTPUT -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT",
+            ]
+        );
         assert_eq!(c.rules.len(), 1);
     }
 
     #[test]
     fn in_sync_means_no_change() {
         let c = parse_save(SAVE);
-        let want = desired(
-            Family::V4,
-            ["198.18.1.2".parse().unwrap()],
-            &[],
-            &[10250],
-            to(),
-        );
-        assert_eq!(plan(&c, &want), None);
+        assert_eq!(plan(&c, &want(&["198.18.1.2"], &[10250])), None);
     }
 
     #[test]
     fn plans_a_full_replacement_with_missing_jumps() {
-        let want = desired(
-            Family::V4,
-            ["198.18.1.3".parse().unwrap()],
-            &[],
-            &[10250],
-            to(),
-        );
+        let want = want(&["198.18.1.3"], &[10250]);
         let script = plan(&Current::default(), &want).unwrap();
         assert_eq!(
             script,
-            "*nat\n:TUNNEL-DNAT - [0:0]\n-I OUTPUT 1 -j TUNNEL-DNAT\n-I PREROUTING 1 -j TUNNEL-DNAT\n\
+            "*nat\n:TUNNEL-DNAT - [0:0]\n\
+             -I OUTPUT 1 -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT\n\
+             -I PREROUTING 1 -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT\n\
              -A TUNNEL-DNAT -d 198.18.1.3/32 -p tcp -m tcp --dport 10250 -j DNAT --to-destination 198.18.0.1:8081\nCOMMIT\n"
         );
         // Jumps already there are not added twice.
         let c = parse_save(SAVE);
         let script = plan(&c, &want).unwrap();
         assert!(!script.contains("-I OUTPUT"), "{script}");
+        assert!(!script.contains("-D "), "{script}");
+    }
+
+    #[test]
+    fn old_format_jumps_are_replaced() {
+        let c = parse_save(OLD_SAVE);
+        assert_eq!(
+            c.jumps,
+            ["-A PREROUTING -j TUNNEL-DNAT", "-A OUTPUT -j TUNNEL-DNAT"]
+        );
+        // Same rules, but the jumps carry no match: not in sync.
+        let script = plan(&c, &want(&["198.18.1.2"], &[10250])).unwrap();
+        assert_eq!(
+            script,
+            "*nat\n:TUNNEL-DNAT - [0:0]\n\
+             -D PREROUTING -j TUNNEL-DNAT\n\
+             -D OUTPUT -j TUNNEL-DNAT\n\
+             -I OUTPUT 1 -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT\n\
+             -I PREROUTING 1 -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT\n\
+             -A TUNNEL-DNAT -d 198.18.1.2/32 -p tcp -m tcp --dport 10250 -j DNAT --to-destination 198.18.0.1:8081\nCOMMIT\n"
+        );
+        // Other ports (--dnat-ports changed) replace the jumps too, and a
+        // duplicate of the wanted jump goes.
+        let c = parse_save(SAVE);
+        let script = plan(&c, &want(&["198.18.1.2"], &[10250, 10255])).unwrap();
+        assert!(
+            script.contains("-D OUTPUT -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT\n"),
+            "{script}"
+        );
+        assert!(
+            script
+                .contains("-I OUTPUT 1 -p tcp -m multiport --dports 10250,10255 -j TUNNEL-DNAT\n"),
+            "{script}"
+        );
+        let mut dup = parse_save(SAVE);
+        dup.jumps
+            .push("-A OUTPUT -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT".into());
+        let script = plan(&dup, &want(&["198.18.1.2"], &[10250])).unwrap();
+        assert_eq!(script.matches("-D OUTPUT").count(), 1, "{script}");
+        assert!(!script.contains("-I "), "{script}");
     }
 
     #[test]
@@ -406,44 +579,97 @@ COMMIT
         let script = cleanup(&parse_save(SAVE)).unwrap();
         assert_eq!(
             script,
-            "*nat\n-D OUTPUT -j TUNNEL-DNAT\n-D PREROUTING -j TUNNEL-DNAT\n-F TUNNEL-DNAT\n-X TUNNEL-DNAT\nCOMMIT\n"
+            "*nat\n\
+             -D PREROUTING -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT\n\
+             -D OUTPUT -p tcp -m multiport --dports 10250 -j TUNNEL-DNAT\n\
+             -F TUNNEL-DNAT\n-X TUNNEL-DNAT\nCOMMIT\n"
         );
+        // Old-format jumps are removed as well.
+        let script = cleanup(&parse_save(OLD_SAVE)).unwrap();
+        assert!(
+            script.starts_with("*nat\n-D PREROUTING -j TUNNEL-DNAT\n-D OUTPUT -j TUNNEL-DNAT\n"),
+            "{script}"
+        );
+    }
+
+    fn stale(dst: &str, port: u16, kind: StaleKind) -> Stale {
+        Stale {
+            dst: dst.parse().unwrap(),
+            port,
+            kind,
+        }
     }
 
     #[test]
     fn stale_entries_are_the_difference() {
-        let a = desired(
-            Family::V4,
-            ["198.18.1.2".parse().unwrap()],
-            &[],
-            &[10250],
-            to(),
-        );
-        let b = desired(
-            Family::V4,
-            ["198.18.1.3".parse().unwrap()],
-            &[],
-            &[10250],
-            to(),
-        );
+        let a = want(&["198.18.1.2"], &[10250]).rules;
+        let b = want(&["198.18.1.3"], &[10250]).rules;
         let changed: Vec<_> = stale_entries(&a, &b).into_iter().collect();
-        let stale = |dst: &str, reply_src: &str| Stale {
-            dst: dst.to_owned(),
-            port: 10250,
-            reply_src: reply_src.to_owned(),
-        };
+        let server = StaleKind::NatedTo("198.18.0.1".parse().unwrap());
         assert_eq!(
             changed,
             [
                 // Gone: connections NATed to the server are stale.
-                stale("198.18.1.2/32", "198.18.0.1"),
+                stale("198.18.1.2/32", 10250, server),
                 // New: only connections that bypassed NAT are stale; new
                 // connections through the rule (reply source 198.18.0.1)
                 // must survive the flush.
-                stale("198.18.1.3/32", "198.18.1.3"),
+                stale("198.18.1.3/32", 10250, StaleKind::NotNated),
             ]
         );
         assert!(stale_entries(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn a_removed_range_is_stale_as_a_range() {
+        let with = desired(
+            Family::V4,
+            [],
+            &["10.20.0.0/16".parse().unwrap()],
+            &[10250],
+            to(),
+        )
+        .rules;
+        let without = BTreeSet::new();
+        let server = StaleKind::NatedTo("198.18.0.1".parse().unwrap());
+        assert_eq!(
+            stale_entries(&with, &without)
+                .into_iter()
+                .collect::<Vec<_>>(),
+            [stale("10.20.0.0/16", 10250, server)]
+        );
+    }
+
+    #[test]
+    fn a_destination_still_redirected_to_the_same_target_is_not_stale() {
+        let cidr: Prefix = "198.18.1.0/24".parse().unwrap();
+        let agent_and_range = desired(
+            Family::V4,
+            ["198.18.1.2".parse().unwrap()],
+            &[cidr],
+            &[10250],
+            to(),
+        )
+        .rules;
+        let range_only = desired(Family::V4, [], &[cidr], &[10250], to()).rules;
+        // The agent left, but its address is inside the range, whose rule
+        // sends it to the same place: nothing to flush.
+        assert!(stale_entries(&agent_and_range, &range_only).is_empty());
+        // A new target is a change, though.
+        let moved = desired(
+            Family::V4,
+            [],
+            &[cidr],
+            &[10250],
+            "198.18.0.1:9999".parse().unwrap(),
+        )
+        .rules;
+        let changed = stale_entries(&agent_and_range, &moved);
+        assert!(changed.contains(&stale(
+            "198.18.1.2/32",
+            10250,
+            StaleKind::NatedTo("198.18.0.1".parse().unwrap())
+        )));
     }
 
     #[test]
