@@ -27,6 +27,63 @@ ROOT_OK = {"tunnel-dnat"}
 
 problems = []
 
+MI = 1 << 20
+UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+
+
+def size(text):
+    """A Kubernetes binary quantity (256Mi) or plain bytes."""
+    for unit, factor in UNITS.items():
+        if text.endswith(unit) or text.endswith(unit + "B"):
+            return int(text.rstrip("B")[: -len(unit)]) * factor
+    return int(text)
+
+
+def flag(args, name, default):
+    for a in args:
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def server_memory_bound(args):
+    """The tunnel-server's worst case from its flags (SECURITY.md, "Sizing
+    memory from the limits"): received data (QUIC pins up to 5x the
+    windows), relay buffers, handshakes in flight, and the rest."""
+    budget = size(flag(args, "receive-budget", "256Mi"))
+    clients = int(flag(args, "max-client-connections", "8192"))
+    handshakes = int(flag(args, "max-handshakes", "1024"))
+    return 5 * budget + clients * 8 * 1024 + 16 * MI + 2 * handshakes * 35 * 1024 + 64 * MI
+
+
+def check_server_memory(target, cname, container):
+    """A tunnel-server container's memory limit must hold what its flags
+    allow, or the kernel kills it exactly when its limits are doing their job."""
+    command = container.get("command") or ["tunnel-server"]
+    args = container.get("args", [])
+    if not command[-1].endswith("tunnel-server") or (args and args[0] == "dnat"):
+        return
+    for a in args:
+        if a.startswith("--max-client-connections") and "=" not in a:
+            problem(target, f"{cname}: write --max-client-connections=N (the check reads it)")
+    if not any(a.startswith("--max-client-connections=") for a in args):
+        problem(
+            target,
+            f"{cname}: set --max-client-connections: its default follows the open-files "
+            "limit, so the memory it needs cannot be known from the manifest",
+        )
+    limit = container.get("resources", {}).get("limits", {}).get("memory")
+    if limit is None:
+        return
+    bound = server_memory_bound(args)
+    if size(limit) < bound:
+        problem(
+            target,
+            f"{cname}: limits.memory {limit} is below what its flags allow "
+            f"({bound // MI}Mi: 5 x --receive-budget + 8 KiB x --max-client-connections "
+            "+ 16Mi + 70 KiB x --max-handshakes + 64Mi)",
+        )
+
 
 def problem(target, msg):
     problems.append(f"{os.path.relpath(target, ROOT) or '.'}: {msg}")
@@ -61,6 +118,7 @@ def check_workload(target, obj):
         non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
         if name not in ROOT_OK and non_root is not True:
             problem(target, f"{cname}: may run as root (runAsNonRoot is not true)")
+        check_server_memory(target, cname, c)
         res = c.get("resources", {})
         for kind in ("requests", "limits"):
             for r in ("cpu", "memory"):
