@@ -8,6 +8,8 @@
 # OUT_DIR/agents/NODE/{tls.crt,tls.key,ca.crt}
 #                                          per-node files for /etc/edge-tunnel/pki on NODE
 # OUT_DIR/tunnel-agent-NODE.yaml           the same as a Secret, for provisioning tools
+# OUT_DIR/tunnel-connect-tokens.yaml       Secret with the CONNECT ingress's proxy token
+#                                          for Prometheus (proxy_url: http://prometheus:TOKEN@...)
 #
 # The server certificate always carries the in-cluster names agents and
 # clients use (tunnel-server.edge-tunnel.svc, tunnel-server-headless...);
@@ -50,4 +52,23 @@ for spec in "${nodes[@]}"; do
     "$certs" agent --ca "$out/pki/ca" --out "$out/agents/$node" --node "$node" "${nargs[@]}" >/dev/null
     "$certs" secret --dir "$out/agents/$node" --name "tunnel-agent-$node" > "$out/tunnel-agent-$node.yaml"
 done
-echo "wrote $out: tunnel-server-tls.yaml, ${#nodes[@]} agent certificate(s); keep $out/pki/ca/ca.key offline"
+# The CONNECT ingress's proxy credentials (--connect-token-file): one
+# random token for Prometheus, written once (mode 0600, never overwritten).
+tokens="$out/tunnel-connect-tokens.yaml"
+if [ ! -e "$tokens" ]; then
+    token=$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')
+    (umask 077 && cat > "$tokens" <<YAML
+apiVersion: v1
+kind: Secret
+metadata:
+  name: tunnel-connect-tokens
+  namespace: edge-tunnel
+type: Opaque
+stringData:
+  tokens: |
+    # name:token, one per line; the server reloads this file when it changes.
+    prometheus:$token
+YAML
+    )
+fi
+echo "wrote $out: tunnel-server-tls.yaml, ${#nodes[@]} agent certificate(s), tunnel-connect-tokens.yaml; keep $out/pki/ca/ca.key offline"

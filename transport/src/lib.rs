@@ -26,5 +26,5 @@ pub mod stream;
 pub mod window;
 
 pub use framed::{read_message, write_message, FrameError};
-pub use relay::{relay, BufferBudget, Direction, RelayLimits, RelayOutcome};
+pub use relay::{relay, BufferBudget, ClientSocket, Direction, RelayLimits, RelayOutcome};
 pub use stream::{TunnelRecv, TunnelSend, TunnelStream};

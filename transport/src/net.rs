@@ -75,10 +75,24 @@ pub async fn accept_with(
     what: &str,
     on_error: impl Fn(&io::Error),
 ) -> (TcpStream, SocketAddr) {
+    accept_backoff(what, on_error, || listener.accept()).await
+}
+
+/// The accept loop of [`accept_with`] for any listener (`accept` is its
+/// accept call: TCP, Unix).
+pub async fn accept_backoff<T, F, Fut>(
+    what: &str,
+    on_error: impl Fn(&io::Error),
+    mut accept: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = io::Result<T>>,
+{
     let mut pause = std::time::Duration::from_millis(10);
     let mut failures = 0u64;
     loop {
-        match listener.accept().await {
+        match accept().await {
             Ok(v) => {
                 if failures > 0 {
                     tracing::info!(failures, "{what} accepts again");

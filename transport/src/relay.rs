@@ -240,29 +240,80 @@ impl Activity {
     }
 }
 
+/// The client side of a relay: a byte stream that can be read and written
+/// at once from one task, and closed with a reset. TCP and Unix sockets
+/// split into borrowed halves (no lock per chunk).
+pub trait ClientSocket: Send {
+    type Read<'a>: AsyncRead + Unpin + Send
+    where
+        Self: 'a;
+    type Write<'a>: AsyncWrite + Unpin + Send
+    where
+        Self: 'a;
+
+    /// The two halves, for the two directions of one relay.
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+
+    /// Called once before relaying (TCP: no Nagle delay).
+    fn prepare(&self) {}
+
+    /// Makes closing this socket a reset where the transport has one (TCP:
+    /// SO_LINGER 0 sends an RST), so the peer sees the reset that happened
+    /// on the other side.
+    fn abort_on_close(&self) {}
+}
+
+impl ClientSocket for TcpStream {
+    type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
+
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
+    }
+
+    fn prepare(&self) {
+        let _ = self.set_nodelay(true);
+    }
+
+    fn abort_on_close(&self) {
+        let _ = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO));
+    }
+}
+
+/// A Unix socket has no reset: the peer of an aborted relay sees EOF.
+impl ClientSocket for tokio::net::UnixStream {
+    type Read<'a> = tokio::net::unix::ReadHalf<'a>;
+    type Write<'a> = tokio::net::unix::WriteHalf<'a>;
+
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
+    }
+}
+
 /// Relays until both directions are done or one side resets.
 ///
 /// `on_bytes` is called after every chunk moved (keep it cheap: a counter).
-pub async fn relay<S, R, F>(
-    tcp: TcpStream,
+pub async fn relay<C, S, R, F>(
+    tcp: C,
     mut send: S,
     mut recv: R,
     on_bytes: F,
     limits: RelayLimits<'_>,
 ) -> RelayStats
 where
+    C: ClientSocket,
     S: TunnelSend,
     R: TunnelRecv,
     F: Fn(Direction, usize),
 {
-    let _ = tcp.set_nodelay(true);
+    tcp.prepare();
     let mut tcp = tcp;
-    let (mut tcp_r, mut tcp_w) = tcp.split();
     let mut up = 0u64;
     let mut down = 0u64;
     let activity = Activity::new();
     let watched = limits.idle_after.map(|_| &activity);
     let result = {
+        let (mut tcp_r, mut tcp_w) = tcp.halves();
         let upstream = copy(
             &mut tcp_r,
             &mut send,
@@ -321,14 +372,14 @@ where
             tracing::debug!(error = %e, "resetting both sides");
             send.reset(code::CANCELLED);
             recv.stop(code::CANCELLED);
-            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            tcp.abort_on_close();
             RelayOutcome::ReaderGone { unlent }
         }
         Err(Failure::Idle(after)) => {
             tracing::debug!(?after, "idle; resetting both sides");
             send.reset(code::CANCELLED);
             recv.stop(code::CANCELLED);
-            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            tcp.abort_on_close();
             RelayOutcome::Idle
         }
         Err(Failure::Tcp(e)) => {
@@ -348,7 +399,7 @@ where
             recv.stop(code::CANCELLED);
             // Linger 0: close() sends an RST instead of a FIN, so the TCP
             // peer sees the reset that happened on the other side.
-            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            tcp.abort_on_close();
             RelayOutcome::TunnelReset
         }
     };

@@ -28,6 +28,17 @@ pub struct ServerSettings {
     /// address and port.
     pub h2_listen: Option<SocketAddr>,
     pub connect_listen: Option<SocketAddr>,
+    /// The CONNECT ingress on a Unix socket too (for an apiserver on the
+    /// same host): its mode (default 0600) and group decide who may use it.
+    pub connect_uds: Option<PathBuf>,
+    pub connect_uds_mode: u32,
+    pub connect_uds_group: Option<u32>,
+    /// `name:token` lines; TCP CONNECT requests must prove one
+    /// (`Proxy-Authorization`). Reloaded when the file changes.
+    pub connect_token_file: Option<PathBuf>,
+    /// Proxy TCP CONNECT requests without a credential on a listener that
+    /// is not loopback. Default off: such a configuration is refused.
+    pub connect_allow_unauthenticated: bool,
     pub transparent_listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
     /// TLS listener serving the agent list to the standalone DNAT helper
@@ -114,6 +125,11 @@ impl ServerSettings {
             h2: true,
             h2_listen: None,
             connect_listen: None,
+            connect_uds: None,
+            connect_uds_mode: 0o600,
+            connect_uds_group: None,
+            connect_token_file: None,
+            connect_allow_unauthenticated: false,
             transparent_listen: None,
             admin_listen: None,
             feed_listen: None,
@@ -159,6 +175,14 @@ pub enum ConfigError {
         "--transparent-stream-reserve ({reserve}) must be below --max-streams-per-node ({max})"
     )]
     StreamReserve { reserve: usize, max: usize },
+    #[error(
+        "the CONNECT listener on {0} would proxy anyone who reaches it: give \
+         --connect-token-file, serve it on loopback or on --connect-uds, or pass \
+         --connect-allow-unauthenticated if something else keeps clients out"
+    )]
+    UnauthenticatedConnect(SocketAddr),
+    #[error("--connect-uds-mode {0:o} must be an octal file mode (at most 0777) that lets the owner read and write")]
+    UdsMode(u32),
     #[error("--max-streams-per-client must be at least 1")]
     NoStreamsPerClient,
     #[error(
@@ -215,6 +239,17 @@ impl ServerConfig {
                 reserve: settings.transparent_stream_reserve,
                 max: settings.max_streams_per_node,
             });
+        }
+        if let Some(addr) = settings.connect_listen {
+            if !addr.ip().is_loopback()
+                && settings.connect_token_file.is_none()
+                && !settings.connect_allow_unauthenticated
+            {
+                return Err(ConfigError::UnauthenticatedConnect(addr));
+            }
+        }
+        if settings.connect_uds_mode > 0o777 || settings.connect_uds_mode & 0o600 != 0o600 {
+            return Err(ConfigError::UdsMode(settings.connect_uds_mode));
         }
         if settings.max_streams_per_client == 0 {
             return Err(ConfigError::NoStreamsPerClient);
@@ -276,6 +311,27 @@ mod tests {
             ConfigError::Quic(QuicSettingsError::IdleNotAboveKeepalive { .. })
         ));
         assert!(e.to_string().contains("must be longer than the keep-alive"));
+    }
+
+    #[test]
+    fn an_open_connect_listener_must_be_loopback_or_asked_for() {
+        let mut s = settings();
+        s.connect_listen = Some("0.0.0.0:8080".parse().unwrap());
+        let e = ServerConfig::try_new(s.clone()).unwrap_err();
+        assert!(e.to_string().contains("would proxy anyone"), "{e}");
+        s.connect_token_file = Some("/tokens".into());
+        ServerConfig::try_new(s.clone()).unwrap();
+        s.connect_token_file = None;
+        s.connect_allow_unauthenticated = true;
+        ServerConfig::try_new(s.clone()).unwrap();
+        s.connect_allow_unauthenticated = false;
+        s.connect_listen = Some("127.0.0.1:8080".parse().unwrap());
+        ServerConfig::try_new(s.clone()).unwrap();
+        s.connect_uds_mode = 0o400;
+        assert_eq!(
+            ServerConfig::try_new(s).unwrap_err(),
+            ConfigError::UdsMode(0o400)
+        );
     }
 
     #[test]

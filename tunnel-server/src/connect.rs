@@ -8,6 +8,7 @@
 //! | 400 | not a CONNECT `host:port` request |
 //! | 403 | the agent refused: the target is not on its allow-list |
 //! | 405 | any method but CONNECT |
+//! | 407 | `--connect-token-file` is given and the request carries no valid `Proxy-Authorization` |
 //! | 429 | the client has `--max-streams-per-client` connections open (the connection then closes) |
 //! | 502 | the agent could not connect (refused, unreachable), no stream could be opened to it, or it broke the protocol |
 //! | 503 | no live agent serves the node, or it is draining |
@@ -27,7 +28,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use proto::DialCode;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::dial::{self, DialError, DialMode, Target};
 use crate::ingress;
@@ -36,6 +37,17 @@ use crate::Shared;
 /// How long a client may take to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Who a client connection is, before any of its requests.
+#[derive(Clone, Copy, Debug)]
+pub enum Peer {
+    /// A TCP client: its requests need a token when `--connect-token-file`
+    /// is given (and may go without only on an open listener).
+    Tcp(SocketAddr),
+    /// A client of the Unix socket: the socket's permissions admitted it.
+    Unix,
+}
+
+/// Serves CONNECT on a TCP listener.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let slot = shared.client_slots.acquire(&shared.metrics).await;
@@ -52,31 +64,65 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         if let Some(busy) = &busy {
             crate::ingress::client_busy(&shared, busy, "connect");
         }
-        let shared = shared.clone();
         // The client's slot and claim live as long as this connection:
         // through its requests here, and through the relay a CONNECT
         // upgrades it into (which outlives the HTTP connection task).
         let held: Held = Arc::new((slot, claim));
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let shared = shared.clone();
-                let held = held.clone();
-                async move {
-                    match busy {
-                        Some(busy) => Ok(too_many(&busy)),
-                        None => handle(req, shared, held).await,
-                    }
-                }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, "CONNECT client connection: {e}");
+        tokio::spawn(serve_client(
+            tcp,
+            Peer::Tcp(peer),
+            held,
+            busy,
+            shared.clone(),
+        ));
+    }
+}
+
+/// Serves CONNECT on a Unix socket (`--connect-uds`): its file mode and
+/// group decide who may connect. Its clients share the client slots, and
+/// count as one client for nothing else (they have no address).
+pub async fn serve_unix(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
+    loop {
+        let slot = shared.client_slots.acquire(&shared.metrics).await;
+        let (stream, _) = transport::net::accept_backoff(
+            "CONNECT (Unix socket)",
+            |_| shared.metrics.accept_failed("connect_uds"),
+            || listener.accept(),
+        )
+        .await;
+        let held: Held = Arc::new(slot);
+        tokio::spawn(serve_client(stream, Peer::Unix, held, None, shared.clone()));
+    }
+}
+
+/// One client connection: HTTP/1.1 requests until one is upgraded into a
+/// relay or the client leaves.
+async fn serve_client<I>(
+    io: I,
+    peer: Peer,
+    held: Held,
+    busy: Option<crate::slots::ClientBusy>,
+    shared: Arc<Shared>,
+) where
+    I: transport::ClientSocket + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        let held = held.clone();
+        async move {
+            match busy {
+                Some(busy) => Ok(too_many(&busy)),
+                None => handle::<I>(req, peer, shared, held).await,
             }
-        });
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(?peer, "CONNECT client connection: {e}");
     }
 }
 
@@ -161,11 +207,18 @@ fn client_body(e: &DialError) -> String {
 /// What a client connection holds while it lives (its slot, its claim).
 type Held = Arc<dyn std::any::Any + Send + Sync>;
 
-async fn handle(
+async fn handle<I>(
     mut req: Request<Incoming>,
+    peer: Peer,
     shared: Arc<Shared>,
     held: Held,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, Infallible>
+where
+    I: transport::ClientSocket + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    if let Err(refused) = crate::proxy_auth::authorize(&shared, peer, req.headers()) {
+        return Ok(*refused);
+    }
     if req.method() != Method::CONNECT {
         let mut resp = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -208,7 +261,7 @@ async fn handle(
         };
         // Take the socket back from hyper so the relay can half-close and
         // reset it like any other TCP connection.
-        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        let parts = match upgraded.downcast::<TokioIo<I>>() {
             Ok(p) => p,
             Err(_) => return stream_fail(dialed, "unexpected upgraded I/O type".into()),
         };
@@ -219,7 +272,11 @@ async fn handle(
                 return stream_fail(dialed, e.to_string());
             }
         }
-        ingress::relay(shared, dialed, parts.io.into_inner(), "connect").await;
+        let client = match peer {
+            Peer::Tcp(addr) => Some(addr.ip()),
+            Peer::Unix => None,
+        };
+        ingress::relay(shared, dialed, parts.io.into_inner(), client, "connect").await;
     });
     Ok(Response::new(Full::new(Bytes::new())))
 }

@@ -37,9 +37,16 @@ pub fn client_busy(shared: &Shared, busy: &crate::slots::ClientBusy, ingress: &'
     }
 }
 
-/// Relays `tcp` over a dialed stream until both sides are done.
-pub async fn relay(shared: Arc<Shared>, dialed: Dialed, tcp: TcpStream, ingress: &'static str) {
-    let client = tcp.peer_addr().ok().map(|a| a.ip());
+/// Relays the client's socket over a dialed stream until both sides are
+/// done. `client`: its address, where it has one (the unit of the
+/// per-client stall credit).
+pub async fn relay<C: transport::ClientSocket>(
+    shared: Arc<Shared>,
+    dialed: Dialed,
+    tcp: C,
+    client: Option<std::net::IpAddr>,
+    ingress: &'static str,
+) {
     let Dialed {
         agent,
         target,

@@ -46,8 +46,10 @@ pub mod ingress;
 pub mod link;
 pub mod log_throttle;
 pub mod metrics;
+pub mod proxy_auth;
 pub mod registry;
 pub mod slots;
+pub mod tokens;
 pub mod transparent;
 
 use std::future::Future;
@@ -73,6 +75,8 @@ pub struct Shared {
     pub receive_budget: Arc<transport::window::ReceiveBudget>,
     /// What the relay buffers of all streams may grow into.
     pub relay_buffers: transport::BufferBudget,
+    /// Who may use the CONNECT ingress.
+    pub proxy_auth: proxy_auth::ProxyAuth,
     /// Client connection slots (CONNECT and transparent together).
     pub client_slots: slots::ClientSlots,
     /// Unauthenticated QUIC handshakes: in flight, limits, failures.
@@ -99,6 +103,7 @@ impl Shared {
             metrics: Metrics::new(),
             ready: AtomicBool::new(false),
             receive_budget: transport::window::ReceiveBudget::new(config.receive_budget),
+            proxy_auth: proxy_auth::ProxyAuth::default(),
             relay_buffers: transport::BufferBudget::default(),
             client_slots: slots::ClientSlots::new(
                 config.max_client_connections,
@@ -139,6 +144,13 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] certs::tls::TlsConfigError),
     #[error(transparent)]
+    Tokens(#[from] tokens::TokenFileError),
+    #[error("cannot serve CONNECT on the Unix socket {path}: {problem}")]
+    Uds {
+        path: std::path::PathBuf,
+        problem: String,
+    },
+    #[error(transparent)]
     Endpoint(#[from] transport::quic::EndpointError),
     #[error("cannot bind the {what} listener on {addr}: {source}")]
     Bind {
@@ -154,6 +166,7 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     h2: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
     connect: Option<TcpListener>,
+    connect_uds: Option<tokio::net::UnixListener>,
     transparent: Option<TcpListener>,
     admin: Option<TcpListener>,
     feed: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
@@ -169,6 +182,38 @@ pub struct BoundAddrs {
     pub transparent: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub feed: Option<SocketAddr>,
+}
+
+/// Binds the CONNECT Unix socket at `path`: a socket left by an earlier
+/// run is removed (anything else there is an error, never deleted), and
+/// the new one gets `mode` and, when given, group `gid`.
+fn bind_uds(
+    path: &std::path::Path,
+    mode: u32,
+    gid: Option<u32>,
+) -> Result<tokio::net::UnixListener, ServerError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let fail = |problem: String| ServerError::Uds {
+        path: path.to_owned(),
+        problem,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path)
+                .map_err(|e| fail(format!("cannot remove the old socket: {e}")))?;
+        }
+        Ok(_) => return Err(fail("something that is not a socket is in the way".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e.to_string())),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| fail(format!("cannot set mode {mode:o}: {e}")))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| fail(format!("cannot give it to group {gid}: {e}")))?;
+    }
+    Ok(listener)
 }
 
 fn bind_tcp(
@@ -208,6 +253,16 @@ impl Server {
             None
         };
         let connect = bind_tcp("CONNECT", config.connect_listen)?;
+        let connect_uds = config
+            .connect_uds
+            .as_deref()
+            .map(|path| bind_uds(path, config.connect_uds_mode, config.connect_uds_group))
+            .transpose()?;
+        let tokens = config
+            .connect_token_file
+            .as_deref()
+            .map(tokens::TokenFile::open)
+            .transpose()?;
         let transparent = bind_tcp("transparent", config.transparent_listen)?;
         let admin = bind_tcp("admin", config.admin_listen)?;
         let feed = match bind_tcp("feed", config.feed_listen)? {
@@ -217,12 +272,15 @@ impl Server {
             }
             None => None,
         };
-        let shared = Arc::new(Shared::new(config));
+        let mut shared = Shared::new(config);
+        shared.proxy_auth.tokens = tokens;
+        let shared = Arc::new(shared);
         Ok(Server {
             shared,
             endpoint,
             h2,
             connect,
+            connect_uds,
             transparent,
             admin,
             feed,
@@ -264,6 +322,19 @@ impl Server {
         tasks.spawn(agents::serve(self.endpoint.clone(), shared.clone()));
         if let Some((listener, acceptor)) = self.h2 {
             tasks.spawn(agents_h2::serve(listener, acceptor, shared.clone()));
+        }
+        if let Some(l) = self.connect_uds {
+            tasks.spawn(connect::serve_unix(l, shared.clone()));
+        }
+        if let Some(tokens) = shared.proxy_auth.tokens.clone() {
+            let counted = shared.clone();
+            tasks.spawn(tokens.watch(move |result| {
+                counted
+                    .metrics
+                    .token_file_reloads
+                    .get_or_create(&[("result", result)])
+                    .inc();
+            }));
         }
         if let Some(l) = self.connect {
             tasks.spawn(connect::serve(l, shared.clone()));

@@ -46,8 +46,31 @@ struct Args {
     #[arg(long, env = "TUNNEL_NO_H2")]
     no_h2: bool,
     /// HTTP CONNECT ingress (egress selector, Prometheus proxy_url, curl -x).
+    /// Anywhere but loopback it needs --connect-token-file (or
+    /// --connect-allow-unauthenticated).
     #[arg(long, env = "TUNNEL_CONNECT_LISTEN")]
     connect_listen: Option<SocketAddr>,
+    /// The CONNECT ingress on a Unix socket too, for a kube-apiserver on
+    /// the same host (a stale socket is replaced at start).
+    #[arg(long, env = "TUNNEL_CONNECT_UDS")]
+    connect_uds: Option<PathBuf>,
+    /// File mode of --connect-uds, in octal; the owner must keep read and
+    /// write.
+    #[arg(long, env = "TUNNEL_CONNECT_UDS_MODE", default_value = "0600", value_parser = parse_mode)]
+    connect_uds_mode: u32,
+    /// Group (numeric id) given --connect-uds, for a mode like 0660.
+    #[arg(long, env = "TUNNEL_CONNECT_UDS_GROUP")]
+    connect_uds_group: Option<u32>,
+    /// `name:token` lines: TCP CONNECT requests must carry one in
+    /// Proxy-Authorization (Basic name:token, as Prometheus sends for
+    /// proxy_url: http://name:token@host:port, or Bearer token); reloaded
+    /// when the file changes.
+    #[arg(long, env = "TUNNEL_CONNECT_TOKEN_FILE")]
+    connect_token_file: Option<PathBuf>,
+    /// Proxy TCP CONNECT requests that carry no credential on a listener
+    /// that is not loopback (something else must keep clients out).
+    #[arg(long, env = "TUNNEL_CONNECT_ALLOW_UNAUTHENTICATED")]
+    connect_allow_unauthenticated: bool,
     /// Transparent ingress for DNAT-redirected connections.
     #[arg(long, env = "TUNNEL_TRANSPARENT_LISTEN")]
     transparent_listen: Option<SocketAddr>,
@@ -416,6 +439,11 @@ fn serve(args: Args) -> Result<()> {
     settings.h2 = !args.no_h2;
     settings.h2_listen = args.h2_listen;
     settings.connect_listen = args.connect_listen;
+    settings.connect_uds = args.connect_uds;
+    settings.connect_uds_mode = args.connect_uds_mode;
+    settings.connect_uds_group = args.connect_uds_group;
+    settings.connect_token_file = args.connect_token_file;
+    settings.connect_allow_unauthenticated = args.connect_allow_unauthenticated;
     settings.transparent_listen = args.transparent_listen;
     settings.admin_listen = args.admin_listen;
     settings.feed_listen = args.feed_listen;
@@ -489,4 +517,12 @@ fn serve(args: Args) -> Result<()> {
         server.run(shutdown).await;
         Ok(())
     })
+}
+
+/// An octal file mode (`0600`, `660`).
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode such as 0600 or 0660"))
 }

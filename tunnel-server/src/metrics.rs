@@ -33,6 +33,12 @@ pub struct Metrics {
     pub client_stream_limit_hits: Counter,
     /// Tunneled connections reset by --relay-idle-timeout.
     pub relay_idle_resets: Counter,
+    /// CONNECT requests authorized, by credential and token name.
+    pub connect_authorized: Family<[(&'static str, String); 2], Counter>,
+    /// CONNECT requests refused for want of credentials, by reason.
+    pub connect_auth_failures: Family<Label, Counter>,
+    /// Token file reloads, by result (ok, error).
+    pub token_file_reloads: Family<Label, Counter>,
     /// Clients with a connection open now (set at scrape time).
     pub clients: Gauge,
     pub streams: Family<Label, Counter>,
@@ -93,6 +99,24 @@ impl Metrics {
             client_stream_limit_hits.clone(),
         );
         let clients = Gauge::default();
+        let connect_authorized = Family::<[(&'static str, String); 2], Counter>::default();
+        let connect_auth_failures = Family::<Label, Counter>::default();
+        let token_file_reloads = Family::<Label, Counter>::default();
+        registry.register(
+            "connect_authorized",
+            "CONNECT requests authorized, by credential (token, unix, none) and token name",
+            connect_authorized.clone(),
+        );
+        registry.register(
+            "connect_auth_failures",
+            "CONNECT requests answered 407, by reason (missing, invalid)",
+            connect_auth_failures.clone(),
+        );
+        registry.register(
+            "token_file_reloads",
+            "Reloads of --connect-token-file, by result (ok; error: the old tokens stay)",
+            token_file_reloads.clone(),
+        );
         registry.register(
             "receive_budget_bytes",
             "Most receive window all agent connections together may advertise (--receive-budget)",
@@ -277,6 +301,9 @@ impl Metrics {
             node_stream_limit,
             relay_idle_resets,
             client_stream_limit_hits,
+            connect_authorized,
+            connect_auth_failures,
+            token_file_reloads,
             clients,
             streams,
             bytes,
@@ -317,6 +344,21 @@ impl Metrics {
 
     pub fn refused(&self, reason: &'static str) {
         self.registration_refusals
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn connect_authorized(&self, credential: &'static str, name: &str) {
+        self.connect_authorized
+            .get_or_create(&[
+                ("credential", credential.to_owned()),
+                ("name", name.to_owned()),
+            ])
+            .inc();
+    }
+
+    pub fn connect_auth_failed(&self, reason: &'static str) {
+        self.connect_auth_failures
             .get_or_create(&[("reason", reason)])
             .inc();
     }

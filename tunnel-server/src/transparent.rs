@@ -58,7 +58,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, local: Option<SocketAddr>, sha
     }
     let target = Target::Address(original);
     match dial::dial(&shared, &target, DialMode::Optimistic).await {
-        Ok(dialed) => ingress::relay(shared, dialed, tcp, "transparent").await,
+        Ok(dialed) => ingress::relay(shared, dialed, tcp, Some(peer.ip()), "transparent").await,
         Err(e) => {
             tracing::info!(%peer, %target, "transparent connection refused: {e}");
             reset(tcp)
