@@ -65,6 +65,8 @@ pub struct AgentMetrics {
     pub streams_active: Gauge,
     /// Receive window lent to stalled streams (set at scrape time).
     stall_credit: Gauge,
+    /// Tokio tasks alive in the process's runtime (set at scrape time).
+    tasks: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -78,6 +80,7 @@ impl Default for AgentMetrics {
             dials: Family::default(),
             streams_active: Gauge::default(),
             stall_credit: Gauge::default(),
+            tasks: Gauge::default(),
         };
         registry.register(
             "replicas_connected",
@@ -108,6 +111,11 @@ impl Default for AgentMetrics {
             "stall_credit_bytes",
             "Receive window lent to streams whose target stopped reading",
             m.stall_credit.clone(),
+        );
+        registry.register(
+            "tasks",
+            "Tokio tasks alive in the process's runtime (one or a few per connection and stream)",
+            m.tasks.clone(),
         );
         AgentMetrics { registry, ..m }
     }
@@ -145,6 +153,7 @@ impl AgentMetrics {
     fn render(&self, held: &HeldReplicas, stall_budget: &StallBudget) -> String {
         self.stall_credit
             .set(i64::try_from(stall_budget.lent()).unwrap_or(i64::MAX));
+        self.tasks.set(daemon::admin::live_tasks());
         for transport in [Transport::Quic, Transport::H2] {
             let n = i64::try_from(held.count(transport)).unwrap_or(i64::MAX);
             self.replicas

@@ -110,6 +110,7 @@ impl Shared {
     pub fn render_metrics(&self) -> String {
         let lent = i64::try_from(self.stall_budget.lent()).unwrap_or(i64::MAX);
         self.metrics.stall_credit.set(lent);
+        self.metrics.tasks.set(daemon::admin::live_tasks());
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         let slots = &self.client_slots;
         self.metrics.client_connections.set(gauge(slots.in_use()));

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub streams_active: Gauge,
     /// Receive window lent to stalled streams (set at scrape time).
     pub stall_credit: Gauge,
+    /// Tokio tasks alive in the process's runtime (set at scrape time).
+    pub tasks: Gauge,
     pub streams: Family<Label, Counter>,
     pub bytes: Family<Label, Counter>,
     pub dial_duration: Histogram,
@@ -56,6 +58,7 @@ impl Metrics {
         let agents_connected = Gauge::default();
         let streams_active = Gauge::default();
         let stall_credit = Gauge::default();
+        let tasks = Gauge::default();
         let streams = Family::<Label, Counter>::default();
         let bytes = Family::<Label, Counter>::default();
         // 0.5 ms .. ~16 s: a dial is one tunnel round trip plus a local connect.
@@ -115,6 +118,11 @@ impl Metrics {
             stall_credit.clone(),
         );
         registry.register(
+            "tasks",
+            "Tokio tasks alive in the process's runtime (one or a few per connection and stream)",
+            tasks.clone(),
+        );
+        registry.register(
             "streams",
             "Tunneled connections accepted, by ingress",
             streams.clone(),
@@ -172,6 +180,7 @@ impl Metrics {
             agents_connected,
             streams_active,
             stall_credit,
+            tasks,
             streams,
             bytes,
             dial_duration,
