@@ -256,6 +256,24 @@ mod tests {
     fn counts_override_the_plan_within_bounds() {
         let cli = parse(&["--quick", "--fanout-conns", "50", "--fleet-agents", "7"]).unwrap();
         assert_eq!((cli.plan().fanout_conns, cli.plan().fleet_agents), (50, 7));
+        let cli = parse(&[
+            "--soak-short",
+            "500",
+            "--soak-long",
+            "0",
+            "--soak-flaps",
+            "3",
+        ])
+        .unwrap();
+        let plan = cli.plan();
+        assert_eq!(
+            (plan.soak_short, plan.soak_long, plan.soak_flaps),
+            (500, 0, 3)
+        );
+        assert!(cli
+            .command()
+            .ends_with("-- --soak-short 500 --soak-long 0 --soak-flaps 3"));
+        assert!(parse(&["--soak-short", "0"]).is_err());
         assert!(parse(&["--fanout-conns", "0"]).is_err());
         assert!(parse(&["--fleet-agents", "100001"]).is_err());
     }

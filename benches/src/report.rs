@@ -209,6 +209,10 @@ fn render_benchmarks(r: &Report) -> String {
         },
         r.steal_share * 100.0
     ));
+    if r.rows.is_empty() && r.transports.is_empty() && r.fleet.is_none() {
+        // Only the soak or the attacks ran: no benchmark table.
+        return out;
+    }
     out.push_str("| workload | unit | direct | tunnel | tunnel ÷ direct | target | met | server CPU s | agent CPU s |\n");
     out.push_str("|---|---|---:|---:|---:|---|---|---:|---:|\n");
     for row in &r.rows {

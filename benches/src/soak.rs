@@ -5,7 +5,8 @@
 //!
 //! - Short connections: connect to the edge echo server through DNAT,
 //!   one 64-byte request/response, close; `--soak-short` of them,
-//!   [`CONCURRENCY`] in flight, each bounded by [`ATTEMPT_TIMEOUT`].
+//!   [`CONCURRENCY`] in flight, each bounded by [`ATTEMPT_TIMEOUT`]; a
+//!   worker whose connection failed pauses [`FAILURE_PAUSE`].
 //! - Long connections: `--soak-long` of them, each sending 64 bytes and
 //!   reading them back every second; one that breaks (the agent went
 //!   away) is counted and dialed again after a pause, as a real client
@@ -41,6 +42,8 @@ use crate::testbed::{self, Testbed, ADMIN, AGENT_ADMIN, TUNNEL};
 const CONCURRENCY: usize = 64;
 /// One short connection's connect + request + response, at most.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a short-connection worker waits after a failure.
+const FAILURE_PAUSE: Duration = Duration::from_millis(200);
 /// How often each long connection exchanges 64 bytes.
 const LONG_INTERVAL: Duration = Duration::from_secs(1);
 /// Agent flags for the soak: the QUIC keep-alive and idle timeout are
@@ -113,6 +116,9 @@ pub struct SoakReport {
     pub short_failed_in_outage: usize,
     /// Failed while the agent was registered: these should be none.
     pub short_failed_otherwise: usize,
+    /// The first 32 of those: [s since the soak began, s since the agent
+    /// was last back (-1: before any flap), s the attempt took].
+    pub short_failures_otherwise: Vec<[f64; 3]>,
     pub short_secs: f64,
     pub long_total: usize,
     /// Long connections that broke (the agent went away under them).
@@ -171,19 +177,40 @@ struct Shared {
 pub fn run(bed: &mut Testbed, plan: &Plan) -> Result<SoakReport> {
     let started = Instant::now();
     let echo = Testbed::addr(TUNNEL.echo);
+    // 100,000 connections in a few minutes from one client address to
+    // one address and port leave more sockets in TIME_WAIT (60 s) than the
+    // default ephemeral range (32768-60999) has ports, on the client in
+    // `cloud` and on the agent's side of its dials in `edge`: connect()
+    // then fails at once with EADDRNOTAVAIL, which says nothing about the
+    // tunnel. Any host making this many connections needs a wider range.
+    for ns in [&bed.topo.cloud, &bed.topo.edge] {
+        ns.sh(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65535"]);
+    }
     bed.agent_extra = AGENT_FLAGS.iter().map(|s| s.to_string()).collect();
     bed.restart_agent("quic")?;
 
-    // Warm-up, then the baseline.
+    // Warm-up, then the baseline: the long connections opened, one
+    // exchange each and held while a tenth of the short ones run, then
+    // all closed.
     testbed::in_cloud(&bed.topo, || async {
         let longs: Vec<_> = (0..plan.soak_long)
-            .map(|_| tokio::spawn(TcpStream::connect(echo)))
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut tcp = TcpStream::connect(echo).await.ok()?;
+                    tcp.write_all(&[3u8; 64]).await.ok()?;
+                    let mut back = [0u8; 64];
+                    tcp.read_exact(&mut back).await.ok()?;
+                    Some(tcp)
+                })
+            })
             .collect();
+        let mut held = Vec::new();
+        for l in longs {
+            held.push(l.await);
+        }
         let _ = crate::load::conn_rate(echo, (plan.soak_short / 10).max(CONCURRENCY), CONCURRENCY)
             .await;
-        for l in longs {
-            let _ = l.await;
-        }
+        drop(held);
     });
     std::thread::sleep(Duration::from_secs(2));
     let baseline = sample(&bed.topo, bed.server.pid(), bed.agent.pid());
@@ -277,6 +304,25 @@ pub fn run(bed: &mut Testbed, plan: &Plan) -> Result<SoakReport> {
     };
     let failures = shared.short_failures.lock().unwrap().clone();
     let failed_in_outage = failures.iter().filter(|&&(a, b)| in_outage(a, b)).count();
+    // Where the other failures fell: seconds since the soak's start and
+    // since the agent was last back, and how long the attempt took.
+    let failures_otherwise: Vec<[f64; 3]> = failures
+        .iter()
+        .filter(|&&(a, b)| !in_outage(a, b))
+        .take(32)
+        .map(|&(a, b)| {
+            let since_back = outages
+                .iter()
+                .filter(|&&(_, back)| back <= a)
+                .map(|&(_, back)| (a - back).as_secs_f64())
+                .fold(-1.0, |m: f64, x| if m < 0.0 { x } else { m.min(x) });
+            [
+                (a - started).as_secs_f64(),
+                since_back,
+                (b - a).as_secs_f64(),
+            ]
+        })
+        .collect();
     let breaks = shared.long_break_times.lock().unwrap().clone();
     // A long connection notices a break at its next exchange (up to a
     // second later) or when its read times out (10 s later).
@@ -292,6 +338,7 @@ pub fn run(bed: &mut Testbed, plan: &Plan) -> Result<SoakReport> {
         short_ok: plan.soak_short - failures.len(),
         short_failed_in_outage: failed_in_outage,
         short_failed_otherwise: failures.len() - failed_in_outage,
+        short_failures_otherwise: failures_otherwise,
         short_secs,
         long_total: plan.soak_long,
         long_breaks: shared.long_breaks.load(Ordering::Relaxed),
@@ -429,7 +476,8 @@ async fn load(echo: SocketAddr, short: usize, long: usize, shared: Arc<Shared>) 
             tokio::spawn(async move {
                 while next.fetch_add(1, Ordering::Relaxed) < short {
                     let t0 = Instant::now();
-                    if !short_conn(echo).await {
+                    let ok = short_conn(echo).await;
+                    if !ok {
                         shared
                             .short_failures
                             .lock()
@@ -437,6 +485,12 @@ async fn load(echo: SocketAddr, short: usize, long: usize, shared: Arc<Shared>) 
                             .push((t0, Instant::now()));
                     }
                     shared.short_done.fetch_add(1, Ordering::Relaxed);
+                    if !ok {
+                        // A client pauses before it tries again; without
+                        // this, connections refused at once (the agent
+                        // draining) would use up the count in a moment.
+                        tokio::time::sleep(FAILURE_PAUSE).await;
+                    }
                 }
             })
         })
@@ -517,7 +571,7 @@ pub fn render(r: &SoakReport) -> String {
     let mut out = format!(
         "\n### Soak: {} short connections and {} long ones while the agent flaps\n\n\
          Flaps (agent away until registered again): {}. Short connections: connect through DNAT, \
-         64 B request/response, close, {CONCURRENCY} in flight; long connections: 64 B each way \
+         64 B request/response, close, {CONCURRENCY} in flight (a worker pauses 0.2 s after a failure); long connections: 64 B each way \
          every second, dialed again when they break. Agent keep-alive 2 s, idle timeout 8 s.\n\n\
          | measure | value |\n|---|---:|\n\
          | short connections ok / failed while the agent was away / failed otherwise | {} / {} / {} |\n\
