@@ -29,8 +29,17 @@ pub struct Cli {
     /// Simulated agents in the fleet workload (default 10,000; quick 500).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub fleet_agents: Option<u64>,
+    /// Short connections in the soak (default 100,000; quick 3,000).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub soak_short: Option<u64>,
+    /// Long connections held through the soak (default 1,000; quick 100).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=5_000))]
+    pub soak_long: Option<u64>,
+    /// Times the agent flaps during the soak (default 4; quick 2).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=100))]
+    pub soak_flaps: Option<u64>,
     /// Run only these workloads (comma-separated): bulk, ping-pong,
-    /// conn-rate, echo, transports, fleet.
+    /// conn-rate, echo, transports, fleet, soak, attacks.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub only: Vec<Workload>,
     /// Be a reference forwarder instead (the runner starts two of these):
@@ -48,6 +57,15 @@ impl Cli {
         }
         if let Some(n) = self.fleet_agents {
             plan.fleet_agents = n as usize;
+        }
+        if let Some(n) = self.soak_short {
+            plan.soak_short = n as usize;
+        }
+        if let Some(n) = self.soak_long {
+            plan.soak_long = n as usize;
+        }
+        if let Some(n) = self.soak_flaps {
+            plan.soak_flaps = n as usize;
         }
         plan
     }
@@ -68,6 +86,17 @@ impl Cli {
             let only: Vec<&str> = self.only.iter().map(|w| w.name()).collect();
             command.push_str(&format!(" --only {}", only.join(",")));
         }
+        for (flag, n) in [
+            ("--fanout-conns", self.fanout_conns),
+            ("--fleet-agents", self.fleet_agents),
+            ("--soak-short", self.soak_short),
+            ("--soak-long", self.soak_long),
+            ("--soak-flaps", self.soak_flaps),
+        ] {
+            if let Some(n) = n {
+                command.push_str(&format!(" {flag} {n}"));
+            }
+        }
         command
     }
 }
@@ -83,6 +112,17 @@ pub struct Plan {
     pub hol_pings: usize,
     pub fleet_agents: usize,
     pub fleet_idle_secs: u64,
+    pub soak_short: usize,
+    pub soak_long: usize,
+    pub soak_flaps: usize,
+    /// How long the floods and the hostile agent go on (seconds).
+    pub attack_secs: u64,
+    pub army_streams: usize,
+    pub army_hold_secs: u64,
+    /// Idle CONNECT tunnels to one node (quick mode lowers the limit too).
+    pub exhaust_streams: usize,
+    /// Idle connections to the CONNECT port of a server limited to 1,024 fds.
+    pub fd_sockets: usize,
 }
 
 const FULL: Plan = Plan {
@@ -94,6 +134,14 @@ const FULL: Plan = Plan {
     hol_pings: 1_000,
     fleet_agents: 10_000,
     fleet_idle_secs: 30,
+    soak_short: 100_000,
+    soak_long: 1_000,
+    soak_flaps: 4,
+    attack_secs: 10,
+    army_streams: 1_200,
+    army_hold_secs: 30,
+    exhaust_streams: 8_190,
+    fd_sockets: 2_000,
 };
 
 const QUICK: Plan = Plan {
@@ -105,6 +153,14 @@ const QUICK: Plan = Plan {
     hol_pings: 200,
     fleet_agents: 500,
     fleet_idle_secs: 5,
+    soak_short: 3_000,
+    soak_long: 100,
+    soak_flaps: 2,
+    attack_secs: 3,
+    army_streams: 200,
+    army_hold_secs: 5,
+    exhaust_streams: 510,
+    fd_sockets: 1_200,
 };
 
 /// Workload groups `--only` can select.
@@ -117,16 +173,20 @@ pub enum Workload {
     Echo,
     Transports,
     Fleet,
+    Soak,
+    Attacks,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Bulk,
         Workload::PingPong,
         Workload::ConnRate,
         Workload::Echo,
         Workload::Transports,
         Workload::Fleet,
+        Workload::Soak,
+        Workload::Attacks,
     ];
 
     pub fn name(self) -> &'static str {
@@ -137,6 +197,8 @@ impl Workload {
             Workload::Echo => "echo",
             Workload::Transports => "transports",
             Workload::Fleet => "fleet",
+            Workload::Soak => "soak",
+            Workload::Attacks => "attacks",
         }
     }
 }
@@ -194,6 +256,24 @@ mod tests {
     fn counts_override_the_plan_within_bounds() {
         let cli = parse(&["--quick", "--fanout-conns", "50", "--fleet-agents", "7"]).unwrap();
         assert_eq!((cli.plan().fanout_conns, cli.plan().fleet_agents), (50, 7));
+        let cli = parse(&[
+            "--soak-short",
+            "500",
+            "--soak-long",
+            "0",
+            "--soak-flaps",
+            "3",
+        ])
+        .unwrap();
+        let plan = cli.plan();
+        assert_eq!(
+            (plan.soak_short, plan.soak_long, plan.soak_flaps),
+            (500, 0, 3)
+        );
+        assert!(cli
+            .command()
+            .ends_with("-- --soak-short 500 --soak-long 0 --soak-flaps 3"));
+        assert!(parse(&["--soak-short", "0"]).is_err());
         assert!(parse(&["--fanout-conns", "0"]).is_err());
         assert!(parse(&["--fleet-agents", "100001"]).is_err());
     }
@@ -210,7 +290,7 @@ mod tests {
         let e = parse(&["--only", "bulk,pingpong"]).unwrap_err().to_string();
         assert!(e.contains("unknown workload \"pingpong\""), "{e}");
         assert!(
-            e.contains("known: bulk,ping-pong,conn-rate,echo,transports,fleet"),
+            e.contains("known: bulk,ping-pong,conn-rate,echo,transports,fleet,soak,attacks"),
             "{e}"
         );
     }

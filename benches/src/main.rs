@@ -16,9 +16,15 @@
 //! - [`load`]: the load generators and the edge servers they talk to.
 //! - One module per workload: [`bulk`], [`ping_pong`], [`conn_rate`],
 //!   [`echo`], [`transports`], [`fleet_run`] (which drives `edge-fleet`).
-//! - [`proc_stats`]: CPU, memory and context switches from `/proc`.
+//! - [`soak`]: short and long connections while the agent flaps, and
+//!   whether descriptors, tasks and memory come back; [`attacks`]: the
+//!   attacks of issue #13 against the release server, with its memory,
+//!   descriptors and `/healthz` answer times under each.
+//! - [`proc_stats`]: CPU, memory and context switches from `/proc`;
+//!   [`probe`]: admin endpoints with deadlines, gauges, descriptors.
 //! - [`report`]: the rows, the Markdown table and the JSON.
 
+mod attacks;
 mod bulk;
 mod cli;
 mod conn_rate;
@@ -27,8 +33,10 @@ mod fleet_run;
 mod forwarder;
 mod load;
 mod ping_pong;
+mod probe;
 mod proc_stats;
 mod report;
+mod soak;
 mod testbed;
 mod transports;
 
@@ -47,6 +55,9 @@ fn main() -> Result<()> {
         return forwarder::run(pairs);
     }
     let plan = cli.plan();
+    // A thousand long connections (or 8,190 idle tunnels) from cloud, and
+    // the edge servers answering them, live in this process.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let steal_before = proc_stats::steal_ticks();
     let mut bed = Testbed::start()?;
     std::thread::sleep(Duration::from_secs(1));
@@ -79,11 +90,21 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let soak = if cli.runs(Workload::Soak) {
+        Some(soak::run(&mut bed, &plan)?)
+    } else {
+        None
+    };
+    let attacks = if cli.runs(Workload::Attacks) {
+        attacks::run(&mut bed, &plan)?
+    } else {
+        Vec::new()
+    };
     let steal_after = proc_stats::steal_ticks();
     let steal_share =
         (steal_after.0 - steal_before.0) as f64 / (steal_after.1 - steal_before.1).max(1) as f64;
 
-    let report = Report::new(
+    let mut report = Report::new(
         &cli,
         steal_share,
         switches_per_round_trip,
@@ -92,5 +113,16 @@ fn main() -> Result<()> {
         transports,
         fleet,
     );
-    report.write(&cli.json, cli.results.as_deref())
+    report.soak = soak;
+    report.attacks = attacks;
+    report.write(&cli.json, cli.results.as_deref())?;
+    if let Some(s) = &report.soak {
+        if !s.passed() {
+            anyhow::bail!(
+                "the soak did not come back to its baseline, or connections failed while the \
+                 agent was registered (see the table above)"
+            );
+        }
+    }
+    Ok(())
 }

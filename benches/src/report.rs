@@ -6,9 +6,11 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::attacks::AttackRow;
 use crate::cli::{Cli, Workload};
 use crate::fleet_run::FleetReport;
 use crate::proc_stats::proc_status;
+use crate::soak::SoakReport;
 use crate::testbed::Testbed;
 
 /// Label of the rows measured through the reference forwarders.
@@ -121,6 +123,8 @@ pub struct Report {
     memory: Memory,
     transports: Vec<TransportRow>,
     fleet: Option<FleetReport>,
+    pub soak: Option<SoakReport>,
+    pub attacks: Vec<AttackRow>,
 }
 
 impl Report {
@@ -158,6 +162,8 @@ impl Report {
             memory,
             transports,
             fleet,
+            soak: None,
+            attacks: Vec::new(),
         }
     }
 
@@ -176,8 +182,20 @@ impl Report {
     }
 }
 
-/// The Markdown table: tunnel vs direct rows, QUIC vs HTTP/2, memory, fleet.
+/// The Markdown table: tunnel vs direct rows, QUIC vs HTTP/2, memory,
+/// fleet, soak, attacks.
 pub fn render(r: &Report) -> String {
+    let mut out = render_benchmarks(r);
+    if let Some(soak) = &r.soak {
+        out.push_str(&crate::soak::render(soak));
+    }
+    if !r.attacks.is_empty() {
+        out.push_str(&crate::attacks::render(&r.attacks));
+    }
+    out
+}
+
+fn render_benchmarks(r: &Report) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "Date: {}  \nMachine: {}  \nCommand: `{}`{}  \nCPU time stolen by the hypervisor during the run: {:.1}%\n\n",
@@ -191,6 +209,10 @@ pub fn render(r: &Report) -> String {
         },
         r.steal_share * 100.0
     ));
+    if r.rows.is_empty() && r.transports.is_empty() && r.fleet.is_none() {
+        // Only the soak or the attacks ran: no benchmark table.
+        return out;
+    }
     out.push_str("| workload | unit | direct | tunnel | tunnel ÷ direct | target | met | server CPU s | agent CPU s |\n");
     out.push_str("|---|---|---:|---:|---:|---|---|---:|---:|\n");
     for row in &r.rows {

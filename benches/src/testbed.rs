@@ -21,7 +21,12 @@ pub const DIRECT: Ports = Ports::from(7100);
 /// these ports, hopping through `FLOOR_HOP` in `edge` to the direct ports.
 pub const FLOOR: Ports = Ports::from(7200);
 const FLOOR_HOP: Ports = Ports::from(7300);
-const ADMIN: &str = "127.0.0.1:9091";
+/// The server's admin endpoint, in `cloud`.
+pub const ADMIN: &str = "127.0.0.1:9091";
+/// The agent's admin endpoint, in `edge`.
+pub const AGENT_ADMIN: &str = "127.0.0.1:9093";
+/// The server's CONNECT ingress, in `cloud`.
+pub const CONNECT_PORT: u16 = 8080;
 
 /// The load generator's client and the edge servers each run on one
 /// thread, pinned to different CPUs: client and target are different hosts
@@ -40,6 +45,8 @@ pub struct Testbed {
     pub floor: (Proc, Proc),
     _edge_servers: netns::NsTask,
     pub pki: Pki,
+    /// Flags every (re)started agent gets besides the standard ones.
+    pub agent_extra: Vec<String>,
 }
 
 impl Testbed {
@@ -62,8 +69,8 @@ impl Testbed {
                 load::serve(edge_ip, DIRECT).await;
             }
         });
-        let server = spawn_server(&topo, &pki)?;
-        let agent = spawn_agent(&topo, &pki, "quic")?;
+        let server = spawn_server(&topo, &pki, None, &[])?;
+        let agent = spawn_agent(&topo, &pki, "quic", &[])?;
         let floor = spawn_floor(&topo)?;
         let bed = Testbed {
             topo,
@@ -72,6 +79,7 @@ impl Testbed {
             floor,
             _edge_servers: edge_servers,
             pki,
+            agent_extra: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -97,17 +105,56 @@ impl Testbed {
     /// routes through it.
     pub fn restart_agent(&mut self, transport: &str) -> Result<()> {
         self.agent.terminate();
-        self.agent = spawn_agent(&self.topo, &self.pki, transport)?;
+        self.agent = spawn_agent(&self.topo, &self.pki, transport, &self.agent_extra)?;
+        self.wait_agent(Some(transport))
+    }
+
+    /// Replaces the server with one that also gets `extra` flags (and runs
+    /// under `prefix`, such as `prlimit --nofile=1024:1024`, if given), and
+    /// the agent with a fresh one on QUIC (an agent that lost its server
+    /// waits a backoff that grows with each loss; a new one dials at once),
+    /// and waits until the agent has registered with it.
+    pub fn restart_server(&mut self, prefix: Option<&[&str]>, extra: &[&str]) -> Result<()> {
+        self.agent.terminate();
+        self.server.terminate();
+        self.server = spawn_server(&self.topo, &self.pki, prefix, extra)?;
+        self.agent = spawn_agent(&self.topo, &self.pki, "quic", &self.agent_extra)?;
+        self.wait_agent(Some("quic"))
+    }
+
+    /// Waits until the server lists `edge-1` (on `transport`, if given),
+    /// not draining, with its DNAT rule in place.
+    pub fn wait_agent(&self, transport: Option<&str>) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let want = format!("\"transport\": \"{transport}\"");
+        let want = match transport {
+            Some(t) => format!("\"transport\": \"{t}\""),
+            None => "\"node\": \"edge-1\"".to_owned(),
+        };
         loop {
-            let (_, agents) = self.in_cloud(|| e2e::http_get(ADMIN.parse().unwrap(), "/v1/agents"));
-            if agents.contains(&want) && agents.contains("\"draining\": false") {
+            let agents = self
+                .in_cloud(|| {
+                    crate::probe::timed_get(
+                        ADMIN.parse().expect("ADMIN"),
+                        "/v1/agents",
+                        Duration::from_secs(2),
+                    )
+                })
+                .map(|(_, body, _)| body)
+                .unwrap_or_default();
+            let rules = String::from_utf8_lossy(
+                &self.topo.cloud.sh(&["iptables-save", "-t", "nat"]).stdout,
+            )
+            .into_owned();
+            if agents.contains(&want)
+                && agents.contains("\"draining\": false")
+                && rules.contains(&format!("-d {EDGE_IP}/32"))
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "agent on {transport} did not register: {}",
+                    "agent on {transport:?} did not register\nserver: {}\nagent: {}",
+                    self.server.log_text(),
                     self.agent.log_text()
                 );
             }
@@ -147,11 +194,21 @@ impl Testbed {
         Fut: std::future::Future<Output = T>,
         T: Send,
     {
-        self.topo.cloud.block_on(|| {
-            pin_thread(CLIENT_CPU);
-            f()
-        })
+        in_cloud(&self.topo, f)
     }
+}
+
+/// [`Testbed::in_cloud`] for callers that hold only the topology.
+pub fn in_cloud<F, Fut, T>(topo: &Topology, f: F) -> T
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: std::future::Future<Output = T>,
+    T: Send,
+{
+    topo.cloud.block_on(|| {
+        pin_thread(CLIENT_CPU);
+        f()
+    })
 }
 
 fn pin_thread(cpu: usize) {
@@ -177,54 +234,89 @@ fn runtime_args(who: &str) -> Vec<String> {
     args
 }
 
-/// The tunnel-server in `cloud`, with DNAT for the tunnel's ports.
-fn spawn_server(topo: &Topology, pki: &Pki) -> Result<Proc> {
+/// The tunnel-server in `cloud`, with DNAT for the tunnel's ports and
+/// `extra` flags, run under `prefix` (a command that execs the rest) if
+/// given.
+fn spawn_server(
+    topo: &Topology,
+    pki: &Pki,
+    prefix: Option<&[&str]>,
+    extra: &[&str],
+) -> Result<Proc> {
     let server_runtime = runtime_args("SERVER");
+    let server = bin("tunnel-server");
+    let server = server.to_str().context("path")?;
+    let (program, head) = match prefix {
+        Some([program, rest @ ..]) => (*program, [rest, &[server]].concat()),
+        _ => (server, Vec::new()),
+    };
+    let connect = format!("{CLOUD_IP}:{CONNECT_PORT}");
     Ok(topo.cloud.spawn(
-        bin("tunnel-server").to_str().context("path")?,
-        &[
-            "--listen",
-            &format!("{CLOUD_IP}:8443"),
-            "--cert-dir",
-            pki.server_dir().to_str().context("path")?,
-            "--transparent-listen",
-            &format!("{CLOUD_IP}:8081"),
-            "--admin-listen",
-            ADMIN,
-            "--dnat",
-            "--dnat-ports",
-            &format!("{},{},{}", TUNNEL.echo, TUNNEL.sink, TUNNEL.source),
-        ]
-        .into_iter()
-        .chain(server_runtime.iter().map(String::as_str))
-        .collect::<Vec<_>>(),
+        program,
+        &head
+            .into_iter()
+            .chain([
+                "--listen",
+                &format!("{CLOUD_IP}:8443"),
+                "--cert-dir",
+                pki.server_dir().to_str().context("path")?,
+                "--transparent-listen",
+                &format!("{CLOUD_IP}:8081"),
+                "--connect-listen",
+                &connect,
+                // The lab's clients carry no proxy token.
+                "--connect-allow-unauthenticated",
+                "--admin-listen",
+                ADMIN,
+                "--dnat",
+                "--dnat-ports",
+                &format!("{},{},{}", TUNNEL.echo, TUNNEL.sink, TUNNEL.source),
+            ])
+            .chain(server_runtime.iter().map(String::as_str))
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
         &topo.dir.join("server.log"),
     ))
 }
 
-fn spawn_agent(topo: &Topology, pki: &Pki, transport: &str) -> Result<Proc> {
+/// The agent `edge-1` in `edge` on `transport`, with its admin endpoint
+/// and `extra` flags.
+pub fn spawn_agent(topo: &Topology, pki: &Pki, transport: &str, extra: &[String]) -> Result<Proc> {
+    let mut args = vec!["--admin-listen".to_owned(), AGENT_ADMIN.to_owned()];
+    args.extend(extra.iter().cloned());
+    spawn_agent_as(topo, pki, "edge-1", EDGE_IP, transport, &args)
+}
+
+/// An agent for `node` (certificate issued for `ip`) in `edge`, allowing
+/// the edge servers' tunnel ports on `ip`.
+pub fn spawn_agent_as(
+    topo: &Topology,
+    pki: &Pki,
+    node: &str,
+    ip: &str,
+    transport: &str,
+    extra: &[String],
+) -> Result<Proc> {
     let runtime = runtime_args("AGENT");
     let mut args: Vec<&str> = runtime.iter().map(String::as_str).collect();
     args.extend_from_slice(&["--transport", transport]);
+    args.extend(extra.iter().map(String::as_str));
     Ok(topo.edge.spawn(
         bin("tunnel-agent").to_str().context("path")?,
         &[
             "--server",
             &format!("{CLOUD_IP}:8443"),
             "--cert-dir",
-            pki.agent_dir("edge-1").to_str().context("path")?,
+            pki.agent_dir(node).to_str().context("path")?,
             "--node-name",
-            "edge-1",
+            node,
             "--allow",
-            &format!(
-                "{EDGE_IP}:{},{},{}",
-                TUNNEL.echo, TUNNEL.sink, TUNNEL.source
-            ),
+            &format!("{ip}:{},{},{}", TUNNEL.echo, TUNNEL.sink, TUNNEL.source),
         ]
         .into_iter()
         .chain(args)
         .collect::<Vec<_>>(),
-        &topo.dir.join(format!("agent-{transport}.log")),
+        &topo.dir.join(format!("agent-{node}-{transport}.log")),
     ))
 }
 

@@ -41,6 +41,15 @@ impl Reply {
     }
 }
 
+/// Tokio tasks alive now in the runtime the caller runs on (the
+/// `*_tasks` gauges): a task leak shows as a count that does not come
+/// back after the load that raised it. 0 outside a runtime.
+pub fn live_tasks() -> i64 {
+    tokio::runtime::Handle::try_current()
+        .map(|h| i64::try_from(h.metrics().num_alive_tasks()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// What an admin server answers, by path.
 pub trait AdminRoutes: Send + Sync + 'static {
     fn get(&self, path: &str) -> Reply;

@@ -1,12 +1,13 @@
 //! Test harness for edge-tunnel's end-to-end tests: throw-away PKI, the real
 //! server and agent started in-process on loopback, fake targets (echo,
 //! TLS, streaming, WebSocket), a CONNECT client, and attack generators
-//! ([`flood`]).
+//! ([`flood`], [`hostile`]).
 //!
 //! Everything binds port 0 and waits on conditions ([`eventually`]), never
 //! on fixed sleeps.
 
 pub mod flood;
+pub mod hostile;
 pub mod netns;
 pub mod pki;
 pub mod targets;

@@ -68,6 +68,8 @@ pub struct AgentMetrics {
     stall_credit: Gauge,
     receive_windows: Gauge,
     stall_credit_refusals: Family<Label, Counter>,
+    /// Tokio tasks alive in the process's runtime (set at scrape time).
+    tasks: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -83,6 +85,7 @@ impl Default for AgentMetrics {
             stall_credit: Gauge::default(),
             receive_windows: Gauge::default(),
             stall_credit_refusals: Family::default(),
+            tasks: Gauge::default(),
         };
         registry.register(
             "receive_windows_bytes",
@@ -124,6 +127,11 @@ impl Default for AgentMetrics {
             "stall_credit_bytes",
             "Receive window lent to streams whose target stopped reading",
             m.stall_credit.clone(),
+        );
+        registry.register(
+            "tasks",
+            "Tokio tasks alive in the process's runtime (one or a few per connection and stream)",
+            m.tasks.clone(),
         );
         AgentMetrics { registry, ..m }
     }
@@ -169,6 +177,7 @@ impl AgentMetrics {
                 .inner()
                 .store(budget.refused(reason), std::sync::atomic::Ordering::Relaxed);
         }
+        self.tasks.set(daemon::admin::live_tasks());
         for transport in [Transport::Quic, Transport::H2] {
             let n = i64::try_from(held.count(transport)).unwrap_or(i64::MAX);
             self.replicas

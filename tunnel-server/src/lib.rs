@@ -120,6 +120,7 @@ impl Shared {
 
     /// The `/metrics` page, with the scrape-time gauges brought up to date.
     pub fn render_metrics(&self) -> String {
+        self.metrics.tasks.set(daemon::admin::live_tasks());
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.metrics.export_receive_budget(&self.receive_budget);
         self.metrics

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub token_file_reloads: Family<Label, Counter>,
     /// Clients with a connection open now (set at scrape time).
     pub clients: Gauge,
+    /// Tokio tasks alive in the process's runtime (set at scrape time).
+    pub tasks: Gauge,
     pub streams: Family<Label, Counter>,
     pub bytes: Family<Label, Counter>,
     pub dial_duration: Histogram,
@@ -158,6 +160,7 @@ impl Metrics {
             "Client addresses (IPv4, IPv6 /64) with a tunneled connection open now",
             clients.clone(),
         );
+        let tasks = Gauge::default();
         let streams = Family::<Label, Counter>::default();
         let bytes = Family::<Label, Counter>::default();
         // 0.5 ms .. ~16 s: a dial is one tunnel round trip plus a local connect.
@@ -222,6 +225,11 @@ impl Metrics {
             "stall_credit_bytes",
             "Receive window lent to streams whose client stopped reading",
             stall_credit.clone(),
+        );
+        registry.register(
+            "tasks",
+            "Tokio tasks alive in the process's runtime (one or a few per connection and stream)",
+            tasks.clone(),
         );
         registry.register(
             "streams",
@@ -305,6 +313,7 @@ impl Metrics {
             connect_auth_failures,
             token_file_reloads,
             clients,
+            tasks,
             streams,
             bytes,
             dial_duration,

@@ -40,6 +40,15 @@ impl Proc {
         );
     }
 
+    /// Sends SIGKILL and reaps the process (a crash: it says goodbye to
+    /// no one). The handle is empty afterwards.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }

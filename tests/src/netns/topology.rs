@@ -21,6 +21,8 @@ pub struct Topology {
     pub cloud_if: String,
     /// The router's veths towards the cloud and towards the edge.
     pub router_ifs: [String; 2],
+    /// The edge's veth (extra edge addresses go here).
+    pub edge_if: String,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -42,6 +44,7 @@ impl Topology {
             dir: crate::tempdir(),
             cloud_if: format!("et{id}c"),
             router_ifs: [format!("et{id}r"), format!("et{id}s")],
+            edge_if: format!("et{id}e"),
             _serial: serial,
         };
         for n in [&topo.cloud, &topo.router, &topo.edge] {
@@ -296,6 +299,32 @@ impl Default for Topology {
 }
 
 impl Topology {
+    /// Adds another address to the edge side (another node behind the NAT).
+    pub fn add_edge_ip(&self, ip: &str) {
+        self.edge.sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            &self.edge_if,
+        ]);
+    }
+
+    /// Adds an address to the router's cloud side: a host on the cloud's
+    /// network that is neither the cloud nor behind the NAT (an attacker
+    /// on the internet, as the server sees it).
+    pub fn add_router_cloud_ip(&self, ip: &str) {
+        self.router.sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            &self.router_ifs[0],
+        ]);
+    }
+
     /// Adds another address to the cloud side (another server replica).
     pub fn add_cloud_ip(&self, ip: &str) {
         self.cloud.sh(&[

@@ -1,0 +1,636 @@
+//! The soak (issue #13): many short connections and a set of long ones
+//! through the tunnel while the agent flaps, then a check that the
+//! server's and the agent's descriptors, tokio tasks and memory come back
+//! to where they were before.
+//!
+//! - Short connections: connect to the edge echo server through DNAT,
+//!   one 64-byte request/response, close; `--soak-short` of them,
+//!   [`CONCURRENCY`] in flight, each bounded by [`ATTEMPT_TIMEOUT`]; a
+//!   worker whose connection failed pauses [`FAILURE_PAUSE`].
+//! - Long connections: `--soak-long` of them, each sending 64 bytes and
+//!   reading them back every second; one that breaks (the agent went
+//!   away) is counted and dialed again after a pause, as a real client
+//!   would.
+//! - Flaps, spread over the short connections' progress, in the order
+//!   [`Flap::ORDER`]: the agent killed (SIGKILL) and started again, the
+//!   agent stopped (SIGTERM, drains) and started again, and the path cut
+//!   at the router (iptables) for longer than the idle timeout, so both
+//!   ends give the connection up and the agent dials again. The last
+//!   flap is always a cut, so the agent measured at the end has lived
+//!   through load.
+//! - Baseline: after a warm-up (short and long connections opened and
+//!   closed once, so the allocators have grown their caches), the server
+//!   and the agent idle. At the end, after the load stopped and the agent
+//!   is back: polled until within the tolerances or [`SETTLE_DEADLINE`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use e2e::netns::{Proc, Topology};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::cli::Plan;
+use crate::probe::{self, Usage};
+use crate::testbed::{self, Testbed, ADMIN, AGENT_ADMIN, TUNNEL};
+
+/// Short connections in flight.
+const CONCURRENCY: usize = 64;
+/// One short connection's connect + request + response, at most.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a short-connection worker waits after a failure.
+const FAILURE_PAUSE: Duration = Duration::from_millis(200);
+/// How often each long connection exchanges 64 bytes.
+const LONG_INTERVAL: Duration = Duration::from_secs(1);
+/// Agent flags for the soak: the QUIC keep-alive and idle timeout are
+/// shortened (the connection's idle timeout is the smaller of the two
+/// ends') so a cut is noticed in seconds rather than 30 s, and the drain
+/// on SIGTERM lasts 3 s rather than 30 s (the long connections never
+/// finish on their own).
+const AGENT_FLAGS: [&str; 6] = [
+    "--keepalive",
+    "2",
+    "--idle-timeout",
+    "8",
+    "--drain-grace",
+    "3",
+];
+const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
+/// Failures up to this long after the agent is registered again still
+/// count as the outage's (the DNAT rule follows the registration).
+const OUTAGE_GRACE: Duration = Duration::from_secs(2);
+/// How long the end state may take to come back to the baseline.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
+/// Tolerances: descriptors and tasks may differ by this many (a scrape
+/// connection on its way out); resident memory may be this much higher.
+const FD_SLACK: u64 = 2;
+const TASK_SLACK: u64 = 2;
+/// Freed memory is not all returned to the kernel (allocator caches and
+/// fragmentation): 8 MiB over the warmed-up baseline is allowed. Spread
+/// over the soak's 100,000 short connections a leak would have to stay
+/// under ~84 bytes per connection to hide in it.
+const RSS_SLACK_KIB: u64 = 8 * 1024;
+
+/// How the agent goes away.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Flap {
+    /// SIGKILL, then a new agent process: nothing tells the server.
+    Kill,
+    /// SIGTERM (Drain, then exit), then a new agent process.
+    Term,
+    /// Every packet between edge and cloud dropped for longer than the
+    /// idle timeout, then let through again; the agent process stays.
+    Cut,
+}
+
+impl Flap {
+    /// The order flaps take; the last of a run is always a cut.
+    const ORDER: [Flap; 3] = [Flap::Kill, Flap::Term, Flap::Cut];
+
+    fn schedule(n: usize) -> Vec<Flap> {
+        let mut flaps: Vec<Flap> = (0..n).map(|i| Flap::ORDER[i % 3]).collect();
+        if let Some(last) = flaps.last_mut() {
+            *last = Flap::Cut;
+        }
+        flaps
+    }
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct FlapReport {
+    pub kind: Flap,
+    /// From the flap until the server had the agent registered again.
+    pub outage_secs: f64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct SoakReport {
+    pub short_total: usize,
+    pub short_ok: usize,
+    /// Failed while the agent was away (or up to 2 s after it was back).
+    pub short_failed_in_outage: usize,
+    /// Failed while the agent was registered: these should be none.
+    pub short_failed_otherwise: usize,
+    /// The first 32 of those: [s since the soak began, s since the agent
+    /// was last back (-1: before any flap), s the attempt took].
+    pub short_failures_otherwise: Vec<[f64; 3]>,
+    pub short_secs: f64,
+    pub long_total: usize,
+    /// Long connections that broke (the agent went away under them).
+    pub long_breaks: u64,
+    /// Breaks while the agent was registered: these should be none.
+    pub long_breaks_otherwise: u64,
+    /// Dials of long connections (first ones and after a break) that failed.
+    pub long_dial_failures: u64,
+    pub long_round_trips: u64,
+    /// Long connections open when the load stopped.
+    pub long_open_at_end: u64,
+    pub flaps: Vec<FlapReport>,
+    /// Server, agent.
+    pub baseline: [Usage; 2],
+    pub peak: [Usage; 2],
+    pub after: [Usage; 2],
+    /// From the end of the load until within the tolerances (or the deadline).
+    pub settle_secs: f64,
+    pub fds_back: bool,
+    pub tasks_back: bool,
+    pub rss_back: bool,
+    pub total_secs: f64,
+}
+
+impl SoakReport {
+    /// Whether the end state came back within the tolerances.
+    pub fn passed(&self) -> bool {
+        self.fds_back
+            && self.tasks_back
+            && self.rss_back
+            && self.short_failed_otherwise == 0
+            && self.long_breaks_otherwise == 0
+    }
+}
+
+/// What the load generator and the flapper share.
+#[derive(Default)]
+struct Shared {
+    short_done: AtomicUsize,
+    short_finished: AtomicBool,
+    stop_long: AtomicBool,
+    long_breaks: AtomicU64,
+    long_dial_failures: AtomicU64,
+    long_round_trips: AtomicU64,
+    long_open: AtomicU64,
+    /// When each long connection broke.
+    long_break_times: Mutex<Vec<Instant>>,
+    /// (start, end) of every failed short connection.
+    short_failures: Mutex<Vec<(Instant, Instant)>>,
+    /// (agent gone, agent registered again) of every flap.
+    outages: Mutex<Vec<(Instant, Instant)>>,
+    /// The agent process to sample (changes when it is restarted).
+    agent_pid: AtomicU32,
+}
+
+pub fn run(bed: &mut Testbed, plan: &Plan) -> Result<SoakReport> {
+    let started = Instant::now();
+    let echo = Testbed::addr(TUNNEL.echo);
+    // 100,000 connections in a few minutes from one client address to
+    // one address and port leave more sockets in TIME_WAIT (60 s) than the
+    // default ephemeral range (32768-60999) has ports, on the client in
+    // `cloud` and on the agent's side of its dials in `edge`: connect()
+    // then fails at once with EADDRNOTAVAIL, which says nothing about the
+    // tunnel. Any host making this many connections needs a wider range.
+    for ns in [&bed.topo.cloud, &bed.topo.edge] {
+        ns.sh(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65535"]);
+    }
+    bed.agent_extra = AGENT_FLAGS.iter().map(|s| s.to_string()).collect();
+    bed.restart_agent("quic")?;
+
+    // Warm-up, then the baseline: the long connections opened, one
+    // exchange each and held while a tenth of the short ones run, then
+    // all closed.
+    testbed::in_cloud(&bed.topo, || async {
+        let longs: Vec<_> = (0..plan.soak_long)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut tcp = TcpStream::connect(echo).await.ok()?;
+                    tcp.write_all(&[3u8; 64]).await.ok()?;
+                    let mut back = [0u8; 64];
+                    tcp.read_exact(&mut back).await.ok()?;
+                    Some(tcp)
+                })
+            })
+            .collect();
+        let mut held = Vec::new();
+        for l in longs {
+            held.push(l.await);
+        }
+        let _ = crate::load::conn_rate(echo, (plan.soak_short / 10).max(CONCURRENCY), CONCURRENCY)
+            .await;
+        drop(held);
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let baseline = sample(&bed.topo, bed.server.pid(), bed.agent.pid());
+    eprintln!(
+        "soak: baseline server {:?}, agent {:?}",
+        baseline[0], baseline[1]
+    );
+
+    let shared = Arc::new(Shared::default());
+    shared.agent_pid.store(bed.agent.pid(), Ordering::Relaxed);
+    let flaps = Flap::schedule(plan.soak_flaps);
+    let server_pid = bed.server.pid();
+    let (flap_reports, short_secs, peak) = {
+        let topo = &bed.topo;
+        let pki = &bed.pki;
+        let agent_extra = &bed.agent_extra;
+        let agent = &mut bed.agent;
+        let shared = &shared;
+        let (load_result, flap_result, peak_seen) = std::thread::scope(|s| {
+            let load = s.spawn(move || {
+                testbed::in_cloud(topo, || {
+                    load(echo, plan.soak_short, plan.soak_long, shared.clone())
+                })
+            });
+            let sampler = s.spawn(move || {
+                let mut peak = baseline;
+                while !shared.stop_long.load(Ordering::Relaxed) {
+                    let agent_pid = shared.agent_pid.load(Ordering::Relaxed);
+                    peak = peak.zip_max(sample(topo, server_pid, agent_pid));
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                peak
+            });
+            let flapper = (|| -> Result<Vec<FlapReport>> {
+                let mut reports = Vec::new();
+                for (i, &kind) in flaps.iter().enumerate() {
+                    let at = plan.soak_short * (i + 1) / (flaps.len() + 1);
+                    while shared.short_done.load(Ordering::Relaxed) < at
+                        && !shared.short_finished.load(Ordering::Relaxed)
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let (gone, back) = flap(topo, pki, agent, agent_extra, kind)?;
+                    shared.agent_pid.store(agent.pid(), Ordering::Relaxed);
+                    shared.outages.lock().unwrap().push((gone, back));
+                    eprintln!(
+                        "soak: flap {kind:?} at {} short connections: agent back after {:.1} s",
+                        shared.short_done.load(Ordering::Relaxed),
+                        (back - gone).as_secs_f64()
+                    );
+                    reports.push(FlapReport {
+                        kind,
+                        outage_secs: (back - gone).as_secs_f64(),
+                    });
+                }
+                Ok(reports)
+            })();
+            // The long connections stay until the short ones are done and
+            // the agent is back from its last flap.
+            while !shared.short_finished.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            shared.stop_long.store(true, Ordering::Relaxed);
+            let load_result = load.join().expect("load thread");
+            let peak_seen = sampler.join().expect("sampler thread");
+            (load_result, flapper, peak_seen)
+        });
+        match flap_result {
+            Ok(reports) => (reports, load_result, baseline.zip_max(peak_seen)),
+            Err(e) => bail!("soak: a flap failed: {e:#}"),
+        }
+    };
+
+    // Settle: poll until back within the tolerances, or the deadline.
+    let load_end = Instant::now();
+    let (after, settle_secs) = loop {
+        let now = sample(&bed.topo, bed.server.pid(), bed.agent.pid());
+        let elapsed = load_end.elapsed();
+        if within(&baseline, &now) == (true, true, true) || elapsed > SETTLE_DEADLINE {
+            break (now, elapsed.as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let (fds_back, tasks_back, rss_back) = within(&baseline, &after);
+
+    let outages = shared.outages.lock().unwrap().clone();
+    let in_outage = |from: Instant, to: Instant| {
+        outages
+            .iter()
+            .any(|&(gone, back)| from <= back + OUTAGE_GRACE && to >= gone)
+    };
+    let failures = shared.short_failures.lock().unwrap().clone();
+    let failed_in_outage = failures.iter().filter(|&&(a, b)| in_outage(a, b)).count();
+    // Where the other failures fell: seconds since the soak's start and
+    // since the agent was last back, and how long the attempt took.
+    let failures_otherwise: Vec<[f64; 3]> = failures
+        .iter()
+        .filter(|&&(a, b)| !in_outage(a, b))
+        .take(32)
+        .map(|&(a, b)| {
+            let since_back = outages
+                .iter()
+                .filter(|&&(_, back)| back <= a)
+                .map(|&(_, back)| (a - back).as_secs_f64())
+                .fold(-1.0, |m: f64, x| if m < 0.0 { x } else { m.min(x) });
+            [
+                (a - started).as_secs_f64(),
+                since_back,
+                (b - a).as_secs_f64(),
+            ]
+        })
+        .collect();
+    let breaks = shared.long_break_times.lock().unwrap().clone();
+    // A long connection notices a break at its next exchange (up to a
+    // second later) or when its read times out (10 s later).
+    let breaks_otherwise = breaks
+        .iter()
+        .filter(|&&t| {
+            let from = t.checked_sub(ATTEMPT_TIMEOUT + LONG_INTERVAL).unwrap_or(t);
+            !in_outage(from, t)
+        })
+        .count() as u64;
+    let report = SoakReport {
+        short_total: plan.soak_short,
+        short_ok: plan.soak_short - failures.len(),
+        short_failed_in_outage: failed_in_outage,
+        short_failed_otherwise: failures.len() - failed_in_outage,
+        short_failures_otherwise: failures_otherwise,
+        short_secs,
+        long_total: plan.soak_long,
+        long_breaks: shared.long_breaks.load(Ordering::Relaxed),
+        long_breaks_otherwise: breaks_otherwise,
+        long_dial_failures: shared.long_dial_failures.load(Ordering::Relaxed),
+        long_round_trips: shared.long_round_trips.load(Ordering::Relaxed),
+        long_open_at_end: shared.long_open.load(Ordering::Relaxed),
+        flaps: flap_reports,
+        baseline,
+        peak,
+        after,
+        settle_secs,
+        fds_back,
+        tasks_back,
+        rss_back,
+        total_secs: started.elapsed().as_secs_f64(),
+    };
+    eprintln!("soak: {report:?}");
+    Ok(report)
+}
+
+trait ZipMax {
+    fn zip_max(self, other: Self) -> Self;
+}
+
+impl ZipMax for [Usage; 2] {
+    fn zip_max(self, other: Self) -> Self {
+        [self[0].max(other[0]), self[1].max(other[1])]
+    }
+}
+
+/// Whether `now` is back at `baseline` for (fds, tasks, RSS), both processes.
+fn within(baseline: &[Usage; 2], now: &[Usage; 2]) -> (bool, bool, bool) {
+    let close = |a: u64, b: u64, slack: u64| a.abs_diff(b) <= slack;
+    let fds = (0..2).all(|i| close(baseline[i].fds, now[i].fds, FD_SLACK));
+    let tasks = (0..2).all(|i| close(baseline[i].tasks, now[i].tasks, TASK_SLACK));
+    let rss = (0..2).all(|i| now[i].rss_kib <= baseline[i].rss_kib + RSS_SLACK_KIB);
+    (fds, tasks, rss)
+}
+
+/// Server and agent usage now. Tasks are scraped first, then `/proc` is
+/// read a moment later, when the scrape's connection is gone.
+fn sample(topo: &Topology, server_pid: u32, agent_pid: u32) -> [Usage; 2] {
+    let server_tasks = testbed::in_cloud(topo, || {
+        probe::tasks(ADMIN.parse().expect("ADMIN"), "edge_tunnel_tasks")
+    });
+    let agent_tasks = topo.edge.block_on(|| {
+        probe::tasks(
+            AGENT_ADMIN.parse().expect("AGENT_ADMIN"),
+            "edge_tunnel_agent_tasks",
+        )
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    [
+        Usage::of(server_pid, server_tasks.unwrap_or(0)),
+        Usage::of(agent_pid, agent_tasks.unwrap_or(0)),
+    ]
+}
+
+/// The server's count of registrations so far (both transports).
+fn registrations(topo: &Topology) -> f64 {
+    let page = testbed::in_cloud(topo, || {
+        probe::timed_get(
+            ADMIN.parse().expect("ADMIN"),
+            "/metrics",
+            Duration::from_secs(2),
+        )
+    })
+    .map(|(_, page, _)| page)
+    .unwrap_or_default();
+    ["quic", "h2"]
+        .iter()
+        .filter_map(|t| {
+            probe::gauge(
+                &page,
+                &format!("edge_tunnel_registrations_total{{transport=\"{t}\"}}"),
+            )
+        })
+        .sum()
+}
+
+/// Makes the agent go away as `kind` says and waits until it is registered
+/// again. Returns when it went and when it was back.
+fn flap(
+    topo: &Topology,
+    pki: &e2e::Pki,
+    agent: &mut Proc,
+    agent_extra: &[String],
+    kind: Flap,
+) -> Result<(Instant, Instant)> {
+    let before = registrations(topo);
+    let gone = Instant::now();
+    match kind {
+        Flap::Kill => {
+            agent.kill();
+            *agent = testbed::spawn_agent(topo, pki, "quic", agent_extra)?;
+        }
+        Flap::Term => {
+            agent.terminate();
+            *agent = testbed::spawn_agent(topo, pki, "quic", agent_extra)?;
+        }
+        Flap::Cut => {
+            topo.cut_link();
+            std::thread::sleep(IDLE_TIMEOUT + Duration::from_secs(2));
+            topo.restore_link();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while registrations(topo) <= before {
+        if Instant::now() > deadline {
+            bail!(
+                "the agent did not register again within 60 s of a {kind:?}: {}",
+                agent.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((gone, Instant::now()))
+}
+
+/// The short and the long connections; returns how long the short ones took.
+async fn load(echo: SocketAddr, short: usize, long: usize, shared: Arc<Shared>) -> f64 {
+    let longs: Vec<_> = (0..long)
+        .map(|i| {
+            // Spread the exchanges over the interval.
+            let offset = LONG_INTERVAL.mul_f64(i as f64 / long as f64);
+            tokio::spawn(long_conn(echo, offset, shared.clone()))
+        })
+        .collect();
+    let start = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (next, shared) = (next.clone(), shared.clone());
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < short {
+                    let t0 = Instant::now();
+                    let ok = short_conn(echo).await;
+                    if !ok {
+                        shared
+                            .short_failures
+                            .lock()
+                            .unwrap()
+                            .push((t0, Instant::now()));
+                    }
+                    shared.short_done.fetch_add(1, Ordering::Relaxed);
+                    if !ok {
+                        // A client pauses before it tries again; without
+                        // this, connections refused at once (the agent
+                        // draining) would use up the count in a moment.
+                        tokio::time::sleep(FAILURE_PAUSE).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    shared.short_finished.store(true, Ordering::Relaxed);
+    for l in longs {
+        let _ = l.await;
+    }
+    secs
+}
+
+async fn short_conn(echo: SocketAddr) -> bool {
+    let attempt = async {
+        let mut tcp = TcpStream::connect(echo).await?;
+        tcp.set_nodelay(true)?;
+        tcp.write_all(&[1u8; 64]).await?;
+        let mut back = [0u8; 64];
+        tcp.read_exact(&mut back).await?;
+        Ok::<_, std::io::Error>(back == [1u8; 64])
+    };
+    matches!(
+        tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await,
+        Ok(Ok(true))
+    )
+}
+
+/// One long connection: dialed, then 64 bytes each way every second until
+/// the load stops; dialed again after a break.
+async fn long_conn(echo: SocketAddr, offset: Duration, shared: Arc<Shared>) {
+    tokio::time::sleep(offset).await;
+    while !shared.stop_long.load(Ordering::Relaxed) {
+        let dialed = tokio::time::timeout(ATTEMPT_TIMEOUT, TcpStream::connect(echo)).await;
+        let Ok(Ok(mut tcp)) = dialed else {
+            shared.long_dial_failures.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        shared.long_open.fetch_add(1, Ordering::Relaxed);
+        let mut broke = false;
+        while !shared.stop_long.load(Ordering::Relaxed) {
+            let exchange = async {
+                tcp.write_all(&[2u8; 64]).await?;
+                let mut back = [0u8; 64];
+                tcp.read_exact(&mut back).await?;
+                Ok::<_, std::io::Error>(back == [2u8; 64])
+            };
+            if !matches!(
+                tokio::time::timeout(ATTEMPT_TIMEOUT, exchange).await,
+                Ok(Ok(true))
+            ) {
+                broke = true;
+                break;
+            }
+            shared.long_round_trips.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(LONG_INTERVAL).await;
+        }
+        if broke {
+            shared.long_open.fetch_sub(1, Ordering::Relaxed);
+            shared.long_breaks.fetch_add(1, Ordering::Relaxed);
+            shared.long_break_times.lock().unwrap().push(Instant::now());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// The soak's section of the results.
+pub fn render(r: &SoakReport) -> String {
+    let flaps: Vec<String> = r
+        .flaps
+        .iter()
+        .map(|f| format!("{:?} ({:.1} s)", f.kind, f.outage_secs).to_lowercase())
+        .collect();
+    let mut out = format!(
+        "\n### Soak: {} short connections and {} long ones while the agent flaps\n\n\
+         Flaps (agent away until registered again): {}. Short connections: connect through DNAT, \
+         64 B request/response, close, {CONCURRENCY} in flight (a worker pauses 0.2 s after a failure); long connections: 64 B each way \
+         every second, dialed again when they break. Agent keep-alive 2 s, idle timeout 8 s.\n\n\
+         | measure | value |\n|---|---:|\n\
+         | short connections ok / failed while the agent was away / failed otherwise | {} / {} / {} |\n\
+         | short connections' duration | {:.1} s ({:.0} conn/s) |\n\
+         | long connections: breaks (all / while the agent was registered), failed dials, round trips | {} / {}, {}, {} |\n\
+         | long connections open when the load stopped | {} of {} |\n\
+         | back at the baseline after | {:.1} s (deadline {} s) |\n\n",
+        r.short_total,
+        r.long_total,
+        flaps.join(", "),
+        r.short_ok,
+        r.short_failed_in_outage,
+        r.short_failed_otherwise,
+        r.short_secs,
+        r.short_total as f64 / r.short_secs.max(1e-9),
+        r.long_breaks,
+        r.long_breaks_otherwise,
+        r.long_dial_failures,
+        r.long_round_trips,
+        r.long_open_at_end,
+        r.long_total,
+        r.settle_secs,
+        SETTLE_DEADLINE.as_secs(),
+    );
+    out.push_str(
+        "| process | measure | baseline | peak | after | tolerance | back |\n|---|---|---:|---:|---:|---|---|\n",
+    );
+    for (i, who) in ["server", "agent"].iter().enumerate() {
+        let (b, p, a) = (r.baseline[i], r.peak[i], r.after[i]);
+        out.push_str(&format!(
+            "| {who} | open fds | {} | {} | {} | ± {FD_SLACK} | {} |\n\
+             | {who} | tokio tasks | {} | {} | {} | ± {TASK_SLACK} | {} |\n\
+             | {who} | RSS, KiB | {} | {} | {} | + {RSS_SLACK_KIB} | {} |\n",
+            b.fds,
+            p.fds,
+            a.fds,
+            yes(b.fds.abs_diff(a.fds) <= FD_SLACK),
+            b.tasks,
+            p.tasks,
+            a.tasks,
+            yes(b.tasks.abs_diff(a.tasks) <= TASK_SLACK),
+            b.rss_kib,
+            p.rss_kib,
+            a.rss_kib,
+            yes(a.rss_kib <= b.rss_kib + RSS_SLACK_KIB),
+        ));
+    }
+    out.push_str(
+        "\nThe agent's baseline is the first agent process's; \"after\" is the process started at \
+         the last restart, which then lived through the rest of the load and the final cut. Peaks \
+         are sampled every 0.5 s.\n",
+    );
+    out
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "**no**"
+    }
+}
