@@ -128,10 +128,11 @@ fn client_body(e: &DialError) -> String {
     }
 }
 
-async fn handle(
-    mut req: Request<Incoming>,
-    shared: Arc<Shared>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+/// What the ingress makes of a request head before it dials: the target,
+/// or the answer to send at once (405 for any method but CONNECT, 400 for
+/// a missing or bad `host:port`). No I/O, so `fuzz/` drives it with the
+/// heads hyper parses from hostile bytes.
+pub fn route<B>(req: &Request<B>) -> Result<Target, Response<Full<Bytes>>> {
     if req.method() != Method::CONNECT {
         let mut resp = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -141,17 +142,25 @@ async fn handle(
             hyper::header::ALLOW,
             hyper::header::HeaderValue::from_static("CONNECT"),
         );
-        return Ok(resp);
+        return Err(resp);
     }
-    let target = match req.uri().authority().map(|a| parse_target(a.as_str())) {
-        Some(Ok(t)) => t,
-        Some(Err(msg)) => return Ok(text(StatusCode::BAD_REQUEST, msg)),
-        None => {
-            return Ok(text(
-                StatusCode::BAD_REQUEST,
-                "CONNECT needs host:port".into(),
-            ))
-        }
+    match req.uri().authority().map(|a| parse_target(a.as_str())) {
+        Some(Ok(t)) => Ok(t),
+        Some(Err(msg)) => Err(text(StatusCode::BAD_REQUEST, msg)),
+        None => Err(text(
+            StatusCode::BAD_REQUEST,
+            "CONNECT needs host:port".into(),
+        )),
+    }
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let target = match route(&req) {
+        Ok(t) => t,
+        Err(resp) => return Ok(resp),
     };
     let dialed = match dial::dial(&shared, &target, DialMode::AwaitResult).await {
         Ok(d) => d,
@@ -253,6 +262,27 @@ mod tests {
             message: "198.18.0.5:22 refused the connection".into(),
         };
         assert!(client_body(&e).ends_with("198.18.0.5:22 refused the connection"));
+    }
+
+    #[test]
+    fn routes() {
+        let req = |method: Method, uri: &str| {
+            Request::builder().method(method).uri(uri).body(()).unwrap()
+        };
+        assert_eq!(
+            route(&req(Method::CONNECT, "edge-1:9100")).unwrap(),
+            Target::Node {
+                name: "edge-1".into(),
+                port: 9100
+            }
+        );
+        let resp = route(&req(Method::GET, "http://edge-1:9100/")).unwrap_err();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers()[hyper::header::ALLOW], "CONNECT");
+        let resp = route(&req(Method::CONNECT, "/")).unwrap_err();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let resp = route(&req(Method::CONNECT, "edge-1:http")).unwrap_err();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]
