@@ -132,7 +132,7 @@ fn client_body(e: &DialError) -> String {
 /// or the answer to send at once (405 for any method but CONNECT, 400 for
 /// a missing or bad `host:port`). No I/O, so `fuzz/` drives it with the
 /// heads hyper parses from hostile bytes.
-pub fn route<B>(req: &Request<B>) -> Result<Target, Response<Full<Bytes>>> {
+pub fn route<B>(req: &Request<B>) -> Result<Target, Box<Response<Full<Bytes>>>> {
     if req.method() != Method::CONNECT {
         let mut resp = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -142,15 +142,15 @@ pub fn route<B>(req: &Request<B>) -> Result<Target, Response<Full<Bytes>>> {
             hyper::header::ALLOW,
             hyper::header::HeaderValue::from_static("CONNECT"),
         );
-        return Err(resp);
+        return Err(Box::new(resp));
     }
     match req.uri().authority().map(|a| parse_target(a.as_str())) {
         Some(Ok(t)) => Ok(t),
-        Some(Err(msg)) => Err(text(StatusCode::BAD_REQUEST, msg)),
-        None => Err(text(
+        Some(Err(msg)) => Err(Box::new(text(StatusCode::BAD_REQUEST, msg))),
+        None => Err(Box::new(text(
             StatusCode::BAD_REQUEST,
             "CONNECT needs host:port".into(),
-        )),
+        ))),
     }
 }
 
@@ -160,7 +160,7 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let target = match route(&req) {
         Ok(t) => t,
-        Err(resp) => return Ok(resp),
+        Err(resp) => return Ok(*resp),
     };
     let dialed = match dial::dial(&shared, &target, DialMode::AwaitResult).await {
         Ok(d) => d,
