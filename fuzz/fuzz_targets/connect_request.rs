@@ -115,7 +115,7 @@ fn check_route<B>(req: &Request<B>) -> Response<Full<Bytes>> {
             }
             let body = run(resp.body().clone().collect()).unwrap().to_bytes();
             assert!(body.len() > 1, "a refusal says why");
-            resp
+            *resp
         }
     }
 }
@@ -149,7 +149,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = run(conn);
         let written = written.lock().unwrap();
         if !written.is_empty() {
-            assert!(written.starts_with(b"HTTP/1.1 "), "{:?}", &written[..]);
+            // HTTP/1.1, or HTTP/1.0 to a 1.0 request.
+            assert!(written.starts_with(b"HTTP/1."), "{:?}", &written[..]);
         }
     }
 });

@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use libfuzzer_sys::fuzz_target;
-use proto::{decode, encode, DecodeError, Message, FRAME_HEADER_LEN, MAX_ADDRESSES, MAX_FRAME_BODY};
+use proto::{
+    decode, encode, DecodeError, Message, FRAME_HEADER_LEN, MAX_ADDRESSES, MAX_FRAME_BODY,
+};
 use tokio::io::{AsyncRead, ReadBuf};
 use transport::FrameError;
 
@@ -158,7 +160,10 @@ fn decode_whole(data: &[u8]) -> Vec<(Step, usize)> {
 fn check_prefixes(frame: &[u8], header_error: Option<&DecodeError>) {
     for cut in 0..frame.len() {
         let (decoded, allocated) = counted(|| decode(&frame[..cut]));
-        assert_eq!(allocated, 0, "a {cut}-byte prefix allocated {allocated} bytes");
+        assert_eq!(
+            allocated, 0,
+            "a {cut}-byte prefix allocated {allocated} bytes"
+        );
         match header_error {
             Some(e) if cut >= FRAME_HEADER_LEN => assert_eq!(decoded.as_ref(), Err(e)),
             _ => assert_eq!(decoded, Ok(None), "a {cut}-byte prefix of {frame:02x?}"),
@@ -223,8 +228,16 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(read_in_pieces(data, &[usize::MAX]), expected, "read whole");
     assert_eq!(read_in_pieces(data, &[1]), expected, "read byte by byte");
     // Uneven chunks chosen by the input itself.
-    let sizes: Vec<usize> = data.iter().take(16).map(|b| usize::from(b % 7) + 1).collect();
+    let sizes: Vec<usize> = data
+        .iter()
+        .take(16)
+        .map(|b| usize::from(b % 7) + 1)
+        .collect();
     if !sizes.is_empty() {
-        assert_eq!(read_in_pieces(data, &sizes), expected, "read in chunks {sizes:?}");
+        assert_eq!(
+            read_in_pieces(data, &sizes),
+            expected,
+            "read in chunks {sizes:?}"
+        );
     }
 });
