@@ -38,7 +38,7 @@ for target in $(cargo +nightly fuzz list); do
         tail -n 60 "$scratch/$target.log"
         failed+=("$target")
     else
-        grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss_mb)' \
+        grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::peak_rss_mb)' \
             "$scratch/$target.log" || true
     fi
 done
