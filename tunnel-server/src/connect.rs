@@ -204,6 +204,32 @@ fn client_body(e: &DialError) -> String {
     }
 }
 
+/// What the ingress makes of a request head before it dials: the target,
+/// or the answer to send at once (405 for any method but CONNECT, 400 for
+/// a missing or bad `host:port`). No I/O, so `fuzz/` drives it with the
+/// heads hyper parses from hostile bytes.
+pub fn route<B>(req: &Request<B>) -> Result<Target, Box<Response<Full<Bytes>>>> {
+    if req.method() != Method::CONNECT {
+        let mut resp = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "this is a CONNECT proxy: use CONNECT host:port".into(),
+        );
+        resp.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("CONNECT"),
+        );
+        return Err(Box::new(resp));
+    }
+    match req.uri().authority().map(|a| parse_target(a.as_str())) {
+        Some(Ok(t)) => Ok(t),
+        Some(Err(msg)) => Err(Box::new(text(StatusCode::BAD_REQUEST, msg))),
+        None => Err(Box::new(text(
+            StatusCode::BAD_REQUEST,
+            "CONNECT needs host:port".into(),
+        ))),
+    }
+}
+
 /// What a client connection holds while it lives (its slot, its claim).
 type Held = Arc<dyn std::any::Any + Send + Sync>;
 
@@ -216,29 +242,13 @@ async fn handle<I>(
 where
     I: transport::ClientSocket + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
+    // Authorized before it is routed: no credential, no answer about nodes.
     if let Err(refused) = crate::proxy_auth::authorize(&shared, peer, req.headers()) {
         return Ok(*refused);
     }
-    if req.method() != Method::CONNECT {
-        let mut resp = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "this is a CONNECT proxy: use CONNECT host:port".into(),
-        );
-        resp.headers_mut().insert(
-            hyper::header::ALLOW,
-            hyper::header::HeaderValue::from_static("CONNECT"),
-        );
-        return Ok(resp);
-    }
-    let target = match req.uri().authority().map(|a| parse_target(a.as_str())) {
-        Some(Ok(t)) => t,
-        Some(Err(msg)) => return Ok(text(StatusCode::BAD_REQUEST, msg)),
-        None => {
-            return Ok(text(
-                StatusCode::BAD_REQUEST,
-                "CONNECT needs host:port".into(),
-            ))
-        }
+    let target = match route(&req) {
+        Ok(t) => t,
+        Err(resp) => return Ok(*resp),
     };
     let dialed = match dial::dial(&shared, &target, DialMode::AwaitResult).await {
         Ok(d) => d,
@@ -345,6 +355,27 @@ mod tests {
             message: "198.18.0.5:22 refused the connection".into(),
         };
         assert!(client_body(&e).ends_with("198.18.0.5:22 refused the connection"));
+    }
+
+    #[test]
+    fn routes() {
+        let req = |method: Method, uri: &str| {
+            Request::builder().method(method).uri(uri).body(()).unwrap()
+        };
+        assert_eq!(
+            route(&req(Method::CONNECT, "edge-1:9100")).unwrap(),
+            Target::Node {
+                name: "edge-1".into(),
+                port: 9100
+            }
+        );
+        let resp = route(&req(Method::GET, "http://edge-1:9100/")).unwrap_err();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers()[hyper::header::ALLOW], "CONNECT");
+        let resp = route(&req(Method::CONNECT, "/")).unwrap_err();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let resp = route(&req(Method::CONNECT, "edge-1:http")).unwrap_err();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]
