@@ -98,7 +98,7 @@ pub struct ServerSettings {
     /// finds clients that vanished.
     pub relay_idle_timeout: Option<Duration>,
     /// Tunneled connections one client (an IPv4 address or an IPv6 /64)
-    /// may have open at once through this server, both ingresses together:
+    /// may have open at once through each ingress (counted apart):
     /// one client cannot take every client slot or node stream. Default
     /// 4096; past it the connection is refused at once (CONNECT 429,
     /// transparent reset).

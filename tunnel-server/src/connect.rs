@@ -59,7 +59,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         crate::ingress::watch_client(&tcp);
         // A client over its limit is told so (429) on this connection,
         // which then closes; it holds no tunnel meanwhile.
-        let claim = shared.client_slots.claim(peer.ip());
+        let claim = shared.client_slots.claim(peer.ip(), "connect");
         let busy = claim.as_ref().err().copied();
         if let Some(busy) = &busy {
             crate::ingress::client_busy(&shared, busy, "connect");

@@ -164,7 +164,7 @@ struct Args {
     #[arg(long, env = "TUNNEL_TRANSPARENT_STREAM_RESERVE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     transparent_stream_reserve: u64,
     /// Tunneled connections one client (an IPv4 address or an IPv6 /64)
-    /// may have open at once, both ingresses together; past it a
+    /// may have open at once on each ingress (counted apart); past it a
     /// connection is refused at once (CONNECT 429, transparent reset).
     #[arg(long, env = "TUNNEL_MAX_STREAMS_PER_CLIENT", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_streams_per_client: u64,

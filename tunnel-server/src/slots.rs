@@ -7,9 +7,12 @@
 //! keep their descriptors.
 //!
 //! Within the pool, one client (an IPv4 address or an IPv6 /64) may hold
-//! at most `--max-streams-per-client` connections ([`ClientSlots::claim`]):
-//! past it a connection is refused at once rather than queued, so one
-//! client cannot fill the pool, or a node's streams, for the others.
+//! at most `--max-streams-per-client` connections on each ingress
+//! ([`ClientSlots::claim`]): past it a connection is refused at once rather
+//! than queued, so one client cannot fill the pool, or a node's streams,
+//! for the others. The ingresses count apart, so a process flooding the
+//! CONNECT port cannot lock its host's transparent path (kube-apiserver's
+//! route to kubelets) out, nor the other way round.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -28,15 +31,15 @@ pub struct ClientSlots {
     per_client: usize,
     /// Connections open per client; an entry lives while its count is
     /// above zero, so the map is bounded by the pool.
-    clients: Arc<DashMap<IpAddr, usize>>,
+    clients: Arc<DashMap<(&'static str, IpAddr), usize>>,
 }
 
 /// One client's connection counted against `--max-streams-per-client`;
 /// given back when dropped.
 #[derive(Debug)]
 pub struct ClientClaim {
-    clients: Arc<DashMap<IpAddr, usize>>,
-    key: IpAddr,
+    clients: Arc<DashMap<(&'static str, IpAddr), usize>>,
+    key: (&'static str, IpAddr),
 }
 
 impl Drop for ClientClaim {
@@ -50,11 +53,10 @@ impl Drop for ClientClaim {
 
 /// A client over its limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "client {client} has {limit} tunneled connections open, its limit (--max-streams-per-client)"
-)]
+#[error("client {client} has {limit} tunneled connections open through the {ingress} ingress, its limit (--max-streams-per-client)")]
 pub struct ClientBusy {
     pub client: IpAddr,
+    pub ingress: &'static str,
     pub limit: usize,
 }
 
@@ -69,14 +71,15 @@ impl ClientSlots {
         }
     }
 
-    /// Counts a connection from `client` if it has fewer than the
-    /// per-client limit open.
-    pub fn claim(&self, client: IpAddr) -> Result<ClientClaim, ClientBusy> {
-        let key = transport::window::client_key(client);
+    /// Counts a connection from `client` on `ingress` if it has fewer
+    /// than the per-client limit open there.
+    pub fn claim(&self, client: IpAddr, ingress: &'static str) -> Result<ClientClaim, ClientBusy> {
+        let key = (ingress, transport::window::client_key(client));
         let mut n = self.clients.entry(key).or_insert(0);
         if *n >= self.per_client {
             return Err(ClientBusy {
-                client: key,
+                client: key.1,
+                ingress,
                 limit: self.per_client,
             });
         }
@@ -88,9 +91,12 @@ impl ClientSlots {
         })
     }
 
-    /// Clients with a connection open now.
+    /// Clients with a connection open now (on either ingress).
     pub fn clients(&self) -> usize {
-        self.clients.len()
+        let mut seen: Vec<IpAddr> = self.clients.iter().map(|e| e.key().1).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.len()
     }
 
     pub fn limit(&self) -> usize {
@@ -154,24 +160,33 @@ mod tests {
         let slots = ClientSlots::new(100, 2);
         let a: IpAddr = "198.18.0.1".parse().unwrap();
         let b: IpAddr = "198.18.0.2".parse().unwrap();
-        let first = slots.claim(a).unwrap();
-        let _second = slots.claim(a).unwrap();
+        let first = slots.claim(a, "connect").unwrap();
+        let _second = slots.claim(a, "connect").unwrap();
         assert_eq!(
-            slots.claim(a).unwrap_err(),
+            slots.claim(a, "connect").unwrap_err(),
             ClientBusy {
                 client: a,
+                ingress: "connect",
                 limit: 2
             }
         );
-        let _other = slots.claim(b).unwrap();
+        // The other ingress counts apart.
+        let _transparent = slots.claim(a, "transparent").unwrap();
+        let _other = slots.claim(b, "connect").unwrap();
         // The same /64 is one client; an IPv4-mapped address is its IPv4.
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
-        let _v6 = slots.claim(v6).unwrap();
-        let _v6b = slots.claim("2001:db8::ffff".parse().unwrap()).unwrap();
-        assert!(slots.claim("2001:db8::2".parse().unwrap()).is_err());
-        assert!(slots.claim("::ffff:198.18.0.1".parse().unwrap()).is_err());
+        let _v6 = slots.claim(v6, "connect").unwrap();
+        let _v6b = slots
+            .claim("2001:db8::ffff".parse().unwrap(), "connect")
+            .unwrap();
+        assert!(slots
+            .claim("2001:db8::2".parse().unwrap(), "connect")
+            .is_err());
+        assert!(slots
+            .claim("::ffff:198.18.0.1".parse().unwrap(), "connect")
+            .is_err());
         drop(first);
-        let _again = slots.claim(a).unwrap();
+        let _again = slots.claim(a, "connect").unwrap();
         assert_eq!(slots.clients(), 3);
     }
 
@@ -179,7 +194,11 @@ mod tests {
     fn the_map_forgets_clients_with_nothing_open() {
         let slots = ClientSlots::new(100, 8);
         let claims: Vec<_> = (1..=50u8)
-            .map(|i| slots.claim(IpAddr::from([198, 18, 1, i])).unwrap())
+            .map(|i| {
+                slots
+                    .claim(IpAddr::from([198, 18, 1, i]), "connect")
+                    .unwrap()
+            })
             .collect();
         assert_eq!(slots.clients(), 50);
         drop(claims);

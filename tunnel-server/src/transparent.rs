@@ -24,7 +24,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             shared.metrics.accept_failed("transparent")
         })
         .await;
-        let claim = match shared.client_slots.claim(peer.ip()) {
+        let claim = match shared.client_slots.claim(peer.ip(), "transparent") {
             Ok(claim) => claim,
             Err(busy) => {
                 crate::ingress::client_busy(&shared, &busy, "transparent");
