@@ -9,7 +9,8 @@
 //! - no panic, in hyper or in `route`;
 //! - a target is one the request named: a node name is valid, the port is
 //!   the URI's port, the host is the URI's host, and the target's text form
-//!   parses back to the same target;
+//!   parses back to the same target; an absolute-form `http://` request
+//!   is forwarded (port 80 when none is given), nothing else is;
 //! - a refusal is a 400 or a 405 (with `Allow: CONNECT`) and says why;
 //! - `parse_target` on the raw input (when it is UTF-8) keeps the same
 //!   round-trip promise.
@@ -86,8 +87,13 @@ fn run<F: Future>(f: F) -> F::Output {
 /// The checks on what `route` made of one request head.
 fn check_route<B>(req: &Request<B>) -> Response<Full<Bytes>> {
     match route(req) {
-        Ok(target) => {
+        Ok(route) => {
+            let target = route.target;
             let uri = req.uri();
+            // A CONNECT names host:port; an absolute-form http:// request
+            // may leave the port to its default.
+            assert_eq!(route.forward, req.method() != hyper::Method::CONNECT, "{uri}");
+            assert!(!route.forward || uri.scheme_str() == Some("http"), "{uri}");
             let host = uri.host().expect("a target needs a host");
             let host = host.trim_start_matches('[').trim_end_matches(']');
             let port = match &target {
@@ -101,7 +107,8 @@ fn check_route<B>(req: &Request<B>) -> Response<Full<Bytes>> {
                     *port
                 }
             };
-            assert_eq!(uri.port_u16(), Some(port), "port of {uri}");
+            let default = if route.forward { Some(80) } else { None };
+            assert_eq!(uri.port_u16().or(default), Some(port), "port of {uri}");
             assert_eq!(parse_target(&target.to_string()), Ok(target.clone()));
             Response::new(Full::new(Bytes::new()))
         }

@@ -212,6 +212,19 @@ async fn serve_https<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S) {
             }
             let _ = tls.shutdown().await;
         }
+        "/metrics" => {
+            let body = "# TYPE kubelet_like_up gauge\nkubelet_like_up 1\n";
+            let _ = tls
+                .write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+            let _ = tls.shutdown().await;
+        }
         "/exec" => {
             // Replay the consumed head in front of the stream for tungstenite.
             let stream = Prefixed {

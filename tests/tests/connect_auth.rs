@@ -206,3 +206,122 @@ async fn a_file_in_the_way_of_the_socket_is_not_deleted() {
     assert!(e.to_string().contains("not a socket"), "{e}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "important");
 }
+
+/// A plain-HTTP target that answers every request on a connection with
+/// the request head it received, as the body.
+async fn head_echo_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let Ok(head) = read_head(&mut tcp).await else {
+                        return;
+                    };
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: keep-alive, x-private\r\nx-private: 1\r\n\r\n{head}",
+                        head.len()
+                    );
+                    if tcp.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn read_head<S: AsyncRead + Unpin>(io: &mut S) -> std::io::Result<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if io.read(&mut byte).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Sends one request on `io`, returns the status, the response head and
+/// the body (by content-length).
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    request: &str,
+) -> (u16, String, String) {
+    io.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(io).await.unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await.unwrap();
+    (status, head, String::from_utf8(body).unwrap())
+}
+
+/// Prometheus sends `GET http://edge-1:9100/metrics` to its proxy_url for
+/// a plain-HTTP target: forwarded in origin form, keep-alive on the
+/// client's connection, hop-by-hop and proxy fields not passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_http_requests_are_forwarded() {
+    let target = head_echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    write_tokens(&tokens, &format!("prometheus:{TOKEN}\n"));
+    let (_pki, server, agent) = tunnel(target, |s| {
+        s.connect_token_file = Some(tokens.clone());
+    })
+    .await;
+    let mut tcp = TcpStream::connect(server.connect_addr()).await.unwrap();
+    let port = target.port();
+    let auth = basic(&format!("prometheus:{TOKEN}"));
+    for path in ["/metrics", "/metrics?again=1"] {
+        let request = format!(
+            "GET http://{NODE}:{port}{path} HTTP/1.1\r\nHost: {NODE}:{port}\r\n{auth}\
+             Connection: keep-alive, x-hop\r\nx-hop: secret\r\nAccept: text/plain\r\n\r\n"
+        );
+        let (status, head, body) = exchange(&mut tcp, &request).await;
+        assert_eq!(status, 200, "{head}{body}");
+        assert!(
+            body.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
+            "{body}"
+        );
+        let lower = body.to_ascii_lowercase();
+        assert!(lower.contains(&format!("host: {NODE}:{port}")), "{body}");
+        assert!(lower.contains("accept: text/plain"), "{body}");
+        assert!(lower.contains("via: 1.1 edge-tunnel"), "{body}");
+        for gone in ["proxy-authorization", "x-hop"] {
+            assert!(!lower.contains(gone), "{gone} was forwarded: {body}");
+        }
+        assert!(!head.to_ascii_lowercase().contains("x-private"), "{head}");
+    }
+    // Without the token: 407, and nothing reaches the target.
+    let (status, _, _) = exchange(
+        &mut TcpStream::connect(server.connect_addr()).await.unwrap(),
+        &format!("GET http://{NODE}:{port}/ HTTP/1.1\r\nHost: {NODE}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 407);
+    // An https:// target is a CONNECT's business.
+    let (status, _, body) = exchange(
+        &mut TcpStream::connect(server.connect_addr()).await.unwrap(),
+        &format!("GET https://{NODE}:{port}/ HTTP/1.1\r\nHost: {NODE}\r\n{auth}\r\n"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        server
+            .metric("edge_tunnel_streams_total{ingress=\"forward\"}")
+            .await,
+        2.0
+    );
+    agent.stop().await;
+}

@@ -31,8 +31,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 use crate::dial::{self, DialError, DialMode, Target};
+use crate::forward::Body;
 use crate::ingress;
 use crate::Shared;
+use http_body_util::BodyExt;
 
 /// How long a client may take to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,7 +113,7 @@ async fn serve_client<I>(
         let held = held.clone();
         async move {
             match busy {
-                Some(busy) => Ok(too_many(&busy)),
+                Some(busy) => Ok(boxed(too_many(&busy))),
                 None => handle::<I>(req, peer, shared, held).await,
             }
         }
@@ -126,7 +128,7 @@ async fn serve_client<I>(
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+pub(crate) fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body + "\n")));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -204,30 +206,78 @@ fn client_body(e: &DialError) -> String {
     }
 }
 
-/// What the ingress makes of a request head before it dials: the target,
-/// or the answer to send at once (405 for any method but CONNECT, 400 for
-/// a missing or bad `host:port`). No I/O, so `fuzz/` drives it with the
-/// heads hyper parses from hostile bytes.
-pub fn route<B>(req: &Request<B>) -> Result<Target, Box<Response<Full<Bytes>>>> {
-    if req.method() != Method::CONNECT {
-        let mut resp = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "this is a CONNECT proxy: use CONNECT host:port".into(),
-        );
-        resp.headers_mut().insert(
-            hyper::header::ALLOW,
-            hyper::header::HeaderValue::from_static("CONNECT"),
-        );
-        return Err(Box::new(resp));
+/// Where a request goes, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub target: Target,
+    /// A tunnel (CONNECT), or one plain-HTTP request forwarded
+    /// ([`crate::forward`]).
+    pub forward: bool,
+}
+
+/// What the ingress makes of a request head before it dials: the route,
+/// or the answer to send at once (405 for an origin-form request or any
+/// other method but CONNECT, 400 for a missing or bad `host:port` or an
+/// absolute-form `https://` request). No I/O, so `fuzz/` drives it with
+/// the heads hyper parses from hostile bytes.
+pub fn route<B>(req: &Request<B>) -> Result<Route, Box<Response<Full<Bytes>>>> {
+    let uri = req.uri();
+    if req.method() == Method::CONNECT {
+        return match uri.authority().map(|a| parse_target(a.as_str())) {
+            Some(Ok(target)) => Ok(Route {
+                target,
+                forward: false,
+            }),
+            Some(Err(msg)) => Err(Box::new(text(StatusCode::BAD_REQUEST, msg))),
+            None => Err(Box::new(text(
+                StatusCode::BAD_REQUEST,
+                "CONNECT needs host:port".into(),
+            ))),
+        };
     }
-    match req.uri().authority().map(|a| parse_target(a.as_str())) {
-        Some(Ok(t)) => Ok(t),
-        Some(Err(msg)) => Err(Box::new(text(StatusCode::BAD_REQUEST, msg))),
-        None => Err(Box::new(text(
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(authority)) => {
+            let port = authority.port_u16().unwrap_or(80);
+            let host = authority.host();
+            let spelled = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            match parse_target(&spelled) {
+                Ok(target) => Ok(Route {
+                    target,
+                    forward: true,
+                }),
+                Err(msg) => Err(Box::new(text(StatusCode::BAD_REQUEST, msg))),
+            }
+        }
+        (Some(_), Some(_)) => Err(Box::new(text(
             StatusCode::BAD_REQUEST,
-            "CONNECT needs host:port".into(),
+            format!("only http:// requests are forwarded; use CONNECT for {uri}"),
         ))),
+        _ => {
+            let mut resp = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this is a proxy: use CONNECT host:port, or an absolute-form http:// request"
+                    .into(),
+            );
+            resp.headers_mut().insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static("CONNECT"),
+            );
+            Err(Box::new(resp))
+        }
     }
+}
+
+/// The answer to a failed dial.
+pub(crate) fn dial_refusal(e: &DialError) -> Response<Full<Bytes>> {
+    text(status_for(e), client_body(e))
+}
+
+fn boxed(resp: Response<Full<Bytes>>) -> Response<Body> {
+    resp.map(|b| b.map_err(|never| match never {}).boxed())
 }
 
 /// What a client connection holds while it lives (its slot, its claim).
@@ -238,23 +288,30 @@ async fn handle<I>(
     peer: Peer,
     shared: Arc<Shared>,
     held: Held,
-) -> Result<Response<Full<Bytes>>, Infallible>
+) -> Result<Response<Body>, Infallible>
 where
     I: transport::ClientSocket + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
     // Authorized before it is routed: no credential, no answer about nodes.
     if let Err(refused) = crate::proxy_auth::authorize(&shared, peer, req.headers()) {
-        return Ok(*refused);
+        return Ok(boxed(*refused));
     }
     let target = match route(&req) {
-        Ok(t) => t,
-        Err(resp) => return Ok(*resp),
+        Ok(Route {
+            target,
+            forward: false,
+        }) => target,
+        Ok(Route {
+            target,
+            forward: true,
+        }) => return Ok(crate::forward::forward(req, target, &shared).await),
+        Err(resp) => return Ok(boxed(*resp)),
     };
     let dialed = match dial::dial(&shared, &target, DialMode::AwaitResult).await {
         Ok(d) => d,
         Err(e) => {
             tracing::info!(%target, "CONNECT refused: {e}");
-            return Ok(text(status_for(&e), client_body(&e)));
+            return Ok(boxed(dial_refusal(&e)));
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -288,7 +345,7 @@ where
         };
         ingress::relay(shared, dialed, parts.io.into_inner(), client, "connect").await;
     });
-    Ok(Response::new(Full::new(Bytes::new())))
+    Ok(boxed(Response::new(Full::new(Bytes::new()))))
 }
 
 #[cfg(test)]
@@ -362,14 +419,39 @@ mod tests {
         let req = |method: Method, uri: &str| {
             Request::builder().method(method).uri(uri).body(()).unwrap()
         };
+        let node = |port| Target::Node {
+            name: "edge-1".into(),
+            port,
+        };
         assert_eq!(
             route(&req(Method::CONNECT, "edge-1:9100")).unwrap(),
-            Target::Node {
-                name: "edge-1".into(),
-                port: 9100
+            Route {
+                target: node(9100),
+                forward: false
             }
         );
-        let resp = route(&req(Method::GET, "http://edge-1:9100/")).unwrap_err();
+        // Absolute form: forwarded, port 80 by default.
+        assert_eq!(
+            route(&req(Method::GET, "http://edge-1:9100/metrics")).unwrap(),
+            Route {
+                target: node(9100),
+                forward: true
+            }
+        );
+        assert_eq!(
+            route(&req(Method::GET, "http://edge-1/")).unwrap().target,
+            node(80)
+        );
+        assert_eq!(
+            route(&req(Method::GET, "http://[fd00::5]:9100/"))
+                .unwrap()
+                .target,
+            Target::Address("[fd00::5]:9100".parse().unwrap())
+        );
+        let resp = route(&req(Method::GET, "https://edge-1:10250/")).unwrap_err();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        // Origin form: not a proxy request.
+        let resp = route(&req(Method::GET, "/metrics")).unwrap_err();
         assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(resp.headers()[hyper::header::ALLOW], "CONNECT");
         let resp = route(&req(Method::CONNECT, "/")).unwrap_err();

@@ -41,6 +41,7 @@ pub mod connect;
 pub mod dial;
 pub mod dnat;
 pub mod feed;
+pub mod forward;
 pub mod handshake;
 pub mod ingress;
 pub mod link;

@@ -19,6 +19,10 @@ pub const ADMIN: &str = "127.0.0.1:9091";
 pub const ECHO_PORT: u16 = 7000;
 /// The agent's admin endpoint, inside the edge namespace.
 pub const AGENT_ADMIN: &str = "127.0.0.1:9093";
+/// The server's CONNECT ingress, in `cloud`.
+pub const CONNECT: &str = "127.0.0.1:8080";
+/// The proxy token of the name `prometheus` (`--connect-token-file`).
+pub const PROXY_TOKEN: &str = "netns-proxy-token-0123456789";
 
 pub fn edge_ip() -> IpAddr {
     EDGE_IP.parse().unwrap()
@@ -68,6 +72,8 @@ pub fn spawn_kubelet(topo: &Topology, certs: &Certs) -> Proc {
 /// The server in `cloud` with DNAT for the kubelet, exporter and echo
 /// ports; returns once it is ready.
 pub fn start_server(topo: &Topology, certs: &Certs) -> Proc {
+    let tokens = topo.dir.join("connect-tokens");
+    std::fs::write(&tokens, format!("prometheus:{PROXY_TOKEN}\n")).unwrap();
     let server = topo.cloud.spawn(
         bin("tunnel-server").to_str().unwrap(),
         &[
@@ -78,7 +84,9 @@ pub fn start_server(topo: &Topology, certs: &Certs) -> Proc {
             "--transparent-listen",
             &format!("{CLOUD_IP}:8081"),
             "--connect-listen",
-            "127.0.0.1:8080",
+            CONNECT,
+            "--connect-token-file",
+            tokens.to_str().unwrap(),
             "--admin-listen",
             ADMIN,
             "--dnat",

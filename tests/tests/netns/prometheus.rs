@@ -1,10 +1,12 @@
 //! A real Prometheus in `cloud` scrapes a real node-exporter at the edge
-//! address through the tunnel.
+//! address through the tunnel: through the DNAT rules, and through the
+//! CONNECT ingress as its `proxy_url` with credentials (node-exporter over
+//! plain HTTP, forwarded; the kubelet-like over HTTPS, tunneled).
 
 use std::time::{Duration, Instant};
 
 use e2e::netns::probe::curl;
-use e2e::netns::tunnel::Edge;
+use e2e::netns::tunnel::{Edge, CONNECT, PROXY_TOKEN};
 use e2e::netns::{self, EDGE_IP};
 
 #[test]
@@ -47,7 +49,15 @@ fn prometheus_scrapes_node_exporter_through_the_tunnel(transport: &str) {
         &config,
         format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: edge\n    static_configs:\n      - targets: ['{EDGE_IP}:9100']\n"
+             scrape_configs:\n  - job_name: edge\n    static_configs:\n      - targets: ['{EDGE_IP}:9100']\n\
+               - job_name: proxied-http\n    proxy_url: http://prometheus:{PROXY_TOKEN}@{CONNECT}\n\
+                 static_configs:\n      - targets: ['edge-1:9100']\n\
+               - job_name: proxied-https\n    scheme: https\n    proxy_url: http://prometheus:{PROXY_TOKEN}@{CONNECT}\n\
+                 tls_config:\n      ca_file: {ca}\n\
+                 static_configs:\n      - targets: ['edge-1:10250']\n\
+               - job_name: wrong-token\n    proxy_url: http://prometheus:not-the-token-at-all@{CONNECT}\n\
+                 static_configs:\n      - targets: ['edge-1:9100']\n",
+            ca = edge.certs.kubelet_dir.join("ca.crt").display()
         ),
     )
     .unwrap();
@@ -74,13 +84,25 @@ fn prometheus_scrapes_node_exporter_through_the_tunnel(transport: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let up = query("up{job=\"edge\"}");
-        let uname = query("node_uname_info");
-        if up.contains("\"value\":[") && up.contains(",\"1\"]") && uname.contains("\"nodename\"") {
+        let uname = query("node_uname_info{job=\"proxied-http\"}");
+        let https = query("kubelet_like_up{job=\"proxied-https\"}");
+        let proxied = query("up{job=~\"proxied-.*\"}");
+        let wrong = query("up{job=\"wrong-token\"}");
+        let is_up = |r: &str| r.contains("\"value\":[") && r.contains(",\"1\"]");
+        let all_up = |r: &str| is_up(r) && !r.contains(",\"0\"]");
+        if is_up(&up)
+            && uname.contains("\"nodename\"")
+            && is_up(&https)
+            && all_up(&proxied)
+            && wrong.contains(",\"0\"]")
+        {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "prometheus never saw the exporter\nup: {up}\nuname: {uname}\nprometheus log:\n{}",
+            "prometheus never saw every target\nup: {up}\nuname via proxy: {uname}\n\
+             kubelet via proxy: {https}\nproxied up: {proxied}\nwrong token up: {wrong}\n\
+             prometheus log:\n{}",
             prometheus.log_text()
         );
         std::thread::sleep(Duration::from_millis(500));
