@@ -45,22 +45,38 @@ fn prometheus_scrapes_node_exporter_through_the_tunnel(transport: &str) {
         &dir.join("node-exporter.log"),
     );
     let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: edge\n    static_configs:\n      - targets: ['{EDGE_IP}:9100']\n\
-               - job_name: proxied-http\n    proxy_url: http://prometheus:{PROXY_TOKEN}@{CONNECT}\n\
-                 static_configs:\n      - targets: ['edge-1:9100']\n\
-               - job_name: proxied-https\n    scheme: https\n    proxy_url: http://prometheus:{PROXY_TOKEN}@{CONNECT}\n\
-                 tls_config:\n      ca_file: {ca}\n\
-                 static_configs:\n      - targets: ['edge-1:10250']\n\
-               - job_name: wrong-token\n    proxy_url: http://prometheus:not-the-token-at-all@{CONNECT}\n\
-                 static_configs:\n      - targets: ['edge-1:9100']\n",
-            ca = edge.certs.kubelet_dir.join("ca.crt").display()
-        ),
-    )
-    .unwrap();
+    let proxy = format!("http://prometheus:{PROXY_TOKEN}@{CONNECT}");
+    let ca = edge.certs.kubelet_dir.join("ca.crt");
+    let lines = [
+        "global:".to_owned(),
+        "  scrape_interval: 1s".into(),
+        "  scrape_timeout: 900ms".into(),
+        "  evaluation_interval: 1s".into(),
+        "scrape_configs:".into(),
+        // Through the DNAT rules.
+        "  - job_name: edge".into(),
+        "    static_configs:".into(),
+        format!("      - targets: ['{EDGE_IP}:9100']"),
+        // Through the CONNECT ingress: plain HTTP is forwarded ...
+        "  - job_name: proxied-http".into(),
+        format!("    proxy_url: {proxy}"),
+        "    static_configs:".into(),
+        "      - targets: ['edge-1:9100']".into(),
+        // ... HTTPS is tunneled, the kubelet's own certificate verified.
+        "  - job_name: proxied-https".into(),
+        "    scheme: https".into(),
+        format!("    proxy_url: {proxy}"),
+        "    tls_config:".into(),
+        format!("      ca_file: {}", ca.display()),
+        "    static_configs:".into(),
+        "      - targets: ['edge-1:10250']".into(),
+        // A wrong token gets nothing.
+        "  - job_name: wrong-token".into(),
+        format!("    proxy_url: http://prometheus:not-the-token-at-all@{CONNECT}"),
+        "    static_configs:".into(),
+        "      - targets: ['edge-1:9100']".into(),
+    ];
+    std::fs::write(&config, lines.join("\n") + "\n").unwrap();
     let prometheus = edge.topo.cloud.spawn(
         "prometheus",
         &[
