@@ -290,3 +290,29 @@ pub fn tempdir() -> PathBuf {
         .unwrap()
         .keep()
 }
+
+/// A loopback port nothing listens on now.
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A child process (a real binary under test), killed when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Value of the line of a `/metrics` page that starts with `series` (name
+/// and labels, then a space); 0 when there is none.
+pub fn metric_in(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}

@@ -15,15 +15,15 @@
 //!
 //! The two tests run one at a time ([`SERIAL`]): they load the machine.
 
-use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use e2e::netns::proc::bin;
 use e2e::targets;
-use e2e::{connect_via, eventually, http_get, Pki, TestAgent};
+use e2e::{connect_via, eventually, free_port, http_get, metric_in, KillOnDrop, Pki, TestAgent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tunnel_agent::config::TransportChoice;
@@ -36,28 +36,6 @@ const STREAMS: usize = 1200;
 /// credit leaves the process-wide budget something to bound.
 const CLIENT_SOURCES: u8 = 6;
 const BUDGET_MIB: u64 = 16;
-
-fn free_port() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn metric(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// An endpoint on `ip` that writes without end to whoever connects.
 async fn firehose_on(ip: IpAddr) -> SocketAddr {
@@ -153,7 +131,7 @@ async fn army(transport: TransportChoice) {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("the tunnel-server binary (cargo build --bins)");
-    let server = Server(child);
+    let server = KillOnDrop(child);
     eventually("server ready", Duration::from_secs(10), || async {
         TcpStream::connect(admin).await.is_ok() && http_get(admin, "/readyz").await.0 == 200
     })
@@ -178,7 +156,7 @@ async fn army(transport: TransportChoice) {
         Duration::from_secs(30),
         || async {
             let page = http_get(admin, "/metrics").await.1;
-            metric(&page, "edge_tunnel_agents_connected ") == f64::from(AGENTS)
+            metric_in(&page, "edge_tunnel_agents_connected ") == f64::from(AGENTS)
         },
     )
     .await;
@@ -221,7 +199,7 @@ async fn army(transport: TransportChoice) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let page = http_get(admin, "/metrics").await.1;
-        let now = metric(
+        let now = metric_in(
             &page,
             "edge_tunnel_relayed_bytes_total{direction=\"from_agent\"} ",
         );
@@ -241,9 +219,9 @@ async fn army(transport: TransportChoice) {
     let mut most_lent = 0.0f64;
     for round in 0..nodes.len() {
         let page = http_get(admin, "/metrics").await.1;
-        let windows = metric(&page, "edge_tunnel_receive_windows_bytes ");
+        let windows = metric_in(&page, "edge_tunnel_receive_windows_bytes ");
         most_windows = most_windows.max(windows);
-        most_lent = most_lent.max(metric(&page, "edge_tunnel_stall_credit_bytes "));
+        most_lent = most_lent.max(metric_in(&page, "edge_tunnel_stall_credit_bytes "));
         assert!(
             windows <= budget,
             "windows {windows} over the budget {budget}"
@@ -276,7 +254,7 @@ async fn army(transport: TransportChoice) {
         tunnels.load(Ordering::Relaxed),
         most_windows / 1048576.0,
         most_lent / 1048576.0,
-        metric(&page, "edge_tunnel_stalled_streams_shed_total "),
+        metric_in(&page, "edge_tunnel_stalled_streams_shed_total "),
         grew / 1024
     );
     assert!(most_lent > 0.0, "stalled streams were lent credit: {page}");
@@ -298,8 +276,8 @@ async fn army(transport: TransportChoice) {
         Duration::from_secs(30),
         || async {
             let page = http_get(admin, "/metrics").await.1;
-            metric(&page, "edge_tunnel_stall_credit_bytes ") == 0.0
-                && metric(&page, "edge_tunnel_streams_active ") == 0.0
+            metric_in(&page, "edge_tunnel_stall_credit_bytes ") == 0.0
+                && metric_in(&page, "edge_tunnel_streams_active ") == 0.0
         },
     )
     .await;

@@ -3,36 +3,12 @@
 //! client connections, it keeps answering its liveness probe and serves
 //! again once the flood is gone.
 
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e::netns::proc::bin;
-use e2e::{connect_via, eventually, http_get, Pki};
+use e2e::{connect_via, eventually, free_port, http_get, metric_in, KillOnDrop, Pki};
 use tokio::net::TcpStream;
-
-/// A loopback port nothing listens on now.
-fn free_port() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn metric(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// 600 idle clients against a server whose hard open-files limit is 512:
 /// it raises its soft limit to 512, caps client connections at 256 (512
@@ -55,7 +31,7 @@ async fn idle_clients_cannot_exhaust_descriptors_under_a_low_limit() {
         .stderr(Stdio::null())
         .spawn()
         .expect("prlimit (util-linux) and the tunnel-server binary");
-    let _server = Server(child);
+    let _server = KillOnDrop(child);
     eventually("server ready", Duration::from_secs(10), || async {
         TcpStream::connect(admin).await.is_ok() && http_get(admin, "/readyz").await.0 == 200
     })
@@ -70,12 +46,15 @@ async fn idle_clients_cannot_exhaust_descriptors_under_a_low_limit() {
     }
     eventually("every slot taken", Duration::from_secs(10), || async {
         let page = http_get(admin, "/metrics").await.1;
-        metric(&page, "edge_tunnel_client_connections ") == 256.0
-            && metric(&page, "edge_tunnel_client_connection_limit_hits_total ") >= 1.0
+        metric_in(&page, "edge_tunnel_client_connections ") == 256.0
+            && metric_in(&page, "edge_tunnel_client_connection_limit_hits_total ") >= 1.0
     })
     .await;
     let page = http_get(admin, "/metrics").await.1;
-    assert_eq!(metric(&page, "edge_tunnel_client_connection_limit "), 256.0);
+    assert_eq!(
+        metric_in(&page, "edge_tunnel_client_connection_limit "),
+        256.0
+    );
     // The kubelet gives a liveness probe one second by default; allow two.
     for _ in 0..20 {
         let probe = tokio::time::timeout(Duration::from_secs(2), http_get(admin, "/healthz"));

@@ -15,7 +15,7 @@
 //! host usually owns a whole /64).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
@@ -243,15 +243,9 @@ impl Drop for Permit {
 }
 
 /// The unit a per-source limit counts: an IPv4 address (IPv4-mapped IPv6
-/// included), or an IPv6 /64.
+/// included), or an IPv6 /64; the same unit the per-client limits count.
 fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-        },
-    }
+    transport::window::client_key(ip)
 }
 
 #[cfg(test)]
