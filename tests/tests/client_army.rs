@@ -83,22 +83,29 @@ async fn connect_from(source: IpAddr, proxy: SocketAddr, target: &str) -> Result
     }
 }
 
-/// One soldier: CONNECTs to the firehose (again after a refusal) and then
-/// holds its tunnel, reading nothing, until `stop`. A tunnel the server
-/// sheds is not reopened.
-async fn soldier(
-    source: IpAddr,
-    proxy: SocketAddr,
-    target: String,
-    stop: Arc<AtomicBool>,
-    tunnels: Arc<AtomicU64>,
-) {
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(tcp) = connect_from(source, proxy, &target).await else {
+/// What the soldiers share.
+#[derive(Default)]
+struct Army {
+    /// Soldiers without a tunnel try again while this is true.
+    recruiting: AtomicBool,
+    /// Tunnels opened, and CONNECTs waiting for their answer now.
+    tunnels: AtomicU64,
+    dialing: AtomicU64,
+}
+
+/// One soldier: CONNECTs to the firehose (again after a refusal, while the
+/// army is recruiting) and then holds its tunnel, reading nothing, until
+/// the task is aborted. A tunnel the server sheds is not reopened.
+async fn soldier(source: IpAddr, proxy: SocketAddr, target: String, army: Arc<Army>) {
+    while army.recruiting.load(Ordering::Relaxed) {
+        army.dialing.fetch_add(1, Ordering::Relaxed);
+        let tunnel = connect_from(source, proxy, &target).await;
+        army.dialing.fetch_sub(1, Ordering::Relaxed);
+        let Ok(tcp) = tunnel else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        tunnels.fetch_add(1, Ordering::Relaxed);
+        army.tunnels.fetch_add(1, Ordering::Relaxed);
         std::future::pending::<()>().await;
         drop(tcp);
     }
@@ -164,18 +171,17 @@ async fn army(transport: TransportChoice) {
     let baseline = status_field(pid, "VmRSS:");
 
     // The army, from several client addresses, to every agent's firehose.
-    let stop = Arc::new(AtomicBool::new(false));
-    let tunnels = Arc::new(AtomicU64::new(0));
-    let mut army = tokio::task::JoinSet::new();
+    let army = Arc::new(Army::default());
+    army.recruiting.store(true, Ordering::Relaxed);
+    let mut soldiers = tokio::task::JoinSet::new();
     for i in 0..STREAMS {
         let (node, firehose, _) = &nodes[i % nodes.len()];
         let source = IpAddr::from([127, 0, 0, 2 + (i % usize::from(CLIENT_SOURCES)) as u8]);
-        army.spawn(soldier(
+        soldiers.spawn(soldier(
             source,
             connect,
             format!("{node}:{firehose}"),
-            stop.clone(),
-            tunnels.clone(),
+            army.clone(),
         ));
     }
     // Over QUIC a dial's answer needs connection credit, which the army
@@ -183,15 +189,25 @@ async fn army(transport: TransportChoice) {
     // on a loaded machine the last tunnels can take minutes. Half of them
     // is an army; every one is reported.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    while tunnels.load(Ordering::Relaxed) < STREAMS as u64 && tokio::time::Instant::now() < deadline
+    while army.tunnels.load(Ordering::Relaxed) < STREAMS as u64
+        && tokio::time::Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(
-        tunnels.load(Ordering::Relaxed) >= STREAMS as u64 / 2,
+        army.tunnels.load(Ordering::Relaxed) >= STREAMS as u64 / 2,
         "the army opened only {} tunnels",
-        tunnels.load(Ordering::Relaxed)
+        army.tunnels.load(Ordering::Relaxed)
     );
+    // The army holds what it has; its last CONNECTs get their answers
+    // (each within the 12 s dial deadline).
+    army.recruiting.store(false, Ordering::Relaxed);
+    eventually(
+        "the army's last dials answered",
+        Duration::from_secs(30),
+        || async { army.dialing.load(Ordering::Relaxed) == 0 },
+    )
+    .await;
     // Until the relayed bytes stop growing: every window is full, and
     // the streams no credit was left for have been shed.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -212,6 +228,9 @@ async fn army(transport: TransportChoice) {
             "the army's streams never backed up"
         );
     }
+    // The streams no credit was left for are shed after
+    // --stall-shed-timeout (2 s), giving their credit back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     // Under attack: the windows stay within the budget, the server answers
     // its probes, and a reading client gets through every agent.
     let budget = (BUDGET_MIB << 20) as f64;
@@ -251,7 +270,7 @@ async fn army(transport: TransportChoice) {
         "{transport:?}: {STREAMS} non-reading clients ({} tunnels opened): windows at most \
          {:.1} MiB, lent at most {:.1} MiB, shed {}, RSS {baseline} KiB -> peak {peak} KiB \
          (+{} MiB)",
-        tunnels.load(Ordering::Relaxed),
+        army.tunnels.load(Ordering::Relaxed),
         most_windows / 1048576.0,
         most_lent / 1048576.0,
         metric_in(&page, "edge_tunnel_stalled_streams_shed_total "),
@@ -268,9 +287,8 @@ async fn army(transport: TransportChoice) {
         grew <= bound,
         "the server grew {grew} KiB under the army, over {bound} KiB"
     );
-    stop.store(true, Ordering::Relaxed);
-    army.abort_all();
-    while army.join_next().await.is_some() {}
+    soldiers.abort_all();
+    while soldiers.join_next().await.is_some() {}
     eventually(
         "lent credit given back",
         Duration::from_secs(30),
