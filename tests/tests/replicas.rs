@@ -102,6 +102,8 @@ impl Cluster {
                 self.pki.server_dir().to_str().unwrap(),
                 "--connect-listen",
                 &format!("{ip}:8080"),
+                // Only this test's namespace reaches it.
+                "--connect-allow-unauthenticated",
                 "--admin-listen",
                 &format!("{ip}:9091"),
             ],
