@@ -314,6 +314,23 @@ mod tests {
     }
 
     #[test]
+    fn the_receive_budget_is_checked() {
+        let mut s = settings();
+        s.receive_budget.total = MIN_RECEIVE_BUDGET - 1;
+        assert!(matches!(
+            ServerConfig::try_new(s.clone()).unwrap_err(),
+            ConfigError::ReceiveBudget { .. }
+        ));
+        s.receive_budget.total = 16 << 20;
+        s.receive_budget.per_client = 32 << 20;
+        let e = ServerConfig::try_new(s).unwrap_err();
+        assert!(
+            e.to_string().contains("must not exceed --receive-budget"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn an_open_connect_listener_must_be_loopback_or_asked_for() {
         let mut s = settings();
         s.connect_listen = Some("0.0.0.0:8080".parse().unwrap());

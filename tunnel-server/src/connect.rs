@@ -276,7 +276,8 @@ pub(crate) fn dial_refusal(e: &DialError) -> Response<Full<Bytes>> {
     text(status_for(e), client_body(e))
 }
 
-fn boxed(resp: Response<Full<Bytes>>) -> Response<Body> {
+/// A fixed answer as the body type every answer of the ingress has.
+pub(crate) fn boxed(resp: Response<Full<Bytes>>) -> Response<Body> {
     resp.map(|b| b.map_err(|never| match never {}).boxed())
 }
 

@@ -120,10 +120,6 @@ fn origin_form(req: Request<Incoming>) -> Request<Incoming> {
     Request::from_parts(parts, body)
 }
 
-fn full(resp: Response<http_body_util::Full<Bytes>>) -> Response<Body> {
-    resp.map(|b| b.map_err(|never| match never {}).boxed())
-}
-
 /// Forwards one absolute-form request to `target` and streams back the
 /// answer.
 pub async fn forward(
@@ -135,7 +131,7 @@ pub async fn forward(
         Ok(d) => d,
         Err(e) => {
             tracing::info!(%target, "forward request refused: {e}");
-            return full(crate::connect::dial_refusal(&e));
+            return crate::connect::boxed(crate::connect::dial_refusal(&e));
         }
     };
     let metrics = &shared.metrics;
@@ -148,7 +144,7 @@ pub async fn forward(
         match hyper::client::conn::http1::handshake(TokioIo::new(TunnelIo(stream))).await {
             Ok(v) => v,
             Err(e) => {
-                return full(crate::connect::text(
+                return crate::connect::boxed(crate::connect::text(
                     StatusCode::BAD_GATEWAY,
                     format!("cannot speak HTTP to {target}: {e}"),
                 ))
@@ -168,11 +164,11 @@ pub async fn forward(
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, body.boxed())
         }
-        Ok(Err(e)) => full(crate::connect::text(
+        Ok(Err(e)) => crate::connect::boxed(crate::connect::text(
             StatusCode::BAD_GATEWAY,
             format!("{target} did not answer the request: {e}"),
         )),
-        Err(_) => full(crate::connect::text(
+        Err(_) => crate::connect::boxed(crate::connect::text(
             StatusCode::GATEWAY_TIMEOUT,
             format!("{target} sent no response head within {RESPONSE_HEAD_TIMEOUT:?}"),
         )),
