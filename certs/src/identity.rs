@@ -33,6 +33,14 @@ pub enum IdentityError {
 /// never register as an agent.
 pub const DNAT_HELPER_CN: &str = "edge-tunnel:dnat-helper";
 
+/// The prefix of a CONNECT client's common name (`tunnel-certs
+/// connect-client --name NAME` issues `edge-tunnel:connect:NAME`). A
+/// certificate from the tunnel CA is accepted on the mTLS CONNECT
+/// listener only with this prefix (or as the DNAT helper): an agent's
+/// certificate, which chains to the same CA, must not open tunnels to
+/// other nodes.
+pub const CONNECT_CLIENT_PREFIX: &str = "edge-tunnel:connect:";
+
 /// Longest node name (a DNS-1123 subdomain, as Kubernetes node names are).
 pub const MAX_NODE_NAME: usize = 253;
 

@@ -119,6 +119,18 @@ impl Ca {
         )
     }
 
+    /// A client certificate for the mTLS CONNECT ingress: CN =
+    /// [`crate::identity::CONNECT_CLIENT_PREFIX`] + `name` (e.g. for
+    /// kube-apiserver's egress selector), no addresses.
+    pub fn issue_connect_client(&self, name: &str, days: u32) -> Result<Pem, IssueError> {
+        self.issue_leaf(
+            &format!("{}{name}", crate::identity::CONNECT_CLIENT_PREFIX),
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+            days,
+        )
+    }
+
     fn issue_leaf(
         &self,
         common_name: &str,

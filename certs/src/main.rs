@@ -84,6 +84,24 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Issue a client certificate for the mTLS CONNECT ingress (CN
+    /// edge-tunnel:connect:NAME), e.g. for kube-apiserver's egress
+    /// selector: what a server with --connect-client-ca accepts from the
+    /// tunnel CA (agent certificates are refused there).
+    ConnectClient {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Who the client is (lowercase letters, digits, '-', '.'), e.g.
+        /// kube-apiserver; metrics count requests by it.
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
     /// Print a directory's tls.crt, tls.key and ca.crt as a Kubernetes
     /// Secret manifest (type kubernetes.io/tls).
     Secret {
@@ -208,6 +226,23 @@ fn main() -> Result<()> {
                 "wrote {}/{{tls.crt,tls.key,ca.crt}} for the DNAT helper ({})",
                 out.display(),
                 certs::identity::DNAT_HELPER_CN
+            );
+        }
+        Command::ConnectClient {
+            ca,
+            out,
+            name,
+            days,
+            force,
+        } => {
+            certs::identity::validate_node_name(&name).with_context(|| format!("--name {name:?}"))?;
+            let ca = load_ca(&ca)?;
+            let leaf = ca.issue_connect_client(&name, days)?;
+            write_leaf(&out, &ca, &leaf, force)?;
+            println!(
+                "wrote {}/{{tls.crt,tls.key,ca.crt}} for CONNECT client {}{name}",
+                out.display(),
+                certs::identity::CONNECT_CLIENT_PREFIX
             );
         }
         Command::Secret {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::files::CertDir;
@@ -30,17 +31,58 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 fn roots(dir: &CertDir) -> Result<Arc<RootCertStore>, TlsConfigError> {
+    roots_of(&dir.ca)
+}
+
+/// Server side: presents `tls.crt`, requires a client certificate signed by `ca.crt`.
+pub fn server_config(dir: &CertDir, alpn: &[u8]) -> Result<ServerConfig, TlsConfigError> {
+    server_config_for_clients(dir, roots(dir)?, alpn, ClientCertificate::Required)
+}
+
+/// Whether a listener's clients must present a certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientCertificate {
+    /// The handshake fails without one that chains to the roots.
+    Required,
+    /// A client may present none (and is then authenticated some other
+    /// way); one it presents must still chain to the roots.
+    Optional,
+}
+
+/// The roots a set of CA certificates (e.g. `--connect-client-ca`) makes.
+pub fn roots_of(cas: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TlsConfigError> {
     let mut roots = RootCertStore::empty();
-    for ca in &dir.ca {
+    for ca in cas {
         roots.add(ca.clone()).map_err(TlsConfigError::BadCa)?;
     }
     Ok(Arc::new(roots))
 }
 
-/// Server side: presents `tls.crt`, requires a client certificate signed by `ca.crt`.
-pub fn server_config(dir: &CertDir, alpn: &[u8]) -> Result<ServerConfig, TlsConfigError> {
+/// A verifier for client certificates chaining to `roots`, for checking
+/// a certificate outside a handshake.
+pub fn client_verifier(
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsConfigError> {
+    WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsConfigError::Verifier(e.to_string()))
+}
+
+/// Server side with other client roots: presents `tls.crt`, verifies
+/// client certificates against `client_roots`.
+pub fn server_config_for_clients(
+    dir: &CertDir,
+    client_roots: Arc<RootCertStore>,
+    alpn: &[u8],
+    clients: ClientCertificate,
+) -> Result<ServerConfig, TlsConfigError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(dir)?, provider.clone())
+    let builder = WebPkiClientVerifier::builder_with_provider(client_roots, provider.clone());
+    let builder = match clients {
+        ClientCertificate::Required => builder,
+        ClientCertificate::Optional => builder.allow_unauthenticated(),
+    };
+    let verifier = builder
         .build()
         .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider)

@@ -290,6 +290,28 @@ impl ClientSocket for tokio::net::UnixStream {
     }
 }
 
+/// A TLS client (the mTLS CONNECT ingress). A TLS session cannot be
+/// split into independent halves, so both directions go through
+/// `tokio::io::split`'s flag; the relay polls both from one task, so the
+/// flag is never contended. Half-close sends `close_notify` and a FIN;
+/// a reset is a TCP reset under the session.
+impl ClientSocket for tokio_rustls::server::TlsStream<TcpStream> {
+    type Read<'a> = tokio::io::ReadHalf<&'a mut Self>;
+    type Write<'a> = tokio::io::WriteHalf<&'a mut Self>;
+
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        tokio::io::split(self)
+    }
+
+    fn prepare(&self) {
+        let _ = self.get_ref().0.set_nodelay(true);
+    }
+
+    fn abort_on_close(&self) {
+        self.get_ref().0.abort_on_close();
+    }
+}
+
 /// Relays until both directions are done or one side resets.
 ///
 /// `on_bytes` is called after every chunk moved (keep it cheap: a counter).

@@ -1,4 +1,6 @@
 //! Admin endpoints: `/healthz`, `/readyz`, `/metrics`, `/v1/agents`.
+//! The admin port has no authentication: `/v1/agents` there leaves out
+//! where the edge sites connect from (the mTLS feed has it).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ impl AdminRoutes for ServerAdmin {
             "/readyz" if shared.ready.load(Ordering::SeqCst) => Reply::new(200, TEXT, "ready\n"),
             "/readyz" => Reply::new(503, TEXT, "not ready\n"),
             "/metrics" => Reply::new(200, OPENMETRICS, shared.render_metrics()),
-            "/v1/agents" => Reply::new(200, JSON, agents_json(shared)),
+            "/v1/agents" => Reply::new(200, JSON, agents_json(shared, Listing::Redacted)),
             _ => Reply::not_found(),
         }
     }
@@ -36,7 +38,10 @@ pub struct AgentInfo {
     pub addresses: Vec<String>,
     /// RFC 3339.
     pub connected_since: String,
-    pub remote_address: String,
+    /// The edge site's public address (its NAT's): only on the
+    /// authenticated feed; `null` on the admin port, which has no
+    /// authentication.
+    pub remote_address: Option<String>,
     pub transport: &'static str,
     pub streams_active: i64,
     /// QUIC's RTT estimate; null over HTTP/2.
@@ -44,8 +49,17 @@ pub struct AgentInfo {
     pub draining: bool,
 }
 
-/// The `/v1/agents` listing (also what `--feed-listen` serves).
-pub(crate) fn agents_json(shared: &Shared) -> String {
+/// How much of the agent listing a reader may see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listing {
+    /// Everything (the mTLS feed).
+    Full,
+    /// Without the edge sites' public addresses (the admin port).
+    Redacted,
+}
+
+/// The `/v1/agents` listing (also what `--feed-listen` serves, in full).
+pub(crate) fn agents_json(shared: &Shared, listing: Listing) -> String {
     let agents: Vec<AgentInfo> = shared
         .registry
         .snapshot()
@@ -56,7 +70,7 @@ pub(crate) fn agents_json(shared: &Shared) -> String {
             connected_since: time::OffsetDateTime::from(a.connected_since)
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
-            remote_address: a.link.remote_address().to_string(),
+            remote_address: (listing == Listing::Full).then(|| a.link.remote_address().to_string()),
             transport: a.link.transport(),
             streams_active: a.streams_active.load(Ordering::Relaxed),
             rtt_ms: a.link.rtt().map(|r| r.as_secs_f64() * 1000.0),

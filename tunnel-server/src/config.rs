@@ -36,6 +36,13 @@ pub struct ServerSettings {
     /// `name:token` lines; TCP CONNECT requests must prove one
     /// (`Proxy-Authorization`). Reloaded when the file changes.
     pub connect_token_file: Option<PathBuf>,
+    /// CA bundle for the CONNECT listener's clients: the listener speaks
+    /// TLS with the server's certificate and requires a client
+    /// certificate chaining to it (optional when a token file is given).
+    pub connect_client_ca: Option<PathBuf>,
+    /// Ranges the server dials itself when no agent serves a CONNECT or
+    /// forward target (webhooks, aggregated APIs). Default none: 503.
+    pub direct_cidrs: Vec<crate::dnat::rules::Prefix>,
     /// Proxy TCP CONNECT requests without a credential on a listener that
     /// is not loopback. Default off: such a configuration is refused.
     pub connect_allow_unauthenticated: bool,
@@ -129,6 +136,8 @@ impl ServerSettings {
             connect_uds_mode: 0o600,
             connect_uds_group: None,
             connect_token_file: None,
+            connect_client_ca: None,
+            direct_cidrs: Vec::new(),
             connect_allow_unauthenticated: false,
             transparent_listen: None,
             admin_listen: None,
@@ -177,7 +186,7 @@ pub enum ConfigError {
     StreamReserve { reserve: usize, max: usize },
     #[error(
         "the CONNECT listener on {0} would proxy anyone who reaches it: give \
-         --connect-token-file, serve it on loopback or on --connect-uds, or pass \
+         --connect-client-ca or --connect-token-file, serve it on loopback or on --connect-uds, or pass \
          --connect-allow-unauthenticated if something else keeps clients out"
     )]
     UnauthenticatedConnect(SocketAddr),
@@ -243,6 +252,7 @@ impl ServerConfig {
         if let Some(addr) = settings.connect_listen {
             if !addr.ip().is_loopback()
                 && settings.connect_token_file.is_none()
+                && settings.connect_client_ca.is_none()
                 && !settings.connect_allow_unauthenticated
             {
                 return Err(ConfigError::UnauthenticatedConnect(addr));

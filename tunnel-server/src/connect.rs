@@ -28,11 +28,13 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use proto::DialCode;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::dial::{self, DialError, DialMode, Target};
+use crate::direct::Upstream;
 use crate::forward::Body;
 use crate::ingress;
+use crate::proxy_auth::{CertIdentity, ConnectTls};
 use crate::Shared;
 use http_body_util::BodyExt;
 
@@ -40,17 +42,37 @@ use http_body_util::BodyExt;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who a client connection is, before any of its requests.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Peer {
-    /// A TCP client: its requests need a token when `--connect-token-file`
-    /// is given (and may go without only on an open listener).
+    /// A TCP client (or a TLS one without a certificate): its requests
+    /// need a token when `--connect-token-file` is given (and may go
+    /// without only on an open listener).
     Tcp(SocketAddr),
+    /// A TLS client that presented a certificate chaining to
+    /// `--connect-client-ca`.
+    Certified {
+        addr: SocketAddr,
+        identity: CertIdentity,
+    },
     /// A client of the Unix socket: the socket's permissions admitted it.
-    Unix,
+    Unix { uid: Option<u32> },
 }
 
-/// Serves CONNECT on a TCP listener.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+impl Peer {
+    /// The client's address, where it has one (the unit of the
+    /// per-client limits).
+    fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            Peer::Tcp(addr) | Peer::Certified { addr, .. } => Some(*addr),
+            Peer::Unix { .. } => None,
+        }
+    }
+}
+
+/// Serves CONNECT on a TCP listener; with `tls` (`--connect-client-ca`)
+/// every connection is a TLS session first, and nothing is served to one
+/// whose handshake fails.
+pub async fn serve(listener: TcpListener, tls: Option<ConnectTls>, shared: Arc<Shared>) {
     loop {
         let slot = shared.client_slots.acquire(&shared.metrics).await;
         let (tcp, peer) = transport::net::accept_with(&listener, "CONNECT", |_| {
@@ -70,14 +92,59 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         // through its requests here, and through the relay a CONNECT
         // upgrades it into (which outlives the HTTP connection task).
         let held: Held = Arc::new((slot, claim));
-        tokio::spawn(serve_client(
-            tcp,
-            Peer::Tcp(peer),
-            held,
-            busy,
-            shared.clone(),
-        ));
+        match &tls {
+            None => {
+                tokio::spawn(serve_client(
+                    tcp,
+                    Peer::Tcp(peer),
+                    held,
+                    busy,
+                    shared.clone(),
+                ));
+            }
+            Some(tls) => {
+                tokio::spawn(serve_tls_client(
+                    tcp,
+                    peer,
+                    tls.clone(),
+                    held,
+                    busy,
+                    shared.clone(),
+                ));
+            }
+        }
     }
+}
+
+/// The TLS handshake of one client (bounded by `--handshake-timeout`),
+/// then its requests.
+async fn serve_tls_client(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    tls: ConnectTls,
+    held: Held,
+    busy: Option<crate::slots::ClientBusy>,
+    shared: Arc<Shared>,
+) {
+    let timeout = shared.config.handshake_timeout;
+    let stream = match tokio::time::timeout(timeout, tls.acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            shared.metrics.connect_auth_failed("tls_handshake");
+            tracing::debug!(client = %addr, "CONNECT TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.connect_auth_failed("tls_handshake");
+            tracing::debug!(client = %addr, ?timeout, "CONNECT TLS handshake timed out");
+            return;
+        }
+    };
+    let peer = match tls.identify(stream.get_ref().1) {
+        Some(identity) => Peer::Certified { addr, identity },
+        None => Peer::Tcp(addr),
+    };
+    serve_client(stream, peer, held, busy, shared).await;
 }
 
 /// Serves CONNECT on a Unix socket (`--connect-uds`): its file mode and
@@ -92,8 +159,15 @@ pub async fn serve_unix(listener: tokio::net::UnixListener, shared: Arc<Shared>)
             || listener.accept(),
         )
         .await;
+        let uid = stream.peer_cred().ok().map(|cred| cred.uid());
         let held: Held = Arc::new(slot);
-        tokio::spawn(serve_client(stream, Peer::Unix, held, None, shared.clone()));
+        tokio::spawn(serve_client(
+            stream,
+            Peer::Unix { uid },
+            held,
+            None,
+            shared.clone(),
+        ));
     }
 }
 
@@ -108,13 +182,17 @@ async fn serve_client<I>(
 ) where
     I: transport::ClientSocket + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
-    let service = service_fn(move |req| {
-        let shared = shared.clone();
-        let held = held.clone();
-        async move {
-            match busy {
-                Some(busy) => Ok(boxed(too_many(&busy))),
-                None => handle::<I>(req, peer, shared, held).await,
+    let service = service_fn({
+        let peer = peer.clone();
+        move |req| {
+            let shared = shared.clone();
+            let held = held.clone();
+            let peer = peer.clone();
+            async move {
+                match busy {
+                    Some(busy) => Ok(boxed(too_many(&busy))),
+                    None => handle::<I>(req, peer, shared, held).await,
+                }
             }
         }
     });
@@ -185,7 +263,8 @@ fn status_for(e: &DialError) -> StatusCode {
             code: DialCode::Timeout,
             ..
         }
-        | DialError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        | DialError::Timeout { .. }
+        | DialError::DirectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_GATEWAY,
     }
 }
@@ -294,7 +373,7 @@ where
     I: transport::ClientSocket + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
     // Authorized before it is routed: no credential, no answer about nodes.
-    if let Err(refused) = crate::proxy_auth::authorize(&shared, peer, req.headers()) {
+    if let Err(refused) = crate::proxy_auth::authorize(&shared, &peer, req.headers()) {
         return Ok(boxed(*refused));
     }
     let target = match route(&req) {
@@ -308,8 +387,25 @@ where
         }) => return Ok(crate::forward::forward(req, target, &shared).await),
         Err(resp) => return Ok(boxed(*resp)),
     };
-    let dialed = match dial::dial(&shared, &target, DialMode::AwaitResult).await {
-        Ok(d) => d,
+    let dialed = match crate::direct::dial(&shared, &target, DialMode::AwaitResult).await {
+        Ok(Upstream::Tunnel(d)) => d,
+        Ok(Upstream::Direct { stream, target }) => {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tracing::debug!(%target, "CONNECT dialed directly");
+            tokio::spawn(async move {
+                let _held = held;
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
+                let Ok(parts) = upgraded.downcast::<TokioIo<I>>() else {
+                    tracing::warn!("CONNECT upgrade failed: unexpected upgraded I/O type");
+                    return;
+                };
+                let client = parts.io.into_inner();
+                crate::direct::relay(&shared, client, stream, &parts.read_buf).await;
+            });
+            return Ok(boxed(Response::new(Full::new(Bytes::new()))));
+        }
         Err(e) => {
             tracing::info!(%target, "CONNECT refused: {e}");
             return Ok(boxed(dial_refusal(&e)));
@@ -340,10 +436,7 @@ where
                 return stream_fail(dialed, e.to_string());
             }
         }
-        let client = match peer {
-            Peer::Tcp(addr) => Some(addr.ip()),
-            Peer::Unix => None,
-        };
+        let client = peer.addr().map(|a| a.ip());
         ingress::relay(shared, dialed, parts.io.into_inner(), client, "connect").await;
     });
     Ok(boxed(Response::new(Full::new(Bytes::new()))))
@@ -375,6 +468,20 @@ mod tests {
                     node: "edge-1".into(),
                     target,
                     after: Duration::from_secs(12),
+                },
+                504,
+            ),
+            (
+                DialError::Direct {
+                    target,
+                    source: std::io::ErrorKind::ConnectionRefused.into(),
+                },
+                502,
+            ),
+            (
+                DialError::DirectTimeout {
+                    target: "webhook.default.svc:443".into(),
+                    after: Duration::from_secs(10),
                 },
                 504,
             ),

@@ -141,6 +141,14 @@ pub enum DialError {
         target: SocketAddr,
         after: Duration,
     },
+    #[error("cannot connect to {target} directly (--direct-cidr): {source}")]
+    Direct {
+        target: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no direct connection to {target} (--direct-cidr) within {after:?}")]
+    DirectTimeout { target: String, after: Duration },
     #[error("node {node} broke the protocol while dialing {target}: {reason}")]
     Protocol {
         node: String,
@@ -160,6 +168,8 @@ impl DialError {
             DialError::Refused { code, .. } => code.label(),
             DialError::Timeout { .. } => "timeout",
             DialError::Protocol { .. } => "protocol",
+            DialError::Direct { .. } => "direct_failed",
+            DialError::DirectTimeout { .. } => "direct_timeout",
         }
     }
 }

@@ -130,7 +130,7 @@ async fn connection(
             (
                 StatusCode::OK,
                 daemon::admin::JSON,
-                crate::admin::agents_json(&shared),
+                crate::admin::agents_json(&shared, crate::admin::Listing::Full),
             )
         } else {
             (

@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use transport::TunnelStream;
 
 use crate::dial::{self, DialMode, Target};
+use crate::direct::Upstream;
 use crate::Shared;
 
 /// The body of every answer of the CONNECT ingress.
@@ -120,6 +121,27 @@ fn origin_form(req: Request<Incoming>) -> Request<Incoming> {
     Request::from_parts(parts, body)
 }
 
+/// An HTTP/1.1 client connection over `io`; `keep` (a node's stream
+/// slot) lives until the connection ends, i.e. until `sender` and the
+/// response body are dropped.
+async fn handshake<IO, K>(
+    io: IO,
+    keep: K,
+) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, hyper::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    K: Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _keep = keep;
+        if let Err(e) = conn.await {
+            tracing::debug!("forwarded HTTP connection: {e}");
+        }
+    });
+    Ok(sender)
+}
+
 /// Forwards one absolute-form request to `target` and streams back the
 /// answer.
 pub async fn forward(
@@ -127,37 +149,31 @@ pub async fn forward(
     target: Target,
     shared: &Arc<Shared>,
 ) -> Response<Body> {
-    let dialed = match dial::dial(shared, &target, DialMode::AwaitResult).await {
-        Ok(d) => d,
+    let upstream = match crate::direct::dial(shared, &target, DialMode::AwaitResult).await {
+        Ok(u) => u,
         Err(e) => {
             tracing::info!(%target, "forward request refused: {e}");
             return crate::connect::boxed(crate::connect::dial_refusal(&e));
         }
     };
     let metrics = &shared.metrics;
-    metrics
-        .streams
-        .get_or_create(&[("ingress", "forward")])
-        .inc();
-    let dial::Dialed { stream, slot, .. } = dialed;
-    let (mut sender, conn) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(TunnelIo(stream))).await {
-            Ok(v) => v,
-            Err(e) => {
-                return crate::connect::boxed(crate::connect::text(
-                    StatusCode::BAD_GATEWAY,
-                    format!("cannot speak HTTP to {target}: {e}"),
-                ))
-            }
-        };
-    // The stream and its slot live until the response body is done (the
-    // connection ends when `sender` and the body are dropped).
-    tokio::spawn(async move {
-        let _slot = slot;
-        if let Err(e) = conn.await {
-            tracing::debug!("forwarded HTTP connection: {e}");
+    let (ingress, handshake) = match upstream {
+        Upstream::Tunnel(dial::Dialed { stream, slot, .. }) => {
+            // The stream's node slot lives as long as the connection.
+            ("forward", handshake(TunnelIo(stream), slot).await)
         }
-    });
+        Upstream::Direct { stream, .. } => ("forward_direct", handshake(stream, ()).await),
+    };
+    metrics.streams.get_or_create(&[("ingress", ingress)]).inc();
+    let mut sender = match handshake {
+        Ok(sender) => sender,
+        Err(e) => {
+            return crate::connect::boxed(crate::connect::text(
+                StatusCode::BAD_GATEWAY,
+                format!("cannot speak HTTP to {target}: {e}"),
+            ))
+        }
+    };
     match tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, sender.send_request(origin_form(req))).await {
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();

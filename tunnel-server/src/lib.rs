@@ -39,6 +39,7 @@ pub mod agents_h2;
 pub mod config;
 pub mod connect;
 pub mod dial;
+pub mod direct;
 pub mod dnat;
 pub mod feed;
 pub mod forward;
@@ -147,6 +148,11 @@ pub enum ServerError {
     Tls(#[from] certs::tls::TlsConfigError),
     #[error(transparent)]
     Tokens(#[from] tokens::TokenFileError),
+    #[error("--connect-client-ca {path}: {problem}")]
+    ConnectClientCa {
+        path: std::path::PathBuf,
+        problem: String,
+    },
     #[error("cannot serve CONNECT on the Unix socket {path}: {problem}")]
     Uds {
         path: std::path::PathBuf,
@@ -167,7 +173,7 @@ pub struct Server {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     h2: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
-    connect: Option<TcpListener>,
+    connect: Option<(TcpListener, Option<proxy_auth::ConnectTls>)>,
     connect_uds: Option<tokio::net::UnixListener>,
     transparent: Option<TcpListener>,
     admin: Option<TcpListener>,
@@ -254,7 +260,19 @@ impl Server {
         } else {
             None
         };
-        let connect = bind_tcp("CONNECT", config.connect_listen)?;
+        let connect = match bind_tcp("CONNECT", config.connect_listen)? {
+            Some(listener) => {
+                let tls = config
+                    .connect_client_ca
+                    .as_deref()
+                    .map(|ca| {
+                        proxy_auth::ConnectTls::new(&dir, ca, config.connect_token_file.is_some())
+                    })
+                    .transpose()?;
+                Some((listener, tls))
+            }
+            None => None,
+        };
         let connect_uds = config
             .connect_uds
             .as_deref()
@@ -305,7 +323,7 @@ impl Server {
                 .local_addr()
                 .expect("bound endpoint has an address"),
             h2: self.h2.as_ref().and_then(|(l, _)| l.local_addr().ok()),
-            connect: addr(&self.connect),
+            connect: self.connect.as_ref().and_then(|(l, _)| l.local_addr().ok()),
             transparent: addr(&self.transparent),
             admin: addr(&self.admin),
             feed: self.feed.as_ref().and_then(|(l, _)| l.local_addr().ok()),
@@ -338,8 +356,8 @@ impl Server {
                     .inc();
             }));
         }
-        if let Some(l) = self.connect {
-            tasks.spawn(connect::serve(l, shared.clone()));
+        if let Some((l, tls)) = self.connect {
+            tasks.spawn(connect::serve(l, tls, shared.clone()));
         }
         if let Some(l) = self.transparent {
             tasks.spawn(transparent::serve(l, shared.clone()));

@@ -67,6 +67,21 @@ struct Args {
     /// when the file changes.
     #[arg(long, env = "TUNNEL_CONNECT_TOKEN_FILE")]
     connect_token_file: Option<PathBuf>,
+    /// CA bundle (PEM) for CONNECT clients: the TCP CONNECT listener
+    /// speaks TLS with the server's certificate (--cert-dir) and requires
+    /// a client certificate chaining to it (with --connect-token-file too,
+    /// a client without one must send a token). Tunnel-CA certificates are
+    /// accepted only from `tunnel-certs connect-client`, never an agent's.
+    #[arg(long, env = "TUNNEL_CONNECT_CLIENT_CA")]
+    connect_client_ca: Option<PathBuf>,
+    /// Ranges (CIDR, comma-separated or repeated) the server dials itself
+    /// when no agent serves a CONNECT target: the cloud's service and pod
+    /// ranges, so kube-apiserver's whole `cluster` egress (webhooks,
+    /// aggregated APIs) can go through the ingress. Node names no agent
+    /// serves are resolved and dialed if they fall inside. Never
+    /// loopback. Default: none (503).
+    #[arg(long, env = "TUNNEL_DIRECT_CIDR", value_delimiter = ',')]
+    direct_cidr: Vec<Prefix>,
     /// Proxy TCP CONNECT requests that carry no credential on a listener
     /// that is not loopback (something else must keep clients out).
     #[arg(long, env = "TUNNEL_CONNECT_ALLOW_UNAUTHENTICATED")]
@@ -444,6 +459,8 @@ fn serve(args: Args) -> Result<()> {
     settings.connect_uds_group = args.connect_uds_group;
     settings.connect_token_file = args.connect_token_file;
     settings.connect_allow_unauthenticated = args.connect_allow_unauthenticated;
+    settings.connect_client_ca = args.connect_client_ca;
+    settings.direct_cidrs = args.direct_cidr;
     settings.transparent_listen = args.transparent_listen;
     settings.admin_listen = args.admin_listen;
     settings.feed_listen = args.feed_listen;

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub connect_authorized: Family<[(&'static str, String); 2], Counter>,
     /// CONNECT requests refused for want of credentials, by reason.
     pub connect_auth_failures: Family<Label, Counter>,
+    /// Direct dials (`--direct-cidr`), by result.
+    pub direct_dials: Family<Label, Counter>,
     /// Token file reloads, by result (ok, error).
     pub token_file_reloads: Family<Label, Counter>,
     /// Clients with a connection open now (set at scrape time).
@@ -104,6 +106,12 @@ impl Metrics {
         let connect_authorized = Family::<[(&'static str, String); 2], Counter>::default();
         let connect_auth_failures = Family::<Label, Counter>::default();
         let token_file_reloads = Family::<Label, Counter>::default();
+        let direct_dials = Family::<Label, Counter>::default();
+        registry.register(
+            "direct_dials",
+            "Connections the server dialed itself because no agent serves the target and it is in --direct-cidr, by result (ok, no_agent: outside the ranges, direct_failed, direct_timeout)",
+            direct_dials.clone(),
+        );
         registry.register(
             "connect_authorized",
             "CONNECT requests authorized, by credential (token, unix, none) and token name",
@@ -312,6 +320,7 @@ impl Metrics {
             connect_authorized,
             connect_auth_failures,
             token_file_reloads,
+            direct_dials,
             clients,
             tasks,
             streams,

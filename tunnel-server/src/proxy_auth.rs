@@ -3,8 +3,15 @@
 //! nodes exist).
 //!
 //! - A Unix-socket client (`--connect-uds`) was admitted by the socket's
-//!   permissions.
-//! - A TCP client needs a token (`Proxy-Authorization`, see
+//!   permissions (counted by its uid).
+//! - A TLS client (`--connect-client-ca`) is authenticated by its
+//!   certificate, which the handshake verified against that CA. A
+//!   certificate that also chains to the tunnel's own CA is accepted only
+//!   as a CONNECT client (CN `edge-tunnel:connect:NAME`) or the DNAT
+//!   helper; an agent's certificate gets 403 (a compromised edge node must
+//!   not reach the others through the ingress).
+//! - A TCP client (or a TLS client without a certificate, which the
+//!   handshake lets through only when a token file is given) needs a token (`Proxy-Authorization`, see
 //!   [`crate::tokens`]) when `--connect-token-file` is given; a missing or
 //!   wrong one gets `407` with `Proxy-Authenticate: Basic`, so curl and Go
 //!   clients retry with their credentials.
@@ -22,6 +29,92 @@ use crate::connect::Peer;
 use crate::tokens::TokenFile;
 use crate::Shared;
 
+/// What a TLS client's certificate makes of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertIdentity {
+    /// Accepted: its common name, for the log and the metrics.
+    Accepted(Arc<str>),
+    /// Chains to `--connect-client-ca` but may not use the ingress: why.
+    Refused(Arc<str>),
+}
+
+/// The TLS side of the CONNECT listener (`--connect-client-ca`).
+#[derive(Clone)]
+pub struct ConnectTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Verifies against the tunnel's own CA, to tell agent certificates
+    /// apart.
+    pub tunnel: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl ConnectTls {
+    /// The TLS configuration of the CONNECT listener: the server's own
+    /// certificate, client certificates verified against `client_ca`
+    /// (required, or optional when a token file authenticates the clients
+    /// without one).
+    pub fn new(
+        dir: &certs::CertDir,
+        client_ca: &std::path::Path,
+        optional: bool,
+    ) -> Result<ConnectTls, crate::ServerError> {
+        let bad = |problem: String| crate::ServerError::ConnectClientCa {
+            path: client_ca.to_owned(),
+            problem,
+        };
+        let cas = certs::files::read_certs(client_ca).map_err(|e| bad(e.to_string()))?;
+        if cas.is_empty() {
+            return Err(bad("it holds no PEM certificate".into()));
+        }
+        let roots = certs::tls::roots_of(&cas).map_err(|e| bad(e.to_string()))?;
+        let mode = if optional {
+            certs::tls::ClientCertificate::Optional
+        } else {
+            certs::tls::ClientCertificate::Required
+        };
+        let config = certs::tls::server_config_for_clients(dir, roots, b"http/1.1", mode)?;
+        let tunnel = certs::tls::client_verifier(certs::tls::roots_of(&dir.ca)?)?;
+        Ok(ConnectTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            tunnel,
+        })
+    }
+
+    /// Who the client of a finished handshake is: `None` when it sent no
+    /// certificate.
+    pub fn identify(&self, conn: &rustls::ServerConnection) -> Option<CertIdentity> {
+        let chain = conn.peer_certificates()?;
+        let (leaf, intermediates) = chain.split_first()?;
+        Some(identify(leaf, intermediates, self.tunnel.as_ref()))
+    }
+}
+
+/// See [`ConnectTls::identify`]: `leaf` already chains to the client CA.
+fn identify(
+    leaf: &rustls::pki_types::CertificateDer<'_>,
+    intermediates: &[rustls::pki_types::CertificateDer<'_>],
+    tunnel: &dyn rustls::server::danger::ClientCertVerifier,
+) -> CertIdentity {
+    let name = certs::Identity::from_der(leaf)
+        .map(|id| id.common_name)
+        .unwrap_or_else(|_| "(no common name)".to_owned());
+    let from_tunnel_ca = tunnel
+        .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+        .is_ok();
+    let tunnel_client = name.starts_with(certs::identity::CONNECT_CLIENT_PREFIX)
+        || name == certs::identity::DNAT_HELPER_CN;
+    if from_tunnel_ca && !tunnel_client {
+        CertIdentity::Refused(
+            format!(
+                "certificate {name:?} is the tunnel's (an agent's?), not a CONNECT client's: \
+                 issue one with `tunnel-certs connect-client`"
+            )
+            .into(),
+        )
+    } else {
+        CertIdentity::Accepted(name.into())
+    }
+}
+
 /// The realm named in `Proxy-Authenticate`.
 pub const REALM: &str = "edge-tunnel";
 
@@ -35,15 +128,29 @@ pub struct ProxyAuth {
 /// Authorizes one request; the `Err` is the answer to send instead.
 pub fn authorize(
     shared: &Shared,
-    peer: Peer,
+    peer: &Peer,
     headers: &HeaderMap,
 ) -> Result<(), Box<Response<Full<Bytes>>>> {
     let metrics = &shared.metrics;
     let tokens = match (peer, &shared.proxy_auth.tokens) {
-        (Peer::Unix, _) => {
-            metrics.connect_authorized("unix", "");
+        (Peer::Unix { uid }, _) => {
+            let uid = uid.map_or_else(|| "?".to_owned(), |u| u.to_string());
+            metrics.connect_authorized("unix", &format!("uid {uid}"));
             return Ok(());
         }
+        (Peer::Certified { identity, .. }, _) => match identity {
+            CertIdentity::Accepted(name) => {
+                metrics.connect_authorized("certificate", name);
+                return Ok(());
+            }
+            CertIdentity::Refused(why) => {
+                metrics.connect_auth_failed("certificate");
+                return Err(Box::new(crate::connect::text(
+                    StatusCode::FORBIDDEN,
+                    why.to_string(),
+                )));
+            }
+        },
         (Peer::Tcp(_), None) => {
             metrics.connect_authorized("none", "");
             return Ok(());

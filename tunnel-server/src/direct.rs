@@ -1,0 +1,176 @@
+//! Destinations no agent serves (`--direct-cidr`): the server dials them
+//! itself, as Konnectivity's default route does, so a kube-apiserver whose
+//! whole `cluster` egress goes through the ingress still reaches admission
+//! webhooks, aggregated APIs (metrics.k8s.io) and services in the cloud.
+//!
+//! Only when no agent holds the target (an agent's node always wins), and
+//! only to addresses inside the configured ranges: a node name no agent
+//! serves is resolved (within the dial timeout) and dialed only if it
+//! resolves into a range, so `webhook.ns.svc:443` works from a server pod
+//! with cluster DNS. Loopback, unspecified and multicast addresses are
+//! never dialed, whatever the ranges say: the server's own admin port and
+//! sockets stay out of reach. Everything else keeps the fast 503. Off by
+//! default.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::dial::{self, DialError, DialMode, Dialed, Target};
+use crate::dnat::rules::Prefix;
+use crate::Shared;
+
+/// Where a routed request goes.
+pub enum Upstream {
+    /// A stream to the agent that serves the target.
+    Tunnel(Dialed),
+    /// A TCP connection the server opened itself (`--direct-cidr`).
+    Direct { stream: TcpStream, target: SocketAddr },
+}
+
+/// Dials `target` through its agent, or directly when no agent serves it
+/// and it lies in `--direct-cidr`.
+pub async fn dial(
+    shared: &Arc<Shared>,
+    target: &Target,
+    mode: DialMode,
+) -> Result<Upstream, DialError> {
+    let ranges = &shared.config.direct_cidrs;
+    if ranges.is_empty()
+        || !matches!(
+            dial::route(&shared.registry, target),
+            Err(DialError::NoAgent(_))
+        )
+    {
+        return dial::dial(shared, target, mode).await.map(Upstream::Tunnel);
+    }
+    let timeout = shared.config.dial_timeout;
+    let result = tokio::time::timeout(timeout, connect(target, ranges)).await;
+    let result = match result {
+        Ok(r) => r,
+        Err(_) => Err(DialError::DirectTimeout {
+            target: target.to_string(),
+            after: timeout,
+        }),
+    };
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.label(),
+    };
+    shared
+        .metrics
+        .direct_dials
+        .get_or_create(&[("result", label)])
+        .inc();
+    let (stream, addr) = result?;
+    let _ = stream.set_nodelay(true);
+    crate::ingress::watch_client(&stream);
+    Ok(Upstream::Direct {
+        stream,
+        target: addr,
+    })
+}
+
+/// Whether the server may dial `ip` itself.
+pub fn dialable(ip: IpAddr, ranges: &[Prefix]) -> bool {
+    let ip = transport::net::canonical_ip(ip);
+    !ip.is_loopback()
+        && !ip.is_unspecified()
+        && !ip.is_multicast()
+        && ip != IpAddr::V4(std::net::Ipv4Addr::BROADCAST)
+        && ranges.iter().any(|r| r.contains(ip))
+}
+
+async fn connect(target: &Target, ranges: &[Prefix]) -> Result<(TcpStream, SocketAddr), DialError> {
+    let candidates: Vec<SocketAddr> = match target {
+        Target::Address(addr) => vec![*addr],
+        Target::Node { name, port } => tokio::net::lookup_host((name.as_str(), *port))
+            .await
+            .map_err(|e| {
+                DialError::NoAgent(format!("{target} (nor can it be resolved to dial it directly: {e})"))
+            })?
+            .collect(),
+    };
+    let inside: Vec<SocketAddr> = candidates
+        .into_iter()
+        .filter(|a| dialable(a.ip(), ranges))
+        .collect();
+    if inside.is_empty() {
+        return Err(DialError::NoAgent(format!(
+            "{target} (and it is not in --direct-cidr)"
+        )));
+    }
+    let mut last = None;
+    for addr in inside {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => return Ok((stream, addr)),
+            Err(e) => last = Some((addr, e)),
+        }
+    }
+    let (target, source) = last.expect("at least one address was tried");
+    Err(DialError::Direct { target, source })
+}
+
+/// The bound on a direct relay's buffers: one per direction.
+const DIRECT_BUFFER: usize = 16 * 1024;
+
+/// Relays a client's socket to a directly dialed connection until both
+/// sides are done; `early` is what the client sent behind its request
+/// head. Counted as the `direct` ingress.
+pub async fn relay<C>(shared: &Shared, mut client: C, mut upstream: TcpStream, early: &[u8])
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let metrics = &shared.metrics;
+    metrics
+        .streams
+        .get_or_create(&[("ingress", "direct")])
+        .inc();
+    metrics.streams_active.inc();
+    let result = async {
+        if !early.is_empty() {
+            upstream.write_all(early).await?;
+        }
+        tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            DIRECT_BUFFER,
+            DIRECT_BUFFER,
+        )
+        .await
+    }
+    .await;
+    match result {
+        Ok((up, down)) => tracing::debug!(up, down, "direct connection ended"),
+        Err(e) => {
+            tracing::debug!("direct connection failed: {e}");
+            let _ = socket2::SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
+        }
+    }
+    metrics.streams_active.dec();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_addresses_in_range_and_never_loopback() {
+        let ranges: Vec<Prefix> = ["10.96.0.0/12", "0.0.0.0/0"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(dialable(ip("10.96.0.10"), &ranges[..1]));
+        assert!(!dialable(ip("10.112.0.1"), &ranges[..1]));
+        assert!(dialable(ip("::ffff:10.96.0.10"), &ranges[..1]));
+        // Even 0.0.0.0/0 does not reach the server's own sockets.
+        for never in ["127.0.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255"] {
+            assert!(!dialable(ip(never), &ranges), "{never}");
+        }
+        assert!(!dialable(ip("::1"), &["::/0".parse().unwrap()]));
+    }
+}
