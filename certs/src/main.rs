@@ -235,7 +235,8 @@ fn main() -> Result<()> {
             days,
             force,
         } => {
-            certs::identity::validate_node_name(&name).with_context(|| format!("--name {name:?}"))?;
+            certs::identity::validate_node_name(&name)
+                .with_context(|| format!("--name {name:?}"))?;
             let ca = load_ca(&ca)?;
             let leaf = ca.issue_connect_client(&name, days)?;
             write_leaf(&out, &ca, &leaf, force)?;

@@ -64,6 +64,15 @@ impl Pki {
         dir
     }
 
+    /// Issues a CONNECT client certificate (`tunnel-certs connect-client
+    /// --name NAME`).
+    pub fn issue_connect_client(&self, name: &str) -> PathBuf {
+        let pem = self.ca.issue_connect_client(name, 1).unwrap();
+        let dir = self.dir.path().join("connect-clients").join(name);
+        self.write(&dir, &pem);
+        dir
+    }
+
     fn write(&self, dir: &Path, leaf: &Pem) {
         files::write_leaf_dir(dir, leaf, &self.ca.pem().cert, true).unwrap();
     }

@@ -1,6 +1,7 @@
 //! Who may use the CONNECT ingress (#14): a token file on TCP (407 without
-//! a valid `Proxy-Authorization`, Basic or Bearer, counted per name), a
-//! Unix socket for a co-located apiserver, and the refusal to run an open
+//! a valid `Proxy-Authorization`, Basic or Bearer, counted per name), TLS
+//! with client certificates (real curl with `--proxy https://`), a Unix
+//! socket for a co-located apiserver, and the refusal to run an open
 //! listener anywhere but loopback.
 
 use std::net::SocketAddr;
@@ -188,7 +189,7 @@ async fn a_unix_socket_serves_connect_to_whom_its_mode_allows() {
     assert!(server
         .metrics()
         .await
-        .contains("edge_tunnel_connect_authorized_total{credential=\"unix\",name=\"\"} 1"));
+        .contains("edge_tunnel_connect_authorized_total{credential=\"unix\",name=\"uid 0\"} 1"));
     agent.stop().await;
 }
 
@@ -322,6 +323,212 @@ async fn absolute_form_http_requests_are_forwarded() {
             .metric("edge_tunnel_streams_total{ingress=\"forward\"}")
             .await,
         2.0
+    );
+    agent.stop().await;
+}
+
+/// curl with `args`; returns its exit code, stdout and stderr.
+async fn curl(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .await
+        .expect("curl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// curl's flags for the ingress at `proxy` over TLS, verifying the
+/// server's certificate, with the client certificate in `cert_dir`.
+fn tls_proxy(pki: &Pki, proxy: SocketAddr, cert_dir: Option<&Path>) -> Vec<String> {
+    let mut args = vec![
+        "--proxy".to_owned(),
+        format!("https://{proxy}"),
+        "--proxy-cacert".into(),
+        pki.server_dir().join("ca.crt").display().to_string(),
+    ];
+    if let Some(dir) = cert_dir {
+        args.extend([
+            "--proxy-cert".into(),
+            dir.join("tls.crt").display().to_string(),
+            "--proxy-key".into(),
+            dir.join("tls.key").display().to_string(),
+        ]);
+    }
+    args
+}
+
+/// `--connect-client-ca`: the listener speaks TLS and proxies only for a
+/// client certificate chaining to that CA, and of the tunnel CA's
+/// certificates only a CONNECT client's (never an agent's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients_need_a_connect_client_certificate() {
+    let target = head_echo_server().await;
+    let (pki, server, agent) = tunnel(target, |s| {
+        // The tunnel CA: agent certificates chain to it too.
+        s.connect_client_ca = Some(s.cert_dir.join("ca.crt"));
+    })
+    .await;
+    let apiserver = pki.issue_connect_client("kube-apiserver");
+    let proxy = server.connect_addr();
+    let url = format!("http://{NODE}:{}/tls", target.port());
+    let run = |cert: Option<std::path::PathBuf>, tunnel: bool| {
+        let mut args = tls_proxy(&pki, proxy, cert.as_deref());
+        if tunnel {
+            args.push("--proxytunnel".into());
+        }
+        args.extend(["-w".into(), "\n%{http_code}".into(), url.clone()]);
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            curl(&args).await
+        }
+    };
+
+    // CONNECT (curl -p) and an absolute-form request, both over TLS.
+    for tunnel in [true, false] {
+        let (code, out, err) = run(Some(apiserver.clone()), tunnel).await;
+        assert_eq!(code, 0, "tunnel={tunnel}: {err}");
+        assert!(out.starts_with("GET /tls HTTP/1.1"), "{out}");
+        assert!(out.ends_with("\n200"), "{out}");
+    }
+    // No client certificate: the handshake fails, nothing is proxied.
+    let (code, out, _) = run(None, false).await;
+    assert_ne!(code, 0, "proxied without a certificate: {out}");
+    // A certificate from another CA: the same.
+    let other = Pki::new();
+    other.issue_connect_client("kube-apiserver");
+    let foreign = other.dir.path().join("connect-clients/kube-apiserver");
+    let (code, out, _) = run(Some(foreign), false).await;
+    assert_ne!(code, 0, "proxied for a foreign certificate: {out}");
+    // An agent's certificate chains to the CA, but may not use the ingress.
+    let (code, out, _) = run(Some(pki.agent_dir(NODE)), false).await;
+    assert_eq!(code, 0);
+    assert!(out.ends_with("\n403"), "{out}");
+    assert!(out.contains("tunnel-certs connect-client"), "{out}");
+    assert!(!out.contains("GET /tls"), "{out}");
+
+    let page = server.metrics().await;
+    for (series, at_least) in [
+        (
+            "edge_tunnel_connect_authorized_total{credential=\"certificate\",name=\"edge-tunnel:connect:kube-apiserver\"}",
+            2.0,
+        ),
+        ("edge_tunnel_connect_auth_failures_total{reason=\"tls_handshake\"}", 2.0),
+        ("edge_tunnel_connect_auth_failures_total{reason=\"certificate\"}", 1.0),
+    ] {
+        let value = e2e::metric_in(&page, series);
+        assert!(value >= at_least, "{series} = {value}, want {at_least}+ in\n{page}");
+    }
+    assert!(!page.contains("credential=\"none\""), "{page}");
+    // Plain HTTP on the TLS port gets nothing either.
+    let mut plain = TcpStream::connect(proxy).await.unwrap();
+    plain
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut answer)).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"),
+        "{answer:?}"
+    );
+    agent.stop().await;
+}
+
+/// With a token file too, the client certificate is optional: a TLS
+/// client without one must send a token (Prometheus can use an https://
+/// proxy_url with credentials), one with an accepted certificate need not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients_without_a_certificate_need_a_token() {
+    let target = head_echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    write_tokens(&tokens, &format!("prometheus:{TOKEN}\n"));
+    let (pki, server, agent) = tunnel(target, |s| {
+        s.connect_client_ca = Some(s.cert_dir.join("ca.crt"));
+        s.connect_token_file = Some(tokens.clone());
+    })
+    .await;
+    let proxy = server.connect_addr();
+    let url = format!("http://{NODE}:{}/opt", target.port());
+    let with = |extra: &[&str], cert: Option<&Path>| {
+        let mut args = tls_proxy(&pki, proxy, cert);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(["-w".into(), "\n%{http_code}".into(), url.clone()]);
+        args
+    };
+    let user = format!("prometheus:{TOKEN}");
+    for (args, want) in [
+        (with(&["--proxy-user", &user], None), "200"),
+        (with(&[], None), "407"),
+        (
+            with(&["--proxy-user", "prometheus:wrong-token-wrong"], None),
+            "407",
+        ),
+        (
+            with(&[], Some(&pki.issue_connect_client("kube-apiserver"))),
+            "200",
+        ),
+    ] {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = curl(&argv).await;
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.ends_with(&format!("\n{want}")), "{args:?}: {out}");
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_client_ca_file_is_named() {
+    init_logging();
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("client-ca.pem");
+    std::fs::write(&bad, "not a certificate").unwrap();
+    let mut settings = TestServer::config(&pki, "127.0.0.1:0".parse().unwrap());
+    settings.connect_client_ca = Some(bad.clone());
+    let config = tunnel_server::ServerConfig::try_new(settings).unwrap();
+    let e = tunnel_server::Server::bind(config).err().expect("refused");
+    assert!(e.to_string().contains("--connect-client-ca"), "{e}");
+    assert!(e.to_string().contains("client-ca.pem"), "{e}");
+}
+
+/// kube-apiserver's egress selector and `curl --unix-socket` use the
+/// socket: here an absolute-form request through it (curl sends the
+/// proxy form with `--request-target`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_reaches_an_http_target_through_the_unix_socket() {
+    let target = head_echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("connect.sock");
+    let (_pki, server, agent) = tunnel(target, |s| {
+        s.connect_uds = Some(sock.clone());
+    })
+    .await;
+    let url = format!("http://{NODE}:{}/uds", target.port());
+    let sock = sock.display().to_string();
+    let (code, out, err) = curl(&[
+        "--unix-socket",
+        &sock,
+        "--request-target",
+        &url,
+        "-w",
+        "\n%{http_code}",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("GET /uds HTTP/1.1"), "{out}");
+    assert!(out.ends_with("\n200"), "{out}");
+    assert_eq!(
+        server
+            .metric("edge_tunnel_streams_total{ingress=\"forward\"}")
+            .await,
+        1.0
     );
     agent.stop().await;
 }

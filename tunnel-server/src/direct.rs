@@ -27,7 +27,10 @@ pub enum Upstream {
     /// A stream to the agent that serves the target.
     Tunnel(Dialed),
     /// A TCP connection the server opened itself (`--direct-cidr`).
-    Direct { stream: TcpStream, target: SocketAddr },
+    Direct {
+        stream: TcpStream,
+        target: SocketAddr,
+    },
 }
 
 /// Dials `target` through its agent, or directly when no agent serves it
@@ -89,7 +92,9 @@ async fn connect(target: &Target, ranges: &[Prefix]) -> Result<(TcpStream, Socke
         Target::Node { name, port } => tokio::net::lookup_host((name.as_str(), *port))
             .await
             .map_err(|e| {
-                DialError::NoAgent(format!("{target} (nor can it be resolved to dial it directly: {e})"))
+                DialError::NoAgent(format!(
+                    "{target} (nor can it be resolved to dial it directly: {e})"
+                ))
             })?
             .collect(),
     };

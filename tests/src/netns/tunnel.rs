@@ -21,6 +21,12 @@ pub const ECHO_PORT: u16 = 7000;
 pub const AGENT_ADMIN: &str = "127.0.0.1:9093";
 /// The server's CONNECT ingress, in `cloud`.
 pub const CONNECT: &str = "127.0.0.1:8080";
+/// The cloud range the server dials itself (`--direct-cidr`): its
+/// services (webhooks, aggregated APIs) that no agent serves.
+pub const DIRECT_CIDR: &str = "198.18.0.64/28";
+/// A cloud service address inside [`DIRECT_CIDR`], which the cloud's
+/// `/etc/hosts` calls `webhook.default.svc`.
+pub const DIRECT_IP: &str = "198.18.0.66";
 /// The proxy token of the name `prometheus` (`--connect-token-file`).
 pub const PROXY_TOKEN: &str = "netns-proxy-token-0123456789";
 
@@ -74,6 +80,9 @@ pub fn spawn_kubelet(topo: &Topology, certs: &Certs) -> Proc {
 pub fn start_server(topo: &Topology, certs: &Certs) -> Proc {
     let tokens = topo.dir.join("connect-tokens");
     std::fs::write(&tokens, format!("prometheus:{PROXY_TOKEN}\n")).unwrap();
+    // Before the server starts: `ip netns exec` mounts the file at exec.
+    topo.cloud
+        .set_hosts(&format!("{DIRECT_IP} webhook.default.svc"));
     let server = topo.cloud.spawn(
         bin("tunnel-server").to_str().unwrap(),
         &[
@@ -87,6 +96,8 @@ pub fn start_server(topo: &Topology, certs: &Certs) -> Proc {
             CONNECT,
             "--connect-token-file",
             tokens.to_str().unwrap(),
+            "--direct-cidr",
+            DIRECT_CIDR,
             "--admin-listen",
             ADMIN,
             "--dnat",

@@ -7,6 +7,7 @@
 //! tunnel across it, curl and friends) is `e2e::netns` in the library.
 
 mod dnat;
+mod egress;
 mod fallback;
 mod kubelet;
 mod nat;
