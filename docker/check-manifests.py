@@ -132,6 +132,52 @@ def check_service_monitor(target, obj):
         problem(target, "ServiceMonitor without selector or endpoints")
 
 
+def connect_ports(objects):
+    """The container ports of the tunnel-server Deployment's CONNECT
+    listeners (named connect), by number."""
+    ports = set()
+    for obj in objects:
+        if obj["kind"] != "Deployment":
+            continue
+        for c in obj["spec"]["template"]["spec"]["containers"]:
+            for port in c.get("ports", []):
+                if port.get("name") == "connect":
+                    ports.add(port["containerPort"])
+    return ports
+
+
+def check_network_policy(target, objects):
+    """The CONNECT port proxies to every edge node: a NetworkPolicy must
+    select the server pods and admit that port only from selected pods."""
+    ports = connect_ports(objects)
+    if not ports:
+        return
+    policies = [
+        o for o in objects
+        if o["kind"] == "NetworkPolicy"
+        and o["spec"].get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name")
+        == "tunnel-server"
+    ]
+    if not policies:
+        problem(target, "no NetworkPolicy selects the tunnel-server pods (CONNECT port open to every pod)")
+        return
+    for policy in policies:
+        if "Ingress" not in policy["spec"].get("policyTypes", ["Ingress"]):
+            problem(target, f"NetworkPolicy {policy['metadata']['name']} does not restrict ingress")
+        for rule in policy["spec"].get("ingress", []):
+            rule_ports = {p.get("port") for p in rule.get("ports", [])} or {None}
+            opens_connect = None in rule_ports or bool(rule_ports & ports)
+            if not opens_connect:
+                continue
+            sources = rule.get("from")
+            if not sources or any("ipBlock" in s or "podSelector" not in s for s in sources):
+                problem(
+                    target,
+                    f"NetworkPolicy {policy['metadata']['name']} admits the CONNECT port "
+                    f"{sorted(ports)} from more than selected pods",
+                )
+
+
 def main():
     for target in TARGETS:
         rendered = subprocess.run(
@@ -159,6 +205,7 @@ def main():
         for rbac in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"):
             if rbac in kinds:
                 problem(target, f"{rbac} present, but no component calls the Kubernetes API")
+        check_network_policy(target, objects)
         for obj in objects:
             if obj["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
                 check_workload(target, obj)

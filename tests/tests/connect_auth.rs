@@ -191,6 +191,10 @@ async fn a_unix_socket_serves_connect_to_whom_its_mode_allows() {
         .await
         .contains("edge_tunnel_connect_authorized_total{credential=\"unix\",name=\"uid 0\"} 1"));
     agent.stop().await;
+    // The socket goes with the server; a successor's socket on the same
+    // path would stay (the inode is checked).
+    server.stop().await;
+    assert!(!sock.exists(), "the socket outlived its server");
 }
 
 #[tokio::test]

@@ -312,6 +312,24 @@ mod tests {
     }
 
     #[test]
+    fn an_open_connect_listener_needs_loopback_or_a_credential() {
+        let open = |tune: &dyn Fn(&mut ServerSettings)| {
+            let mut s = settings();
+            s.connect_listen = Some("0.0.0.0:8080".parse().unwrap());
+            tune(&mut s);
+            ServerConfig::try_new(s)
+        };
+        let e = open(&|_| {}).unwrap_err();
+        assert!(matches!(e, ConfigError::UnauthenticatedConnect(_)), "{e}");
+        assert!(e.to_string().contains("--connect-client-ca"), "{e}");
+        open(&|s| s.connect_token_file = Some("/tokens".into())).unwrap();
+        open(&|s| s.connect_client_ca = Some("/ca.crt".into())).unwrap();
+        open(&|s| s.connect_allow_unauthenticated = true).unwrap();
+        open(&|s| s.connect_listen = Some("127.0.0.1:8080".parse().unwrap())).unwrap();
+        open(&|s| s.connect_listen = Some("[::1]:8080".parse().unwrap())).unwrap();
+    }
+
+    #[test]
     fn keepalive_not_below_idle_timeout_is_refused() {
         let mut s = settings();
         s.quic.keepalive = Duration::from_secs(30);

@@ -174,7 +174,9 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     h2: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
     connect: Option<(TcpListener, Option<proxy_auth::ConnectTls>)>,
-    connect_uds: Option<tokio::net::UnixListener>,
+    /// The Unix socket's listener, and the inode it was bound as (removed
+    /// at shutdown only if a successor has not replaced it since).
+    connect_uds: Option<(tokio::net::UnixListener, u64)>,
     transparent: Option<TcpListener>,
     admin: Option<TcpListener>,
     feed: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
@@ -276,7 +278,16 @@ impl Server {
         let connect_uds = config
             .connect_uds
             .as_deref()
-            .map(|path| bind_uds(path, config.connect_uds_mode, config.connect_uds_group))
+            .map(|path| {
+                let listener = bind_uds(path, config.connect_uds_mode, config.connect_uds_group)?;
+                let ino = std::os::unix::fs::MetadataExt::ino(
+                    &std::fs::symlink_metadata(path).map_err(|e| ServerError::Uds {
+                        path: path.to_owned(),
+                        problem: e.to_string(),
+                    })?,
+                );
+                Ok::<_, ServerError>((listener, ino))
+            })
             .transpose()?;
         let tokens = config
             .connect_token_file
@@ -343,7 +354,8 @@ impl Server {
         if let Some((listener, acceptor)) = self.h2 {
             tasks.spawn(agents_h2::serve(listener, acceptor, shared.clone()));
         }
-        if let Some(l) = self.connect_uds {
+        let uds_ino = self.connect_uds.as_ref().map(|(_, ino)| *ino);
+        if let Some((l, _)) = self.connect_uds {
             tasks.spawn(connect::serve_unix(l, shared.clone()));
         }
         if let Some(tokens) = shared.proxy_auth.tokens.clone() {
@@ -396,6 +408,16 @@ impl Server {
         // Wait until the aborted listener tasks are gone: they hold sockets
         // (and an endpoint handle that keeps the UDP socket open).
         while tasks.join_next().await.is_some() {}
+        // The Unix socket goes with its listener, so a client sees "no such
+        // file" rather than a refused connection on a stale path; not if a
+        // successor (a rolling update) has bound the path since.
+        if let (Some(path), Some(ino)) = (&shared.config.connect_uds, uds_ino) {
+            if std::fs::symlink_metadata(path)
+                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == ino)
+            {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         for agent in shared.registry.snapshot() {
             agent
                 .link

@@ -46,7 +46,8 @@ struct Args {
     #[arg(long, env = "TUNNEL_NO_H2")]
     no_h2: bool,
     /// HTTP CONNECT ingress (egress selector, Prometheus proxy_url, curl -x).
-    /// Anywhere but loopback it needs --connect-token-file (or
+    /// Anywhere but loopback it needs --connect-client-ca or
+    /// --connect-token-file (or
     /// --connect-allow-unauthenticated).
     #[arg(long, env = "TUNNEL_CONNECT_LISTEN")]
     connect_listen: Option<SocketAddr>,
