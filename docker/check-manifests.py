@@ -132,6 +132,45 @@ def check_service_monitor(target, obj):
         problem(target, "ServiceMonitor without selector or endpoints")
 
 
+def workspace_version():
+    """The version in the workspace's Cargo.toml ([workspace.package])."""
+    path = os.path.join(os.path.dirname(ROOT), "..", "Cargo.toml")
+    section = None
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[workspace.package]" and line.startswith("version"):
+                return line.split("=", 1)[1].strip().strip('"')
+    raise SystemExit("no [workspace.package] version in Cargo.toml")
+
+
+# The images docker/build-images.sh builds, by repository name.
+BUILT_IMAGES = {"edge-tunnel", "edge-tunnel-dnat"}
+
+
+def check_images(target, objects):
+    """Every container runs an image docker/build-images.sh builds, at the
+    workspace version: a manifest that names anything else cannot be run."""
+    version = workspace_version()
+    for obj in objects:
+        if obj["kind"] not in ("Deployment", "DaemonSet", "StatefulSet"):
+            continue
+        spec = obj["spec"]["template"]["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            ref = c["image"]
+            name, _, tag = ref.rpartition(":")
+            repo = name.rsplit("/", 1)[-1]
+            if repo not in BUILT_IMAGES or tag != version:
+                problem(
+                    target,
+                    f"{obj['metadata']['name']}/{c['name']}: image {ref} is not one "
+                    f"docker/build-images.sh builds ({', '.join(sorted(BUILT_IMAGES))} "
+                    f"tagged {version})",
+                )
+
+
 def connect_ports(objects):
     """The container ports of the tunnel-server Deployment's CONNECT
     listeners (named connect), by number."""
@@ -206,6 +245,7 @@ def main():
             if rbac in kinds:
                 problem(target, f"{rbac} present, but no component calls the Kubernetes API")
         check_network_policy(target, objects)
+        check_images(target, objects)
         for obj in objects:
             if obj["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
                 check_workload(target, obj)

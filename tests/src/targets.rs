@@ -244,6 +244,35 @@ async fn serve_https<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S) {
                 }
             }
         }
+        "/echo" => {
+            // The request body (Content-Length, at most 256 MiB) back as
+            // the response body: bytes through the tunnel both ways.
+            const MAX: usize = 256 << 20;
+            let len = text
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if len > MAX {
+                let _ = tls
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+                return;
+            }
+            let mut body = vec![0u8; len];
+            if tls.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+            );
+            if tls.write_all(head.as_bytes()).await.is_ok() && tls.write_all(&body).await.is_ok() {
+                let _ = tls.shutdown().await;
+            }
+        }
         _ => {
             let body = "ok from kubelet-like\n";
             let _ = tls

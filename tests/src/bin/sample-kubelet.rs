@@ -1,5 +1,6 @@
-//! A stand-in for a kubelet, for the quickstart: HTTPS with `/healthz`,
-//! `/logs` (a line every 100 ms for 3 s) and `/exec` (WebSocket echo).
+//! A stand-in for a kubelet, for the quickstart and the image smoke test:
+//! HTTPS with `/healthz`, `/logs` (a line every 100 ms for 3 s), `/exec`
+//! (WebSocket echo) and `/echo` (a POST body back, up to 256 MiB).
 //!
 //! Usage: sample-kubelet --listen ADDR --cert-dir DIR (tls.crt, tls.key)
 

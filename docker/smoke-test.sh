@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Runs the images docker/build-images.sh built, as containers on this
+# machine's loopback, and moves data through them:
+#
+#   - tunnel-certs (from the image) issues the certificates;
+#   - a kubelet-like HTTPS target (sample-kubelet, mounted into the main
+#     image), tunnel-server and tunnel-agent run as three containers with
+#     --network host, each as uid 65532;
+#   - curl on the host reaches the target through the server's CONNECT
+#     ingress, verifying the target's own certificate, and sends 32 MiB
+#     through it and back (compared byte for byte);
+#   - the DNAT image, in a network namespace of its own with NET_ADMIN and
+#     NET_RAW only, installs its iptables rules for a static range, and a
+#     second container from the same image reads them back with
+#     iptables-save; SIGTERM stops it with exit status 0 (that the rules
+#     are removed then is the netns tests' business).
+#
+#   bash docker/smoke-test.sh     # after docker/build-images.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"$/\1/p' Cargo.toml)
+prefix=${IMAGE_PREFIX:-localhost}
+image=$prefix/edge-tunnel:$version
+dnat_image=$prefix/edge-tunnel-dnat:$version
+# shellcheck source=docker/podman-env.sh
+source docker/podman-env.sh
+
+# The images the manifests name are the ones tested here.
+if command -v kubectl >/dev/null 2>&1; then
+    named=$(kubectl kustomize docker/kubernetes | sed -n 's/^ *image: *//p' | sort -u)
+    for want in "$image" "$dnat_image"; do
+        grep -qx "$want" <<<"$named" ||
+            { echo "the manifests do not name $want; they name: $named" >&2; exit 1; }
+    done
+fi
+
+QUIC=${QUIC_PORT:-28443} CONNECT=${CONNECT_PORT:-28080} ADMIN=${ADMIN_PORT:-28081} KUBELET=${KUBELET_PORT:-30250}
+kubelet_bin=${SAMPLE_KUBELET:-target/release/sample-kubelet}
+[ -x "$kubelet_bin" ] || cargo build --release --locked -p e2e --bin sample-kubelet
+
+work=$(mktemp -d)
+chmod 755 "$work"
+names=()
+cleanup() {
+    status=$?
+    if [ $status -ne 0 ]; then
+        for n in "${names[@]}"; do
+            echo "---- logs of $n" >&2
+            podman logs "$n" >&2 2>&1 || true
+        done
+    fi
+    for n in "${names[@]}"; do podman rm -f -t 2 "$n" >/dev/null 2>&1 || true; done
+    rm -rf "$work"
+    exit $status
+}
+trap cleanup EXIT
+run_id=$$
+
+certs() { podman run --rm --network none --user "$(id -u):$(id -g)" -v "$work:/pki" \
+    --entrypoint /usr/local/bin/tunnel-certs "$image" "$@" >/dev/null; }
+echo "==> certificates, issued by tunnel-certs in $image"
+certs ca --out /pki/ca
+certs server --ca /pki/ca --out /pki/server --ip 127.0.0.1 --dns localhost
+certs agent --ca /pki/ca --out /pki/agent --node edge-1 --ip 127.0.0.1
+certs ca --out /pki/kubelet-ca --common-name "kubelet CA"
+certs server --ca /pki/kubelet-ca --out /pki/kubelet --dns edge-1 --ip 127.0.0.1
+# The containers run as 65532: let them read the keys of this throw-away PKI.
+chmod -R a+rX "$work"
+
+start() {
+    local name=$1
+    shift
+    names+=("$name")
+    podman run -d --name "$name" --network host --stop-timeout 10 -v "$work:/pki:ro" "$@" >/dev/null
+}
+start "et-kubelet-$run_id" -v "$PWD/$kubelet_bin:/usr/local/bin/sample-kubelet:ro" \
+    --entrypoint /usr/local/bin/sample-kubelet "$image" --listen "127.0.0.1:$KUBELET" --cert-dir /pki/kubelet
+start "et-server-$run_id" "$image" --listen "127.0.0.1:$QUIC" --cert-dir /pki/server \
+    --allow-loopback-agents --connect-listen "127.0.0.1:$CONNECT" --admin-listen "127.0.0.1:$ADMIN"
+start "et-agent-$run_id" --entrypoint /usr/local/bin/tunnel-agent "$image" \
+    --server "127.0.0.1:$QUIC" --server-name localhost --cert-dir /pki/agent \
+    --node-name edge-1 --allow "127.0.0.1:$KUBELET"
+
+echo "==> waiting for the agent to register"
+for i in $(seq 1 100); do
+    if curl -fsS "http://127.0.0.1:$ADMIN/v1/agents" 2>/dev/null | grep -q '"edge-1"'; then break; fi
+    [ "$i" -eq 100 ] && { echo "the agent did not register within 10 s" >&2; exit 1; }
+    sleep 0.1
+done
+for n in "${names[@]}"; do
+    [ "$(podman inspect --format '{{.Config.User}}' "$n")" = "65532:65532" ] ||
+        { echo "$n does not run as 65532" >&2; exit 1; }
+done
+
+echo "==> through the tunnel: GET /healthz"
+curl -fsS --max-time 20 --cacert "$work/kubelet-ca/ca.crt" -p -x "http://127.0.0.1:$CONNECT" \
+    "https://edge-1:$KUBELET/healthz"
+
+echo "==> through the tunnel: 32 MiB there and back"
+head -c $((32 << 20)) /dev/urandom >"$work/blob"
+curl -fsS --max-time 60 --cacert "$work/kubelet-ca/ca.crt" -p -x "http://127.0.0.1:$CONNECT" \
+    --data-binary "@$work/blob" -H 'Content-Type: application/octet-stream' \
+    -o "$work/blob.back" "https://edge-1:$KUBELET/echo"
+cmp "$work/blob" "$work/blob.back"
+relayed=$(curl -fsS "http://127.0.0.1:$ADMIN/metrics" |
+    awk '/^edge_tunnel_relayed_bytes_total\{direction="from_agent"\}/ { print $2 }')
+echo "    identical; the server relayed ${relayed:-?} bytes from the agent"
+
+echo "==> SIGTERM: every container exits 0"
+for n in "et-agent-$run_id" "et-server-$run_id"; do
+    podman stop -t 10 "$n" >/dev/null
+    code=$(podman inspect --format '{{.State.ExitCode}}' "$n")
+    [ "$code" = "0" ] || { echo "$n exited $code" >&2; exit 1; }
+done
+
+echo "==> $dnat_image: DNAT rules in a namespace of its own"
+dnat="et-dnat-$run_id"
+names+=("$dnat")
+podman run -d --name "$dnat" --network none --cap-drop all --cap-add NET_ADMIN,NET_RAW \
+    -v "$work:/pki:ro" "$dnat_image" --listen 127.0.0.1:8443 --cert-dir /pki/server \
+    --transparent-listen 127.0.0.1:8081 --dnat --dnat-ports 10250 --dnat-cidr 198.18.96.0/24 >/dev/null
+rules=""
+for i in $(seq 1 100); do
+    rules=$(podman run --rm --network "container:$dnat" --cap-drop all --cap-add NET_ADMIN,NET_RAW \
+        --entrypoint /usr/sbin/iptables-nft-save "$dnat_image" -t nat 2>/dev/null || true)
+    if grep -q -- "-A TUNNEL-DNAT -d 198.18.96.0/24" <<<"$rules"; then break; fi
+    [ "$i" -eq 100 ] && { echo "no DNAT rule for 198.18.96.0/24 within 10 s:" >&2; echo "$rules" >&2; exit 1; }
+    sleep 0.1
+done
+grep -- "-A TUNNEL-DNAT" <<<"$rules" | sed 's/^/    /'
+podman stop -t 10 "$dnat" >/dev/null
+code=$(podman inspect --format '{{.State.ExitCode}}' "$dnat")
+[ "$code" = "0" ] || { echo "$dnat exited $code" >&2; exit 1; }
+echo "==> images work"
