@@ -21,13 +21,20 @@ cd "$(dirname "$0")/.."
 
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"$/\1/p' Cargo.toml)
 prefix=${IMAGE_PREFIX:-localhost}
-image=$prefix/edge-tunnel:$version
-dnat_image=$prefix/edge-tunnel-dnat:$version
+# ARCH=arm64 runs the arm64 images (emulated: qemu-user-static's binfmt
+# handlers must be registered, as `apt-get install qemu-user-static`
+# does); the default is this host's, under the names the manifests use.
+host_arch=$(dpkg --print-architecture)
+arch=${ARCH:-$host_arch}
+tag=$version
+[ "$arch" = "$host_arch" ] || tag=$version-$arch
+image=$prefix/edge-tunnel:$tag
+dnat_image=$prefix/edge-tunnel-dnat:$tag
 # shellcheck source=docker/podman-env.sh
 source docker/podman-env.sh
 
 # The images the manifests name are the ones tested here.
-if command -v kubectl >/dev/null 2>&1; then
+if [ "$arch" = "$host_arch" ] && command -v kubectl >/dev/null 2>&1; then
     named=$(kubectl kustomize docker/kubernetes | sed -n 's/^ *image: *//p' | sort -u)
     for want in "$image" "$dnat_image"; do
         grep -qx "$want" <<<"$named" ||
@@ -57,7 +64,7 @@ cleanup() {
 trap cleanup EXIT
 run_id=$$
 
-certs() { podman run --rm --network none --user "$(id -u):$(id -g)" -v "$work:/pki" \
+certs() { podman run --rm --arch "$arch" --network none --user "$(id -u):$(id -g)" -v "$work:/pki" \
     --entrypoint /usr/local/bin/tunnel-certs "$image" "$@" >/dev/null; }
 echo "==> certificates, issued by tunnel-certs in $image"
 certs ca --out /pki/ca
@@ -69,16 +76,17 @@ certs server --ca /pki/kubelet-ca --out /pki/kubelet --dns edge-1 --ip 127.0.0.1
 chmod -R a+rX "$work"
 
 start() {
-    local name=$1
-    shift
+    local name=$1 run_arch=$2
+    shift 2
     names+=("$name")
-    podman run -d --name "$name" --network host --stop-timeout 10 -v "$work:/pki:ro" "$@" >/dev/null
+    podman run -d --name "$name" --arch "$run_arch" --network host --stop-timeout 10 -v "$work:/pki:ro" "$@" >/dev/null
 }
-start "et-kubelet-$run_id" -v "$PWD/$kubelet_bin:/usr/local/bin/sample-kubelet:ro" \
-    --entrypoint /usr/local/bin/sample-kubelet "$image" --listen "127.0.0.1:$KUBELET" --cert-dir /pki/kubelet
-start "et-server-$run_id" "$image" --listen "127.0.0.1:$QUIC" --cert-dir /pki/server \
+# The target is a host binary: it runs in the host architecture's image.
+start "et-kubelet-$run_id" "$host_arch" -v "$PWD/$kubelet_bin:/usr/local/bin/sample-kubelet:ro" \
+    --entrypoint /usr/local/bin/sample-kubelet "$prefix/edge-tunnel:$version" --listen "127.0.0.1:$KUBELET" --cert-dir /pki/kubelet
+start "et-server-$run_id" "$arch" "$image" --listen "127.0.0.1:$QUIC" --cert-dir /pki/server \
     --allow-loopback-agents --connect-listen "127.0.0.1:$CONNECT" --admin-listen "127.0.0.1:$ADMIN"
-start "et-agent-$run_id" --entrypoint /usr/local/bin/tunnel-agent "$image" \
+start "et-agent-$run_id" "$arch" --entrypoint /usr/local/bin/tunnel-agent "$image" \
     --server "127.0.0.1:$QUIC" --server-name localhost --cert-dir /pki/agent \
     --node-name edge-1 --allow "127.0.0.1:$KUBELET"
 
@@ -114,15 +122,31 @@ for n in "et-agent-$run_id" "et-server-$run_id"; do
     [ "$code" = "0" ] || { echo "$n exited $code" >&2; exit 1; }
 done
 
+if [ "$arch" != "$host_arch" ]; then
+    # qemu-user does not translate netfilter netlink sockets ("Failed to
+    # initialize nft: Protocol not supported"), so an emulated DNAT helper
+    # cannot install rules: check that its tools load and run (conntrack
+    # opens a netlink socket even for --version and hangs under qemu).
+    echo "==> $dnat_image (emulated): its tools run"
+    for tool in /usr/sbin/iptables-nft-restore /usr/sbin/iptables-legacy-restore /usr/sbin/ip6tables-nft-restore \
+        /usr/local/bin/tunnel-server; do
+        out=$(timeout 60 podman run --rm --arch "$arch" --network none --entrypoint "$tool" "$dnat_image" --version 2>&1) ||
+            { echo "$tool --version failed: $out" >&2; exit 1; }
+        echo "    ${out%%$'\n'*}"
+    done
+    echo "==> images work ($arch, emulated)"
+    exit 0
+fi
+
 echo "==> $dnat_image: DNAT rules in a namespace of its own"
 dnat="et-dnat-$run_id"
 names+=("$dnat")
-podman run -d --name "$dnat" --network none --cap-drop all --cap-add NET_ADMIN,NET_RAW \
+podman run -d --name "$dnat" --arch "$arch" --network none --cap-drop all --cap-add NET_ADMIN,NET_RAW \
     -v "$work:/pki:ro" "$dnat_image" --listen 127.0.0.1:8443 --cert-dir /pki/server \
     --transparent-listen 127.0.0.1:8081 --dnat --dnat-ports 10250 --dnat-cidr 198.18.96.0/24 >/dev/null
 rules=""
 for i in $(seq 1 100); do
-    rules=$(podman run --rm --network "container:$dnat" --cap-drop all --cap-add NET_ADMIN,NET_RAW \
+    rules=$(podman run --rm --arch "$arch" --network "container:$dnat" --cap-drop all --cap-add NET_ADMIN,NET_RAW \
         --entrypoint /usr/sbin/iptables-nft-save "$dnat_image" -t nat 2>/dev/null || true)
     if grep -q -- "-A TUNNEL-DNAT -d 198.18.96.0/24" <<<"$rules"; then break; fi
     [ "$i" -eq 100 ] && { echo "no DNAT rule for 198.18.96.0/24 within 10 s:" >&2; echo "$rules" >&2; exit 1; }
