@@ -93,6 +93,7 @@ pub fn encode(msg: &Message, dst: &mut Vec<u8>) -> Result<(), EncodeError> {
             w.u8(m.version_major);
             w.u8(m.version_minor);
             w.str("server_id", &m.server_id, MAX_NODE_NAME)?;
+            w.u16(m.replicas);
             T_WELCOME
         }
         Message::Refuse(r) => {
@@ -182,6 +183,12 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
             version_major: r.u8("version")?,
             version_minor: r.u8("version")?,
             server_id: r.str("server_id", MAX_NODE_NAME)?,
+            // Added in minor version 1: an older server's Welcome ends here.
+            replicas: if r.buf.is_empty() {
+                0
+            } else {
+                r.u16("replicas")?
+            },
         }),
         T_REFUSE => Message::Refuse(Refusal {
             code: RefuseCode::from_wire(r.u16("code")?),
@@ -380,13 +387,16 @@ mod tests {
                         capabilities,
                     })
                 }),
-            (any::<u8>(), any::<u8>(), "\\PC{0,60}").prop_map(|(a, b, server_id)| {
-                Message::Welcome(Welcome {
-                    version_major: a,
-                    version_minor: b,
-                    server_id,
-                })
-            }),
+            (any::<u8>(), any::<u8>(), "\\PC{0,60}", any::<u16>()).prop_map(
+                |(a, b, server_id, replicas)| {
+                    Message::Welcome(Welcome {
+                        version_major: a,
+                        version_minor: b,
+                        server_id,
+                        replicas,
+                    })
+                }
+            ),
             (any::<u16>(), "\\PC{0,200}").prop_map(|(c, reason)| Message::Refuse(Refusal {
                 code: RefuseCode::from_wire(c),
                 reason
@@ -530,6 +540,41 @@ mod tests {
             assert!(text.len() <= MAX_REASON);
             assert!(text.ends_with("ü…"), "{text}");
         }
+    }
+
+    #[test]
+    fn a_welcome_without_the_replica_count_is_read_as_unknown() {
+        // Minor version 0: server_id is the last field.
+        let body = [1u8, 0, 0, 2, b's', b'1'];
+        let mut frame = vec![T_WELCOME];
+        frame.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        frame.extend_from_slice(&body);
+        let (msg, used) = decode(&frame).unwrap().unwrap();
+        assert_eq!(used, frame.len());
+        assert_eq!(
+            msg,
+            Message::Welcome(Welcome {
+                version_major: 1,
+                version_minor: 0,
+                server_id: "s1".into(),
+                replicas: 0,
+            })
+        );
+        // Minor version 1 carries it.
+        let mut buf = Vec::new();
+        let welcome = Message::Welcome(Welcome {
+            version_major: 1,
+            version_minor: 1,
+            server_id: "s1".into(),
+            replicas: 3,
+        });
+        encode(&welcome, &mut buf).unwrap();
+        assert_eq!(decode(&buf).unwrap().unwrap().0, welcome);
+        // A truncated count (one byte) is an error, not a guess.
+        let mut short = buf.clone();
+        short.pop();
+        short[1..3].copy_from_slice(&((buf.len() - FRAME_HEADER_LEN - 1) as u16).to_be_bytes());
+        assert!(decode(&short).is_err());
     }
 
     #[test]

@@ -16,8 +16,11 @@ pub enum Message {
     Refuse(Refusal),
     Dial(DialRequest),
     DialResult(DialResult),
-    /// Agent → server on the control stream: route no new streams to me; the
-    /// streams already open will finish.
+    /// On the control stream, either way. Agent → server: route no new
+    /// streams to me; the streams already open will finish. Server →
+    /// agent (minor version 1): this server is shutting down; its open
+    /// streams finish (it may still open a few), then it closes the
+    /// connection: hold another replica meanwhile. Older agents ignore it.
     Drain,
     /// Server → agent on the control stream, just before it closes the
     /// connection: why (a `codes::close` value), so the agent can react
@@ -68,6 +71,12 @@ pub struct Welcome {
     pub version_minor: u8,
     /// Stable id of this server replica.
     pub server_id: String,
+    /// How many replicas the server knows exist (`--server-count`, or its
+    /// peers in DNS), so an agent given one address (a load balancer)
+    /// keeps dialing it until it holds that many distinct `server_id`s.
+    /// 0: unknown. Minor version 1; absent from an older server's
+    /// `Welcome`, read as 0.
+    pub replicas: u16,
 }
 
 /// Why a registration was refused.
@@ -87,6 +96,8 @@ pub enum RefuseCode {
     /// Another node's live agent serves one of the claimed addresses (two
     /// certificates carry it); the reason names the address and that node.
     AddressInUse,
+    /// The server is shutting down (draining): try another replica.
+    ServerDraining,
     /// A code this build does not know; carried through, not rejected.
     Other(u16),
 }
@@ -100,6 +111,7 @@ impl RefuseCode {
             RefuseCode::AddressNotAllowed => 6,
             RefuseCode::BadCertificate => 4,
             RefuseCode::AddressInUse => 5,
+            RefuseCode::ServerDraining => 7,
             RefuseCode::Other(c) => c,
         }
     }
@@ -112,6 +124,7 @@ impl RefuseCode {
             6 => RefuseCode::AddressNotAllowed,
             4 => RefuseCode::BadCertificate,
             5 => RefuseCode::AddressInUse,
+            7 => RefuseCode::ServerDraining,
             c => RefuseCode::Other(c),
         }
     }
@@ -125,6 +138,7 @@ impl RefuseCode {
             RefuseCode::AddressNotAllowed => "address_not_allowed",
             RefuseCode::BadCertificate => "bad_certificate",
             RefuseCode::AddressInUse => "address_in_use",
+            RefuseCode::ServerDraining => "server_draining",
             RefuseCode::Other(_) => "other",
         }
     }

@@ -73,6 +73,9 @@ impl TestServer {
         c.transparent_listen = Some(any);
         c.admin_listen = Some(any);
         c.server_id = "test-server".into();
+        // Tests that stop a server with tunnels open mean an abrupt stop;
+        // tests/tests/drain.rs sets a grace.
+        c.drain_grace = Duration::ZERO;
         // Agents on this machine have loopback addresses.
         c.addresses.allow_loopback = true;
         c
@@ -150,12 +153,22 @@ impl TestServer {
     }
 
     pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.begin_stop();
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+    }
+
+    /// Starts the shutdown (what SIGTERM does) without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Whether the server's run has returned.
+    pub fn has_stopped(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
     }
 }
 

@@ -2,7 +2,10 @@
 //! agent holds a connection to every replica, any replica serves the
 //! node, losing one leaves the others serving, and the agent follows the
 //! name as it grows and shrinks. Real binaries, real name resolution
-//! (getaddrinfo reading the namespace's /etc/hosts).
+//! (getaddrinfo reading the namespace's /etc/hosts). And behind one
+//! load-balanced address (the router balancing UDP and TCP flows at
+//! random, as an L4 load balancer does): the servers say how many they
+//! are, and the agent dials that one address until it holds them all.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -21,10 +24,16 @@ const REPLICAS: [(&str, &str); 3] = [
 const NAME: &str = "tunnel.test";
 const ECHO_PORT: u16 = 7000;
 
+/// The load-balanced address agents are given in the single-address
+/// test: the router's edge-side address, balanced over the replicas.
+const LB: &str = netns::ROUTER_EDGE_IP;
+
 struct Cluster {
     topo: Topology,
     pki: Pki,
     servers: Vec<Option<Proc>>,
+    /// Flags every replica gets on top of the usual ones.
+    server_extra: Vec<String>,
     agent: Option<Proc>,
     _echo: netns::NsTask,
 }
@@ -36,8 +45,49 @@ fn hosts(ids: &[usize]) -> String {
         .join("\n")
 }
 
+/// Balances new flows to `LB:8443`, UDP and TCP, over the replicas at
+/// random (conntrack keeps a flow on its pick), in the router namespace.
+fn load_balance(topo: &Topology) {
+    for proto in ["udp", "tcp"] {
+        for (i, (_, ip)) in REPLICAS.iter().enumerate() {
+            let left = REPLICAS.len() - i;
+            let mut rule = vec![
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                LB,
+                "-p",
+                proto,
+                "--dport",
+                "8443",
+            ];
+            let probability = format!("{:.4}", 1.0 / left as f64);
+            if left > 1 {
+                rule.extend(["-m", "statistic", "--mode", "random", "--probability"]);
+                rule.push(&probability);
+            }
+            let to = format!("{ip}:8443");
+            rule.extend(["-j", "DNAT", "--to-destination", &to]);
+            topo.router.sh(&rule);
+        }
+    }
+}
+
 impl Cluster {
     fn start(resolving_to: &[usize]) -> Option<Cluster> {
+        Cluster::start_with(resolving_to, &[], None)
+    }
+
+    /// `agent_server`: the agent's `--server` (default: the DNS name);
+    /// `server_extra`: flags for every replica.
+    fn start_with(
+        resolving_to: &[usize],
+        server_extra: &[&str],
+        agent_server: Option<&str>,
+    ) -> Option<Cluster> {
         if !netns::available() {
             return None;
         }
@@ -56,6 +106,7 @@ impl Cluster {
             topo,
             pki,
             servers: vec![],
+            server_extra: server_extra.iter().map(|s| s.to_string()).collect(),
             agent: None,
             _echo: echo,
         };
@@ -63,11 +114,17 @@ impl Cluster {
             let p = cluster.start_server(i);
             cluster.servers.push(Some(p));
         }
+        if agent_server.is_some() {
+            load_balance(&cluster.topo);
+        }
+        let server = agent_server.map_or_else(|| format!("{NAME}:8443"), str::to_owned);
         let agent = cluster.topo.edge.spawn(
             bin("tunnel-agent").to_str().unwrap(),
             &[
                 "--server",
-                &format!("{NAME}:8443"),
+                &server,
+                "--server-name",
+                NAME,
                 "--resolve-interval",
                 "2",
                 "--keepalive",
@@ -91,22 +148,30 @@ impl Cluster {
 
     fn start_server(&self, i: usize) -> Proc {
         let (id, ip) = REPLICAS[i];
+        let (listen, connect, admin) = (
+            format!("{ip}:8443"),
+            format!("{ip}:8080"),
+            format!("{ip}:9091"),
+        );
+        let server_dir = self.pki.server_dir();
+        let mut args = vec![
+            "--listen",
+            &listen,
+            "--server-id",
+            id,
+            "--cert-dir",
+            server_dir.to_str().unwrap(),
+            "--connect-listen",
+            &connect,
+            // Only this test's namespace reaches it.
+            "--connect-allow-unauthenticated",
+            "--admin-listen",
+            &admin,
+        ];
+        args.extend(self.server_extra.iter().map(String::as_str));
         let p = self.topo.cloud.spawn(
             bin("tunnel-server").to_str().unwrap(),
-            &[
-                "--listen",
-                &format!("{ip}:8443"),
-                "--server-id",
-                id,
-                "--cert-dir",
-                self.pki.server_dir().to_str().unwrap(),
-                "--connect-listen",
-                &format!("{ip}:8080"),
-                // Only this test's namespace reaches it.
-                "--connect-allow-unauthenticated",
-                "--admin-listen",
-                &format!("{ip}:9091"),
-            ],
+            &args,
             &self.topo.dir.join(format!("server-{id}.log")),
         );
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -276,4 +341,61 @@ fn agent_follows_the_name_from_one_to_three_replicas_and_back() {
         !c.holds(0) && !c.holds(1) && c.holds(2)
     });
     c.echo_through(2);
+}
+
+/// One public address for three replicas (an L4 load balancer): the
+/// servers say there are three (`--server-count`), and the agent, given
+/// only that address, dials it from new ports until it holds all three;
+/// it finds a restarted replica again the same way.
+#[test]
+fn an_agent_given_one_load_balanced_address_holds_every_replica() {
+    let lb = format!("{LB}:8443");
+    let Some(mut c) = Cluster::start_with(&[], &["--server-count", "3"], Some(&lb)) else {
+        return;
+    };
+    c.wait(
+        "agent held by all three replicas through one address",
+        Duration::from_secs(30),
+        |c| (0..3).all(|i| c.holds(i)),
+    );
+    for i in 0..3 {
+        c.echo_through(i);
+    }
+    let agent_get = |path: &str| {
+        let out = c
+            .topo
+            .edge
+            .command("curl")
+            .args(["-sS", &format!("http://127.0.0.1:9093{path}")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let metrics = agent_get("/metrics");
+    for line in [
+        "edge_tunnel_agent_replicas_connected{transport=\"quic\"} 3",
+        "edge_tunnel_agent_replicas_expected 3",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    assert_eq!(agent_get("/readyz"), "ready: 3 of 3 replica(s) held\n");
+    // A replica dies and comes back (same address, new process): the
+    // agent keeps the other two and finds the new one behind the balancer.
+    let mut r2 = c.servers[1].take().unwrap();
+    netns::sh(&["kill", "-KILL", &r2.pid().to_string()]);
+    let _ = r2.is_running();
+    c.echo_through(0);
+    c.echo_through(2);
+    c.servers[1] = Some(c.start_server(1));
+    c.wait(
+        "agent back on the restarted replica through the balancer",
+        Duration::from_secs(40),
+        |c| c.holds(1),
+    );
+    c.echo_through(1);
+    assert!(
+        (0..3).all(|i| c.holds(i)),
+        "{}",
+        c.agent.as_ref().unwrap().log_text()
+    );
 }

@@ -42,6 +42,10 @@ pub struct AgentConfig {
     /// How often the server names are resolved again (and after any
     /// connection loss). Default 30 s.
     pub resolve_interval: Duration,
+    /// The most server connections the agent holds when the servers say
+    /// more replicas exist than `--server` resolves to addresses (a load
+    /// balancer in front of them). Default 16.
+    pub max_replicas: u16,
     pub cert_dir: PathBuf,
     pub node: String,
     /// `--allow` entries; `None`: the certificate's addresses on the
@@ -162,6 +166,7 @@ impl AgentConfig {
             servers,
             server_name: None,
             resolve_interval: Duration::from_secs(30),
+            max_replicas: 16,
             cert_dir: cert_dir.to_owned(),
             node: node.to_owned(),
             allow,

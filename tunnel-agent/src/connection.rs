@@ -28,6 +28,10 @@ use crate::selector::Transport;
 /// The agent's (server) side of an HTTP/2 connection it dialed.
 pub(crate) type H2Conn = h2::server::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>;
 
+/// How long a closed QUIC connection's socket is kept for the close to
+/// leave (quinn holds it until the peer acknowledges or 3 PTOs pass).
+const QUIC_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long a closing HTTP/2 connection may take to say goodbye.
 const H2_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -59,7 +63,9 @@ impl ServerConnection {
 
 /// The transport under a [`ServerConnection`].
 pub(crate) enum Carrier {
-    Quic(quinn::Connection),
+    /// The connection and its own endpoint (a UDP socket of its own; see
+    /// [`crate::replica::ServerConnector`]).
+    Quic(quinn::Connection, quinn::Endpoint),
     H2 {
         conn: Box<H2Conn>,
         /// Window changes asked for by the stall credit.
@@ -89,7 +95,7 @@ impl Incoming {
 impl Carrier {
     pub(crate) fn transport(&self) -> Transport {
         match self {
-            Carrier::Quic(_) => Transport::Quic,
+            Carrier::Quic(..) => Transport::Quic,
             Carrier::H2 { .. } => Transport::H2,
         }
     }
@@ -98,7 +104,7 @@ impl Carrier {
     /// Cancel-safe.
     pub(crate) async fn accept(&mut self) -> Result<Incoming, LostReason> {
         match self {
-            Carrier::Quic(conn) => match conn.accept_bi().await {
+            Carrier::Quic(conn, _) => match conn.accept_bi().await {
                 Ok((send, recv)) => Ok(Incoming::Quic(send, recv)),
                 Err(e) => Err(LostReason::from_quic(&e)),
             },
@@ -142,16 +148,22 @@ impl Carrier {
     /// Why the connection ended, if the transport knows.
     pub(crate) fn lost_reason(&self) -> Option<LostReason> {
         match self {
-            Carrier::Quic(conn) => conn.close_reason().map(|e| LostReason::from_quic(&e)),
+            Carrier::Quic(conn, _) => conn.close_reason().map(|e| LostReason::from_quic(&e)),
             Carrier::H2 { .. } => None,
         }
     }
 
-    /// Closes the connection: QUIC at once with `code`, HTTP/2 with a
-    /// GOAWAY and a bounded wait for the server to see it.
+    /// Closes the connection: QUIC at once with `code` (and a bounded wait
+    /// for the close to leave its socket, so an exiting agent's close
+    /// reaches the server), HTTP/2 with a GOAWAY and a bounded wait for
+    /// the server to see it.
     pub(crate) async fn close(self, code: u32, reason: &'static str) {
         match self {
-            Carrier::Quic(conn) => conn.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
+            Carrier::Quic(conn, endpoint) => {
+                conn.close(quinn::VarInt::from_u32(code), reason.as_bytes());
+                drop(conn);
+                let _ = tokio::time::timeout(QUIC_CLOSE_TIMEOUT, endpoint.wait_idle()).await;
+            }
             Carrier::H2 { mut conn, .. } => {
                 conn.graceful_shutdown();
                 let _ = tokio::time::timeout(H2_CLOSE_TIMEOUT, poll_fn(|cx| conn.poll_closed(cx)))

@@ -34,6 +34,8 @@ pub struct ConnectError {
     pub kind: FailureKind,
     /// What happened, for a person.
     pub detail: String,
+    /// The server's refusal code, when it refused the registration.
+    pub refusal: Option<proto::RefuseCode>,
 }
 
 impl ConnectError {
@@ -48,6 +50,7 @@ impl ConnectError {
             addr,
             kind,
             detail: detail.into(),
+            refusal: None,
         }
     }
 
@@ -67,16 +70,19 @@ impl ConnectError {
 
     /// The server refused the registration (`code` names why).
     pub fn refused(transport: Transport, addr: SocketAddr, refusal: proto::Refusal) -> Self {
-        Self::new(
-            transport,
-            addr,
-            FailureKind::Refused,
-            format!(
-                "registration refused by the server ({}): {}",
-                refusal.code.label(),
-                refusal.reason
-            ),
-        )
+        ConnectError {
+            refusal: Some(refusal.code),
+            ..Self::new(
+                transport,
+                addr,
+                FailureKind::Refused,
+                format!(
+                    "registration refused by the server ({}): {}",
+                    refusal.code.label(),
+                    refusal.reason
+                ),
+            )
+        }
     }
 }
 

@@ -35,6 +35,12 @@ struct Args {
     /// Time between resolutions of --server (also after any connection loss; 1s-1h).
     #[arg(long, env = "TUNNEL_RESOLVE_INTERVAL", default_value = "30s", value_parser = duration_in(secs(1), secs(3600)))]
     resolve_interval: Duration,
+    /// The most server connections held when the servers say more replicas
+    /// exist than --server has addresses (one load-balanced address): the
+    /// agent dials that address again, from new ports, until it holds
+    /// every replica (1-256).
+    #[arg(long, env = "TUNNEL_MAX_REPLICAS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    max_replicas: u16,
     /// Transport: auto (QUIC, falling back to HTTP/2 over TLS when UDP does
     /// not get through, re-probing QUIC later), quic, or h2.
     #[arg(long, env = "TUNNEL_TRANSPORT", value_enum, default_value_t = tunnel_agent::config::TransportChoice::Auto)]
@@ -99,6 +105,7 @@ fn main() -> Result<()> {
     config.quic_timeout = args.quic_timeout;
     config.reprobe_interval = args.reprobe_interval;
     config.resolve_interval = args.resolve_interval;
+    config.max_replicas = args.max_replicas;
     config.dial_timeout = args.dial_timeout;
     config.connect_timeout = args.connect_timeout;
     config.drain_grace = args.drain_grace;

@@ -84,7 +84,7 @@ impl Registration<'_> {
                     &self.config.quic,
                     &self.config.receive_budget,
                 ),
-                carrier: Carrier::Quic(conn),
+                carrier: Carrier::Quic(conn, endpoint.clone()),
                 control_send: Box::new(send),
                 control_recv: Box::new(recv),
                 policy: self.policy(),

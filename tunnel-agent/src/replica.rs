@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
@@ -42,11 +42,18 @@ pub trait Connector: Clone + Send + Sync + 'static {
 /// A registered connection, as the loop sees it.
 pub trait Link: Send + 'static {
     fn server_id(&self) -> &str;
+    /// How many replicas the server says exist (0: unknown).
+    fn replicas(&self) -> u16 {
+        0
+    }
     fn transport(&self) -> Transport;
     /// Serves streams until the connection ends, or `drain` turns true.
+    /// `server_draining` fires when the server says it is shutting down
+    /// (the connection serves on until the server closes it).
     fn serve(
         self,
         drain: watch::Receiver<bool>,
+        server_draining: oneshot::Sender<()>,
     ) -> impl Future<Output = SessionEnd> + Send + 'static;
     /// Closes it unserved: the replica is already held through another address.
     fn close_duplicate(self) -> impl Future<Output = ()> + Send;
@@ -94,6 +101,9 @@ enum Next<L> {
     /// Serve this connection at once (a QUIC re-probe registered); the
     /// connection it replaces drains in this task, if it is still open.
     Serve(L, Option<tokio::task::JoinHandle<SessionEnd>>),
+    /// The server is draining this connection: it finishes in the
+    /// background, and the loop connects again at once.
+    Retire(tokio::task::JoinHandle<SessionEnd>),
     Wait(Duration),
     Backoff,
 }
@@ -102,12 +112,18 @@ enum Next<L> {
 pub struct ReplicaLoop<C: Connector> {
     pub connector: C,
     pub addr: SocketAddr,
+    /// Which connection to `addr` this loop holds (see
+    /// [`crate::supervisor`]): slot 0 is the address's own; higher slots
+    /// dial a shared (load-balanced) address again for replicas not held
+    /// yet, and retry a duplicate soon, with a new local port.
+    pub slot: u16,
     pub settings: LoopSettings,
     pub held: HeldReplicas,
     pub metrics: Arc<AgentMetrics>,
     pub stop: watch::Receiver<bool>,
-    /// Told about every lost connection (the supervisor resolves again).
-    pub lost: mpsc::Sender<()>,
+    /// Told about every lost connection and every registration (the
+    /// supervisor resolves again and recounts the slots it needs).
+    pub changed: mpsc::Sender<()>,
 }
 
 impl<C: Connector> ReplicaLoop<C> {
@@ -116,15 +132,30 @@ impl<C: Connector> ReplicaLoop<C> {
         let mut selector =
             TransportSelector::new(s.choice, s.idle_timeout, s.reprobe_first, s.reprobe_max);
         let mut backoff = Backoff::new();
+        // For a shared address: waits after reaching a replica already held.
+        let mut duplicates = duplicate_backoff();
         let mut ready: Option<C::Link> = None;
         // Connections left behind by a transport switch, still draining.
         let mut retiring = Vec::new();
         loop {
             let started = Instant::now();
             let next = match ready.take() {
-                Some(link) => self.serve(link, &mut selector, &mut backoff, started).await,
+                Some(link) => {
+                    self.serve(link, &mut selector, &mut backoff, &mut duplicates, started)
+                        .await
+                }
                 None => match self.connect(&mut selector).await {
-                    Some(Ok(link)) => self.serve(link, &mut selector, &mut backoff, started).await,
+                    Some(Ok(link)) => {
+                        self.serve(link, &mut selector, &mut backoff, &mut duplicates, started)
+                            .await
+                    }
+                    Some(Err(e)) if e.refusal == Some(proto::RefuseCode::ServerDraining) => {
+                        // A replica on its way out (behind a balancer that
+                        // has not noticed yet): another is a dial away.
+                        let wait = duplicates.next_delay();
+                        tracing::info!("{e}; dialing again in {:.1}s", wait.as_secs_f64());
+                        Next::Wait(wait)
+                    }
                     Some(Err(e)) => {
                         tracing::warn!("{e}");
                         Next::Backoff
@@ -138,6 +169,10 @@ impl<C: Connector> ReplicaLoop<C> {
                 Next::Serve(link, old) => {
                     ready = Some(link);
                     retiring.extend(old);
+                    continue;
+                }
+                Next::Retire(old) => {
+                    retiring.push(old);
                     continue;
                 }
                 Next::Wait(d) => d,
@@ -232,19 +267,34 @@ impl<C: Connector> ReplicaLoop<C> {
         link: C::Link,
         selector: &mut TransportSelector,
         backoff: &mut Backoff,
+        duplicates: &mut Backoff,
         started: Instant,
     ) -> Next<C::Link> {
         let transport = link.transport();
         let server_id = link.server_id().to_owned();
-        let Some(_held) = self.held.hold(self.addr, &server_id, transport) else {
-            tracing::info!(%server_id, "this address reaches a replica already held; not connecting twice");
+        let key = (self.addr, self.slot);
+        let Some(_held) = self.held.hold(key, &server_id, transport, link.replicas()) else {
             link.close_duplicate().await;
-            return Next::Wait(self.settings.resolve_interval);
+            let (held, expected) = (self.held.len(), usize::from(self.held.expected()));
+            if held >= expected {
+                tracing::info!(%server_id, "this address reaches a replica already held; not connecting twice");
+                return Next::Wait(self.settings.resolve_interval);
+            }
+            // Replicas are missing, and a load balancer picked one already
+            // held: dial again soon (from a new local port, so it may pick
+            // another).
+            let wait = duplicates.next_delay();
+            tracing::debug!(%server_id, held, expected, "reached a replica already held; dialing again in {:.1}s", wait.as_secs_f64());
+            return Next::Wait(wait);
         };
+        *duplicates = duplicate_backoff();
+        let _ = self.changed.try_send(());
         let held: Vec<String> = self.held.list().into_iter().map(|r| r.server_id).collect();
-        tracing::info!(%server_id, transport = transport.label(), ?held, "registered");
+        tracing::info!(%server_id, slot = self.slot, transport = transport.label(), ?held, "registered");
         let (drain_tx, drain_rx) = watch::channel(false);
-        let mut serving = Box::pin(link.serve(drain_rx));
+        let (server_draining_tx, mut server_draining) = oneshot::channel();
+        let mut serving = Box::pin(link.serve(drain_rx, server_draining_tx));
+        let mut server_drain_seen = false;
         let mut stop = self.stop.clone();
         let mut reprobe_at = selector.reprobe_in().map(jittered);
         type Probe<L> = Pin<Box<dyn Future<Output = Result<L, ConnectError>> + Send>>;
@@ -256,6 +306,31 @@ impl<C: Connector> ReplicaLoop<C> {
                 _ = stopped(&mut stop) => {
                     let _ = drain_tx.send(true);
                     break serving.await;
+                }
+                said = &mut server_draining, if !server_drain_seen => {
+                    server_drain_seen = true;
+                    if said.is_err() {
+                        // The session ended without saying; `serving` tells why.
+                        continue;
+                    }
+                    // The server is shutting down: its streams finish on
+                    // this connection in the background (drained too if
+                    // this loop stops), and the slot holds another replica.
+                    tracing::info!(%server_id, "the server is draining; holding another replica meanwhile");
+                    let mut stop = self.stop.clone();
+                    let old = tokio::spawn(
+                        async move {
+                            tokio::select! {
+                                end = &mut serving => end,
+                                _ = stopped(&mut stop) => {
+                                    let _ = drain_tx.send(true);
+                                    serving.await
+                                }
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                    return Next::Retire(old);
                 }
                 _ = async {
                     match reprobe_at {
@@ -304,7 +379,7 @@ impl<C: Connector> ReplicaLoop<C> {
         match end {
             SessionEnd::Drained => Next::Stop,
             SessionEnd::Lost(reason) => {
-                let _ = self.lost.try_send(());
+                let _ = self.changed.try_send(());
                 backoff.connection_ended(lived);
                 tracing::warn!(
                     transport = transport.label(),
@@ -353,6 +428,21 @@ impl<C: Connector> ReplicaLoop<C> {
     }
 }
 
+/// The longest wait between dials of a shared address that keep reaching
+/// replicas already held (one replica down, the balancer keeps picking the
+/// others): its replacement is found within this.
+const DUPLICATE_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// Waits between dials of a shared address that reach held replicas:
+/// from 200 ms, doubling, at most [`DUPLICATE_WAIT_MAX`], jittered.
+fn duplicate_backoff() -> Backoff {
+    Backoff::with(
+        Duration::from_millis(200),
+        DUPLICATE_WAIT_MAX,
+        Duration::from_secs(60),
+    )
+}
+
 /// Completes once `stop` is true (at once if it already is).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     // A closed channel means the supervisor is gone: stop too.
@@ -366,12 +456,11 @@ fn jittered(d: Duration) -> Duration {
 }
 
 /// The real connector: reloads the credentials and registers over QUIC
-/// (through the agent's endpoint) or HTTP/2.
+/// (from a UDP port of its own) or HTTP/2.
 #[derive(Clone)]
 pub struct ServerConnector {
     pub config: Arc<AgentConfig>,
     pub metrics: Arc<AgentMetrics>,
-    pub endpoint: quinn::Endpoint,
     pub target: Target,
 }
 
@@ -401,7 +490,24 @@ impl Connector for ServerConnector {
                 handover,
             };
             match transport {
-                Transport::Quic => registration.quic(&this.endpoint).await,
+                Transport::Quic => {
+                    // Every QUIC connection has an endpoint, a UDP port,
+                    // of its own: a load balancer, like a NAT, maps UDP by
+                    // 5-tuple, so connections to one shared address must
+                    // not share a socket, and an attempt that reached a
+                    // replica already held must come back from another
+                    // port to be balanced anew. (Over TCP every connection
+                    // has its own port anyway.)
+                    let endpoint = crate::supervisor::bind_endpoint(&this.config).map_err(|e| {
+                        ConnectError::new(
+                            transport,
+                            this.target.addr,
+                            crate::selector::FailureKind::Local,
+                            e.to_string(),
+                        )
+                    })?;
+                    registration.quic(&endpoint).await
+                }
                 Transport::H2 => registration.h2().await,
             }
         }
@@ -413,6 +519,10 @@ impl Link for ServerConnection {
         &self.welcome.server_id
     }
 
+    fn replicas(&self) -> u16 {
+        self.welcome.replicas
+    }
+
     fn transport(&self) -> Transport {
         ServerConnection::transport(self)
     }
@@ -420,8 +530,9 @@ impl Link for ServerConnection {
     fn serve(
         self,
         drain: watch::Receiver<bool>,
+        server_draining: oneshot::Sender<()>,
     ) -> impl Future<Output = SessionEnd> + Send + 'static {
-        crate::serve::serve(self, drain)
+        crate::serve::serve(self, drain, server_draining)
     }
 
     fn close_duplicate(self) -> impl Future<Output = ()> + Send {

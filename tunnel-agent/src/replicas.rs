@@ -1,6 +1,7 @@
 //! The server replicas this agent holds a registered connection to, keyed
-//! by the address it dialed. One replica reachable through two addresses
-//! is held once (by its server id).
+//! by the address it dialed and the slot on that address (several slots
+//! dial one load-balanced address until the agent holds every replica).
+//! One replica reachable through two keys is held once (by its server id).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,12 +10,20 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::selector::Transport;
 
+/// Where a replica loop dials: an address, and which of the connections
+/// to that address it is (0 unless the address is shared, see
+/// [`crate::supervisor`]).
+pub type SlotKey = (SocketAddr, u16);
+
 /// One held replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeldReplica {
     pub addr: SocketAddr,
+    pub slot: u16,
     pub server_id: String,
     pub transport: Transport,
+    /// How many replicas it said exist (`Welcome`; 0 unknown).
+    pub expected: u16,
 }
 
 /// The replicas held now; cheap to clone (shared).
@@ -23,44 +32,56 @@ pub struct HeldReplicas(Arc<Inner>);
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Address → (the hold's serial, the replica).
-    map: Mutex<HashMap<SocketAddr, (u64, HeldReplica)>>,
+    /// Slot → (the hold's serial, the replica).
+    map: Mutex<HashMap<SlotKey, (u64, HeldReplica)>>,
     serial: AtomicU64,
 }
 
 impl HeldReplicas {
-    fn map(&self) -> MutexGuard<'_, HashMap<SocketAddr, (u64, HeldReplica)>> {
+    fn map(&self) -> MutexGuard<'_, HashMap<SlotKey, (u64, HeldReplica)>> {
         // Nothing panics while holding the lock; recover the data if so.
         self.0.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a registered replica. `None` when another address already
+    /// Records a registered replica. `None` when another slot already
     /// holds the same server id: the caller closes its connection.
     pub fn hold(
         &self,
-        addr: SocketAddr,
+        key: SlotKey,
         server_id: &str,
         transport: Transport,
+        expected: u16,
     ) -> Option<HeldGuard> {
         let mut map = self.map();
         if map
-            .values()
-            .any(|(_, r)| r.addr != addr && r.server_id == server_id)
+            .iter()
+            .any(|(k, (_, r))| *k != key && r.server_id == server_id)
         {
             return None;
         }
         let serial = self.0.serial.fetch_add(1, Ordering::Relaxed);
         let replica = HeldReplica {
-            addr,
+            addr: key.0,
+            slot: key.1,
             server_id: server_id.to_owned(),
             transport,
+            expected,
         };
-        map.insert(addr, (serial, replica));
+        map.insert(key, (serial, replica));
         Some(HeldGuard {
             held: self.clone(),
-            addr,
+            key,
             serial,
         })
+    }
+
+    /// The most replicas any held server says exist (0: none says).
+    pub fn expected(&self) -> u16 {
+        self.map()
+            .values()
+            .map(|(_, r)| r.expected)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Every held replica, sorted by server id.
@@ -92,15 +113,15 @@ impl HeldReplicas {
 #[derive(Debug)]
 pub struct HeldGuard {
     held: HeldReplicas,
-    addr: SocketAddr,
+    key: SlotKey,
     serial: u64,
 }
 
 impl Drop for HeldGuard {
     fn drop(&mut self) {
         let mut map = self.held.map();
-        if map.get(&self.addr).is_some_and(|(s, _)| *s == self.serial) {
-            map.remove(&self.addr);
+        if map.get(&self.key).is_some_and(|(s, _)| *s == self.serial) {
+            map.remove(&self.key);
         }
     }
 }
@@ -109,16 +130,16 @@ impl Drop for HeldGuard {
 mod tests {
     use super::*;
 
-    fn addr(port: u16) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], port))
+    fn addr(port: u16) -> SlotKey {
+        (SocketAddr::from(([127, 0, 0, 1], port)), 0)
     }
 
     #[test]
     fn one_replica_through_two_addresses_is_held_once() {
         let held = HeldReplicas::default();
-        let a = held.hold(addr(1), "replica-a", Transport::Quic).unwrap();
-        assert!(held.hold(addr(2), "replica-a", Transport::H2).is_none());
-        let b = held.hold(addr(2), "replica-b", Transport::H2).unwrap();
+        let a = held.hold(addr(1), "replica-a", Transport::Quic, 0).unwrap();
+        assert!(held.hold(addr(2), "replica-a", Transport::H2, 0).is_none());
+        let b = held.hold(addr(2), "replica-b", Transport::H2, 0).unwrap();
         assert_eq!(held.len(), 2);
         assert_eq!(held.count(Transport::Quic), 1);
         assert_eq!(held.count(Transport::H2), 1);
@@ -133,11 +154,28 @@ mod tests {
     fn the_same_address_may_register_again() {
         let held = HeldReplicas::default();
         // A transport switch: the old session ends after the new one holds.
-        let old = held.hold(addr(1), "replica-a", Transport::H2).unwrap();
-        let new = held.hold(addr(1), "replica-a", Transport::Quic).unwrap();
+        let old = held.hold(addr(1), "replica-a", Transport::H2, 0).unwrap();
+        let new = held.hold(addr(1), "replica-a", Transport::Quic, 0).unwrap();
         drop(old);
         assert_eq!(held.count(Transport::Quic), 1);
         drop(new);
         assert!(held.is_empty());
+    }
+
+    #[test]
+    fn slots_of_one_address_hold_distinct_replicas() {
+        let lb = SocketAddr::from(([198, 18, 0, 10], 8443));
+        let held = HeldReplicas::default();
+        let a = held.hold((lb, 0), "replica-a", Transport::Quic, 3).unwrap();
+        // The load balancer sent slot 1 to the same replica: refused.
+        assert!(held
+            .hold((lb, 1), "replica-a", Transport::Quic, 3)
+            .is_none());
+        let _b = held.hold((lb, 1), "replica-b", Transport::Quic, 3).unwrap();
+        let _c = held.hold((lb, 2), "replica-c", Transport::Quic, 2).unwrap();
+        assert_eq!(held.len(), 3);
+        assert_eq!(held.expected(), 3);
+        drop(a);
+        assert_eq!(held.len(), 2);
     }
 }

@@ -15,7 +15,11 @@ use crate::dial::{serve_stream, StreamMode};
 use crate::error::{LostReason, SessionEnd};
 
 /// Serves `conn` until it ends, or until `drain` turns true (then drains).
-pub async fn serve(conn: ServerConnection, mut drain: watch::Receiver<bool>) -> SessionEnd {
+pub async fn serve(
+    conn: ServerConnection,
+    mut drain: watch::Receiver<bool>,
+    server_draining: tokio::sync::oneshot::Sender<()>,
+) -> SessionEnd {
     let ServerConnection {
         mut carrier,
         mut control_send,
@@ -47,9 +51,15 @@ pub async fn serve(conn: ServerConnection, mut drain: watch::Receiver<bool>) -> 
     // across the loop: a frame read is not cancel-safe.
     let control = async {
         let mut buf = Vec::new();
+        let mut server_draining = Some(server_draining);
         loop {
             match read_message(&mut control_recv, &mut buf).await {
                 Ok(Message::GoAway(g)) => return Ok(g),
+                Ok(Message::Drain) => {
+                    if let Some(tell) = server_draining.take() {
+                        let _ = tell.send(());
+                    }
+                }
                 Ok(m) => tracing::debug!("ignoring {} on the control stream", m.kind()),
                 Err(e) => return Err(e),
             }

@@ -1,10 +1,19 @@
 //! The agent's top level: one connection to every server replica.
 //!
 //! `--server` names resolve (periodically, and soon after any connection
-//! loss) to a set of addresses — a headless Service lists every replica.
-//! Each address gets its own [`ReplicaLoop`] with its own backoff;
-//! addresses that disappear are drained and dropped; a replica
+//! loss or registration) to a set of addresses — a headless Service lists
+//! every replica. Each address gets its own [`ReplicaLoop`] with its own
+//! backoff; addresses that disappear are drained and dropped; a replica
 //! reachable through two addresses is held once (by its server id).
+//!
+//! Fewer addresses than replicas (one load balancer, a NAT'd cloud with
+//! one public address): each server says in `Welcome` how many replicas
+//! exist, and the agent runs that many loops (at most `--max-replicas`),
+//! the extra ones as further *slots* on the addresses it has. Every
+//! connection dials from a UDP port of its own, and a slot that reaches a
+//! replica already held closes that connection and dials again soon, from
+//! a new port, so the balancer spreads the slots until every replica is
+//! held — and again whenever one drops.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,7 +21,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::codes::close;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -46,7 +54,6 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let endpoint = bind_endpoint(&config)?;
     let held = HeldReplicas::default();
     let metrics = Arc::new(AgentMetrics::default());
     let admin = match config.admin_listen {
@@ -65,8 +72,10 @@ pub async fn run(
         None => None,
     };
     let (lost_tx, mut lost_rx) = mpsc::channel::<()>(64);
-    let mut replicas: HashMap<Target, Replica> = HashMap::new();
+    let mut replicas: HashMap<(Target, u16), Replica> = HashMap::new();
     let mut retiring = Vec::new();
+    // The replica count servers last told (kept while none is held).
+    let mut expected = 0u16;
     loop {
         let (targets, errors) = resolve_all(&config).await;
         for e in &errors {
@@ -78,38 +87,51 @@ pub async fn run(
                 "no server address resolved; keeping the current connections"
             );
         } else {
-            for target in &targets {
-                if !replicas.contains_key(target) {
-                    tracing::info!(server = %target.addr, name = %target.server_name, "new server address");
+            if held.expected() > 0 {
+                expected = held.expected();
+            }
+            let wanted = slots(&targets, expected, config.max_replicas);
+            for (target, slot) in &wanted {
+                if let std::collections::hash_map::Entry::Vacant(entry) =
+                    replicas.entry((target.clone(), *slot))
+                {
+                    if *slot == 0 {
+                        tracing::info!(server = %target.addr, name = %target.server_name, "new server address");
+                    } else {
+                        tracing::info!(server = %target.addr, slot, expected, "dialing a shared address again for the replicas not held yet");
+                    }
                     let (stop, stopped) = watch::channel(false);
                     let replica = ReplicaLoop {
                         connector: ServerConnector {
                             config: config.clone(),
                             metrics: metrics.clone(),
-                            endpoint: endpoint.clone(),
                             target: target.clone(),
                         },
                         addr: target.addr,
+                        slot: *slot,
                         settings: LoopSettings::from_config(&config),
                         held: held.clone(),
                         metrics: metrics.clone(),
                         stop: stopped,
-                        lost: lost_tx.clone(),
+                        changed: lost_tx.clone(),
                     };
-                    let span =
-                        tracing::info_span!("session", node = %config.node, server = %target.addr);
+                    let span = tracing::info_span!("session", node = %config.node, server = %target.addr, slot);
                     let task = tokio::spawn(replica.run().instrument(span));
-                    replicas.insert(target.clone(), Replica { stop, task });
+                    entry.insert(Replica { stop, task });
                 }
             }
-            let gone: Vec<Target> = replicas
+            let gone: Vec<(Target, u16)> = replicas
                 .keys()
-                .filter(|t| !targets.contains(t))
+                .filter(|k| !wanted.contains(k))
                 .cloned()
                 .collect();
-            for target in gone {
-                tracing::info!(server = %target.addr, "server address no longer resolves; draining its connection");
-                let r = replicas.remove(&target).expect("present");
+            for key in gone {
+                if key.1 == 0 {
+                    tracing::info!(server = %key.0.addr, "server address no longer resolves; draining its connection");
+                } else {
+                    tracing::info!(server = %key.0.addr, slot = key.1, expected, "fewer replicas now; draining this slot's connection");
+                }
+                let r = replicas.remove(&key).expect("present");
                 let _ = r.stop.send(true);
                 retiring.push(r.task);
             }
@@ -138,16 +160,26 @@ pub async fn run(
     if let Some(admin) = admin {
         admin.abort();
     }
-    endpoint.close(
-        quinn::VarInt::from_u32(close::AGENT_DRAINED),
-        b"agent drained",
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(())
 }
 
-/// The agent's one QUIC client endpoint: dual-stack when the host has
-/// IPv6, else IPv4 only.
+/// The loops to run: slot 0 on every address, and, when the servers say
+/// more replicas exist than there are addresses, further slots on the
+/// addresses in turn until there are that many loops (at most `max`).
+pub(crate) fn slots(targets: &[Target], expected: u16, max: u16) -> Vec<(Target, u16)> {
+    let mut wanted: Vec<(Target, u16)> = targets.iter().map(|t| (t.clone(), 0)).collect();
+    let n = usize::from(expected.min(max));
+    if !targets.is_empty() {
+        for k in targets.len()..n {
+            let slot = u16::try_from(k / targets.len()).unwrap_or(u16::MAX);
+            wanted.push((targets[k % targets.len()].clone(), slot));
+        }
+    }
+    wanted
+}
+
+/// A QUIC client endpoint (one per connection): dual-stack when the host
+/// has IPv6, else IPv4 only.
 pub(crate) fn bind_endpoint(config: &AgentConfig) -> Result<quinn::Endpoint, AgentError> {
     let dual = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
     let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
@@ -156,4 +188,49 @@ pub(crate) fn bind_endpoint(config: &AgentConfig) -> Result<quinn::Endpoint, Age
         .client_endpoint(dual)
         .or_else(|_| config.quic.client_endpoint(v4))
         .map_err(|e| AgentError::Endpoint(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(last: u8) -> Target {
+        Target {
+            addr: SocketAddr::from(([198, 18, 0, last], 8443)),
+            server_name: "tunnel".into(),
+        }
+    }
+
+    #[test]
+    fn one_address_gets_a_slot_per_replica_up_to_the_bound() {
+        let lb = [target(10)];
+        assert_eq!(slots(&lb, 0, 16), vec![(target(10), 0)]);
+        assert_eq!(slots(&lb, 1, 16), vec![(target(10), 0)]);
+        assert_eq!(
+            slots(&lb, 3, 16),
+            vec![(target(10), 0), (target(10), 1), (target(10), 2)]
+        );
+        // A server claiming 60,000 replicas gets --max-replicas loops.
+        assert_eq!(slots(&lb, 60_000, 4).len(), 4);
+    }
+
+    #[test]
+    fn addresses_enough_for_every_replica_get_one_slot_each() {
+        let three = [target(1), target(2), target(3)];
+        assert_eq!(slots(&three, 3, 16).len(), 3);
+        assert!(slots(&three, 2, 16).iter().all(|(_, s)| *s == 0));
+        // Two addresses, five replicas: the extra slots go round.
+        let two = [target(1), target(2)];
+        assert_eq!(
+            slots(&two, 5, 16),
+            vec![
+                (target(1), 0),
+                (target(2), 0),
+                (target(1), 1),
+                (target(2), 1),
+                (target(1), 2)
+            ]
+        );
+        assert!(slots(&[], 3, 16).is_empty());
+    }
 }

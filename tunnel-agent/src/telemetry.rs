@@ -1,5 +1,6 @@
 //! The agent's admin endpoint: `/healthz`, `/readyz` (ready once at least
-//! one replica is held), `/metrics`, and `/v1/replicas`.
+//! one replica is held; it says how many of how many the servers said
+//! exist), `/metrics`, and `/v1/replicas`.
 
 use std::sync::Arc;
 
@@ -70,6 +71,8 @@ pub struct AgentMetrics {
     stall_credit_refusals: Family<Label, Counter>,
     /// Tokio tasks alive in the process's runtime (set at scrape time).
     tasks: Gauge,
+    /// How many replicas the servers say exist (set at scrape time).
+    replicas_expected: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -86,7 +89,14 @@ impl Default for AgentMetrics {
             receive_windows: Gauge::default(),
             stall_credit_refusals: Family::default(),
             tasks: Gauge::default(),
+            replicas_expected: Gauge::default(),
         };
+        registry.register(
+            "replicas_expected",
+            "Server replicas the servers say exist (0: they do not say); fewer connected means \
+             some replica cannot reach this node",
+            m.replicas_expected.clone(),
+        );
         registry.register(
             "receive_windows_bytes",
             "Receive windows advertised to the server replicas now, lent credit included \
@@ -178,6 +188,7 @@ impl AgentMetrics {
                 .store(budget.refused(reason), std::sync::atomic::Ordering::Relaxed);
         }
         self.tasks.set(daemon::admin::live_tasks());
+        self.replicas_expected.set(i64::from(held.expected()));
         for transport in [Transport::Quic, Transport::H2] {
             let n = i64::try_from(held.count(transport)).unwrap_or(i64::MAX);
             self.replicas
@@ -193,8 +204,11 @@ impl AgentMetrics {
 #[derive(Serialize)]
 struct ReplicaInfo {
     address: String,
+    slot: u16,
     server_id: String,
     transport: &'static str,
+    /// How many replicas this server says exist (0: it does not say).
+    replicas: u16,
 }
 
 /// Routes of the agent's admin server.
@@ -210,8 +224,12 @@ impl AdminRoutes for AgentAdmin {
             "/healthz" => Reply::new(200, TEXT, "ok\n"),
             "/readyz" => {
                 let n = self.held.len();
+                let of = match self.held.expected() {
+                    0 => String::new(),
+                    e => format!(" of {e}"),
+                };
                 if n > 0 {
-                    Reply::new(200, TEXT, format!("ready: {n} replica(s)\n"))
+                    Reply::new(200, TEXT, format!("ready: {n}{of} replica(s) held\n"))
                 } else {
                     Reply::new(503, TEXT, "not ready: no server replica registered\n")
                 }
@@ -228,8 +246,10 @@ impl AdminRoutes for AgentAdmin {
                     .into_iter()
                     .map(|r| ReplicaInfo {
                         address: r.addr.to_string(),
+                        slot: r.slot,
                         server_id: r.server_id,
                         transport: r.transport.label(),
+                        replicas: r.expected,
                     })
                     .collect();
                 Reply::new(

@@ -166,6 +166,22 @@ pub(crate) async fn serve_agent(
         }
     };
 
+    let draining_now = *shared.draining.borrow();
+    if draining_now {
+        let refusal = Refusal {
+            code: RefuseCode::ServerDraining,
+            reason: format!(
+                "server {} is shutting down; connect to another replica",
+                shared.config.server_id
+            ),
+        };
+        metrics.refused(refusal.code.label());
+        let _ = transport::write_message(&mut stream.send, &Message::Refuse(refusal.clone())).await;
+        let _ = stream.send.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
+        link.close(close::REFUSED, &refusal.reason);
+        return Err(AgentError::Refused(refusal));
+    }
     let own = crate::addresses::own_addresses();
     let allowed = |a: IpAddr| shared.config.addresses.check(a, &own);
     // Registered before `Welcome` is written, so that the address check
@@ -223,6 +239,9 @@ pub(crate) async fn serve_agent(
         version_major: proto::VERSION_MAJOR,
         version_minor: proto::VERSION_MINOR,
         server_id: shared.config.server_id.clone(),
+        replicas: shared
+            .replicas_expected
+            .load(std::sync::atomic::Ordering::Relaxed),
     });
     if let Err(e) = transport::write_message(&mut stream.send, &welcome).await {
         shared.registry.deregister(&agent);
@@ -287,9 +306,26 @@ pub(crate) async fn serve_agent(
             }
         }
     };
-    tokio::select! {
-        _ = watch => {}
-        reason = link.closed() => tracing::info!("agent connection closed: {reason}"),
+    tokio::pin!(watch);
+    let mut draining = shared.draining.subscribe();
+    let mut told = false;
+    loop {
+        tokio::select! {
+        _ = &mut watch => break,
+        reason = link.closed() => {
+            tracing::info!("agent connection closed: {reason}");
+            break;
+        }
+        // This server is shutting down: say so once (an older agent
+        // ignores it); its streams keep flowing until the server closes.
+        _ = async { drop(draining.wait_for(|d| *d).await) }, if !told => {
+            told = true;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                transport::write_message(&mut stream.send, &Message::Drain),
+            )
+            .await;
+        }
         _ = agent.kick.notified() => {
             let goaway = Message::GoAway(proto::GoAway {
                 code: close::REPLACED,
@@ -298,6 +334,8 @@ pub(crate) async fn serve_agent(
             let _ = tokio::time::timeout(Duration::from_secs(1), transport::write_message(&mut stream.send, &goaway)).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), link.closed()).await;
             link.close(close::REPLACED, "replaced by a newer connection of the same node");
+            break;
+        }
         }
     }
     if shared.registry.deregister(&agent) {

@@ -54,9 +54,22 @@ pub struct ServerSettings {
     /// Connections on `feed_listen` at once; more are closed at once.
     /// Default 64 (a helper per control-plane host polls every few seconds).
     pub feed_max_connections: usize,
-    /// Stable id of this replica, sent to agents in `Welcome`. Default: the
-    /// host name.
+    /// Id of this replica, sent to agents in `Welcome`: agents hold each id
+    /// once. Default: the host name and a random suffix.
     pub server_id: String,
+    /// On shutdown, how long open tunneled connections may take to finish:
+    /// the server fails readiness, tells its agents it is draining (they
+    /// hold another replica meanwhile), keeps serving, and closes when the
+    /// last stream ends or this passes. 0: close at once.
+    pub drain_grace: Duration,
+    /// How many replicas exist, told to agents in `Welcome` so an agent
+    /// given one address (a load balancer) keeps dialing it until it holds
+    /// that many. 0: unknown (or taken from `peers_dns`).
+    pub server_count: u16,
+    /// A DNS name listing every replica (a headless Service): resolved
+    /// every [`PEERS_DNS_INTERVAL`], the number of addresses is the
+    /// replica count. Overrides `server_count` while it resolves.
+    pub peers_dns: Option<String>,
     /// How long an agent may take from its finished handshake to `Hello`.
     /// Default 10 s.
     pub register_timeout: Duration,
@@ -144,6 +157,9 @@ impl ServerSettings {
             feed_listen: None,
             feed_max_connections: 64,
             server_id: default_server_id(),
+            server_count: 0,
+            peers_dns: None,
+            drain_grace: Duration::from_secs(20),
             register_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
             handshake_limits: HandshakeLimits::default(),
@@ -289,13 +305,22 @@ impl Deref for ServerConfig {
     }
 }
 
-/// The host name (the pod name under Kubernetes), else "tunnel-server".
+/// How often `peers_dns` is resolved.
+pub const PEERS_DNS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The host name (the pod name under Kubernetes), else "tunnel-server",
+/// with a random suffix: unique per process, so two replicas on one host
+/// (hostNetwork pods on one node, a test) are never taken for one by the
+/// agents, which hold each server id once.
 pub fn default_server_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "tunnel-server".to_owned())
+        .unwrap_or_else(|| "tunnel-server".to_owned());
+    // Room for the suffix within the id's limit.
+    let host: String = host.chars().take(proto::MAX_NODE_NAME - 9).collect();
+    format!("{host}-{:08x}", fastrand::u32(..))
 }
 
 #[cfg(test)]

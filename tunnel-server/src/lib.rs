@@ -48,6 +48,7 @@ pub mod ingress;
 pub mod link;
 pub mod log_throttle;
 pub mod metrics;
+pub mod peers;
 pub mod proxy_auth;
 pub mod registry;
 pub mod slots;
@@ -81,6 +82,12 @@ pub struct Shared {
     pub proxy_auth: proxy_auth::ProxyAuth,
     /// Client connection slots (CONNECT and transparent together).
     pub client_slots: slots::ClientSlots,
+    /// True once shutdown began (`--drain-grace`): agents are told, new
+    /// registrations refused.
+    pub draining: tokio::sync::watch::Sender<bool>,
+    /// How many replicas exist, as `Welcome` tells agents
+    /// (`--server-count`, or `--peers-dns` while it resolves).
+    pub replicas_expected: std::sync::atomic::AtomicU16,
     /// Unauthenticated QUIC handshakes: in flight, limits, failures.
     pub quic_handshakes: handshake::HandshakeGate,
     /// Unauthenticated TLS-over-TCP handshakes of the HTTP/2 listener.
@@ -105,6 +112,8 @@ impl Shared {
             metrics: Metrics::new(),
             ready: AtomicBool::new(false),
             receive_budget: transport::window::ReceiveBudget::new(config.receive_budget),
+            replicas_expected: std::sync::atomic::AtomicU16::new(config.server_count),
+            draining: tokio::sync::watch::Sender::new(false),
             proxy_auth: proxy_auth::ProxyAuth::default(),
             relay_buffers: transport::BufferBudget::default(),
             client_slots: slots::ClientSlots::new(
@@ -123,6 +132,9 @@ impl Shared {
     /// The `/metrics` page, with the scrape-time gauges brought up to date.
     pub fn render_metrics(&self) -> String {
         self.metrics.tasks.set(daemon::admin::live_tasks());
+        self.metrics
+            .replicas_expected
+            .set(i64::from(self.replicas_expected.load(Ordering::Relaxed)));
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.metrics.export_receive_budget(&self.receive_budget);
         self.metrics
@@ -137,6 +149,36 @@ impl Shared {
         self.h2_handshakes.export(&self.metrics);
         self.metrics.render()
     }
+}
+
+/// The drain before shutdown (`--drain-grace`): readiness already fails;
+/// agents are told and new registrations refused; listeners keep serving
+/// (clients still routed here while the endpoint change propagates get
+/// through) until no tunneled connection is open or the grace is over.
+async fn drain(shared: &Shared) {
+    let grace = shared.config.drain_grace;
+    if grace.is_zero() {
+        return;
+    }
+    shared.draining.send_replace(true);
+    let deadline = tokio::time::Instant::now() + grace;
+    let active = || shared.metrics.streams_active.get();
+    tracing::info!(
+        active = active(),
+        ?grace,
+        "draining: agents told; waiting for open tunneled connections to finish"
+    );
+    while active() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                active = active(),
+                "drain grace over; closing the remaining tunneled connections"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::info!("drained: no tunneled connection open");
 }
 
 /// Why the server could not start.
@@ -368,6 +410,9 @@ impl Server {
                     .inc();
             }));
         }
+        if let Some(name) = shared.config.peers_dns.clone() {
+            tasks.spawn(peers::follow(name, shared.clone()));
+        }
         if let Some((l, tls)) = self.connect {
             tasks.spawn(connect::serve(l, tls, shared.clone()));
         }
@@ -402,8 +447,9 @@ impl Server {
         shared.ready.store(true, Ordering::SeqCst);
         tracing::info!(server_id = %shared.config.server_id, "tunnel-server ready");
         shutdown.await;
-        tracing::info!("shutting down: closing agent connections");
         shared.ready.store(false, Ordering::SeqCst);
+        drain(&shared).await;
+        tracing::info!("shutting down: closing agent connections");
         tasks.abort_all();
         // Wait until the aborted listener tasks are gone: they hold sockets
         // (and an endpoint handle that keeps the UDP socket open).

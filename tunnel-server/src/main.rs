@@ -103,9 +103,26 @@ struct Args {
     /// Connections on --feed-listen at once; more are closed at once.
     #[arg(long, env = "TUNNEL_FEED_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     feed_max_connections: u32,
-    /// Stable id of this replica (default: the host name).
+    /// Id of this replica, unique among the replicas (default: the host
+    /// name and a random suffix; the manifests use the pod name).
     #[arg(long, env = "TUNNEL_SERVER_ID")]
     server_id: Option<String>,
+    /// On SIGTERM: fail readiness, tell agents this replica is draining
+    /// (they hold another meanwhile), keep serving, and exit once the last
+    /// tunneled connection ends or this passes (0s-1h; 0: at once). Keep
+    /// terminationGracePeriodSeconds above it.
+    #[arg(long, env = "TUNNEL_DRAIN_GRACE", default_value = "20s", value_parser = duration_in(Duration::ZERO, secs(3600)))]
+    drain_grace: Duration,
+    /// How many replicas exist (0: unknown). Told to agents, so one given
+    /// a single address (a load balancer) keeps dialing it until it holds
+    /// this many distinct replicas.
+    #[arg(long, env = "TUNNEL_SERVER_COUNT", default_value_t = 0)]
+    server_count: u16,
+    /// A DNS name that lists every replica (a headless Service): the
+    /// number of its addresses is the replica count told to agents;
+    /// resolved every 10 s (it wins over --server-count while it resolves).
+    #[arg(long, env = "TUNNEL_PEERS_DNS")]
+    peers_dns: Option<String>,
     /// How long an agent may take to register after its handshake (1s-10m).
     #[arg(long, env = "TUNNEL_REGISTER_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), secs(600)))]
     register_timeout: Duration,
@@ -466,6 +483,9 @@ fn serve(args: Args) -> Result<()> {
     settings.admin_listen = args.admin_listen;
     settings.feed_listen = args.feed_listen;
     settings.feed_max_connections = args.feed_max_connections as usize;
+    settings.server_count = args.server_count;
+    settings.drain_grace = args.drain_grace;
+    settings.peers_dns = args.peers_dns;
     if let Some(id) = args.server_id {
         settings.server_id = id;
     }

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub clients: Gauge,
     /// Tokio tasks alive in the process's runtime (set at scrape time).
     pub tasks: Gauge,
+    /// The replica count `Welcome` tells agents (set at scrape time).
+    pub replicas_expected: Gauge,
     pub streams: Family<Label, Counter>,
     pub bytes: Family<Label, Counter>,
     pub dial_duration: Histogram,
@@ -169,6 +171,12 @@ impl Metrics {
             clients.clone(),
         );
         let tasks = Gauge::default();
+        let replicas_expected = Gauge::default();
+        registry.register(
+            "replicas_expected",
+            "How many server replicas agents are told exist (--server-count, --peers-dns; 0 unknown)",
+            replicas_expected.clone(),
+        );
         let streams = Family::<Label, Counter>::default();
         let bytes = Family::<Label, Counter>::default();
         // 0.5 ms .. ~16 s: a dial is one tunnel round trip plus a local connect.
@@ -323,6 +331,7 @@ impl Metrics {
             direct_dials,
             clients,
             tasks,
+            replicas_expected,
             streams,
             bytes,
             dial_duration,

@@ -20,6 +20,9 @@ enum Answer {
     /// Registers; the connection is lost `after` this long with
     /// `reason`, or serves until drained when `None`.
     Register(Option<(Duration, LostReason)>),
+    /// Registers; the server says it is draining after the first
+    /// duration and closes the connection after the second.
+    RegisterServerDrains(Duration, Duration),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +76,8 @@ impl Fake {
 struct FakeLink {
     transport: Transport,
     ends: Option<(Duration, LostReason)>,
+    /// When the server says it is draining.
+    server_drains: Option<Duration>,
     events: Arc<Mutex<Vec<Event>>>,
 }
 
@@ -98,6 +103,7 @@ impl Connector for Fake {
                     Ok(FakeLink {
                         transport,
                         ends: None,
+                        server_drains: None,
                         events: this.events.clone(),
                     })
                 }
@@ -105,6 +111,19 @@ impl Connector for Fake {
                 Answer::Register(ends) => Ok(FakeLink {
                     transport,
                     ends,
+                    server_drains: None,
+                    events: this.events.clone(),
+                }),
+                Answer::RegisterServerDrains(says, closes) => Ok(FakeLink {
+                    transport,
+                    ends: Some((
+                        closes,
+                        LostReason::ClosedByServer {
+                            code: close::SERVER_SHUTDOWN,
+                            reason: "server shutting down".into(),
+                        },
+                    )),
+                    server_drains: Some(says),
                     events: this.events.clone(),
                 }),
             }
@@ -121,9 +140,19 @@ impl Link for FakeLink {
         self.transport
     }
 
-    async fn serve(self, mut drain: watch::Receiver<bool>) -> SessionEnd {
+    async fn serve(
+        self,
+        mut drain: watch::Receiver<bool>,
+        server_draining: oneshot::Sender<()>,
+    ) -> SessionEnd {
         let t = self.transport;
         self.events.lock().unwrap().push(Event::Served(t));
+        if let Some(after) = self.server_drains {
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = server_draining.send(());
+            });
+        }
         let lose = async {
             match &self.ends {
                 Some((after, _)) => tokio::time::sleep(*after).await,
@@ -175,6 +204,7 @@ fn start(choice: TransportChoice, fake: Fake) -> Running {
     let replica = ReplicaLoop {
         connector: fake.clone(),
         addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+        slot: 0,
         settings: LoopSettings {
             choice,
             quic_timeout: Duration::from_secs(5),
@@ -187,7 +217,7 @@ fn start(choice: TransportChoice, fake: Fake) -> Running {
         held: held.clone(),
         metrics: metrics.clone(),
         stop: stop_rx,
-        lost,
+        changed: lost,
     };
     let task = tokio::spawn(async move {
         // Keep the loss channel open for the loop's lifetime.
@@ -400,4 +430,36 @@ async fn replaced_by_another_agent_waits_before_trying_again() {
     run_for(20).await;
     assert_eq!(r.fake.attempts(Transport::Quic), 2);
     r.stop().await;
+}
+
+/// A server shutting down says so: its connection finishes in the
+/// background (until the server closes it) while the loop holds another
+/// replica at once; stopping the agent drains both.
+#[tokio::test(start_paused = true)]
+async fn a_draining_server_is_replaced_while_its_streams_finish() {
+    let fake = Fake::new(|_, now| {
+        if now < Duration::from_secs(1) {
+            Answer::RegisterServerDrains(Duration::from_secs(2), Duration::from_secs(20))
+        } else {
+            Answer::Register(None)
+        }
+    });
+    let r = start(TransportChoice::Quic, fake);
+    run_for(1).await;
+    assert_eq!(r.held(), [Transport::Quic]);
+    run_for(2).await;
+    // The second connection is held; the first still serves.
+    assert_eq!(r.fake.attempts(Transport::Quic), 2);
+    assert_eq!(r.held(), [Transport::Quic]);
+    assert!(!r.fake.events().contains(&Event::Lost(Transport::Quic)));
+    // The server closes the first when its streams are done.
+    run_for(20).await;
+    assert!(r.fake.events().contains(&Event::Lost(Transport::Quic)));
+    assert_eq!(
+        r.fake.attempts(Transport::Quic),
+        2,
+        "no reconnect for the retired one"
+    );
+    let fake = r.stop().await;
+    assert!(fake.events().contains(&Event::Drained(Transport::Quic)));
 }
