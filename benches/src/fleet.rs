@@ -129,6 +129,7 @@ async fn register(
         node: node(i),
         addresses: vec![address(i)],
         capabilities: 0,
+        held: vec![],
     });
     write_message(&mut send, &hello).await?;
     match read_message(&mut recv, &mut Vec::new()).await? {

@@ -15,7 +15,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::message::*;
-use crate::{MAX_ADDRESSES, MAX_NODE_NAME, MAX_REASON};
+use crate::{MAX_ADDRESSES, MAX_HELD, MAX_NODE_NAME, MAX_REASON};
 
 /// Bytes of frame header before the body.
 pub const FRAME_HEADER_LEN: usize = 3;
@@ -87,6 +87,10 @@ pub fn encode(msg: &Message, dst: &mut Vec<u8>) -> Result<(), EncodeError> {
                 w.ip(*a);
             }
             w.u32(h.capabilities);
+            w.len_u8("held", h.held.len(), MAX_HELD)?;
+            for id in &h.held {
+                w.str("held", id, MAX_NODE_NAME)?;
+            }
             T_HELLO
         }
         Message::Welcome(m) => {
@@ -171,12 +175,24 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
                 addresses.push(r.ip("address")?);
             }
             let capabilities = r.u32("capabilities")?;
+            // Added in minor version 1: an older agent's Hello ends here.
+            let mut held = Vec::new();
+            if !r.buf.is_empty() {
+                let count = r.u8("held count")? as usize;
+                if count > MAX_HELD {
+                    return Err(r.too_long("held", count, MAX_HELD));
+                }
+                for _ in 0..count {
+                    held.push(r.str("held", MAX_NODE_NAME)?);
+                }
+            }
             Message::Hello(Hello {
                 version_major,
                 version_minor,
                 node,
                 addresses,
                 capabilities,
+                held,
             })
         }
         T_WELCOME => Message::Welcome(Welcome {
@@ -376,15 +392,17 @@ mod tests {
                 any::<u8>(),
                 "[a-z0-9.-]{0,253}",
                 prop::collection::vec(arb_ip(), 0..=MAX_ADDRESSES),
-                any::<u32>()
+                any::<u32>(),
+                prop::collection::vec("[a-z0-9-]{1,20}", 0..=4)
             )
-                .prop_map(|(a, b, node, addresses, capabilities)| {
+                .prop_map(|(a, b, node, addresses, capabilities, held)| {
                     Message::Hello(Hello {
                         version_major: a,
                         version_minor: b,
                         node,
                         addresses,
                         capabilities,
+                        held,
                     })
                 }),
             (any::<u8>(), any::<u8>(), "\\PC{0,60}", any::<u16>()).prop_map(
@@ -578,6 +596,38 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_without_held_ids_is_read_as_holding_none() {
+        // Minor version 0: capabilities is the last field.
+        let body = [1u8, 0, 0, 1, b'n', 0, 0, 0, 0, 2];
+        let mut frame = vec![T_HELLO];
+        frame.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        frame.extend_from_slice(&body);
+        match decode(&frame).unwrap().unwrap().0 {
+            Message::Hello(h) => {
+                assert_eq!(h.capabilities, 2);
+                assert!(h.held.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        // More than MAX_HELD ids: refused on both ends.
+        let hello = Message::Hello(Hello {
+            version_major: 1,
+            version_minor: 1,
+            node: "n".into(),
+            addresses: vec![],
+            capabilities: 0,
+            held: vec!["s".into(); MAX_HELD + 1],
+        });
+        assert_eq!(encode(&hello, &mut Vec::new()).unwrap_err().field, "held");
+        let mut body = vec![1u8, 1, 0, 1, b'n', 0, 0, 0, 0, 0, (MAX_HELD + 1) as u8];
+        body.extend(std::iter::repeat_n([0u8, 1, b's'], MAX_HELD + 1).flatten());
+        let mut frame = vec![T_HELLO];
+        frame.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        frame.extend_from_slice(&body);
+        assert!(decode(&frame).is_err());
+    }
+
+    #[test]
     fn rejects_overlong_fields() {
         let hello = Message::Hello(Hello {
             version_major: 1,
@@ -585,6 +635,7 @@ mod tests {
             node: "n".repeat(MAX_NODE_NAME + 1),
             addresses: vec![],
             capabilities: 0,
+            held: vec![],
         });
         let err = encode(&hello, &mut Vec::new()).unwrap_err();
         assert_eq!(err.field, "node");

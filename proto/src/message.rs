@@ -62,6 +62,13 @@ pub struct Hello {
     pub addresses: Vec<IpAddr>,
     /// Bit set of [`crate::capability`] flags.
     pub capabilities: u32,
+    /// The server ids this agent holds a connection to already, on other
+    /// connections (minor version 1; at most [`crate::MAX_HELD`]): a
+    /// server that finds its own id here and a live connection of this
+    /// node refuses with [`RefuseCode::AlreadyConnected`] instead of
+    /// replacing it (a load balancer sent a second connection to it).
+    /// Absent from an older agent's `Hello`: read as empty.
+    pub held: Vec<String>,
 }
 
 /// The server's acceptance of a [`Hello`].
@@ -98,6 +105,10 @@ pub enum RefuseCode {
     AddressInUse,
     /// The server is shutting down (draining): try another replica.
     ServerDraining,
+    /// The agent says it holds a connection to this server already, and
+    /// that connection is live: this one is a duplicate (a load balancer
+    /// picked a replica the agent has); try again for another.
+    AlreadyConnected,
     /// A code this build does not know; carried through, not rejected.
     Other(u16),
 }
@@ -112,6 +123,7 @@ impl RefuseCode {
             RefuseCode::BadCertificate => 4,
             RefuseCode::AddressInUse => 5,
             RefuseCode::ServerDraining => 7,
+            RefuseCode::AlreadyConnected => 8,
             RefuseCode::Other(c) => c,
         }
     }
@@ -125,6 +137,7 @@ impl RefuseCode {
             4 => RefuseCode::BadCertificate,
             5 => RefuseCode::AddressInUse,
             7 => RefuseCode::ServerDraining,
+            8 => RefuseCode::AlreadyConnected,
             c => RefuseCode::Other(c),
         }
     }
@@ -139,6 +152,7 @@ impl RefuseCode {
             RefuseCode::BadCertificate => "bad_certificate",
             RefuseCode::AddressInUse => "address_in_use",
             RefuseCode::ServerDraining => "server_draining",
+            RefuseCode::AlreadyConnected => "already_connected",
             RefuseCode::Other(_) => "other",
         }
     }

@@ -188,6 +188,7 @@ pub fn hello(node: &str) -> proto::Message {
         node: node.into(),
         addresses: vec![],
         capabilities: 0,
+        held: vec![],
     })
 }
 

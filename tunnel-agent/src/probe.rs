@@ -48,6 +48,7 @@ pub async fn probe_with(
         metrics: &metrics,
         target: &target,
         handover: false,
+        held: Vec::new(),
     };
     let attempt = async {
         match transport {

@@ -29,6 +29,8 @@ pub struct Registration<'a> {
     /// Ask the server to let this agent's previous connection finish its
     /// streams (a transport switch).
     pub handover: bool,
+    /// Server ids this agent's other connections hold (`Hello.held`).
+    pub held: Vec<String>,
 }
 
 impl Registration<'_> {
@@ -58,6 +60,7 @@ impl Registration<'_> {
             node: self.credentials.node.clone(),
             addresses: self.credentials.addresses.clone(),
             capabilities,
+            held: self.held.clone(),
         })
     }
 

@@ -32,10 +32,14 @@ pub trait Connector: Clone + Send + Sync + 'static {
     type Link: Link;
     /// Connects and registers over `transport` (unbounded: the loop bounds
     /// it). `handover`: this connection takes over from the previous one.
+    /// `held`: the server ids other connections of this agent hold (sent
+    /// in `Hello`, so a server reached twice refuses instead of replacing
+    /// the live connection).
     fn connect(
         &self,
         transport: Transport,
         handover: bool,
+        held: Vec<String>,
     ) -> impl Future<Output = Result<Self::Link, ConnectError>> + Send;
 }
 
@@ -149,10 +153,19 @@ impl<C: Connector> ReplicaLoop<C> {
                         self.serve(link, &mut selector, &mut backoff, &mut duplicates, started)
                             .await
                     }
-                    Some(Err(e)) if e.refusal == Some(proto::RefuseCode::ServerDraining) => {
-                        // A replica on its way out (behind a balancer that
-                        // has not noticed yet): another is a dial away.
-                        let wait = duplicates.next_delay();
+                    Some(Err(e))
+                        if matches!(
+                            e.refusal,
+                            Some(
+                                proto::RefuseCode::ServerDraining
+                                    | proto::RefuseCode::AlreadyConnected
+                            )
+                        ) =>
+                    {
+                        // A replica on its way out, or one this agent holds
+                        // already (a balancer picked it): another is a dial
+                        // away.
+                        let wait = self.duplicate_wait(&mut duplicates);
                         tracing::info!("{e}; dialing again in {:.1}s", wait.as_secs_f64());
                         Next::Wait(wait)
                     }
@@ -217,8 +230,17 @@ impl<C: Connector> ReplicaLoop<C> {
         handover: bool,
     ) -> impl Future<Output = Result<C::Link, ConnectError>> + Send + 'static {
         let (connector, addr, bound) = (self.connector.clone(), self.addr, self.bound(transport));
+        let key = (self.addr, self.slot);
+        let held: Vec<String> = self
+            .held
+            .list()
+            .into_iter()
+            .filter(|r| (r.addr, r.slot) != key)
+            .map(|r| r.server_id)
+            .take(proto::MAX_HELD)
+            .collect();
         async move {
-            match tokio::time::timeout(bound, connector.connect(transport, handover)).await {
+            match tokio::time::timeout(bound, connector.connect(transport, handover, held)).await {
                 Ok(r) => r,
                 Err(_) => Err(ConnectError::timeout(transport, addr, bound)),
             }
@@ -274,17 +296,10 @@ impl<C: Connector> ReplicaLoop<C> {
         let server_id = link.server_id().to_owned();
         let key = (self.addr, self.slot);
         let Some(_held) = self.held.hold(key, &server_id, transport, link.replicas()) else {
+            // (A server older than this agent's `Hello` with held ids.)
             link.close_duplicate().await;
-            let (held, expected) = (self.held.len(), usize::from(self.held.expected()));
-            if held >= expected {
-                tracing::info!(%server_id, "this address reaches a replica already held; not connecting twice");
-                return Next::Wait(self.settings.resolve_interval);
-            }
-            // Replicas are missing, and a load balancer picked one already
-            // held: dial again soon (from a new local port, so it may pick
-            // another).
-            let wait = duplicates.next_delay();
-            tracing::debug!(%server_id, held, expected, "reached a replica already held; dialing again in {:.1}s", wait.as_secs_f64());
+            let wait = self.duplicate_wait(duplicates);
+            tracing::info!(%server_id, "reached a replica already held; dialing again in {:.1}s", wait.as_secs_f64());
             return Next::Wait(wait);
         };
         *duplicates = duplicate_backoff();
@@ -406,6 +421,18 @@ impl<C: Connector> ReplicaLoop<C> {
 }
 
 impl<C: Connector> ReplicaLoop<C> {
+    /// How long to wait after reaching a replica held already: soon (a
+    /// load balancer picks again for a new port) while fewer replicas are
+    /// held than the servers say exist, else `--resolve-interval` (two
+    /// addresses that lead to one replica).
+    fn duplicate_wait(&self, duplicates: &mut Backoff) -> Duration {
+        if self.held.len() < usize::from(self.held.expected()) {
+            duplicates.next_delay()
+        } else {
+            self.settings.resolve_interval
+        }
+    }
+
     /// A QUIC re-probe registered.
     fn reprobed(&self, selector: &mut TransportSelector) {
         self.metrics.reprobe(ReprobeResult::QuicBack);
@@ -471,6 +498,7 @@ impl Connector for ServerConnector {
         &self,
         transport: Transport,
         handover: bool,
+        held: Vec<String>,
     ) -> impl Future<Output = Result<ServerConnection, ConnectError>> + Send {
         let this = self.clone();
         async move {
@@ -488,6 +516,7 @@ impl Connector for ServerConnector {
                 metrics: &this.metrics,
                 target: &this.target,
                 handover,
+                held,
             };
             match transport {
                 Transport::Quic => {

@@ -166,8 +166,7 @@ pub(crate) async fn serve_agent(
         }
     };
 
-    let draining_now = *shared.draining.borrow();
-    if draining_now {
+    if *shared.draining.borrow() {
         let refusal = Refusal {
             code: RefuseCode::ServerDraining,
             reason: format!(
@@ -175,12 +174,24 @@ pub(crate) async fn serve_agent(
                 shared.config.server_id
             ),
         };
-        metrics.refused(refusal.code.label());
-        let _ = transport::write_message(&mut stream.send, &Message::Refuse(refusal.clone())).await;
-        let _ = stream.send.shutdown().await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
-        link.close(close::REFUSED, &refusal.reason);
-        return Err(AgentError::Refused(refusal));
+        return Err(refuse(&mut stream, &link, metrics, refusal).await);
+    }
+    // The agent holds a connection to this server already (it says so),
+    // and that connection is live: this one is a second dial that a load
+    // balancer sent here. Refused, so the live one is not replaced.
+    let live = matches!(
+        shared.registry.by_node(&identity.common_name),
+        crate::registry::Route::Agent(_)
+    );
+    if is_duplicate(&hello, &shared.config.server_id, live) {
+        let refusal = Refusal {
+            code: RefuseCode::AlreadyConnected,
+            reason: format!(
+                "this agent holds a live connection to server {} already",
+                shared.config.server_id
+            ),
+        };
+        return Err(refuse(&mut stream, &link, metrics, refusal).await);
     }
     let own = crate::addresses::own_addresses();
     let allowed = |a: IpAddr| shared.config.addresses.check(a, &own);
@@ -222,17 +233,7 @@ pub(crate) async fn serve_agent(
     });
     let (agent, old) = match registered {
         Ok(v) => v,
-        Err(refusal) => {
-            metrics.refused(refusal.code.label());
-            let _ =
-                transport::write_message(&mut stream.send, &Message::Refuse(refusal.clone())).await;
-            let _ = stream.send.shutdown().await;
-            // Let the refusal reach the agent (it closes on reading it)
-            // before we tear the connection down.
-            let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
-            link.close(close::REFUSED, &refusal.reason);
-            return Err(AgentError::Refused(refusal));
-        }
+        Err(refusal) => return Err(refuse(&mut stream, &link, metrics, refusal).await),
     };
 
     let welcome = Message::Welcome(Welcome {
@@ -346,6 +347,32 @@ pub(crate) async fn serve_agent(
         tracing::info!("agent deregistered");
     }
     Ok(())
+}
+
+/// Whether a `Hello` is a second connection the agent did not mean to
+/// make here: it says it holds this server (`held`), the node's
+/// connection here is `live`, and it asks for no handover (a transport
+/// switch replaces its own connection on purpose).
+fn is_duplicate(hello: &Hello, server_id: &str, live: bool) -> bool {
+    let handover = hello.capabilities & proto::capability::HANDOVER != 0;
+    live && !handover && hello.held.iter().any(|id| id == server_id)
+}
+
+/// Refuses a registration: counts it, writes the `Refuse` (the agent
+/// closes on reading it), waits for that (bounded), then closes.
+async fn refuse(
+    stream: &mut transport::TunnelStream,
+    link: &AgentLink,
+    metrics: &crate::metrics::Metrics,
+    refusal: Refusal,
+) -> AgentError {
+    metrics.refused(refusal.code.label());
+    let _ = transport::write_message(&mut stream.send, &Message::Refuse(refusal.clone())).await;
+    let _ = stream.send.shutdown().await;
+    // Let the refusal reach the agent before the connection goes.
+    let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
+    link.close(close::REFUSED, &refusal.reason);
+    AgentError::Refused(refusal)
 }
 
 /// Closes a handed-over connection once its last stream is done (at most
@@ -468,6 +495,18 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_second_connection_to_a_held_server_is_a_duplicate() {
+        let mut h = hello("edge-1", &["198.18.1.2"]);
+        assert!(!is_duplicate(&h, "r1", true), "holds nothing: a takeover");
+        h.held = vec!["r2".into(), "r1".into()];
+        assert!(is_duplicate(&h, "r1", true));
+        assert!(!is_duplicate(&h, "r3", true), "not this server");
+        assert!(!is_duplicate(&h, "r1", false), "the old one is gone");
+        h.capabilities = proto::capability::HANDOVER;
+        assert!(!is_duplicate(&h, "r1", true), "a transport switch");
+    }
+
     fn hello(node: &str, addrs: &[&str]) -> Hello {
         Hello {
             version_major: proto::VERSION_MAJOR,
@@ -475,6 +514,7 @@ mod tests {
             node: node.into(),
             addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
             capabilities: 0,
+            held: vec![],
         }
     }
 

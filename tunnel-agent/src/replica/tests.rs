@@ -88,6 +88,7 @@ impl Connector for Fake {
         &self,
         transport: Transport,
         handover: bool,
+        _held: Vec<String>,
     ) -> impl Future<Output = Result<FakeLink, ConnectError>> + Send {
         let this = self.clone();
         async move {
