@@ -50,6 +50,7 @@ pub mod log_throttle;
 pub mod metrics;
 pub mod peers;
 pub mod proxy_auth;
+pub mod redirect;
 pub mod registry;
 pub mod slots;
 pub mod tokens;

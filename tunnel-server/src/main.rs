@@ -292,9 +292,28 @@ enum Command {
         /// --server-feed.
         #[arg(long, hide = true)]
         server_admin: Option<String>,
-        /// The transparent ingress the rules point at.
-        #[arg(long, env = "TUNNEL_DNAT_TO", required_unless_present = "cleanup")]
+        /// The transparent ingress the rules point at (default:
+        /// --redirect-listen).
+        #[arg(long, env = "TUNNEL_DNAT_TO", required_unless_present_any = ["cleanup", "redirect_listen"])]
         to: Option<SocketAddr>,
+        /// Be a redirector: serve the redirected connections on this local
+        /// address (the rules point here) and forward each through the
+        /// server's CONNECT ingress, --connect-url. Edges never need to
+        /// reach this host.
+        #[arg(long, env = "TUNNEL_REDIRECT_LISTEN", requires = "connect_url")]
+        redirect_listen: Option<SocketAddr>,
+        /// The server's CONNECT ingress with client certificates
+        /// (https://HOST:PORT; the server runs --connect-client-ca, which
+        /// accepts this helper's certificate).
+        #[arg(long, env = "TUNNEL_CONNECT_URL", requires = "redirect_listen")]
+        connect_url: Option<String>,
+        /// Redirected connections open at once; more wait in the backlog.
+        #[arg(long, env = "TUNNEL_MAX_CLIENT_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        max_client_connections: u32,
+        /// Bound on reaching the CONNECT ingress for one redirected
+        /// connection: TCP, TLS and its answer (1s-5m).
+        #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), secs(300)))]
+        dial_timeout: Duration,
         /// Remove every rule this helper owns (after a crash) and exit.
         #[arg(long)]
         cleanup: bool,
@@ -324,6 +343,10 @@ fn main() -> Result<()> {
             admin_listen,
             server_admin,
             to,
+            redirect_listen,
+            connect_url,
+            max_client_connections,
+            dial_timeout,
             cleanup,
             poll,
             keep_rules,
@@ -350,6 +373,14 @@ fn main() -> Result<()> {
                 feed_max_body,
                 admin_listen,
                 to,
+                redirect: redirect_listen
+                    .zip(connect_url)
+                    .map(|(listen, url)| Redirect {
+                        listen,
+                        url,
+                        max_connections: max_client_connections as usize,
+                        dial_timeout,
+                    }),
                 cleanup,
                 poll,
                 keep_rules,
@@ -370,10 +401,19 @@ struct Standalone {
     feed_max_body: u64,
     admin_listen: Option<SocketAddr>,
     to: Option<SocketAddr>,
+    redirect: Option<Redirect>,
     cleanup: bool,
     poll: Duration,
     keep_rules: bool,
     rules: DnatRuleArgs,
+}
+
+/// The redirector's settings.
+struct Redirect {
+    listen: SocketAddr,
+    url: String,
+    max_connections: usize,
+    dial_timeout: Duration,
 }
 
 /// The standalone helper's admin endpoints: /healthz and its metrics.
@@ -401,7 +441,8 @@ async fn standalone_dnat(s: Standalone) -> Result<()> {
     let shutdown = daemon::cli::shutdown_signal();
     // Cleanup needs no target; any concrete address of the right family does.
     let to =
-        s.to.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1)));
+        s.to.or(s.redirect.as_ref().map(|r| r.listen))
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1)));
     let mut config = s.rules.config(to)?;
     config.resync = s.poll;
     let metrics = DnatMetrics::default();
@@ -414,6 +455,7 @@ async fn standalone_dnat(s: Standalone) -> Result<()> {
     agent_list::parse_feed_url(&url)?;
     let cert_dir = s.cert_dir.context("--cert-dir is required")?;
     let tls = agent_list::client_config(&cert_dir, s.server_ca.as_deref())?;
+    let connect_tls = tls.0.clone();
     let mut agents = AgentList::try_new(&url, s.server_name.as_deref(), tls)?;
     agents.timeout = s.feed_timeout;
     agents.max_body = usize::try_from(s.feed_max_body).unwrap_or(usize::MAX);
@@ -424,10 +466,40 @@ async fn standalone_dnat(s: Standalone) -> Result<()> {
         ),
         None => None,
     };
+    let redirect_metrics = tunnel_server::redirect::RedirectMetrics::default();
+    let redirector = match &s.redirect {
+        Some(r) => {
+            let (authority, host) = agent_list::parse_feed_url(&r.url)
+                .with_context(|| format!("--connect-url {}", r.url))?;
+            let name = s.server_name.clone().unwrap_or(host);
+            let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                .with_context(|| format!("{name:?} is not a server name"))?;
+            let listener = transport::net::bind_tcp(r.listen)
+                .with_context(|| format!("cannot bind --redirect-listen {}", r.listen))?;
+            let upstream = tunnel_server::redirect::Upstream {
+                authority,
+                server_name,
+                tls: tokio_rustls::TlsConnector::from(connect_tls.clone()),
+                dial_timeout: r.dial_timeout,
+            };
+            Some((listener, upstream, r.max_connections))
+        }
+        None => None,
+    };
     let dnat = Dnat::start(config, metrics.clone()).await?;
+    if let Some((listener, upstream, max)) = redirector {
+        tracing::info!(listen = %to, upstream = %upstream.authority, "redirector: DNAT-redirected connections go through the CONNECT ingress");
+        tokio::spawn(tunnel_server::redirect::serve(
+            listener,
+            upstream,
+            max,
+            redirect_metrics.clone(),
+        ));
+    }
     if let Some(listener) = admin {
         let mut registry = prometheus_client::registry::Registry::with_prefix("edge_tunnel");
         metrics.register(&mut registry);
+        redirect_metrics.register(&mut registry);
         tokio::spawn(daemon::admin::serve(
             listener,
             std::sync::Arc::new(HelperAdmin(registry)),

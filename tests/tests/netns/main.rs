@@ -13,3 +13,4 @@ mod kubelet;
 mod nat;
 mod outage;
 mod prometheus;
+mod redirect;

@@ -1,0 +1,147 @@
+//! The redirector (#15): a cloud host that runs no server redirects
+//! connections for edge addresses to a local listener, which forwards each
+//! through the server's CONNECT ingress over mutually authenticated TLS.
+//! Here the server (no --dnat, feed and mTLS CONNECT) and the redirector
+//! share the cloud namespace; the client is a plain `curl` to the edge
+//! address, verifying the kubelet-like endpoint's own certificate (TLS is
+//! end to end). A port the agent does not allow is a reset, counted.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use e2e::netns::probe::{curl, curl_with_errors, listening};
+use e2e::netns::tunnel::{certs, edge_ip, spawn_kubelet, start_agent, Edge, ADMIN};
+use e2e::netns::{self, bin, Topology, CLOUD_IP, EDGE_IP};
+
+const FEED: &str = "198.18.0.1:9443";
+const CONNECT_TLS: &str = "198.18.0.1:8090";
+const REDIRECT: &str = "198.18.0.1:18081";
+const REDIRECTOR_ADMIN: &str = "127.0.0.1:19092";
+
+#[test]
+fn a_redirector_forwards_through_the_mtls_connect_ingress() {
+    if !netns::available() {
+        return;
+    }
+    let topo = Topology::new();
+    let certs = certs();
+    let kubelet = spawn_kubelet(&topo, &certs);
+    assert!(listening(&topo.edge, SocketAddr::new(edge_ip(), 10250)));
+    let server_dir = certs.pki.server_dir();
+    let server = topo.cloud.spawn(
+        bin("tunnel-server").to_str().unwrap(),
+        &[
+            "--listen",
+            &format!("{CLOUD_IP}:8443"),
+            "--cert-dir",
+            server_dir.to_str().unwrap(),
+            "--admin-listen",
+            ADMIN,
+            "--feed-listen",
+            FEED,
+            "--connect-listen",
+            CONNECT_TLS,
+            "--connect-client-ca",
+            server_dir.join("ca.crt").to_str().unwrap(),
+        ],
+        &topo.dir.join("server.log"),
+    );
+    let helper_dir = certs.pki.issue_dnat_helper();
+    let mut redirector = topo.cloud.spawn(
+        bin("tunnel-server").to_str().unwrap(),
+        &[
+            "dnat",
+            "--server-feed",
+            &format!("https://{FEED}"),
+            "--cert-dir",
+            helper_dir.to_str().unwrap(),
+            "--redirect-listen",
+            REDIRECT,
+            "--connect-url",
+            &format!("https://{CONNECT_TLS}"),
+            "--dnat-ports",
+            "10250,7001",
+            "--poll",
+            "1",
+            "--admin-listen",
+            REDIRECTOR_ADMIN,
+        ],
+        &topo.dir.join("redirector.log"),
+    );
+    let agent = start_agent(&topo, &certs, &[]);
+    let edge = Edge {
+        certs,
+        server,
+        agent,
+        kubelet,
+        topo,
+    };
+    // wait_registered also waits for the redirector's rule for the edge.
+    edge.wait_registered(Duration::from_secs(20));
+    let cloud = &edge.topo.cloud;
+    let rules =
+        String::from_utf8_lossy(&cloud.sh(&["iptables-save", "-t", "nat"]).stdout).into_owned();
+    assert!(
+        rules.contains(&format!("--to-destination {REDIRECT}")),
+        "{rules}"
+    );
+    let cacert = edge.certs.kubelet_dir.join("ca.crt");
+    let cacert = cacert.to_str().unwrap();
+    let healthz = curl(
+        cloud,
+        &[
+            "--cacert",
+            cacert,
+            &format!("https://{EDGE_IP}:10250/healthz"),
+        ],
+    );
+    assert_eq!(
+        healthz,
+        "ok from kubelet-like\n",
+        "redirector log:\n{}\nserver log:\n{}",
+        redirector.log_text(),
+        edge.server.log_text()
+    );
+    let logs = curl(
+        cloud,
+        &["--cacert", cacert, &format!("https://{EDGE_IP}:10250/logs")],
+    );
+    assert!(logs.contains("log line 29"), "{logs}");
+    // 7001 is redirected but not on the agent's allow-list: the ingress
+    // answers 403 and the client sees a reset (as early as its connect,
+    // depending on timing), never a hang.
+    let (out, err) = curl_with_errors(cloud, &[&format!("http://{EDGE_IP}:7001/")]);
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        ["reset", "Recv failure", "Empty reply", "Couldn't connect"]
+            .iter()
+            .any(|s| err.contains(s)),
+        "{err}"
+    );
+    let metric = |addr: &str, series: &str| {
+        e2e::metric_in(&curl(cloud, &[&format!("http://{addr}/metrics")]), series)
+    };
+    assert_eq!(
+        metric(
+            REDIRECTOR_ADMIN,
+            "edge_tunnel_redirected_connections_total{result=\"ok\"}"
+        ),
+        2.0
+    );
+    assert!(
+        metric(
+            REDIRECTOR_ADMIN,
+            "edge_tunnel_redirected_connections_total{result=\"refused_4xx\"}"
+        ) >= 1.0
+    );
+    // Every forwarded connection was authorized by the helper's
+    // certificate (curl may try the refused one twice).
+    assert!(
+        metric(
+            ADMIN,
+            "edge_tunnel_connect_authorized_total{credential=\"certificate\",name=\"edge-tunnel:dnat-helper\"}"
+        ) >= 3.0
+    );
+    let status = redirector.terminate();
+    assert!(status.success(), "{}", redirector.log_text());
+}
