@@ -366,19 +366,21 @@ fn tls_proxy(pki: &Pki, proxy: SocketAddr, cert_dir: Option<&Path>) -> Vec<Strin
     args
 }
 
-/// `--connect-client-ca`: the listener speaks TLS and proxies only for a
-/// client certificate chaining to that CA, and of the tunnel CA's
-/// certificates only a CONNECT client's (never an agent's).
+/// `--connect-tls-listen` with `--connect-client-ca`: TLS, proxying only
+/// for a client certificate chaining to that CA, and of the tunnel CA's
+/// certificates only a CONNECT client's (never an agent's). The plain
+/// listener beside it keeps serving token clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_clients_need_a_connect_client_certificate() {
     let target = head_echo_server().await;
     let (pki, server, agent) = tunnel(target, |s| {
+        s.connect_tls_listen = Some("127.0.0.1:0".parse().unwrap());
         // The tunnel CA: agent certificates chain to it too.
         s.connect_client_ca = Some(s.cert_dir.join("ca.crt"));
     })
     .await;
     let apiserver = pki.issue_connect_client("kube-apiserver");
-    let proxy = server.connect_addr();
+    let proxy = server.addrs.connect_tls.expect("TLS CONNECT listener");
     let url = format!("http://{NODE}:{}/tls", target.port());
     let run = |cert: Option<std::path::PathBuf>, tunnel: bool| {
         let mut args = tls_proxy(&pki, proxy, cert.as_deref());
@@ -453,11 +455,12 @@ async fn tls_clients_without_a_certificate_need_a_token() {
     let tokens = dir.path().join("tokens");
     write_tokens(&tokens, &format!("prometheus:{TOKEN}\n"));
     let (pki, server, agent) = tunnel(target, |s| {
+        s.connect_tls_listen = Some("127.0.0.1:0".parse().unwrap());
         s.connect_client_ca = Some(s.cert_dir.join("ca.crt"));
         s.connect_token_file = Some(tokens.clone());
     })
     .await;
-    let proxy = server.connect_addr();
+    let proxy = server.addrs.connect_tls.expect("TLS CONNECT listener");
     let url = format!("http://{NODE}:{}/opt", target.port());
     let with = |extra: &[&str], cert: Option<&Path>| {
         let mut args = tls_proxy(&pki, proxy, cert);
@@ -494,6 +497,7 @@ async fn a_bad_client_ca_file_is_named() {
     let bad = dir.path().join("client-ca.pem");
     std::fs::write(&bad, "not a certificate").unwrap();
     let mut settings = TestServer::config(&pki, "127.0.0.1:0".parse().unwrap());
+    settings.connect_tls_listen = Some("127.0.0.1:0".parse().unwrap());
     settings.connect_client_ca = Some(bad.clone());
     let config = tunnel_server::ServerConfig::try_new(settings).unwrap();
     let e = tunnel_server::Server::bind(config).err().expect("refused");

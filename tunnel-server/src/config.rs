@@ -36,9 +36,12 @@ pub struct ServerSettings {
     /// `name:token` lines; TCP CONNECT requests must prove one
     /// (`Proxy-Authorization`). Reloaded when the file changes.
     pub connect_token_file: Option<PathBuf>,
-    /// CA bundle for the CONNECT listener's clients: the listener speaks
-    /// TLS with the server's certificate and requires a client
-    /// certificate chaining to it (optional when a token file is given).
+    /// The CONNECT ingress over TLS, with client certificates: the
+    /// server's own certificate, clients verified against
+    /// `connect_client_ca` (a certificate is optional when a token file
+    /// is given). Beside `connect_listen`, which stays plain HTTP.
+    pub connect_tls_listen: Option<SocketAddr>,
+    /// CA bundle for the clients of `connect_tls_listen`.
     pub connect_client_ca: Option<PathBuf>,
     /// Ranges the server dials itself when no agent serves a CONNECT or
     /// forward target (webhooks, aggregated APIs). Default none: 503.
@@ -149,6 +152,7 @@ impl ServerSettings {
             connect_uds_mode: 0o600,
             connect_uds_group: None,
             connect_token_file: None,
+            connect_tls_listen: None,
             connect_client_ca: None,
             direct_cidrs: Vec::new(),
             connect_allow_unauthenticated: false,
@@ -202,10 +206,14 @@ pub enum ConfigError {
     StreamReserve { reserve: usize, max: usize },
     #[error(
         "the CONNECT listener on {0} would proxy anyone who reaches it: give \
-         --connect-client-ca or --connect-token-file, serve it on loopback or on --connect-uds, or pass \
+         --connect-token-file, serve it on loopback, on --connect-uds or as --connect-tls-listen, or pass \
          --connect-allow-unauthenticated if something else keeps clients out"
     )]
     UnauthenticatedConnect(SocketAddr),
+    #[error("--connect-tls-listen {0} needs --connect-client-ca: the CA its clients' certificates must chain to")]
+    TlsListenWithoutCa(SocketAddr),
+    #[error("--connect-client-ca is for the TLS CONNECT listener: give --connect-tls-listen too")]
+    CaWithoutTlsListen,
     #[error("--connect-uds-mode {0:o} must be an octal file mode (at most 0777) that lets the owner read and write")]
     UdsMode(u32),
     #[error("--max-streams-per-client must be at least 1")]
@@ -268,11 +276,15 @@ impl ServerConfig {
         if let Some(addr) = settings.connect_listen {
             if !addr.ip().is_loopback()
                 && settings.connect_token_file.is_none()
-                && settings.connect_client_ca.is_none()
                 && !settings.connect_allow_unauthenticated
             {
                 return Err(ConfigError::UnauthenticatedConnect(addr));
             }
+        }
+        match (settings.connect_tls_listen, &settings.connect_client_ca) {
+            (Some(addr), None) => return Err(ConfigError::TlsListenWithoutCa(addr)),
+            (None, Some(_)) => return Err(ConfigError::CaWithoutTlsListen),
+            _ => {}
         }
         if settings.connect_uds_mode > 0o777 || settings.connect_uds_mode & 0o600 != 0o600 {
             return Err(ConfigError::UdsMode(settings.connect_uds_mode));
@@ -346,12 +358,41 @@ mod tests {
         };
         let e = open(&|_| {}).unwrap_err();
         assert!(matches!(e, ConfigError::UnauthenticatedConnect(_)), "{e}");
-        assert!(e.to_string().contains("--connect-client-ca"), "{e}");
+        assert!(e.to_string().contains("--connect-tls-listen"), "{e}");
         open(&|s| s.connect_token_file = Some("/tokens".into())).unwrap();
-        open(&|s| s.connect_client_ca = Some("/ca.crt".into())).unwrap();
         open(&|s| s.connect_allow_unauthenticated = true).unwrap();
         open(&|s| s.connect_listen = Some("127.0.0.1:8080".parse().unwrap())).unwrap();
         open(&|s| s.connect_listen = Some("[::1]:8080".parse().unwrap())).unwrap();
+        // The TLS listener and its CA come together.
+        let tls = |s: &mut ServerSettings| {
+            s.connect_listen = None;
+            s.connect_tls_listen = Some("0.0.0.0:8090".parse().unwrap());
+        };
+        assert!(matches!(
+            open(&tls),
+            Err(ConfigError::TlsListenWithoutCa(_))
+        ));
+        open(&|s| {
+            tls(s);
+            s.connect_client_ca = Some("/ca.crt".into());
+        })
+        .unwrap();
+        assert_eq!(
+            open(&|s| {
+                s.connect_listen = None;
+                s.connect_client_ca = Some("/ca.crt".into());
+            })
+            .unwrap_err(),
+            ConfigError::CaWithoutTlsListen
+        );
+        assert_eq!(
+            open(&|s| {
+                s.connect_listen = None;
+                s.connect_uds_mode = 0o400;
+            })
+            .unwrap_err(),
+            ConfigError::UdsMode(0o400)
+        );
     }
 
     #[test]
@@ -380,27 +421,6 @@ mod tests {
         assert!(
             e.to_string().contains("must not exceed --receive-budget"),
             "{e}"
-        );
-    }
-
-    #[test]
-    fn an_open_connect_listener_must_be_loopback_or_asked_for() {
-        let mut s = settings();
-        s.connect_listen = Some("0.0.0.0:8080".parse().unwrap());
-        let e = ServerConfig::try_new(s.clone()).unwrap_err();
-        assert!(e.to_string().contains("would proxy anyone"), "{e}");
-        s.connect_token_file = Some("/tokens".into());
-        ServerConfig::try_new(s.clone()).unwrap();
-        s.connect_token_file = None;
-        s.connect_allow_unauthenticated = true;
-        ServerConfig::try_new(s.clone()).unwrap();
-        s.connect_allow_unauthenticated = false;
-        s.connect_listen = Some("127.0.0.1:8080".parse().unwrap());
-        ServerConfig::try_new(s.clone()).unwrap();
-        s.connect_uds_mode = 0o400;
-        assert_eq!(
-            ServerConfig::try_new(s).unwrap_err(),
-            ConfigError::UdsMode(0o400)
         );
     }
 

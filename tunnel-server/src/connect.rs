@@ -69,7 +69,7 @@ impl Peer {
     }
 }
 
-/// Serves CONNECT on a TCP listener; with `tls` (`--connect-client-ca`)
+/// Serves CONNECT on a TCP listener; with `tls` (`--connect-tls-listen`)
 /// every connection is a TLS session first, and nothing is served to one
 /// whose handshake fails.
 pub async fn serve(listener: TcpListener, tls: Option<ConnectTls>, shared: Arc<Shared>) {

@@ -216,7 +216,8 @@ pub struct Server {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     h2: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
-    connect: Option<(TcpListener, Option<proxy_auth::ConnectTls>)>,
+    connect: Option<TcpListener>,
+    connect_tls: Option<(TcpListener, proxy_auth::ConnectTls)>,
     /// The Unix socket's listener, and the inode it was bound as (removed
     /// at shutdown only if a successor has not replaced it since).
     connect_uds: Option<(tokio::net::UnixListener, u64)>,
@@ -232,6 +233,7 @@ pub struct BoundAddrs {
     pub quic: SocketAddr,
     pub h2: Option<SocketAddr>,
     pub connect: Option<SocketAddr>,
+    pub connect_tls: Option<SocketAddr>,
     pub transparent: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub feed: Option<SocketAddr>,
@@ -305,15 +307,15 @@ impl Server {
         } else {
             None
         };
-        let connect = match bind_tcp("CONNECT", config.connect_listen)? {
+        let connect = bind_tcp("CONNECT", config.connect_listen)?;
+        let connect_tls = match bind_tcp("CONNECT (TLS)", config.connect_tls_listen)? {
             Some(listener) => {
-                let tls = config
+                let ca = config
                     .connect_client_ca
                     .as_deref()
-                    .map(|ca| {
-                        proxy_auth::ConnectTls::new(&dir, ca, config.connect_token_file.is_some())
-                    })
-                    .transpose()?;
+                    .expect("checked with the configuration");
+                let tls =
+                    proxy_auth::ConnectTls::new(&dir, ca, config.connect_token_file.is_some())?;
                 Some((listener, tls))
             }
             None => None,
@@ -354,6 +356,7 @@ impl Server {
             endpoint,
             h2,
             connect,
+            connect_tls,
             connect_uds,
             transparent,
             admin,
@@ -377,7 +380,11 @@ impl Server {
                 .local_addr()
                 .expect("bound endpoint has an address"),
             h2: self.h2.as_ref().and_then(|(l, _)| l.local_addr().ok()),
-            connect: self.connect.as_ref().and_then(|(l, _)| l.local_addr().ok()),
+            connect: addr(&self.connect),
+            connect_tls: self
+                .connect_tls
+                .as_ref()
+                .and_then(|(l, _)| l.local_addr().ok()),
             transparent: addr(&self.transparent),
             admin: addr(&self.admin),
             feed: self.feed.as_ref().and_then(|(l, _)| l.local_addr().ok()),
@@ -414,8 +421,11 @@ impl Server {
         if let Some(name) = shared.config.peers_dns.clone() {
             tasks.spawn(peers::follow(name, shared.clone()));
         }
-        if let Some((l, tls)) = self.connect {
-            tasks.spawn(connect::serve(l, tls, shared.clone()));
+        if let Some(l) = self.connect {
+            tasks.spawn(connect::serve(l, None, shared.clone()));
+        }
+        if let Some((l, tls)) = self.connect_tls {
+            tasks.spawn(connect::serve(l, Some(tls), shared.clone()));
         }
         if let Some(l) = self.transparent {
             tasks.spawn(transparent::serve(l, shared.clone()));

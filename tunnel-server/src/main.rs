@@ -46,8 +46,7 @@ struct Args {
     #[arg(long, env = "TUNNEL_NO_H2")]
     no_h2: bool,
     /// HTTP CONNECT ingress (egress selector, Prometheus proxy_url, curl -x).
-    /// Anywhere but loopback it needs --connect-client-ca or
-    /// --connect-token-file (or
+    /// Plain HTTP: anywhere but loopback it needs --connect-token-file (or
     /// --connect-allow-unauthenticated).
     #[arg(long, env = "TUNNEL_CONNECT_LISTEN")]
     connect_listen: Option<SocketAddr>,
@@ -68,12 +67,24 @@ struct Args {
     /// when the file changes.
     #[arg(long, env = "TUNNEL_CONNECT_TOKEN_FILE")]
     connect_token_file: Option<PathBuf>,
-    /// CA bundle (PEM) for CONNECT clients: the TCP CONNECT listener
-    /// speaks TLS with the server's certificate (--cert-dir) and requires
-    /// a client certificate chaining to it (with --connect-token-file too,
-    /// a client without one must send a token). Tunnel-CA certificates are
-    /// accepted only from `tunnel-certs connect-client`, never an agent's.
-    #[arg(long, env = "TUNNEL_CONNECT_CLIENT_CA")]
+    /// The CONNECT ingress over TLS (the server's --cert-dir certificate),
+    /// for clients with certificates chaining to --connect-client-ca
+    /// (kube-apiserver's egress selector over TCP, the redirector); with
+    /// --connect-token-file too, a client without one must send a token.
+    #[arg(
+        long,
+        env = "TUNNEL_CONNECT_TLS_LISTEN",
+        requires = "connect_client_ca"
+    )]
+    connect_tls_listen: Option<SocketAddr>,
+    /// CA bundle (PEM) the clients of --connect-tls-listen must chain to.
+    /// Tunnel-CA certificates are accepted only from `tunnel-certs
+    /// connect-client` and the DNAT helper, never an agent's.
+    #[arg(
+        long,
+        env = "TUNNEL_CONNECT_CLIENT_CA",
+        requires = "connect_tls_listen"
+    )]
     connect_client_ca: Option<PathBuf>,
     /// Ranges (CIDR, comma-separated or repeated) the server dials itself
     /// when no agent serves a CONNECT target: the cloud's service and pod
@@ -549,6 +560,7 @@ fn serve(args: Args) -> Result<()> {
     settings.connect_uds_group = args.connect_uds_group;
     settings.connect_token_file = args.connect_token_file;
     settings.connect_allow_unauthenticated = args.connect_allow_unauthenticated;
+    settings.connect_tls_listen = args.connect_tls_listen;
     settings.connect_client_ca = args.connect_client_ca;
     settings.direct_cidrs = args.direct_cidr;
     settings.transparent_listen = args.transparent_listen;

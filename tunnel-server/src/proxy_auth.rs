@@ -4,7 +4,7 @@
 //!
 //! - A Unix-socket client (`--connect-uds`) was admitted by the socket's
 //!   permissions (counted by its uid).
-//! - A TLS client (`--connect-client-ca`) is authenticated by its
+//! - A client of `--connect-tls-listen` is authenticated by its
 //!   certificate, which the handshake verified against that CA. A
 //!   certificate that also chains to the tunnel's own CA is accepted only
 //!   as a CONNECT client (CN `edge-tunnel:connect:NAME`) or the DNAT
@@ -38,7 +38,7 @@ pub enum CertIdentity {
     Refused(Arc<str>),
 }
 
-/// The TLS side of the CONNECT listener (`--connect-client-ca`).
+/// The TLS CONNECT listener's side (`--connect-tls-listen`, `--connect-client-ca`).
 #[derive(Clone)]
 pub struct ConnectTls {
     pub acceptor: tokio_rustls::TlsAcceptor,

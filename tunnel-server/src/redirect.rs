@@ -3,7 +3,7 @@
 //! for edge addresses to a local listener; the redirector reads the
 //! original destination (SO_ORIGINAL_DST) and forwards the connection
 //! through a server's CONNECT ingress, over mutually authenticated TLS
-//! (the DNAT helper's certificate; the server's `--connect-client-ca`
+//! (the DNAT helper's certificate; the server's `--connect-tls-listen`
 //! accepts it). Edges never need to reach this node, and any replica
 //! behind the CONNECT address serves any node.
 //!

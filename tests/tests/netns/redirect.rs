@@ -39,7 +39,7 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
             ADMIN,
             "--feed-listen",
             FEED,
-            "--connect-listen",
+            "--connect-tls-listen",
             CONNECT_TLS,
             "--connect-client-ca",
             server_dir.join("ca.crt").to_str().unwrap(),
