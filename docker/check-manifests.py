@@ -19,11 +19,11 @@ TARGETS = [ROOT] + [
 # Custom resources have no built-in schema; they are checked by hand below.
 CRD_KINDS = {"ServiceMonitor"}
 # The only added capabilities allowed, per workload.
-ALLOWED_CAPS = {"tunnel-dnat": {"NET_ADMIN", "NET_RAW"}}
+ALLOWED_CAPS = {"tunnel-redirector": {"NET_ADMIN", "NET_RAW"}}
 # Workloads allowed on the host network.
-HOST_NETWORK = {"tunnel-agent", "tunnel-dnat"}
+HOST_NETWORK = {"tunnel-agent", "tunnel-redirector"}
 # Workloads that must run as root (iptables), all others must not.
-ROOT_OK = {"tunnel-dnat"}
+ROOT_OK = {"tunnel-redirector"}
 
 problems = []
 

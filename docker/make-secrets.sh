@@ -52,6 +52,10 @@ for spec in "${nodes[@]}"; do
     "$certs" agent --ca "$out/pki/ca" --out "$out/agents/$node" --node "$node" "${nargs[@]}" >/dev/null
     "$certs" secret --dir "$out/agents/$node" --name "tunnel-agent-$node" > "$out/tunnel-agent-$node.yaml"
 done
+# The redirectors' client certificate (CN edge-tunnel:dnat-helper): the
+# servers' agent feed and TLS CONNECT listener accept it.
+"$certs" dnat-helper --ca "$out/pki/ca" --out "$out/pki/dnat-helper" --force >/dev/null
+"$certs" secret --dir "$out/pki/dnat-helper" --name tunnel-dnat-helper-tls > "$out/tunnel-dnat-helper-tls.yaml"
 # The CONNECT ingress's proxy credentials (--connect-token-file): one
 # random token for Prometheus, written once (mode 0600, never overwritten).
 tokens="$out/tunnel-connect-tokens.yaml"
@@ -71,4 +75,4 @@ stringData:
 YAML
     )
 fi
-echo "wrote $out: tunnel-server-tls.yaml, ${#nodes[@]} agent certificate(s), tunnel-connect-tokens.yaml; keep $out/pki/ca/ca.key offline"
+echo "wrote $out: tunnel-server-tls.yaml, tunnel-dnat-helper-tls.yaml, ${#nodes[@]} agent certificate(s), tunnel-connect-tokens.yaml; keep $out/pki/ca/ca.key offline"

@@ -427,14 +427,21 @@ struct Redirect {
     dial_timeout: Duration,
 }
 
-/// The standalone helper's admin endpoints: /healthz and its metrics.
-struct HelperAdmin(prometheus_client::registry::Registry);
+/// The standalone helper's admin endpoints: /healthz, /readyz (the last
+/// rule sync succeeded) and its metrics.
+struct HelperAdmin(prometheus_client::registry::Registry, DnatMetrics);
 
 impl daemon::admin::AdminRoutes for HelperAdmin {
     fn get(&self, path: &str) -> daemon::admin::Reply {
         use daemon::admin::{Reply, OPENMETRICS, TEXT};
         match path {
             "/healthz" => Reply::new(200, TEXT, "ok\n"),
+            "/readyz" if self.1.is_in_sync() => Reply::new(200, TEXT, "ready: rules in sync\n"),
+            "/readyz" => Reply::new(
+                503,
+                TEXT,
+                "not ready: the rules are not in sync yet (see the log)\n",
+            ),
             "/metrics" => {
                 let mut out = String::new();
                 match prometheus_client::encoding::text::encode(&mut out, &self.0) {
@@ -513,7 +520,7 @@ async fn standalone_dnat(s: Standalone) -> Result<()> {
         redirect_metrics.register(&mut registry);
         tokio::spawn(daemon::admin::serve(
             listener,
-            std::sync::Arc::new(HelperAdmin(registry)),
+            std::sync::Arc::new(HelperAdmin(registry, metrics.clone())),
         ));
     }
     tracing::info!(url = agents.url(), %to, "DNAT helper following the server's agent feed");

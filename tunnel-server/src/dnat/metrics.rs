@@ -21,9 +21,16 @@ pub struct DnatMetrics {
     /// Reads of the standalone helper's feed, by result: `ok` or why not
     /// (`server_certificate`, `client_rejected`, `forbidden`, `timeout`...).
     pub feed_reads: Family<Label, Counter>,
+    /// Whether the last rule sync succeeded (readiness).
+    pub in_sync: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DnatMetrics {
+    /// Whether the rules were synced and the last sync succeeded.
+    pub fn is_in_sync(&self) -> bool {
+        self.in_sync.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Registers every series with `registry` (prefix included there).
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
@@ -52,6 +59,8 @@ impl DnatMetrics {
     }
 
     pub fn sync(&self, result: &'static str) {
+        self.in_sync
+            .store(result != "failed", std::sync::atomic::Ordering::Relaxed);
         self.syncs.get_or_create(&[("result", result)]).inc();
     }
 
