@@ -85,6 +85,11 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
         rules.contains(&format!("--to-destination {REDIRECT}")),
         "{rules}"
     );
+    // Ready once its rules are in sync.
+    assert_eq!(
+        curl(cloud, &[&format!("http://{REDIRECTOR_ADMIN}/readyz")]),
+        "ready: rules in sync\n"
+    );
     let cacert = edge.certs.kubelet_dir.join("ca.crt");
     let cacert = cacert.to_str().unwrap();
     let healthz = curl(
