@@ -200,6 +200,20 @@ impl Cluster {
         })
     }
 
+    /// Replica `i`'s `/readyz`: `None` when it does not answer.
+    fn ready(&self, i: usize) -> Option<bool> {
+        let addr: SocketAddr = format!("{}:9091", REPLICAS[i].1).parse().unwrap();
+        self.topo.cloud.block_on(|| async move {
+            tokio::time::timeout(Duration::from_secs(2), async {
+                tokio::net::TcpStream::connect(addr).await.ok()?;
+                Some(e2e::http_get(addr, "/readyz").await.0 == 200)
+            })
+            .await
+            .ok()
+            .flatten()
+        })
+    }
+
     fn holds(&self, i: usize) -> bool {
         self.admin(i)
             .is_some_and(|(_, body)| body.contains("\"edge-1\""))
@@ -398,4 +412,95 @@ fn an_agent_given_one_load_balanced_address_holds_every_replica() {
         "{}",
         c.agent.as_ref().unwrap().log_text()
     );
+}
+
+/// A rolling restart of all three replicas behind the balanced address,
+/// one after another, each with `--drain-grace`: on SIGTERM a replica
+/// turns unready, a tunnel open through it keeps flowing, a new one
+/// through it still gets through, and it exits once they end (long
+/// before its grace); the others serve meanwhile, and the agent holds
+/// every replacement afterwards.
+#[test]
+fn a_rolling_restart_drains_each_replica_without_failing_a_connection() {
+    let lb = format!("{LB}:8443");
+    let Some(mut c) = Cluster::start_with(
+        &[],
+        &["--server-count", "3", "--drain-grace", "60s"],
+        Some(&lb),
+    ) else {
+        return;
+    };
+    c.wait("agent held by all three", Duration::from_secs(30), |c| {
+        (0..3).all(|i| c.holds(i))
+    });
+    for i in 0..3 {
+        let proxy: SocketAddr = format!("{}:8080", REPLICAS[i].1).parse().unwrap();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let (drain_tx, drain_rx) = std::sync::mpsc::channel::<()>();
+        let cloud = netns::Ns {
+            name: c.topo.cloud.name.clone(),
+        };
+        let client = std::thread::spawn(move || {
+            cloud.block_on(|| async move {
+                let target = format!("{EDGE_IP}:{ECHO_PORT}");
+                let mut long = connect_via(proxy, &target).await.unwrap();
+                echo(&mut long, b"before").await;
+                ready_tx.send(()).unwrap();
+                drain_rx.recv().unwrap();
+                // Draining: the open tunnel flows, a new one gets through.
+                echo(&mut long, b"during the drain").await;
+                let mut new = connect_via(proxy, &target)
+                    .await
+                    .unwrap_or_else(|(code, body)| {
+                        panic!("new tunnel while draining: {code} {body}")
+                    });
+                echo(&mut new, b"new while draining").await;
+            })
+        });
+        ready_rx.recv().unwrap();
+        let pid = c.servers[i].as_ref().unwrap().pid();
+        netns::sh(&["kill", "-TERM", &pid.to_string()]);
+        c.wait("the replica turns unready", Duration::from_secs(10), |c| {
+            c.ready(i) == Some(false)
+        });
+        drain_tx.send(()).unwrap();
+        client.join().expect("tunnels through the draining replica");
+        // The others serve meanwhile.
+        for j in (0..3).filter(|j| *j != i) {
+            c.echo_through(j);
+        }
+        // Its tunnels are done: it exits well before the 60 s grace.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut old = c.servers[i].take().unwrap();
+        while old.is_running() {
+            assert!(
+                Instant::now() < deadline,
+                "the drained replica did not exit: {}",
+                old.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = old.log_text();
+        assert!(
+            log.contains("drained: no tunneled connection open"),
+            "{log}"
+        );
+        c.servers[i] = Some(c.start_server(i));
+        c.wait("agent on the replacement", Duration::from_secs(40), |c| {
+            c.holds(i)
+        });
+    }
+    for i in 0..3 {
+        c.echo_through(i);
+    }
+}
+
+async fn echo(tcp: &mut tokio::net::TcpStream, what: &[u8]) {
+    tcp.write_all(what).await.unwrap();
+    let mut back = vec![0u8; what.len()];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut back))
+        .await
+        .expect("echo within 10 s")
+        .unwrap();
+    assert_eq!(back, what);
 }
