@@ -129,7 +129,8 @@ async fn register(
         node: node(i),
         addresses: vec![address(i)],
         capabilities: 0,
-        held: vec![],
+        instance: 0,
+        previous: String::new(),
     });
     write_message(&mut send, &hello).await?;
     match read_message(&mut recv, &mut Vec::new()).await? {

@@ -15,7 +15,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::message::*;
-use crate::{MAX_ADDRESSES, MAX_HELD, MAX_NODE_NAME, MAX_REASON};
+use crate::{MAX_ADDRESSES, MAX_NODE_NAME, MAX_REASON};
 
 /// Bytes of frame header before the body.
 pub const FRAME_HEADER_LEN: usize = 3;
@@ -87,10 +87,8 @@ pub fn encode(msg: &Message, dst: &mut Vec<u8>) -> Result<(), EncodeError> {
                 w.ip(*a);
             }
             w.u32(h.capabilities);
-            w.len_u8("held", h.held.len(), MAX_HELD)?;
-            for id in &h.held {
-                w.str("held", id, MAX_NODE_NAME)?;
-            }
+            w.u64(h.instance);
+            w.str("previous", &h.previous, MAX_NODE_NAME)?;
             T_HELLO
         }
         Message::Welcome(m) => {
@@ -176,23 +174,19 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
             }
             let capabilities = r.u32("capabilities")?;
             // Added in minor version 1: an older agent's Hello ends here.
-            let mut held = Vec::new();
-            if !r.buf.is_empty() {
-                let count = r.u8("held count")? as usize;
-                if count > MAX_HELD {
-                    return Err(r.too_long("held", count, MAX_HELD));
-                }
-                for _ in 0..count {
-                    held.push(r.str("held", MAX_NODE_NAME)?);
-                }
-            }
+            let (instance, previous) = if r.buf.is_empty() {
+                (0, String::new())
+            } else {
+                (r.u64("instance")?, r.str("previous", MAX_NODE_NAME)?)
+            };
             Message::Hello(Hello {
                 version_major,
                 version_minor,
                 node,
                 addresses,
                 capabilities,
-                held,
+                instance,
+                previous,
             })
         }
         T_WELCOME => Message::Welcome(Welcome {
@@ -262,6 +256,9 @@ impl Writer<'_> {
         self.buf.extend_from_slice(&v.to_be_bytes());
     }
     fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u64(&mut self, v: u64) {
         self.buf.extend_from_slice(&v.to_be_bytes());
     }
     fn len_u8(&mut self, field: &'static str, len: usize, max: usize) -> Result<(), EncodeError> {
@@ -334,6 +331,10 @@ impl<'a> Reader<'a> {
         let b = self.take(field, 4)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
+    fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        let b = self.take(field, 8)?;
+        Ok(u64::from_be_bytes(b.try_into().expect("8 bytes taken")))
+    }
     fn str(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
         let len = self.u16(field)? as usize;
         if len > max {
@@ -393,18 +394,22 @@ mod tests {
                 "[a-z0-9.-]{0,253}",
                 prop::collection::vec(arb_ip(), 0..=MAX_ADDRESSES),
                 any::<u32>(),
-                prop::collection::vec("[a-z0-9-]{1,20}", 0..=4)
+                any::<u64>(),
+                "[a-z0-9-]{0,20}"
             )
-                .prop_map(|(a, b, node, addresses, capabilities, held)| {
-                    Message::Hello(Hello {
-                        version_major: a,
-                        version_minor: b,
-                        node,
-                        addresses,
-                        capabilities,
-                        held,
-                    })
-                }),
+                .prop_map(
+                    |(a, b, node, addresses, capabilities, instance, previous)| {
+                        Message::Hello(Hello {
+                            version_major: a,
+                            version_minor: b,
+                            node,
+                            addresses,
+                            capabilities,
+                            instance,
+                            previous,
+                        })
+                    }
+                ),
             (any::<u8>(), any::<u8>(), "\\PC{0,60}", any::<u16>()).prop_map(
                 |(a, b, server_id, replicas)| {
                     Message::Welcome(Welcome {
@@ -596,7 +601,7 @@ mod tests {
     }
 
     #[test]
-    fn a_hello_without_held_ids_is_read_as_holding_none() {
+    fn a_hello_without_instance_is_read_as_unknown() {
         // Minor version 0: capabilities is the last field.
         let body = [1u8, 0, 0, 1, b'n', 0, 0, 0, 0, 2];
         let mut frame = vec![T_HELLO];
@@ -605,25 +610,16 @@ mod tests {
         match decode(&frame).unwrap().unwrap().0 {
             Message::Hello(h) => {
                 assert_eq!(h.capabilities, 2);
-                assert!(h.held.is_empty());
+                assert_eq!(h.instance, 0);
+                assert!(h.previous.is_empty());
             }
             other => panic!("{other:?}"),
         }
-        // More than MAX_HELD ids: refused on both ends.
-        let hello = Message::Hello(Hello {
-            version_major: 1,
-            version_minor: 1,
-            node: "n".into(),
-            addresses: vec![],
-            capabilities: 0,
-            held: vec!["s".into(); MAX_HELD + 1],
-        });
-        assert_eq!(encode(&hello, &mut Vec::new()).unwrap_err().field, "held");
-        let mut body = vec![1u8, 1, 0, 1, b'n', 0, 0, 0, 0, 0, (MAX_HELD + 1) as u8];
-        body.extend(std::iter::repeat_n([0u8, 1, b's'], MAX_HELD + 1).flatten());
-        let mut frame = vec![T_HELLO];
-        frame.extend_from_slice(&(body.len() as u16).to_be_bytes());
-        frame.extend_from_slice(&body);
+        // A cut instance is an error, not a guess.
+        let mut frame = frame.clone();
+        frame.extend_from_slice(&[0, 0, 1]);
+        let len = (frame.len() - FRAME_HEADER_LEN) as u16;
+        frame[1..3].copy_from_slice(&len.to_be_bytes());
         assert!(decode(&frame).is_err());
     }
 
@@ -635,7 +631,8 @@ mod tests {
             node: "n".repeat(MAX_NODE_NAME + 1),
             addresses: vec![],
             capabilities: 0,
-            held: vec![],
+            instance: 0,
+            previous: String::new(),
         });
         let err = encode(&hello, &mut Vec::new()).unwrap_err();
         assert_eq!(err.field, "node");

@@ -44,8 +44,6 @@ pub const VERSION_MINOR: u8 = 1;
 pub const MAX_NODE_NAME: usize = 253;
 /// Most addresses an agent may announce in its [`Hello`].
 pub const MAX_ADDRESSES: usize = 32;
-/// Most server ids a `Hello` lists as held.
-pub const MAX_HELD: usize = 64;
 /// Longest human-readable reason carried in a refusal, dial result or
 /// `GoAway`, in bytes; longer ones are cut when encoded ([`truncate_reason`]).
 pub const MAX_REASON: usize = 1024;

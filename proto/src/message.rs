@@ -62,13 +62,17 @@ pub struct Hello {
     pub addresses: Vec<IpAddr>,
     /// Bit set of [`crate::capability`] flags.
     pub capabilities: u32,
-    /// The server ids this agent holds a connection to already, on other
-    /// connections (minor version 1; at most [`crate::MAX_HELD`]): a
-    /// server that finds its own id here and a live connection of this
-    /// node refuses with [`RefuseCode::AlreadyConnected`] instead of
-    /// replacing it (a load balancer sent a second connection to it).
-    /// Absent from an older agent's `Hello`: read as empty.
-    pub held: Vec<String>,
+    /// Minor version 1 (absent from an older agent's `Hello`: 0 and
+    /// empty). A random id of the agent process: a server that has a live
+    /// connection of this node from the same process refuses a second one
+    /// with [`RefuseCode::AlreadyConnected`] (a load balancer sent another
+    /// of the agent's connections here) instead of replacing it, as it
+    /// replaces a connection of a restarted agent. 0: unknown.
+    pub instance: u64,
+    /// The server id this connection's predecessor was registered with
+    /// and lost (empty if none): a server with that id replaces its stale
+    /// connection from the same process (a path cut it saw no end of).
+    pub previous: String,
 }
 
 /// The server's acceptance of a [`Hello`].
@@ -105,9 +109,10 @@ pub enum RefuseCode {
     AddressInUse,
     /// The server is shutting down (draining): try another replica.
     ServerDraining,
-    /// The agent says it holds a connection to this server already, and
-    /// that connection is live: this one is a duplicate (a load balancer
-    /// picked a replica the agent has); try again for another.
+    /// The same agent process has a live connection to this server
+    /// already: this one is a duplicate (a load balancer picked a replica
+    /// the agent holds, or two of its dials met here); try again for
+    /// another.
     AlreadyConnected,
     /// A code this build does not know; carried through, not rejected.
     Other(u16),

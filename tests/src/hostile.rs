@@ -188,7 +188,8 @@ pub fn hello(node: &str) -> proto::Message {
         node: node.into(),
         addresses: vec![],
         capabilities: 0,
-        held: vec![],
+        instance: 0,
+        previous: String::new(),
     })
 }
 

@@ -433,8 +433,8 @@ fn a_rolling_restart_drains_each_replica_without_failing_a_connection() {
     c.wait("agent held by all three", Duration::from_secs(30), |c| {
         (0..3).all(|i| c.holds(i))
     });
-    for i in 0..3 {
-        let proxy: SocketAddr = format!("{}:8080", REPLICAS[i].1).parse().unwrap();
+    for (i, (_, ip)) in REPLICAS.iter().enumerate() {
+        let proxy: SocketAddr = format!("{ip}:8080").parse().unwrap();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
         let (drain_tx, drain_rx) = std::sync::mpsc::channel::<()>();
         let cloud = netns::Ns {

@@ -48,7 +48,8 @@ pub async fn probe_with(
         metrics: &metrics,
         target: &target,
         handover: false,
-        held: Vec::new(),
+        instance: fastrand::u64(1..),
+        previous: String::new(),
     };
     let attempt = async {
         match transport {

@@ -29,8 +29,11 @@ pub struct Registration<'a> {
     /// Ask the server to let this agent's previous connection finish its
     /// streams (a transport switch).
     pub handover: bool,
-    /// Server ids this agent's other connections hold (`Hello.held`).
-    pub held: Vec<String>,
+    /// This agent process's random id (`Hello.instance`).
+    pub instance: u64,
+    /// The server id this connection's predecessor was lost to
+    /// (`Hello.previous`; empty if none).
+    pub previous: String,
 }
 
 impl Registration<'_> {
@@ -60,7 +63,8 @@ impl Registration<'_> {
             node: self.credentials.node.clone(),
             addresses: self.credentials.addresses.clone(),
             capabilities,
-            held: self.held.clone(),
+            instance: self.instance,
+            previous: self.previous.clone(),
         })
     }
 

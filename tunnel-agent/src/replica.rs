@@ -32,14 +32,16 @@ pub trait Connector: Clone + Send + Sync + 'static {
     type Link: Link;
     /// Connects and registers over `transport` (unbounded: the loop bounds
     /// it). `handover`: this connection takes over from the previous one.
-    /// `held`: the server ids other connections of this agent hold (sent
-    /// in `Hello`, so a server reached twice refuses instead of replacing
-    /// the live connection).
+    /// `previous`: the server id this loop's last connection was lost to
+    /// (empty if none), sent in `Hello` so that server replaces the stale
+    /// connection it may still hold, while any other server refuses a
+    /// second connection from this process instead of replacing its live
+    /// one.
     fn connect(
         &self,
         transport: Transport,
         handover: bool,
-        held: Vec<String>,
+        previous: String,
     ) -> impl Future<Output = Result<Self::Link, ConnectError>> + Send;
 }
 
@@ -128,6 +130,9 @@ pub struct ReplicaLoop<C: Connector> {
     /// Told about every lost connection and every registration (the
     /// supervisor resolves again and recounts the slots it needs).
     pub changed: mpsc::Sender<()>,
+    /// The server id this loop's last connection was lost to, until the
+    /// next registration (`Hello.previous`).
+    pub lost_to: std::sync::Mutex<String>,
 }
 
 impl<C: Connector> ReplicaLoop<C> {
@@ -230,17 +235,15 @@ impl<C: Connector> ReplicaLoop<C> {
         handover: bool,
     ) -> impl Future<Output = Result<C::Link, ConnectError>> + Send + 'static {
         let (connector, addr, bound) = (self.connector.clone(), self.addr, self.bound(transport));
-        let key = (self.addr, self.slot);
-        let held: Vec<String> = self
-            .held
-            .list()
-            .into_iter()
-            .filter(|r| (r.addr, r.slot) != key)
-            .map(|r| r.server_id)
-            .take(proto::MAX_HELD)
-            .collect();
+        let previous = self
+            .lost_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         async move {
-            match tokio::time::timeout(bound, connector.connect(transport, handover, held)).await {
+            match tokio::time::timeout(bound, connector.connect(transport, handover, previous))
+                .await
+            {
                 Ok(r) => r,
                 Err(_) => Err(ConnectError::timeout(transport, addr, bound)),
             }
@@ -296,13 +299,17 @@ impl<C: Connector> ReplicaLoop<C> {
         let server_id = link.server_id().to_owned();
         let key = (self.addr, self.slot);
         let Some(_held) = self.held.hold(key, &server_id, transport, link.replicas()) else {
-            // (A server older than this agent's `Hello` with held ids.)
+            // (A server older than `Hello.instance` welcomes a duplicate.)
             link.close_duplicate().await;
             let wait = self.duplicate_wait(duplicates);
             tracing::info!(%server_id, "reached a replica already held; dialing again in {:.1}s", wait.as_secs_f64());
             return Next::Wait(wait);
         };
         *duplicates = duplicate_backoff();
+        self.lost_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let _ = self.changed.try_send(());
         let held: Vec<String> = self.held.list().into_iter().map(|r| r.server_id).collect();
         tracing::info!(%server_id, slot = self.slot, transport = transport.label(), ?held, "registered");
@@ -394,6 +401,7 @@ impl<C: Connector> ReplicaLoop<C> {
         match end {
             SessionEnd::Drained => Next::Stop,
             SessionEnd::Lost(reason) => {
+                *self.lost_to.lock().unwrap_or_else(|p| p.into_inner()) = server_id.clone();
                 let _ = self.changed.try_send(());
                 backoff.connection_ended(lived);
                 tracing::warn!(
@@ -489,6 +497,8 @@ pub struct ServerConnector {
     pub config: Arc<AgentConfig>,
     pub metrics: Arc<AgentMetrics>,
     pub target: Target,
+    /// This agent process's random id (`Hello.instance`).
+    pub instance: u64,
 }
 
 impl Connector for ServerConnector {
@@ -498,7 +508,7 @@ impl Connector for ServerConnector {
         &self,
         transport: Transport,
         handover: bool,
-        held: Vec<String>,
+        previous: String,
     ) -> impl Future<Output = Result<ServerConnection, ConnectError>> + Send {
         let this = self.clone();
         async move {
@@ -516,7 +526,8 @@ impl Connector for ServerConnector {
                 metrics: &this.metrics,
                 target: &this.target,
                 handover,
-                held,
+                instance: this.instance,
+                previous,
             };
             match transport {
                 Transport::Quic => {

@@ -76,6 +76,9 @@ pub async fn run(
     let mut retiring = Vec::new();
     // The replica count servers last told (kept while none is held).
     let mut expected = 0u16;
+    // This process's id in every Hello: a server refuses a second
+    // connection from it rather than replacing the first.
+    let instance = fastrand::u64(1..);
     loop {
         let (targets, errors) = resolve_all(&config).await;
         for e in &errors {
@@ -106,6 +109,7 @@ pub async fn run(
                             config: config.clone(),
                             metrics: metrics.clone(),
                             target: target.clone(),
+                            instance,
                         },
                         addr: target.addr,
                         slot: *slot,
@@ -114,6 +118,7 @@ pub async fn run(
                         metrics: metrics.clone(),
                         stop: stopped,
                         changed: lost_tx.clone(),
+                        lost_to: Default::default(),
                     };
                     let span = tracing::info_span!("session", node = %config.node, server = %target.addr, slot);
                     let task = tokio::spawn(replica.run().instrument(span));

@@ -176,13 +176,13 @@ pub(crate) async fn serve_agent(
         };
         return Err(refuse(&mut stream, &link, metrics, refusal).await);
     }
-    // The agent holds a connection to this server already (it says so),
-    // and that connection is live: this one is a second dial that a load
-    // balancer sent here. Refused, so the live one is not replaced.
-    let live = matches!(
-        shared.registry.by_node(&identity.common_name),
-        crate::registry::Route::Agent(_)
-    );
+    // The same agent process has a live connection here already: this one
+    // is a second dial (a load balancer sent it here, or two of its dials
+    // met). Refused, so the live one is not replaced.
+    let live = match shared.registry.by_node(&identity.common_name) {
+        crate::registry::Route::Agent(agent) => Some(agent.instance),
+        _ => None,
+    };
     if is_duplicate(&hello, &shared.config.server_id, live) {
         let refusal = Refusal {
             code: RefuseCode::AlreadyConnected,
@@ -215,6 +215,7 @@ pub(crate) async fn serve_agent(
             streams_active: AtomicI64::new(0),
             draining: AtomicBool::new(false),
             kick: tokio::sync::Notify::new(),
+            instance: hello.instance,
         });
         match shared.registry.register(agent.clone()) {
             Ok(old) => Ok((agent, old)),
@@ -350,12 +351,20 @@ pub(crate) async fn serve_agent(
 }
 
 /// Whether a `Hello` is a second connection the agent did not mean to
-/// make here: it says it holds this server (`held`), the node's
-/// connection here is `live`, and it asks for no handover (a transport
-/// switch replaces its own connection on purpose).
-fn is_duplicate(hello: &Hello, server_id: &str, live: bool) -> bool {
+/// make here: the node's connection here is live (`live`: its agent's
+/// instance) and from the same agent process, the agent asks for no
+/// handover (a transport switch replaces its own connection on purpose),
+/// and it does not say it lost its connection to this server (then the
+/// live one is stale: a path cut the server has not noticed). A connection
+/// from another process (a restarted agent) still replaces the old one.
+fn is_duplicate(hello: &Hello, server_id: &str, live: Option<u64>) -> bool {
     let handover = hello.capabilities & proto::capability::HANDOVER != 0;
-    live && !handover && hello.held.iter().any(|id| id == server_id)
+    live.is_some_and(|instance| {
+        hello.instance != 0
+            && instance == hello.instance
+            && !handover
+            && hello.previous != server_id
+    })
 }
 
 /// Refuses a registration: counts it, writes the `Refuse` (the agent
@@ -496,15 +505,27 @@ mod tests {
     }
 
     #[test]
-    fn a_second_connection_to_a_held_server_is_a_duplicate() {
+    fn a_second_connection_of_the_same_process_is_a_duplicate() {
         let mut h = hello("edge-1", &["198.18.1.2"]);
-        assert!(!is_duplicate(&h, "r1", true), "holds nothing: a takeover");
-        h.held = vec!["r2".into(), "r1".into()];
-        assert!(is_duplicate(&h, "r1", true));
-        assert!(!is_duplicate(&h, "r3", true), "not this server");
-        assert!(!is_duplicate(&h, "r1", false), "the old one is gone");
+        h.instance = 7;
+        assert!(is_duplicate(&h, "r1", Some(7)));
+        assert!(!is_duplicate(&h, "r1", None), "nothing live here");
+        assert!(
+            !is_duplicate(&h, "r1", Some(8)),
+            "a restarted agent takes over"
+        );
+        h.previous = "r1".into();
+        assert!(
+            !is_duplicate(&h, "r1", Some(7)),
+            "its old connection is stale"
+        );
+        h.previous = "r2".into();
+        assert!(is_duplicate(&h, "r1", Some(7)), "it lost another replica");
         h.capabilities = proto::capability::HANDOVER;
-        assert!(!is_duplicate(&h, "r1", true), "a transport switch");
+        assert!(!is_duplicate(&h, "r1", Some(7)), "a transport switch");
+        h.capabilities = 0;
+        h.instance = 0;
+        assert!(!is_duplicate(&h, "r1", Some(0)), "an older agent");
     }
 
     fn hello(node: &str, addrs: &[&str]) -> Hello {
@@ -514,7 +535,8 @@ mod tests {
             node: node.into(),
             addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
             capabilities: 0,
-            held: vec![],
+            instance: 0,
+            previous: String::new(),
         }
     }
 

@@ -31,6 +31,8 @@ pub struct AgentHandle {
     pub draining: AtomicBool,
     /// Asks the task serving this connection to send `GoAway` and close it.
     pub kick: tokio::sync::Notify,
+    /// The agent process's random id from `Hello` (0: unknown).
+    pub instance: u64,
 }
 
 impl AgentHandle {
@@ -226,6 +228,7 @@ pub(crate) mod testing {
             streams_active: AtomicI64::new(0),
             draining: AtomicBool::new(false),
             kick: tokio::sync::Notify::new(),
+            instance: 0,
         })
     }
 }

@@ -88,7 +88,7 @@ impl Connector for Fake {
         &self,
         transport: Transport,
         handover: bool,
-        _held: Vec<String>,
+        _previous: String,
     ) -> impl Future<Output = Result<FakeLink, ConnectError>> + Send {
         let this = self.clone();
         async move {
@@ -219,6 +219,7 @@ fn start(choice: TransportChoice, fake: Fake) -> Running {
         metrics: metrics.clone(),
         stop: stop_rx,
         changed: lost,
+        lost_to: Default::default(),
     };
     let task = tokio::spawn(async move {
         // Keep the loss channel open for the loop's lifetime.
