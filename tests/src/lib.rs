@@ -275,6 +275,21 @@ pub async fn connect_via(proxy: SocketAddr, target: &str) -> Result<TcpStream, (
 }
 
 /// Minimal HTTP/1.0 GET; returns status and body.
+/// Writes `what` on a tunnel to an echo target and reads it back (within
+/// 10 s).
+pub async fn echo_round_trip(tcp: &mut TcpStream, what: &[u8]) {
+    tcp.write_all(what).await.unwrap();
+    let mut back = vec![0u8; what.len()];
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_exact(tcp, &mut back),
+    )
+    .await
+    .expect("echo within 10 s")
+    .unwrap();
+    assert_eq!(back, what);
+}
+
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())

@@ -9,19 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use e2e::{connect_via, init_logging, targets, Pki, TestAgent, TestServer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NODE: &str = "edge-1";
-
-async fn echo_once(tcp: &mut tokio::net::TcpStream, what: &[u8]) {
-    tcp.write_all(what).await.unwrap();
-    let mut back = vec![0u8; what.len()];
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut back))
-        .await
-        .expect("echo within 10 s")
-        .unwrap();
-    assert_eq!(back, what);
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_server_finishes_open_tunnels_then_exits() {
@@ -39,7 +28,7 @@ async fn a_draining_server_finishes_open_tunnels_then_exits() {
     let proxy = server.connect_addr();
     let admin = server.addrs.admin.unwrap();
     let mut before = connect_via(proxy, &echo.to_string()).await.unwrap();
-    echo_once(&mut before, b"before the drain").await;
+    e2e::echo_round_trip(&mut before, b"before the drain").await;
 
     server.begin_stop();
     e2e::eventually("readiness fails", Duration::from_secs(5), || async move {
@@ -61,9 +50,9 @@ async fn a_draining_server_finishes_open_tunnels_then_exits() {
     .await;
     // The tunnel open before the drain still flows, and a client still
     // routed here gets through.
-    echo_once(&mut before, b"during the drain").await;
+    e2e::echo_round_trip(&mut before, b"during the drain").await;
     let mut during = connect_via(proxy, &echo.to_string()).await.unwrap();
-    echo_once(&mut during, b"opened during the drain").await;
+    e2e::echo_round_trip(&mut during, b"opened during the drain").await;
     assert!(!server.has_stopped(), "tunnels are open: the server waits");
     // The last tunnels end: the server exits long before its grace.
     drop(before);

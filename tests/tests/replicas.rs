@@ -444,17 +444,17 @@ fn a_rolling_restart_drains_each_replica_without_failing_a_connection() {
             cloud.block_on(|| async move {
                 let target = format!("{EDGE_IP}:{ECHO_PORT}");
                 let mut long = connect_via(proxy, &target).await.unwrap();
-                echo(&mut long, b"before").await;
+                e2e::echo_round_trip(&mut long, b"before").await;
                 ready_tx.send(()).unwrap();
                 drain_rx.recv().unwrap();
                 // Draining: the open tunnel flows, a new one gets through.
-                echo(&mut long, b"during the drain").await;
+                e2e::echo_round_trip(&mut long, b"during the drain").await;
                 let mut new = connect_via(proxy, &target)
                     .await
                     .unwrap_or_else(|(code, body)| {
                         panic!("new tunnel while draining: {code} {body}")
                     });
-                echo(&mut new, b"new while draining").await;
+                e2e::echo_round_trip(&mut new, b"new while draining").await;
             })
         });
         ready_rx.recv().unwrap();
@@ -493,14 +493,4 @@ fn a_rolling_restart_drains_each_replica_without_failing_a_connection() {
     for i in 0..3 {
         c.echo_through(i);
     }
-}
-
-async fn echo(tcp: &mut tokio::net::TcpStream, what: &[u8]) {
-    tcp.write_all(what).await.unwrap();
-    let mut back = vec![0u8; what.len()];
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut back))
-        .await
-        .expect("echo within 10 s")
-        .unwrap();
-    assert_eq!(back, what);
 }
