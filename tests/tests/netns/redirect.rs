@@ -4,10 +4,12 @@
 //! Here the server (no --dnat, feed and mTLS CONNECT) and the redirector
 //! share the cloud namespace; the client is a plain `curl` to the edge
 //! address, verifying the kubelet-like endpoint's own certificate (TLS is
-//! end to end). A port the agent does not allow is a reset, counted.
+//! end to end), and a real Prometheus scraping the edge's node-exporter at
+//! the edge's own address. A port the agent does not allow is a reset,
+//! counted.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use e2e::netns::probe::{curl, curl_with_errors, listening};
 use e2e::netns::tunnel::{certs, edge_ip, spawn_kubelet, start_agent, Edge, ADMIN};
@@ -60,7 +62,7 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
             "--connect-url",
             &format!("https://{CONNECT_TLS}"),
             "--dnat-ports",
-            "10250,7001",
+            "10250,9100,7001",
             "--poll",
             "1",
             "--admin-listen",
@@ -147,6 +149,70 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
             "edge_tunnel_connect_authorized_total{credential=\"certificate\",name=\"edge-tunnel:dnat-helper\"}"
         ) >= 3.0
     );
+    prometheus_scrapes_through_the_redirector(&edge);
     let status = redirector.terminate();
     assert!(status.success(), "{}", redirector.log_text());
+}
+
+/// A real Prometheus in `cloud` scrapes the edge's node-exporter at
+/// `EDGE_IP:9100`, as it would any node: the DNAT rule sends it to the
+/// redirector. (Skipped without Prometheus, a failure under CI=true.)
+fn prometheus_scrapes_through_the_redirector(edge: &Edge) {
+    for tool in ["prometheus", "prometheus-node-exporter"] {
+        if !netns::on_path(tool) {
+            let msg = format!("{tool} is not installed (Debian package {tool})");
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
+            eprintln!("SKIPPED the Prometheus part: {msg}");
+            return;
+        }
+    }
+    let dir = &edge.topo.dir;
+    let _exporter = edge.topo.edge.spawn(
+        "prometheus-node-exporter",
+        &[
+            &format!("--web.listen-address={EDGE_IP}:9100"),
+            "--collector.disable-defaults",
+            "--collector.uname",
+        ],
+        &dir.join("node-exporter.log"),
+    );
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  \
+             - job_name: edge\n    static_configs:\n      - targets: ['{EDGE_IP}:9100']\n"
+        ),
+    )
+    .unwrap();
+    let prometheus = edge.topo.cloud.spawn(
+        "prometheus",
+        &[
+            &format!("--config.file={}", config.display()),
+            &format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
+            "--web.listen-address=127.0.0.1:9090",
+        ],
+        &dir.join("prometheus.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let uname = curl(
+            &edge.topo.cloud,
+            &[
+                "-G",
+                "http://127.0.0.1:9090/api/v1/query",
+                "--data-urlencode",
+                "query=node_uname_info{job=\"edge\"}",
+            ],
+        );
+        if uname.contains("\"nodename\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never scraped the edge through the redirector: {uname}\n{}",
+            prometheus.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
