@@ -3,6 +3,9 @@
 //!
 //! ```text
 //!  cloud 198.18.0.1 ── 198.18.0.2 router 198.18.1.1 ── 198.18.1.2 edge
+//!    198.18.2.1
+//!      │            (optional: Topology::add_worker)
+//!    198.18.2.2 worker
 //! ```
 //!
 //! The router masquerades the edge and drops new connections from the
@@ -37,6 +40,11 @@ pub const CLOUD_IP: &str = "198.18.0.1";
 pub const ROUTER_CLOUD_IP: &str = "198.18.0.2";
 pub const ROUTER_EDGE_IP: &str = "198.18.1.1";
 pub const EDGE_IP: &str = "198.18.1.2";
+/// A cloud worker node ([`Topology::add_worker`]): no server runs there,
+/// and like every cloud host it cannot reach the edge through the NAT.
+pub const WORKER_IP: &str = "198.18.2.2";
+/// The cloud's address towards the worker (the worker's gateway).
+pub const CLOUD_WORKER_SIDE_IP: &str = "198.18.2.1";
 
 /// Whether this machine can build namespaces. Under `CI=true` a missing
 /// capability or tool fails the test instead of skipping it.

@@ -5,7 +5,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use super::{sh, Ns, CLOUD_IP, EDGE_IP, ROUTER_CLOUD_IP, ROUTER_EDGE_IP};
+use super::{
+    sh, Ns, CLOUD_IP, CLOUD_WORKER_SIDE_IP, EDGE_IP, ROUTER_CLOUD_IP, ROUTER_EDGE_IP, WORKER_IP,
+};
 
 /// One topology at a time: the tests are CPU-heavy and share port numbers.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -23,6 +25,8 @@ pub struct Topology {
     pub router_ifs: [String; 2],
     /// The edge's veth (extra edge addresses go here).
     pub edge_if: String,
+    /// A cloud worker node behind the cloud, once added.
+    pub worker: Option<Ns>,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -45,6 +49,7 @@ impl Topology {
             cloud_if: format!("et{id}c"),
             router_ifs: [format!("et{id}r"), format!("et{id}s")],
             edge_if: format!("et{id}e"),
+            worker: None,
             _serial: serial,
         };
         for n in [&topo.cloud, &topo.router, &topo.edge] {
@@ -338,9 +343,64 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Adds a cloud worker node: a namespace behind the cloud
+    /// (`WORKER_IP`, its gateway the cloud), reaching the servers'
+    /// addresses directly and the edge only as the cloud does (not at all,
+    /// through the NAT).
+    pub fn add_worker(&mut self) -> &Ns {
+        let id = self
+            .cloud
+            .name
+            .strip_prefix("et")
+            .and_then(|n| n.strip_suffix("-cloud"))
+            .expect("cloud namespace name")
+            .to_owned();
+        let worker = Ns {
+            name: format!("et{id}-worker"),
+        };
+        sh(&["ip", "netns", "add", &worker.name]);
+        worker.sh(&["ip", "link", "set", "lo", "up"]);
+        let (c, w) = (format!("et{id}w"), format!("et{id}v"));
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &c,
+            "netns",
+            &self.cloud.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &w,
+            "netns",
+            &worker.name,
+        ]);
+        self.cloud.sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{CLOUD_WORKER_SIDE_IP}/24"),
+            "dev",
+            &c,
+        ]);
+        self.cloud.sh(&["ip", "link", "set", &c, "up"]);
+        self.cloud.sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        worker.sh(&["ip", "addr", "add", &format!("{WORKER_IP}/24"), "dev", &w]);
+        worker.sh(&["ip", "link", "set", &w, "up"]);
+        worker.sh(&["ip", "route", "add", "default", "via", CLOUD_WORKER_SIDE_IP]);
+        self.worker = Some(worker);
+        self.worker.as_ref().expect("just added")
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
-        for n in [&self.cloud, &self.router, &self.edge] {
+        for n in [&self.cloud, &self.router, &self.edge]
+            .into_iter()
+            .chain(self.worker.as_ref())
+        {
             let _ = Command::new("ip").args(["netns", "del", &n.name]).status();
             let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(&n.name));
         }

@@ -1,8 +1,9 @@
-//! The redirector (#15): a cloud host that runs no server redirects
+//! The redirector (#15): a cloud worker that runs no server redirects
 //! connections for edge addresses to a local listener, which forwards each
 //! through the server's CONNECT ingress over mutually authenticated TLS.
-//! Here the server (no --dnat, feed and mTLS CONNECT) and the redirector
-//! share the cloud namespace; the client is a plain `curl` to the edge
+//! The server (no --dnat; feed and TLS CONNECT) runs in `cloud`; the
+//! redirector and its clients in `worker`, which, like the cloud, cannot
+//! reach the edge through the NAT. The client is a plain `curl` to the edge
 //! address, verifying the kubelet-like endpoint's own certificate (TLS is
 //! end to end), and a real Prometheus scraping the edge's node-exporter at
 //! the edge's own address. A port the agent does not allow is a reset,
@@ -13,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use e2e::netns::probe::{curl, curl_with_errors, listening};
 use e2e::netns::tunnel::{certs, edge_ip, spawn_kubelet, start_agent, Edge, ADMIN};
-use e2e::netns::{self, bin, Topology, CLOUD_IP, EDGE_IP};
+use e2e::netns::{self, bin, Ns, Topology, CLOUD_IP, EDGE_IP};
 
 const FEED: &str = "198.18.0.1:9443";
 const CONNECT_TLS: &str = "198.18.0.1:8090";
-const REDIRECT: &str = "198.18.0.1:18081";
+const REDIRECT: &str = "198.18.2.2:18081";
 const REDIRECTOR_ADMIN: &str = "127.0.0.1:19092";
 
 #[test]
@@ -25,7 +26,8 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
     if !netns::available() {
         return;
     }
-    let topo = Topology::new();
+    let mut topo = Topology::new();
+    topo.add_worker();
     let certs = certs();
     let kubelet = spawn_kubelet(&topo, &certs);
     assert!(listening(&topo.edge, SocketAddr::new(edge_ip(), 10250)));
@@ -49,7 +51,8 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
         &topo.dir.join("server.log"),
     );
     let helper_dir = certs.pki.issue_dnat_helper();
-    let mut redirector = topo.cloud.spawn(
+    let worker = topo.worker.as_ref().expect("worker");
+    let mut redirector = worker.spawn(
         bin("tunnel-server").to_str().unwrap(),
         &[
             "dnat",
@@ -78,15 +81,33 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
         kubelet,
         topo,
     };
-    // wait_registered also waits for the redirector's rule for the edge.
-    edge.wait_registered(Duration::from_secs(20));
-    let cloud = &edge.topo.cloud;
-    let rules =
-        String::from_utf8_lossy(&cloud.sh(&["iptables-save", "-t", "nat"]).stdout).into_owned();
-    assert!(
-        rules.contains(&format!("--to-destination {REDIRECT}")),
-        "{rules}"
+    let worker = edge.topo.worker.as_ref().expect("worker");
+    // The agent registers in the cloud; the redirector on the worker
+    // learns its address from the feed and points a rule at itself.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rule = format!(
+        "-A TUNNEL-DNAT -d {EDGE_IP}/32 -p tcp -m tcp --dport 10250 -j DNAT --to-destination {REDIRECT}"
     );
+    loop {
+        let rules = String::from_utf8_lossy(&worker.sh(&["iptables-save", "-t", "nat"]).stdout)
+            .into_owned();
+        if rules.contains(&rule) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no redirect rule on the worker:\n{rules}\nredirector log:\n{}\nagent log:\n{}",
+            redirector.log_text(),
+            edge.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The cloud itself has no rules: the server runs without --dnat.
+    let cloud_rules =
+        String::from_utf8_lossy(&edge.topo.cloud.sh(&["iptables-save", "-t", "nat"]).stdout)
+            .into_owned();
+    assert!(!cloud_rules.contains("TUNNEL-DNAT"), "{cloud_rules}");
+    let cloud = worker;
     // Ready once its rules are in sync.
     assert_eq!(
         curl(cloud, &[&format!("http://{REDIRECTOR_ADMIN}/readyz")]),
@@ -125,11 +146,12 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
             .any(|s| err.contains(s)),
         "{err}"
     );
-    let metric = |addr: &str, series: &str| {
-        e2e::metric_in(&curl(cloud, &[&format!("http://{addr}/metrics")]), series)
+    let metric = |ns: &Ns, addr: &str, series: &str| {
+        e2e::metric_in(&curl(ns, &[&format!("http://{addr}/metrics")]), series)
     };
     assert_eq!(
         metric(
+            worker,
             REDIRECTOR_ADMIN,
             "edge_tunnel_redirected_connections_total{result=\"ok\"}"
         ),
@@ -137,6 +159,7 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
     );
     assert!(
         metric(
+            worker,
             REDIRECTOR_ADMIN,
             "edge_tunnel_redirected_connections_total{result=\"refused_4xx\"}"
         ) >= 1.0
@@ -145,19 +168,20 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
     // certificate (curl may try the refused one twice).
     assert!(
         metric(
+            &edge.topo.cloud,
             ADMIN,
             "edge_tunnel_connect_authorized_total{credential=\"certificate\",name=\"edge-tunnel:dnat-helper\"}"
         ) >= 3.0
     );
-    prometheus_scrapes_through_the_redirector(&edge);
+    prometheus_scrapes_through_the_redirector(&edge, worker);
     let status = redirector.terminate();
     assert!(status.success(), "{}", redirector.log_text());
 }
 
-/// A real Prometheus in `cloud` scrapes the edge's node-exporter at
+/// A real Prometheus on the worker scrapes the edge's node-exporter at
 /// `EDGE_IP:9100`, as it would any node: the DNAT rule sends it to the
 /// redirector. (Skipped without Prometheus, a failure under CI=true.)
-fn prometheus_scrapes_through_the_redirector(edge: &Edge) {
+fn prometheus_scrapes_through_the_redirector(edge: &Edge, worker: &Ns) {
     for tool in ["prometheus", "prometheus-node-exporter"] {
         if !netns::on_path(tool) {
             let msg = format!("{tool} is not installed (Debian package {tool})");
@@ -185,7 +209,7 @@ fn prometheus_scrapes_through_the_redirector(edge: &Edge) {
         ),
     )
     .unwrap();
-    let prometheus = edge.topo.cloud.spawn(
+    let prometheus = worker.spawn(
         "prometheus",
         &[
             &format!("--config.file={}", config.display()),
@@ -197,7 +221,7 @@ fn prometheus_scrapes_through_the_redirector(edge: &Edge) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let uname = curl(
-            &edge.topo.cloud,
+            worker,
             &[
                 "-G",
                 "http://127.0.0.1:9090/api/v1/query",
