@@ -107,16 +107,15 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
         String::from_utf8_lossy(&edge.topo.cloud.sh(&["iptables-save", "-t", "nat"]).stdout)
             .into_owned();
     assert!(!cloud_rules.contains("TUNNEL-DNAT"), "{cloud_rules}");
-    let cloud = worker;
     // Ready once its rules are in sync.
     assert_eq!(
-        curl(cloud, &[&format!("http://{REDIRECTOR_ADMIN}/readyz")]),
+        curl(worker, &[&format!("http://{REDIRECTOR_ADMIN}/readyz")]),
         "ready: rules in sync\n"
     );
     let cacert = edge.certs.kubelet_dir.join("ca.crt");
     let cacert = cacert.to_str().unwrap();
     let healthz = curl(
-        cloud,
+        worker,
         &[
             "--cacert",
             cacert,
@@ -131,14 +130,14 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
         edge.server.log_text()
     );
     let logs = curl(
-        cloud,
+        worker,
         &["--cacert", cacert, &format!("https://{EDGE_IP}:10250/logs")],
     );
     assert!(logs.contains("log line 29"), "{logs}");
     // 7001 is redirected but not on the agent's allow-list: the ingress
     // answers 403 and the client sees a reset (as early as its connect,
     // depending on timing), never a hang.
-    let (out, err) = curl_with_errors(cloud, &[&format!("http://{EDGE_IP}:7001/")]);
+    let (out, err) = curl_with_errors(worker, &[&format!("http://{EDGE_IP}:7001/")]);
     assert!(out.is_empty(), "{out}");
     assert!(
         ["reset", "Recv failure", "Empty reply", "Couldn't connect"]
@@ -168,7 +167,7 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
     // certificate (curl may try the refused one twice).
     assert!(
         metric(
-            &edge.topo.cloud,
+            &edge.topo.worker,
             ADMIN,
             "edge_tunnel_connect_authorized_total{credential=\"certificate\",name=\"edge-tunnel:dnat-helper\"}"
         ) >= 3.0
