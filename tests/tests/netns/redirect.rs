@@ -167,7 +167,7 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
     // certificate (curl may try the refused one twice).
     assert!(
         metric(
-            &edge.topo.worker,
+            &edge.topo.cloud,
             ADMIN,
             "edge_tunnel_connect_authorized_total{credential=\"certificate\",name=\"edge-tunnel:dnat-helper\"}"
         ) >= 3.0
