@@ -21,4 +21,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 bash make-secrets.sh "$tmp" --server-dns tunnel.example.com edge-1=198.18.1.2 edge-2=198.18.1.3,fd00::3 >/dev/null
 kubernetes-validate --strict --quiet "$tmp"/*.yaml
+# They hold private keys: readable by their owner only.
+loose=$(find "$tmp" -type f -perm /077)
+[ -z "$loose" ] || { echo "make-secrets.sh wrote files others can read:" >&2; echo "$loose" >&2; exit 1; }
 echo "ok: make-secrets.sh output ($(ls "$tmp"/*.yaml | wc -l) Secrets)"

@@ -4,7 +4,8 @@
 #   docker/make-secrets.sh OUT_DIR [--server-dns NAME]... [--server-ip IP]... NODE=IP[,IP...]...
 #
 # OUT_DIR/pki/ca/{ca.crt,ca.key}           the CA (keep ca.key offline)
-# OUT_DIR/tunnel-server-tls.yaml           Secret for the server Deployment and DNAT helper
+# OUT_DIR/tunnel-server-tls.yaml           Secret for the server Deployment
+# OUT_DIR/tunnel-dnat-helper-tls.yaml      Secret for the redirectors (CN edge-tunnel:dnat-helper)
 # OUT_DIR/agents/NODE/{tls.crt,tls.key,ca.crt}
 #                                          per-node files for /etc/edge-tunnel/pki on NODE
 # OUT_DIR/tunnel-agent-NODE.yaml           the same as a Secret, for provisioning tools
@@ -15,8 +16,10 @@
 # clients use (tunnel-server.edge-tunnel.svc, tunnel-server-headless...);
 # add the public names/addresses agents dial with --server-dns/--server-ip.
 # Running it again reuses OUT_DIR/pki/ca and never overwrites other files.
+# Every file it writes is readable by its owner only (private keys inside).
 set -euo pipefail
-usage() { sed -n '2,16p' "$0" >&2; exit 2; }
+umask 077
+usage() { sed -n '2,18p' "$0" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 out=$1; shift
 certs=${TUNNEL_CERTS:-$(command -v tunnel-certs || echo "$(dirname "$0")/../target/debug/tunnel-certs")}

@@ -112,7 +112,34 @@ enum Command {
         name: String,
         #[arg(long, default_value = "edge-tunnel")]
         namespace: String,
+        /// Write the manifest to this file, mode 0600 (it holds the private
+        /// key), instead of standard output. An existing file is refused
+        /// unless --force.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        force: bool,
     },
+}
+
+/// Writes `bytes` to `path` readable by its owner only (created 0600, never
+/// widened from an older file's mode).
+fn write_private(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        anyhow::ensure!(force, "{} exists (--force replaces it)", path.display());
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A Secret manifest with the PEM files as stringData block scalars.
@@ -250,8 +277,14 @@ fn main() -> Result<()> {
             dir,
             name,
             namespace,
+            out,
+            force,
         } => {
-            print!("{}", secret_manifest(&dir, &name, &namespace)?);
+            let manifest = secret_manifest(&dir, &name, &namespace)?;
+            match out {
+                None => print!("{manifest}"),
+                Some(path) => write_private(&path, manifest.as_bytes(), force)?,
+            }
         }
     }
     Ok(())
