@@ -13,6 +13,43 @@ use x509_parser::prelude::*;
 pub struct Identity {
     pub common_name: String,
     pub addresses: Vec<IpAddr>,
+    /// Validity, in seconds since the Unix epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+    /// What the extended key usage extension allows; `None` when the
+    /// certificate has none (any purpose, to a plain WebPKI verifier).
+    pub usage: Option<KeyUsage>,
+}
+
+/// The purposes of an extended key usage extension the tunnel cares for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub client_auth: bool,
+    pub server_auth: bool,
+}
+
+impl Identity {
+    /// Whether the certificate says it is for TLS clients. Required of
+    /// agents (and CONNECT clients) even though a plain verifier accepts a
+    /// certificate without the extension: a server certificate from a
+    /// third-party issuer with default usages must not double as an agent.
+    pub fn is_client_certificate(&self) -> bool {
+        self.usage.is_some_and(|u| u.client_auth)
+    }
+
+    /// Seconds of validity left at `now` (Unix seconds); negative once
+    /// expired.
+    pub fn remaining(&self, now: i64) -> i64 {
+        self.not_after - now
+    }
+
+    /// Whether expiry is near at `now`: less than a third of the lifetime
+    /// or 7 days left, whichever comes first.
+    pub fn expiry_near(&self, now: i64) -> bool {
+        let lifetime = (self.not_after - self.not_before).max(0);
+        let left = self.remaining(now);
+        left < lifetime / 3 || left < 7 * 86_400
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -98,9 +135,21 @@ impl Identity {
                 }
             }
         }
+        let validity = cert.validity();
+        let usage = match cert.extended_key_usage() {
+            Ok(Some(eku)) => Some(KeyUsage {
+                client_auth: eku.value.client_auth || eku.value.any,
+                server_auth: eku.value.server_auth || eku.value.any,
+            }),
+            Ok(None) => None,
+            Err(e) => return Err(IdentityError::Parse(e.to_string())),
+        };
         Ok(Identity {
             common_name,
             addresses,
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
+            usage,
         })
     }
 }
@@ -122,6 +171,53 @@ mod tests {
         let id = Identity::from_der(&der).unwrap();
         assert_eq!(id.common_name, "edge-1");
         assert_eq!(id.addresses, ips);
+        assert!(id.is_client_certificate());
+        // One day, backdated an hour.
+        assert_eq!(id.not_after - id.not_before, 25 * 3600);
+        assert!(id.expiry_near(id.not_after - 3600));
+        assert!(
+            id.expiry_near(id.not_before),
+            "a one-day certificate is always near"
+        );
+    }
+
+    #[test]
+    fn a_certificate_without_extended_key_usage_is_no_client_certificate() {
+        // What a third-party issuer with default usages writes: no EKU.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "edge-1");
+        let cert = params.self_signed(&key).unwrap();
+        let id = Identity::from_der(cert.der()).unwrap();
+        assert_eq!(id.usage, None);
+        assert!(!id.is_client_certificate());
+    }
+
+    #[test]
+    fn server_certificates_are_no_client_certificates() {
+        let ca = Ca::generate("test-ca", 1).unwrap();
+        let pem = ca
+            .issue_server("tunnel-server", &["x".into()], &[], 365)
+            .unwrap();
+        let der = rustls_pemfile::certs(&mut pem.cert.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let id = Identity::from_der(&der).unwrap();
+        assert!(!id.is_client_certificate());
+        assert_eq!(
+            id.usage,
+            Some(KeyUsage {
+                client_auth: false,
+                server_auth: true
+            })
+        );
+        let now = id.not_before + 3600;
+        assert!(!id.expiry_near(now));
+        assert!(id.expiry_near(id.not_after - 6 * 86_400));
+        assert!(id.remaining(id.not_after + 1) < 0);
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub struct Credentials {
     pub addresses: Vec<IpAddr>,
     /// Targets this connection's streams may dial.
     pub allow: AllowList,
+    /// The certificate's validity and purposes.
+    pub identity: Identity,
     dir: CertDir,
 }
 
@@ -227,9 +229,10 @@ impl AgentConfig {
             None => AllowList::default_for(&identity.addresses),
         };
         Ok(Credentials {
-            node: identity.common_name,
-            addresses: identity.addresses,
+            node: identity.common_name.clone(),
+            addresses: identity.addresses.clone(),
             allow,
+            identity,
             dir,
         })
     }

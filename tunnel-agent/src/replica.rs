@@ -520,6 +520,7 @@ impl Connector for ServerConnector {
                     format!("cannot load certificates: {e}"),
                 )
             })?;
+            this.metrics.certificate_loaded(&credentials.identity);
             let registration = Registration {
                 config: &this.config,
                 credentials,

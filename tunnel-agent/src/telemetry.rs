@@ -73,6 +73,10 @@ pub struct AgentMetrics {
     tasks: Gauge,
     /// How many replicas the servers say exist (set at scrape time).
     replicas_expected: Gauge,
+    /// When the certificate last loaded expires (Unix seconds).
+    certificate_expiry: Gauge,
+    /// The expiry a warning was last logged for (one per certificate).
+    warned_expiry: std::sync::atomic::AtomicI64,
 }
 
 impl Default for AgentMetrics {
@@ -90,7 +94,14 @@ impl Default for AgentMetrics {
             stall_credit_refusals: Family::default(),
             tasks: Gauge::default(),
             replicas_expected: Gauge::default(),
+            certificate_expiry: Gauge::default(),
+            warned_expiry: std::sync::atomic::AtomicI64::new(0),
         };
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When this node's certificate (--cert-dir tls.crt, as last loaded) expires, in Unix seconds",
+            m.certificate_expiry.clone(),
+        );
         registry.register(
             "replicas_expected",
             "Server replicas the servers say exist (0: they do not say); fewer connected means \
@@ -148,6 +159,24 @@ impl Default for AgentMetrics {
 }
 
 impl AgentMetrics {
+    /// Records the certificate just loaded: its expiry, and a warning
+    /// (once per certificate) when that is near.
+    pub fn certificate_loaded(&self, identity: &certs::Identity) {
+        self.certificate_expiry.set(identity.not_after);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let warned = self
+            .warned_expiry
+            .swap(identity.not_after, std::sync::atomic::Ordering::Relaxed);
+        if identity.expiry_near(now) && warned != identity.not_after {
+            tracing::warn!(
+                days_left = identity.remaining(now) / 86_400,
+                "this node's certificate expires soon: renew it (the agent reads --cert-dir at every connection)"
+            );
+        }
+    }
+
     pub fn count(family: &Family<Label, Counter>, key: &'static str, value: &'static str) {
         family.get_or_create(&[(key, value)]).inc();
     }

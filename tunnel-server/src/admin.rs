@@ -47,6 +47,8 @@ pub struct AgentInfo {
     /// QUIC's RTT estimate; null over HTTP/2.
     pub rtt_ms: Option<f64>,
     pub draining: bool,
+    /// When the agent's certificate expires (RFC 3339).
+    pub not_after: String,
 }
 
 /// How much of the agent listing a reader may see.
@@ -75,6 +77,13 @@ pub(crate) fn agents_json(shared: &Shared, listing: Listing) -> String {
             streams_active: a.streams_active.load(Ordering::Relaxed),
             rtt_ms: a.link.rtt().map(|r| r.as_secs_f64() * 1000.0),
             draining: a.is_draining(),
+            not_after: time::OffsetDateTime::from_unix_timestamp(a.not_after)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_default(),
         })
         .collect();
     serde_json::to_string_pretty(&agents).expect("agent info serializes")

@@ -216,6 +216,7 @@ pub(crate) async fn serve_agent(
             draining: AtomicBool::new(false),
             kick: tokio::sync::Notify::new(),
             instance: hello.instance,
+            not_after: identity.not_after,
         });
         match shared.registry.register(agent.clone()) {
             Ok(old) => Ok((agent, old)),
@@ -399,7 +400,19 @@ fn peer_identity(certs: &[CertificateDer<'static>]) -> Result<Identity, String> 
     let leaf = certs
         .first()
         .ok_or_else(|| "the agent presented an empty certificate chain".to_owned())?;
-    Identity::from_der(leaf).map_err(|e| format!("agent certificate: {e}"))
+    let identity = Identity::from_der(leaf).map_err(|e| format!("agent certificate: {e}"))?;
+    // The verifier accepts a certificate without the extension (any
+    // purpose); an agent's must say it is for TLS clients, so a server
+    // certificate (or one a third-party issuer made with default usages)
+    // never registers as a node.
+    if !identity.is_client_certificate() {
+        return Err(format!(
+            "agent certificate {:?} is not for TLS clients (its extended key usage lacks \
+             clientAuth): issue it with `tunnel-certs agent` or usages [client auth]",
+            identity.common_name
+        ));
+    }
+    Ok(identity)
 }
 
 /// Checks a Hello against the certificate and returns the addresses to
@@ -480,10 +493,27 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_not_for_clients_is_no_agent() {
+        let ca = certs::issue::Ca::generate("test CA", 1).unwrap();
+        let der = |pem: certs::issue::Pem| {
+            certs::files::parse_certs(pem.cert.as_bytes(), std::path::Path::new("test")).unwrap()
+        };
+        let server = der(ca
+            .issue_server("edge-1", &[], &["198.18.1.2".parse().unwrap()], 1)
+            .unwrap());
+        let e = peer_identity(&server).unwrap_err();
+        assert!(e.contains("clientAuth"), "{e}");
+        let agent = der(ca
+            .issue_agent("edge-1", &["198.18.1.2".parse().unwrap()], 1)
+            .unwrap());
+        assert_eq!(peer_identity(&agent).unwrap().common_name, "edge-1");
+    }
+
+    #[test]
     fn forbidden_addresses_are_refused() {
         let identity = Identity {
-            common_name: "edge-1".into(),
             addresses: vec!["127.0.0.1".parse().unwrap()],
+            ..identity()
         };
         let policy = crate::addresses::AddressPolicy::default();
         let none = std::collections::BTreeSet::new();
@@ -501,6 +531,12 @@ mod tests {
         Identity {
             common_name: "edge-1".into(),
             addresses: vec!["198.18.1.2".parse().unwrap()],
+            not_before: 0,
+            not_after: 86_400,
+            usage: Some(certs::identity::KeyUsage {
+                client_auth: true,
+                server_auth: false,
+            }),
         }
     }
 
@@ -554,6 +590,7 @@ mod tests {
         let helper = Identity {
             common_name: certs::identity::DNAT_HELPER_CN.into(),
             addresses: vec![],
+            ..identity()
         };
         let r = check_hello_any(&hello(certs::identity::DNAT_HELPER_CN, &[]), &helper).unwrap_err();
         assert_eq!(r.code, RefuseCode::BadCertificate);

@@ -136,6 +136,10 @@ impl Shared {
         self.metrics
             .replicas_expected
             .set(i64::from(self.replicas_expected.load(Ordering::Relaxed)));
+        let soonest = self.registry.snapshot().iter().map(|a| a.not_after).min();
+        self.metrics
+            .agent_certificate_expiry_min
+            .set(soonest.unwrap_or(0));
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.metrics.export_receive_budget(&self.receive_budget);
         self.metrics
@@ -350,6 +354,18 @@ impl Server {
         };
         let mut shared = Shared::new(config);
         shared.proxy_auth.tokens = tokens;
+        // The server's own certificate: when it expires, and a warning
+        // when that is near (a restart loads a renewed one).
+        if let Ok(own) = certs::Identity::from_der(dir.leaf()) {
+            shared.metrics.certificate_expiry.set(own.not_after);
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if own.expiry_near(now) {
+                tracing::warn!(
+                    days_left = own.remaining(now) / 86_400,
+                    "the server certificate expires soon: renew it (tunnel-certs server, or cert-manager) and restart"
+                );
+            }
+        }
         let shared = Arc::new(shared);
         Ok(Server {
             shared,

@@ -47,6 +47,11 @@ pub struct Metrics {
     pub tasks: Gauge,
     /// The replica count `Welcome` tells agents (set at scrape time).
     pub replicas_expected: Gauge,
+    /// When this server's certificate expires (Unix seconds).
+    pub certificate_expiry: Gauge,
+    /// The soonest expiry among the connected agents' certificates (set
+    /// at scrape time; 0 with no agent).
+    pub agent_certificate_expiry_min: Gauge,
     pub streams: Family<Label, Counter>,
     pub bytes: Family<Label, Counter>,
     pub dial_duration: Histogram,
@@ -172,6 +177,18 @@ impl Metrics {
         );
         let tasks = Gauge::default();
         let replicas_expected = Gauge::default();
+        let certificate_expiry = Gauge::default();
+        let agent_certificate_expiry_min = Gauge::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When this server's certificate (--cert-dir tls.crt) expires, in Unix seconds",
+            certificate_expiry.clone(),
+        );
+        registry.register(
+            "agent_certificate_expiry_min_timestamp_seconds",
+            "The soonest expiry among the connected agents' certificates, in Unix seconds (0: no agent)",
+            agent_certificate_expiry_min.clone(),
+        );
         registry.register(
             "replicas_expected",
             "How many server replicas agents are told exist (--server-count, --peers-dns; 0 unknown)",
@@ -332,6 +349,8 @@ impl Metrics {
             clients,
             tasks,
             replicas_expected,
+            certificate_expiry,
+            agent_certificate_expiry_min,
             streams,
             bytes,
             dial_duration,

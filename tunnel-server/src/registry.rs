@@ -33,6 +33,8 @@ pub struct AgentHandle {
     pub kick: tokio::sync::Notify,
     /// The agent process's random id from `Hello` (0: unknown).
     pub instance: u64,
+    /// When its certificate expires (Unix seconds).
+    pub not_after: i64,
 }
 
 impl AgentHandle {
@@ -229,6 +231,7 @@ pub(crate) mod testing {
             draining: AtomicBool::new(false),
             kick: tokio::sync::Notify::new(),
             instance: 0,
+            not_after: 0,
         })
     }
 }
