@@ -22,8 +22,13 @@ async fn expiry_is_visible_on_both_ends() {
     let agent_admin = free_port();
     config.admin_listen = Some(agent_admin);
     let agent = TestAgent::start(config);
-    server.wait_for_agent("edge-1", Duration::from_secs(10)).await;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as f64;
+    server
+        .wait_for_agent("edge-1", Duration::from_secs(10))
+        .await;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
     // The test PKI issues one-day certificates.
     let within_a_day = |t: f64| t > now && t <= now + 86_400.0 + 60.0;
     let page = server.metrics().await;
@@ -37,7 +42,10 @@ async fn expiry_is_visible_on_both_ends() {
     let (_, agents) = e2e::http_get(server.addrs.admin.unwrap(), "/v1/agents").await;
     let listed: serde_json::Value = serde_json::from_str(&agents).unwrap();
     let not_after = listed[0]["not_after"].as_str().unwrap_or_default();
-    assert!(not_after.ends_with('Z') && not_after.len() >= 20, "{agents}");
+    assert!(
+        not_after.ends_with('Z') && not_after.len() >= 20,
+        "{agents}"
+    );
     assert!(listed[0]["remote_address"].is_null(), "{agents}");
     let (_, agent_page) = e2e::http_get(agent_admin, "/metrics").await;
     let t = metric_in(
