@@ -83,6 +83,21 @@ pub fn on_path(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether every tool (a Debian package of that name) is installed:
+/// false, with a SKIPPED line, when one is not; under `CI=true` a missing
+/// tool is a failure instead.
+pub fn have_tools(tools: &[&str]) -> bool {
+    for tool in tools {
+        if !on_path(tool) {
+            let msg = format!("{tool} is not installed (Debian package {tool})");
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
+            eprintln!("SKIPPED: {msg}");
+            return false;
+        }
+    }
+    true
+}
+
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(args: &[&str]) -> Output {
     let out = Command::new(args[0])
