@@ -19,6 +19,9 @@ pub struct Identity {
     /// What the extended key usage extension allows; `None` when the
     /// certificate has none (any purpose, to a plain WebPKI verifier).
     pub usage: Option<KeyUsage>,
+    /// The serial number, lowercase hex without leading zero bytes (as
+    /// deny-lists and CRLs name certificates).
+    pub serial: String,
 }
 
 /// The purposes of an extended key usage extension the tunnel cares for.
@@ -106,6 +109,16 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A certificate serial as deny-lists spell it: lowercase hex, leading
+/// zero bytes (DER sign padding) dropped.
+pub fn serial_hex(raw: &[u8]) -> String {
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    raw[start..].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl Identity {
     /// Extracts the identity from a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<Identity, IdentityError> {
@@ -150,6 +163,7 @@ impl Identity {
             not_before: validity.not_before.timestamp(),
             not_after: validity.not_after.timestamp(),
             usage,
+            serial: serial_hex(cert.raw_serial()),
         })
     }
 }

@@ -28,6 +28,80 @@ pub enum IssueError {
     Rcgen(#[from] rcgen::Error),
     #[error("validity of {0} days is out of range (1..=36500)")]
     BadValidity(u32),
+    #[error("the certificate signing request is not valid: {0}")]
+    BadCsr(String),
+}
+
+/// What a certificate signing request asks for, read and its signature
+/// checked; nothing from it is copied into a certificate except the public
+/// key, the CN and the IP SANs the signer decides to grant.
+pub struct CsrRequest {
+    pub common_name: String,
+    pub addresses: Vec<IpAddr>,
+    params: rcgen::CertificateSigningRequestParams,
+}
+
+impl CsrRequest {
+    /// Parses a DER PKCS#10 request and checks its self-signature (proof
+    /// that the requester holds the private key). Requests with SANs other
+    /// than IP addresses, or without a CN, are refused.
+    pub fn from_der(der: &[u8]) -> Result<CsrRequest, IssueError> {
+        let der = rustls::pki_types::CertificateSigningRequestDer::from(der.to_vec());
+        let params = rcgen::CertificateSigningRequestParams::from_der(&der).map_err(|e| {
+            IssueError::BadCsr(match e {
+                rcgen::Error::RingUnspecified => "its signature does not verify".into(),
+                other => other.to_string(),
+            })
+        })?;
+        let common_name = match params.params.distinguished_name.get(&DnType::CommonName) {
+            Some(value) => dn_value_text(value)
+                .ok_or_else(|| IssueError::BadCsr("its common name is not text".into()))?,
+            None => return Err(IssueError::BadCsr("it has no common name (CN)".into())),
+        };
+        let mut addresses = Vec::new();
+        for san in &params.params.subject_alt_names {
+            match san {
+                SanType::IpAddress(ip) => {
+                    let ip = crate::identity::canonical_ip(*ip);
+                    if !addresses.contains(&ip) {
+                        addresses.push(ip);
+                    }
+                }
+                other => {
+                    return Err(IssueError::BadCsr(format!(
+                    "it asks for a subject alternative name other than an IP address ({other:?})"
+                )))
+                }
+            }
+        }
+        Ok(CsrRequest {
+            common_name,
+            addresses,
+            params,
+        })
+    }
+
+    /// A CSR for `node` and `addresses` with a new key: the PEM private
+    /// key and the DER request. The key never leaves the caller.
+    pub fn generate(node: &str, addresses: &[IpAddr]) -> Result<(String, Vec<u8>), IssueError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(node);
+        params.subject_alt_names = addresses.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+        let key = KeyPair::generate()?;
+        let csr = params.serialize_request(&key)?;
+        Ok((key.serialize_pem(), csr.der().to_vec()))
+    }
+}
+
+fn dn_value_text(value: &rcgen::DnValue) -> Option<String> {
+    match value {
+        rcgen::DnValue::Utf8String(s) => Some(s.clone()),
+        rcgen::DnValue::PrintableString(s) => Some(s.as_str().to_owned()),
+        rcgen::DnValue::Ia5String(s) => Some(s.as_str().to_owned()),
+        rcgen::DnValue::TeletexString(s) => Some(s.as_str().to_owned()),
+        rcgen::DnValue::BmpString(_) | rcgen::DnValue::UniversalString(_) => None,
+        _ => None,
+    }
 }
 
 /// A loaded CA that can sign leaves.
@@ -129,6 +203,36 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
             days,
         )
+    }
+
+    /// Signs an agent certificate for a checked request: CN = `node`, IP
+    /// SANs = `addresses`, client-auth only, valid for `validity` from
+    /// now (backdated a tenth of that, at most 5 minutes, for clocks that
+    /// lag). Only the request's public key is used from it.
+    pub fn sign_agent_request(
+        &self,
+        request: CsrRequest,
+        node: &str,
+        addresses: &[IpAddr],
+        validity: std::time::Duration,
+    ) -> Result<String, IssueError> {
+        let mut request = request.params;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(node);
+        params.subject_alt_names = addresses.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        let validity: Duration =
+            Duration::try_from(validity).map_err(|_| IssueError::BadValidity(0))?;
+        let backdate = (validity / 10_i32).min(Duration::minutes(5));
+        params.not_before = now - backdate;
+        params.not_after = now + validity;
+        request.params = params;
+        let cert = request.signed_by(&self.cert, &self.key)?;
+        Ok(cert.pem())
     }
 
     fn issue_leaf(

@@ -9,8 +9,12 @@
 //! - [`identity`]: the node identity read back out of a peer certificate.
 //! - [`tls`]: rustls configurations for both ends: TLS 1.3 only, client
 //!   certificates required and verified against `ca.crt`.
+//! - [`bootstrap`]: bootstrap tokens (`ID.SECRET`) for agent enrollment,
+//!   the tokens file that keeps their hashes, and the `sha256:` pin of a
+//!   CA certificate an enrolling agent checks.
 #![forbid(unsafe_code)]
 
+pub mod bootstrap;
 pub mod files;
 pub mod identity;
 pub mod issue;

@@ -95,18 +95,165 @@ pub fn server_config_for_clients(
     Ok(config)
 }
 
-/// Client (agent) side: verifies the server against `ca.crt`, presents `tls.crt`.
+/// Client (agent) side: verifies the server against `ca.crt` (and that
+/// its certificate is for TLS servers), presents `tls.crt`.
 pub fn client_config(dir: &CertDir, alpn: &[u8]) -> Result<ClientConfig, TlsConfigError> {
     let provider = provider();
-    let verifier = WebPkiServerVerifier::builder_with_provider(roots(dir)?, provider.clone())
-        .build()
-        .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
+    let verifier = ServerVerifier::roots(roots(dir)?)?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
-        .with_webpki_verifier(verifier)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(dir.chain.clone(), dir.key.clone_key())
         .map_err(TlsConfigError::BadLeaf)?;
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
+}
+
+/// What an agent that has no certificate yet trusts the server by.
+#[derive(Clone, Debug)]
+pub enum EnrollTrust {
+    /// A `ca.crt` it was given.
+    Roots(Vec<CertificateDer<'static>>),
+    /// A `sha256:HEX` pin of the CA's public key (`--ca-cert-hash`): the
+    /// server must present that CA in its chain.
+    Pin(String),
+}
+
+/// Client side without a certificate, for enrollment: verifies the server
+/// by `trust`, presents nothing.
+pub fn enroll_client_config(
+    trust: &EnrollTrust,
+    alpn: &[u8],
+) -> Result<ClientConfig, TlsConfigError> {
+    let verifier = match trust {
+        EnrollTrust::Roots(cas) => ServerVerifier::roots(roots_of(cas)?)?,
+        EnrollTrust::Pin(pin) => ServerVerifier {
+            trust: Trust::Pin(pin.to_ascii_lowercase()),
+        },
+    };
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
+#[derive(Debug)]
+enum Trust {
+    Roots(Arc<WebPkiServerVerifier>),
+    Pin(String),
+}
+
+/// Verifies a server certificate chain (against roots, or against the CA
+/// a pin names, found in the chain the server sent), then requires the
+/// serverAuth extended key usage: a plain verifier takes a certificate
+/// without the extension as any purpose, so an agent's client certificate
+/// (or one a third-party issuer made with default usages) could pose as a
+/// server.
+#[derive(Debug)]
+struct ServerVerifier {
+    trust: Trust,
+}
+
+impl ServerVerifier {
+    fn roots(roots: Arc<RootCertStore>) -> Result<ServerVerifier, TlsConfigError> {
+        let inner = WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
+        Ok(ServerVerifier {
+            trust: Trust::Roots(inner),
+        })
+    }
+
+    fn inner(
+        &self,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+        match &self.trust {
+            Trust::Roots(v) => Ok(v.clone()),
+            Trust::Pin(pin) => {
+                let ca = intermediates
+                    .iter()
+                    .find(|c| crate::bootstrap::ca_cert_hash(c).is_ok_and(|h| &h == pin))
+                    .ok_or_else(|| {
+                        rustls::Error::General(format!(
+                            "the server presented no CA certificate matching --ca-cert-hash {pin}"
+                        ))
+                    })?;
+                let roots = roots_of(&[ca.clone().into_owned()])
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                WebPkiServerVerifier::builder_with_provider(roots, provider())
+                    .build()
+                    .map_err(|e| rustls::Error::General(e.to_string()))
+            }
+        }
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner(intermediates)?.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let identity = crate::Identity::from_der(end_entity)
+            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+        if !identity.usage.is_some_and(|u| u.server_auth) {
+            return Err(rustls::Error::General(format!(
+                "server certificate {:?} is not for TLS servers (its extended key usage lacks \
+                 serverAuth): issue it with `tunnel-certs server` or usages [server auth]",
+                identity.common_name
+            )));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }

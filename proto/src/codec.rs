@@ -15,7 +15,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::message::*;
-use crate::{MAX_ADDRESSES, MAX_NODE_NAME, MAX_REASON};
+use crate::{MAX_ADDRESSES, MAX_CSR, MAX_ISSUED_PEM, MAX_NODE_NAME, MAX_REASON, MAX_TOKEN};
 
 /// Bytes of frame header before the body.
 pub const FRAME_HEADER_LEN: usize = 3;
@@ -30,6 +30,9 @@ const T_DIAL: u8 = 0x10;
 const T_DIAL_RESULT: u8 = 0x11;
 const T_DRAIN: u8 = 0x20;
 const T_GOAWAY: u8 = 0x21;
+const T_ENROLL: u8 = 0x30;
+const T_RENEW: u8 = 0x31;
+const T_ISSUED: u8 = 0x32;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -120,6 +123,22 @@ pub fn encode(msg: &Message, dst: &mut Vec<u8>) -> Result<(), EncodeError> {
             w.reason(&g.reason);
             T_GOAWAY
         }
+        Message::Enroll(e) => {
+            w.u8(e.version_major);
+            w.u8(e.version_minor);
+            w.str("token", &e.token, MAX_TOKEN)?;
+            w.bytes("csr", &e.csr, MAX_CSR)?;
+            T_ENROLL
+        }
+        Message::Renew(r) => {
+            w.bytes("csr", &r.csr, MAX_CSR)?;
+            T_RENEW
+        }
+        Message::Issued(i) => {
+            w.str("certificate", &i.certificate, MAX_ISSUED_PEM)?;
+            w.str("ca", &i.ca, MAX_ISSUED_PEM)?;
+            T_ISSUED
+        }
     };
     let body = dst.len() - start - FRAME_HEADER_LEN;
     // Field limits keep every body far below MAX_FRAME_BODY.
@@ -150,6 +169,9 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
         T_DIAL_RESULT => "DialResult",
         T_DRAIN => "Drain",
         T_GOAWAY => "GoAway",
+        T_ENROLL => "Enroll",
+        T_RENEW => "Renew",
+        T_ISSUED => "Issued",
         other => return Err(DecodeError::UnknownType(other)),
     };
     if buf.len() < FRAME_HEADER_LEN + len {
@@ -221,6 +243,19 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
             code: r.u32("code")?,
             reason: r.str("reason", MAX_REASON)?,
         }),
+        T_ENROLL => Message::Enroll(Enroll {
+            version_major: r.u8("version")?,
+            version_minor: r.u8("version")?,
+            token: r.str("token", MAX_TOKEN)?,
+            csr: r.bytes("csr", MAX_CSR)?,
+        }),
+        T_RENEW => Message::Renew(Renew {
+            csr: r.bytes("csr", MAX_CSR)?,
+        }),
+        T_ISSUED => Message::Issued(Issued {
+            certificate: r.str("certificate", MAX_ISSUED_PEM)?,
+            ca: r.str("ca", MAX_ISSUED_PEM)?,
+        }),
         _ => unreachable!("frame type checked above"),
     };
     Ok(Some((msg, FRAME_HEADER_LEN + len)))
@@ -270,6 +305,12 @@ impl Writer<'_> {
         self.check(field, s.len(), max)?;
         self.u16(s.len() as u16);
         self.buf.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+    fn bytes(&mut self, field: &'static str, b: &[u8], max: usize) -> Result<(), EncodeError> {
+        self.check(field, b.len(), max)?;
+        self.u16(b.len() as u16);
+        self.buf.extend_from_slice(b);
         Ok(())
     }
     /// A human-readable reason: cut to [`MAX_REASON`], never an error.
@@ -347,6 +388,13 @@ impl<'a> Reader<'a> {
                 message: self.message,
                 field,
             })
+    }
+    fn bytes(&mut self, field: &'static str, max: usize) -> Result<Vec<u8>, DecodeError> {
+        let len = self.u16(field)? as usize;
+        if len > max {
+            return Err(self.too_long(field, len, max));
+        }
+        Ok(self.take(field, len)?.to_vec())
     }
     fn ip(&mut self, field: &'static str) -> Result<IpAddr, DecodeError> {
         match self.u8(field)? {
@@ -439,6 +487,22 @@ mod tests {
             Just(Message::Drain),
             (any::<u32>(), "\\PC{0,200}")
                 .prop_map(|(code, reason)| Message::GoAway(GoAway { code, reason })),
+            (
+                any::<u8>(),
+                any::<u8>(),
+                "[a-z0-9.]{0,64}",
+                prop::collection::vec(any::<u8>(), 0..600)
+            )
+                .prop_map(|(a, b, token, csr)| Message::Enroll(Enroll {
+                    version_major: a,
+                    version_minor: b,
+                    token,
+                    csr
+                })),
+            prop::collection::vec(any::<u8>(), 0..600)
+                .prop_map(|csr| Message::Renew(Renew { csr })),
+            ("\\PC{0,300}", "\\PC{0,300}")
+                .prop_map(|(certificate, ca)| Message::Issued(Issued { certificate, ca })),
         ]
     }
 

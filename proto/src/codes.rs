@@ -34,4 +34,11 @@ pub mod close {
     pub const PROTOCOL: u32 = 0x05;
     /// The control stream ended, which ends the registration.
     pub const CONTROL_CLOSED: u32 = 0x06;
+    /// The agent's certificate was revoked (the server's deny-list).
+    pub const REVOKED: u32 = 0x07;
+    /// The agent's certificate expired while it was connected.
+    pub const CERTIFICATE_EXPIRED: u32 = 0x08;
+    /// An enrollment or renewal finished (or was refused): the connection
+    /// served only that.
+    pub const ENROLLED: u32 = 0x09;
 }

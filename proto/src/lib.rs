@@ -22,7 +22,8 @@ pub use codec::{
     decode, encode, truncate_reason, DecodeError, EncodeError, FRAME_HEADER_LEN, MAX_FRAME_BODY,
 };
 pub use message::{
-    DialCode, DialRequest, DialResult, GoAway, Hello, Message, Refusal, RefuseCode, Welcome,
+    DialCode, DialRequest, DialResult, Enroll, GoAway, Hello, Issued, Message, Refusal, RefuseCode,
+    Renew, Welcome,
 };
 
 /// ALPN protocol id: names the protocol and its major version. A peer that
@@ -38,7 +39,7 @@ pub const ALPN_H2: &[u8] = b"edge-tunnel-h2/1";
 /// major version is refused ([`RefuseCode::UnsupportedVersion`]).
 pub const VERSION_MAJOR: u8 = 1;
 /// Minor protocol version: additions that older peers may ignore.
-pub const VERSION_MINOR: u8 = 1;
+pub const VERSION_MINOR: u8 = 2;
 
 /// Longest node name accepted (a DNS-1123 subdomain, as Kubernetes node names are).
 pub const MAX_NODE_NAME: usize = 253;
@@ -47,6 +48,13 @@ pub const MAX_ADDRESSES: usize = 32;
 /// Longest human-readable reason carried in a refusal, dial result or
 /// `GoAway`, in bytes; longer ones are cut when encoded ([`truncate_reason`]).
 pub const MAX_REASON: usize = 1024;
+/// Longest bootstrap token (`ID.SECRET`) in an `Enroll`.
+pub const MAX_TOKEN: usize = 64;
+/// Largest CSR (DER) in an `Enroll` or `Renew`.
+pub const MAX_CSR: usize = 4096;
+/// Largest PEM text in an `Issued` (the certificate, and the CA bundle,
+/// each): both fit one frame.
+pub const MAX_ISSUED_PEM: usize = 7 * 1024;
 
 /// Capability bits an agent announces in [`Hello::capabilities`].
 pub mod capability {

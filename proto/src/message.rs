@@ -26,6 +26,58 @@ pub enum Message {
     /// connection: why (a `codes::close` value), so the agent can react
     /// (for example not fight another agent with the same identity).
     GoAway(GoAway),
+    /// Minor version 2. Agent → server, the first message on the control
+    /// stream of a connection that presented no client certificate: a
+    /// bootstrap token and a CSR. Answered by `Issued` or `Refuse`.
+    Enroll(Enroll),
+    /// Minor version 2. Agent → server, the first message on the control
+    /// stream of a connection authenticated by the agent's current
+    /// certificate, instead of `Hello`: a CSR for the same identity.
+    /// Answered by `Issued` or `Refuse`.
+    Renew(Renew),
+    /// Server → agent: the certificate signed for an `Enroll` or `Renew`,
+    /// and the CA bundle to verify servers with.
+    Issued(Issued),
+}
+
+/// A request to enroll: a bootstrap token and a certificate signing
+/// request (DER, PKCS#10) for the node name and addresses.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Enroll {
+    pub version_major: u8,
+    pub version_minor: u8,
+    /// `ID.SECRET`.
+    pub token: String,
+    /// DER-encoded PKCS#10 request: CN = node name, IP SANs = addresses.
+    pub csr: Vec<u8>,
+}
+
+impl fmt::Debug for Enroll {
+    /// Never prints the token's secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let id = self.token.split('.').next().unwrap_or("");
+        f.debug_struct("Enroll")
+            .field("version_major", &self.version_major)
+            .field("version_minor", &self.version_minor)
+            .field("token_id", &id)
+            .field("csr_len", &self.csr.len())
+            .finish()
+    }
+}
+
+/// A renewal: a CSR (DER) for the identity of the certificate the
+/// connection was authenticated with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Renew {
+    pub csr: Vec<u8>,
+}
+
+/// A signed certificate (PEM, leaf first) and the CA bundle (PEM) the
+/// agent verifies servers with from now on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issued {
+    pub certificate: String,
+    pub ca: String,
 }
 
 /// Why the server is about to close the connection.
@@ -46,6 +98,9 @@ impl Message {
             Message::DialResult(_) => "DialResult",
             Message::Drain => "Drain",
             Message::GoAway(_) => "GoAway",
+            Message::Enroll(_) => "Enroll",
+            Message::Renew(_) => "Renew",
+            Message::Issued(_) => "Issued",
         }
     }
 }
@@ -114,6 +169,10 @@ pub enum RefuseCode {
     /// the agent holds, or two of its dials met here); try again for
     /// another.
     AlreadyConnected,
+    /// An `Enroll` or `Renew` was refused (bad, expired or used-up token,
+    /// a CSR for another node or for addresses outside the allowed range,
+    /// enrollment not configured); the reason says which.
+    EnrollmentRefused,
     /// A code this build does not know; carried through, not rejected.
     Other(u16),
 }
@@ -129,6 +188,7 @@ impl RefuseCode {
             RefuseCode::AddressInUse => 5,
             RefuseCode::ServerDraining => 7,
             RefuseCode::AlreadyConnected => 8,
+            RefuseCode::EnrollmentRefused => 9,
             RefuseCode::Other(c) => c,
         }
     }
@@ -143,6 +203,7 @@ impl RefuseCode {
             5 => RefuseCode::AddressInUse,
             7 => RefuseCode::ServerDraining,
             8 => RefuseCode::AlreadyConnected,
+            9 => RefuseCode::EnrollmentRefused,
             c => RefuseCode::Other(c),
         }
     }
@@ -158,6 +219,7 @@ impl RefuseCode {
             RefuseCode::AddressInUse => "address_in_use",
             RefuseCode::ServerDraining => "server_draining",
             RefuseCode::AlreadyConnected => "already_connected",
+            RefuseCode::EnrollmentRefused => "enrollment_refused",
             RefuseCode::Other(_) => "other",
         }
     }

@@ -18,6 +18,8 @@ pub enum ConfigError {
     Certs(#[from] certs::CertError),
     #[error("tls.crt: {0}")]
     Identity(#[from] certs::IdentityError),
+    #[error("--node-name: {0}")]
+    NodeName(certs::IdentityError),
     #[error("--node-name {flag:?} does not match the certificate's common name {cert:?}; refusing to start (the certificate is the identity)")]
     NodeMismatch { flag: String, cert: String },
     #[error(transparent)]
@@ -77,7 +79,19 @@ pub struct AgentConfig {
     /// What the relay buffers of all this agent's streams may grow into
     /// (runtime state shared by all its connections).
     pub relay_buffers: Arc<transport::BufferBudget>,
+    /// Renew the certificate at two thirds of its lifetime over a
+    /// connection it authenticates (servers with `--enroll-ca-dir`).
+    /// Default on.
+    pub renew: bool,
+    /// Enroll with a bootstrap token when `--cert-dir` holds no usable
+    /// certificate (at start, and once it has expired).
+    pub bootstrap: Option<crate::enroll::Bootstrap>,
 }
+
+/// Held to read `--cert-dir`, and exclusively to replace its files (an
+/// enrollment or renewal), so a connection attempt never loads a new
+/// certificate with the old key.
+pub(crate) static CERT_FILES: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// In `auto`, the first QUIC re-probe after a fall back to HTTP/2 (at most
 /// `reprobe_interval`).
@@ -151,6 +165,21 @@ impl AgentConfig {
         node: &str,
         allow: &[String],
     ) -> Result<AgentConfig, ConfigError> {
+        let config = AgentConfig::without_certificate(server, cert_dir, node, allow)?;
+        // Fail at start, not at the first connect, on unusable certificates.
+        config.credentials()?.tls(proto::ALPN)?;
+        Ok(config)
+    }
+
+    /// [`AgentConfig::try_new`] without loading the certificate: for an
+    /// agent that enrolls first (`--bootstrap-token`).
+    pub fn without_certificate(
+        server: &str,
+        cert_dir: &Path,
+        node: &str,
+        allow: &[String],
+    ) -> Result<AgentConfig, ConfigError> {
+        certs::identity::validate_node_name(node).map_err(ConfigError::NodeName)?;
         let servers = server
             .split(',')
             .map(|s| ServerSpec::parse(s.trim()))
@@ -184,9 +213,9 @@ impl AgentConfig {
                 transport::window::BudgetLimits::AGENT,
             ),
             relay_buffers: Arc::default(),
+            renew: true,
+            bootstrap: None,
         };
-        // Fail at start, not at the first connect, on unusable certificates.
-        config.credentials()?.tls(proto::ALPN)?;
         config.validate()?;
         Ok(config)
     }
@@ -216,7 +245,11 @@ impl AgentConfig {
     /// certificates are picked up at the next reconnect) and checks that
     /// the certificate still names this node.
     pub fn credentials(&self) -> Result<Credentials, ConfigError> {
-        let dir = CertDir::load(&self.cert_dir)?;
+        let dir = {
+            // Not halfway through a renewal's writes.
+            let _files = CERT_FILES.read().unwrap_or_else(|e| e.into_inner());
+            CertDir::load(&self.cert_dir)?
+        };
         let identity = Identity::from_der(dir.leaf())?;
         if identity.common_name != self.node {
             return Err(ConfigError::NodeMismatch {

@@ -16,6 +16,8 @@
 //!   ([`allow`]), connect with a deadline, answer `DialResult`, relay.
 //! - [`config`]: flags turned into an [`AgentConfig`]; the credentials
 //!   reloaded from `--cert-dir` at every connection attempt.
+//! - [`enroll`]: enrollment with a bootstrap token, and renewal at two
+//!   thirds of the certificate's lifetime.
 //! - [`backoff`], [`error`], [`telemetry`] (admin endpoint and metrics),
 //!   [`probe`] (a one-shot registration, for tests and troubleshooting).
 #![forbid(unsafe_code)]
@@ -26,6 +28,7 @@ pub mod config;
 pub mod connection;
 pub mod diagnose;
 pub mod dial;
+pub mod enroll;
 pub mod error;
 pub mod probe;
 pub mod register;

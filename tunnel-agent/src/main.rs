@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use daemon::cli::duration_in;
 use tunnel_agent::AgentConfig;
@@ -89,6 +89,34 @@ struct Args {
     /// reading it (1Mi-16Gi).
     #[arg(long, env = "TUNNEL_RECEIVE_BUDGET", default_value = "64Mi", value_parser = daemon::cli::size_in(1 << 20, 16 << 30))]
     receive_budget: u64,
+    /// Enroll with this bootstrap token (`tunnel-certs token create`) when
+    /// --cert-dir holds no usable certificate for --node-name: the key is
+    /// made here and never leaves the node. Prefer --bootstrap-token-file
+    /// (or the environment) to keep it out of the process list.
+    #[arg(
+        long,
+        env = "TUNNEL_BOOTSTRAP_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "bootstrap_token_file"
+    )]
+    bootstrap_token: Option<String>,
+    /// File holding the bootstrap token (a mounted Secret), read at every
+    /// enrollment attempt.
+    #[arg(long, env = "TUNNEL_BOOTSTRAP_TOKEN_FILE")]
+    bootstrap_token_file: Option<PathBuf>,
+    /// `sha256:HEX` pin of the CA that issued the server certificate
+    /// (`tunnel-certs ca-hash`): how an enrolling agent without a ca.crt
+    /// authenticates the server.
+    #[arg(long, env = "TUNNEL_CA_CERT_HASH")]
+    ca_cert_hash: Option<String>,
+    /// This node's address to put in the enrolled certificate (the
+    /// InternalIP kube-apiserver dials); repeatable.
+    #[arg(long = "node-ip", env = "TUNNEL_NODE_IP", value_delimiter = ',')]
+    node_ips: Vec<std::net::IpAddr>,
+    /// Do not renew the certificate (by default it is renewed at two
+    /// thirds of its lifetime, with servers that enroll).
+    #[arg(long, env = "TUNNEL_NO_RENEW")]
+    no_renew: bool,
     #[command(flatten)]
     common: daemon::cli::Common,
 }
@@ -97,8 +125,35 @@ fn main() -> Result<()> {
     let args = Args::parse();
     daemon::cli::init_logging(args.common.log_format);
     let fds = daemon::fds::raise_nofile_logged();
-    let mut config =
-        AgentConfig::try_new(&args.server, &args.cert_dir, &args.node_name, &args.allow)?;
+    let token = match (&args.bootstrap_token, &args.bootstrap_token_file) {
+        (Some(t), _) => Some(tunnel_agent::enroll::TokenSource::Value(t.clone())),
+        (None, Some(f)) => Some(tunnel_agent::enroll::TokenSource::File(f.clone())),
+        (None, None) => None,
+    };
+    if let Some(pin) = &args.ca_cert_hash {
+        certs::bootstrap::parse_ca_cert_hash(pin).context("--ca-cert-hash")?;
+    }
+    let bootstrap = token.map(|token| tunnel_agent::enroll::Bootstrap {
+        token,
+        ca_cert_hash: args.ca_cert_hash.clone().map(|p| p.to_ascii_lowercase()),
+        addresses: args.node_ips.clone(),
+    });
+    if bootstrap.is_some() && args.node_ips.is_empty() {
+        anyhow::bail!(
+            "--bootstrap-token needs --node-ip: the address(es) to enroll this node with"
+        );
+    }
+    let mut config = if bootstrap.is_some() {
+        AgentConfig::without_certificate(
+            &args.server,
+            &args.cert_dir,
+            &args.node_name,
+            &args.allow,
+        )?
+    } else {
+        AgentConfig::try_new(&args.server, &args.cert_dir, &args.node_name, &args.allow)?
+    };
+    config.renew = !args.no_renew;
     config.server_name = args.server_name;
     config.transport = args.transport;
     config.admin_listen = args.admin_listen;
@@ -128,15 +183,23 @@ fn main() -> Result<()> {
         config.quic.max_streams = fit;
     }
     config.validate()?;
-    let credentials = config.credentials()?;
-    for host in credentials.allow.hosts() {
-        if host.is_loopback() {
-            tracing::warn!(%host, "the allow-list lets the server reach this node's loopback services; allow only the ports it needs");
-        } else if !credentials.addresses.contains(host) {
-            tracing::warn!(%host, "allow-list host is not in the certificate; the server routes only certificate addresses to this node");
+    let enrolling = bootstrap
+        .as_ref()
+        .and_then(|_| tunnel_agent::enroll::needs_enrollment(&config));
+    config.bootstrap = bootstrap;
+    if enrolling.is_none() {
+        let credentials = config.credentials()?;
+        for host in credentials.allow.hosts() {
+            if host.is_loopback() {
+                tracing::warn!(%host, "the allow-list lets the server reach this node's loopback services; allow only the ports it needs");
+            } else if !credentials.addresses.contains(host) {
+                tracing::warn!(%host, "allow-list host is not in the certificate; the server routes only certificate addresses to this node");
+            }
         }
+        tracing::info!(node = %config.node, allow = %credentials.allow, "starting");
+    } else {
+        tracing::info!(node = %config.node, "starting; enrolling first");
     }
-    tracing::info!(node = %config.node, allow = %credentials.allow, "starting");
     // One worker: an agent shares its node with kubelet and workloads, and
     // on the benchmark one worker relays faster than two (fewer cross-thread
     // wake-ups; see benches/RESULTS.md).

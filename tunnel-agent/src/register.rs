@@ -71,19 +71,15 @@ impl Registration<'_> {
     /// Registers over QUIC.
     pub async fn quic(self, endpoint: &quinn::Endpoint) -> Result<ServerConnection, ConnectError> {
         let t = Transport::Quic;
-        let local = |e: &dyn std::fmt::Display| self.err(t, FailureKind::Local, e.to_string());
-        let tls = self.credentials.tls(proto::ALPN).map_err(|e| local(&e))?;
-        let client = self.config.quic.client_config(tls).map_err(|e| local(&e))?;
+        let tls = self
+            .credentials
+            .tls(proto::ALPN)
+            .map_err(|e| self.err(t, FailureKind::Local, e.to_string()))?;
+        let (conn, mut send, mut recv) = open_quic(self.config, self.target, endpoint, tls).await?;
         let quic_err = |e: &quinn::ConnectionError| {
             let (kind, detail) = diagnose::quic(e);
             self.err(t, kind, detail)
         };
-        let conn = endpoint
-            .connect_with(client, self.target.addr, &self.target.server_name)
-            .map_err(|e| local(&e))?
-            .await
-            .map_err(|e| quic_err(&e))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| quic_err(&e))?;
         match self.hello_exchange(t, &mut send, &mut recv).await {
             Ok(welcome) => Ok(ServerConnection {
                 window: transport::window::ReceiveWindow::quic(
@@ -119,70 +115,8 @@ impl Registration<'_> {
             .credentials
             .tls(proto::ALPN_H2)
             .map_err(|e| self.err(t, FailureKind::Local, e.to_string()))?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-        let name = rustls::pki_types::ServerName::try_from(self.target.server_name.clone())
-            .map_err(|e| {
-                let detail = format!("server name {:?}: {e}", self.target.server_name);
-                self.err(t, FailureKind::Local, detail)
-            })?;
-        let tcp = TcpStream::connect(self.target.addr).await.map_err(|e| {
-            let (kind, detail) = diagnose::tcp_connect(&e);
-            self.err(t, kind, detail)
-        })?;
-        let _ = tcp.set_nodelay(true);
-        let quic = &self.config.quic;
-        transport::net::set_liveness(&tcp, quic.keepalive, quic.idle_timeout);
-        let tls_err = |e: &std::io::Error| {
-            let (kind, detail) = diagnose::tls_io(e);
-            self.err(t, kind, detail)
-        };
-        let tls = connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| tls_err(&e))?;
-        // In TLS 1.3 the server checks our certificate after our side of
-        // the handshake is done: a rejection arrives as an alert here.
-        let settings = H2Settings {
-            max_streams: self.config.quic.max_streams,
-            ..H2Settings::default()
-        };
-        let mut conn: H2Conn =
-            settings
-                .server()
-                .handshake(tls)
-                .await
-                .map_err(|e| match e.get_io() {
-                    Some(io) => tls_err(io),
-                    None => self.err(t, FailureKind::Protocol, format!("HTTP/2 handshake: {e}")),
-                })?;
-        let protocol = |detail: String| self.err(t, FailureKind::Protocol, detail);
-        let (request, mut respond) = match conn.accept().await {
-            Some(Ok(r)) => r,
-            Some(Err(e)) => {
-                return Err(match e.get_io() {
-                    Some(io) => tls_err(io),
-                    None => protocol(format!("HTTP/2: {e}")),
-                })
-            }
-            None => {
-                return Err(self.err(
-                    t,
-                    FailureKind::Refused,
-                    "the server closed the connection before /control".into(),
-                ))
-            }
-        };
-        if request.uri().path() != "/control" {
-            return Err(protocol(format!(
-                "expected /control, got {}",
-                request.uri().path()
-            )));
-        }
-        let send = respond
-            .send_response(http::Response::new(()), false)
-            .map_err(|e| protocol(e.to_string()))?;
-        let mut send = H2Send::new(send);
-        let mut recv = H2Recv::body(request.into_body());
+        let (mut conn, mut send, mut recv, settings) =
+            open_h2(self.config, self.target, tls).await?;
         // The connection must be driven while the control exchange runs.
         let welcome = tokio::select! {
             r = self.hello_exchange(t, &mut send, &mut recv) => r?,
@@ -229,6 +163,179 @@ impl Registration<'_> {
                 other.kind()
             ))),
             Err(e) => Err(protocol(format!("registration failed: {e}"))),
+        }
+    }
+}
+
+/// Dials `target` over QUIC with `tls` and opens the control stream.
+pub(crate) async fn open_quic(
+    config: &AgentConfig,
+    target: &Target,
+    endpoint: &quinn::Endpoint,
+    tls: rustls::ClientConfig,
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), ConnectError> {
+    let t = Transport::Quic;
+    let local = |e: &dyn std::fmt::Display| {
+        ConnectError::new(t, target.addr, FailureKind::Local, e.to_string())
+    };
+    let client = config.quic.client_config(tls).map_err(|e| local(&e))?;
+    let quic_err = |e: &quinn::ConnectionError| {
+        let (kind, detail) = diagnose::quic(e);
+        ConnectError::new(t, target.addr, kind, detail)
+    };
+    let conn = endpoint
+        .connect_with(client, target.addr, &target.server_name)
+        .map_err(|e| local(&e))?
+        .await
+        .map_err(|e| quic_err(&e))?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| quic_err(&e))?;
+    Ok((conn, send, recv))
+}
+
+/// Dials `target` over TCP + TLS with `tls`, serves HTTP/2 on it and
+/// answers the server's `/control` request: the control stream.
+pub(crate) async fn open_h2(
+    config: &AgentConfig,
+    target: &Target,
+    tls: rustls::ClientConfig,
+) -> Result<(H2Conn, H2Send, H2Recv, H2Settings), ConnectError> {
+    let t = Transport::H2;
+    let err = |kind, detail| ConnectError::new(t, target.addr, kind, detail);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let name =
+        rustls::pki_types::ServerName::try_from(target.server_name.clone()).map_err(|e| {
+            let detail = format!("server name {:?}: {e}", target.server_name);
+            err(FailureKind::Local, detail)
+        })?;
+    let tcp = TcpStream::connect(target.addr).await.map_err(|e| {
+        let (kind, detail) = diagnose::tcp_connect(&e);
+        err(kind, detail)
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let quic = &config.quic;
+    transport::net::set_liveness(&tcp, quic.keepalive, quic.idle_timeout);
+    let tls_err = |e: &std::io::Error| {
+        let (kind, detail) = diagnose::tls_io(e);
+        err(kind, detail)
+    };
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| tls_err(&e))?;
+    // In TLS 1.3 the server checks our certificate after our side of
+    // the handshake is done: a rejection arrives as an alert here.
+    let settings = H2Settings {
+        max_streams: config.quic.max_streams,
+        ..H2Settings::default()
+    };
+    let mut conn: H2Conn =
+        settings
+            .server()
+            .handshake(tls)
+            .await
+            .map_err(|e| match e.get_io() {
+                Some(io) => tls_err(io),
+                None => err(FailureKind::Protocol, format!("HTTP/2 handshake: {e}")),
+            })?;
+    let protocol = |detail: String| err(FailureKind::Protocol, detail);
+    let (request, mut respond) = match conn.accept().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            return Err(match e.get_io() {
+                Some(io) => tls_err(io),
+                None => protocol(format!("HTTP/2: {e}")),
+            })
+        }
+        None => {
+            return Err(err(
+                FailureKind::Refused,
+                "the server closed the connection before /control".into(),
+            ))
+        }
+    };
+    if request.uri().path() != "/control" {
+        return Err(protocol(format!(
+            "expected /control, got {}",
+            request.uri().path()
+        )));
+    }
+    let send = respond
+        .send_response(http::Response::new(()), false)
+        .map_err(|e| protocol(e.to_string()))?;
+    Ok((
+        conn,
+        H2Send::new(send),
+        H2Recv::body(request.into_body()),
+        settings,
+    ))
+}
+
+/// One request on a connection of its own (an enrollment or renewal):
+/// dial `target` over `transport` with `tls` (made for the transport's
+/// ALPN by `tls`), send `request` on the control stream, read the answer,
+/// close. The caller bounds the whole exchange.
+pub(crate) async fn request_once(
+    config: &AgentConfig,
+    target: &Target,
+    transport: Transport,
+    tls: impl Fn(&[u8]) -> Result<rustls::ClientConfig, ConnectError>,
+    request: &Message,
+) -> Result<Message, ConnectError> {
+    let protocol =
+        |detail: String| ConnectError::new(transport, target.addr, FailureKind::Protocol, detail);
+    async fn exchange<S: TunnelSend, R: TunnelRecv>(
+        send: &mut S,
+        recv: &mut R,
+        request: &Message,
+    ) -> Result<Message, String> {
+        write_message(send, request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        read_message(recv, &mut buf)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    match transport {
+        Transport::Quic => {
+            let endpoint = crate::supervisor::bind_endpoint(config).map_err(|e| {
+                ConnectError::new(transport, target.addr, FailureKind::Local, e.to_string())
+            })?;
+            let (conn, mut send, mut recv) =
+                open_quic(config, target, &endpoint, tls(proto::ALPN)?).await?;
+            let answer = exchange(&mut send, &mut recv, request).await;
+            let answer = match (answer, conn.close_reason()) {
+                (Ok(m), _) => Ok(m),
+                (Err(_), Some(reason)) => {
+                    let (kind, detail) = diagnose::quic(&reason);
+                    Err(ConnectError::new(transport, target.addr, kind, detail))
+                }
+                (Err(e), None) => Err(protocol(e)),
+            };
+            conn.close(quinn::VarInt::from_u32(close::ENROLLED), b"done");
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+            answer
+        }
+        Transport::H2 => {
+            let (mut conn, mut send, mut recv, _) =
+                open_h2(config, target, tls(proto::ALPN_H2)?).await?;
+            let answer = tokio::select! {
+                r = exchange(&mut send, &mut recv, request) => r.map_err(protocol),
+                r = poll_fn(|cx| conn.poll_closed(cx)) => Err(ConnectError::new(
+                    transport,
+                    target.addr,
+                    FailureKind::Refused,
+                    format!("the server closed the HTTP/2 connection: {r:?}"),
+                )),
+            };
+            conn.graceful_shutdown();
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                poll_fn(|cx| conn.poll_closed(cx)),
+            )
+            .await;
+            answer
         }
     }
 }

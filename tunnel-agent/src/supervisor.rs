@@ -54,6 +54,23 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    if let Some(bootstrap) = &config.bootstrap {
+        if let Some(why) = crate::enroll::needs_enrollment(&config) {
+            tracing::info!("enrolling with the bootstrap token: {why}");
+            if !crate::enroll::enroll_until_done(&config, bootstrap, stop_rx.clone()).await {
+                return Ok(());
+            }
+        }
+    }
+    // The certificate must be usable now (enrolled, or given).
+    config.credentials()?.tls(proto::ALPN)?;
+    if config.renew {
+        tokio::spawn(crate::enroll::renew_loop(
+            config.clone(),
+            config.bootstrap.clone(),
+            stop_rx.clone(),
+        ));
+    }
     let held = HeldReplicas::default();
     let metrics = Arc::new(AgentMetrics::default());
     let admin = match config.admin_listen {

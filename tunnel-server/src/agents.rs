@@ -127,32 +127,49 @@ pub(crate) async fn serve_agent(
 ) -> Result<(), AgentError> {
     let timeout = shared.config.register_timeout;
     let metrics = &shared.metrics;
-    let identity = match peer_identity(certs) {
-        Ok(id) => id,
-        Err(reason) => {
-            metrics.refused(RefuseCode::BadCertificate.label());
-            link.close(close::REFUSED, &reason);
+    // With enrollment on, a peer may come without a certificate: then it
+    // may only enroll.
+    let identity = if certs.is_empty() && shared.enroller.is_some() {
+        None
+    } else {
+        match peer_identity(certs) {
+            Ok(id) => Some(id),
+            Err(reason) => {
+                metrics.refused(RefuseCode::BadCertificate.label());
+                link.close(close::REFUSED, &reason);
+                return Err(AgentError::Refused(Refusal {
+                    code: RefuseCode::BadCertificate,
+                    reason,
+                }));
+            }
+        }
+    };
+    if let Some(identity) = &identity {
+        tracing::Span::current().record("node", identity.common_name.as_str());
+        if let Some(reason) = shared.live_tls.as_ref().and_then(|t| t.denies(identity)) {
+            metrics.refused("revoked");
+            let reason = format!("certificate revoked: {reason}");
+            link.close(close::REVOKED, &reason);
             return Err(AgentError::Refused(Refusal {
                 code: RefuseCode::BadCertificate,
                 reason,
             }));
         }
-    };
-    tracing::Span::current().record("node", identity.common_name.as_str());
+    }
 
-    let hello = async {
+    let first = async {
         let mut stream = control.await?;
         let mut buf = Vec::new();
-        let hello = match read_message(&mut stream.recv, &mut buf)
+        let first = match read_message(&mut stream.recv, &mut buf)
             .await
             .map_err(|e| e.to_string())?
         {
-            Message::Hello(h) => h,
+            m @ (Message::Hello(_) | Message::Enroll(_) | Message::Renew(_)) => m,
             other => return Err(format!("expected Hello, got {}", other.kind())),
         };
-        Ok((stream, hello))
+        Ok((stream, first))
     };
-    let (mut stream, hello) = match tokio::time::timeout(timeout, hello).await {
+    let (mut stream, first) = match tokio::time::timeout(timeout, first).await {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             metrics.refused("bad_hello");
@@ -163,6 +180,47 @@ pub(crate) async fn serve_agent(
             metrics.refused("register_timeout");
             link.close(close::PROTOCOL, "no Hello in time");
             return Err(AgentError::Control(format!("no Hello within {timeout:?}")));
+        }
+    };
+    let (identity, hello) = match (identity, first) {
+        (Some(identity), Message::Hello(hello)) => (identity, hello),
+        (None, Message::Enroll(request)) => {
+            let enroller = shared.enroller.as_ref().expect("checked above");
+            let issued = enroller
+                .enroll(&shared, &request, link.remote_address())
+                .await;
+            return answer_issue(&mut stream, &link, metrics, issued).await;
+        }
+        (Some(identity), Message::Renew(request)) => {
+            let issued = match &shared.enroller {
+                Some(enroller) => enroller.renew(&shared, &identity, &request),
+                None => Err(Refusal {
+                    code: RefuseCode::EnrollmentRefused,
+                    reason: "this server does not renew certificates (no --enroll-ca-dir)".into(),
+                }),
+            };
+            return answer_issue(&mut stream, &link, metrics, issued).await;
+        }
+        (None, other) => {
+            let refusal = Refusal {
+                code: RefuseCode::BadCertificate,
+                reason: format!(
+                    "no client certificate: a {} needs one (a node without one may only enroll, \
+                     with --bootstrap-token)",
+                    other.kind()
+                ),
+            };
+            return Err(refuse(&mut stream, &link, metrics, refusal).await);
+        }
+        (Some(_), other) => {
+            let refusal = Refusal {
+                code: RefuseCode::EnrollmentRefused,
+                reason: format!(
+                    "a {} comes from a node without a certificate; this one has one (renew instead)",
+                    other.kind()
+                ),
+            };
+            return Err(refuse(&mut stream, &link, metrics, refusal).await);
         }
     };
 
@@ -217,6 +275,7 @@ pub(crate) async fn serve_agent(
             kick: tokio::sync::Notify::new(),
             instance: hello.instance,
             not_after: identity.not_after,
+            serial: identity.serial.clone(),
         });
         match shared.registry.register(agent.clone()) {
             Ok(old) => Ok((agent, old)),
@@ -385,6 +444,28 @@ async fn refuse(
     AgentError::Refused(refusal)
 }
 
+/// Answers an `Enroll` or `Renew`: `Issued` (then waits, bounded, for the
+/// agent to close) or the refusal.
+async fn answer_issue(
+    stream: &mut transport::TunnelStream,
+    link: &AgentLink,
+    metrics: &crate::metrics::Metrics,
+    issued: Result<proto::Issued, Refusal>,
+) -> Result<(), AgentError> {
+    match issued {
+        Ok(issued) => {
+            let sent = transport::write_message(&mut stream.send, &Message::Issued(issued)).await;
+            let _ = stream.send.shutdown().await;
+            if sent.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
+            }
+            link.close(close::ENROLLED, "certificate issued");
+            sent.map_err(|e| AgentError::Control(e.to_string()))
+        }
+        Err(refusal) => Err(refuse(stream, link, metrics, refusal).await),
+    }
+}
+
 /// Closes a handed-over connection once its last stream is done (at most
 /// a minute later).
 async fn close_when_idle(old: Arc<AgentHandle>) {
@@ -537,6 +618,7 @@ mod tests {
                 client_auth: true,
                 server_auth: false,
             }),
+            serial: "01".into(),
         }
     }
 

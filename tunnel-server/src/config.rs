@@ -137,7 +137,28 @@ pub struct ServerSettings {
     /// given. Default: any other address.
     pub addresses: crate::addresses::AddressPolicy,
     pub quic: QuicSettings,
+    /// Enrollment: the signing CA (`ca.crt`, `ca.key`) and the bootstrap
+    /// tokens file (`tunnel-certs token create`), both or neither. With
+    /// them, agents without a certificate may enroll on the agent port,
+    /// and agents renew there.
+    pub enroll_ca_dir: Option<PathBuf>,
+    pub enroll_tokens_file: Option<PathBuf>,
+    /// Validity of the certificates enrollment and renewal issue. Default
+    /// 30 days, at most [`MAX_ENROLL_VALIDITY`].
+    pub enroll_validity: Duration,
+    /// Agent certificates refused by node name or serial (`node=NAME`,
+    /// `serial=HEX` lines); reloaded with the certificates.
+    pub deny_list: Option<PathBuf>,
+    /// How often the certificate directory and the deny-list are checked
+    /// for changes, and live agents for revoked or expired certificates.
+    /// Default 10 s.
+    pub reload_interval: Duration,
 }
+
+/// The longest validity enrollment and renewal may give a certificate.
+pub const MAX_ENROLL_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
+/// The shortest (a renewal at two thirds of it must still be possible).
+pub const MIN_ENROLL_VALIDITY: Duration = Duration::from_secs(10);
 
 impl ServerSettings {
     /// Defaults for everything but the endpoint and certificates.
@@ -178,6 +199,11 @@ impl ServerSettings {
             receive_budget: BudgetLimits::SERVER,
             addresses: crate::addresses::AddressPolicy::default(),
             quic: QuicSettings::default(),
+            enroll_ca_dir: None,
+            enroll_tokens_file: None,
+            enroll_validity: Duration::from_secs(30 * 86_400),
+            deny_list: None,
+            reload_interval: Duration::from_secs(10),
         }
     }
 }
@@ -230,6 +256,10 @@ pub enum ConfigError {
     StallCreditPerClient { per_client: u64, budget: u64 },
     #[error("--feed-max-connections must be at least 1")]
     NoFeedConnections,
+    #[error("--enroll-ca-dir and --enroll-tokens-file go together: give both or neither")]
+    EnrollHalf,
+    #[error("--enroll-validity must be between 10s and 365 days, not {0:?}")]
+    EnrollValidity(Duration),
 }
 
 /// The smallest receive budget: 16 connections at the floor.
@@ -288,6 +318,15 @@ impl ServerConfig {
         }
         if settings.connect_uds_mode > 0o777 || settings.connect_uds_mode & 0o600 != 0o600 {
             return Err(ConfigError::UdsMode(settings.connect_uds_mode));
+        }
+        if settings.enroll_ca_dir.is_some() != settings.enroll_tokens_file.is_some() {
+            return Err(ConfigError::EnrollHalf);
+        }
+        if !(MIN_ENROLL_VALIDITY..=MAX_ENROLL_VALIDITY).contains(&settings.enroll_validity) {
+            return Err(ConfigError::EnrollValidity(settings.enroll_validity));
+        }
+        if settings.reload_interval.is_zero() {
+            return Err(ConfigError::ZeroTimeout("reload interval"));
         }
         if settings.max_streams_per_client == 0 {
             return Err(ConfigError::NoStreamsPerClient);

@@ -41,11 +41,13 @@ pub mod connect;
 pub mod dial;
 pub mod direct;
 pub mod dnat;
+pub mod enroll;
 pub mod feed;
 pub mod forward;
 pub mod handshake;
 pub mod ingress;
 pub mod link;
+pub mod live_tls;
 pub mod log_throttle;
 pub mod metrics;
 pub mod peers;
@@ -93,6 +95,11 @@ pub struct Shared {
     pub quic_handshakes: handshake::HandshakeGate,
     /// Unauthenticated TLS-over-TCP handshakes of the HTTP/2 listener.
     pub h2_handshakes: handshake::HandshakeGate,
+    /// The live certificate, CA bundle and deny-list (set by
+    /// [`Server::bind`]).
+    pub live_tls: Option<Arc<live_tls::LiveTls>>,
+    /// Enrollment and renewal (`--enroll-ca-dir`), set by [`Server::bind`].
+    pub enroller: Option<enroll::Enroller>,
     next_id: AtomicU64,
 }
 
@@ -122,8 +129,17 @@ impl Shared {
                 config.max_streams_per_client,
             ),
             config,
+            live_tls: None,
+            enroller: None,
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// The live TLS material of a bound server.
+    pub fn tls(&self) -> &live_tls::LiveTls {
+        self.live_tls
+            .as_deref()
+            .expect("a bound server has its TLS material")
     }
 
     pub fn next_id(&self) -> u64 {
@@ -195,6 +211,10 @@ pub enum ServerError {
     Tls(#[from] certs::tls::TlsConfigError),
     #[error(transparent)]
     Tokens(#[from] tokens::TokenFileError),
+    #[error(transparent)]
+    LiveTls(#[from] live_tls::LoadError),
+    #[error(transparent)]
+    Enroll(#[from] enroll::EnrollSetupError),
     #[error("--connect-client-ca {path}: {problem}")]
     ConnectClientCa {
         path: std::path::PathBuf,
@@ -289,7 +309,18 @@ impl Server {
     /// Loads certificates and binds every configured listener.
     pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         let dir = certs::CertDir::load(&config.cert_dir)?;
-        let tls = certs::tls::server_config(&dir, proto::ALPN)?;
+        let enroller = match (&config.enroll_ca_dir, &config.enroll_tokens_file) {
+            (Some(ca), Some(tokens)) => {
+                Some(enroll::Enroller::load(ca, tokens, config.enroll_validity)?)
+            }
+            _ => None,
+        };
+        let live = live_tls::LiveTls::load(
+            &config.cert_dir,
+            config.deny_list.as_deref(),
+            enroller.is_some(),
+        )?;
+        let tls = live.server_config(proto::ALPN, live.enrollment);
         // quinn holds no more undecided connection attempts than may be
         // in flight.
         let quic = transport::quic::QuicSettings {
@@ -306,7 +337,7 @@ impl Server {
                     source,
                 })?);
             let listener = bind_tcp("HTTP/2 (agents)", Some(addr))?.expect("address given");
-            let tls = certs::tls::server_config(&dir, proto::ALPN_H2)?;
+            let tls = live.server_config(proto::ALPN_H2, live.enrollment);
             Some((listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
         } else {
             None
@@ -347,13 +378,15 @@ impl Server {
         let admin = bind_tcp("admin", config.admin_listen)?;
         let feed = match bind_tcp("feed", config.feed_listen)? {
             Some(listener) => {
-                let tls = certs::tls::server_config(&dir, feed::ALPN)?;
+                let tls = live.server_config(feed::ALPN, false);
                 Some((listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
             }
             None => None,
         };
         let mut shared = Shared::new(config);
         shared.proxy_auth.tokens = tokens;
+        shared.live_tls = Some(live);
+        shared.enroller = enroller;
         // The server's own certificate: when it expires, and a warning
         // when that is near (a restart loads a renewed one).
         if let Ok(own) = certs::Identity::from_der(dir.leaf()) {
@@ -433,6 +466,13 @@ impl Server {
                     .get_or_create(&[("result", result)])
                     .inc();
             }));
+        }
+        if let Some(live) = shared.live_tls.clone() {
+            tasks.spawn(live_tls::watch(
+                live,
+                shared.clone(),
+                shared.config.reload_interval,
+            ));
         }
         if let Some(name) = shared.config.peers_dns.clone() {
             tasks.spawn(peers::follow(name, shared.clone()));

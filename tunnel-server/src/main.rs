@@ -134,6 +134,33 @@ struct Args {
     /// resolved every 10 s (it wins over --server-count while it resolves).
     #[arg(long, env = "TUNNEL_PEERS_DNS")]
     peers_dns: Option<String>,
+    /// Enroll agents that have no certificate yet: the CA (ca.crt and
+    /// ca.key) that signs their certificates. Needs --enroll-tokens-file.
+    /// Client certificates become optional on the agent port (a peer
+    /// without one may only enroll), and agents renew there.
+    #[arg(long, env = "TUNNEL_ENROLL_CA_DIR", requires = "enroll_tokens_file")]
+    enroll_ca_dir: Option<PathBuf>,
+    /// Bootstrap tokens (`tunnel-certs token create`); read at every
+    /// enrollment, which records its use in it (the server must be able to
+    /// write it).
+    #[arg(long, env = "TUNNEL_ENROLL_TOKENS_FILE", requires = "enroll_ca_dir")]
+    enroll_tokens_file: Option<PathBuf>,
+    /// Validity of the certificates enrollment and renewal issue (10s-365d);
+    /// agents renew at two thirds of it.
+    #[arg(long, env = "TUNNEL_ENROLL_VALIDITY", default_value = "30d", value_parser = duration_in(secs(10), secs(365 * 86_400)))]
+    enroll_validity: Duration,
+    /// Agent certificates refused by node name or serial: `node=NAME` and
+    /// `serial=HEX` lines. Checked at every registration and renewal;
+    /// a change closes the affected live connections within
+    /// --reload-interval.
+    #[arg(long, env = "TUNNEL_DENY_LIST")]
+    deny_list: Option<PathBuf>,
+    /// How often tls.crt, tls.key, ca.crt and the deny-list are checked for
+    /// changes (new handshakes use changed files at once; broken ones are
+    /// refused and the old kept), and live agents for revoked or expired
+    /// certificates (1s-1h).
+    #[arg(long, env = "TUNNEL_RELOAD_INTERVAL", default_value = "10s", value_parser = duration_in(secs(1), secs(3600)))]
+    reload_interval: Duration,
     /// How long an agent may take to register after its handshake (1s-10m).
     #[arg(long, env = "TUNNEL_REGISTER_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), secs(600)))]
     register_timeout: Duration,
@@ -581,6 +608,11 @@ fn serve(args: Args) -> Result<()> {
         settings.server_id = id;
     }
     settings.register_timeout = args.register_timeout;
+    settings.enroll_ca_dir = args.enroll_ca_dir;
+    settings.enroll_tokens_file = args.enroll_tokens_file;
+    settings.enroll_validity = args.enroll_validity;
+    settings.deny_list = args.deny_list;
+    settings.reload_interval = args.reload_interval;
     settings.handshake_timeout = args.handshake_timeout;
     settings.handshake_limits = tunnel_server::admission::HandshakeLimits {
         max_in_flight: args.max_handshakes as usize,

@@ -41,6 +41,15 @@ pub struct Metrics {
     pub direct_dials: Family<Label, Counter>,
     /// Token file reloads, by result (ok, error).
     pub token_file_reloads: Family<Label, Counter>,
+    /// Enrollments with a bootstrap token, by result (issued, or why not).
+    pub enrollments: Family<Label, Counter>,
+    /// Certificate renewals, by result (issued, or why not).
+    pub renewals: Family<Label, Counter>,
+    /// Reloads of the certificate directory and deny-list, by result.
+    pub certificate_reloads: Family<Label, Counter>,
+    /// Agent connections closed because their certificate was revoked
+    /// (deny-list) or expired while connected, by reason.
+    pub agents_disconnected: Family<Label, Counter>,
     /// Clients with a connection open now (set at scrape time).
     pub clients: Gauge,
     /// Tokio tasks alive in the process's runtime (set at scrape time).
@@ -113,6 +122,30 @@ impl Metrics {
         let connect_authorized = Family::<[(&'static str, String); 2], Counter>::default();
         let connect_auth_failures = Family::<Label, Counter>::default();
         let token_file_reloads = Family::<Label, Counter>::default();
+        let enrollments = Family::<Label, Counter>::default();
+        let renewals = Family::<Label, Counter>::default();
+        let certificate_reloads = Family::<Label, Counter>::default();
+        let agents_disconnected = Family::<Label, Counter>::default();
+        registry.register(
+            "enrollments",
+            "Agent enrollments with a bootstrap token, by result (issued, or the refusal)",
+            enrollments.clone(),
+        );
+        registry.register(
+            "renewals",
+            "Agent certificate renewals, by result (issued, or the refusal)",
+            renewals.clone(),
+        );
+        registry.register(
+            "certificate_reloads",
+            "Reloads of the server certificate, key, CA bundle and deny-list after they changed on disk, by result (ok, error: the old ones stay)",
+            certificate_reloads.clone(),
+        );
+        registry.register(
+            "agents_disconnected",
+            "Agent connections closed because the certificate was revoked (deny-list) or expired while connected, by reason",
+            agents_disconnected.clone(),
+        );
         let direct_dials = Family::<Label, Counter>::default();
         registry.register(
             "direct_dials",
@@ -345,6 +378,10 @@ impl Metrics {
             connect_authorized,
             connect_auth_failures,
             token_file_reloads,
+            enrollments,
+            renewals,
+            certificate_reloads,
+            agents_disconnected,
             direct_dials,
             clients,
             tasks,

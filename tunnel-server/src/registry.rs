@@ -35,6 +35,8 @@ pub struct AgentHandle {
     pub instance: u64,
     /// When its certificate expires (Unix seconds).
     pub not_after: i64,
+    /// Its certificate's serial (lowercase hex), for the deny-list.
+    pub serial: String,
 }
 
 impl AgentHandle {
@@ -232,6 +234,7 @@ pub(crate) mod testing {
             kick: tokio::sync::Notify::new(),
             instance: 0,
             not_after: 0,
+            serial: String::new(),
         })
     }
 }

@@ -1,0 +1,303 @@
+//! Enrollment with a bootstrap token, and renewal.
+//!
+//! With `--enroll-ca-dir DIR --enroll-tokens-file FILE`, an agent that has
+//! no certificate yet connects to the agent port without one (the server
+//! then asks for client certificates without requiring them) and sends
+//! `Enroll`: a bootstrap token and a CSR for its node name and addresses.
+//! The server checks the token (known, secret, not revoked, not expired,
+//! uses left, node name or pattern), the CSR (its signature, a valid node
+//! name, only IP SANs) and every address (`--agent-address-cidr` and the
+//! other registration rules), signs a short-lived certificate (CN = node,
+//! IP SANs = the addresses, client auth only, `--enroll-validity`),
+//! records the use in the tokens file, and answers `Issued` with the
+//! certificate and the CA bundle (`--cert-dir` `ca.crt`). The key never
+//! leaves the node.
+//!
+//! An agent renews over a connection authenticated by its current
+//! certificate: `Renew` with a CSR for the same node name and addresses
+//! (a subset: renewal never widens an identity; a node whose address
+//! changed enrolls again with a new token).
+//!
+//! Every enrollment, renewal and refusal is logged and counted
+//! (`edge_tunnel_enrollments_total{result}`,
+//! `edge_tunnel_renewals_total{result}`). At most
+//! [`Enroller::MAX_CONCURRENT`] run at once; more are refused as `busy`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use certs::bootstrap::{BootstrapToken, TokensFile};
+use certs::issue::{Ca, CsrRequest};
+use certs::Identity;
+use proto::{Issued, Refusal, RefuseCode};
+
+use crate::Shared;
+
+/// What the server needs to enroll agents.
+pub struct Enroller {
+    ca: Ca,
+    tokens_file: PathBuf,
+    validity: Duration,
+    /// Serializes the read-check-record of the tokens file.
+    tokens_lock: tokio::sync::Mutex<()>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Why the enrollment CA could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollSetupError {
+    #[error("--enroll-ca-dir {dir}: {problem}")]
+    Ca { dir: PathBuf, problem: String },
+    #[error("--enroll-tokens-file {path}: {problem}")]
+    Tokens { path: PathBuf, problem: String },
+}
+
+/// A refusal with the label it is counted under.
+struct Refused {
+    label: &'static str,
+    reason: String,
+}
+
+fn refused(label: &'static str, reason: impl Into<String>) -> Refused {
+    Refused {
+        label,
+        reason: reason.into(),
+    }
+}
+
+impl Enroller {
+    /// Enrollments (and renewals) in progress at once.
+    pub const MAX_CONCURRENT: usize = 8;
+
+    /// Loads the signing CA (`ca.crt`, `ca.key`) and checks that the
+    /// tokens file reads.
+    pub fn load(
+        ca_dir: &std::path::Path,
+        tokens_file: &std::path::Path,
+        validity: Duration,
+    ) -> Result<Enroller, EnrollSetupError> {
+        let fail = |problem: String| EnrollSetupError::Ca {
+            dir: ca_dir.to_owned(),
+            problem,
+        };
+        let read = |name: &str| {
+            std::fs::read_to_string(ca_dir.join(name))
+                .map_err(|e| fail(format!("cannot read {name}: {e}")))
+        };
+        let ca = Ca::from_pem(&read(certs::files::CA_CRT)?, &read(certs::files::CA_KEY)?)
+            .map_err(|e| fail(e.to_string()))?;
+        TokensFile::load(tokens_file).map_err(|e| EnrollSetupError::Tokens {
+            path: tokens_file.to_owned(),
+            problem: e.to_string(),
+        })?;
+        Ok(Enroller {
+            ca,
+            tokens_file: tokens_file.to_owned(),
+            validity,
+            tokens_lock: tokio::sync::Mutex::new(()),
+            slots: Arc::new(tokio::sync::Semaphore::new(Self::MAX_CONCURRENT)),
+        })
+    }
+
+    /// Serves an `Enroll` from `remote`: the `Issued` to send, or the
+    /// refusal.
+    pub async fn enroll(
+        &self,
+        shared: &Shared,
+        request: &proto::Enroll,
+        remote: std::net::SocketAddr,
+    ) -> Result<Issued, Refusal> {
+        let token_id = request.token.split('.').next().unwrap_or("").to_owned();
+        let result = self.try_enroll(shared, request).await;
+        let label = match &result {
+            Ok((issued_for, _)) => {
+                tracing::info!(
+                    %remote,
+                    node = %issued_for.0,
+                    addresses = ?issued_for.1,
+                    token = %token_id,
+                    "agent enrolled with a bootstrap token"
+                );
+                "issued"
+            }
+            Err(r) => {
+                tracing::warn!(%remote, token = %token_id, "enrollment refused: {}", r.reason);
+                r.label
+            }
+        };
+        shared
+            .metrics
+            .enrollments
+            .get_or_create(&[("result", label)])
+            .inc();
+        result.map(|(_, issued)| issued).map_err(|r| Refusal {
+            code: RefuseCode::EnrollmentRefused,
+            reason: r.reason,
+        })
+    }
+
+    async fn try_enroll(
+        &self,
+        shared: &Shared,
+        request: &proto::Enroll,
+    ) -> Result<((String, Vec<IpAddr>), Issued), Refused> {
+        let _slot = self.slots.clone().try_acquire_owned().map_err(|_| {
+            refused(
+                "busy",
+                "too many enrollments in progress on this server; retry shortly",
+            )
+        })?;
+        if request.version_major != proto::VERSION_MAJOR {
+            return Err(refused(
+                "unsupported_version",
+                format!(
+                    "protocol version {} is not spoken here ({})",
+                    request.version_major,
+                    proto::VERSION_MAJOR
+                ),
+            ));
+        }
+        let token = BootstrapToken::parse(&request.token)
+            .map_err(|e| refused("malformed_token", format!("bootstrap token: {e}")))?;
+        let csr =
+            CsrRequest::from_der(&request.csr).map_err(|e| refused("bad_csr", e.to_string()))?;
+        let node = csr.common_name.clone();
+        certs::identity::validate_node_name(&node)
+            .map_err(|e| refused("bad_csr", format!("the CSR's common name: {e}")))?;
+        let addresses = csr.addresses.clone();
+        check_addresses(shared, &addresses)?;
+        // Sign first (it cannot be undone, a recorded use can't either, but
+        // a signature nobody receives costs nothing), then record the use,
+        // then answer.
+        let certificate = self
+            .ca
+            .sign_agent_request(csr, &node, &addresses, self.validity)
+            .map_err(|e| refused("signing_failed", e.to_string()))?;
+        {
+            let _lock = self.tokens_lock.lock().await;
+            let mut file = TokensFile::load(&self.tokens_file).map_err(|e| {
+                refused(
+                    "tokens_file",
+                    format!("the server cannot read its tokens file: {e}"),
+                )
+            })?;
+            let now = unix_now();
+            file.check(&token, &node, now)
+                .map_err(|r| refused(r.label(), r.to_string()))?;
+            let record = file.find_mut(&token.id).expect("checked above");
+            record.used += 1;
+            file.save(&self.tokens_file).map_err(|e| {
+                refused(
+                    "tokens_file",
+                    format!("the server cannot record the token's use: {e}"),
+                )
+            })?;
+        }
+        Ok((
+            (node, addresses),
+            Issued {
+                certificate,
+                ca: shared.tls().ca_pem(),
+            },
+        ))
+    }
+
+    /// Serves a `Renew` on a connection authenticated as `identity`.
+    pub fn renew(
+        &self,
+        shared: &Shared,
+        identity: &Identity,
+        request: &proto::Renew,
+    ) -> Result<Issued, Refusal> {
+        let result = self.try_renew(shared, identity, request);
+        let label = match &result {
+            Ok(_) => {
+                tracing::info!(node = %identity.common_name, "agent certificate renewed");
+                "issued"
+            }
+            Err(r) => {
+                tracing::warn!(node = %identity.common_name, "renewal refused: {}", r.reason);
+                r.label
+            }
+        };
+        shared
+            .metrics
+            .renewals
+            .get_or_create(&[("result", label)])
+            .inc();
+        result.map_err(|r| Refusal {
+            code: RefuseCode::EnrollmentRefused,
+            reason: r.reason,
+        })
+    }
+
+    fn try_renew(
+        &self,
+        shared: &Shared,
+        identity: &Identity,
+        request: &proto::Renew,
+    ) -> Result<Issued, Refused> {
+        let _slot = self.slots.clone().try_acquire_owned().map_err(|_| {
+            refused(
+                "busy",
+                "too many enrollments in progress on this server; retry shortly",
+            )
+        })?;
+        let csr =
+            CsrRequest::from_der(&request.csr).map_err(|e| refused("bad_csr", e.to_string()))?;
+        if csr.common_name != identity.common_name {
+            return Err(refused(
+                "node_mismatch",
+                format!(
+                    "the CSR is for {:?}, the certificate renewing it for {:?}",
+                    csr.common_name, identity.common_name
+                ),
+            ));
+        }
+        if let Some(extra) = csr
+            .addresses
+            .iter()
+            .find(|a| !identity.addresses.contains(a))
+        {
+            return Err(refused(
+                "address_not_in_certificate",
+                format!(
+                    "the CSR adds {extra}, which the current certificate does not carry: \
+                     renewal never widens a certificate; enroll with a new token"
+                ),
+            ));
+        }
+        let addresses = csr.addresses.clone();
+        check_addresses(shared, &addresses)?;
+        let certificate = self
+            .ca
+            .sign_agent_request(csr, &identity.common_name, &addresses, self.validity)
+            .map_err(|e| refused("signing_failed", e.to_string()))?;
+        Ok(Issued {
+            certificate,
+            ca: shared.tls().ca_pem(),
+        })
+    }
+}
+
+/// Every address must be one the server would register for an agent.
+fn check_addresses(shared: &Shared, addresses: &[IpAddr]) -> Result<(), Refused> {
+    let own = crate::addresses::own_addresses();
+    for a in addresses {
+        shared.config.addresses.check(*a, &own).map_err(|why| {
+            refused(
+                "address_not_allowed",
+                format!("address {a} cannot be given to an edge node: {why}"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

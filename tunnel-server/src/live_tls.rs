@@ -1,0 +1,492 @@
+//! The server's TLS material, reloaded while it runs.
+//!
+//! Every TLS listener of the server presents the certificate of
+//! `--cert-dir` through [`LiveTls`], and the agent listeners (and the feed)
+//! verify client certificates against its `ca.crt` through it. A watcher
+//! ([`watch`]) re-reads `tls.crt`, `tls.key`, `ca.crt` and the
+//! `--deny-list` every `--reload-interval`; when they changed and parse,
+//! new handshakes use the new material at once and established connections
+//! are untouched. A broken file is refused with a log line (and
+//! `edge_tunnel_certificate_reloads_total{result="error"}`), and the old
+//! material stays. A CA rotation works with a `ca.crt` bundle holding the
+//! old and the new CA.
+//!
+//! With enrollment on (`--enroll-ca-dir`), client certificates become
+//! optional on the agent listeners (a node without one may only enroll),
+//! and the chain presented includes the CA that issued the server
+//! certificate, so that an agent holding only a `sha256:` pin of that CA
+//! can authenticate the server.
+//!
+//! The deny-list revokes agent certificates by node name or serial; a
+//! change closes the affected live connections within one reload interval,
+//! and the same tick closes connections whose certificate expired while
+//! connected.
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use certs::Identity;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::Shared;
+
+/// Agent certificates that must not be accepted any more.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DenyList {
+    nodes: HashSet<String>,
+    /// Lowercase hex, no leading zero bytes (as [`certs::identity::serial_hex`]).
+    serials: HashSet<String>,
+}
+
+/// Longest deny-list file read.
+const MAX_DENY_LIST: usize = 4 << 20;
+
+impl DenyList {
+    /// Parses `node=NAME` and `serial=HEX` lines (`#` comments, blank lines
+    /// ignored); anything else is an error naming the line.
+    pub fn parse(text: &str, path: &Path) -> Result<DenyList, String> {
+        let mut list = DenyList::default();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let bad = |why: &str| format!("{}:{}: {why}", path.display(), n + 1);
+            match line.split_once('=') {
+                Some(("node", name)) => {
+                    certs::identity::validate_node_name(name).map_err(|e| bad(&e.to_string()))?;
+                    list.nodes.insert(name.to_owned());
+                }
+                Some(("serial", hex)) => {
+                    let hex = hex.trim_start_matches("0x").to_ascii_lowercase();
+                    let hex = hex.replace(':', "");
+                    if hex.is_empty()
+                        || hex.len() > 80
+                        || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+                    {
+                        return Err(bad("serial must be hexadecimal (at most 40 bytes)"));
+                    }
+                    // Padded to whole bytes, leading zero bytes dropped.
+                    let padded = if hex.len() % 2 == 1 {
+                        format!("0{hex}")
+                    } else {
+                        hex
+                    };
+                    let bytes: Vec<u8> = (0..padded.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).expect("hex checked"))
+                        .collect();
+                    list.serials.insert(certs::identity::serial_hex(&bytes));
+                }
+                _ => {
+                    return Err(bad(&format!(
+                        "expected `node=NAME` or `serial=HEX`, got {line:?}"
+                    )))
+                }
+            }
+        }
+        Ok(list)
+    }
+
+    /// Why `identity` is denied, if it is.
+    pub fn denies(&self, node: &str, serial: &str) -> Option<String> {
+        if self.nodes.contains(node) {
+            return Some(format!("node {node:?} is on the deny-list"));
+        }
+        if self.serials.contains(serial) {
+            return Some(format!("certificate serial {serial} is on the deny-list"));
+        }
+        None
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len() + self.serials.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One consistent set of TLS material.
+struct Material {
+    certified: Arc<CertifiedKey>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    deny: DenyList,
+    /// The server certificate's identity (expiry for the metric).
+    own: Identity,
+    /// `ca.crt` as PEM text: the bundle enrolled agents are given.
+    ca_pem: String,
+    /// A hash of every file read, to see whether anything changed.
+    fingerprint: u64,
+}
+
+/// Why the TLS material could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Certs(#[from] certs::CertError),
+    #[error(transparent)]
+    Tls(#[from] certs::tls::TlsConfigError),
+    #[error("tls.crt/tls.key in {dir}: {problem}")]
+    Leaf { dir: PathBuf, problem: String },
+    #[error("deny-list {0}")]
+    DenyList(String),
+}
+
+/// The server's live certificate, key, client CA and deny-list.
+pub struct LiveTls {
+    cert_dir: PathBuf,
+    deny_list: Option<PathBuf>,
+    /// Client certificates optional on the agent listeners, issuer CA in
+    /// the chain presented (enrollment on).
+    pub enrollment: bool,
+    material: RwLock<Arc<Material>>,
+}
+
+impl std::fmt::Debug for LiveTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveTls")
+            .field("cert_dir", &self.cert_dir)
+            .field("deny_list", &self.deny_list)
+            .field("enrollment", &self.enrollment)
+            .finish()
+    }
+}
+
+fn read_limited(path: &Path, limit: usize) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() > limit {
+        return Err(format!(
+            "{} is {} bytes, more than the {limit} read",
+            path.display(),
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
+}
+
+impl LiveTls {
+    /// Loads the material once; an error here stops the server from
+    /// starting.
+    pub fn load(
+        cert_dir: &Path,
+        deny_list: Option<&Path>,
+        enrollment: bool,
+    ) -> Result<Arc<LiveTls>, LoadError> {
+        let material = load_material(cert_dir, deny_list, enrollment)?;
+        Ok(Arc::new(LiveTls {
+            cert_dir: cert_dir.to_owned(),
+            deny_list: deny_list.map(Path::to_owned),
+            enrollment,
+            material: RwLock::new(Arc::new(material)),
+        }))
+    }
+
+    fn current(&self) -> Arc<Material> {
+        self.material
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A rustls server configuration for `alpn` that always uses the live
+    /// material: client certificates required unless `optional_clients`
+    /// (the agent listeners with enrollment on).
+    pub fn server_config(
+        self: &Arc<Self>,
+        alpn: &[u8],
+        optional_clients: bool,
+    ) -> rustls::ServerConfig {
+        let mut config = rustls::ServerConfig::builder_with_provider(certs::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("ring supports TLS 1.3")
+            .with_client_cert_verifier(Arc::new(LiveVerifier {
+                tls: self.clone(),
+                mandatory: !optional_clients,
+            }))
+            .with_cert_resolver(Arc::new(LiveResolver(self.clone())));
+        config.alpn_protocols = vec![alpn.to_vec()];
+        config
+    }
+
+    /// A resolver presenting the live server certificate, for a listener
+    /// with other client roots (the TLS CONNECT ingress).
+    pub fn resolver(self: &Arc<Self>) -> Arc<dyn ResolvesServerCert> {
+        Arc::new(LiveResolver(self.clone()))
+    }
+
+    /// Re-reads the files. `Ok(true)`: something changed and the new
+    /// material is in use; `Ok(false)`: nothing changed; `Err`: the new
+    /// files are broken and the old material stays.
+    pub fn reload(&self) -> Result<bool, LoadError> {
+        let old = self.current();
+        if fingerprint(&self.cert_dir, self.deny_list.as_deref()) == old.fingerprint {
+            return Ok(false);
+        }
+        let new = load_material(&self.cert_dir, self.deny_list.as_deref(), self.enrollment)?;
+        if new.fingerprint == old.fingerprint {
+            return Ok(false);
+        }
+        *self.material.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        Ok(true)
+    }
+
+    /// Why an agent certificate is refused now, if it is.
+    pub fn denies(&self, identity: &Identity) -> Option<String> {
+        self.current()
+            .deny
+            .denies(&identity.common_name, &identity.serial)
+    }
+
+    /// Why a node with certificate `serial` is refused now, if it is.
+    pub fn denies_node(&self, node: &str, serial: &str) -> Option<String> {
+        self.current().deny.denies(node, serial)
+    }
+
+    /// `ca.crt` as loaded, PEM: what enrolled agents verify servers with.
+    pub fn ca_pem(&self) -> String {
+        self.current().ca_pem.clone()
+    }
+
+    /// When the server certificate expires (Unix seconds), and its identity.
+    pub fn own(&self) -> Identity {
+        self.current().own.clone()
+    }
+}
+
+/// A hash of the files' contents (a missing file hashes as such): cheap
+/// enough to compute every few seconds, and it sees a Kubernetes Secret
+/// update (a symlink swap) as well as an edit in place.
+fn fingerprint(cert_dir: &Path, deny_list: Option<&Path>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for name in [
+        certs::files::TLS_CRT,
+        certs::files::TLS_KEY,
+        certs::files::CA_CRT,
+    ] {
+        std::fs::read(cert_dir.join(name)).ok().hash(&mut h);
+    }
+    deny_list.map(|p| std::fs::read(p).ok()).hash(&mut h);
+    h.finish()
+}
+
+fn load_material(
+    cert_dir: &Path,
+    deny_list: Option<&Path>,
+    enrollment: bool,
+) -> Result<Material, LoadError> {
+    let fingerprint = fingerprint(cert_dir, deny_list);
+    let dir = certs::CertDir::load(cert_dir)?;
+    let leaf_problem = |problem: String| LoadError::Leaf {
+        dir: cert_dir.to_owned(),
+        problem,
+    };
+    let own = Identity::from_der(dir.leaf()).map_err(|e| leaf_problem(e.to_string()))?;
+    if own.usage.is_some_and(|u| !u.server_auth) {
+        return Err(leaf_problem(
+            "the server certificate's extended key usage lacks serverAuth: agents would refuse it"
+                .into(),
+        ));
+    }
+    let mut chain = dir.chain.clone();
+    if enrollment {
+        // An agent with only a pin of the CA needs the CA itself to verify
+        // the chain: append the ca.crt certificates that issued the leaf.
+        for ca in issuers_of(dir.leaf(), &dir.ca) {
+            if !chain.contains(&ca) {
+                chain.push(ca);
+            }
+        }
+    }
+    let certified = CertifiedKey::from_der(chain, dir.key.clone_key(), &certs::tls::provider())
+        .map_err(|e| leaf_problem(e.to_string()))?;
+    let verifier = certs::tls::client_verifier(certs::tls::roots_of(&dir.ca)?)?;
+    let deny = match deny_list {
+        Some(path) => {
+            let bytes = read_limited(path, MAX_DENY_LIST).map_err(LoadError::DenyList)?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| LoadError::DenyList(format!("{} is not UTF-8", path.display())))?;
+            DenyList::parse(&text, path).map_err(LoadError::DenyList)?
+        }
+        None => DenyList::default(),
+    };
+    let ca_pem =
+        std::fs::read_to_string(cert_dir.join(certs::files::CA_CRT)).map_err(|source| {
+            certs::CertError::Read {
+                path: cert_dir.join(certs::files::CA_CRT),
+                source,
+            }
+        })?;
+    Ok(Material {
+        certified: Arc::new(certified),
+        verifier,
+        deny,
+        own,
+        ca_pem,
+        fingerprint,
+    })
+}
+
+/// The certificates of `cas` whose subject is the issuer of `leaf`.
+fn issuers_of(
+    leaf: &CertificateDer<'static>,
+    cas: &[CertificateDer<'static>],
+) -> Vec<CertificateDer<'static>> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, leaf)) = X509Certificate::from_der(leaf) else {
+        return Vec::new();
+    };
+    let issuer = leaf.issuer().as_raw();
+    cas.iter()
+        .filter(|ca| {
+            X509Certificate::from_der(ca).is_ok_and(|(_, c)| c.subject().as_raw() == issuer)
+        })
+        .cloned()
+        .collect()
+}
+
+#[derive(Debug)]
+struct LiveResolver(Arc<LiveTls>);
+
+impl ResolvesServerCert for LiveResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().certified.clone())
+    }
+}
+
+#[derive(Debug)]
+struct LiveVerifier {
+    tls: Arc<LiveTls>,
+    mandatory: bool,
+}
+
+impl ClientCertVerifier for LiveVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    /// No hints: the CA bundle may change under a running server, and an
+    /// agent has one certificate to offer anyway.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.tls
+            .current()
+            .verifier
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls
+            .current()
+            .verifier
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls
+            .current()
+            .verifier
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.tls.current().verifier.supported_verify_schemes()
+    }
+}
+
+/// Reloads the material every `interval` while the server runs, and on
+/// every tick closes agent connections whose certificate is now denied or
+/// has expired.
+pub async fn watch(tls: Arc<LiveTls>, shared: Arc<Shared>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        // A few small files: read on the runtime, like the token file.
+        match tls.reload() {
+            Ok(true) => {
+                let own = tls.own();
+                shared.metrics.certificate_expiry.set(own.not_after);
+                shared
+                    .metrics
+                    .certificate_reloads
+                    .get_or_create(&[("result", "ok")])
+                    .inc();
+                tracing::info!(
+                    not_after = own.not_after,
+                    "reloaded the server certificate, CA bundle and deny-list: new handshakes use them"
+                );
+            }
+            Ok(false) => {}
+            Err(e) => {
+                shared
+                    .metrics
+                    .certificate_reloads
+                    .get_or_create(&[("result", "error")])
+                    .inc();
+                tracing::error!("changed TLS files refused, the old ones stay in use: {e}");
+            }
+        }
+        disconnect_invalid(&tls, &shared);
+    }
+}
+
+/// Closes every agent connection whose certificate is denied now or has
+/// expired.
+pub fn disconnect_invalid(tls: &LiveTls, shared: &Shared) {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    for agent in shared.registry.snapshot() {
+        let (reason, label, code) = if let Some(why) = tls.denies_node(&agent.node, &agent.serial) {
+            (why, "revoked", proto::codes::close::REVOKED)
+        } else if agent.not_after <= now {
+            (
+                "the agent certificate expired while connected".to_owned(),
+                "expired",
+                proto::codes::close::CERTIFICATE_EXPIRED,
+            )
+        } else {
+            continue;
+        };
+        tracing::warn!(node = %agent.node, "closing the agent connection: {reason}");
+        shared
+            .metrics
+            .agents_disconnected
+            .get_or_create(&[("reason", label)])
+            .inc();
+        agent.link.close(code, &reason);
+        if shared.registry.deregister(&agent) {
+            shared
+                .metrics
+                .agents_connected
+                .set(shared.registry.len() as i64);
+        }
+    }
+}
