@@ -143,6 +143,9 @@ pub struct ServerSettings {
     /// and agents renew there.
     pub enroll_ca_dir: Option<PathBuf>,
     pub enroll_tokens_file: Option<PathBuf>,
+    /// Where this server records token uses when the tokens file is
+    /// read-only (a Secret). Default: in the tokens file.
+    pub enroll_state_file: Option<PathBuf>,
     /// Validity of the certificates enrollment and renewal issue. Default
     /// 30 days, at most [`MAX_ENROLL_VALIDITY`].
     pub enroll_validity: Duration,
@@ -201,6 +204,7 @@ impl ServerSettings {
             quic: QuicSettings::default(),
             enroll_ca_dir: None,
             enroll_tokens_file: None,
+            enroll_state_file: None,
             enroll_validity: Duration::from_secs(30 * 86_400),
             deny_list: None,
             reload_interval: Duration::from_secs(10),

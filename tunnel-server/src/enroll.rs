@@ -39,6 +39,9 @@ use crate::Shared;
 pub struct Enroller {
     ca: Ca,
     tokens_file: PathBuf,
+    /// Where uses are recorded when the tokens file is read-only (a
+    /// Kubernetes Secret): `ID USED` lines, this replica's own count.
+    state_file: Option<PathBuf>,
     validity: Duration,
     /// Serializes the read-check-record of the tokens file.
     tokens_lock: tokio::sync::Mutex<()>,
@@ -76,6 +79,7 @@ impl Enroller {
     pub fn load(
         ca_dir: &std::path::Path,
         tokens_file: &std::path::Path,
+        state_file: Option<&std::path::Path>,
         validity: Duration,
     ) -> Result<Enroller, EnrollSetupError> {
         let fail = |problem: String| EnrollSetupError::Ca {
@@ -95,6 +99,12 @@ impl Enroller {
         Ok(Enroller {
             ca,
             tokens_file: tokens_file.to_owned(),
+            state_file: state_file.map(|p| {
+                if let Err(e) = read_state(p) {
+                    tracing::warn!("--enroll-state-file: {e}; starting from no recorded uses");
+                }
+                p.to_owned()
+            }),
             validity,
             tokens_lock: tokio::sync::Mutex::new(()),
             slots: Arc::new(tokio::sync::Semaphore::new(Self::MAX_CONCURRENT)),
@@ -168,6 +178,17 @@ impl Enroller {
             .map_err(|e| refused("bad_csr", format!("the CSR's common name: {e}")))?;
         let addresses = csr.addresses.clone();
         check_addresses(shared, &addresses)?;
+        // A node that is connected now has a certificate: a second one
+        // from a (fleet) token would let its bearer pose as that node.
+        if let crate::registry::Route::Agent(_) = shared.registry.by_node(&node) {
+            return Err(refused(
+                "node_connected",
+                format!(
+                    "node {node:?} is connected with a certificate already; it renews that one \
+                     (to replace it, revoke it first)"
+                ),
+            ));
+        }
         // Sign first (it cannot be undone, a recorded use can't either, but
         // a signature nobody receives costs nothing), then record the use,
         // then answer.
@@ -183,12 +204,43 @@ impl Enroller {
                     format!("the server cannot read its tokens file: {e}"),
                 )
             })?;
+            let mut state = match &self.state_file {
+                Some(path) => Some(read_state(path).map_err(|e| refused("tokens_file", e))?),
+                None => None,
+            };
+            if let Some(state) = &state {
+                for record in &mut file.records {
+                    record.used = record
+                        .used
+                        .saturating_add(state.get(&record.id).copied().unwrap_or(0));
+                }
+            }
             let now = unix_now();
-            file.check(&token, &node, now)
-                .map_err(|r| refused(r.label(), r.to_string()))?;
-            let record = file.find_mut(&token.id).expect("checked above");
-            record.used += 1;
-            file.save(&self.tokens_file).map_err(|e| {
+            file.check(&token, &node, now).map_err(|r| match r {
+                // The bearer knows the token: say whom it is for.
+                certs::bootstrap::TokenRefusal::NodeNotAllowed => refused(
+                    r.label(),
+                    format!(
+                        "node {node:?} may not enroll with bootstrap token {} (it is for {}): {r}",
+                        token.id,
+                        file.find(&token.id)
+                            .map_or_else(String::new, |t| t.subject.to_string())
+                    ),
+                ),
+                r => refused(r.label(), r.to_string()),
+            })?;
+            let recorded = match (&mut state, &self.state_file) {
+                (Some(state), Some(path)) => {
+                    *state.entry(token.id.clone()).or_insert(0) += 1;
+                    write_state(path, state)
+                }
+                _ => {
+                    let record = file.find_mut(&token.id).expect("checked above");
+                    record.used += 1;
+                    file.save(&self.tokens_file).map_err(|e| e.to_string())
+                }
+            };
+            recorded.map_err(|e| {
                 refused(
                     "tokens_file",
                     format!("the server cannot record the token's use: {e}"),
@@ -294,6 +346,51 @@ fn check_addresses(shared: &Shared, addresses: &[IpAddr]) -> Result<(), Refused>
         })?;
     }
     Ok(())
+}
+
+/// Most tokens the state file may name.
+const MAX_STATE_ENTRIES: usize = 100_000;
+
+/// Reads `ID USED` lines; a missing file is no uses.
+fn read_state(path: &std::path::Path) -> Result<std::collections::HashMap<String, u32>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let mut state = std::collections::HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || format!("{}:{}: expected `ID USED`", path.display(), n + 1);
+        let (id, used) = line.split_once(' ').ok_or_else(bad)?;
+        let used: u32 = used.trim().parse().map_err(|_| bad())?;
+        if state.len() >= MAX_STATE_ENTRIES {
+            return Err(format!(
+                "{} names more than {MAX_STATE_ENTRIES} tokens",
+                path.display()
+            ));
+        }
+        state.insert(id.to_owned(), used);
+    }
+    Ok(state)
+}
+
+fn write_state(
+    path: &std::path::Path,
+    state: &std::collections::HashMap<String, u32>,
+) -> Result<(), String> {
+    let mut ids: Vec<_> = state.iter().collect();
+    ids.sort();
+    let mut text = String::from(
+        "# edge-tunnel enrollment state: uses of each bootstrap token on this server\n",
+    );
+    for (id, used) in ids {
+        text.push_str(&format!("{id} {used}\n"));
+    }
+    certs::files::write_atomic(path, text.as_bytes(), 0o600).map_err(|e| e.to_string())
 }
 
 fn unix_now() -> u64 {

@@ -310,9 +310,12 @@ impl Server {
     pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         let dir = certs::CertDir::load(&config.cert_dir)?;
         let enroller = match (&config.enroll_ca_dir, &config.enroll_tokens_file) {
-            (Some(ca), Some(tokens)) => {
-                Some(enroll::Enroller::load(ca, tokens, config.enroll_validity)?)
-            }
+            (Some(ca), Some(tokens)) => Some(enroll::Enroller::load(
+                ca,
+                tokens,
+                config.enroll_state_file.as_deref(),
+                config.enroll_validity,
+            )?),
             _ => None,
         };
         let live = live_tls::LiveTls::load(

@@ -142,9 +142,18 @@ struct Args {
     enroll_ca_dir: Option<PathBuf>,
     /// Bootstrap tokens (`tunnel-certs token create`); read at every
     /// enrollment, which records its use in it (the server must be able to
-    /// write it).
+    /// write it) unless --enroll-state-file is given.
     #[arg(long, env = "TUNNEL_ENROLL_TOKENS_FILE", requires = "enroll_ca_dir")]
     enroll_tokens_file: Option<PathBuf>,
+    /// Record token uses here instead of in --enroll-tokens-file, which may
+    /// then be read-only (a mounted Secret; new and revoked tokens apply at
+    /// the next enrollment). Each replica counts the uses it saw.
+    #[arg(
+        long,
+        env = "TUNNEL_ENROLL_STATE_FILE",
+        requires = "enroll_tokens_file"
+    )]
+    enroll_state_file: Option<PathBuf>,
     /// Validity of the certificates enrollment and renewal issue (10s-365d);
     /// agents renew at two thirds of it.
     #[arg(long, env = "TUNNEL_ENROLL_VALIDITY", default_value = "30d", value_parser = duration_in(secs(10), secs(365 * 86_400)))]
@@ -610,6 +619,7 @@ fn serve(args: Args) -> Result<()> {
     settings.register_timeout = args.register_timeout;
     settings.enroll_ca_dir = args.enroll_ca_dir;
     settings.enroll_tokens_file = args.enroll_tokens_file;
+    settings.enroll_state_file = args.enroll_state_file;
     settings.enroll_validity = args.enroll_validity;
     settings.deny_list = args.deny_list;
     settings.reload_interval = args.reload_interval;
