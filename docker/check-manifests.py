@@ -18,12 +18,17 @@ TARGETS = [ROOT] + [
 ]
 # Custom resources have no built-in schema; they are checked by hand below.
 CRD_KINDS = {"ServiceMonitor"}
-# The only added capabilities allowed, per workload.
-ALLOWED_CAPS = {"tunnel-redirector": {"NET_ADMIN", "NET_RAW"}}
+# The only added capabilities allowed, per workload or workload/container.
+ALLOWED_CAPS = {
+    "tunnel-redirector": {"NET_ADMIN", "NET_RAW"},
+    # Gives the agent's hostPath certificate directory to its user.
+    "tunnel-agent/cert-dir": {"CHOWN", "FOWNER"},
+}
 # Workloads allowed on the host network.
 HOST_NETWORK = {"tunnel-agent", "tunnel-redirector"}
-# Workloads that must run as root (iptables), all others must not.
-ROOT_OK = {"tunnel-redirector"}
+# Workloads (or workload/container) that must run as root (iptables,
+# chown), all others must not.
+ROOT_OK = {"tunnel-redirector", "tunnel-agent/cert-dir"}
 
 problems = []
 
@@ -112,11 +117,12 @@ def check_workload(target, obj):
         caps = sc.get("capabilities", {})
         if "ALL" not in caps.get("drop", []):
             problem(target, f"{cname}: capabilities are not dropped (drop: [ALL])")
-        extra = set(caps.get("add", [])) - ALLOWED_CAPS.get(name, set())
+        allowed = ALLOWED_CAPS.get(name, set()) | ALLOWED_CAPS.get(cname, set())
+        extra = set(caps.get("add", [])) - allowed
         if extra:
             problem(target, f"{cname}: unexpected capabilities {sorted(extra)}")
         non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
-        if name not in ROOT_OK and non_root is not True:
+        if name not in ROOT_OK and cname not in ROOT_OK and non_root is not True:
             problem(target, f"{cname}: may run as root (runAsNonRoot is not true)")
         check_server_memory(target, cname, c)
         res = c.get("resources", {})

@@ -19,7 +19,9 @@ python3 check-manifests.py
 # The Secret manifests make-secrets.sh writes are valid objects too.
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-bash make-secrets.sh "$tmp" --server-dns tunnel.example.com edge-1=198.18.1.2 edge-2=198.18.1.3,fd00::3 >/dev/null
+bash make-secrets.sh "$tmp" --server-dns tunnel.example.com --bootstrap "edge-*" edge-1=198.18.1.2 edge-2=198.18.1.3,fd00::3 >/dev/null
+# Running it again changes nothing it already wrote and still works.
+bash make-secrets.sh "$tmp" edge-3=198.18.1.4 >/dev/null
 kubernetes-validate --strict --quiet "$tmp"/*.yaml
 # They hold private keys: readable by their owner only.
 loose=$(find "$tmp" -type f -perm /077)

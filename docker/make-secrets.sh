@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Issues the edge-tunnel PKI and writes it as Kubernetes Secret manifests.
 #
-#   docker/make-secrets.sh OUT_DIR [--server-dns NAME]... [--server-ip IP]... NODE=IP[,IP...]...
+#   docker/make-secrets.sh OUT_DIR [--server-dns NAME]... [--server-ip IP]...
+#       [--bootstrap GLOB [--bootstrap-uses N] [--bootstrap-ttl DUR]] [NODE=IP[,IP...]]...
 #
 # OUT_DIR/pki/ca/{ca.crt,ca.key}           the CA (keep ca.key offline)
-# OUT_DIR/tunnel-server-tls.yaml           Secret for the server Deployment
+# OUT_DIR/pki/enroll-ca/{ca.crt,ca.key}    the enrollment CA the servers sign agents with
+# OUT_DIR/tunnel-server-tls.yaml           Secret for the server Deployment (its ca.crt
+#                                          trusts agents of both CAs)
+# OUT_DIR/tunnel-enroll-ca.yaml            Secret: the enrollment CA, for the servers
+# OUT_DIR/tunnel-bootstrap-tokens.yaml     Secret: the bootstrap tokens file (hashes only)
+# OUT_DIR/tunnel-agent-bootstrap.yaml      with --bootstrap: Secret for the agent DaemonSet,
+#                                          a token for nodes matching GLOB (default 100
+#                                          uses, 24h) and the CA pin; agents enroll with it
 # OUT_DIR/tunnel-dnat-helper-tls.yaml      Secret for the redirectors (CN edge-tunnel:dnat-helper)
 # OUT_DIR/agents/NODE/{tls.crt,tls.key,ca.crt}
-#                                          per-node files for /etc/edge-tunnel/pki on NODE
+#                                          per-node files for /var/lib/edge-tunnel/pki on NODE
 # OUT_DIR/tunnel-agent-NODE.yaml           the same as a Secret, for provisioning tools
 # OUT_DIR/tunnel-connect-tokens.yaml       Secret with the CONNECT ingress's proxy token
 #                                          for Prometheus (proxy_url: http://prometheus:TOKEN@...)
@@ -19,7 +27,7 @@
 # Every file it writes is readable by its owner only (private keys inside).
 set -euo pipefail
 umask 077
-usage() { sed -n '2,18p' "$0" >&2; exit 2; }
+usage() { sed -n '2,27p' "$0" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 out=$1; shift
 certs=${TUNNEL_CERTS:-$(command -v tunnel-certs || echo "$(dirname "$0")/../target/debug/tunnel-certs")}
@@ -29,23 +37,57 @@ dns=(tunnel-server.edge-tunnel.svc tunnel-server.edge-tunnel.svc.cluster.local
      tunnel-server-headless.edge-tunnel.svc tunnel-server-headless.edge-tunnel.svc.cluster.local)
 ips=()
 nodes=()
+bootstrap=""
+bootstrap_uses=100
+bootstrap_ttl=24h
 while [ $# -gt 0 ]; do
     case $1 in
         --server-dns) dns+=("$2"); shift 2 ;;
         --server-ip) ips+=("$2"); shift 2 ;;
+        --bootstrap) bootstrap=$2; shift 2 ;;
+        --bootstrap-uses) bootstrap_uses=$2; shift 2 ;;
+        --bootstrap-ttl) bootstrap_ttl=$2; shift 2 ;;
         *=*) nodes+=("$1"); shift ;;
         *) echo "unexpected argument: $1" >&2; usage ;;
     esac
 done
-[ ${#nodes[@]} -gt 0 ] || { echo "give at least one NODE=IP" >&2; usage; }
+[ ${#nodes[@]} -gt 0 ] || [ -n "$bootstrap" ] || { echo "give NODE=IP or --bootstrap GLOB" >&2; usage; }
+
+# secret NAME KEY=FILE...: an Opaque Secret holding the files.
+secret() {
+    local name=$1; shift
+    printf 'apiVersion: v1\nkind: Secret\nmetadata:\n  name: %s\n  namespace: edge-tunnel\ntype: Opaque\nstringData:\n' "$name"
+    for kv in "$@"; do
+        printf '  %s: |\n' "${kv%%=*}"
+        sed 's/^/    /' "${kv#*=}"
+    done
+}
 
 mkdir -p "$out"
 [ -f "$out/pki/ca/ca.key" ] || "$certs" ca --out "$out/pki/ca" >/dev/null
+# The enrollment CA is online (the servers hold its key to sign agents);
+# the CA above, which signs the server, stays offline. Dropping the
+# enrollment CA from the servers' ca.crt revokes every enrolled agent.
+[ -f "$out/pki/enroll-ca/ca.key" ] || "$certs" ca --out "$out/pki/enroll-ca" --common-name "edge-tunnel enrollment CA" >/dev/null
 args=()
 for d in "${dns[@]}"; do args+=(--dns "$d"); done
 for i in "${ips[@]}"; do args+=(--ip "$i"); done
-"$certs" server --ca "$out/pki/ca" --out "$out/pki/server" "${args[@]}" >/dev/null
+[ -f "$out/pki/server/tls.key" ] || "$certs" server --ca "$out/pki/ca" --out "$out/pki/server" "${args[@]}" >/dev/null
+# Agents of both CAs are trusted; enrolled agents are given this bundle
+# and verify the server against the CA that issued it.
+cat "$out/pki/ca/ca.crt" "$out/pki/enroll-ca/ca.crt" > "$out/pki/server/ca.crt"
 "$certs" secret --dir "$out/pki/server" --name tunnel-server-tls > "$out/tunnel-server-tls.yaml"
+secret tunnel-enroll-ca ca.crt="$out/pki/enroll-ca/ca.crt" ca.key="$out/pki/enroll-ca/ca.key" > "$out/tunnel-enroll-ca.yaml"
+tokens_file="$out/pki/bootstrap-tokens"
+[ -f "$tokens_file" ] || echo "# edge-tunnel bootstrap tokens: the secrets are stored only as hashes" > "$tokens_file"
+if [ -n "$bootstrap" ]; then
+    token=$("$certs" token create --tokens-file "$tokens_file" --node-pattern "$bootstrap" --uses "$bootstrap_uses" --ttl "$bootstrap_ttl" 2>/dev/null)
+    pin=$("$certs" ca-hash --ca "$out/pki/ca")
+    printf '%s\n' "$token" > "$out/pki/agent-bootstrap-token"
+    printf '%s\n' "$pin" > "$out/pki/agent-ca-cert-hash"
+    secret tunnel-agent-bootstrap token="$out/pki/agent-bootstrap-token" ca-cert-hash="$out/pki/agent-ca-cert-hash" > "$out/tunnel-agent-bootstrap.yaml"
+fi
+secret tunnel-bootstrap-tokens tokens="$tokens_file" > "$out/tunnel-bootstrap-tokens.yaml"
 for spec in "${nodes[@]}"; do
     node=${spec%%=*}
     node_ips=()
@@ -78,4 +120,4 @@ stringData:
 YAML
     )
 fi
-echo "wrote $out: tunnel-server-tls.yaml, tunnel-dnat-helper-tls.yaml, ${#nodes[@]} agent certificate(s), tunnel-connect-tokens.yaml; keep $out/pki/ca/ca.key offline"
+echo "wrote $out: tunnel-server-tls.yaml, tunnel-enroll-ca.yaml, tunnel-bootstrap-tokens.yaml${bootstrap:+, tunnel-agent-bootstrap.yaml (nodes $bootstrap)}, tunnel-dnat-helper-tls.yaml, ${#nodes[@]} agent certificate(s), tunnel-connect-tokens.yaml; keep $out/pki/ca/ca.key offline"

@@ -2,10 +2,14 @@
 # Runs the images docker/build-images.sh built, as containers on this
 # machine's loopback, and moves data through them:
 #
-#   - tunnel-certs (from the image) issues the certificates;
+#   - tunnel-certs (from the image) issues the certificates and a bootstrap
+#     token;
 #   - a kubelet-like HTTPS target (sample-kubelet, mounted into the main
 #     image), tunnel-server and tunnel-agent run as three containers with
-#     --network host, each as uid 65532;
+#     --network host, each as uid 65532; the agent starts with an empty
+#     certificate directory (prepared by `tunnel-certs prepare-dir` as the
+#     DaemonSet's init container does) and enrolls with the token and the
+#     CA pin;
 #   - curl on the host reaches the target through the server's CONNECT
 #     ingress, verifying the target's own certificate, and sends 32 MiB
 #     through it and back (compared byte for byte);
@@ -64,16 +68,29 @@ cleanup() {
 trap cleanup EXIT
 run_id=$$
 
-certs() { podman run --rm --arch "$arch" --network none --user "$(id -u):$(id -g)" -v "$work:/pki" \
-    --entrypoint /usr/local/bin/tunnel-certs "$image" "$@" >/dev/null; }
+certs_out() { podman run --rm --arch "$arch" --network none --user "$(id -u):$(id -g)" -v "$work:/pki" \
+    --entrypoint /usr/local/bin/tunnel-certs "$image" "$@"; }
+certs() { certs_out "$@" >/dev/null; }
 echo "==> certificates, issued by tunnel-certs in $image"
 certs ca --out /pki/ca
 certs server --ca /pki/ca --out /pki/server --ip 127.0.0.1 --dns localhost
-certs agent --ca /pki/ca --out /pki/agent --node edge-1 --ip 127.0.0.1
+certs ca --out /pki/enroll-ca --common-name "edge-tunnel enrollment CA"
+cat "$work/ca/ca.crt" "$work/enroll-ca/ca.crt" > "$work/server/ca.crt"
+mkdir -p "$work/bootstrap" "$work/state" "$work/agent-pki"
+certs_out token create --tokens-file /pki/bootstrap/tokens --node edge-1 --ttl 10m 2>/dev/null > "$work/bootstrap/token"
+pin=$(certs_out ca-hash --ca /pki/ca)
 certs ca --out /pki/kubelet-ca --common-name "kubelet CA"
 certs server --ca /pki/kubelet-ca --out /pki/kubelet --dns edge-1 --ip 127.0.0.1
-# The containers run as 65532: let them read the keys of this throw-away PKI.
+# The containers run as 65532: let them read the keys of this throw-away
+# PKI, and the server write its enrollment state.
 chmod -R a+rX "$work"
+chmod 777 "$work/state"
+echo "==> the agent's certificate directory, as the DaemonSet's init container prepares it"
+podman run --rm --arch "$arch" --network none --user 0:0 --cap-drop all --cap-add CHOWN,FOWNER \
+    -v "$work/agent-pki:/var/lib/edge-tunnel/pki" --entrypoint /usr/local/bin/tunnel-certs "$image" \
+    prepare-dir --dir /var/lib/edge-tunnel/pki --owner 65532:65532
+[ "$(stat -c '%u:%g %a' "$work/agent-pki")" = "65532:65532 700" ] ||
+    { echo "prepare-dir left $(stat -c '%u:%g %a' "$work/agent-pki")" >&2; exit 1; }
 
 start() {
     local name=$1 run_arch=$2
@@ -84,18 +101,26 @@ start() {
 # The target is a host binary: it runs in the host architecture's image.
 start "et-kubelet-$run_id" "$host_arch" -v "$PWD/$kubelet_bin:/usr/local/bin/sample-kubelet:ro" \
     --entrypoint /usr/local/bin/sample-kubelet "$prefix/edge-tunnel:$version" --listen "127.0.0.1:$KUBELET" --cert-dir /pki/kubelet
-start "et-server-$run_id" "$arch" "$image" --listen "127.0.0.1:$QUIC" --cert-dir /pki/server \
-    --allow-loopback-agents --connect-listen "127.0.0.1:$CONNECT" --admin-listen "127.0.0.1:$ADMIN"
-start "et-agent-$run_id" "$arch" --entrypoint /usr/local/bin/tunnel-agent "$image" \
-    --server "127.0.0.1:$QUIC" --server-name localhost --cert-dir /pki/agent \
+start "et-server-$run_id" "$arch" -v "$work/state:/state" "$image" --listen "127.0.0.1:$QUIC" --cert-dir /pki/server \
+    --allow-loopback-agents --connect-listen "127.0.0.1:$CONNECT" --admin-listen "127.0.0.1:$ADMIN" \
+    --enroll-ca-dir /pki/enroll-ca --enroll-tokens-file /pki/bootstrap/tokens --enroll-state-file /state/enroll-state
+start "et-agent-$run_id" "$arch" -v "$work/agent-pki:/var/lib/edge-tunnel/pki" \
+    --entrypoint /usr/local/bin/tunnel-agent "$image" \
+    --server "127.0.0.1:$QUIC" --server-name localhost --cert-dir /var/lib/edge-tunnel/pki \
+    --bootstrap-token-file /pki/bootstrap/token --ca-cert-hash "$pin" --node-ip 127.0.0.1 \
     --node-name edge-1 --allow "127.0.0.1:$KUBELET"
 
-echo "==> waiting for the agent to register"
-for i in $(seq 1 100); do
+echo "==> waiting for the agent to enroll and register"
+for i in $(seq 1 300); do
     if curl -fsS "http://127.0.0.1:$ADMIN/v1/agents" 2>/dev/null | grep -q '"edge-1"'; then break; fi
-    [ "$i" -eq 100 ] && { echo "the agent did not register within 10 s" >&2; exit 1; }
+    [ "$i" -eq 300 ] && { echo "the agent did not register within 30 s" >&2; exit 1; }
     sleep 0.1
 done
+[ "$(stat -c '%u %a' "$work/agent-pki/tls.key")" = "65532 600" ] ||
+    { echo "the enrolled key is $(stat -c '%u %a' "$work/agent-pki/tls.key"), not 65532 600" >&2; exit 1; }
+curl -fsS "http://127.0.0.1:$ADMIN/metrics" | grep -q '^edge_tunnel_enrollments_total{result="issued"} 1$' ||
+    { echo "the server counted no enrollment" >&2; exit 1; }
+echo "    enrolled: $(grep -c BEGIN "$work/agent-pki/tls.crt") certificate written on the node, key 0600"
 for n in "${names[@]}"; do
     [ "$(podman inspect --format '{{.Config.User}}' "$n")" = "65532:65532" ] ||
         { echo "$n does not run as 65532" >&2; exit 1; }

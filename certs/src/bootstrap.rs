@@ -9,9 +9,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -523,37 +522,13 @@ impl TokensFile {
         if text.len() > MAX_FILE_BYTES {
             return Err(too_large_bytes(path));
         }
-        let write_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| TokenError::Write { path, source }
-        };
-        let file_name = path.file_name().ok_or_else(|| {
-            write_err(path)(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the path names no file",
-            ))
-        })?;
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        let (tmp, mut file) = create_temp(dir, file_name).map_err(write_err(dir))?;
-        let written = file
-            .write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(write_err(&tmp))
-            .and_then(|()| {
-                drop(file);
-                fs::rename(&tmp, path).map_err(write_err(path))
-            });
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        // Make the rename itself durable.
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(write_err(dir))
+        crate::files::write_atomic(path, text.as_bytes(), 0o600).map_err(|e| match e {
+            crate::CertError::Write { path, source } => TokenError::Write { path, source },
+            other => TokenError::Write {
+                path: path.to_owned(),
+                source: io::Error::other(other.to_string()),
+            },
+        })
     }
 
     /// The record with this id.
@@ -605,29 +580,6 @@ fn too_many_records(path: &Path) -> TokenError {
     TokenError::TooLarge {
         path: path.to_owned(),
         detail: format!("a tokens file holds at most {MAX_RECORDS} tokens"),
-    }
-}
-
-/// Creates `.NAME.tmp.PID.RANDOM` in `dir`, mode 0600, new.
-fn create_temp(dir: &Path, name: &std::ffi::OsStr) -> io::Result<(PathBuf, fs::File)> {
-    let rng = SystemRandom::new();
-    let mut attempt = 0;
-    loop {
-        let suffix: String = random_chars(&rng, 8).into_iter().collect();
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp.{}.{suffix}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-        {
-            Ok(file) => return Ok((tmp, file)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
-            Err(e) => return Err(e),
-        }
     }
 }
 

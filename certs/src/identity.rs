@@ -119,6 +119,33 @@ pub fn serial_hex(raw: &[u8]) -> String {
     raw[start..].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What a CRL says: its number and the serials it revokes (as
+/// [`serial_hex`] spells them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CrlInfo {
+    pub number: u64,
+    pub revoked: Vec<String>,
+}
+
+/// Reads a DER CRL (no signature check: what a verifier built with it
+/// enforces is rustls' business; this says which live connections it
+/// names).
+pub fn crl_info(der: &[u8]) -> Result<CrlInfo, IdentityError> {
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+        .map_err(|e| IdentityError::Parse(format!("CRL: {e}")))?;
+    let number = crl
+        .crl_number()
+        .and_then(|n| u64::try_from(n).ok())
+        .unwrap_or(0);
+    Ok(CrlInfo {
+        number,
+        revoked: crl
+            .iter_revoked_certificates()
+            .map(|r| serial_hex(r.raw_serial()))
+            .collect(),
+    })
+}
+
 impl Identity {
     /// Extracts the identity from a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<Identity, IdentityError> {

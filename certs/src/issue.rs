@@ -28,6 +28,8 @@ pub enum IssueError {
     Rcgen(#[from] rcgen::Error),
     #[error("validity of {0} days is out of range (1..=36500)")]
     BadValidity(u32),
+    #[error("validity of {0} days is too long for a leaf certificate (at most {MAX_LEAF_DAYS}: renew, don't outlive)")]
+    LeafTooLong(u32),
     #[error("the certificate signing request is not valid: {0}")]
     BadCsr(String),
 }
@@ -103,6 +105,11 @@ fn dn_value_text(value: &rcgen::DnValue) -> Option<String> {
         _ => None,
     }
 }
+
+/// The longest validity of a leaf certificate `tunnel-certs` issues (the
+/// CA/Browser Forum's 398 days): a stolen certificate must not stay good
+/// for decades. CAs may live up to 100 years.
+pub const MAX_LEAF_DAYS: u32 = 398;
 
 /// A loaded CA that can sign leaves.
 pub struct Ca {
@@ -235,6 +242,32 @@ impl Ca {
         Ok(cert.pem())
     }
 
+    /// A CRL (PEM) signed by this CA revoking `serials` (big-endian
+    /// bytes), numbered `number`, valid for `days`.
+    pub fn crl(&self, serials: &[Vec<u8>], number: u64, days: u32) -> Result<String, IssueError> {
+        if days == 0 || days > 3650 {
+            return Err(IssueError::BadValidity(days));
+        }
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::days(days.into()),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(s),
+                    revocation_time: now,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.cert, &self.key)?.pem()?)
+    }
+
     fn issue_leaf(
         &self,
         common_name: &str,
@@ -242,6 +275,9 @@ impl Ca {
         usage: ExtendedKeyUsagePurpose,
         days: u32,
     ) -> Result<Pem, IssueError> {
+        if days > MAX_LEAF_DAYS {
+            return Err(IssueError::LeafTooLong(days));
+        }
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(common_name);
         params.subject_alt_names = sans;

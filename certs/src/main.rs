@@ -136,6 +136,86 @@ enum Command {
         #[arg(long, value_name = "FILE_OR_DIR")]
         ca: PathBuf,
     },
+    /// Write a CRL signed by the CA revoking the given serials and every
+    /// serial an existing --out file already revokes (its number goes up
+    /// by one). Give it to tunnel-server --crl: handshakes with those
+    /// certificates fail and live connections are closed.
+    Crl {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Serial to revoke, hex (`openssl x509 -noout -serial`); repeatable.
+        #[arg(long = "revoke", value_name = "SERIAL")]
+        revoke: Vec<String>,
+        /// Days until the CRL's next update.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Make DIR the agent's certificate directory: created if missing,
+    /// owned by UID:GID, mode 0700, the regular files in it given to the
+    /// same owner (an init container runs this as root on the hostPath
+    /// the kubelet created root-owned). Symlinks are refused.
+    PrepareDir {
+        #[arg(long)]
+        dir: PathBuf,
+        /// UID:GID, numeric.
+        #[arg(long, value_parser = parse_owner)]
+        owner: (u32, u32),
+    },
+}
+
+/// `UID:GID`, both numeric.
+fn parse_owner(s: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not UID:GID"))?;
+    let n = |v: &str| {
+        v.parse::<u32>()
+            .map_err(|_| format!("{v:?} in {s:?} is not a numeric id"))
+    };
+    Ok((n(uid)?, n(gid)?))
+}
+
+/// See [`Command::PrepareDir`].
+fn prepare_dir(dir: &Path, (uid, gid): (u32, u32)) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_dir() => {}
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a directory (symlinks are refused)",
+            dir.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?,
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", dir.display())),
+    }
+    let give = |path: &Path| -> Result<()> {
+        let m = std::fs::symlink_metadata(path)?;
+        if m.uid() != uid || m.gid() != gid {
+            std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+                .with_context(|| format!("cannot give {} to {uid}:{gid}", path.display()))?;
+        }
+        Ok(())
+    };
+    give(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set mode 0700 on {}", dir.display()))?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            give(&entry.path())?;
+        }
+    }
+    eprintln!(
+        "{} is ready: owned by {uid}:{gid}, mode 0700",
+        dir.display()
+    );
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -530,6 +610,65 @@ fn main() -> Result<()> {
                 println!("{hash}");
             }
         }
+        Command::PrepareDir { dir, owner } => prepare_dir(&dir, owner)?,
+        Command::Crl {
+            ca,
+            out,
+            revoke,
+            days,
+        } => {
+            let ca = load_ca(&ca)?;
+            let mut serials: Vec<String> = Vec::new();
+            let mut number = 0;
+            if out.exists() {
+                let pem = files::read(&out)?;
+                for der in rustls_pemfile::crls(&mut &pem[..]) {
+                    let der = der.with_context(|| format!("{} is not a PEM CRL", out.display()))?;
+                    let info = certs::identity::crl_info(&der)?;
+                    number = number.max(info.number);
+                    serials.extend(info.revoked);
+                }
+            }
+            for hex in &revoke {
+                let hex = hex
+                    .trim()
+                    .trim_start_matches("0x")
+                    .replace(':', "")
+                    .to_ascii_lowercase();
+                if hex.is_empty() || hex.len() > 80 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    anyhow::bail!("--revoke {hex:?} is not a hexadecimal serial");
+                }
+                let padded = if hex.len() % 2 == 1 {
+                    format!("0{hex}")
+                } else {
+                    hex
+                };
+                let bytes: Vec<u8> = (0..padded.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).expect("hex checked"))
+                    .collect();
+                serials.push(certs::identity::serial_hex(&bytes));
+            }
+            serials.sort();
+            serials.dedup();
+            let raw: Vec<Vec<u8>> = serials
+                .iter()
+                .map(|h| {
+                    (0..h.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(&h[i..(i + 2).min(h.len())], 16).unwrap_or(0))
+                        .collect()
+                })
+                .collect();
+            let pem = ca.crl(&raw, number + 1, days)?;
+            files::write_atomic(&out, pem.as_bytes(), 0o644)?;
+            eprintln!(
+                "wrote {}: CRL number {} revoking {} certificate(s)",
+                out.display(),
+                number + 1,
+                serials.len()
+            );
+        }
     }
     Ok(())
 }
@@ -556,6 +695,29 @@ mod tests {
     #[test]
     fn cli_definition_is_valid() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn prepare_dir_creates_and_refuses_symlinks() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        let me = (
+            std::fs::metadata(tmp.path()).unwrap().uid(),
+            std::fs::metadata(tmp.path()).unwrap().gid(),
+        );
+        prepare_dir(&dir, me).unwrap();
+        let m = std::fs::metadata(&dir).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o700);
+        std::fs::write(dir.join("tls.key"), "k").unwrap();
+        prepare_dir(&dir, me).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let err = prepare_dir(&link, me).unwrap_err().to_string();
+        assert!(err.contains("not a directory"), "{err}");
+        assert!(parse_owner("65532:65532").is_ok());
+        assert!(parse_owner("nobody:65532").is_err());
+        assert!(parse_owner("65532").is_err());
     }
 
     #[test]

@@ -95,6 +95,33 @@ pub fn server_config_for_clients(
     Ok(config)
 }
 
+/// Server side presenting what `resolver` picks (a certificate reloaded
+/// while the server runs), verifying client certificates against
+/// `client_roots`.
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    client_roots: Arc<RootCertStore>,
+    alpn: &[u8],
+    clients: ClientCertificate,
+) -> Result<ServerConfig, TlsConfigError> {
+    let provider = provider();
+    let builder = WebPkiClientVerifier::builder_with_provider(client_roots, provider.clone());
+    let builder = match clients {
+        ClientCertificate::Required => builder,
+        ClientCertificate::Optional => builder.allow_unauthenticated(),
+    };
+    let verifier = builder
+        .build()
+        .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
 /// Client (agent) side: verifies the server against `ca.crt` (and that
 /// its certificate is for TLS servers), presents `tls.crt`.
 pub fn client_config(dir: &CertDir, alpn: &[u8]) -> Result<ClientConfig, TlsConfigError> {

@@ -606,3 +606,65 @@ async fn a_revoked_node_is_disconnected_and_an_expired_one_refused() {
     assert!(registered_serial(&server, "edge-2").is_none());
     expiring.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_closes_the_connection_and_fails_the_handshake() {
+    init_logging();
+    let pki = Pki::new();
+    let dir = pki.issue_agent("edge-1", &[LOOPBACK.parse().unwrap()]);
+    let serial = identity_in(&dir).serial;
+    // A CRL of this CA revoking another certificate, to start with.
+    let crl = pki.dir.path().join("agents.crl");
+    std::fs::write(&crl, pki.ca.crl(&[vec![0x42]], 1, 30).unwrap()).unwrap();
+    let mut settings = TestServer::config(&pki, "127.0.0.1:0".parse().unwrap());
+    settings.crl = Some(crl.clone());
+    settings.reload_interval = Duration::from_secs(1);
+    let server = TestServer::start_with(settings).await;
+    let agent = TestAgent::start(TestAgent::config(&pki, "edge-1", server.addrs.quic, &[]));
+    server
+        .wait_for_agent("edge-1", Duration::from_secs(10))
+        .await;
+
+    // Revoke it: the live connection goes within a reload interval ...
+    let raw: Vec<u8> = (0..serial.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&serial[i..i + 2], 16).unwrap())
+        .collect();
+    std::fs::write(&crl, pki.ca.crl(&[vec![0x42], raw], 2, 30).unwrap()).unwrap();
+    eventually(
+        "the revoked agent disconnected",
+        Duration::from_secs(10),
+        || {
+            let gone = registered_serial(&server, "edge-1").is_none();
+            async move { gone }
+        },
+    )
+    .await;
+    // ... and its reconnects fail the handshake.
+    let failures = |page: &str| {
+        e2e::metric_in(
+            page,
+            "edge_tunnel_handshake_failures_total{transport=\"quic\",reason=\"tls\"}",
+        ) + e2e::metric_in(
+            page,
+            "edge_tunnel_handshake_failures_total{transport=\"h2\",reason=\"tls\"}",
+        )
+    };
+    eventually(
+        "its reconnects fail the handshake",
+        Duration::from_secs(30),
+        || {
+            let server = &server;
+            async move { failures(&server.metrics().await) >= 1.0 }
+        },
+    )
+    .await;
+    assert!(registered_serial(&server, "edge-1").is_none());
+    assert!(
+        server
+            .metric("edge_tunnel_agents_disconnected_total{reason=\"revoked\"}")
+            .await
+            >= 1.0
+    );
+    agent.stop().await;
+}

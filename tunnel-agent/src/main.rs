@@ -130,12 +130,17 @@ fn main() -> Result<()> {
         (None, Some(f)) => Some(tunnel_agent::enroll::TokenSource::File(f.clone())),
         (None, None) => None,
     };
-    if let Some(pin) = &args.ca_cert_hash {
+    // From a Secret key the pin may end in a newline.
+    let ca_cert_hash = args
+        .ca_cert_hash
+        .as_deref()
+        .map(|p| p.trim().to_ascii_lowercase());
+    if let Some(pin) = &ca_cert_hash {
         certs::bootstrap::parse_ca_cert_hash(pin).context("--ca-cert-hash")?;
     }
     let bootstrap = token.map(|token| tunnel_agent::enroll::Bootstrap {
         token,
-        ca_cert_hash: args.ca_cert_hash.clone().map(|p| p.to_ascii_lowercase()),
+        ca_cert_hash: ca_cert_hash.clone(),
         addresses: args.node_ips.clone(),
     });
     if bootstrap.is_some() && args.node_ips.is_empty() {

@@ -152,6 +152,9 @@ pub struct ServerSettings {
     /// Agent certificates refused by node name or serial (`node=NAME`,
     /// `serial=HEX` lines); reloaded with the certificates.
     pub deny_list: Option<PathBuf>,
+    /// PEM CRLs from the agents' CAs (`tunnel-certs crl`): revoked
+    /// certificates fail the handshake; reloaded with the certificates.
+    pub crl: Option<PathBuf>,
     /// How often the certificate directory and the deny-list are checked
     /// for changes, and live agents for revoked or expired certificates.
     /// Default 10 s.
@@ -207,6 +210,7 @@ impl ServerSettings {
             enroll_state_file: None,
             enroll_validity: Duration::from_secs(30 * 86_400),
             deny_list: None,
+            crl: None,
             reload_interval: Duration::from_secs(10),
         }
     }

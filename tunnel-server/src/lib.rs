@@ -321,6 +321,7 @@ impl Server {
         let live = live_tls::LiveTls::load(
             &config.cert_dir,
             config.deny_list.as_deref(),
+            config.crl.as_deref(),
             enroller.is_some(),
         )?;
         let tls = live.server_config(proto::ALPN, live.enrollment);
@@ -352,8 +353,12 @@ impl Server {
                     .connect_client_ca
                     .as_deref()
                     .expect("checked with the configuration");
-                let tls =
-                    proxy_auth::ConnectTls::new(&dir, ca, config.connect_token_file.is_some())?;
+                let tls = proxy_auth::ConnectTls::new(
+                    &dir,
+                    live.resolver(),
+                    ca,
+                    config.connect_token_file.is_some(),
+                )?;
                 Some((listener, tls))
             }
             None => None,

@@ -121,6 +121,9 @@ struct Material {
     certified: Arc<CertifiedKey>,
     verifier: Arc<dyn ClientCertVerifier>,
     deny: DenyList,
+    /// Serials the `--crl` file revokes (the verifier refuses them at the
+    /// handshake; this finds the live connections they name).
+    crl_serials: HashSet<String>,
     /// The server certificate's identity (expiry for the metric).
     own: Identity,
     /// `ca.crt` as PEM text: the bundle enrolled agents are given.
@@ -140,12 +143,15 @@ pub enum LoadError {
     Leaf { dir: PathBuf, problem: String },
     #[error("deny-list {0}")]
     DenyList(String),
+    #[error("--crl {0}")]
+    Crl(String),
 }
 
 /// The server's live certificate, key, client CA and deny-list.
 pub struct LiveTls {
     cert_dir: PathBuf,
     deny_list: Option<PathBuf>,
+    crl: Option<PathBuf>,
     /// Client certificates optional on the agent listeners, issuer CA in
     /// the chain presented (enrollment on).
     pub enrollment: bool,
@@ -157,6 +163,7 @@ impl std::fmt::Debug for LiveTls {
         f.debug_struct("LiveTls")
             .field("cert_dir", &self.cert_dir)
             .field("deny_list", &self.deny_list)
+            .field("crl", &self.crl)
             .field("enrollment", &self.enrollment)
             .finish()
     }
@@ -180,12 +187,14 @@ impl LiveTls {
     pub fn load(
         cert_dir: &Path,
         deny_list: Option<&Path>,
+        crl: Option<&Path>,
         enrollment: bool,
     ) -> Result<Arc<LiveTls>, LoadError> {
-        let material = load_material(cert_dir, deny_list, enrollment)?;
+        let material = load_material(cert_dir, deny_list, crl, enrollment)?;
         Ok(Arc::new(LiveTls {
             cert_dir: cert_dir.to_owned(),
             deny_list: deny_list.map(Path::to_owned),
+            crl: crl.map(Path::to_owned),
             enrollment,
             material: RwLock::new(Arc::new(material)),
         }))
@@ -229,10 +238,11 @@ impl LiveTls {
     /// files are broken and the old material stays.
     pub fn reload(&self) -> Result<bool, LoadError> {
         let old = self.current();
-        if fingerprint(&self.cert_dir, self.deny_list.as_deref()) == old.fingerprint {
+        let files = (self.deny_list.as_deref(), self.crl.as_deref());
+        if fingerprint(&self.cert_dir, files) == old.fingerprint {
             return Ok(false);
         }
-        let new = load_material(&self.cert_dir, self.deny_list.as_deref(), self.enrollment)?;
+        let new = load_material(&self.cert_dir, files.0, files.1, self.enrollment)?;
         if new.fingerprint == old.fingerprint {
             return Ok(false);
         }
@@ -242,14 +252,16 @@ impl LiveTls {
 
     /// Why an agent certificate is refused now, if it is.
     pub fn denies(&self, identity: &Identity) -> Option<String> {
-        self.current()
-            .deny
-            .denies(&identity.common_name, &identity.serial)
+        self.denies_node(&identity.common_name, &identity.serial)
     }
 
     /// Why a node with certificate `serial` is refused now, if it is.
     pub fn denies_node(&self, node: &str, serial: &str) -> Option<String> {
-        self.current().deny.denies(node, serial)
+        let material = self.current();
+        if material.crl_serials.contains(serial) {
+            return Some(format!("certificate serial {serial} is revoked by the CRL"));
+        }
+        material.deny.denies(node, serial)
     }
 
     /// `ca.crt` as loaded, PEM: what enrolled agents verify servers with.
@@ -266,7 +278,7 @@ impl LiveTls {
 /// A hash of the files' contents (a missing file hashes as such): cheap
 /// enough to compute every few seconds, and it sees a Kubernetes Secret
 /// update (a symlink swap) as well as an edit in place.
-fn fingerprint(cert_dir: &Path, deny_list: Option<&Path>) -> u64 {
+fn fingerprint(cert_dir: &Path, (deny_list, crl): (Option<&Path>, Option<&Path>)) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for name in [
         certs::files::TLS_CRT,
@@ -276,24 +288,30 @@ fn fingerprint(cert_dir: &Path, deny_list: Option<&Path>) -> u64 {
         std::fs::read(cert_dir.join(name)).ok().hash(&mut h);
     }
     deny_list.map(|p| std::fs::read(p).ok()).hash(&mut h);
+    crl.map(|p| std::fs::read(p).ok()).hash(&mut h);
     h.finish()
 }
+
+/// Longest CRL file read.
+const MAX_CRL: usize = 16 << 20;
 
 fn load_material(
     cert_dir: &Path,
     deny_list: Option<&Path>,
+    crl: Option<&Path>,
     enrollment: bool,
 ) -> Result<Material, LoadError> {
-    let fingerprint = fingerprint(cert_dir, deny_list);
+    let fingerprint = fingerprint(cert_dir, (deny_list, crl));
     let dir = certs::CertDir::load(cert_dir)?;
     let leaf_problem = |problem: String| LoadError::Leaf {
         dir: cert_dir.to_owned(),
         problem,
     };
     let own = Identity::from_der(dir.leaf()).map_err(|e| leaf_problem(e.to_string()))?;
-    if own.usage.is_some_and(|u| !u.server_auth) {
+    if !own.usage.is_some_and(|u| u.server_auth) {
         return Err(leaf_problem(
-            "the server certificate's extended key usage lacks serverAuth: agents would refuse it"
+            "the server certificate does not carry the serverAuth extended key usage: agents \
+             would refuse it (tunnel-certs server, or cert-manager usages [server auth])"
                 .into(),
         ));
     }
@@ -309,7 +327,35 @@ fn load_material(
     }
     let certified = CertifiedKey::from_der(chain, dir.key.clone_key(), &certs::tls::provider())
         .map_err(|e| leaf_problem(e.to_string()))?;
-    let verifier = certs::tls::client_verifier(certs::tls::roots_of(&dir.ca)?)?;
+    let mut crl_serials = HashSet::new();
+    let verifier = match crl {
+        None => certs::tls::client_verifier(certs::tls::roots_of(&dir.ca)?)?,
+        Some(path) => {
+            let bad = |why: String| LoadError::Crl(format!("{}: {why}", path.display()));
+            let pem = read_limited(path, MAX_CRL).map_err(LoadError::Crl)?;
+            let crls = rustls_pemfile::crls(&mut &pem[..])
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("not PEM: {e}")))?;
+            if crls.is_empty() {
+                return Err(bad("holds no PEM CRL (X509 CRL)".into()));
+            }
+            for der in &crls {
+                let info = certs::identity::crl_info(der).map_err(|e| bad(e.to_string()))?;
+                crl_serials.extend(info.revoked);
+            }
+            // Only the leaf's status matters (the CAs are ours), and a
+            // certificate of a CA no CRL covers is not refused for that.
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                certs::tls::roots_of(&dir.ca)?,
+                certs::tls::provider(),
+            )
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
+            .build()
+            .map_err(|e| bad(e.to_string()))?
+        }
+    };
     let deny = match deny_list {
         Some(path) => {
             let bytes = read_limited(path, MAX_DENY_LIST).map_err(LoadError::DenyList)?;
@@ -330,6 +376,7 @@ fn load_material(
         certified: Arc::new(certified),
         verifier,
         deny,
+        crl_serials,
         own,
         ca_pem,
         fingerprint,

@@ -164,6 +164,11 @@ struct Args {
     /// --reload-interval.
     #[arg(long, env = "TUNNEL_DENY_LIST")]
     deny_list: Option<PathBuf>,
+    /// PEM CRLs of the agents' CAs (`tunnel-certs crl`): certificates they
+    /// revoke fail the handshake, and their live connections are closed
+    /// within --reload-interval.
+    #[arg(long, env = "TUNNEL_CRL")]
+    crl: Option<PathBuf>,
     /// How often tls.crt, tls.key, ca.crt and the deny-list are checked for
     /// changes (new handshakes use changed files at once; broken ones are
     /// refused and the old kept), and live agents for revoked or expired
@@ -622,6 +627,7 @@ fn serve(args: Args) -> Result<()> {
     settings.enroll_state_file = args.enroll_state_file;
     settings.enroll_validity = args.enroll_validity;
     settings.deny_list = args.deny_list;
+    settings.crl = args.crl;
     settings.reload_interval = args.reload_interval;
     settings.handshake_timeout = args.handshake_timeout;
     settings.handshake_limits = tunnel_server::admission::HandshakeLimits {

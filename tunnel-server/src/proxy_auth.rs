@@ -54,6 +54,7 @@ impl ConnectTls {
     /// without one).
     pub fn new(
         dir: &certs::CertDir,
+        resolver: Arc<dyn rustls::server::ResolvesServerCert>,
         client_ca: &std::path::Path,
         optional: bool,
     ) -> Result<ConnectTls, crate::ServerError> {
@@ -71,7 +72,7 @@ impl ConnectTls {
         } else {
             certs::tls::ClientCertificate::Required
         };
-        let config = certs::tls::server_config_for_clients(dir, roots, b"http/1.1", mode)?;
+        let config = certs::tls::server_config_with_resolver(resolver, roots, b"http/1.1", mode)?;
         let tunnel = certs::tls::client_verifier(certs::tls::roots_of(&dir.ca)?)?;
         Ok(ConnectTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
