@@ -668,3 +668,53 @@ async fn a_crl_closes_the_connection_and_fails_the_handshake() {
     );
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_a_certificate_are_capped_and_timed_out() {
+    init_logging();
+    let pki = Pki::new();
+    let enrollment = Enrollment::new(&pki);
+    let server = TestServer::start_with(enrollment.server(&pki, Duration::from_secs(86_400))).await;
+    let ca = certs::files::parse_certs(pki.ca.pem().cert.as_bytes(), Path::new("ca")).unwrap();
+    let tls =
+        certs::tls::enroll_client_config(&certs::tls::EnrollTrust::Roots(ca), proto::ALPN).unwrap();
+    let quic = transport::quic::QuicSettings::default();
+    let endpoint = quic
+        .client_endpoint("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    // Connections that finish the handshake without a certificate and
+    // then say nothing: four from one source are held ...
+    let per_source = tunnel_server::enroll::Enroller::MAX_UNAUTHENTICATED_PER_SOURCE;
+    let mut conns = Vec::new();
+    for _ in 0..per_source + 1 {
+        let conn = endpoint
+            .connect_with(
+                quic.client_config(tls.clone()).unwrap(),
+                server.addrs.quic,
+                "localhost",
+            )
+            .unwrap()
+            .await
+            .expect("handshake without a client certificate");
+        conns.push(conn);
+    }
+    // ... the next is closed at once ...
+    eventually("the fifth closed", Duration::from_secs(3), || {
+        let closed = conns.iter().filter(|c| c.close_reason().is_some()).count();
+        async move { closed == 1 }
+    })
+    .await;
+    assert_eq!(
+        server
+            .metric("edge_tunnel_enrollments_total{result=\"busy\"}")
+            .await,
+        1.0
+    );
+    // ... and the silent ones go after the enrollment timeout.
+    let bound = tunnel_server::enroll::Enroller::ENROLL_TIMEOUT + Duration::from_secs(5);
+    eventually("the silent ones closed", bound, || {
+        let open = conns.iter().filter(|c| c.close_reason().is_none()).count();
+        async move { open == 0 }
+    })
+    .await;
+}

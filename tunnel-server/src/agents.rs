@@ -157,6 +157,26 @@ pub(crate) async fn serve_agent(
         }
     }
 
+    // A peer without a certificate counts against the enrollment caps
+    // while it is connected, and has less time to speak.
+    let (_unauthenticated, timeout) = match (&identity, &shared.enroller) {
+        (None, Some(enroller)) => {
+            match enroller.admit_unauthenticated(&shared, link.remote_address()) {
+                Ok(permit) => (
+                    Some(permit),
+                    timeout.min(crate::enroll::Enroller::ENROLL_TIMEOUT),
+                ),
+                Err(reason) => {
+                    link.close(close::REFUSED, &reason);
+                    return Err(AgentError::Refused(Refusal {
+                        code: RefuseCode::EnrollmentRefused,
+                        reason,
+                    }));
+                }
+            }
+        }
+        _ => (None, timeout),
+    };
     let first = async {
         let mut stream = control.await?;
         let mut buf = Vec::new();

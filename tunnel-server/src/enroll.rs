@@ -46,6 +46,22 @@ pub struct Enroller {
     /// Serializes the read-check-record of the tokens file.
     tokens_lock: tokio::sync::Mutex<()>,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Connections without a client certificate (which may only enroll)
+    /// open now: at most [`Enroller::MAX_UNAUTHENTICATED`], and
+    /// [`Enroller::MAX_UNAUTHENTICATED_PER_SOURCE`] from one source.
+    unauthenticated: Arc<tokio::sync::Semaphore>,
+    sources: crate::slots::ClientSlots,
+    /// When each node last renewed (a compromised agent cannot make the
+    /// server sign in a loop).
+    renewed: dashmap::DashMap<String, std::time::Instant>,
+    /// Refusals are logged at WARN at most once per interval.
+    log: crate::log_throttle::LogThrottle,
+}
+
+/// A connection without a certificate, counted while it lives.
+pub struct Unauthenticated {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _source: crate::slots::ClientClaim,
 }
 
 /// Why the enrollment CA could not be loaded.
@@ -73,6 +89,14 @@ fn refused(label: &'static str, reason: impl Into<String>) -> Refused {
 impl Enroller {
     /// Enrollments (and renewals) in progress at once.
     pub const MAX_CONCURRENT: usize = 8;
+    /// Connections without a client certificate open at once: each has
+    /// finished a handshake, so without this cap a peer could hold
+    /// thousands for the register timeout.
+    pub const MAX_UNAUTHENTICATED: usize = 64;
+    /// Of those, from one IPv4 address or IPv6 /64.
+    pub const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 4;
+    /// How long such a connection may take to send `Enroll`.
+    pub const ENROLL_TIMEOUT: Duration = Duration::from_secs(5);
 
     /// Loads the signing CA (`ca.crt`, `ca.key`) and checks that the
     /// tokens file reads.
@@ -108,7 +132,63 @@ impl Enroller {
             validity,
             tokens_lock: tokio::sync::Mutex::new(()),
             slots: Arc::new(tokio::sync::Semaphore::new(Self::MAX_CONCURRENT)),
+            unauthenticated: Arc::new(tokio::sync::Semaphore::new(Self::MAX_UNAUTHENTICATED)),
+            sources: crate::slots::ClientSlots::new(
+                Self::MAX_UNAUTHENTICATED,
+                Self::MAX_UNAUTHENTICATED_PER_SOURCE,
+            ),
+            renewed: dashmap::DashMap::new(),
+            log: crate::log_throttle::LogThrottle::default(),
         })
+    }
+
+    /// Admits a connection without a client certificate from `remote`, or
+    /// says why not (counted as `busy`).
+    pub fn admit_unauthenticated(
+        &self,
+        shared: &Shared,
+        remote: std::net::SocketAddr,
+    ) -> Result<Unauthenticated, String> {
+        let refused = |why: String| {
+            shared
+                .metrics
+                .enrollments
+                .get_or_create(&[("result", "busy")])
+                .inc();
+            why
+        };
+        let slot = self
+            .unauthenticated
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                refused(format!(
+                    "{} connections without a certificate are open; retry shortly",
+                    Self::MAX_UNAUTHENTICATED
+                ))
+            })?;
+        let source = self.sources.claim(remote.ip(), "enroll").map_err(|_| {
+            refused(format!(
+                "{} connections without a certificate are open from {}; retry shortly",
+                Self::MAX_UNAUTHENTICATED_PER_SOURCE,
+                remote.ip()
+            ))
+        })?;
+        Ok(Unauthenticated {
+            _slot: slot,
+            _source: source,
+        })
+    }
+
+    /// Logs a refusal: WARN at most once per interval (a flood of bad
+    /// tokens must not become a log flood), DEBUG otherwise.
+    fn log_refusal(&self, what: &str, who: &dyn std::fmt::Display, reason: &str) {
+        match self.log.admit(std::time::Instant::now()) {
+            Some(held_back) => {
+                tracing::warn!(held_back, "{what} refused ({who}): {reason}")
+            }
+            None => tracing::debug!("{what} refused ({who}): {reason}"),
+        }
     }
 
     /// Serves an `Enroll` from `remote`: the `Issued` to send, or the
@@ -133,7 +213,8 @@ impl Enroller {
                 "issued"
             }
             Err(r) => {
-                tracing::warn!(%remote, token = %token_id, "enrollment refused: {}", r.reason);
+                let who = format!("from {remote}, token {token_id}");
+                self.log_refusal("enrollment", &who, &r.reason);
                 r.label
             }
         };
@@ -189,14 +270,10 @@ impl Enroller {
                 ),
             ));
         }
-        // Sign first (it cannot be undone, a recorded use can't either, but
-        // a signature nobody receives costs nothing), then record the use,
-        // then answer.
-        let certificate = self
-            .ca
-            .sign_agent_request(csr, &node, &addresses, self.validity)
-            .map_err(|e| refused("signing_failed", e.to_string()))?;
-        {
+        // Under one lock: read the tokens (a revocation or a new token
+        // applies at once), check, sign, record the use; the answer goes
+        // out only once the use is recorded.
+        let certificate = {
             let _lock = self.tokens_lock.lock().await;
             let mut file = TokensFile::load(&self.tokens_file).map_err(|e| {
                 refused(
@@ -229,6 +306,10 @@ impl Enroller {
                 ),
                 r => refused(r.label(), r.to_string()),
             })?;
+            let certificate = self
+                .ca
+                .sign_agent_request(csr, &node, &addresses, self.validity)
+                .map_err(|e| refused("signing_failed", e.to_string()))?;
             let recorded = match (&mut state, &self.state_file) {
                 (Some(state), Some(path)) => {
                     *state.entry(token.id.clone()).or_insert(0) += 1;
@@ -246,7 +327,8 @@ impl Enroller {
                     format!("the server cannot record the token's use: {e}"),
                 )
             })?;
-        }
+            certificate
+        };
         Ok((
             (node, addresses),
             Issued {
@@ -270,7 +352,8 @@ impl Enroller {
                 "issued"
             }
             Err(r) => {
-                tracing::warn!(node = %identity.common_name, "renewal refused: {}", r.reason);
+                let who = format!("node {}", identity.common_name);
+                self.log_refusal("renewal", &who, &r.reason);
                 r.label
             }
         };
@@ -297,6 +380,22 @@ impl Enroller {
                 "too many enrollments in progress on this server; retry shortly",
             )
         })?;
+        // One renewal per node per tenth of the validity (at most a
+        // minute): a compromised agent cannot make the server sign in a
+        // loop; a real one renews at two thirds.
+        let cooldown = (self.validity / 10).min(Duration::from_secs(60));
+        let now = std::time::Instant::now();
+        if let Some(last) = self.renewed.get(&identity.common_name) {
+            if now.saturating_duration_since(*last) < cooldown {
+                return Err(refused(
+                    "too_soon",
+                    format!(
+                        "node {:?} renewed less than {cooldown:?} ago",
+                        identity.common_name
+                    ),
+                ));
+            }
+        }
         let csr =
             CsrRequest::from_der(&request.csr).map_err(|e| refused("bad_csr", e.to_string()))?;
         if csr.common_name != identity.common_name {
@@ -327,6 +426,12 @@ impl Enroller {
             .ca
             .sign_agent_request(csr, &identity.common_name, &addresses, self.validity)
             .map_err(|e| refused("signing_failed", e.to_string()))?;
+        // Bounded: entries older than a minute go when the map grows.
+        if self.renewed.len() > 100_000 {
+            self.renewed
+                .retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(60));
+        }
+        self.renewed.insert(identity.common_name.clone(), now);
         Ok(Issued {
             certificate,
             ca: shared.tls().ca_pem(),
