@@ -202,15 +202,25 @@ fn prepare_dir(dir: &Path, (uid, gid): (u32, u32)) -> Result<()> {
         }
         Ok(())
     };
+    // The files first, while the directory may still be root's: once it
+    // is the agent's and 0700, root without DAC_OVERRIDE cannot list it
+    // (which is also why a directory that is the agent's already is not
+    // listed: its files are the agent's own).
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry?;
+                if entry.file_type()?.is_file() {
+                    give(&entry.path())?;
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    }
     give(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot set mode 0700 on {}", dir.display()))?;
-    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            give(&entry.path())?;
-        }
-    }
     eprintln!(
         "{} is ready: owned by {uid}:{gid}, mode 0700",
         dir.display()
