@@ -670,6 +670,58 @@ fn sha256_pin(bytes: &[u8]) -> String {
     out
 }
 
+/// An exclusive lock on a tokens (or state) file, held while it is read,
+/// changed and written: `tunnel-certs token create/revoke` and the server
+/// recording a use never lose each other's update. The lock is `flock` on
+/// `FILE.lock` beside it; released when dropped.
+#[derive(Debug)]
+pub struct FileLock {
+    _file: fs::File,
+}
+
+/// How long [`lock_file`] waits for another holder.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Locks `path` (see [`FileLock`]), waiting at most [`LOCK_WAIT`].
+pub fn lock_file(path: &Path) -> Result<FileLock, TokenError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| TokenError::Write {
+            path: lock_path.clone(),
+            source,
+        })?;
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(FileLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(TokenError::Write {
+                    path: lock_path,
+                    source: io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!("held by another process for more than {LOCK_WAIT:?}"),
+                    ),
+                })
+            }
+            Err(fs::TryLockError::Error(source)) => {
+                return Err(TokenError::Write {
+                    path: lock_path,
+                    source,
+                })
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -311,6 +311,7 @@ fn token_create(
         // What an agent certificate for it will need.
         certs::identity::validate_node_name(node).with_context(|| format!("--node {node:?}"))?;
     }
+    let _lock = bootstrap::lock_file(tokens_file)?;
     let mut file = TokensFile::load_or_empty(tokens_file)?;
     let token = loop {
         let token = BootstrapToken::generate();
@@ -387,6 +388,7 @@ fn token_revoke(tokens_file: &Path, id: &str) -> Result<bool> {
         !id.contains('.'),
         "give the token ID (the 6 characters before the '.'), not the whole token"
     );
+    let _lock = bootstrap::lock_file(tokens_file)?;
     let mut file = TokensFile::load(tokens_file)?;
     let record = file.find_mut(id).with_context(|| {
         format!(

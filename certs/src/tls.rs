@@ -170,6 +170,29 @@ pub fn enroll_client_config(
     Ok(config)
 }
 
+/// Whether `chain` (leaf first), as a server presented it for
+/// `server_name`, verifies against `cas` with the checks agents apply
+/// (serverAuth included): an agent checks a CA bundle it is given before
+/// it trusts only that.
+pub fn verify_server_chain(
+    cas: &[CertificateDer<'static>],
+    chain: &[CertificateDer<'static>],
+    server_name: &str,
+) -> Result<(), String> {
+    use rustls::client::danger::ServerCertVerifier;
+    let (leaf, rest) = chain
+        .split_first()
+        .ok_or_else(|| "the server presented no certificate".to_owned())?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(|e| format!("server name {server_name:?}: {e}"))?;
+    let verifier = ServerVerifier::roots(roots_of(cas).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    verifier
+        .verify_server_cert(leaf, rest, &name, &[], rustls::pki_types::UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 #[derive(Debug)]
 enum Trust {
     Roots(Arc<WebPkiServerVerifier>),

@@ -326,8 +326,8 @@ async fn renewal_keeps_old_streams_and_survives_a_server_restart() {
     let echo = targets::echo_server().await;
     let pki = Pki::new();
     let enrollment = Enrollment::new(&pki);
-    // 15 s certificates: renewed about 10 s after issue.
-    let settings = enrollment.server(&pki, Duration::from_secs(15));
+    // 30 s certificates: renewed about 19 s after issue.
+    let settings = enrollment.server(&pki, Duration::from_secs(30));
     let server = TestServer::start_with(settings.clone()).await;
     let token = enrollment.token(Subject::Node("edge-1".into()), 3600, 1);
     let mut config = enrollment.agent(&pki, "edge-1", server.addrs.quic, &token);
@@ -351,7 +351,7 @@ async fn renewal_keeps_old_streams_and_survives_a_server_restart() {
     echo_round_trip(&mut old_stream, b"before renewal").await;
 
     // Renewed on disk, over a connection of its own ...
-    eventually("the certificate renewed", Duration::from_secs(20), || {
+    eventually("the certificate renewed", Duration::from_secs(30), || {
         let serial = identity_in(&dir).serial;
         let first = first.serial.clone();
         async move { serial != first }
@@ -365,31 +365,44 @@ async fn renewal_keeps_old_streams_and_survives_a_server_restart() {
             .await,
         1.0
     );
-    // ... while the stream on the old connection keeps flowing.
-    assert_eq!(
-        registered_serial(&server, "edge-1"),
-        Some(first.serial.clone())
-    );
-    echo_round_trip(&mut old_stream, b"after renewal").await;
-
-    // When the old certificate expires its connection goes; the agent
-    // comes back with the renewed one.
+    // ... the agent moves to a new connection with it (new tunnels go
+    // there) ...
     eventually(
-        "registered with a renewed certificate",
-        Duration::from_secs(30),
+        "registered with the renewed certificate",
+        Duration::from_secs(10),
         || {
             let serial = registered_serial(&server, "edge-1");
-            let first = first.serial.clone();
-            async move { serial.is_some_and(|s| s != first) }
+            let second = second.serial.clone();
+            async move { serial == Some(second) }
         },
     )
     .await;
-    assert!(
-        server
-            .metric("edge_tunnel_agents_disconnected_total{reason=\"expired\"}")
-            .await
-            >= 1.0
+    let mut new_stream = connect_via(server.connect_addr(), &target).await.unwrap();
+    echo_round_trip(&mut new_stream, b"on the new connection").await;
+    // ... while the stream on the old connection keeps flowing.
+    echo_round_trip(&mut old_stream, b"after renewal").await;
+
+    // When the old certificate expires, the old connection goes, with
+    // what still ran on it; the new one stays.
+    eventually(
+        "the old connection closed at its certificate's expiry",
+        Duration::from_secs(30),
+        || {
+            let server = &server;
+            async move {
+                server
+                    .metric("edge_tunnel_agents_disconnected_total{reason=\"expired\"}")
+                    .await
+                    >= 1.0
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        registered_serial(&server, "edge-1"),
+        Some(second.serial.clone())
     );
+    echo_round_trip(&mut new_stream, b"still").await;
 
     // A restarted server (same CA, nothing else kept) renews it too.
     let mut settings = settings;
@@ -717,4 +730,53 @@ async fn peers_without_a_certificate_are_capped_and_timed_out() {
         async move { open == 0 }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_agent_certificates_renew() {
+    init_logging();
+    let pki = Pki::new();
+    let enrollment = Enrollment::new(&pki);
+    let server = TestServer::start_with(enrollment.server(&pki, Duration::from_secs(86_400))).await;
+    // The DNAT helper's certificate chains to the same CA but is no agent.
+    let dir = pki.issue_dnat_helper();
+    let tls = certs::tls::client_config(&certs::CertDir::load(&dir).unwrap(), proto::ALPN).unwrap();
+    let quic = transport::quic::QuicSettings::default();
+    let endpoint = quic
+        .client_endpoint("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    let conn = endpoint
+        .connect_with(
+            quic.client_config(tls).unwrap(),
+            server.addrs.quic,
+            "localhost",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_, csr) = certs::issue::CsrRequest::generate("edge-1", &[]).unwrap();
+    transport::write_message(&mut send, &proto::Message::Renew(proto::Renew { csr }))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        transport::read_message(&mut recv, &mut buf),
+    )
+    .await
+    .unwrap();
+    match answer {
+        Ok(proto::Message::Refuse(r)) => {
+            assert_eq!(r.code, proto::RefuseCode::EnrollmentRefused);
+            assert!(r.reason.contains("agent"), "{}", r.reason);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(
+        server
+            .metric("edge_tunnel_renewals_total{result=\"not_an_agent\"}")
+            .await
+            >= 1.0
+    );
 }

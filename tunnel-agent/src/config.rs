@@ -86,6 +86,9 @@ pub struct AgentConfig {
     /// Enroll with a bootstrap token when `--cert-dir` holds no usable
     /// certificate (at start, and once it has expired).
     pub bootstrap: Option<crate::enroll::Bootstrap>,
+    /// Bumped each time enrollment or renewal writes a new certificate:
+    /// the replica loops move their connections to it (handover).
+    pub renewed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Held to read `--cert-dir`, and exclusively to replace its files (an
@@ -215,6 +218,7 @@ impl AgentConfig {
             relay_buffers: Arc::default(),
             renew: true,
             bootstrap: None,
+            renewed: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         config.validate()?;
         Ok(config)

@@ -98,6 +98,9 @@ pub enum EnrollError {
 /// Why the certificate in `--cert-dir` cannot be used (so the agent must
 /// enroll), or `None` if it can.
 pub fn needs_enrollment(config: &AgentConfig) -> Option<String> {
+    if let Err(e) = recover(&config.cert_dir) {
+        return Some(e);
+    }
     let dir = {
         let _files = CERT_FILES.read().unwrap_or_else(|e| e.into_inner());
         match CertDir::load(&config.cert_dir) {
@@ -105,6 +108,13 @@ pub fn needs_enrollment(config: &AgentConfig) -> Option<String> {
             Err(e) => return Some(e.to_string()),
         }
     };
+    if let Err(e) = rustls::sign::CertifiedKey::from_der(
+        dir.chain.clone(),
+        dir.key.clone_key(),
+        &certs::tls::provider(),
+    ) {
+        return Some(format!("tls.key does not go with tls.crt: {e}"));
+    }
     let identity = match Identity::from_der(dir.leaf()) {
         Ok(id) => id,
         Err(e) => return Some(format!("tls.crt: {e}")),
@@ -180,9 +190,74 @@ pub async fn enroll(config: &AgentConfig, bootstrap: &Bootstrap) -> Result<Ident
         csr,
     });
     let tls = |alpn: &[u8]| certs::tls::enroll_client_config(&trust, alpn);
-    let issued = ask(config, &request, &tls).await?;
-    let pin = bootstrap.ca_cert_hash.as_deref();
-    store(config, &key, &issued, &bootstrap.addresses, pin)
+    let (issued, seen) = ask(config, &request, &tls).await?;
+    let pin = bootstrap.ca_cert_hash.clone();
+    let addresses = bootstrap.addresses.clone();
+    store_blocking(config, key, issued, addresses, pin, seen).await
+}
+
+/// The server an answer came from: its chain and the name it was
+/// verified for.
+struct ServerSeen {
+    chain: crate::register::ServerChain,
+    name: String,
+}
+
+/// [`store`] on the blocking pool: three synced writes must not hold the
+/// agent's one runtime worker (and every relay on it).
+async fn store_blocking(
+    config: &AgentConfig,
+    key: String,
+    issued: proto::Issued,
+    addresses: Vec<IpAddr>,
+    pin: Option<String>,
+    seen: ServerSeen,
+) -> Result<Identity, EnrollError> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let identity = store(&config, &key, &issued, &addresses, pin.as_deref(), &seen)?;
+        // Connections registered with the old certificate move over.
+        config.renewed.send_modify(|generation| *generation += 1);
+        Ok(identity)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(EnrollError::Local(format!(
+            "writing the certificate failed: {e}"
+        )))
+    })
+}
+
+/// The names the next key and certificate are written under before they
+/// replace `tls.key` and `tls.crt`.
+const NEXT_KEY: &str = "tls.key.next";
+const NEXT_CRT: &str = "tls.crt.next";
+
+/// Finishes or undoes a replacement a crash interrupted: the new key and
+/// certificate are written as `.next` files, then renamed key first. Both
+/// `.next` files left: the old pair is whole, drop them. Only the
+/// certificate's left: the key was renamed, finish with the certificate.
+/// Only the key's left: it was never paired, drop it.
+pub fn recover(dir: &Path) -> Result<(), String> {
+    let _files = CERT_FILES.write().unwrap_or_else(|e| e.into_inner());
+    let (key, crt) = (dir.join(NEXT_KEY), dir.join(NEXT_CRT));
+    let fail = |what: &str, e: std::io::Error| format!("{what} in {}: {e}", dir.display());
+    match (key.exists(), crt.exists()) {
+        (true, _) => {
+            let _ = std::fs::remove_file(&crt);
+            std::fs::remove_file(&key).map_err(|e| fail("cannot remove tls.key.next", e))?;
+            tracing::warn!(
+                "an interrupted certificate replacement was undone (the old pair stays)"
+            );
+        }
+        (false, true) => {
+            std::fs::rename(&crt, dir.join(TLS_CRT))
+                .map_err(|e| fail("cannot finish tls.crt.next", e))?;
+            tracing::warn!("an interrupted certificate replacement was finished");
+        }
+        (false, false) => {}
+    }
+    Ok(())
 }
 
 /// Asks every server address in turn (QUIC, then HTTP/2 in `auto`) until
@@ -191,7 +266,7 @@ async fn ask(
     config: &AgentConfig,
     request: &Message,
     tls: &(dyn Fn(&[u8]) -> Result<rustls::ClientConfig, certs::tls::TlsConfigError> + Sync),
-) -> Result<proto::Issued, EnrollError> {
+) -> Result<(proto::Issued, ServerSeen), EnrollError> {
     let (targets, errors) = resolve_all(config).await;
     let mut last = errors
         .into_iter()
@@ -219,9 +294,17 @@ async fn ask(
                     .await
                     .unwrap_or_else(|_| Err(ConnectError::timeout(transport, target.addr, bound)));
             match answer {
-                Ok(Message::Issued(issued)) => return Ok(issued),
-                Ok(Message::Refuse(r)) => return Err(EnrollError::Refused(r.reason)),
-                Ok(other) => {
+                Ok((Message::Issued(issued), chain)) => {
+                    return Ok((
+                        issued,
+                        ServerSeen {
+                            chain,
+                            name: target.server_name.clone(),
+                        },
+                    ))
+                }
+                Ok((Message::Refuse(r), _)) => return Err(EnrollError::Refused(r.reason)),
+                Ok((other, _)) => {
                     last = EnrollError::BadAnswer(format!("expected Issued, got {}", other.kind()))
                 }
                 Err(e) => last = e.into(),
@@ -240,6 +323,7 @@ fn store(
     issued: &proto::Issued,
     addresses: &[IpAddr],
     pin: Option<&str>,
+    seen: &ServerSeen,
 ) -> Result<Identity, EnrollError> {
     let bad = |what: String| EnrollError::BadAnswer(what);
     let chain = certs::files::parse_certs(issued.certificate.as_bytes(), Path::new("certificate"))
@@ -282,17 +366,39 @@ fn store(
             )));
         }
     }
+    // The bundle replaces ca.crt: it must verify the server that sent it,
+    // or the next connection would trust nothing that answers.
+    certs::tls::verify_server_chain(&cas, &seen.chain, &seen.name).map_err(|e| {
+        bad(format!(
+            "the CA bundle does not verify the server that sent it ({}): {e}",
+            seen.name
+        ))
+    })?;
     let dir = &config.cert_dir;
     std::fs::create_dir_all(dir)
         .map_err(|e| EnrollError::Local(format!("cannot create {}: {e}", dir.display())))?;
-    let _files = CERT_FILES.write().unwrap_or_else(|e| e.into_inner());
+    recover(dir).map_err(EnrollError::Local)?;
     let write = |name: &str, contents: &str, mode: u32| {
         certs::files::write_atomic(&dir.join(name), contents.as_bytes(), mode)
             .map_err(|e| EnrollError::Local(e.to_string()))
     };
-    write(TLS_KEY, key_pem, 0o600)?;
-    write(TLS_CRT, &issued.certificate, 0o644)?;
-    write(CA_CRT, &issued.ca, 0o644)?;
+    // Both written in full first; then two renames, key first (see
+    // `recover` for a crash between them).
+    write(NEXT_KEY, key_pem, 0o600)?;
+    write(NEXT_CRT, &issued.certificate, 0o644)?;
+    {
+        let _files = CERT_FILES.write().unwrap_or_else(|e| e.into_inner());
+        let rename = |from: &str, to: &str| {
+            std::fs::rename(dir.join(from), dir.join(to))
+                .map_err(|e| EnrollError::Local(format!("cannot replace {to}: {e}")))
+        };
+        rename(NEXT_KEY, TLS_KEY)?;
+        rename(NEXT_CRT, TLS_CRT)?;
+        write(CA_CRT, &issued.ca, 0o644)?;
+    }
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(identity)
 }
 
@@ -311,8 +417,8 @@ pub async fn renew(config: &AgentConfig) -> Result<Identity, EnrollError> {
             .tls(alpn)
             .map_err(|e| certs::tls::TlsConfigError::Verifier(e.to_string()))
     };
-    let issued = ask(config, &request, &tls).await?;
-    store(config, &key, &issued, &addresses, None)
+    let (issued, seen) = ask(config, &request, &tls).await?;
+    store_blocking(config, key, issued, addresses, None, seen).await
 }
 
 /// When to renew a certificate valid from `not_before` to `not_after`:
@@ -415,6 +521,63 @@ fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pair(dir: &Path, node: &str) -> certs::issue::Pem {
+        let ca = certs::issue::Ca::generate("test CA", 1).unwrap();
+        let leaf = ca
+            .issue_agent(node, &["127.0.0.1".parse().unwrap()], 1)
+            .unwrap();
+        certs::files::write_leaf_dir(dir, &leaf, &ca.pem().cert, true).unwrap();
+        leaf
+    }
+
+    #[test]
+    fn an_interrupted_replacement_is_undone_or_finished() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let old = pair(dir, "edge-1");
+        let new = certs::issue::Ca::generate("other CA", 1)
+            .unwrap()
+            .issue_agent("edge-1", &["127.0.0.1".parse().unwrap()], 1)
+            .unwrap();
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        // Crash before the first rename: both .next files, the old pair whole.
+        std::fs::write(dir.join(NEXT_KEY), &new.key).unwrap();
+        std::fs::write(dir.join(NEXT_CRT), &new.cert).unwrap();
+        recover(dir).unwrap();
+        assert_eq!(
+            (read(TLS_KEY), read(TLS_CRT)),
+            (old.key.clone(), old.cert.clone())
+        );
+        assert!(!dir.join(NEXT_KEY).exists() && !dir.join(NEXT_CRT).exists());
+        // Crash between the renames: the new key in place, its certificate
+        // still .next.
+        std::fs::write(dir.join(TLS_KEY), &new.key).unwrap();
+        std::fs::write(dir.join(NEXT_CRT), &new.cert).unwrap();
+        recover(dir).unwrap();
+        assert_eq!((read(TLS_KEY), read(TLS_CRT)), (new.key, new.cert));
+    }
+
+    #[test]
+    fn a_key_that_does_not_match_needs_enrollment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        pair(dir, "edge-1");
+        let config =
+            AgentConfig::without_certificate("127.0.0.1:8443", dir, "edge-1", &[]).unwrap();
+        assert_eq!(needs_enrollment(&config), None);
+        let other = certs::issue::Ca::generate("other CA", 1)
+            .unwrap()
+            .issue_agent("edge-1", &["127.0.0.1".parse().unwrap()], 1)
+            .unwrap();
+        std::fs::write(dir.join(TLS_KEY), &other.key).unwrap();
+        let why = needs_enrollment(&config).unwrap();
+        assert!(why.contains("tls.key"), "{why}");
+        pair(dir, "edge-1");
+        let config =
+            AgentConfig::without_certificate("127.0.0.1:8443", dir, "edge-2", &[]).unwrap();
+        assert!(needs_enrollment(&config).unwrap().contains("edge-2"));
+    }
 
     #[test]
     fn renews_at_two_thirds() {

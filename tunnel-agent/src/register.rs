@@ -115,7 +115,7 @@ impl Registration<'_> {
             .credentials
             .tls(proto::ALPN_H2)
             .map_err(|e| self.err(t, FailureKind::Local, e.to_string()))?;
-        let (mut conn, mut send, mut recv, settings) =
+        let (mut conn, mut send, mut recv, settings, _) =
             open_h2(self.config, self.target, tls).await?;
         // The connection must be driven while the control exchange runs.
         let welcome = tokio::select! {
@@ -192,13 +192,17 @@ pub(crate) async fn open_quic(
     Ok((conn, send, recv))
 }
 
+/// The server's certificate chain, as verified in the handshake.
+pub(crate) type ServerChain = Vec<rustls::pki_types::CertificateDer<'static>>;
+
 /// Dials `target` over TCP + TLS with `tls`, serves HTTP/2 on it and
-/// answers the server's `/control` request: the control stream.
+/// answers the server's `/control` request: the control stream (and the
+/// chain the server presented).
 pub(crate) async fn open_h2(
     config: &AgentConfig,
     target: &Target,
     tls: rustls::ClientConfig,
-) -> Result<(H2Conn, H2Send, H2Recv, H2Settings), ConnectError> {
+) -> Result<(H2Conn, H2Send, H2Recv, H2Settings, ServerChain), ConnectError> {
     let t = Transport::H2;
     let err = |kind, detail| ConnectError::new(t, target.addr, kind, detail);
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
@@ -222,6 +226,12 @@ pub(crate) async fn open_h2(
         .connect(name, tcp)
         .await
         .map_err(|e| tls_err(&e))?;
+    let chain: ServerChain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
     // In TLS 1.3 the server checks our certificate after our side of
     // the handshake is done: a rejection arrives as an alert here.
     let settings = H2Settings {
@@ -267,20 +277,22 @@ pub(crate) async fn open_h2(
         H2Send::new(send),
         H2Recv::body(request.into_body()),
         settings,
+        chain,
     ))
 }
 
 /// One request on a connection of its own (an enrollment or renewal):
 /// dial `target` over `transport` with `tls` (made for the transport's
 /// ALPN by `tls`), send `request` on the control stream, read the answer,
-/// close. The caller bounds the whole exchange.
+/// close. The answer comes with the chain the server presented. The
+/// caller bounds the whole exchange.
 pub(crate) async fn request_once(
     config: &AgentConfig,
     target: &Target,
     transport: Transport,
     tls: impl Fn(&[u8]) -> Result<rustls::ClientConfig, ConnectError>,
     request: &Message,
-) -> Result<Message, ConnectError> {
+) -> Result<(Message, ServerChain), ConnectError> {
     let protocol =
         |detail: String| ConnectError::new(transport, target.addr, FailureKind::Protocol, detail);
     async fn exchange<S: TunnelSend, R: TunnelRecv>(
@@ -303,9 +315,14 @@ pub(crate) async fn request_once(
             })?;
             let (conn, mut send, mut recv) =
                 open_quic(config, target, &endpoint, tls(proto::ALPN)?).await?;
+            let chain: ServerChain = conn
+                .peer_identity()
+                .and_then(|any| any.downcast::<ServerChain>().ok())
+                .map(|b| *b)
+                .unwrap_or_default();
             let answer = exchange(&mut send, &mut recv, request).await;
             let answer = match (answer, conn.close_reason()) {
-                (Ok(m), _) => Ok(m),
+                (Ok(m), _) => Ok((m, chain)),
                 (Err(_), Some(reason)) => {
                     let (kind, detail) = diagnose::quic(&reason);
                     Err(ConnectError::new(transport, target.addr, kind, detail))
@@ -318,10 +335,10 @@ pub(crate) async fn request_once(
             answer
         }
         Transport::H2 => {
-            let (mut conn, mut send, mut recv, _) =
+            let (mut conn, mut send, mut recv, _, chain) =
                 open_h2(config, target, tls(proto::ALPN_H2)?).await?;
             let answer = tokio::select! {
-                r = exchange(&mut send, &mut recv, request) => r.map_err(protocol),
+                r = exchange(&mut send, &mut recv, request) => r.map(|m| (m, chain)).map_err(protocol),
                 r = poll_fn(|cx| conn.poll_closed(cx)) => Err(ConnectError::new(
                     transport,
                     target.addr,

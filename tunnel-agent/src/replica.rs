@@ -79,6 +79,10 @@ pub struct LoopSettings {
     /// Wait before trying again an address that leads to a replica already
     /// held, and the least wait after being replaced by another agent.
     pub resolve_interval: Duration,
+    /// Changes when enrollment or renewal wrote a new certificate: a
+    /// connection registered with the old one is replaced (handover, its
+    /// streams finish within the drain grace), before the old expires.
+    pub renewed: watch::Receiver<u64>,
 }
 
 impl LoopSettings {
@@ -91,6 +95,7 @@ impl LoopSettings {
             reprobe_first: REPROBE_FIRST,
             reprobe_max: config.reprobe_interval,
             resolve_interval: config.resolve_interval,
+            renewed: config.renewed.subscribe(),
         }
     }
 
@@ -321,9 +326,52 @@ impl<C: Connector> ReplicaLoop<C> {
         let mut reprobe_at = selector.reprobe_in().map(jittered);
         type Probe<L> = Pin<Box<dyn Future<Output = Result<L, ConnectError>> + Send>>;
         let mut probe: Option<Probe<C::Link>> = None;
+        // A renewed certificate: a new connection with it takes over.
+        let mut renewed = self.settings.renewed.clone();
+        renewed.borrow_and_update();
+        let mut rotate: Option<Probe<C::Link>> = None;
         let end = loop {
             let probing = probe.is_some();
             tokio::select! {
+                Ok(()) = renewed.changed(), if rotate.is_none() => {
+                    tracing::info!(%server_id, "certificate renewed: moving to a new connection");
+                    rotate = Some(Box::pin(self.attempt(transport, true)));
+                }
+                result = async {
+                    match rotate.as_mut() {
+                        Some(p) => p.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    rotate = None;
+                    match result {
+                        Ok(new) => {
+                            // The server routes nothing new to the old
+                            // connection (handover); its streams finish on
+                            // it, however long, until the server closes it
+                            // (idle, or at the old certificate's expiry),
+                            // or until this loop stops (then drained).
+                            let mut stop = self.stop.clone();
+                            let old = tokio::spawn(
+                                async move {
+                                    tokio::select! {
+                                        end = &mut serving => end,
+                                        _ = stopped(&mut stop) => {
+                                            let _ = drain_tx.send(true);
+                                            serving.await
+                                        }
+                                    }
+                                }
+                                .in_current_span(),
+                            );
+                            return Next::Serve(new, Some(old));
+                        }
+                        Err(e) => tracing::warn!(
+                            "moving to the renewed certificate failed, the current connection \
+                             stays until the old certificate expires: {e}"
+                        ),
+                    }
+                }
                 end = &mut serving => break end,
                 _ = stopped(&mut stop) => {
                     let _ = drain_tx.send(true);

@@ -112,7 +112,7 @@ async fn handle(
             .map(|(send, recv)| TunnelStream::new(send, recv))
             .map_err(|e| e.to_string())
     };
-    serve_agent(shared, &certs, link, control).await
+    serve_agent(shared, &certs, link, control, None).await
 }
 
 /// Everything after the transport's handshake, the same for QUIC and
@@ -124,6 +124,7 @@ pub(crate) async fn serve_agent(
     certs: &[CertificateDer<'static>],
     link: AgentLink,
     control: impl std::future::Future<Output = Result<TunnelStream, String>>,
+    unauthenticated: Option<crate::enroll::Unauthenticated>,
 ) -> Result<(), AgentError> {
     let timeout = shared.config.register_timeout;
     let metrics = &shared.metrics;
@@ -159,8 +160,12 @@ pub(crate) async fn serve_agent(
 
     // A peer without a certificate counts against the enrollment caps
     // while it is connected, and has less time to speak.
-    let (_unauthenticated, timeout) = match (&identity, &shared.enroller) {
-        (None, Some(enroller)) => {
+    let (_unauthenticated, timeout) = match (&identity, &shared.enroller, unauthenticated) {
+        (None, Some(_), Some(permit)) => (
+            Some(permit),
+            timeout.min(crate::enroll::Enroller::ENROLL_TIMEOUT),
+        ),
+        (None, Some(enroller), None) => {
             match enroller.admit_unauthenticated(&shared, link.remote_address()) {
                 Ok(permit) => (
                     Some(permit),
@@ -205,15 +210,14 @@ pub(crate) async fn serve_agent(
     let (identity, hello) = match (identity, first) {
         (Some(identity), Message::Hello(hello)) => (identity, hello),
         (None, Message::Enroll(request)) => {
-            let enroller = shared.enroller.as_ref().expect("checked above");
-            let issued = enroller
-                .enroll(&shared, &request, link.remote_address())
-                .await;
+            let issued =
+                crate::enroll::Enroller::enroll(shared.clone(), request, link.remote_address())
+                    .await;
             return answer_issue(&mut stream, &link, metrics, issued).await;
         }
         (Some(identity), Message::Renew(request)) => {
             let issued = match &shared.enroller {
-                Some(enroller) => enroller.renew(&shared, &identity, &request),
+                Some(enroller) => enroller.renew(&shared, &identity, certs, &request),
                 None => Err(Refusal {
                     code: RefuseCode::EnrollmentRefused,
                     reason: "this server does not renew certificates (no --enroll-ca-dir)".into(),
@@ -338,7 +342,7 @@ pub(crate) async fn serve_agent(
                 "agent moved to a new connection; the old one finishes its streams"
             );
             old.draining.store(true, Ordering::Relaxed);
-            tokio::spawn(close_when_idle(old));
+            tokio::spawn(close_when_idle(old, shared.clone()));
         } else {
             tracing::info!(old_remote = %old.link.remote_address(), "replacing the previous connection of this node");
             // Its task tells the old agent why, then closes.
@@ -486,15 +490,48 @@ async fn answer_issue(
     }
 }
 
-/// Closes a handed-over connection once its last stream is done (at most
-/// a minute later).
-async fn close_when_idle(old: Arc<AgentHandle>) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while old.streams_active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+/// Closes a handed-over connection once its last stream is done: a
+/// transport switch or a renewed certificate moved the agent to a new
+/// connection, and long streams (`kubectl exec`, `logs -f`) finish on the
+/// old one. No longer in the registry, it is checked here for what the
+/// reload tick checks there: an expired or revoked certificate closes it.
+async fn close_when_idle(old: Arc<AgentHandle>, shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut checked = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        if old.streams_active.load(Ordering::Relaxed) <= 0 {
+            old.link
+                .close(close::REPLACED, "the agent moved to a new connection");
+            return;
+        }
+        if checked.elapsed() < shared.config.reload_interval {
+            continue;
+        }
+        checked = tokio::time::Instant::now();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let denied = shared
+            .live_tls
+            .as_ref()
+            .and_then(|t| t.denies_node(&old.node, &old.serial));
+        let (reason, label, code) = match denied {
+            Some(why) => (why, "revoked", close::REVOKED),
+            None if old.not_after <= now => (
+                "the agent certificate expired while connected".to_owned(),
+                "expired",
+                close::CERTIFICATE_EXPIRED,
+            ),
+            None => continue,
+        };
+        tracing::warn!(node = %old.node, "closing a handed-over agent connection: {reason}");
+        shared
+            .metrics
+            .agents_disconnected
+            .get_or_create(&[("reason", label)])
+            .inc();
+        old.link.close(code, &reason);
+        return;
     }
-    old.link
-        .close(close::REPLACED, "the agent moved to a new connection");
 }
 
 fn peer_identity(certs: &[CertificateDer<'static>]) -> Result<Identity, String> {

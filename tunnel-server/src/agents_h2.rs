@@ -77,6 +77,23 @@ async fn handle(
         .peer_certificates()
         .map(<[_]>::to_vec)
         .unwrap_or_default();
+    // A peer without a certificate (enrollment on) is counted against the
+    // enrollment caps before anything else, and has less time.
+    let (unauthenticated, timeout) = match (&shared.enroller, certs.is_empty()) {
+        (Some(enroller), true) => match enroller.admit_unauthenticated(&shared, remote) {
+            Ok(permit) => (
+                Some(permit),
+                timeout.min(crate::enroll::Enroller::ENROLL_TIMEOUT),
+            ),
+            Err(reason) => {
+                return Err(AgentError::Refused(proto::Refusal {
+                    code: proto::RefuseCode::EnrollmentRefused,
+                    reason,
+                }))
+            }
+        },
+        _ => (None, timeout),
+    };
     let settings = H2Settings::default();
     let (send, mut connection) =
         match tokio::time::timeout(timeout, settings.client().handshake(tls)).await {
@@ -124,5 +141,5 @@ async fn handle(
         let link = link.clone();
         async move { link.open_control().await.map_err(|e| e.to_string()) }
     };
-    serve_agent(shared, &certs, link, control).await
+    serve_agent(shared, &certs, link, control, unauthenticated).await
 }

@@ -43,8 +43,11 @@ pub struct Enroller {
     /// Kubernetes Secret): `ID USED` lines, this replica's own count.
     state_file: Option<PathBuf>,
     validity: Duration,
-    /// Serializes the read-check-record of the tokens file.
-    tokens_lock: tokio::sync::Mutex<()>,
+    /// Serializes the read-check-record of the tokens file in this
+    /// process (the file lock does it across processes).
+    tokens_lock: std::sync::Mutex<()>,
+    /// The enrollment CA's certificate: only what it issued is renewed.
+    ca_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     slots: Arc<tokio::sync::Semaphore>,
     /// Connections without a client certificate (which may only enroll)
     /// open now: at most [`Enroller::MAX_UNAUTHENTICATED`], and
@@ -114,7 +117,14 @@ impl Enroller {
             std::fs::read_to_string(ca_dir.join(name))
                 .map_err(|e| fail(format!("cannot read {name}: {e}")))
         };
-        let ca = Ca::from_pem(&read(certs::files::CA_CRT)?, &read(certs::files::CA_KEY)?)
+        let ca_pem = read(certs::files::CA_CRT)?;
+        let ca =
+            Ca::from_pem(&ca_pem, &read(certs::files::CA_KEY)?).map_err(|e| fail(e.to_string()))?;
+        let ca_der =
+            certs::files::parse_certs(ca_pem.as_bytes(), &ca_dir.join(certs::files::CA_CRT))
+                .map_err(|e| fail(e.to_string()))?;
+        let ca_verifier = certs::tls::roots_of(&ca_der[..1])
+            .and_then(certs::tls::client_verifier)
             .map_err(|e| fail(e.to_string()))?;
         TokensFile::load(tokens_file).map_err(|e| EnrollSetupError::Tokens {
             path: tokens_file.to_owned(),
@@ -130,7 +140,8 @@ impl Enroller {
                 p.to_owned()
             }),
             validity,
-            tokens_lock: tokio::sync::Mutex::new(()),
+            tokens_lock: std::sync::Mutex::new(()),
+            ca_verifier,
             slots: Arc::new(tokio::sync::Semaphore::new(Self::MAX_CONCURRENT)),
             unauthenticated: Arc::new(tokio::sync::Semaphore::new(Self::MAX_UNAUTHENTICATED)),
             sources: crate::slots::ClientSlots::new(
@@ -192,15 +203,30 @@ impl Enroller {
     }
 
     /// Serves an `Enroll` from `remote`: the `Issued` to send, or the
-    /// refusal.
+    /// refusal. The file work runs on the blocking pool.
     pub async fn enroll(
-        &self,
-        shared: &Shared,
-        request: &proto::Enroll,
+        shared: Arc<Shared>,
+        request: proto::Enroll,
         remote: std::net::SocketAddr,
     ) -> Result<Issued, Refusal> {
-        let token_id = request.token.split('.').next().unwrap_or("").to_owned();
-        let result = self.try_enroll(shared, request).await;
+        // Only a parsed id is logged: a malformed "token" may be a secret
+        // pasted alone.
+        let token_id = BootstrapToken::parse(&request.token)
+            .map(|t| t.id)
+            .unwrap_or_else(|_| "<malformed>".into());
+        let worker = shared.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let enroller = worker.enroller.as_ref().expect("enrollment is on");
+            enroller.try_enroll(&worker, &request)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(refused(
+                "signing_failed",
+                format!("enrollment task failed: {e}"),
+            ))
+        });
+        let enroller = shared.enroller.as_ref().expect("enrollment is on");
         let label = match &result {
             Ok((issued_for, _)) => {
                 tracing::info!(
@@ -214,7 +240,7 @@ impl Enroller {
             }
             Err(r) => {
                 let who = format!("from {remote}, token {token_id}");
-                self.log_refusal("enrollment", &who, &r.reason);
+                enroller.log_refusal("enrollment", &who, &r.reason);
                 r.label
             }
         };
@@ -229,7 +255,7 @@ impl Enroller {
         })
     }
 
-    async fn try_enroll(
+    fn try_enroll(
         &self,
         shared: &Shared,
         request: &proto::Enroll,
@@ -258,23 +284,18 @@ impl Enroller {
         certs::identity::validate_node_name(&node)
             .map_err(|e| refused("bad_csr", format!("the CSR's common name: {e}")))?;
         let addresses = csr.addresses.clone();
-        check_addresses(shared, &addresses)?;
-        // A node that is connected now has a certificate: a second one
-        // from a (fleet) token would let its bearer pose as that node.
-        if let crate::registry::Route::Agent(_) = shared.registry.by_node(&node) {
-            return Err(refused(
-                "node_connected",
-                format!(
-                    "node {node:?} is connected with a certificate already; it renews that one \
-                     (to replace it, revoke it first)"
-                ),
-            ));
-        }
         // Under one lock: read the tokens (a revocation or a new token
         // applies at once), check, sign, record the use; the answer goes
         // out only once the use is recorded.
         let certificate = {
-            let _lock = self.tokens_lock.lock().await;
+            let _lock = self.tokens_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let lock_path = self.state_file.as_deref().unwrap_or(&self.tokens_file);
+            let _file_lock = certs::bootstrap::lock_file(lock_path).map_err(|e| {
+                refused(
+                    "tokens_file",
+                    format!("the server cannot lock its tokens: {e}"),
+                )
+            })?;
             let mut file = TokensFile::load(&self.tokens_file).map_err(|e| {
                 refused(
                     "tokens_file",
@@ -306,6 +327,34 @@ impl Enroller {
                 ),
                 r => refused(r.label(), r.to_string()),
             })?;
+            // Only a token holder learns what the address rules and the
+            // registry say.
+            check_addresses(shared, &addresses)?;
+            // A node that is connected now has a certificate: a second one
+            // from a (fleet) token would let its bearer pose as that node.
+            if !matches!(
+                shared.registry.by_node(&node),
+                crate::registry::Route::NoAgent
+            ) {
+                return Err(refused(
+                    "node_connected",
+                    format!(
+                        "node {node:?} is connected with a certificate already; it renews that \
+                         one (to replace it, revoke it first)"
+                    ),
+                ));
+            }
+            let ca = shared.tls().ca_pem();
+            if ca.len() > proto::MAX_ISSUED_PEM {
+                return Err(refused(
+                    "tokens_file",
+                    format!(
+                        "the server's CA bundle is {} bytes, more than the {} an answer carries",
+                        ca.len(),
+                        proto::MAX_ISSUED_PEM
+                    ),
+                ));
+            }
             let certificate = self
                 .ca
                 .sign_agent_request(csr, &node, &addresses, self.validity)
@@ -327,25 +376,22 @@ impl Enroller {
                     format!("the server cannot record the token's use: {e}"),
                 )
             })?;
-            certificate
+            (certificate, ca)
         };
-        Ok((
-            (node, addresses),
-            Issued {
-                certificate,
-                ca: shared.tls().ca_pem(),
-            },
-        ))
+        let (certificate, ca) = certificate;
+        Ok(((node, addresses), Issued { certificate, ca }))
     }
 
-    /// Serves a `Renew` on a connection authenticated as `identity`.
+    /// Serves a `Renew` on a connection authenticated as `identity` with
+    /// the chain `presented`.
     pub fn renew(
         &self,
         shared: &Shared,
         identity: &Identity,
+        presented: &[rustls::pki_types::CertificateDer<'static>],
         request: &proto::Renew,
     ) -> Result<Issued, Refusal> {
-        let result = self.try_renew(shared, identity, request);
+        let result = self.try_renew(shared, identity, presented, request);
         let label = match &result {
             Ok(_) => {
                 tracing::info!(node = %identity.common_name, "agent certificate renewed");
@@ -372,8 +418,32 @@ impl Enroller {
         &self,
         shared: &Shared,
         identity: &Identity,
+        presented: &[rustls::pki_types::CertificateDer<'static>],
         request: &proto::Renew,
     ) -> Result<Issued, Refused> {
+        // Only agent certificates the enrollment CA issued: not the DNAT
+        // helper's or a CONNECT client's, and not one of a CA being
+        // rotated out (a leaked old CA must not mint its way into the new).
+        certs::identity::validate_node_name(&identity.common_name).map_err(|_| {
+            refused(
+                "not_an_agent",
+                format!(
+                    "{:?} is no node name: only agent certificates renew",
+                    identity.common_name
+                ),
+            )
+        })?;
+        let issued_here = presented.split_first().is_some_and(|(leaf, rest)| {
+            self.ca_verifier
+                .verify_client_cert(leaf, rest, rustls::pki_types::UnixTime::now())
+                .is_ok()
+        });
+        if !issued_here {
+            return Err(refused(
+                "not_an_agent",
+                "only certificates of the enrollment CA renew; enroll this node with a token",
+            ));
+        }
         let _slot = self.slots.clone().try_acquire_owned().map_err(|_| {
             refused(
                 "busy",
@@ -432,10 +502,18 @@ impl Enroller {
                 .retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(60));
         }
         self.renewed.insert(identity.common_name.clone(), now);
-        Ok(Issued {
-            certificate,
-            ca: shared.tls().ca_pem(),
-        })
+        let ca = shared.tls().ca_pem();
+        if ca.len() > proto::MAX_ISSUED_PEM {
+            return Err(refused(
+                "signing_failed",
+                format!(
+                    "the server's CA bundle is {} bytes, more than the {} an answer carries",
+                    ca.len(),
+                    proto::MAX_ISSUED_PEM
+                ),
+            ));
+        }
+        Ok(Issued { certificate, ca })
     }
 }
 

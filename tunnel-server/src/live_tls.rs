@@ -66,8 +66,8 @@ impl DenyList {
                     list.nodes.insert(name.to_owned());
                 }
                 Some(("serial", hex)) => {
-                    let hex = hex.trim_start_matches("0x").to_ascii_lowercase();
-                    let hex = hex.replace(':', "");
+                    let hex = hex.to_ascii_lowercase();
+                    let hex = hex.trim_start_matches("0x").replace(':', "");
                     if hex.is_empty()
                         || hex.len() > 80
                         || !hex.bytes().all(|b| b.is_ascii_hexdigit())
@@ -319,7 +319,15 @@ fn load_material(
     if enrollment {
         // An agent with only a pin of the CA needs the CA itself to verify
         // the chain: append the ca.crt certificates that issued the leaf.
-        for ca in issuers_of(dir.leaf(), &dir.ca) {
+        let issuers = issuers_of(dir.leaf(), &dir.ca);
+        if issuers.is_empty() {
+            return Err(leaf_problem(
+                "with enrollment on, ca.crt must hold the CA that issued tls.crt: enrolled \
+                 agents are given ca.crt to verify servers with"
+                    .into(),
+            ));
+        }
+        for ca in issuers {
             if !chain.contains(&ca) {
                 chain.push(ca);
             }
@@ -372,6 +380,13 @@ fn load_material(
                 source,
             }
         })?;
+    if enrollment && ca_pem.len() > proto::MAX_ISSUED_PEM {
+        return Err(leaf_problem(format!(
+            "ca.crt is {} bytes; with enrollment on it is sent to agents, at most {} bytes",
+            ca_pem.len(),
+            proto::MAX_ISSUED_PEM
+        )));
+    }
     Ok(Material {
         certified: Arc::new(certified),
         verifier,

@@ -7,6 +7,7 @@ use proto::codes::close;
 use super::*;
 use crate::error::LostReason;
 use crate::selector::{FailureKind, FallbackReason};
+use tokio::sync::watch;
 
 /// What the fake server does with one connection attempt.
 #[derive(Clone, Debug)]
@@ -214,6 +215,7 @@ fn start(choice: TransportChoice, fake: Fake) -> Running {
             reprobe_first: Duration::from_secs(5),
             reprobe_max: Duration::from_secs(300),
             resolve_interval: Duration::from_secs(30),
+            renewed: watch::channel(0).1,
         },
         held: held.clone(),
         metrics: metrics.clone(),
