@@ -3,7 +3,8 @@
 
 use crate::cli::Plan;
 use crate::load;
-use crate::report::{mbit, row, Row, REFERENCE};
+use crate::peers::Peer;
+use crate::report::{mbit, peer_row, row, Row, REFERENCE};
 use crate::testbed::Testbed;
 
 pub fn run(bed: &Testbed, plan: &Plan) -> Vec<Row> {
@@ -25,6 +26,20 @@ pub fn run(bed: &Testbed, plan: &Plan) -> Vec<Row> {
             Some(t / d >= 0.40),
             (sc, ac),
         ));
+        for peer in &bed.peers {
+            let (v, cc, ec) = bed.peer(peer, |p| {
+                let port = if upload { p.sink } else { p.source };
+                bed.in_cloud(|| load::bulk(Peer::addr(port), upload, 1, plan.bulk_secs))
+            });
+            rows.push(peer_row(
+                &format!("{label}: {}", peer.name),
+                "Mbit/s",
+                mbit(d),
+                mbit(v),
+                mbit(t),
+                (cc, ec),
+            ));
+        }
         if !upload {
             let (f, cc, ec) = bed.floor(|p| {
                 bed.in_cloud(|| load::bulk(Testbed::floor_addr(p.source), false, 1, plan.bulk_secs))
@@ -51,5 +66,18 @@ pub fn run(bed: &Testbed, plan: &Plan) -> Vec<Row> {
         Some(t / d >= 0.40),
         (sc, ac),
     ));
+    for peer in &bed.peers {
+        let (v, cc, ec) = bed.peer(peer, |p| {
+            bed.in_cloud(|| load::bulk(Peer::addr(p.source), false, 8, plan.bulk_secs))
+        });
+        rows.push(peer_row(
+            &format!("bulk 8 streams, download: {}", peer.name),
+            "Mbit/s",
+            mbit(d),
+            mbit(v),
+            mbit(t),
+            (cc, ec),
+        ));
+    }
     rows
 }

@@ -3,7 +3,8 @@
 
 use crate::cli::Plan;
 use crate::load;
-use crate::report::{row, Row, REFERENCE};
+use crate::peers::Peer;
+use crate::report::{peer_row, row, Row, REFERENCE};
 use crate::testbed::Testbed;
 
 pub fn run(bed: &Testbed, plan: &Plan) -> Vec<Row> {
@@ -21,6 +22,22 @@ pub fn run(bed: &Testbed, plan: &Plan) -> Vec<Row> {
             Some(ok),
             (sc, ac),
         ));
+        for peer in &bed.peers {
+            let (v, cc, ec) = bed.peer(peer, |p| {
+                bed.in_cloud(|| load::conn_rate(Peer::addr(p.echo), plan.conns, c))
+            });
+            rows.push(peer_row(
+                &format!(
+                    "new conn + 64 B req/resp, c={c}: {} (failures {})",
+                    peer.name, v.1
+                ),
+                "conn/s",
+                d.0,
+                v.0,
+                t.0,
+                (cc, ec),
+            ));
+        }
         let (f, fc, ec) = bed.floor(|p| {
             bed.in_cloud(|| load::conn_rate(Testbed::floor_addr(p.echo), plan.conns, c))
         });

@@ -32,6 +32,7 @@ mod echo;
 mod fleet_run;
 mod forwarder;
 mod load;
+mod peers;
 mod ping_pong;
 mod probe;
 mod proc_stats;
@@ -77,7 +78,7 @@ fn main() -> Result<()> {
         rows.extend(conn_rate::run(&bed, &plan));
     }
     if cli.runs(Workload::Echo) {
-        rows.push(echo::run(&bed, &plan));
+        rows.extend(echo::run(&bed, &plan));
     }
     memory.record_peak(&bed);
     let transports = if cli.runs(Workload::Transports) {

@@ -3,8 +3,9 @@
 
 use crate::cli::Plan;
 use crate::load;
+use crate::peers::Peer;
 use crate::proc_stats::{context_switches, cpu_during};
-use crate::report::{row, us, Row, REFERENCE};
+use crate::report::{peer_row, row, us, Row, REFERENCE};
 use crate::testbed::{Testbed, DIRECT, FLOOR, TUNNEL};
 
 /// The rows, and the context switches per round trip of server, agent,
@@ -19,14 +20,17 @@ pub fn run(bed: &Testbed, plan: &Plan) -> (Vec<Row>, [f64; 4]) {
         bed.floor.1.pid(),
     ];
     let switches_before = pids.map(context_switches);
-    let addrs = [
+    let mut addrs = vec![
         Testbed::addr(DIRECT.echo),
         Testbed::addr(TUNNEL.echo),
         Testbed::floor_addr(FLOOR.echo),
     ];
+    addrs.extend(bed.peers.iter().map(|p| Peer::addr(p.ports.echo)));
     let (mut times, [sc, ac, fc, ec]) = cpu_during(pids, || {
         bed.in_cloud(|| load::ping_pong_interleaved(&addrs, plan.ping_pongs, 500))
     });
+    // The peers' samples come last, in the order of `bed.peers`.
+    let mut peer_times: Vec<_> = times.split_off(3.min(times.len()));
     let (mut f, mut t, mut d) = (
         times.pop().unwrap_or_default(),
         times.pop().unwrap_or_default(),
@@ -64,6 +68,24 @@ pub fn run(bed: &Testbed, plan: &Plan) -> (Vec<Row>, [f64; 4]) {
             None,
             (fc, ec),
         ));
+    }
+    for (peer, samples) in bed.peers.iter().zip(peer_times.iter_mut()) {
+        samples.sort();
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            let (dv, pv, tv) = (
+                us(load::percentile(&d, q)),
+                us(load::percentile(samples, q)),
+                us(load::percentile(&t, q)),
+            );
+            rows.push(peer_row(
+                &format!("64 B ping-pong {name}: {}", peer.name),
+                "µs",
+                dv,
+                pv,
+                tv,
+                (0.0, 0.0),
+            ));
+        }
     }
     (rows, per_round_trip)
 }

@@ -30,6 +30,26 @@ pub struct Row {
     /// CPU seconds of server and agent during the tunnel run.
     server_cpu_s: f64,
     agent_cpu_s: f64,
+    /// On a peer's row: edge-tunnel's value of the same measurement in
+    /// this run (the row's `tunnel` column holds the peer's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    edge_tunnel: Option<f64>,
+}
+
+/// A peer's row (see [`crate::peers`]): `peer` measured where the tunnel
+/// measured `tunnel`, against the same `direct`.
+pub fn peer_row(
+    workload: &str,
+    unit: &str,
+    direct: f64,
+    peer: f64,
+    tunnel: f64,
+    cpu: (f64, f64),
+) -> Row {
+    Row {
+        edge_tunnel: Some(tunnel),
+        ..row(workload, unit, direct, peer, "—", None, cpu)
+    }
 }
 
 /// A row: `direct` and `tunnel` in `unit`, whether `target` was met
@@ -54,6 +74,7 @@ pub fn row(
         met: check,
         server_cpu_s: cpu.0,
         agent_cpu_s: cpu.1,
+        edge_tunnel: None,
     }
 }
 
@@ -86,6 +107,8 @@ pub struct Memory {
     agent_peak_hwm_kib: u64,
     server_idle_rss_kib: u64,
     server_peak_hwm_kib: u64,
+    /// The same for each peer: name, cloud idle / peak, edge idle / peak.
+    peers: Vec<(String, u64, u64, u64, u64)>,
 }
 
 impl Memory {
@@ -94,6 +117,20 @@ impl Memory {
         Memory {
             agent_idle_rss_kib: proc_status(bed.agent.pid(), "VmRSS:"),
             server_idle_rss_kib: proc_status(bed.server.pid(), "VmRSS:"),
+            peers: bed
+                .peers
+                .iter()
+                .map(|p| {
+                    let [c, e] = p.pids();
+                    (
+                        p.name.to_owned(),
+                        proc_status(c, "VmRSS:"),
+                        0,
+                        proc_status(e, "VmRSS:"),
+                        0,
+                    )
+                })
+                .collect(),
             ..Memory::default()
         }
     }
@@ -102,6 +139,11 @@ impl Memory {
     pub fn record_peak(&mut self, bed: &Testbed) {
         self.agent_peak_hwm_kib = proc_status(bed.agent.pid(), "VmHWM:");
         self.server_peak_hwm_kib = proc_status(bed.server.pid(), "VmHWM:");
+        for (peer, m) in bed.peers.iter().zip(self.peers.iter_mut()) {
+            let [c, e] = peer.pids();
+            m.2 = proc_status(c, "VmHWM:");
+            m.4 = proc_status(e, "VmHWM:");
+        }
     }
 }
 
@@ -239,6 +281,38 @@ fn render_benchmarks(r: &Report) -> String {
              the same one-worker tokio runtime copying TCP to TCP in `cloud` and in `edge`, without \
              QUIC, TLS or multiplexing. Their CPU columns are the cloud and the edge forwarder.\n"
         ));
+    }
+    let peer_rows: Vec<&Row> = r
+        .rows
+        .iter()
+        .filter(|row| row.edge_tunnel.is_some())
+        .collect();
+    if !peer_rows.is_empty() {
+        out.push_str(
+            "\n### edge-tunnel against the peers, same run\n\n\
+             | workload | unit | peer | edge-tunnel | edge-tunnel ÷ peer | peer ÷ direct |\n\
+             |---|---|---:|---:|---:|---:|\n",
+        );
+        for row in peer_rows {
+            let tunnel = row.edge_tunnel.unwrap_or_default();
+            out.push_str(&format!(
+                "| {} | {} | {:.1} | {:.1} | {:.2}× | {:.2}× |\n",
+                row.workload,
+                row.unit,
+                row.tunnel,
+                tunnel,
+                if row.tunnel > 0.0 {
+                    tunnel / row.tunnel
+                } else {
+                    0.0
+                },
+                row.ratio,
+            ));
+        }
+        out.push_str(
+            "\nFor throughput and connection rates above 1.00× is better for edge-tunnel; for \
+             latencies and times below 1.00× is.\n",
+        );
     }
     if let Some([s, a, fc, fe]) = r.switches_per_round_trip {
         out.push_str(&format!(

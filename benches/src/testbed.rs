@@ -47,6 +47,8 @@ pub struct Testbed {
     pub pki: Pki,
     /// Flags every (re)started agent gets besides the standard ones.
     pub agent_extra: Vec<String>,
+    /// The other tunnels measured in the same run (those installed).
+    pub peers: Vec<crate::peers::Peer>,
 }
 
 impl Testbed {
@@ -67,11 +69,18 @@ impl Testbed {
             async move {
                 load::serve(edge_ip, TUNNEL).await;
                 load::serve(edge_ip, DIRECT).await;
+                // The naive relay's agent dials loopback.
+                load::serve(
+                    std::net::Ipv4Addr::LOCALHOST.into(),
+                    crate::peers::NAIVE_TARGET,
+                )
+                .await;
             }
         });
         let server = spawn_server(&topo, &pki, None, &[])?;
         let agent = spawn_agent(&topo, &pki, "quic", &[])?;
         let floor = spawn_floor(&topo)?;
+        let peers = crate::peers::start(&topo, &pki);
         let bed = Testbed {
             topo,
             server,
@@ -80,6 +89,7 @@ impl Testbed {
             _edge_servers: edge_servers,
             pki,
             agent_extra: Vec::new(),
+            peers,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -184,6 +194,13 @@ impl Testbed {
     /// the CPU the cloud and edge forwarder used.
     pub fn floor<T>(&self, f: impl Fn(Ports) -> T) -> (T, f64, f64) {
         let (r, [c, e]) = cpu_during([self.floor.0.pid(), self.floor.1.pid()], || f(FLOOR));
+        (r, c, e)
+    }
+
+    /// Runs `f` against `peer`; returns the result and the CPU its cloud
+    /// and edge process used.
+    pub fn peer<T>(&self, peer: &crate::peers::Peer, f: impl Fn(Ports) -> T) -> (T, f64, f64) {
+        let (r, [c, e]) = cpu_during(peer.pids(), || f(peer.ports));
         (r, c, e)
     }
 

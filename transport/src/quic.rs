@@ -56,6 +56,37 @@ pub struct QuicSettings {
     /// The same, all undecided attempts together. Default 16 MiB (quinn's
     /// is 100 MiB).
     pub incoming_buffer_total: u64,
+    /// The congestion controller of data this end sends. Default CUBIC.
+    pub congestion: Congestion,
+}
+
+/// A QUIC congestion controller (quinn's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// Loss-based (RFC 9438): fills the bottleneck queue until a loss.
+    #[default]
+    Cubic,
+    /// Model-based (BBR v1, quinn's experimental one): paces to the
+    /// measured bandwidth and keeps the queue short, so an interactive
+    /// stream next to a bulk one waits less.
+    Bbr,
+    /// Loss-based, the RFC 9002 reference.
+    NewReno,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            "new-reno" | "newreno" => Ok(Congestion::NewReno),
+            other => Err(format!(
+                "{other:?} is not a congestion controller: cubic, bbr or new-reno"
+            )),
+        }
+    }
 }
 
 impl Default for QuicSettings {
@@ -72,6 +103,7 @@ impl Default for QuicSettings {
             max_incoming: 1024,
             incoming_buffer: 64 * 1024,
             incoming_buffer_total: 16 * 1024 * 1024,
+            congestion: Congestion::default(),
         }
     }
 }
@@ -143,6 +175,17 @@ impl QuicSettings {
             let mut ack = quinn::AckFrequencyConfig::default();
             ack.ack_eliciting_threshold(VarInt::from_u32(self.ack_every - 1));
             t.ack_frequency_config(Some(ack));
+        }
+        match self.congestion {
+            Congestion::Cubic => {}
+            Congestion::Bbr => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+            }
+            Congestion::NewReno => {
+                t.congestion_controller_factory(Arc::new(
+                    quinn::congestion::NewRenoConfig::default(),
+                ));
+            }
         }
         let bidi = if accepts_streams { self.max_streams } else { 1 };
         t.max_concurrent_bidi_streams(VarInt::from_u32(bidi));

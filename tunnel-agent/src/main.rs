@@ -113,6 +113,10 @@ struct Args {
     /// InternalIP kube-apiserver dials); repeatable.
     #[arg(long = "node-ip", env = "TUNNEL_NODE_IP", value_delimiter = ',')]
     node_ips: Vec<std::net::IpAddr>,
+    /// QUIC congestion controller for what this agent sends (downloads
+    /// from the edge): cubic, bbr or new-reno.
+    #[arg(long, env = "TUNNEL_CONGESTION", default_value = "cubic")]
+    congestion: transport::quic::Congestion,
     /// Do not renew the certificate (by default it is renewed at two
     /// thirds of its lifetime, with servers that enroll).
     #[arg(long, env = "TUNNEL_NO_RENEW")]
@@ -170,6 +174,7 @@ fn main() -> Result<()> {
     config.connect_timeout = args.connect_timeout;
     config.drain_grace = args.drain_grace;
     config.quic.keepalive = args.keepalive;
+    config.quic.congestion = args.congestion;
     config.quic.idle_timeout = args.idle_timeout;
     config.receive_budget =
         transport::window::ReceiveBudget::new(transport::window::BudgetLimits {

@@ -175,6 +175,10 @@ struct Args {
     /// certificates (1s-1h).
     #[arg(long, env = "TUNNEL_RELOAD_INTERVAL", default_value = "10s", value_parser = duration_in(secs(1), secs(3600)))]
     reload_interval: Duration,
+    /// QUIC congestion controller for what this server sends: cubic, bbr
+    /// or new-reno.
+    #[arg(long, env = "TUNNEL_CONGESTION", default_value = "cubic")]
+    congestion: transport::quic::Congestion,
     /// How long an agent may take to register after its handshake (1s-10m).
     #[arg(long, env = "TUNNEL_REGISTER_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), secs(600)))]
     register_timeout: Duration,
@@ -637,6 +641,7 @@ fn serve(args: Args) -> Result<()> {
     };
     settings.dial_timeout = args.dial_timeout;
     settings.quic.keepalive = args.keepalive;
+    settings.quic.congestion = args.congestion;
     settings.quic.idle_timeout = args.idle_timeout;
     settings.client_stall_timeout = Some(args.client_stall_timeout).filter(|d| !d.is_zero());
     settings.stall_shed_timeout = Some(args.stall_shed_timeout).filter(|d| !d.is_zero());
