@@ -351,6 +351,11 @@ fn render_benchmarks(r: &Report) -> String {
         yes(m.server_idle_rss_kib <= 16384),
         m.server_peak_hwm_kib
     ));
+    for (name, c_idle, c_peak, e_idle, e_peak) in &m.peers {
+        out.push_str(&format!(
+            "| {name}: cloud idle / peak, edge idle / peak | {c_idle} / {c_peak}, {e_idle} / {e_peak} | — |\n"
+        ));
+    }
     let Some(f) = &r.fleet else {
         return out;
     };

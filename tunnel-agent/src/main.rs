@@ -115,7 +115,7 @@ struct Args {
     node_ips: Vec<std::net::IpAddr>,
     /// QUIC congestion controller for what this agent sends (downloads
     /// from the edge): cubic, bbr or new-reno.
-    #[arg(long, env = "TUNNEL_CONGESTION", default_value = "cubic")]
+    #[arg(long, env = "TUNNEL_CONGESTION", default_value = "bbr")]
     congestion: transport::quic::Congestion,
     /// Do not renew the certificate (by default it is renewed at two
     /// thirds of its lifetime, with servers that enroll).

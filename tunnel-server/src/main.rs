@@ -177,7 +177,7 @@ struct Args {
     reload_interval: Duration,
     /// QUIC congestion controller for what this server sends: cubic, bbr
     /// or new-reno.
-    #[arg(long, env = "TUNNEL_CONGESTION", default_value = "cubic")]
+    #[arg(long, env = "TUNNEL_CONGESTION", default_value = "bbr")]
     congestion: transport::quic::Congestion,
     /// How long an agent may take to register after its handshake (1s-10m).
     #[arg(long, env = "TUNNEL_REGISTER_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), secs(600)))]
