@@ -79,7 +79,8 @@ pub fn start(topo: &Topology, pki: &Pki) -> Vec<Peer> {
 
 fn find(env: &str, candidates: &[PathBuf]) -> Option<PathBuf> {
     if let Ok(path) = std::env::var(env) {
-        return Some(PathBuf::from(path));
+        let path = PathBuf::from(path);
+        return path.is_file().then_some(path);
     }
     candidates.iter().find(|p| p.is_file()).cloned()
 }

@@ -119,6 +119,34 @@ pub fn serial_hex(raw: &[u8]) -> String {
     raw[start..].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A serial as a person writes it (hex, with or without `0x`, colons
+/// allowed, any case) in the canonical form of [`serial_hex`].
+pub fn parse_serial(text: &str) -> Result<String, String> {
+    let hex = text.trim().to_ascii_lowercase();
+    let hex = hex.trim_start_matches("0x").replace(':', "");
+    if hex.is_empty() || hex.len() > 80 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{text:?} is not a serial: hexadecimal, at most 40 bytes"
+        ));
+    }
+    Ok(serial_hex(&serial_bytes(&hex)))
+}
+
+/// The big-endian bytes of a hexadecimal serial (an odd digit count is
+/// padded in front). Non-hex digits count as 0: parse with
+/// [`parse_serial`] first.
+pub fn serial_bytes(hex: &str) -> Vec<u8> {
+    let padded = if hex.len() % 2 == 1 {
+        format!("0{hex}")
+    } else {
+        hex.to_owned()
+    };
+    (0..padded.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).unwrap_or(0))
+        .collect()
+}
+
 /// What a CRL says: its number and the serials it revokes (as
 /// [`serial_hex`] spells them).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -199,6 +227,17 @@ impl Identity {
 mod tests {
     use super::*;
     use crate::issue::Ca;
+
+    #[test]
+    fn serials_are_read_as_people_write_them() {
+        assert_eq!(parse_serial("0X01:2F").unwrap(), "012f");
+        assert_eq!(parse_serial(" 00ab ").unwrap(), "ab");
+        assert_eq!(parse_serial("abc").unwrap(), "0abc");
+        assert_eq!(serial_bytes("abc"), vec![0x0a, 0xbc]);
+        for bad in ["", "0x", "xyz", &"a".repeat(81)] {
+            assert!(parse_serial(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn agent_identity_round_trips() {

@@ -642,35 +642,16 @@ fn main() -> Result<()> {
                 }
             }
             for hex in &revoke {
-                let hex = hex
-                    .trim()
-                    .trim_start_matches("0x")
-                    .replace(':', "")
-                    .to_ascii_lowercase();
-                if hex.is_empty() || hex.len() > 80 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    anyhow::bail!("--revoke {hex:?} is not a hexadecimal serial");
-                }
-                let padded = if hex.len() % 2 == 1 {
-                    format!("0{hex}")
-                } else {
-                    hex
-                };
-                let bytes: Vec<u8> = (0..padded.len())
-                    .step_by(2)
-                    .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).expect("hex checked"))
-                    .collect();
-                serials.push(certs::identity::serial_hex(&bytes));
+                serials.push(
+                    certs::identity::parse_serial(hex)
+                        .map_err(|e| anyhow::anyhow!("--revoke: {e}"))?,
+                );
             }
             serials.sort();
             serials.dedup();
             let raw: Vec<Vec<u8>> = serials
                 .iter()
-                .map(|h| {
-                    (0..h.len())
-                        .step_by(2)
-                        .map(|i| u8::from_str_radix(&h[i..(i + 2).min(h.len())], 16).unwrap_or(0))
-                        .collect()
-                })
+                .map(|h| certs::identity::serial_bytes(h))
                 .collect();
             let pem = ca.crl(&raw, number + 1, days)?;
             files::write_atomic(&out, pem.as_bytes(), 0o644)?;

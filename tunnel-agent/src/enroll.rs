@@ -435,11 +435,14 @@ pub async fn renew_loop(
     bootstrap: Option<Bootstrap>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::with(
-        Duration::from_secs(5),
-        Duration::from_secs(600),
-        Duration::from_secs(3600),
-    );
+    let fresh = || {
+        Backoff::with(
+            Duration::from_secs(5),
+            Duration::from_secs(600),
+            Duration::from_secs(3600),
+        )
+    };
+    let mut backoff = fresh();
     loop {
         let now = unix_now();
         let wait = match config.credentials() {
@@ -448,11 +451,7 @@ pub async fn renew_loop(
                     tracing::warn!("the agent certificate has expired: enrolling again");
                     match enroll(&config, bootstrap).await {
                         Ok(_) => {
-                            backoff = Backoff::with(
-                                Duration::from_secs(5),
-                                Duration::from_secs(600),
-                                Duration::from_secs(3600),
-                            );
+                            backoff = fresh();
                             continue;
                         }
                         Err(e) => {
@@ -481,11 +480,7 @@ pub async fn renew_loop(
                                 not_after = identity.not_after,
                                 "certificate renewed: new connections use it"
                             );
-                            backoff = Backoff::with(
-                                Duration::from_secs(5),
-                                Duration::from_secs(600),
-                                Duration::from_secs(3600),
-                            );
+                            backoff = fresh();
                             continue;
                         }
                         Err(e) => {

@@ -66,25 +66,8 @@ impl DenyList {
                     list.nodes.insert(name.to_owned());
                 }
                 Some(("serial", hex)) => {
-                    let hex = hex.to_ascii_lowercase();
-                    let hex = hex.trim_start_matches("0x").replace(':', "");
-                    if hex.is_empty()
-                        || hex.len() > 80
-                        || !hex.bytes().all(|b| b.is_ascii_hexdigit())
-                    {
-                        return Err(bad("serial must be hexadecimal (at most 40 bytes)"));
-                    }
-                    // Padded to whole bytes, leading zero bytes dropped.
-                    let padded = if hex.len() % 2 == 1 {
-                        format!("0{hex}")
-                    } else {
-                        hex
-                    };
-                    let bytes: Vec<u8> = (0..padded.len())
-                        .step_by(2)
-                        .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).expect("hex checked"))
-                        .collect();
-                    list.serials.insert(certs::identity::serial_hex(&bytes));
+                    list.serials
+                        .insert(certs::identity::parse_serial(hex).map_err(|e| bad(&e))?);
                 }
                 _ => {
                     return Err(bad(&format!(
