@@ -22,6 +22,11 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/v1/agents`.
 //! - [`feed`]: `/v1/agents` over mutually authenticated TLS, for the
 //!   standalone DNAT helper (`--feed-listen`).
+//! - [`enroll`]: enrollment with bootstrap tokens and renewal (CSR in,
+//!   signed certificate out).
+//! - [`live_tls`]: the certificate, key, CA bundle, deny-list and CRL every
+//!   listener uses, reloaded while the server runs; revoked and expired
+//!   agents closed.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`dnat`]: the iptables DNAT helper that sends apiserver → kubelet
 //!   traffic into the transparent ingress.
