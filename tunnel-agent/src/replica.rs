@@ -351,19 +351,7 @@ impl<C: Connector> ReplicaLoop<C> {
                             // it, however long, until the server closes it
                             // (idle, or at the old certificate's expiry),
                             // or until this loop stops (then drained).
-                            let mut stop = self.stop.clone();
-                            let old = tokio::spawn(
-                                async move {
-                                    tokio::select! {
-                                        end = &mut serving => end,
-                                        _ = stopped(&mut stop) => {
-                                            let _ = drain_tx.send(true);
-                                            serving.await
-                                        }
-                                    }
-                                }
-                                .in_current_span(),
-                            );
+                            let old = in_background(serving, drain_tx, self.stop.clone());
                             return Next::Serve(new, Some(old));
                         }
                         Err(e) => tracing::warn!(
@@ -387,19 +375,7 @@ impl<C: Connector> ReplicaLoop<C> {
                     // this connection in the background (drained too if
                     // this loop stops), and the slot holds another replica.
                     tracing::info!(%server_id, "the server is draining; holding another replica meanwhile");
-                    let mut stop = self.stop.clone();
-                    let old = tokio::spawn(
-                        async move {
-                            tokio::select! {
-                                end = &mut serving => end,
-                                _ = stopped(&mut stop) => {
-                                    let _ = drain_tx.send(true);
-                                    serving.await
-                                }
-                            }
-                        }
-                        .in_current_span(),
-                    );
+                    let old = in_background(serving, drain_tx, self.stop.clone());
                     return Next::Retire(old);
                 }
                 _ = async {
@@ -530,6 +506,29 @@ fn duplicate_backoff() -> Backoff {
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     // A closed channel means the supervisor is gone: stop too.
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Lets a connection the loop has left (the server drains it, or a
+/// handover moved to a new one) finish its streams in a task of its own,
+/// however long they take, until it ends; if the loop stops first, it is
+/// drained like the others.
+fn in_background(
+    mut serving: Pin<Box<impl Future<Output = SessionEnd> + Send + 'static>>,
+    drain_tx: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<SessionEnd> {
+    tokio::spawn(
+        async move {
+            tokio::select! {
+                end = &mut serving => end,
+                _ = stopped(&mut stop) => {
+                    let _ = drain_tx.send(true);
+                    serving.await
+                }
+            }
+        }
+        .in_current_span(),
+    )
 }
 
 /// A re-probe wait with jitter (between half and all of it), so agents
