@@ -191,6 +191,17 @@ impl Enroller {
         })
     }
 
+    /// One of the [`Enroller::MAX_CONCURRENT`] enrollments and renewals in
+    /// progress, or `busy`.
+    fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Refused> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            refused(
+                "busy",
+                "too many enrollments in progress on this server; retry shortly",
+            )
+        })
+    }
+
     /// Logs a refusal: WARN at most once per interval (a flood of bad
     /// tokens must not become a log flood), DEBUG otherwise.
     fn log_refusal(&self, what: &str, who: &dyn std::fmt::Display, reason: &str) {
@@ -260,12 +271,7 @@ impl Enroller {
         shared: &Shared,
         request: &proto::Enroll,
     ) -> Result<((String, Vec<IpAddr>), Issued), Refused> {
-        let _slot = self.slots.clone().try_acquire_owned().map_err(|_| {
-            refused(
-                "busy",
-                "too many enrollments in progress on this server; retry shortly",
-            )
-        })?;
+        let _slot = self.slot()?;
         if request.version_major != proto::VERSION_MAJOR {
             return Err(refused(
                 "unsupported_version",
@@ -344,17 +350,9 @@ impl Enroller {
                     ),
                 ));
             }
+            // Fits an answer: the live material refuses a bigger bundle
+            // while enrollment is on.
             let ca = shared.tls().ca_pem();
-            if ca.len() > proto::MAX_ISSUED_PEM {
-                return Err(refused(
-                    "tokens_file",
-                    format!(
-                        "the server's CA bundle is {} bytes, more than the {} an answer carries",
-                        ca.len(),
-                        proto::MAX_ISSUED_PEM
-                    ),
-                ));
-            }
             let certificate = self
                 .ca
                 .sign_agent_request(csr, &node, &addresses, self.validity)
@@ -444,12 +442,7 @@ impl Enroller {
                 "only certificates of the enrollment CA renew; enroll this node with a token",
             ));
         }
-        let _slot = self.slots.clone().try_acquire_owned().map_err(|_| {
-            refused(
-                "busy",
-                "too many enrollments in progress on this server; retry shortly",
-            )
-        })?;
+        let _slot = self.slot()?;
         // One renewal per node per tenth of the validity (at most a
         // minute): a compromised agent cannot make the server sign in a
         // loop; a real one renews at two thirds.
@@ -502,18 +495,10 @@ impl Enroller {
                 .retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(60));
         }
         self.renewed.insert(identity.common_name.clone(), now);
-        let ca = shared.tls().ca_pem();
-        if ca.len() > proto::MAX_ISSUED_PEM {
-            return Err(refused(
-                "signing_failed",
-                format!(
-                    "the server's CA bundle is {} bytes, more than the {} an answer carries",
-                    ca.len(),
-                    proto::MAX_ISSUED_PEM
-                ),
-            ));
-        }
-        Ok(Issued { certificate, ca })
+        Ok(Issued {
+            certificate,
+            ca: shared.tls().ca_pem(),
+        })
     }
 }
 

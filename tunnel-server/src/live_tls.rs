@@ -535,3 +535,55 @@ pub fn disconnect_invalid(tls: &LiveTls, shared: &Shared) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server directory: its certificate from `ca`, `ca.crt` = `bundle`.
+    fn server_dir(ca: &certs::issue::Ca, bundle: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let leaf = ca
+            .issue_server("tunnel-server", &["localhost".into()], &[], 1)
+            .unwrap();
+        certs::files::write_leaf_dir(dir.path(), &leaf, bundle, true).unwrap();
+        dir
+    }
+
+    #[test]
+    fn with_enrollment_the_bundle_must_hold_the_issuer_and_fit_an_answer() {
+        let ca = certs::issue::Ca::generate("test CA", 1).unwrap();
+        let own = ca.pem().cert;
+        let dir = server_dir(&ca, &own);
+        LiveTls::load(dir.path(), None, None, true).unwrap();
+
+        let other = certs::issue::Ca::generate("other CA", 1)
+            .unwrap()
+            .pem()
+            .cert;
+        let dir = server_dir(&ca, &other);
+        LiveTls::load(dir.path(), None, None, false).unwrap();
+        let err = LiveTls::load(dir.path(), None, None, true).unwrap_err();
+        assert!(err.to_string().contains("issued tls.crt"), "{err}");
+
+        let big = format!(
+            "{own}{}",
+            other.repeat(proto::MAX_ISSUED_PEM / other.len() + 1)
+        );
+        let dir = server_dir(&ca, &big);
+        let err = LiveTls::load(dir.path(), None, None, true).unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
+    }
+
+    #[test]
+    fn deny_list_lines_name_their_problem() {
+        let path = Path::new("deny");
+        let list = DenyList::parse("# c\nnode=edge-1\nserial=0X01:2F\n", path).unwrap();
+        assert!(list.denies("edge-1", "99").is_some());
+        assert!(list.denies("edge-2", "012f").is_some());
+        assert!(list.denies("edge-2", "99").is_none());
+        let err = DenyList::parse("ip=1.2.3.4\n", path).unwrap_err();
+        assert!(err.contains("deny:1"), "{err}");
+        assert!(DenyList::parse("serial=xyz\n", path).is_err());
+    }
+}
