@@ -92,7 +92,18 @@ pub fn server_config_for_clients(
         .with_single_cert(dir.chain.clone(), dir.key.clone_key())
         .map_err(TlsConfigError::BadLeaf)?;
     config.alpn_protocols = vec![alpn.to_vec()];
+    without_resumption(&mut config);
     Ok(config)
+}
+
+/// Every connection authenticates in full: no session tickets, no session
+/// cache. A resumed TLS 1.3 session skips the client certificate check, so
+/// a certificate revoked (CRL) after the first handshake would still get
+/// in on a ticket; and agents stay connected for days, so resumption would
+/// save nothing worth a ticket's CPU and a cache entry per handshake.
+pub fn without_resumption(config: &mut ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
 }
 
 /// Server side presenting what `resolver` picks (a certificate reloaded
@@ -119,6 +130,7 @@ pub fn server_config_with_resolver(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![alpn.to_vec()];
+    without_resumption(&mut config);
     Ok(config)
 }
 

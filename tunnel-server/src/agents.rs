@@ -97,9 +97,7 @@ async fn handle(
     // The handshake may fail before it starts (quinn could not accept the
     // attempt); that is a failed handshake like any other.
     let connecting = incoming.accept();
-    let conn = gate
-        .run(&shared.metrics, permit, async move { connecting?.await })
-        .await?;
+    let conn = Box::pin(gate.run(&shared.metrics, permit, async move { connecting?.await })).await?;
     let certs = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -194,7 +192,7 @@ pub(crate) async fn serve_agent(
         };
         Ok((stream, first))
     };
-    let (mut stream, first) = match tokio::time::timeout(timeout, first).await {
+    let (mut stream, first) = match Box::pin(tokio::time::timeout(timeout, first)).await {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             metrics.refused("bad_hello");
@@ -211,9 +209,13 @@ pub(crate) async fn serve_agent(
         (Some(identity), Message::Hello(hello)) => (identity, hello),
         (None, Message::Enroll(request)) => {
             let issued =
-                crate::enroll::Enroller::enroll(shared.clone(), request, link.remote_address())
-                    .await;
-            return answer_issue(&mut stream, &link, metrics, issued).await;
+                Box::pin(crate::enroll::Enroller::enroll(
+                    shared.clone(),
+                    request,
+                    link.remote_address(),
+                ))
+                .await;
+            return Box::pin(answer_issue(&mut stream, &link, metrics, issued)).await;
         }
         (Some(identity), Message::Renew(request)) => {
             let issued = match &shared.enroller {
@@ -223,7 +225,7 @@ pub(crate) async fn serve_agent(
                     reason: "this server does not renew certificates (no --enroll-ca-dir)".into(),
                 }),
             };
-            return answer_issue(&mut stream, &link, metrics, issued).await;
+            return Box::pin(answer_issue(&mut stream, &link, metrics, issued)).await;
         }
         (None, other) => {
             let refusal = Refusal {
@@ -234,7 +236,7 @@ pub(crate) async fn serve_agent(
                     other.kind()
                 ),
             };
-            return Err(refuse(&mut stream, &link, metrics, refusal).await);
+            return Err(Box::pin(refuse(&mut stream, &link, metrics, refusal)).await);
         }
         (Some(_), other) => {
             let refusal = Refusal {
@@ -244,7 +246,7 @@ pub(crate) async fn serve_agent(
                     other.kind()
                 ),
             };
-            return Err(refuse(&mut stream, &link, metrics, refusal).await);
+            return Err(Box::pin(refuse(&mut stream, &link, metrics, refusal)).await);
         }
     };
 
@@ -256,7 +258,7 @@ pub(crate) async fn serve_agent(
                 shared.config.server_id
             ),
         };
-        return Err(refuse(&mut stream, &link, metrics, refusal).await);
+        return Err(Box::pin(refuse(&mut stream, &link, metrics, refusal)).await);
     }
     // The same agent process has a live connection here already: this one
     // is a second dial (a load balancer sent it here, or two of its dials
@@ -273,7 +275,7 @@ pub(crate) async fn serve_agent(
                 shared.config.server_id
             ),
         };
-        return Err(refuse(&mut stream, &link, metrics, refusal).await);
+        return Err(Box::pin(refuse(&mut stream, &link, metrics, refusal)).await);
     }
     let own = crate::addresses::own_addresses();
     let allowed = |a: IpAddr| shared.config.addresses.check(a, &own);
@@ -318,7 +320,7 @@ pub(crate) async fn serve_agent(
     });
     let (agent, old) = match registered {
         Ok(v) => v,
-        Err(refusal) => return Err(refuse(&mut stream, &link, metrics, refusal).await),
+        Err(refusal) => return Err(Box::pin(refuse(&mut stream, &link, metrics, refusal)).await),
     };
 
     let welcome = Message::Welcome(Welcome {
@@ -392,7 +394,7 @@ pub(crate) async fn serve_agent(
             }
         }
     };
-    tokio::pin!(watch);
+    let mut watch = Box::pin(watch);
     let mut draining = shared.draining.subscribe();
     let mut told = false;
     loop {
@@ -406,10 +408,10 @@ pub(crate) async fn serve_agent(
         // ignores it); its streams keep flowing until the server closes.
         _ = async { drop(draining.wait_for(|d| *d).await) }, if !told => {
             told = true;
-            let _ = tokio::time::timeout(
+            let _ = Box::pin(tokio::time::timeout(
                 Duration::from_secs(1),
                 transport::write_message(&mut stream.send, &Message::Drain),
-            )
+            ))
             .await;
         }
         _ = agent.kick.notified() => {
@@ -417,8 +419,8 @@ pub(crate) async fn serve_agent(
                 code: close::REPLACED,
                 reason: "replaced by a newer connection of the same node".into(),
             });
-            let _ = tokio::time::timeout(Duration::from_secs(1), transport::write_message(&mut stream.send, &goaway)).await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), link.closed()).await;
+            let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), transport::write_message(&mut stream.send, &goaway))).await;
+            let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), link.closed())).await;
             link.close(close::REPLACED, "replaced by a newer connection of the same node");
             break;
         }

@@ -207,6 +207,7 @@ impl LiveTls {
             }))
             .with_cert_resolver(Arc::new(LiveResolver(self.clone())));
         config.alpn_protocols = vec![alpn.to_vec()];
+        certs::tls::without_resumption(&mut config);
         config
     }
 
@@ -573,6 +574,20 @@ mod tests {
         let dir = server_dir(&ca, &big);
         let err = LiveTls::load(dir.path(), None, None, true).unwrap_err();
         assert!(err.to_string().contains("at most"), "{err}");
+    }
+
+    /// A resumed session would skip the client certificate check (and a
+    /// CRL published since the first handshake): none are offered.
+    #[test]
+    fn no_session_is_resumed() {
+        let ca = certs::issue::Ca::generate("test CA", 1).unwrap();
+        let dir = server_dir(&ca, &ca.pem().cert);
+        let tls = Arc::new(LiveTls::load(dir.path(), None, None, false).unwrap());
+        for optional in [false, true] {
+            let config = tls.server_config(b"edge-tunnel", optional);
+            assert_eq!(config.send_tls13_tickets, 0);
+            assert!(!config.session_storage.can_cache());
+        }
     }
 
     #[test]
