@@ -58,7 +58,8 @@ def server_memory_bound(args):
     budget = size(flag(args, "receive-budget", "256Mi"))
     clients = int(flag(args, "max-client-connections", "8192"))
     handshakes = int(flag(args, "max-handshakes", "1024"))
-    return 5 * budget + clients * 8 * 1024 + 16 * MI + 2 * handshakes * 35 * 1024 + 64 * MI
+    relay = size(flag(args, "relay-buffer-budget", "16Mi"))
+    return 5 * budget + clients * 8 * 1024 + relay + 2 * handshakes * 35 * 1024 + 64 * MI
 
 
 def check_server_memory(target, cname, container):
@@ -86,7 +87,7 @@ def check_server_memory(target, cname, container):
             target,
             f"{cname}: limits.memory {limit} is below what its flags allow "
             f"({bound // MI}Mi: 5 x --receive-budget + 8 KiB x --max-client-connections "
-            "+ 16Mi + 70 KiB x --max-handshakes + 64Mi)",
+            "+ --relay-buffer-budget + 70 KiB x --max-handshakes + 64Mi)",
         )
 
 

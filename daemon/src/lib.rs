@@ -6,8 +6,10 @@
 //! - [`admin`]: the small GET-only HTTP server for admin endpoints.
 //! - [`fds`]: the open-files limit, raised at start, and the share of it
 //!   connections may use.
+//! - [`metrics`]: metrics both binaries export the same way.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
 pub mod fds;
+pub mod metrics;

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use e2e::targets::{self, echo_digest, hex, pattern};
-use e2e::{connect_via, eventually, http_get, init_logging, Pki, TestAgent, TestServer};
+use e2e::{connect_via, eventually, http_get, init_logging, metric_in, Pki, TestAgent, TestServer};
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -1017,6 +1017,29 @@ async fn admin_endpoints(tr: Transport) {
     t.agent.stop().await;
 }
 
+/// With no relay buffer growth allowed (`--relay-buffer-budget 0`) every
+/// relay of the server keeps its first 4 KiB buffers: a bulk echo still
+/// arrives whole, and the doublings refused are counted.
+async fn relays_go_on_when_the_buffer_budget_is_spent(tr: Transport) {
+    let echo = targets::echo_server().await;
+    let t = tunnel_with(&allow(&[echo.port()]), tr, |s| s.relay_buffer_budget = 0).await;
+    let tcp = connect_via(t.server.connect_addr(), &echo.to_string())
+        .await
+        .unwrap();
+    let (sent, echoed) = echo_digest(tcp, 8 << 20, 5).await;
+    assert_eq!(sent, echoed);
+    let metrics = t.server.metrics().await;
+    for series in [
+        "edge_tunnel_relay_buffer_budget_bytes 0",
+        "edge_tunnel_relay_buffer_grown_bytes 0",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
+    }
+    let refused = metric_in(&metrics, "edge_tunnel_relay_buffer_growth_refused_total ");
+    assert!(refused >= 1.0, "refusals counted: {refused}");
+    t.agent.stop().await;
+}
+
 /// Runs each test once over QUIC and once over HTTP/2: `NAME::quic`, `NAME::h2`.
 macro_rules! over_both_transports {
     ($($name:ident),* $(,)?) => {$(
@@ -1034,6 +1057,7 @@ macro_rules! over_both_transports {
 }
 
 over_both_transports!(
+    relays_go_on_when_the_buffer_budget_is_spent,
     a_client_that_stopped_reading_is_reset,
     a_client_over_its_stream_limit_gets_429,
     an_idle_tunnel_is_reset_after_the_relay_idle_timeout,

@@ -163,6 +163,17 @@ impl<R: TunnelRecv> TunnelRecv for ResultGate<R> {
     fn stop(&mut self, code: u32) {
         self.inner.stop(code)
     }
+
+    fn poll_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &mut [bytes::Bytes],
+    ) -> Poll<io::Result<Option<usize>>> {
+        if !self.open {
+            ready!(self.poll_result(cx))?;
+        }
+        self.inner.poll_chunks(cx, bufs)
+    }
 }
 
 #[cfg(test)]
@@ -185,6 +196,13 @@ mod tests {
     }
     impl<T: AsyncRead + Unpin + Send> TunnelRecv for Recv<T> {
         fn stop(&mut self, _: u32) {}
+        fn poll_chunks(
+            &mut self,
+            cx: &mut Context<'_>,
+            bufs: &mut [bytes::Bytes],
+        ) -> Poll<io::Result<Option<usize>>> {
+            crate::stream::poll_chunks_by_copy(self, cx, bufs)
+        }
     }
 
     fn bytes(v: Vec<u8>) -> Recv<std::io::Cursor<Vec<u8>>> {
@@ -218,6 +236,29 @@ mod tests {
         gate.read_to_end(&mut out).await.unwrap();
         assert_eq!(out, b"payload");
         assert!(matches!(*seen.lock().unwrap(), Some(Ok(_))));
+    }
+
+    /// The relay takes chunks: the frame is read first, and only the bytes
+    /// after it come out.
+    #[tokio::test]
+    async fn chunks_start_after_the_result() {
+        let (cb, seen) = recorder();
+        let mut gate = ResultGate::new(
+            wire(DialResult::ok(), b"payload"),
+            Duration::from_secs(5),
+            cb,
+        );
+        let mut chunks = [bytes::Bytes::new(), bytes::Bytes::new()];
+        let n = std::future::poll_fn(|cx| gate.poll_chunks(cx, &mut chunks))
+            .await
+            .unwrap();
+        assert_eq!(n, Some(1));
+        assert_eq!(&chunks[0][..], b"payload");
+        assert!(matches!(*seen.lock().unwrap(), Some(Ok(_))));
+        let end = std::future::poll_fn(|cx| gate.poll_chunks(cx, &mut chunks))
+            .await
+            .unwrap();
+        assert_eq!(end, None);
     }
 
     #[tokio::test]

@@ -83,6 +83,7 @@ pub async fn run(
                 metrics: metrics.clone(),
                 held: held.clone(),
                 receive_budget: config.receive_budget.clone(),
+                relay_buffers: config.relay_buffers.clone(),
             });
             Some(tokio::spawn(daemon::admin::serve(listener, routes)))
         }

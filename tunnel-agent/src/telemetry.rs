@@ -69,6 +69,8 @@ pub struct AgentMetrics {
     stall_credit: Gauge,
     receive_windows: Gauge,
     stall_credit_refusals: Family<Label, Counter>,
+    /// The relay buffer budget (set at scrape time).
+    relay_buffers: daemon::metrics::RelayBufferMetrics,
     /// Tokio tasks alive in the process's runtime (set at scrape time).
     tasks: Gauge,
     /// How many replicas the servers say exist (set at scrape time).
@@ -92,6 +94,7 @@ impl Default for AgentMetrics {
             stall_credit: Gauge::default(),
             receive_windows: Gauge::default(),
             stall_credit_refusals: Family::default(),
+            relay_buffers: Default::default(),
             tasks: Gauge::default(),
             replicas_expected: Gauge::default(),
             certificate_expiry: Gauge::default(),
@@ -114,6 +117,7 @@ impl Default for AgentMetrics {
              (at most --receive-budget)",
             m.receive_windows.clone(),
         );
+        m.relay_buffers.register(&mut registry);
         registry.register(
             "stall_credit_refusals",
             "Stalled streams lent no credit, by the limit reached (process, connection)",
@@ -205,7 +209,13 @@ impl AgentMetrics {
         self.reprobes.get_or_create(&ReprobeLabel { result }).get()
     }
 
-    fn render(&self, held: &HeldReplicas, budget: &ReceiveBudget) -> String {
+    fn render(
+        &self,
+        held: &HeldReplicas,
+        budget: &ReceiveBudget,
+        relay_buffers: &transport::BufferBudget,
+    ) -> String {
+        self.relay_buffers.export(relay_buffers);
         let stats = budget.stats();
         let g = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.stall_credit.set(g(stats.lent));
@@ -245,6 +255,7 @@ pub struct AgentAdmin {
     pub metrics: Arc<AgentMetrics>,
     pub held: HeldReplicas,
     pub receive_budget: Arc<ReceiveBudget>,
+    pub relay_buffers: Arc<transport::BufferBudget>,
 }
 
 impl AdminRoutes for AgentAdmin {
@@ -266,7 +277,8 @@ impl AdminRoutes for AgentAdmin {
             "/metrics" => Reply::new(
                 200,
                 OPENMETRICS,
-                self.metrics.render(&self.held, &self.receive_budget),
+                self.metrics
+                    .render(&self.held, &self.receive_budget, &self.relay_buffers),
             ),
             "/v1/replicas" => {
                 let list: Vec<ReplicaInfo> = self

@@ -97,7 +97,8 @@ async fn handle(
     // The handshake may fail before it starts (quinn could not accept the
     // attempt); that is a failed handshake like any other.
     let connecting = incoming.accept();
-    let conn = Box::pin(gate.run(&shared.metrics, permit, async move { connecting?.await })).await?;
+    let conn =
+        Box::pin(gate.run(&shared.metrics, permit, async move { connecting?.await })).await?;
     let certs = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -208,13 +209,12 @@ pub(crate) async fn serve_agent(
     let (identity, hello) = match (identity, first) {
         (Some(identity), Message::Hello(hello)) => (identity, hello),
         (None, Message::Enroll(request)) => {
-            let issued =
-                Box::pin(crate::enroll::Enroller::enroll(
-                    shared.clone(),
-                    request,
-                    link.remote_address(),
-                ))
-                .await;
+            let issued = Box::pin(crate::enroll::Enroller::enroll(
+                shared.clone(),
+                request,
+                link.remote_address(),
+            ))
+            .await;
             return Box::pin(answer_issue(&mut stream, &link, metrics, issued)).await;
         }
         (Some(identity), Message::Renew(request)) => {

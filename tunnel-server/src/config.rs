@@ -131,6 +131,9 @@ pub struct ServerSettings {
     /// of one client may be lent of it; see `transport::window`. Default
     /// 256 MiB and 32 MiB.
     pub receive_budget: BudgetLimits,
+    /// What the relay buffers of all tunneled connections may grow into
+    /// beyond their first 4 KiB per direction (`--relay-buffer-budget`).
+    pub relay_buffer_budget: usize,
     /// Which addresses agents may register (and DNAT may redirect):
     /// never loopback (unless allowed), unspecified, link-local,
     /// multicast or this host's own; within `--agent-address-cidr` when
@@ -203,6 +206,7 @@ impl ServerSettings {
             relay_idle_timeout: None,
             max_streams_per_client: 4096,
             receive_budget: BudgetLimits::SERVER,
+            relay_buffer_budget: transport::relay::GROWTH_BUDGET,
             addresses: crate::addresses::AddressPolicy::default(),
             quic: QuicSettings::default(),
             enroll_ca_dir: None,

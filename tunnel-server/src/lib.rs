@@ -128,7 +128,7 @@ impl Shared {
             replicas_expected: std::sync::atomic::AtomicU16::new(config.server_count),
             draining: tokio::sync::watch::Sender::new(false),
             proxy_auth: proxy_auth::ProxyAuth::default(),
-            relay_buffers: transport::BufferBudget::default(),
+            relay_buffers: transport::BufferBudget::new(config.relay_buffer_budget),
             client_slots: slots::ClientSlots::new(
                 config.max_client_connections,
                 config.max_streams_per_client,
@@ -163,6 +163,7 @@ impl Shared {
             .set(soonest.unwrap_or(0));
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.metrics.export_receive_budget(&self.receive_budget);
+        self.metrics.relay_buffers.export(&self.relay_buffers);
         self.metrics
             .export_node_streams(&self.registry.snapshot(), self.config.max_streams_per_node);
         let slots = &self.client_slots;

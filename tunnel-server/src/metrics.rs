@@ -25,6 +25,8 @@ pub struct Metrics {
     pub receive_window_share: Gauge,
     pub stall_credit: Gauge,
     pub stall_credit_refusals: Family<Label, Counter>,
+    /// The relay buffer budget (set at scrape time).
+    pub relay_buffers: daemon::metrics::RelayBufferMetrics,
     /// Tunneled connections open per node, and the per-node limit (set at
     /// scrape time).
     pub node_streams: Family<NodeLabel, Gauge>,
@@ -167,6 +169,8 @@ impl Metrics {
             "Reloads of --connect-token-file, by result (ok; error: the old tokens stay)",
             token_file_reloads.clone(),
         );
+        let relay_buffers = daemon::metrics::RelayBufferMetrics::default();
+        relay_buffers.register(&mut registry);
         registry.register(
             "receive_budget_bytes",
             "Most receive window all agent connections together may advertise (--receive-budget)",
@@ -371,6 +375,7 @@ impl Metrics {
             receive_windows,
             receive_window_share,
             stall_credit_refusals,
+            relay_buffers,
             node_streams,
             node_stream_limit,
             relay_idle_resets,
