@@ -6,7 +6,8 @@
 //!   `cargo install rathole --version 0.5.0` (without `--locked`: its lock
 //!   file pins a `time` that no longer builds).
 //! - **the naive quinn relay** (`../shared/reference/naive-relay`, built
-//!   with `cargo build --release`; or `BENCH_NAIVE_RELAY`): 460 lines of
+//!   with `cargo build --release`; `poc-relay` on `PATH`; or
+//!   `BENCH_NAIVE_RELAY`): 460 lines of
 //!   quinn with no authentication, registry or limits, run as measured in
 //!   the issue (current-thread runtime, 2 MiB / 32 MiB windows): the
 //!   ceiling of a QUIC relay on this machine, a measuring stick.
@@ -178,7 +179,9 @@ fn rathole(topo: &Topology, pki: &Pki) -> Result<Option<Peer>> {
 fn naive(topo: &Topology, _pki: &Pki) -> Result<Option<Peer>> {
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let built = workspace.join("../shared/reference/naive-relay/target/release/poc-relay");
-    let Some(bin) = find("BENCH_NAIVE_RELAY", &[built]) else {
+    let mut candidates = vec![built];
+    candidates.extend(on_path("poc-relay"));
+    let Some(bin) = find("BENCH_NAIVE_RELAY", &candidates) else {
         return Ok(None);
     };
     let bin = bin.to_str().context("path")?.to_owned();

@@ -9,12 +9,15 @@
 //!   with an RST (SO_LINGER 0). Either way the whole connection ends, as it
 //!   would on a real TCP path.
 //!
-//! Each direction owns one buffer that starts small and doubles (up to
+//! TCP → tunnel reads into one buffer that starts small and doubles (up to
 //! `MAX_BUF`) while reads keep filling it, so idle connections cost little
 //! and bulk transfers make few, large writes. Growth is drawn from a
 //! [`BufferBudget`] the caller owns (one per process in the binaries): a
 //! burst of a thousand busy connections cannot grow every buffer at once;
-//! the ones over budget keep relaying with the buffer they have.
+//! the ones over budget keep relaying with the buffer they have. Tunnel →
+//! TCP has no buffer: the chunks the transport received (QUIC STREAM
+//! frames, HTTP/2 DATA frames) go to the socket as they are, up to
+//! [`CHUNKS`] per vectored write, copied nowhere.
 //!
 //! Two optional limits end a relay that would otherwise hold its stream,
 //! window and descriptors for good: [`RelayLimits::reader_gone_after`] (the
@@ -47,9 +50,8 @@ pub const MIN_BUF: usize = 4 * 1024;
 /// Largest buffer size per direction.
 pub const MAX_BUF: usize = 64 * 1024;
 /// Bytes the relays sharing one [`BufferBudget`] may hold above `MIN_BUF`
-/// per direction, by default (`--relay-buffer-budget`): 16 MiB, the relay
-/// buffer memory beyond the 8 KiB every connection costs (256 connections
-/// at full size).
+/// by default (`--relay-buffer-budget`): 16 MiB, the relay buffer memory
+/// beyond the 4 KiB every connection costs (256 connections at full size).
 pub const GROWTH_BUDGET: usize = 16 * 1024 * 1024;
 
 /// What relay buffers may grow into, shared by the relays of a process.
@@ -586,6 +588,9 @@ where
             chunk.advance(step);
             left -= step;
             if chunk.is_empty() {
+                // Let go of the received datagrams now: an empty `Bytes`
+                // still holds its allocation.
+                *chunk = Bytes::new();
                 first += 1;
             }
         }
