@@ -8,17 +8,33 @@
 //! reads exactly the `DialResult` frame first, bounded by a deadline, and
 //! only then lets the target's bytes through; a refusal, a timeout or a
 //! malformed frame is a read error, so the relay resets the client.
+//!
+//! What the client sends before the answer is bounded: [`gate`] pairs the
+//! `ResultGate` with a [`HeldSend`] that lets [`OPTIMISTIC_BYTES`] through
+//! (a TLS ClientHello, whatever its size) and holds the rest until the
+//! gate opens. Unbounded, a burst of new connections whose dials are slow
+//! (a target's accept backlog overflowing) would fill the agent
+//! connection's receive window with data nobody reads yet, and starve
+//! every other stream on it, the `Dial` frames of the next connections
+//! included, until their dials time out.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use proto::{DialCode, Message, FRAME_HEADER_LEN, MAX_FRAME_BODY};
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::stream::TunnelRecv;
+use crate::stream::{Delivered, TunnelRecv, TunnelSend};
+
+/// What a client may send before the agent's `DialResult` arrives: one
+/// TLS record, so a ClientHello travels with the `Dial` as the optimistic
+/// open intends.
+pub const OPTIMISTIC_BYTES: usize = 16 * 1024;
 
 /// Why the gate did not open.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +67,50 @@ pub struct ResultGate<R> {
     started: Instant,
     deadline: Pin<Box<tokio::time::Sleep>>,
     on_result: Option<OnResult>,
+    /// Told when the answer is in (either way), for a [`HeldSend`].
+    settled: Option<Arc<Settled>>,
+}
+
+/// The gate has its answer: the send half may write freely (or the relay
+/// is about to end). Set once; the waker is taken only while held.
+#[derive(Default)]
+struct Settled {
+    done: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Settled {
+    fn is_set(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.done.store(true, Ordering::Release);
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// The gated halves of an optimistic open: the receive half reads the
+/// `DialResult` first, and the send half lets [`OPTIMISTIC_BYTES`] through
+/// before it.
+pub fn gate<R: TunnelRecv, S: TunnelSend>(
+    recv: R,
+    send: S,
+    bound: Duration,
+    on_result: OnResult,
+) -> (ResultGate<R>, HeldSend<S>) {
+    let settled = Arc::new(Settled::default());
+    let mut gate = ResultGate::new(recv, bound, on_result);
+    gate.settled = Some(settled.clone());
+    let held = HeldSend {
+        inner: send,
+        allowance: OPTIMISTIC_BYTES,
+        settled,
+    };
+    (gate, held)
 }
 
 impl<R: TunnelRecv> ResultGate<R> {
@@ -62,6 +122,13 @@ impl<R: TunnelRecv> ResultGate<R> {
             started: Instant::now(),
             deadline: Box::pin(tokio::time::sleep(bound)),
             on_result: Some(on_result),
+            settled: None,
+        }
+    }
+
+    fn settle(&self) {
+        if let Some(s) = &self.settled {
+            s.set();
         }
     }
 
@@ -72,6 +139,7 @@ impl<R: TunnelRecv> ResultGate<R> {
             GateError::Protocol(_) => io::ErrorKind::InvalidData,
         };
         let text = format!("dial failed: {e:?}");
+        self.settle();
         if let Some(cb) = self.on_result.take() {
             cb(Err(e));
         }
@@ -126,6 +194,7 @@ impl<R: TunnelRecv> ResultGate<R> {
         match decoded {
             Ok(Some((Message::DialResult(r), _))) if r.code == DialCode::Ok => {
                 self.open = true;
+                self.settle();
                 if let Some(cb) = self.on_result.take() {
                     cb(Ok(self.started.elapsed()));
                 }
@@ -142,6 +211,68 @@ impl<R: TunnelRecv> ResultGate<R> {
             Ok(None) => Err(self.fail(GateError::Protocol("truncated DialResult".into()))),
             Err(e) => Err(self.fail(GateError::Protocol(e.to_string()))),
         }
+    }
+}
+
+impl<R> Drop for ResultGate<R> {
+    fn drop(&mut self) {
+        // A held writer must not wait for an answer nobody will read.
+        if let Some(s) = &self.settled {
+            s.set();
+        }
+    }
+}
+
+/// The send half of an optimistic open: [`OPTIMISTIC_BYTES`] go out before
+/// the gate has the agent's answer, the rest once it has (a refusal ends
+/// the relay from the receive side). One atomic load per write after that.
+pub struct HeldSend<S> {
+    inner: S,
+    allowance: usize,
+    settled: Arc<Settled>,
+}
+
+impl<S: TunnelSend> AsyncWrite for HeldSend<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.settled.is_set() {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        if this.allowance == 0 {
+            *this.settled.waker.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(cx.waker().clone());
+            // Settled between the check and the waker being stored.
+            if !this.settled.is_set() {
+                return Poll::Pending;
+            }
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        let n = buf.len().min(this.allowance);
+        let written = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..n]))?;
+        this.allowance -= written;
+        Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: TunnelSend> TunnelSend for HeldSend<S> {
+    fn reset(&mut self, code: u32) {
+        self.inner.reset(code)
+    }
+
+    fn delivered(&self) -> Delivered {
+        self.inner.delivered()
     }
 }
 
@@ -162,17 +293,6 @@ impl<R: TunnelRecv> AsyncRead for ResultGate<R> {
 impl<R: TunnelRecv> TunnelRecv for ResultGate<R> {
     fn stop(&mut self, code: u32) {
         self.inner.stop(code)
-    }
-
-    fn poll_chunks(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &mut [bytes::Bytes],
-    ) -> Poll<io::Result<Option<usize>>> {
-        if !self.open {
-            ready!(self.poll_result(cx))?;
-        }
-        self.inner.poll_chunks(cx, bufs)
     }
 }
 
@@ -196,13 +316,6 @@ mod tests {
     }
     impl<T: AsyncRead + Unpin + Send> TunnelRecv for Recv<T> {
         fn stop(&mut self, _: u32) {}
-        fn poll_chunks(
-            &mut self,
-            cx: &mut Context<'_>,
-            bufs: &mut [bytes::Bytes],
-        ) -> Poll<io::Result<Option<usize>>> {
-            crate::stream::poll_chunks_by_copy(self, cx, bufs)
-        }
     }
 
     fn bytes(v: Vec<u8>) -> Recv<std::io::Cursor<Vec<u8>>> {
@@ -238,27 +351,71 @@ mod tests {
         assert!(matches!(*seen.lock().unwrap(), Some(Ok(_))));
     }
 
-    /// The relay takes chunks: the frame is read first, and only the bytes
-    /// after it come out.
+    /// Any writer as a send half.
+    struct Sink<T>(T);
+    impl<T: AsyncWrite + Unpin> AsyncWrite for Sink<T> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+    impl<T: AsyncWrite + Unpin + Send> TunnelSend for Sink<T> {
+        fn reset(&mut self, _: u32) {}
+        fn delivered(&self) -> Delivered {
+            Box::pin(async {})
+        }
+    }
+
+    /// Before the answer the client's first 16 KiB go out and the rest
+    /// waits; the answer lets it through (a refusal too: the relay then
+    /// ends from the receive side).
     #[tokio::test]
-    async fn chunks_start_after_the_result() {
-        let (cb, seen) = recorder();
-        let mut gate = ResultGate::new(
-            wire(DialResult::ok(), b"payload"),
-            Duration::from_secs(5),
-            cb,
-        );
-        let mut chunks = [bytes::Bytes::new(), bytes::Bytes::new()];
-        let n = std::future::poll_fn(|cx| gate.poll_chunks(cx, &mut chunks))
-            .await
-            .unwrap();
-        assert_eq!(n, Some(1));
-        assert_eq!(&chunks[0][..], b"payload");
-        assert!(matches!(*seen.lock().unwrap(), Some(Ok(_))));
-        let end = std::future::poll_fn(|cx| gate.poll_chunks(cx, &mut chunks))
-            .await
-            .unwrap();
-        assert_eq!(end, None);
+    async fn the_send_half_holds_all_but_the_first_record_until_the_answer() {
+        use tokio::io::{AsyncWriteExt, DuplexStream};
+        for answer in [
+            DialResult::ok(),
+            DialResult::error(DialCode::NotAllowed, "nope"),
+        ] {
+            let (agent_writes, agent_reads_answer) = tokio::io::duplex(1 << 20);
+            let (sent, mut agent_reads): (DuplexStream, DuplexStream) = tokio::io::duplex(1 << 20);
+            let (cb, _seen) = recorder();
+            let (mut recv, mut send) = gate(
+                Recv(agent_reads_answer),
+                Sink(sent),
+                Duration::from_secs(5),
+                cb,
+            );
+            let data = vec![7u8; 64 * 1024];
+            let write = send.write_all(&data);
+            tokio::pin!(write);
+            // Nothing answers yet: the write stops after one record.
+            assert!(tokio::time::timeout(Duration::from_millis(100), &mut write)
+                .await
+                .is_err());
+            let mut early = vec![0u8; OPTIMISTIC_BYTES + 1];
+            let n = agent_reads.read(&mut early).await.unwrap();
+            assert_eq!(n, OPTIMISTIC_BYTES);
+            // The answer arrives and the gate reads it.
+            let mut agent_writes = agent_writes;
+            let mut frame = Vec::new();
+            proto::encode(&Message::DialResult(answer.clone()), &mut frame).unwrap();
+            agent_writes.write_all(&frame).await.unwrap();
+            let mut one = [0u8; 1];
+            let _ = tokio::time::timeout(Duration::from_millis(500), recv.read(&mut one)).await;
+            tokio::time::timeout(Duration::from_secs(5), &mut write)
+                .await
+                .expect("released by the answer")
+                .unwrap();
+        }
     }
 
     #[tokio::test]

@@ -246,40 +246,4 @@ impl TunnelRecv for H2Recv {
         // HTTP/2 has no STOP_SENDING: the send half's reset ends the whole
         // stream, and the relay always resets both halves together.
     }
-
-    /// One DATA frame per call (up to 16 KiB), as h2 received it. Only one:
-    /// an error after it would have nowhere to go until the next call.
-    fn poll_chunks(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &mut [Bytes],
-    ) -> Poll<io::Result<Option<usize>>> {
-        let Some(slot) = bufs.first_mut() else {
-            return Poll::Ready(Ok(Some(0)));
-        };
-        loop {
-            match self {
-                H2Recv::Pending(_) => {
-                    // Resolves the response (an empty read never takes data).
-                    let mut none = ReadBuf::new(&mut []);
-                    ready!(Pin::new(&mut *self).poll_read(cx, &mut none))?;
-                }
-                H2Recv::Body { body, chunk } => {
-                    if chunk.is_empty() {
-                        match ready!(body.poll_data(cx)) {
-                            Some(Ok(data)) => *chunk = data,
-                            Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
-                            None => return Poll::Ready(Ok(None)),
-                        }
-                        continue;
-                    }
-                    let data = std::mem::take(chunk);
-                    // Hand the window back as the bytes leave.
-                    let _ = body.flow_control().release_capacity(data.len());
-                    *slot = data;
-                    return Poll::Ready(Ok(Some(1)));
-                }
-            }
-        }
-    }
 }

@@ -9,15 +9,12 @@
 //!   with an RST (SO_LINGER 0). Either way the whole connection ends, as it
 //!   would on a real TCP path.
 //!
-//! TCP → tunnel reads into one buffer that starts small and doubles (up to
+//! Each direction owns one buffer that starts small and doubles (up to
 //! `MAX_BUF`) while reads keep filling it, so idle connections cost little
 //! and bulk transfers make few, large writes. Growth is drawn from a
 //! [`BufferBudget`] the caller owns (one per process in the binaries): a
 //! burst of a thousand busy connections cannot grow every buffer at once;
-//! the ones over budget keep relaying with the buffer they have. Tunnel →
-//! TCP has no buffer: the chunks the transport received (QUIC STREAM
-//! frames, HTTP/2 DATA frames) go to the socket as they are, up to
-//! [`CHUNKS`] per vectored write, copied nowhere.
+//! the ones over budget keep relaying with the buffer they have.
 //!
 //! Two optional limits end a relay that would otherwise hold its stream,
 //! window and descriptors for good: [`RelayLimits::reader_gone_after`] (the
@@ -26,14 +23,12 @@
 //! timer per idle period, never a timer reset per chunk.
 
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
 use proto::codes::stream as code;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -50,8 +45,9 @@ pub const MIN_BUF: usize = 4 * 1024;
 /// Largest buffer size per direction.
 pub const MAX_BUF: usize = 64 * 1024;
 /// Bytes the relays sharing one [`BufferBudget`] may hold above `MIN_BUF`
-/// by default (`--relay-buffer-budget`): 16 MiB, the relay buffer memory
-/// beyond the 4 KiB every connection costs (256 connections at full size).
+/// per direction, by default (`--relay-buffer-budget`): 16 MiB, the relay
+/// buffer memory beyond the 8 KiB every connection costs (256 connections
+/// at full size).
 pub const GROWTH_BUDGET: usize = 16 * 1024 * 1024;
 
 /// What relay buffers may grow into, shared by the relays of a process.
@@ -370,7 +366,15 @@ where
                 ..limits
             },
         );
-        let downstream = copy_chunks(&mut recv, &mut tcp_w, &mut down, &on_bytes, watched, limits);
+        let downstream = copy(
+            &mut recv,
+            &mut tcp_w,
+            Direction::TunnelToTcp,
+            &mut down,
+            &on_bytes,
+            watched,
+            limits,
+        );
         let idle = activity.idle(limits.idle_after);
         tokio::pin!(upstream, downstream, idle);
         let (mut up_done, mut down_done) = (false, false);
@@ -488,7 +492,7 @@ where
         } else {
             None
         };
-        write_watching(w.write_all(&buf.data[..n]), watch, &mut stalled, &limits)
+        write_watching(w, &buf.data[..n], watch, &mut stalled, &limits)
             .await
             .map_err(write_fail)?;
         if let Some(a) = activity {
@@ -502,114 +506,22 @@ where
     }
 }
 
-/// Chunks taken from the tunnel per vectored write to TCP: ~46 KB of QUIC
-/// STREAM frames, 32 HTTP/2 DATA frames at most (h2 gives one at a time).
-const CHUNKS: usize = 32;
-
-/// Tunnel → TCP without a buffer of its own: the chunks the transport
-/// received go to the socket as they are, in one vectored write, so this
-/// direction copies nothing and holds at most [`CHUNKS`] chunks (what a
-/// read would have copied into a buffer). Stall and reader-gone handling
-/// as in [`copy`].
-async fn copy_chunks<R, W, F>(
-    r: &mut R,
+/// `write_all`; if it stays blocked for [`STALL_AFTER`], the stream is
+/// stalled and `stalled` gets the credit `stall` lends it; if it stays
+/// blocked for `reader_gone_after` (`unlent_gone_after` when nothing could
+/// be lent), it fails with [`ReaderGone`]. Timers are armed only for a
+/// write that did not complete at once, so a flowing relay arms none.
+async fn write_watching<W>(
     w: &mut W,
-    total: &mut u64,
-    on_bytes: &F,
-    activity: Option<&Activity>,
-    limits: RelayLimits<'_>,
-) -> Result<(), Failure>
-where
-    R: TunnelRecv + ?Sized,
-    W: AsyncWrite + Unpin + ?Sized,
-    F: Fn(Direction, usize),
-{
-    let dir = Direction::TunnelToTcp;
-    let mut chunks: [Bytes; CHUNKS] = Default::default();
-    let mut stalled = None;
-    loop {
-        let got = std::future::poll_fn(|cx| r.poll_chunks(cx, &mut chunks))
-            .await
-            .map_err(|e| dir.failure(true, e))?;
-        if let Some(a) = activity {
-            a.touch();
-        }
-        let Some(n) = got else {
-            // FIN: pass the half-close on and stop this direction.
-            return w.shutdown().await.map_err(|e| dir.failure(false, e));
-        };
-        let taken = &mut chunks[..n.min(CHUNKS)];
-        let len: usize = taken.iter().map(Bytes::len).sum();
-        let watch = if stalled.is_none() {
-            limits.stall
-        } else {
-            None
-        };
-        write_watching(write_all_chunks(w, taken), watch, &mut stalled, &limits)
-            .await
-            .map_err(|e| dir.failure(false, e))?;
-        if let Some(a) = activity {
-            a.touch();
-        }
-        *total += len as u64;
-        on_bytes(dir, len);
-    }
-}
-
-/// Writes every chunk with vectored writes, advancing (and so emptying)
-/// them as they go out.
-async fn write_all_chunks<W>(w: &mut W, chunks: &mut [Bytes]) -> io::Result<()>
-where
-    W: AsyncWrite + Unpin + ?Sized,
-{
-    let mut first = 0;
-    while first < chunks.len() {
-        if chunks[first].is_empty() {
-            first += 1;
-            continue;
-        }
-        let pending = &chunks[first..];
-        let written = std::future::poll_fn(|cx| {
-            let mut slices = [IoSlice::new(&[]); CHUNKS];
-            let k = pending.len().min(CHUNKS);
-            for (slice, chunk) in slices.iter_mut().zip(&pending[..k]) {
-                *slice = IoSlice::new(chunk);
-            }
-            Pin::new(&mut *w).poll_write_vectored(cx, &slices[..k])
-        })
-        .await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let mut left = written;
-        while left > 0 {
-            let chunk = &mut chunks[first];
-            let step = left.min(chunk.len());
-            chunk.advance(step);
-            left -= step;
-            if chunk.is_empty() {
-                // Let go of the received datagrams now: an empty `Bytes`
-                // still holds its allocation.
-                *chunk = Bytes::new();
-                first += 1;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A write to TCP (`write_all` of a buffer, or of chunks); if it stays
-/// blocked for [`STALL_AFTER`], the stream is stalled and `stalled` gets
-/// the credit `stall` lends it; if it stays blocked for
-/// `reader_gone_after` (`unlent_gone_after` when nothing could be lent),
-/// it fails with [`ReaderGone`]. Timers are armed only for a write that
-/// did not complete at once, so a flowing relay arms none.
-async fn write_watching(
-    write: impl Future<Output = io::Result<()>>,
+    data: &[u8],
     stall: Option<&ReceiveWindow>,
     stalled: &mut Option<StallGuard>,
     limits: &RelayLimits<'_>,
-) -> io::Result<()> {
+) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let write = w.write_all(data);
     tokio::pin!(write);
     let mut give_up = limits.reader_gone_after;
     if stall.is_none() && give_up.is_none() {

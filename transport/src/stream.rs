@@ -6,12 +6,9 @@
 //! through those traits — aborting a direction with a reason — is here.
 
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// A future the relay awaits once per stream, not per chunk.
 pub type Delivered = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -32,39 +29,6 @@ pub trait TunnelSend: AsyncWrite + Unpin + Send {
 pub trait TunnelRecv: AsyncRead + Unpin + Send {
     /// Tells the peer we will read no more (`code` says why); its writes fail.
     fn stop(&mut self, code: u32);
-
-    /// Takes received data as the transport holds it, without copying:
-    /// fills `bufs[..n]` with up to `bufs.len()` chunks and returns
-    /// `Some(n)` (n ≥ 1 for a non-empty `bufs`), or `None` at the peer's
-    /// FIN. The relay writes them to TCP with one vectored write. Flow
-    /// control credit is given back as the chunks are taken, as a read
-    /// would.
-    fn poll_chunks(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &mut [Bytes],
-    ) -> Poll<io::Result<Option<usize>>>;
-}
-
-/// [`TunnelRecv::poll_chunks`] for a receive half that only reads into
-/// buffers (in-memory fakes in tests): one chunk per call, copied into a
-/// new allocation. Not for a transport's data path.
-pub fn poll_chunks_by_copy<R: AsyncRead + Unpin + ?Sized>(
-    r: &mut R,
-    cx: &mut Context<'_>,
-    bufs: &mut [Bytes],
-) -> Poll<io::Result<Option<usize>>> {
-    let Some(slot) = bufs.first_mut() else {
-        return Poll::Ready(Ok(Some(0)));
-    };
-    let mut data = [0u8; 16 * 1024];
-    let mut buf = ReadBuf::new(&mut data);
-    ready!(Pin::new(r).poll_read(cx, &mut buf))?;
-    if buf.filled().is_empty() {
-        return Poll::Ready(Ok(None));
-    }
-    *slot = Bytes::copy_from_slice(buf.filled());
-    Poll::Ready(Ok(Some(1)))
 }
 
 impl TunnelSend for quinn::SendStream {
@@ -85,19 +49,6 @@ impl TunnelRecv for quinn::RecvStream {
     fn stop(&mut self, code: u32) {
         let _ = quinn::RecvStream::stop(self, quinn::VarInt::from_u32(code));
     }
-
-    /// The STREAM frames as received (one lock of the connection for all
-    /// of them), errors mapped as quinn's `AsyncRead` maps them. The read
-    /// is cancel-safe, so a future per poll loses nothing.
-    fn poll_chunks(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &mut [Bytes],
-    ) -> Poll<io::Result<Option<usize>>> {
-        std::pin::pin!(self.read_chunks(bufs))
-            .poll(cx)
-            .map_err(io::Error::from)
-    }
 }
 
 impl<T: TunnelSend + ?Sized> TunnelSend for Box<T> {
@@ -113,14 +64,6 @@ impl<T: TunnelSend + ?Sized> TunnelSend for Box<T> {
 impl<T: TunnelRecv + ?Sized> TunnelRecv for Box<T> {
     fn stop(&mut self, code: u32) {
         (**self).stop(code)
-    }
-
-    fn poll_chunks(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &mut [Bytes],
-    ) -> Poll<io::Result<Option<usize>>> {
-        (**self).poll_chunks(cx, bufs)
     }
 }
 

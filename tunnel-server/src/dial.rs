@@ -7,7 +7,7 @@
 //! [`DialMode::AwaitResult`], reads the `DialResult`: all of it before one
 //! deadline, the dial timeout plus a margin for the round trip. In
 //! [`DialMode::Optimistic`] it returns once the `Dial` is written; a
-//! [`ResultGate`] on the receive half reads the answer in front of the
+//! [`transport::gate::ResultGate`] on the receive half reads the answer in front of the
 //! target's bytes, bounded by what is left of the same deadline.
 //!
 //! Dial outcomes (`dial_failures` by reason, `dial_duration_seconds`) are
@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use proto::{DialCode, DialRequest, Message};
 use tokio::time::Instant;
-use transport::gate::{OnResult, ResultGate};
+use transport::gate::{gate, OnResult};
 use transport::net::canonical_ip;
 use transport::{read_message, write_message, FrameError, TunnelStream};
 
@@ -265,7 +265,7 @@ pub fn route(
 enum Answer {
     /// Read the `DialResult` before returning.
     Read,
-    /// Wrap the receive half in a [`ResultGate`] that reports to this.
+    /// Gate the halves ([`transport::gate::gate`]), reporting to this.
     Gate(OnResult),
 }
 
@@ -305,9 +305,9 @@ async fn exchange(
             }
             Answer::Gate(on_result) => {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let recv = ResultGate::new(stream.recv, left, on_result);
+                let (recv, send) = gate(stream.recv, stream.send, left, on_result);
                 Ok(TunnelStream {
-                    send: stream.send,
+                    send: Box::new(send),
                     recv: Box::new(recv),
                 })
             }

@@ -6,6 +6,7 @@
 //! One test binary, one module per area; the harness (topology, the
 //! tunnel across it, curl and friends) is `e2e::netns` in the library.
 
+mod burst;
 mod dnat;
 mod egress;
 mod fallback;

@@ -53,13 +53,6 @@ impl TunnelSend for Pipe {
 
 impl TunnelRecv for Pipe {
     fn stop(&mut self, _: u32) {}
-    fn poll_chunks(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &mut [bytes::Bytes],
-    ) -> Poll<io::Result<Option<usize>>> {
-        transport::stream::poll_chunks_by_copy(self, cx, bufs)
-    }
 }
 
 /// A stream to a fake agent: what the server writes arrives on `agent.0`,
