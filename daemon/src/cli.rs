@@ -56,6 +56,24 @@ impl Common {
     }
 }
 
+/// The relay flags both binaries take.
+#[derive(Args, Debug, Clone)]
+pub struct Relay {
+    /// What the relay buffers of all tunneled connections together may
+    /// grow into beyond their first 4 KiB per direction (a busy
+    /// connection's buffer doubles up to 64 KiB); past it, connections
+    /// keep relaying with the buffer they have (0-4Gi).
+    #[arg(long, env = "TUNNEL_RELAY_BUFFER_BUDGET", default_value = "16Mi", value_parser = size_in(0, 4 << 30))]
+    pub relay_buffer_budget: u64,
+}
+
+impl Relay {
+    /// The budget the process's relays share.
+    pub fn buffers(&self) -> transport::BufferBudget {
+        transport::BufferBudget::new(self.relay_buffer_budget)
+    }
+}
+
 /// Installs the tracing subscriber: RUST_LOG filter, text or JSON lines on stderr.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

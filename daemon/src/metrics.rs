@@ -29,8 +29,9 @@ impl RelayBufferMetrics {
         );
         registry.register(
             "relay_buffer_growth_refused",
-            "Relay buffers kept at their size because --relay-buffer-budget was spent \
-             (the connection relays on with smaller reads)",
+            "Relay buffer doublings refused because --relay-buffer-budget was spent \
+             (the connection relays on with smaller reads; a refused buffer asks again \
+             after 64 full reads)",
             self.refused.clone(),
         );
     }

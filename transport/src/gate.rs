@@ -126,12 +126,6 @@ impl<R: TunnelRecv> ResultGate<R> {
         }
     }
 
-    fn settle(&self) {
-        if let Some(s) = &self.settled {
-            s.set();
-        }
-    }
-
     fn fail(&mut self, e: GateError) -> io::Error {
         let kind = match e {
             GateError::Timeout => io::ErrorKind::TimedOut,
@@ -214,12 +208,19 @@ impl<R: TunnelRecv> ResultGate<R> {
     }
 }
 
-impl<R> Drop for ResultGate<R> {
-    fn drop(&mut self) {
-        // A held writer must not wait for an answer nobody will read.
+impl<R> ResultGate<R> {
+    /// Releases the [`HeldSend`], if any.
+    fn settle(&self) {
         if let Some(s) = &self.settled {
             s.set();
         }
+    }
+}
+
+impl<R> Drop for ResultGate<R> {
+    fn drop(&mut self) {
+        // A held writer must not wait for an answer nobody will read.
+        self.settle();
     }
 }
 

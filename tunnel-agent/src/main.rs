@@ -89,12 +89,8 @@ struct Args {
     /// reading it (1Mi-16Gi).
     #[arg(long, env = "TUNNEL_RECEIVE_BUDGET", default_value = "64Mi", value_parser = daemon::cli::size_in(1 << 20, 16 << 30))]
     receive_budget: u64,
-    /// What the relay buffers of all tunneled connections together may
-    /// grow into beyond their first 4 KiB per direction (a busy
-    /// connection's buffer doubles up to 64 KiB); past it, connections
-    /// keep relaying with the buffer they have (0-4Gi).
-    #[arg(long, env = "TUNNEL_RELAY_BUFFER_BUDGET", default_value = "16Mi", value_parser = daemon::cli::size_in(0, 4 << 30))]
-    relay_buffer_budget: u64,
+    #[command(flatten)]
+    relay: daemon::cli::Relay,
     /// Enroll with this bootstrap token (`tunnel-certs token create`) when
     /// --cert-dir holds no usable certificate for --node-name: the key is
     /// made here and never leaves the node. Prefer --bootstrap-token-file
@@ -182,9 +178,7 @@ fn main() -> Result<()> {
     config.quic.keepalive = args.keepalive;
     config.quic.congestion = args.congestion;
     config.quic.idle_timeout = args.idle_timeout;
-    config.relay_buffers = std::sync::Arc::new(transport::BufferBudget::new(
-        usize::try_from(args.relay_buffer_budget).unwrap_or(usize::MAX),
-    ));
+    config.relay_buffers = std::sync::Arc::new(args.relay.buffers());
     config.receive_budget =
         transport::window::ReceiveBudget::new(transport::window::BudgetLimits {
             total: args.receive_budget,

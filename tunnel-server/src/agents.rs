@@ -97,8 +97,9 @@ async fn handle(
     // The handshake may fail before it starts (quinn could not accept the
     // attempt); that is a failed handshake like any other.
     let connecting = incoming.accept();
-    let conn =
-        Box::pin(gate.run(&shared.metrics, permit, async move { connecting?.await })).await?;
+    let conn = gate
+        .run(&shared.metrics, permit, async move { connecting?.await })
+        .await?;
     let certs = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -215,7 +216,7 @@ pub(crate) async fn serve_agent(
                 link.remote_address(),
             ))
             .await;
-            return Box::pin(answer_issue(&mut stream, &link, metrics, issued)).await;
+            return answer_issue(&mut stream, &link, metrics, issued).await;
         }
         (Some(identity), Message::Renew(request)) => {
             let issued = match &shared.enroller {
@@ -225,7 +226,7 @@ pub(crate) async fn serve_agent(
                     reason: "this server does not renew certificates (no --enroll-ca-dir)".into(),
                 }),
             };
-            return Box::pin(answer_issue(&mut stream, &link, metrics, issued)).await;
+            return answer_issue(&mut stream, &link, metrics, issued).await;
         }
         (None, other) => {
             let refusal = Refusal {
@@ -236,7 +237,7 @@ pub(crate) async fn serve_agent(
                     other.kind()
                 ),
             };
-            return Err(Box::pin(refuse(&mut stream, &link, metrics, refusal)).await);
+            return Err(refuse(&mut stream, &link, metrics, refusal).await);
         }
         (Some(_), other) => {
             let refusal = Refusal {
@@ -246,7 +247,7 @@ pub(crate) async fn serve_agent(
                     other.kind()
                 ),
             };
-            return Err(Box::pin(refuse(&mut stream, &link, metrics, refusal)).await);
+            return Err(refuse(&mut stream, &link, metrics, refusal).await);
         }
     };
 
@@ -258,7 +259,7 @@ pub(crate) async fn serve_agent(
                 shared.config.server_id
             ),
         };
-        return Err(Box::pin(refuse(&mut stream, &link, metrics, refusal)).await);
+        return Err(refuse(&mut stream, &link, metrics, refusal).await);
     }
     // The same agent process has a live connection here already: this one
     // is a second dial (a load balancer sent it here, or two of its dials
@@ -275,7 +276,7 @@ pub(crate) async fn serve_agent(
                 shared.config.server_id
             ),
         };
-        return Err(Box::pin(refuse(&mut stream, &link, metrics, refusal)).await);
+        return Err(refuse(&mut stream, &link, metrics, refusal).await);
     }
     let own = crate::addresses::own_addresses();
     let allowed = |a: IpAddr| shared.config.addresses.check(a, &own);
@@ -320,7 +321,7 @@ pub(crate) async fn serve_agent(
     });
     let (agent, old) = match registered {
         Ok(v) => v,
-        Err(refusal) => return Err(Box::pin(refuse(&mut stream, &link, metrics, refusal)).await),
+        Err(refusal) => return Err(refuse(&mut stream, &link, metrics, refusal).await),
     };
 
     let welcome = Message::Welcome(Welcome {
@@ -453,43 +454,52 @@ fn is_duplicate(hello: &Hello, server_id: &str, live: Option<u64>) -> bool {
     })
 }
 
+/// A rare path's future, boxed so that it does not size the task every
+/// connected agent keeps.
+type Rare<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// Refuses a registration: counts it, writes the `Refuse` (the agent
 /// closes on reading it), waits for that (bounded), then closes.
-async fn refuse(
-    stream: &mut transport::TunnelStream,
-    link: &AgentLink,
-    metrics: &crate::metrics::Metrics,
+fn refuse<'a>(
+    stream: &'a mut transport::TunnelStream,
+    link: &'a AgentLink,
+    metrics: &'a crate::metrics::Metrics,
     refusal: Refusal,
-) -> AgentError {
-    metrics.refused(refusal.code.label());
-    let _ = transport::write_message(&mut stream.send, &Message::Refuse(refusal.clone())).await;
-    let _ = stream.send.shutdown().await;
-    // Let the refusal reach the agent before the connection goes.
-    let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
-    link.close(close::REFUSED, &refusal.reason);
-    AgentError::Refused(refusal)
+) -> Rare<'a, AgentError> {
+    Box::pin(async move {
+        metrics.refused(refusal.code.label());
+        let _ = transport::write_message(&mut stream.send, &Message::Refuse(refusal.clone())).await;
+        let _ = stream.send.shutdown().await;
+        // Let the refusal reach the agent before the connection goes.
+        let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
+        link.close(close::REFUSED, &refusal.reason);
+        AgentError::Refused(refusal)
+    })
 }
 
 /// Answers an `Enroll` or `Renew`: `Issued` (then waits, bounded, for the
 /// agent to close) or the refusal.
-async fn answer_issue(
-    stream: &mut transport::TunnelStream,
-    link: &AgentLink,
-    metrics: &crate::metrics::Metrics,
+fn answer_issue<'a>(
+    stream: &'a mut transport::TunnelStream,
+    link: &'a AgentLink,
+    metrics: &'a crate::metrics::Metrics,
     issued: Result<proto::Issued, Refusal>,
-) -> Result<(), AgentError> {
-    match issued {
-        Ok(issued) => {
-            let sent = transport::write_message(&mut stream.send, &Message::Issued(issued)).await;
-            let _ = stream.send.shutdown().await;
-            if sent.is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
+) -> Rare<'a, Result<(), AgentError>> {
+    Box::pin(async move {
+        match issued {
+            Ok(issued) => {
+                let sent =
+                    transport::write_message(&mut stream.send, &Message::Issued(issued)).await;
+                let _ = stream.send.shutdown().await;
+                if sent.is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
+                }
+                link.close(close::ENROLLED, "certificate issued");
+                sent.map_err(|e| AgentError::Control(e.to_string()))
             }
-            link.close(close::ENROLLED, "certificate issued");
-            sent.map_err(|e| AgentError::Control(e.to_string()))
+            Err(refusal) => Err(refuse(stream, link, metrics, refusal).await),
         }
-        Err(refusal) => Err(refuse(stream, link, metrics, refusal).await),
-    }
+    })
 }
 
 /// Closes a handed-over connection once its last stream is done: a

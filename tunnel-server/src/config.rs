@@ -133,7 +133,7 @@ pub struct ServerSettings {
     pub receive_budget: BudgetLimits,
     /// What the relay buffers of all tunneled connections may grow into
     /// beyond their first 4 KiB per direction (`--relay-buffer-budget`).
-    pub relay_buffer_budget: usize,
+    pub relay_buffer_budget: u64,
     /// Which addresses agents may register (and DNAT may redirect):
     /// never loopback (unless allowed), unspecified, link-local,
     /// multicast or this host's own; within `--agent-address-cidr` when
@@ -206,7 +206,7 @@ impl ServerSettings {
             relay_idle_timeout: None,
             max_streams_per_client: 4096,
             receive_budget: BudgetLimits::SERVER,
-            relay_buffer_budget: transport::relay::GROWTH_BUDGET,
+            relay_buffer_budget: transport::relay::GROWTH_BUDGET as u64,
             addresses: crate::addresses::AddressPolicy::default(),
             quic: QuicSettings::default(),
             enroll_ca_dir: None,

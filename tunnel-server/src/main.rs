@@ -272,12 +272,8 @@ struct Args {
     /// 32Mi, or the budget when that is smaller.
     #[arg(long, env = "TUNNEL_STALL_CREDIT_PER_CLIENT", value_parser = size_in(0, 64 << 30))]
     stall_credit_per_client: Option<u64>,
-    /// What the relay buffers of all tunneled connections together may
-    /// grow into beyond their first 4 KiB per direction (a busy
-    /// connection's buffer doubles up to 64 KiB); past it, connections
-    /// keep relaying with the buffer they have (0-4Gi).
-    #[arg(long, env = "TUNNEL_RELAY_BUFFER_BUDGET", default_value = "16Mi", value_parser = size_in(0, 4 << 30))]
-    relay_buffer_budget: u64,
+    #[command(flatten)]
+    relay: daemon::cli::Relay,
     #[command(flatten)]
     common: daemon::cli::Common,
 }
@@ -666,7 +662,7 @@ fn serve(args: Args) -> Result<()> {
                 .min(args.receive_budget),
         ),
     };
-    settings.relay_buffer_budget = usize::try_from(args.relay_buffer_budget).unwrap_or(usize::MAX);
+    settings.relay_buffer_budget = args.relay.relay_buffer_budget;
     settings.addresses = AddressPolicy::new(args.dnat_rules.agent_address_cidr.clone());
     settings.addresses.allow_loopback = args.allow_loopback_agents;
     settings.max_client_connections = match args.max_client_connections {
