@@ -51,6 +51,19 @@ pub async fn echo_server_on(addr: SocketAddr) -> SocketAddr {
 /// still gets the answer after shutting its own write side.
 pub async fn digest_after_eof_server() -> SocketAddr {
     let (l, addr) = listen().await;
+    serve_digest_after_eof(l);
+    addr
+}
+
+/// [`digest_after_eof_server`] on `addr`.
+pub async fn digest_after_eof_server_on(addr: SocketAddr) -> SocketAddr {
+    let l = transport::net::bind_tcp(addr).unwrap();
+    let addr = l.local_addr().unwrap();
+    serve_digest_after_eof(l);
+    addr
+}
+
+fn serve_digest_after_eof(l: tokio::net::TcpListener) {
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = l.accept().await {
             tokio::spawn(async move {
@@ -73,7 +86,6 @@ pub async fn digest_after_eof_server() -> SocketAddr {
             });
         }
     });
-    addr
 }
 
 /// Writes an endless pattern until the client goes away.

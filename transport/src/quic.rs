@@ -33,9 +33,11 @@ pub struct QuicSettings {
     /// connection: the worst-case send-buffer memory per connection.
     /// Default 8 MiB (~1.3 Gbit/s at 50 ms RTT).
     pub send_window: u32,
-    /// Packets the peer may receive before it must acknowledge (QUIC ACK
-    /// frequency extension; both ends here support it). Default 10, one
-    /// GSO batch: far fewer ACK packets to send and process in bulk.
+    /// Packets the peer may receive before it must acknowledge. Default
+    /// 2, QUIC's own: asking for fewer ACKs (QUIC's ACK-frequency
+    /// extension) measured no faster bulk, and above the congestion
+    /// controller's minimum window it stalls the sender. What an end asks
+    /// for is capped at that window; see [`Self::ack_every`].
     pub ack_every: u32,
     /// Streams the server may have open to one agent at once. Default 8192.
     pub max_streams: u32,
@@ -78,6 +80,18 @@ pub enum Congestion {
     NewReno,
 }
 
+impl Congestion {
+    /// The fewest packets the controller lets this end have in flight,
+    /// however little it has measured: quinn's minimum congestion window
+    /// (BBR four packets, CUBIC and NewReno two, as in RFC 9002).
+    pub fn min_window_packets(self) -> u32 {
+        match self {
+            Congestion::Bbr => 4,
+            Congestion::Cubic | Congestion::NewReno => 2,
+        }
+    }
+}
+
 impl std::str::FromStr for Congestion {
     type Err = String;
 
@@ -101,7 +115,7 @@ impl Default for QuicSettings {
             stream_window: 512 * 1024,
             connection_window: 8 * 1024 * 1024,
             send_window: 8 * 1024 * 1024,
-            ack_every: 10,
+            ack_every: 2,
             max_streams: 8192,
             udp_buffer: 4 * 1024 * 1024,
             max_incoming: 1024,
@@ -164,6 +178,22 @@ pub enum EndpointError {
 }
 
 impl QuicSettings {
+    /// The ACK frequency this end asks of its peer: an ACK every this many
+    /// packets it sends. Never more than its controller's minimum window:
+    /// a sender held at that window, asking for fewer ACKs than it can
+    /// have in flight, gets one ACK per `max_ack_delay` (25 ms) instead of
+    /// one per round trip, and BBR, whose rate estimate comes from those
+    /// ACKs, keeps the window there. Asking for an ACK every 10 packets
+    /// (the default until 2026-12-05), a server whose estimate came from
+    /// small exchanges moved 6 packets per 25 ms for 10-20 s, and a burst
+    /// of 1,000 new connections saw up to 97% of its dials time out
+    /// (benches/RESULTS.md).
+    pub fn ack_every(&self) -> u32 {
+        // Two, QUIC's default, is the least an end can ask for.
+        self.ack_every
+            .clamp(2, self.congestion.min_window_packets())
+    }
+
     /// `accepts_streams`: whether this end accepts the per-connection
     /// streams (the agent) or only the one control stream (the server).
     fn transport(&self, accepts_streams: bool) -> Result<TransportConfig, EndpointError> {
@@ -175,9 +205,12 @@ impl QuicSettings {
         t.stream_receive_window(VarInt::from_u32(self.stream_window));
         t.receive_window(VarInt::from_u32(self.connection_window));
         t.send_window(u64::from(self.send_window));
-        if self.ack_every > 1 {
+        let ack_every = self.ack_every();
+        if ack_every > 2 {
+            // The peer acknowledges once more than the threshold arrived;
+            // QUIC's default (every second packet) needs no request.
             let mut ack = quinn::AckFrequencyConfig::default();
-            ack.ack_eliciting_threshold(VarInt::from_u32(self.ack_every - 1));
+            ack.ack_eliciting_threshold(VarInt::from_u32(ack_every - 1));
             t.ack_frequency_config(Some(ack));
         }
         match self.congestion {
@@ -329,6 +362,62 @@ mod tests {
         for window in a.reset.windows(8) {
             assert_ne!(u64::from_le_bytes(window.try_into().unwrap()), a.cid);
         }
+    }
+
+    /// The smallest window, in packets, quinn's controller falls to.
+    fn floor_packets(congestion: Congestion) -> u64 {
+        use quinn::congestion::{BbrConfig, ControllerFactory, CubicConfig, NewRenoConfig};
+        const MTU: u16 = 1452;
+        let now = std::time::Instant::now();
+        let window = match congestion {
+            // BBR raises a window below its floor to the floor whenever it
+            // sets one (here: learning the path MTU); start it at one byte.
+            Congestion::Bbr => {
+                let mut config = BbrConfig::default();
+                config.initial_window(1);
+                let mut c = Arc::new(config).build(now, MTU);
+                c.on_mtu_update(MTU);
+                c.window()
+            }
+            // The loss-based ones fall to theirs on persistent congestion.
+            Congestion::Cubic | Congestion::NewReno => {
+                let mut c = match congestion {
+                    Congestion::Cubic => Arc::new(CubicConfig::default()).build(now, MTU),
+                    _ => Arc::new(NewRenoConfig::default()).build(now, MTU),
+                };
+                // A loss of a packet sent after the controller started.
+                let later = now + Duration::from_millis(1);
+                c.on_congestion_event(later, later, true, 1 << 20);
+                c.window()
+            }
+        };
+        window / u64::from(MTU)
+    }
+
+    #[test]
+    fn every_end_is_acknowledged_within_its_smallest_window() {
+        for congestion in [Congestion::Bbr, Congestion::Cubic, Congestion::NewReno] {
+            let floor = floor_packets(congestion);
+            assert_eq!(
+                floor,
+                u64::from(congestion.min_window_packets()),
+                "{congestion:?}: quinn's floor moved"
+            );
+            for ack_every in [0, 1, 2, 4, 10, 64] {
+                let s = QuicSettings {
+                    congestion,
+                    ack_every,
+                    ..QuicSettings::default()
+                };
+                assert!(
+                    (2..=floor).contains(&u64::from(s.ack_every())),
+                    "{congestion:?} ack_every {ack_every}: asks for {}",
+                    s.ack_every()
+                );
+            }
+        }
+        // The default is QUIC's own: an ACK every second packet.
+        assert_eq!(QuicSettings::default().ack_every(), 2);
     }
 
     #[test]
