@@ -994,8 +994,21 @@ async fn admin_endpoints(tr: Transport) {
     assert_eq!(a["addresses"][0], "127.0.0.1");
     assert_eq!(a["transport"], tr.name());
     match tr {
-        Transport::Quic => assert!(a["rtt_ms"].as_f64().unwrap() >= 0.0),
-        Transport::H2 => assert!(a["rtt_ms"].is_null()),
+        Transport::Quic => {
+            assert!(a["rtt_ms"].as_f64().unwrap() >= 0.0);
+            let path = &a["quic_path"];
+            assert!(
+                path["congestion_window_bytes"].as_u64().unwrap() > 0,
+                "{path}"
+            );
+            assert!(path["sent_packets"].as_u64().unwrap() > 0, "{path}");
+            assert!(path["lost_packets"].as_u64().is_some(), "{path}");
+            assert!(path["congestion_events"].as_u64().is_some(), "{path}");
+        }
+        Transport::H2 => {
+            assert!(a["rtt_ms"].is_null());
+            assert!(a["quic_path"].is_null());
+        }
     }
     assert!(a["connected_since"].as_str().unwrap().contains('T'));
     let metrics = t.server.metrics().await;

@@ -46,9 +46,34 @@ pub struct AgentInfo {
     pub streams_active: i64,
     /// QUIC's RTT estimate; null over HTTP/2.
     pub rtt_ms: Option<f64>,
+    /// QUIC's sending side towards the agent; null over HTTP/2.
+    pub quic_path: Option<QuicPath>,
     pub draining: bool,
     /// When the agent's certificate expires (RFC 3339).
     pub not_after: String,
+}
+
+/// The server's sending side of one agent's QUIC connection. A window of
+/// a few packets without losses while data waits is a sender held at its
+/// floor (benches/RESULTS.md); losses and congestion events say the path
+/// itself is short of capacity.
+#[derive(Serialize)]
+pub struct QuicPath {
+    pub congestion_window_bytes: u64,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub congestion_events: u64,
+}
+
+impl From<quinn::PathStats> for QuicPath {
+    fn from(p: quinn::PathStats) -> Self {
+        QuicPath {
+            congestion_window_bytes: p.cwnd,
+            sent_packets: p.sent_packets,
+            lost_packets: p.lost_packets,
+            congestion_events: p.congestion_events,
+        }
+    }
 }
 
 /// How much of the agent listing a reader may see.
@@ -76,6 +101,7 @@ pub(crate) fn agents_json(shared: &Shared, listing: Listing) -> String {
             transport: a.link.transport(),
             streams_active: a.streams_active.load(Ordering::Relaxed),
             rtt_ms: a.link.rtt().map(|r| r.as_secs_f64() * 1000.0),
+            quic_path: a.link.path().map(QuicPath::from),
             draining: a.is_draining(),
             not_after: time::OffsetDateTime::from_unix_timestamp(a.not_after)
                 .ok()

@@ -47,6 +47,14 @@ impl AgentLink {
         }
     }
 
+    /// QUIC's view of the path now (not measured over HTTP/2).
+    pub fn path(&self) -> Option<quinn::PathStats> {
+        match self {
+            AgentLink::Quic(c) => Some(c.stats().path),
+            AgentLink::H2(_) => None,
+        }
+    }
+
     pub fn transport(&self) -> &'static str {
         match self {
             AgentLink::Quic(_) => "quic",
