@@ -91,25 +91,30 @@ pub(crate) fn agents_json(shared: &Shared, listing: Listing) -> String {
         .registry
         .snapshot()
         .iter()
-        .map(|a| AgentInfo {
-            node: a.node.clone(),
-            addresses: a.addresses.iter().map(ToString::to_string).collect(),
-            connected_since: time::OffsetDateTime::from(a.connected_since)
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
-            remote_address: (listing == Listing::Full).then(|| a.link.remote_address().to_string()),
-            transport: a.link.transport(),
-            streams_active: a.streams_active.load(Ordering::Relaxed),
-            rtt_ms: a.link.rtt().map(|r| r.as_secs_f64() * 1000.0),
-            quic_path: a.link.path().map(QuicPath::from),
-            draining: a.is_draining(),
-            not_after: time::OffsetDateTime::from_unix_timestamp(a.not_after)
-                .ok()
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .unwrap_or_default(),
+        .map(|a| {
+            // One look at the connection's statistics for both fields.
+            let path = a.link.path();
+            AgentInfo {
+                node: a.node.clone(),
+                addresses: a.addresses.iter().map(ToString::to_string).collect(),
+                connected_since: time::OffsetDateTime::from(a.connected_since)
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                remote_address: (listing == Listing::Full)
+                    .then(|| a.link.remote_address().to_string()),
+                transport: a.link.transport(),
+                streams_active: a.streams_active.load(Ordering::Relaxed),
+                rtt_ms: path.as_ref().map(|p| p.rtt.as_secs_f64() * 1000.0),
+                quic_path: path.map(QuicPath::from),
+                draining: a.is_draining(),
+                not_after: time::OffsetDateTime::from_unix_timestamp(a.not_after)
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_default(),
+            }
         })
         .collect();
     serde_json::to_string_pretty(&agents).expect("agent info serializes")

@@ -6,7 +6,6 @@
 //! [`AgentLink::open_control`]); only the HTTP/2 arm turns it into a path.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use transport::TunnelStream;
 
@@ -39,15 +38,8 @@ impl AgentLink {
         }
     }
 
-    /// Round-trip time (QUIC's estimate; not measured over HTTP/2).
-    pub fn rtt(&self) -> Option<Duration> {
-        match self {
-            AgentLink::Quic(c) => Some(c.rtt()),
-            AgentLink::H2(_) => None,
-        }
-    }
-
-    /// QUIC's view of the path now (not measured over HTTP/2).
+    /// QUIC's view of the path now, its RTT estimate included (not
+    /// measured over HTTP/2).
     pub fn path(&self) -> Option<quinn::PathStats> {
         match self {
             AgentLink::Quic(c) => Some(c.stats().path),
