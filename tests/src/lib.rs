@@ -319,12 +319,24 @@ pub fn tempdir() -> PathBuf {
         .keep()
 }
 
-/// A loopback port nothing listens on now.
+/// A loopback port nothing listens on now, and one this process has not
+/// handed out before: the kernel may offer a port again once its listener
+/// is closed, and a test that asks for three ports for one server must get
+/// three (two equal ones make the server fail to bind, and the test waits
+/// for a readiness that never comes).
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 /// A child process (a real binary under test), killed when dropped.

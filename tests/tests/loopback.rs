@@ -1,11 +1,14 @@
 //! End-to-end tests on loopback: the real server and agent code in-process,
 //! real sockets, real QUIC and TLS.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use e2e::targets::{self, echo_digest, hex, pattern};
-use e2e::{connect_via, eventually, http_get, init_logging, metric_in, Pki, TestAgent, TestServer};
+use e2e::{
+    connect_via, eventually, free_port, http_get, init_logging, metric_in, Pki, TestAgent,
+    TestServer,
+};
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -884,12 +887,6 @@ async fn an_address_is_not_taken_over_by_another_nodes_certificate(tr: Transport
         async move { empty }
     })
     .await;
-}
-
-/// A loopback port nothing listens on now.
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 async fn a_second_registration_replaces_the_first(tr: Transport) {
