@@ -293,6 +293,46 @@ async fn thousand_concurrent_connections_of_256_kib(tr: Transport) {
     t.agent.stop().await;
 }
 
+/// The agent grants the server `FIRST_STREAM_LIMIT` streams at first and
+/// raises the grant as they fill (quinn allocates state for every stream
+/// granted): three times that many held open at once must all get through,
+/// none waiting for a grant.
+async fn streams_past_the_first_grant_are_open_at_once(tr: Transport) {
+    let target = targets::echo_server().await;
+    let t = tunnel(&[target.port()], tr).await;
+    let proxy = t.server.connect_addr();
+    let target = target.to_string();
+    let count = 3 * transport::quic::FIRST_STREAM_LIMIT as usize;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let target = target.clone();
+        tasks.spawn(async move {
+            let mut tcp = connect_via(proxy, &target).await.unwrap();
+            let byte = [i as u8];
+            tcp.write_all(&byte).await.unwrap();
+            let mut back = [0u8];
+            tcp.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, byte);
+            tcp
+        });
+    }
+    let mut open = Vec::with_capacity(count);
+    while let Some(tcp) = tasks.join_next().await {
+        open.push(tcp.unwrap());
+    }
+    assert_eq!(
+        t.server.metric("edge_tunnel_streams_active").await,
+        count as f64,
+        "every tunnel is open at once"
+    );
+    assert_eq!(
+        t.server.metric("edge_tunnel_dial_failures_total").await,
+        0.0
+    );
+    drop(open);
+    t.agent.stop().await;
+}
+
 async fn stalled_readers_do_not_stall_other_streams(tr: Transport) {
     let firehose = targets::firehose_server().await;
     let echo = targets::echo_server().await;
@@ -1082,6 +1122,7 @@ over_both_transports!(
     client_reset_reaches_the_target_as_a_reset,
     one_gib_each_way_on_one_connection,
     thousand_concurrent_connections_of_256_kib,
+    streams_past_the_first_grant_are_open_at_once,
     stalled_readers_do_not_stall_other_streams,
     targets_outside_the_allow_list_get_403,
     connect_to_a_node_without_agent_fails_fast_with_503,

@@ -40,6 +40,9 @@ pub struct QuicSettings {
     /// for is capped at that window; see [`Self::ack_every`].
     pub ack_every: u32,
     /// Streams the server may have open to one agent at once. Default 8192.
+    /// The agent grants [`FIRST_STREAM_LIMIT`] at first and raises the
+    /// grant toward this as streams fill it ([`StreamLimit`]): quinn keeps
+    /// state for every stream it grants, ~110 bytes each before any opens.
     pub max_streams: u32,
     /// UDP socket send/receive buffer: kernel memory per endpoint.
     /// Default 4 MiB, so bursts of GSO batches are not dropped at the
@@ -123,6 +126,48 @@ impl Default for QuicSettings {
             incoming_buffer_total: 16 * 1024 * 1024,
             congestion: Congestion::default(),
         }
+    }
+}
+
+/// The concurrent streams an agent grants its server on a new connection.
+/// quinn allocates the state of every stream it grants when it grants it
+/// (two hash-map entries each): granting 8,192 at once held 0.9 MiB per
+/// connection before a single stream opened, an eighth of an idle agent.
+pub const FIRST_STREAM_LIMIT: u32 = 256;
+
+/// The stream limit an agent grants one connection: [`FIRST_STREAM_LIMIT`],
+/// raised fourfold whenever half of it is open, up to `max_streams`. It
+/// is never lowered (quinn keeps what it has allocated), so a connection
+/// that once had a burst keeps the room for the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimit {
+    granted: u32,
+    max: u32,
+}
+
+impl StreamLimit {
+    pub fn new(max: u32) -> Self {
+        StreamLimit {
+            granted: max.min(FIRST_STREAM_LIMIT),
+            max,
+        }
+    }
+
+    /// What is granted now.
+    pub fn granted(&self) -> u32 {
+        self.granted
+    }
+
+    /// With `open` streams open: the new grant, if it should grow. Raised
+    /// at half, the server learns of the new limit (one MAX_STREAMS frame)
+    /// while it still has the other half to open.
+    pub fn grow(&mut self, open: usize) -> Option<u32> {
+        let half = usize::try_from(self.granted / 2).unwrap_or(usize::MAX);
+        if self.granted >= self.max || open < half.max(1) {
+            return None;
+        }
+        self.granted = self.granted.saturating_mul(4).min(self.max);
+        Some(self.granted)
     }
 }
 
@@ -224,7 +269,11 @@ impl QuicSettings {
                 ));
             }
         }
-        let bidi = if accepts_streams { self.max_streams } else { 1 };
+        let bidi = if accepts_streams {
+            StreamLimit::new(self.max_streams).granted()
+        } else {
+            1
+        };
         t.max_concurrent_bidi_streams(VarInt::from_u32(bidi));
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
         Ok(t)
@@ -362,6 +411,47 @@ mod tests {
         for window in a.reset.windows(8) {
             assert_ne!(u64::from_le_bytes(window.try_into().unwrap()), a.cid);
         }
+    }
+
+    #[test]
+    fn the_stream_grant_starts_small_and_grows_fourfold_at_half_to_the_maximum() {
+        let mut limit = StreamLimit::new(8192);
+        assert_eq!(limit.granted(), FIRST_STREAM_LIMIT);
+        assert_eq!(limit.grow(0), None);
+        assert_eq!(limit.grow(127), None, "under half of 256");
+        assert_eq!(limit.grow(128), Some(1024));
+        assert_eq!(limit.grow(128), None, "granted, no shrinking");
+        assert_eq!(limit.grow(511), None);
+        assert_eq!(limit.grow(512), Some(4096));
+        assert_eq!(limit.grow(2048), Some(8192), "capped at the maximum");
+        assert_eq!(limit.grow(8192), None);
+        assert_eq!(limit.granted(), 8192);
+        // A maximum below the first grant (few descriptors) is granted at once.
+        let mut small = StreamLimit::new(100);
+        assert_eq!(small.granted(), 100);
+        assert_eq!(small.grow(100), None);
+        // Even a limit of one grows to its maximum once it is in use.
+        let mut one = StreamLimit::new(4);
+        assert_eq!(one.granted(), 4);
+        let mut tiny = StreamLimit { granted: 1, max: 3 };
+        assert_eq!(tiny.grow(0), None);
+        assert_eq!(tiny.grow(1), Some(3));
+        assert_eq!(one.grow(4), None);
+    }
+
+    #[test]
+    fn an_agent_endpoint_grants_the_first_limit_and_a_server_one_stream() {
+        let settings = QuicSettings::default();
+        let agent = format!("{:?}", settings.transport(true).unwrap());
+        let server = format!("{:?}", settings.transport(false).unwrap());
+        assert!(
+            agent.contains("max_concurrent_bidi_streams: 256"),
+            "{agent}"
+        );
+        assert!(
+            server.contains("max_concurrent_bidi_streams: 1,"),
+            "{server}"
+        );
     }
 
     /// The smallest window, in packets, quinn's controller falls to.

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use proto::codes::close;
 use tokio::net::TcpStream;
 use transport::h2::{H2Recv, H2Send};
+use transport::quic::StreamLimit;
 use transport::window::{H2Window, ReceiveWindow};
 use transport::{TunnelRecv, TunnelSend};
 
@@ -65,7 +66,7 @@ impl ServerConnection {
 pub(crate) enum Carrier {
     /// The connection and its own endpoint (a UDP socket of its own; see
     /// [`crate::replica::ServerConnector`]).
-    Quic(quinn::Connection, quinn::Endpoint),
+    Quic(quinn::Connection, quinn::Endpoint, StreamLimit),
     H2 {
         conn: Box<H2Conn>,
         /// Window changes asked for by the stall credit.
@@ -104,7 +105,7 @@ impl Carrier {
     /// Cancel-safe.
     pub(crate) async fn accept(&mut self) -> Result<Incoming, LostReason> {
         match self {
-            Carrier::Quic(conn, _) => match conn.accept_bi().await {
+            Carrier::Quic(conn, ..) => match conn.accept_bi().await {
                 Ok((send, recv)) => Ok(Incoming::Quic(send, recv)),
                 Err(e) => Err(LostReason::from_quic(&e)),
             },
@@ -145,10 +146,22 @@ impl Carrier {
         }
     }
 
+    /// Tells the transport how many streams are open now: over QUIC the
+    /// grant grows with them ([`StreamLimit`]). HTTP/2 grants its limit
+    /// at once (h2 allocates nothing for it).
+    pub(crate) fn streams_open(&mut self, open: usize) {
+        if let Carrier::Quic(conn, _, limit) = self {
+            if let Some(granted) = limit.grow(open) {
+                conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(granted));
+                tracing::info!(open, granted, "raised the server's stream limit");
+            }
+        }
+    }
+
     /// Why the connection ended, if the transport knows.
     pub(crate) fn lost_reason(&self) -> Option<LostReason> {
         match self {
-            Carrier::Quic(conn, _) => conn.close_reason().map(|e| LostReason::from_quic(&e)),
+            Carrier::Quic(conn, ..) => conn.close_reason().map(|e| LostReason::from_quic(&e)),
             Carrier::H2 { .. } => None,
         }
     }
@@ -159,7 +172,7 @@ impl Carrier {
     /// the server to see it.
     pub(crate) async fn close(self, code: u32, reason: &'static str) {
         match self {
-            Carrier::Quic(conn, endpoint) => {
+            Carrier::Quic(conn, endpoint, _) => {
                 conn.close(quinn::VarInt::from_u32(code), reason.as_bytes());
                 drop(conn);
                 let _ = tokio::time::timeout(QUIC_CLOSE_TIMEOUT, endpoint.wait_idle()).await;

@@ -87,7 +87,11 @@ impl Registration<'_> {
                     &self.config.quic,
                     &self.config.receive_budget,
                 ),
-                carrier: Carrier::Quic(conn, endpoint.clone()),
+                carrier: Carrier::Quic(
+                    conn,
+                    endpoint.clone(),
+                    transport::quic::StreamLimit::new(self.config.quic.max_streams),
+                ),
                 control_send: Box::new(send),
                 control_recv: Box::new(recv),
                 policy: self.policy(),

@@ -73,6 +73,7 @@ pub async fn serve(
                 Ok(s) => {
                     let id = s.id();
                     spawn(&mut streams, s, id, false);
+                    carrier.streams_open(streams.len());
                 }
                 Err(lost) => break Some(lost),
             },
