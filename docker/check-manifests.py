@@ -53,8 +53,9 @@ def flag(args, name, default):
 
 def server_memory_bound(args):
     """The tunnel-server's worst case from its flags (SECURITY.md, "Sizing
-    memory from the limits"): received data (QUIC pins up to 5x the
-    windows), relay buffers, handshakes in flight, and the rest."""
+    memory from the limits"): received data and what each tunnel holds
+    around it (measured at 4-5x the windows), relay buffers, handshakes in
+    flight, and the rest."""
     budget = size(flag(args, "receive-budget", "256Mi"))
     clients = int(flag(args, "max-client-connections", "8192"))
     handshakes = int(flag(args, "max-handshakes", "1024"))

@@ -24,10 +24,10 @@ pub struct QuicSettings {
     /// Per-connection receive window across all streams: the worst-case
     /// buffered memory per agent connection. Default 8 MiB (~1.3 Gbit/s
     /// at 50 ms RTT across all streams), so a few stalled readers cannot
-    /// stall the other streams. Received packets arrive in GRO batches
-    /// whose buffers stay allocated until every stream with data in them
-    /// has read it, so with many streams the memory this pins is a few
-    /// times the window (measurements in `benches/RESULTS.md`).
+    /// stall the other streams. What a busy connection holds received is
+    /// this window plus the credit lent to stalled streams; quinn's GRO
+    /// batches sharing one buffer add little to it (one buffer per
+    /// datagram, measured, lowered no peak: `benches/RESULTS.md`).
     pub connection_window: u32,
     /// Data written but not yet acknowledged, across all streams of one
     /// connection: the worst-case send-buffer memory per connection.
