@@ -430,13 +430,10 @@ mod tests {
         let mut small = StreamLimit::new(100);
         assert_eq!(small.granted(), 100);
         assert_eq!(small.grow(100), None);
-        // Even a limit of one grows to its maximum once it is in use.
-        let mut one = StreamLimit::new(4);
-        assert_eq!(one.granted(), 4);
+        // A grant of one grows at its first open stream, not at "half" (0).
         let mut tiny = StreamLimit { granted: 1, max: 3 };
         assert_eq!(tiny.grow(0), None);
         assert_eq!(tiny.grow(1), Some(3));
-        assert_eq!(one.grow(4), None);
     }
 
     #[test]
