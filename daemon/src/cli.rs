@@ -74,6 +74,39 @@ impl Relay {
     }
 }
 
+/// QUIC flow-control windows, both binaries. Each is what one connection
+/// may hold in memory at most (received and not yet relayed, or written
+/// and not yet acknowledged); the defaults carry ~1.3 Gbit/s per
+/// connection and ~80 Mbit/s per stream at 50 ms RTT.
+#[derive(Args, Debug, Clone)]
+pub struct QuicWindows {
+    /// What one tunneled connection may have received over QUIC and not
+    /// yet relayed (its stream's receive window), and what a stalled one
+    /// is lent (16Ki-16Mi; at most --quic-connection-window).
+    #[arg(long, env = "TUNNEL_QUIC_STREAM_WINDOW", default_value = "512Ki", value_parser = size_in(16 << 10, 16 << 20))]
+    pub quic_stream_window: u64,
+    /// What one QUIC connection may have received and not yet relayed,
+    /// all its streams together, before credit lent to stalled streams;
+    /// --receive-budget shares are at most this (64Ki-1Gi).
+    #[arg(long, env = "TUNNEL_QUIC_CONNECTION_WINDOW", default_value = "8Mi", value_parser = size_in(64 << 10, 1 << 30))]
+    pub quic_connection_window: u64,
+    /// What one QUIC connection may have written and not yet had
+    /// acknowledged, all its streams together: its send buffers
+    /// (64Ki-1Gi).
+    #[arg(long, env = "TUNNEL_QUIC_SEND_WINDOW", default_value = "8Mi", value_parser = size_in(64 << 10, 1 << 30))]
+    pub quic_send_window: u64,
+}
+
+impl QuicWindows {
+    /// Sets the windows in `quic` (the ranges above fit in a `u32`).
+    pub fn apply(&self, quic: &mut transport::quic::QuicSettings) {
+        let fit = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        quic.stream_window = fit(self.quic_stream_window);
+        quic.connection_window = fit(self.quic_connection_window);
+        quic.send_window = fit(self.quic_send_window);
+    }
+}
+
 /// Installs the tracing subscriber: RUST_LOG filter, text or JSON lines on stderr.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -209,6 +242,58 @@ mod tests {
     use super::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[derive(clap::Parser, Debug)]
+    struct Windows {
+        #[command(flatten)]
+        windows: QuicWindows,
+    }
+
+    fn windows(args: &[&str]) -> Result<transport::quic::QuicSettings, String> {
+        use clap::Parser;
+        let parsed = Windows::try_parse_from(std::iter::once("test").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        let mut quic = transport::quic::QuicSettings::default();
+        parsed.windows.apply(&mut quic);
+        Ok(quic)
+    }
+
+    #[test]
+    fn the_window_flags_default_to_the_settings_defaults() {
+        let defaults = transport::quic::QuicSettings::default();
+        let quic = windows(&[]).unwrap();
+        assert_eq!(
+            (quic.stream_window, quic.connection_window, quic.send_window),
+            (
+                defaults.stream_window,
+                defaults.connection_window,
+                defaults.send_window
+            )
+        );
+        let quic = windows(&[
+            "--quic-stream-window",
+            "1Mi",
+            "--quic-connection-window",
+            "4Mi",
+            "--quic-send-window",
+            "2Mi",
+        ])
+        .unwrap();
+        assert_eq!(
+            (quic.stream_window, quic.connection_window, quic.send_window),
+            (1 << 20, 4 << 20, 2 << 20)
+        );
+    }
+
+    #[test]
+    fn a_window_out_of_range_names_the_flag_and_the_bound() {
+        let e = windows(&["--quic-send-window", "2Gi"]).unwrap_err();
+        assert!(e.contains("--quic-send-window"), "{e}");
+        assert!(e.contains("above the maximum"), "{e}");
+        let e = windows(&["--quic-stream-window", "1Ki"]).unwrap_err();
+        assert!(e.contains("--quic-stream-window"), "{e}");
+        assert!(e.contains("below the minimum"), "{e}");
+    }
 
     #[test]
     fn plain_integers_are_seconds() {

@@ -185,6 +185,11 @@ pub enum QuicSettingsError {
     IdleNotAboveKeepalive { keepalive: Duration, idle: Duration },
     #[error("the idle timeout {0:?} is longer than QUIC can express")]
     IdleTooLong(Duration),
+    #[error(
+        "the stream window ({stream} bytes) is larger than the connection window \
+         ({connection} bytes): one stalled stream could hold all of its connection's credit"
+    )]
+    StreamWindowAboveConnection { stream: u32, connection: u32 },
 }
 
 impl QuicSettings {
@@ -204,6 +209,12 @@ impl QuicSettings {
         }
         IdleTimeout::try_from(self.idle_timeout)
             .map_err(|_| QuicSettingsError::IdleTooLong(self.idle_timeout))?;
+        if self.stream_window > self.connection_window {
+            return Err(QuicSettingsError::StreamWindowAboveConnection {
+                stream: self.stream_window,
+                connection: self.connection_window,
+            });
+        }
         Ok(())
     }
 }
@@ -434,6 +445,26 @@ mod tests {
         let mut tiny = StreamLimit { granted: 1, max: 3 };
         assert_eq!(tiny.grow(0), None);
         assert_eq!(tiny.grow(1), Some(3));
+    }
+
+    #[test]
+    fn a_stream_window_above_the_connection_window_is_refused() {
+        let mut settings = QuicSettings {
+            stream_window: 4 << 20,
+            connection_window: 2 << 20,
+            ..QuicSettings::default()
+        };
+        let e = settings.validate().unwrap_err();
+        assert_eq!(
+            e,
+            QuicSettingsError::StreamWindowAboveConnection {
+                stream: 4 << 20,
+                connection: 2 << 20
+            }
+        );
+        assert!(e.to_string().contains("stream window"), "{e}");
+        settings.connection_window = 4 << 20;
+        assert_eq!(settings.validate(), Ok(()));
     }
 
     #[test]

@@ -91,6 +91,8 @@ struct Args {
     receive_budget: u64,
     #[command(flatten)]
     relay: daemon::cli::Relay,
+    #[command(flatten)]
+    windows: daemon::cli::QuicWindows,
     /// Enroll with this bootstrap token (`tunnel-certs token create`) when
     /// --cert-dir holds no usable certificate for --node-name: the key is
     /// made here and never leaves the node. Prefer --bootstrap-token-file
@@ -177,6 +179,7 @@ fn main() -> Result<()> {
     config.drain_grace = args.drain_grace;
     config.quic.keepalive = args.keepalive;
     config.quic.congestion = args.congestion;
+    args.windows.apply(&mut config.quic);
     config.quic.idle_timeout = args.idle_timeout;
     config.relay_buffers = std::sync::Arc::new(args.relay.buffers());
     config.receive_budget =

@@ -275,6 +275,8 @@ struct Args {
     #[command(flatten)]
     relay: daemon::cli::Relay,
     #[command(flatten)]
+    windows: daemon::cli::QuicWindows,
+    #[command(flatten)]
     common: daemon::cli::Common,
 }
 
@@ -644,6 +646,7 @@ fn serve(args: Args) -> Result<()> {
     settings.dial_timeout = args.dial_timeout;
     settings.quic.keepalive = args.keepalive;
     settings.quic.congestion = args.congestion;
+    args.windows.apply(&mut settings.quic);
     settings.quic.idle_timeout = args.idle_timeout;
     settings.client_stall_timeout = Some(args.client_stall_timeout).filter(|d| !d.is_zero());
     settings.stall_shed_timeout = Some(args.stall_shed_timeout).filter(|d| !d.is_zero());
