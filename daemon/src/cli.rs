@@ -76,7 +76,7 @@ impl Relay {
 
 /// QUIC flow-control windows, both binaries. Each is what one connection
 /// may hold in memory at most (received and not yet relayed, or written
-/// and not yet acknowledged); the defaults carry ~1.3 Gbit/s per
+/// and not yet acknowledged); the defaults carry ~670 Mbit/s per
 /// connection and ~80 Mbit/s per stream at 50 ms RTT.
 #[derive(Args, Debug, Clone)]
 pub struct QuicWindows {
@@ -88,12 +88,12 @@ pub struct QuicWindows {
     /// What one QUIC connection may have received and not yet relayed,
     /// all its streams together, before credit lent to stalled streams;
     /// --receive-budget shares are at most this (64Ki-1Gi).
-    #[arg(long, env = "TUNNEL_QUIC_CONNECTION_WINDOW", default_value = "8Mi", value_parser = size_in(64 << 10, 1 << 30))]
+    #[arg(long, env = "TUNNEL_QUIC_CONNECTION_WINDOW", default_value = "4Mi", value_parser = size_in(64 << 10, 1 << 30))]
     pub quic_connection_window: u64,
     /// What one QUIC connection may have written and not yet had
     /// acknowledged, all its streams together: its send buffers
     /// (64Ki-1Gi).
-    #[arg(long, env = "TUNNEL_QUIC_SEND_WINDOW", default_value = "8Mi", value_parser = size_in(64 << 10, 1 << 30))]
+    #[arg(long, env = "TUNNEL_QUIC_SEND_WINDOW", default_value = "4Mi", value_parser = size_in(64 << 10, 1 << 30))]
     pub quic_send_window: u64,
 }
 

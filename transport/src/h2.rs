@@ -18,9 +18,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::stream::{Delivered, TunnelRecv, TunnelSend};
 
 /// Flow-control settings and memory bounds for both HTTP/2 ends. The
-/// windows are larger than QUIC's (512 KiB / 8 MiB) because one TCP
+/// windows are larger than QUIC's (512 KiB / 4 MiB) because one TCP
 /// connection has to carry what QUIC spreads over its streams' own loss
-/// recovery; the ratio is 1:32 (QUIC's is 1:16): 32 stalled readers use up
+/// recovery; the ratio is 1:32 (QUIC's is 1:8): 32 stalled readers use up
 /// the connection window, after which the stall credit lends more (see
 /// `stall`).
 ///

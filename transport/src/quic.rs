@@ -17,21 +17,23 @@ pub struct QuicSettings {
     pub idle_timeout: Duration,
     /// Per-stream receive window: the most one stalled reader can hold
     /// buffered (memory per stream, worst case). Default 512 KiB, enough
-    /// for ~80 Mbit/s at 50 ms RTT on one stream, and a sixteenth of the
-    /// connection window: it takes 16 stalled readers to use up the credit
-    /// new streams need for their `Dial`.
+    /// for ~80 Mbit/s at 50 ms RTT on one stream, and an eighth of the
+    /// connection window: it takes 8 stalled readers to use up the credit
+    /// new streams need for their `Dial` before the stall credit
+    /// (`crate::window`) widens the connection's window for each.
     pub stream_window: u32,
     /// Per-connection receive window across all streams: the worst-case
-    /// buffered memory per agent connection. Default 8 MiB (~1.3 Gbit/s
-    /// at 50 ms RTT across all streams), so a few stalled readers cannot
-    /// stall the other streams. What a busy connection holds received is
+    /// buffered memory per agent connection. Default 4 MiB (~670 Mbit/s
+    /// at 50 ms RTT across all streams): 8 MiB held the agent's peak in
+    /// the 1,000-connection echo at 52-57 MiB, 4 MiB at 45-47 MiB, with
+    /// the same echo time (`benches/RESULTS.md`). What a busy connection holds received is
     /// this window plus the credit lent to stalled streams; quinn's GRO
     /// batches sharing one buffer add little to it (one buffer per
     /// datagram, measured, lowered no peak: `benches/RESULTS.md`).
     pub connection_window: u32,
     /// Data written but not yet acknowledged, across all streams of one
     /// connection: the worst-case send-buffer memory per connection.
-    /// Default 8 MiB (~1.3 Gbit/s at 50 ms RTT).
+    /// Default 4 MiB (~670 Mbit/s at 50 ms RTT).
     pub send_window: u32,
     /// Packets the peer may receive before it must acknowledge. Default
     /// 2, QUIC's own: asking for fewer ACKs (QUIC's ACK-frequency
@@ -116,8 +118,8 @@ impl Default for QuicSettings {
             keepalive: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             stream_window: 512 * 1024,
-            connection_window: 8 * 1024 * 1024,
-            send_window: 8 * 1024 * 1024,
+            connection_window: 4 * 1024 * 1024,
+            send_window: 4 * 1024 * 1024,
             ack_every: 2,
             max_streams: 8192,
             udp_buffer: 4 * 1024 * 1024,

@@ -64,7 +64,7 @@ pub struct BudgetLimits {
 }
 
 impl BudgetLimits {
-    /// Server default: 256 MiB (32 agents at the full 8 MiB QUIC window,
+    /// Server default: 256 MiB (64 agents at the full 4 MiB QUIC window,
     /// and what the lent credit may take), 32 MiB per client (64 stalled
     /// QUIC streams).
     pub const SERVER: BudgetLimits = BudgetLimits {

@@ -18,7 +18,7 @@ const SLOW_PORT: u16 = 9100;
 /// Each slow connection sends this much right away, as a client that
 /// speaks first does (a TLS handshake, a request body).
 const EAGER: usize = 256 * 1024;
-/// Enough to fill the agent connection's 8 MiB window many times over
+/// Enough to fill the agent connection's 4 MiB window many times over
 /// were all of it sent ahead of the dial answers.
 const SLOW_CONNECTIONS: usize = 48;
 
