@@ -26,10 +26,11 @@ pub struct QuicSettings {
     /// buffered memory per agent connection. Default 4 MiB (~670 Mbit/s
     /// at 50 ms RTT across all streams): 8 MiB held the agent's peak in
     /// the 1,000-connection echo at 52-57 MiB, 4 MiB at 45-47 MiB, with
-    /// the same echo time (`benches/RESULTS.md`). What a busy connection holds received is
-    /// this window plus the credit lent to stalled streams; quinn's GRO
-    /// batches sharing one buffer add little to it (one buffer per
-    /// datagram, measured, lowered no peak: `benches/RESULTS.md`).
+    /// the same echo time (`benches/RESULTS.md`). What a busy connection
+    /// holds received is this window plus the credit lent to stalled
+    /// streams; quinn's GRO batches sharing one buffer add little to it
+    /// (one buffer per datagram, measured, lowered no peak:
+    /// `benches/RESULTS.md`).
     pub connection_window: u32,
     /// Data written but not yet acknowledged, across all streams of one
     /// connection: the worst-case send-buffer memory per connection.
