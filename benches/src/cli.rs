@@ -23,6 +23,13 @@ pub struct Cli {
     /// Also write the Markdown table here.
     #[arg(long, value_name = "PATH")]
     pub results: Option<String>,
+    /// Connections per connection-rate run (default 2,000; quick 256). At
+    /// most 10,000: each run leaves its client ports in TIME_WAIT for 60 s,
+    /// and once most of the range is taken connect() spends milliseconds
+    /// searching it (20,000 per run took the direct path from 34,000 to
+    /// 400 conn/s).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(64..=10_000))]
+    pub conns: Option<u64>,
     /// Connections in the concurrent-echo workload (default 1,000; quick 200).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub fanout_conns: Option<u64>,
@@ -52,6 +59,9 @@ impl Cli {
     /// The quick or full plan, with the counts the flags override.
     pub fn plan(&self) -> Plan {
         let mut plan = if self.quick { QUICK } else { FULL };
+        if let Some(n) = self.conns {
+            plan.conns = n as usize;
+        }
         if let Some(n) = self.fanout_conns {
             plan.fanout_conns = n as usize;
         }
@@ -87,6 +97,7 @@ impl Cli {
             command.push_str(&format!(" --only {}", only.join(",")));
         }
         for (flag, n) in [
+            ("--conns", self.conns),
             ("--fanout-conns", self.fanout_conns),
             ("--fleet-agents", self.fleet_agents),
             ("--soak-short", self.soak_short),
@@ -256,6 +267,10 @@ mod tests {
     fn counts_override_the_plan_within_bounds() {
         let cli = parse(&["--quick", "--fanout-conns", "50", "--fleet-agents", "7"]).unwrap();
         assert_eq!((cli.plan().fanout_conns, cli.plan().fleet_agents), (50, 7));
+        let cli = parse(&["--conns", "640"]).unwrap();
+        assert_eq!(cli.plan().conns, 640);
+        assert!(cli.command().ends_with("-- --conns 640"));
+        assert!(parse(&["--conns", "63"]).is_err());
         let cli = parse(&[
             "--soak-short",
             "500",

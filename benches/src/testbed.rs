@@ -69,6 +69,16 @@ impl Testbed {
         // With `cloud`'s loopback at 1500, every client leg is what a client
         // on another host sees.
         topo.cloud.sh(&["ip", "link", "set", "lo", "mtu", "1500"]);
+        // Tens of thousands of connections a minute from one client address
+        // to one address and port (the connection rate with `--conns`, the
+        // soak) leave more sockets in TIME_WAIT (60 s) than the default
+        // ephemeral range (32768-60999) has ports, on the client in `cloud`
+        // and on the dialing side in `edge`: connect() then fails at once
+        // with EADDRNOTAVAIL, which says nothing about any tunnel. Any host
+        // making this many connections needs a wider range.
+        for ns in [&topo.cloud, &topo.edge] {
+            ns.sh(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65535"]);
+        }
         netns::allow_direct(&topo, &format!("{}:{}", DIRECT.echo, DIRECT.source));
         netns::allow_direct(&topo, &format!("{}:{}", FLOOR_HOP.echo, FLOOR_HOP.source));
         let pki = Pki::with_server_ips(&[CLOUD_IP.parse()?]);
