@@ -110,6 +110,11 @@ pub fn encode(msg: &Message, dst: &mut Vec<u8>) -> Result<(), EncodeError> {
             w.ip(d.target.ip());
             w.u16(d.target.port());
             w.u32(d.deadline_ms);
+            w.u8(if d.optimistic {
+                dial_flags::OPTIMISTIC
+            } else {
+                0
+            });
             T_DIAL
         }
         Message::DialResult(r) => {
@@ -229,9 +234,14 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
         T_DIAL => {
             let ip = r.ip("target")?;
             let port = r.u16("port")?;
+            let deadline_ms = r.u32("deadline")?;
+            // Added in minor version 3: an older server's Dial ends here.
+            // Unknown bits are ignored (room for later additions).
+            let flags = if r.buf.is_empty() { 0 } else { r.u8("flags")? };
             Message::Dial(DialRequest {
                 target: SocketAddr::new(ip, port),
-                deadline_ms: r.u32("deadline")?,
+                deadline_ms,
+                optimistic: flags & dial_flags::OPTIMISTIC != 0,
             })
         }
         T_DIAL_RESULT => Message::DialResult(DialResult {
@@ -472,12 +482,15 @@ mod tests {
                 code: RefuseCode::from_wire(c),
                 reason
             })),
-            (arb_ip(), any::<u16>(), any::<u32>()).prop_map(|(ip, port, deadline_ms)| {
-                Message::Dial(DialRequest {
-                    target: SocketAddr::new(ip, port),
-                    deadline_ms,
-                })
-            }),
+            (arb_ip(), any::<u16>(), any::<u32>(), any::<bool>()).prop_map(
+                |(ip, port, deadline_ms, optimistic)| {
+                    Message::Dial(DialRequest {
+                        target: SocketAddr::new(ip, port),
+                        deadline_ms,
+                        optimistic,
+                    })
+                }
+            ),
             (any::<u8>(), "\\PC{0,200}").prop_map(|(c, message)| {
                 Message::DialResult(DialResult {
                     code: DialCode::from_wire(c),
@@ -662,6 +675,40 @@ mod tests {
         short.pop();
         short[1..3].copy_from_slice(&((buf.len() - FRAME_HEADER_LEN - 1) as u16).to_be_bytes());
         assert!(decode(&short).is_err());
+    }
+
+    #[test]
+    fn a_dial_without_flags_is_awaited_and_unknown_flag_bits_are_ignored() {
+        // Minor version 2 and older: the deadline is the last field.
+        let body = [4u8, 198, 18, 1, 2, 0x27, 0x10, 0, 0, 0x13, 0x88];
+        let mut frame = vec![T_DIAL];
+        frame.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        frame.extend_from_slice(&body);
+        let expected = DialRequest {
+            target: "198.18.1.2:10000".parse().unwrap(),
+            deadline_ms: 5000,
+            optimistic: false,
+        };
+        assert_eq!(
+            decode(&frame).unwrap().unwrap().0,
+            Message::Dial(expected.clone())
+        );
+        // Minor version 3 adds the flags; bits it does not know are ignored.
+        let mut flagged = frame.clone();
+        flagged.push(0xff);
+        flagged[1..3].copy_from_slice(&((body.len() + 1) as u16).to_be_bytes());
+        assert_eq!(
+            decode(&flagged).unwrap().unwrap().0,
+            Message::Dial(DialRequest {
+                optimistic: true,
+                ..expected.clone()
+            })
+        );
+        flagged[FRAME_HEADER_LEN + body.len()] = 0xfe;
+        assert_eq!(
+            decode(&flagged).unwrap().unwrap().0,
+            Message::Dial(expected)
+        );
     }
 
     #[test]

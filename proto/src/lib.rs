@@ -22,8 +22,8 @@ pub use codec::{
     decode, encode, truncate_reason, DecodeError, EncodeError, FRAME_HEADER_LEN, MAX_FRAME_BODY,
 };
 pub use message::{
-    DialCode, DialRequest, DialResult, Enroll, GoAway, Hello, Issued, Message, Refusal, RefuseCode,
-    Renew, Welcome,
+    dial_flags, DialCode, DialRequest, DialResult, Enroll, GoAway, Hello, Issued, Message, Refusal,
+    RefuseCode, Renew, Welcome,
 };
 
 /// ALPN protocol id: names the protocol and its major version. A peer that
@@ -39,7 +39,7 @@ pub const ALPN_H2: &[u8] = b"edge-tunnel-h2/1";
 /// major version is refused ([`RefuseCode::UnsupportedVersion`]).
 pub const VERSION_MAJOR: u8 = 1;
 /// Minor protocol version: additions that older peers may ignore.
-pub const VERSION_MINOR: u8 = 2;
+pub const VERSION_MINOR: u8 = 3;
 
 /// Longest node name accepted (a DNS-1123 subdomain, as Kubernetes node names are).
 pub const MAX_NODE_NAME: usize = 253;

@@ -238,6 +238,17 @@ pub struct DialRequest {
     pub target: SocketAddr,
     /// How long the agent may spend connecting, in milliseconds.
     pub deadline_ms: u32,
+    /// The server relays the client's bytes without waiting for the
+    /// `DialResult` (a transparent connection): the agent may send an `ok`
+    /// together with the target's first bytes. Added in minor version 3;
+    /// an older server's `Dial` has no flags, and means `false`.
+    pub optimistic: bool,
+}
+
+/// Bits of the `Dial` flags byte.
+pub mod dial_flags {
+    /// [`super::DialRequest::optimistic`].
+    pub const OPTIMISTIC: u8 = 1;
 }
 
 /// Outcome of a dial, as reported by the agent.

@@ -491,6 +491,38 @@ async fn dial_failures_answer_502(tr: Transport) {
     t.agent.stop().await;
 }
 
+/// The agent may hold the answer to a transparent dial until the target
+/// speaks; a CONNECT client waits for that answer before it says anything,
+/// so its answer must never be held, whatever the hold.
+async fn a_connect_answer_is_not_held_for_a_silent_target(tr: Transport) {
+    init_logging();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let server = TestServer::start(&pki).await;
+    let mut config = agent_config(&pki, NODE, &server, &allow(&[port]), tr);
+    config.result_hold = Duration::from_secs(3600);
+    let agent = TestAgent::start(config);
+    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    let target = format!("127.0.0.1:{port}");
+    let (tunneled, accepted) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(connect_via(server.connect_addr(), &target), silent.accept())
+    })
+    .await
+    .expect("the CONNECT is answered while the target says nothing");
+    let (mut tunneled, mut target) = (tunneled.unwrap(), accepted.unwrap().0);
+    // And the connection works both ways afterwards.
+    tunneled.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    target.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    target.write_all(b"pong").await.unwrap();
+    tunneled.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"pong");
+    agent.stop().await;
+}
+
 async fn agent_certificate_from_another_ca_is_refused(tr: Transport) {
     let t = tunnel(&[10250], tr).await;
     // A certificate from a foreign CA, next to the server's real ca.crt.
@@ -1127,6 +1159,7 @@ over_both_transports!(
     targets_outside_the_allow_list_get_403,
     connect_to_a_node_without_agent_fails_fast_with_503,
     dial_failures_answer_502,
+    a_connect_answer_is_not_held_for_a_silent_target,
     agent_certificate_from_another_ca_is_refused,
     node_name_must_match_the_certificate,
     agent_is_back_within_5s_of_a_server_restart,

@@ -78,6 +78,7 @@ mod tests {
             &Message::Dial(DialRequest {
                 target: "127.0.0.1:10250".parse().unwrap(),
                 deadline_ms: 5000,
+                optimistic: false,
             }),
             &mut wire,
         )

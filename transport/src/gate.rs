@@ -300,24 +300,10 @@ impl<R: TunnelRecv> TunnelRecv for ResultGate<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{Recv, Sink};
     use proto::DialResult;
     use std::sync::{Arc, Mutex};
     use tokio::io::AsyncReadExt;
-
-    /// Any reader as a receive half.
-    struct Recv<T>(T);
-    impl<T: AsyncRead + Unpin> AsyncRead for Recv<T> {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.0).poll_read(cx, buf)
-        }
-    }
-    impl<T: AsyncRead + Unpin + Send> TunnelRecv for Recv<T> {
-        fn stop(&mut self, _: u32) {}
-    }
 
     fn bytes(v: Vec<u8>) -> Recv<std::io::Cursor<Vec<u8>>> {
         Recv(std::io::Cursor::new(v))
@@ -350,30 +336,6 @@ mod tests {
         gate.read_to_end(&mut out).await.unwrap();
         assert_eq!(out, b"payload");
         assert!(matches!(*seen.lock().unwrap(), Some(Ok(_))));
-    }
-
-    /// Any writer as a send half.
-    struct Sink<T>(T);
-    impl<T: AsyncWrite + Unpin> AsyncWrite for Sink<T> {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.0).poll_write(cx, buf)
-        }
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.0).poll_flush(cx)
-        }
-        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.0).poll_shutdown(cx)
-        }
-    }
-    impl<T: AsyncWrite + Unpin + Send> TunnelSend for Sink<T> {
-        fn reset(&mut self, _: u32) {}
-        fn delivered(&self) -> Delivered {
-            Box::pin(async {})
-        }
     }
 
     /// Before the answer the client's first 16 KiB go out and the rest

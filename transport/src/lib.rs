@@ -23,8 +23,12 @@ pub mod net;
 pub mod quic;
 pub mod relay;
 pub mod stream;
+#[cfg(test)]
+mod testing;
 pub mod window;
 
 pub use framed::{read_message, write_message, FrameError};
-pub use relay::{relay, BufferBudget, ClientSocket, Direction, RelayLimits, RelayOutcome};
+pub use relay::{
+    relay, BufferBudget, ClientSocket, Direction, Opening, OpeningSent, RelayLimits, RelayOutcome,
+};
 pub use stream::{TunnelRecv, TunnelSend, TunnelStream};

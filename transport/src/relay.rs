@@ -184,6 +184,22 @@ pub struct RelayLimits<'a> {
     /// (`None`: a quiet connection may stay open for good; `kubectl logs
     /// -f` and `exec` sessions are often quiet for hours).
     pub idle_after: Option<Duration>,
+    /// Bytes to send into the tunnel before the first TCP bytes, held
+    /// until those come (`None`: nothing to send first).
+    pub opening: Option<Opening<'a>>,
+}
+
+/// A frame the relay sends into the tunnel ahead of the TCP side's first
+/// bytes, in the same write, so that both go in one packet: the agent's
+/// `DialResult` for a dial the server does not wait on. It waits for those
+/// bytes at most `hold` (the other direction flows meanwhile), then goes
+/// alone; an EOF from the TCP side sends it before the FIN. A reset of the
+/// TCP side before any byte resets the stream without it. Frames longer
+/// than half of [`MIN_BUF`] go alone at once.
+#[derive(Clone, Copy, Debug)]
+pub struct Opening<'a> {
+    pub frame: &'a [u8],
+    pub hold: Duration,
 }
 
 /// The error a write gives when its reader took longer than
@@ -220,6 +236,37 @@ pub struct RelayStats {
     pub outcome: RelayOutcome,
     pub tcp_to_tunnel: u64,
     pub tunnel_to_tcp: u64,
+    /// How the [`Opening`] went, if there was one and it was sent.
+    pub opening: Option<OpeningSent>,
+}
+
+/// How an [`Opening`] frame was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpeningSent {
+    /// With the TCP side's first bytes, in one write.
+    WithData,
+    /// Alone, once its hold was over (or it was too long to share).
+    Alone,
+    /// Alone, before the FIN of a TCP side that sent nothing.
+    BeforeEof,
+}
+
+impl OpeningSent {
+    /// Stable label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            OpeningSent::WithData => "with_data",
+            OpeningSent::Alone => "alone",
+            OpeningSent::BeforeEof => "before_eof",
+        }
+    }
+}
+
+/// What one direction of a relay moved.
+#[derive(Default)]
+struct Tally {
+    bytes: u64,
+    opening: Option<OpeningSent>,
 }
 
 enum Failure {
@@ -360,8 +407,8 @@ where
 {
     tcp.prepare();
     let mut tcp = tcp;
-    let mut up = 0u64;
-    let mut down = 0u64;
+    let mut up = Tally::default();
+    let mut down = Tally::default();
     let activity = Activity::new();
     let watched = limits.idle_after.map(|_| &activity);
     let result = {
@@ -387,7 +434,10 @@ where
             &mut down,
             &on_bytes,
             watched,
-            limits,
+            RelayLimits {
+                opening: None,
+                ..limits
+            },
         );
         let idle = activity.idle(limits.idle_after);
         tokio::pin!(upstream, downstream, idle);
@@ -457,8 +507,9 @@ where
     };
     RelayStats {
         outcome,
-        tcp_to_tunnel: up,
-        tunnel_to_tcp: down,
+        tcp_to_tunnel: up.bytes,
+        tunnel_to_tcp: down.bytes,
+        opening: up.opening,
     }
 }
 
@@ -477,7 +528,7 @@ async fn copy<Rd, Wr, F>(
     r: &mut Rd,
     w: &mut Wr,
     dir: Direction,
-    total: &mut u64,
+    tally: &mut Tally,
     on_bytes: &F,
     activity: Option<&Activity>,
     limits: RelayLimits<'_>,
@@ -492,6 +543,44 @@ where
     let mut buf = RelayBuf::new(limits.buffers);
     // Credit lent once this direction stalled; kept until the relay ends.
     let mut stalled = None;
+    if let Some(opening) = limits.opening {
+        // The frame goes first in the buffer and the first bytes are read
+        // behind it, so one write (one STREAM frame, one packet) carries
+        // both. A read cut short by the hold loses nothing (TCP reads are
+        // cancel-safe); the frame then goes alone.
+        let at = opening.frame.len();
+        let (mut n, mut eof) = (0, false);
+        if at <= MIN_BUF / 2 {
+            buf.data[..at].copy_from_slice(opening.frame);
+            match tokio::time::timeout(opening.hold, r.read(&mut buf.data[at..])).await {
+                Ok(Ok(read)) => (n, eof) = (read, read == 0),
+                Ok(Err(e)) => return Err(read_fail(e)),
+                Err(_) => {}
+            }
+            w.write_all(&buf.data[..at + n])
+        } else {
+            w.write_all(opening.frame)
+        }
+        .await
+        .map_err(write_fail)?;
+        tally.opening = Some(if eof {
+            OpeningSent::BeforeEof
+        } else if n > 0 {
+            OpeningSent::WithData
+        } else {
+            OpeningSent::Alone
+        });
+        if let Some(a) = activity {
+            a.touch();
+        }
+        if eof {
+            return w.shutdown().await.map_err(write_fail);
+        }
+        if n > 0 {
+            tally.bytes += n as u64;
+            on_bytes(dir, n);
+        }
+    }
     loop {
         let n = r.read(&mut buf.data).await.map_err(read_fail)?;
         if let Some(a) = activity {
@@ -512,7 +601,7 @@ where
         if let Some(a) = activity {
             a.touch();
         }
-        *total += n as u64;
+        tally.bytes += n as u64;
         on_bytes(dir, n);
         if n == buf.data.len() {
             buf.grow();
@@ -588,6 +677,110 @@ fn is_reset(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{Recorder, Recv};
+    use tokio::net::TcpListener;
+
+    /// The relay's socket and the target at its other end.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dial = TcpStream::connect(listener.local_addr().unwrap());
+        let (dialed, accepted) = tokio::join!(dial, listener.accept());
+        (dialed.unwrap(), accepted.unwrap().0)
+    }
+
+    /// Runs a relay whose send half records its writes, with `opening`;
+    /// returns the recorder, the writer of what the tunnel delivers, the
+    /// target and the relay.
+    async fn opening_relay(
+        hold: Duration,
+    ) -> (
+        Recorder,
+        tokio::io::DuplexStream,
+        TcpStream,
+        tokio::task::JoinHandle<RelayStats>,
+    ) {
+        let (socket, target) = tcp_pair().await;
+        let (from_server, recv) = tokio::io::duplex(1024);
+        let recorder = Recorder::default();
+        let send = recorder.clone();
+        let relay = tokio::spawn(async move {
+            let budget = BufferBudget::default();
+            let limits = RelayLimits {
+                stall: None,
+                client: None,
+                buffers: &budget,
+                reader_gone_after: None,
+                unlent_gone_after: None,
+                idle_after: None,
+                opening: Some(Opening { frame: FRAME, hold }),
+            };
+            relay(socket, send, Recv(recv), |_, _| {}, limits).await
+        });
+        (recorder, from_server, target, relay)
+    }
+
+    const FRAME: &[u8] = b"FRAME";
+    /// Bounds a test that would otherwise hang; never a timing assertion.
+    const HANG: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn the_opening_travels_in_one_write_with_the_first_bytes() {
+        // The hold is far longer than the test: only the target's bytes
+        // can release the frame, and they come only after the other
+        // direction delivered the client's request during the hold.
+        let (recorder, mut from_server, mut target, relay) =
+            opening_relay(Duration::from_secs(3600)).await;
+        tokio::time::timeout(HANG, async {
+            from_server.write_all(b"ping").await.unwrap();
+            drop(from_server);
+            let mut request = Vec::new();
+            target.read_to_end(&mut request).await.unwrap();
+            assert_eq!(request, b"ping");
+            target.write_all(b"pong").await.unwrap();
+            drop(target);
+            let stats = relay.await.unwrap();
+            assert_eq!(stats.outcome, RelayOutcome::Closed);
+            assert_eq!((stats.tcp_to_tunnel, stats.tunnel_to_tcp), (4, 4));
+            assert_eq!(stats.opening, Some(OpeningSent::WithData));
+        })
+        .await
+        .expect("the relay ends");
+        let seen = recorder.seen.lock().unwrap();
+        assert_eq!(seen.writes, [b"FRAMEpong".to_vec()]);
+        assert!(seen.finished);
+    }
+
+    #[tokio::test]
+    async fn the_opening_goes_alone_when_the_target_is_silent_past_the_hold() {
+        let (recorder, from_server, mut target, relay) =
+            opening_relay(Duration::from_millis(20)).await;
+        tokio::time::timeout(HANG, async {
+            recorder.until(|r| !r.writes.is_empty()).await;
+            target.write_all(b"late").await.unwrap();
+            drop(target);
+            drop(from_server);
+            assert_eq!(relay.await.unwrap().opening, Some(OpeningSent::Alone));
+        })
+        .await
+        .expect("the relay ends");
+        let seen = recorder.seen.lock().unwrap();
+        assert_eq!(seen.writes, [FRAME.to_vec(), b"late".to_vec()]);
+        assert!(seen.finished);
+    }
+
+    #[tokio::test]
+    async fn the_opening_goes_before_the_fin_of_a_target_that_says_nothing() {
+        let (recorder, from_server, target, relay) = opening_relay(Duration::from_secs(3600)).await;
+        tokio::time::timeout(HANG, async {
+            drop(target);
+            recorder.until(|r| r.finished).await;
+            drop(from_server);
+            assert_eq!(relay.await.unwrap().opening, Some(OpeningSent::BeforeEof));
+        })
+        .await
+        .expect("the relay ends");
+        assert_eq!(recorder.seen.lock().unwrap().writes, [FRAME.to_vec()]);
+    }
 
     #[test]
     fn buffer_growth_is_bounded_by_the_budget_and_given_back() {

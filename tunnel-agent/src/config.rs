@@ -34,6 +34,11 @@ pub enum ConfigError {
     ZeroDuration { name: &'static str },
 }
 
+/// Default [`AgentConfig::result_hold`]: long enough for a local target's
+/// first answer (a TLS ServerHello, an HTTP response), short against any
+/// tunnel round trip.
+pub const RESULT_HOLD: Duration = Duration::from_millis(2);
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     /// The servers: each `HOST:PORT` is resolved periodically, and the
@@ -57,6 +62,10 @@ pub struct AgentConfig {
     /// Longest local connect the agent attempts. Default 10 s; the server's
     /// deadline applies when shorter.
     pub dial_timeout: Duration,
+    /// How long the `ok` of a dial the server does not wait on may wait
+    /// for the target's first bytes, to travel with them in one packet.
+    /// Default 2 ms; zero sends it at once.
+    pub result_hold: Duration,
     /// Bound on TLS handshake plus registration. Default 10 s.
     pub connect_timeout: Duration,
     /// On shutdown, how long active streams may run on. Default 30 s.
@@ -205,6 +214,7 @@ impl AgentConfig {
             node: node.to_owned(),
             allow,
             dial_timeout: Duration::from_secs(10),
+            result_hold: RESULT_HOLD,
             connect_timeout: Duration::from_secs(10),
             drain_grace: Duration::from_secs(30),
             quic: QuicSettings::default(),

@@ -2,7 +2,7 @@
 //! `DialResult` → relay.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use proto::{DialCode, DialResult, Message};
@@ -11,6 +11,14 @@ use transport::{read_message, write_message, TunnelRecv, TunnelSend};
 
 use crate::allow::AllowList;
 use crate::telemetry::AgentMetrics;
+
+/// `DialResult{ok}`, encoded once.
+static OK_FRAME: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let mut frame = Vec::with_capacity(8);
+    proto::encode(&Message::DialResult(DialResult::ok()), &mut frame)
+        .expect("an ok DialResult has no field that can be too long");
+    frame
+});
 
 /// How long the server may take to send `Dial` after opening a stream.
 const DIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,6 +31,9 @@ pub struct DialPolicy {
     pub allow: AllowList,
     /// Longest local connect; the server's deadline applies when shorter.
     pub dial_timeout: Duration,
+    /// How long the `ok` of an optimistic dial waits for the target's
+    /// first bytes (`AgentConfig::result_hold`).
+    pub result_hold: Duration,
     pub metrics: Arc<AgentMetrics>,
     /// What relay buffers may grow into (shared by the whole agent).
     pub buffers: Arc<transport::BufferBudget>,
@@ -92,9 +103,15 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
             return;
         }
     };
-    if let Err(e) = write_message(&mut send, &Message::DialResult(DialResult::ok())).await {
-        tracing::debug!(%target, "server went away before the dial result: {e}");
-        return;
+    // A server that relays without waiting for the answer gets it with the
+    // target's first bytes, one packet and one wake-up fewer per connection
+    // (`transport::Opening`); one that waits (CONNECT) gets it now.
+    let hold = (request.optimistic && !policy.result_hold.is_zero()).then_some(policy.result_hold);
+    if hold.is_none() {
+        if let Err(e) = write_message(&mut send, &Message::DialResult(DialResult::ok())).await {
+            tracing::debug!(%target, "server went away before the dial result: {e}");
+            return;
+        }
     }
     AgentMetrics::count(&metrics.dials, "result", "ok");
     metrics.streams_active.inc();
@@ -113,10 +130,17 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
             reader_gone_after: None,
             unlent_gone_after: None,
             idle_after: None,
+            opening: hold.map(|hold| transport::Opening {
+                frame: &OK_FRAME,
+                hold,
+            }),
         },
     )
     .await;
     metrics.streams_active.dec();
+    if let Some(sent) = stats.opening {
+        AgentMetrics::count(&metrics.held_results, "sent", sent.label());
+    }
     tracing::debug!(%target, ?stats, "stream ended");
 }
 

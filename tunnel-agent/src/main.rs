@@ -69,6 +69,10 @@ struct Args {
     /// How long a local connect may take (100ms-10m).
     #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = duration_in(Duration::from_millis(100), secs(600)))]
     dial_timeout: Duration,
+    /// How long the answer to a transparent dial may wait for the target's
+    /// first bytes, to go in the same packet (0-100ms; 0: at once).
+    #[arg(long, env = "TUNNEL_DIAL_RESULT_HOLD", default_value = "2ms", value_parser = duration_in(Duration::ZERO, Duration::from_millis(100)))]
+    dial_result_hold: Duration,
     /// How long the handshake plus registration may take (1s-10m).
     #[arg(long, env = "TUNNEL_CONNECT_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), secs(600)))]
     connect_timeout: Duration,
@@ -175,6 +179,7 @@ fn main() -> Result<()> {
     config.resolve_interval = args.resolve_interval;
     config.max_replicas = args.max_replicas;
     config.dial_timeout = args.dial_timeout;
+    config.result_hold = args.dial_result_hold;
     config.connect_timeout = args.connect_timeout;
     config.drain_grace = args.drain_grace;
     config.quic.keepalive = args.keepalive;
@@ -226,4 +231,39 @@ fn main() -> Result<()> {
     })?;
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut argv = vec![
+            "tunnel-agent",
+            "--server",
+            "tunnel.example:8443",
+            "--cert-dir",
+            "/nonexistent",
+            "--node-name",
+            "edge-1",
+        ];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+    }
+
+    #[test]
+    fn the_dial_result_hold_defaults_to_the_config_default_and_is_bounded() {
+        assert_eq!(
+            parse(&[]).unwrap().dial_result_hold,
+            tunnel_agent::config::RESULT_HOLD
+        );
+        assert!(parse(&["--dial-result-hold", "0"])
+            .unwrap()
+            .dial_result_hold
+            .is_zero());
+        let e = parse(&["--dial-result-hold", "1s"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("longer than the maximum"), "{e}");
+    }
 }

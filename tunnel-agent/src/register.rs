@@ -46,6 +46,7 @@ impl Registration<'_> {
             node: self.credentials.node.clone(),
             allow: self.credentials.allow.clone(),
             dial_timeout: self.config.dial_timeout,
+            result_hold: self.config.result_hold,
             metrics: self.metrics.clone(),
             buffers: self.config.relay_buffers.clone(),
         })

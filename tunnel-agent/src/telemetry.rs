@@ -63,6 +63,8 @@ pub struct AgentMetrics {
     reprobes: Family<ReprobeLabel, Counter>,
     /// Dials answered, by result (ok, not_allowed, refused, ...).
     pub dials: Family<Label, Counter>,
+    /// How the answers held for the target's first bytes went out.
+    pub held_results: Family<Label, Counter>,
     pub streams_active: Gauge,
     /// Receive window lent to stalled streams, the windows advertised,
     /// and lending refused by reason (set at scrape time).
@@ -90,6 +92,7 @@ impl Default for AgentMetrics {
             fallbacks: Family::default(),
             reprobes: Family::default(),
             dials: Family::default(),
+            held_results: Family::default(),
             streams_active: Gauge::default(),
             stall_credit: Gauge::default(),
             receive_windows: Gauge::default(),
@@ -142,6 +145,13 @@ impl Default for AgentMetrics {
             "dials",
             "Dial requests answered, by result",
             m.dials.clone(),
+        );
+        registry.register(
+            "dial_results_held",
+            "Answers to transparent dials held for the target's first bytes (--dial-result-hold), \
+             by how they went out: with_data (in one packet with them), alone (the hold ran out), \
+             before_eof (the target closed without a byte); counted when the connection ends",
+            m.held_results.clone(),
         );
         registry.register(
             "streams_active",

@@ -290,6 +290,7 @@ async fn exchange(
         let request = Message::Dial(DialRequest {
             target,
             deadline_ms: dial_timeout.as_millis().min(u32::MAX as u128) as u32,
+            optimistic: matches!(answer, Answer::Gate(_)),
         });
         write_message(&mut stream.send, &request)
             .await

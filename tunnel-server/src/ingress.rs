@@ -85,6 +85,7 @@ pub async fn relay<C: transport::ClientSocket>(
             reader_gone_after: shared.config.client_stall_timeout,
             unlent_gone_after: shared.config.stall_shed_timeout,
             idle_after: shared.config.relay_idle_timeout,
+            opening: None,
         },
     )
     .instrument(span.clone())

@@ -3,7 +3,7 @@
 //! the tunnel; a stopped server leaves no rules.
 
 use e2e::netns::probe::curl;
-use e2e::netns::tunnel::{edge_ip, Edge, ADMIN};
+use e2e::netns::tunnel::{edge_ip, Edge, ADMIN, AGENT_ADMIN};
 use e2e::netns::EDGE_IP;
 use e2e::targets;
 use futures_util::{SinkExt, StreamExt};
@@ -77,6 +77,24 @@ fn kubelet_https_logs_and_exec_through_dnat_then_rules_are_removed(transport: &s
         metrics.contains("edge_tunnel_streams_total{ingress=\"transparent\"} 3"),
         "{metrics}"
     );
+    // The server asked for, and the agent held, every answer for the
+    // kubelet's first bytes (how each went out depends on timing). Counted
+    // as each stream ends, so the last may take a moment.
+    let held = || {
+        let page = curl(&edge.topo.edge, &[&format!("http://{AGENT_ADMIN}/metrics")]);
+        let held: f64 = page
+            .lines()
+            .filter(|l| l.starts_with("edge_tunnel_agent_dial_results_held_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (held, page)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while held().0 < 3.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (held, page) = held();
+    assert_eq!(held, 3.0, "{page}");
     // Stopping the server removes every rule it wrote.
     let status = edge.server.terminate();
     assert!(

@@ -140,6 +140,7 @@ async fn awaiting_the_result_times_out_when_the_agent_is_silent() {
     let (result, request) = tokio::join!(dial, read_dial(&mut agent_reads));
     assert_eq!(request.target, target());
     assert_eq!(request.deadline_ms, 10_000);
+    assert!(!request.optimistic, "a waited-for answer must not be held");
     assert_eq!(result.err().unwrap().label(), "timeout");
     assert_eq!(started.elapsed(), TIMEOUT + ROUND_TRIP_MARGIN);
 }
@@ -210,7 +211,10 @@ async fn optimistic_returns_after_the_write_and_the_gate_keeps_the_deadline() {
         .await
         .expect("returns without an answer");
     assert_eq!(started.elapsed(), Duration::from_secs(5));
-    read_dial(&mut agent_reads).await;
+    assert!(
+        read_dial(&mut agent_reads).await.optimistic,
+        "the agent may send the answer with the target's first bytes"
+    );
     let e = stream.recv.read(&mut [0u8; 16]).await.unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::TimedOut);
     assert_eq!(started.elapsed(), TIMEOUT + ROUND_TRIP_MARGIN);
