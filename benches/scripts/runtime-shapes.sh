@@ -10,7 +10,7 @@ out=$(mktemp -d)
 cargo build --release --bins
 # name  server-runtime server-workers agent-runtime agent-workers
 shapes=(
-  "defaults(server:cores/2,agent:1) - - - -"
+  "defaults(auto;server:cores/2,agent:1) - - - -"
   "server:1,agent:1 multi-thread 1 multi-thread 1"
   "server:2,agent:2 multi-thread 2 multi-thread 2"
   "current-thread(both) current-thread - current-thread -"

@@ -17,9 +17,14 @@ pub enum LogFormat {
 /// Shape of the tokio runtime.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum RuntimeShape {
+    /// `current-thread` where the runtime would get one worker, otherwise
+    /// `multi-thread`: one worker of a multi-thread runtime runs no more in
+    /// parallel than one thread does, and on the benchmark it cost more CPU
+    /// per connection and more peak memory (benches/RESULTS.md).
+    Auto,
     /// One thread: fewest cross-thread wake-ups, lowest latency per core.
     CurrentThread,
-    /// One worker per core.
+    /// `--worker-threads` workers (default: the binary's).
     MultiThread,
 }
 
@@ -29,8 +34,9 @@ pub struct Common {
     /// Log format; the filter comes from RUST_LOG (default "info").
     #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Runtime shape.
-    #[arg(long, env = "TUNNEL_RUNTIME", value_enum, default_value_t = RuntimeShape::MultiThread)]
+    /// Runtime shape: auto is current-thread when the runtime would get one
+    /// worker, multi-thread otherwise.
+    #[arg(long, env = "TUNNEL_RUNTIME", value_enum, default_value_t = RuntimeShape::Auto)]
     pub runtime: RuntimeShape,
     /// Worker threads for the multi-thread runtime (default: half the
     /// cores for the server, one for the agent).
@@ -42,17 +48,40 @@ impl Common {
     /// `default_workers`: worker threads when `--worker-threads` is not
     /// given (`None`: one per core).
     pub fn runtime(&self, default_workers: Option<u16>) -> io::Result<tokio::runtime::Runtime> {
-        let mut builder = match self.runtime {
-            RuntimeShape::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        let (shape, workers) = self.shape(default_workers);
+        tracing::debug!(?shape, ?workers, "tokio runtime");
+        let mut builder = match shape {
             RuntimeShape::MultiThread => {
                 let mut b = tokio::runtime::Builder::new_multi_thread();
-                if let Some(n) = self.worker_threads.or(default_workers) {
+                if let Some(n) = workers {
                     b.worker_threads(n.into());
                 }
                 b
             }
+            _ => tokio::runtime::Builder::new_current_thread(),
         };
         builder.enable_all().build()
+    }
+
+    /// The shape `auto` resolves to, and the workers of a multi-thread
+    /// runtime (`None`: one per core).
+    pub fn shape(&self, default_workers: Option<u16>) -> (RuntimeShape, Option<u16>) {
+        let workers = self.worker_threads.or(default_workers);
+        let shape = match self.runtime {
+            RuntimeShape::Auto => {
+                let n = workers.map_or_else(
+                    || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    usize::from,
+                );
+                if n <= 1 {
+                    RuntimeShape::CurrentThread
+                } else {
+                    RuntimeShape::MultiThread
+                }
+            }
+            shape => shape,
+        };
+        (shape, workers)
     }
 }
 
@@ -240,6 +269,45 @@ pub fn size_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    struct Shape {
+        #[command(flatten)]
+        common: Common,
+    }
+
+    fn shape(args: &[&str], default_workers: Option<u16>) -> (RuntimeShape, Option<u16>) {
+        use clap::Parser;
+        let argv = std::iter::once("test").chain(args.iter().copied());
+        Shape::try_parse_from(argv)
+            .unwrap()
+            .common
+            .shape(default_workers)
+    }
+
+    #[test]
+    fn auto_is_one_thread_where_the_runtime_would_get_one_worker() {
+        use RuntimeShape::*;
+        assert_eq!(shape(&[], Some(1)), (CurrentThread, Some(1)));
+        assert_eq!(shape(&[], Some(4)), (MultiThread, Some(4)));
+        assert_eq!(
+            shape(&["--worker-threads", "2"], Some(1)),
+            (MultiThread, Some(2))
+        );
+        assert_eq!(
+            shape(&["--worker-threads", "1"], Some(4)),
+            (CurrentThread, Some(1))
+        );
+        // Asked for explicitly, a shape is kept.
+        assert_eq!(
+            shape(&["--runtime", "multi-thread"], Some(1)),
+            (MultiThread, Some(1))
+        );
+        assert_eq!(
+            shape(&["--runtime", "current-thread"], Some(4)).0,
+            CurrentThread
+        );
+    }
 
     const S: fn(u64) -> Duration = Duration::from_secs;
 

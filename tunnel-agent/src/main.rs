@@ -223,7 +223,8 @@ fn main() -> Result<()> {
     }
     // One worker: an agent shares its node with kubelet and workloads, and
     // on the benchmark one worker relays faster than two (fewer cross-thread
-    // wake-ups; see benches/RESULTS.md).
+    // wake-ups); `--runtime auto` makes that a current-thread runtime, which
+    // peaked ~40% lower in memory (see benches/RESULTS.md).
     let runtime = args.common.runtime(Some(1))?;
     runtime.block_on(async {
         let shutdown = daemon::cli::shutdown_signal();

@@ -689,7 +689,8 @@ fn serve(args: Args) -> Result<()> {
     // Half the cores (at least one): relaying is mostly kernel work (TCP and
     // UDP paths, softirqs) that needs cores of its own, and each extra worker
     // adds cross-thread wake-ups per packet. On the 2-core benchmark one
-    // worker beat two on every workload (benches/RESULTS.md).
+    // worker beat two on every workload, and `--runtime auto` runs one
+    // worker as a current-thread runtime (benches/RESULTS.md).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = u16::try_from(cores / 2).unwrap_or(u16::MAX).max(1);
     let runtime = args.common.runtime(Some(workers))?;
