@@ -23,8 +23,8 @@ pub mod net;
 pub mod quic;
 pub mod relay;
 pub mod stream;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod window;
 
 pub use framed::{read_message, write_message, FrameError};

@@ -1,5 +1,6 @@
-//! Stream halves for unit tests: any reader or writer as a tunnel half,
-//! and a send half that records each write.
+//! Stream halves for tests (here, and in other crates with the `testing`
+//! feature): any reader or writer as a tunnel half, and a send half that
+//! records each write.
 
 use std::io;
 use std::pin::Pin;

@@ -2,58 +2,16 @@
 //! one deadline against fake streams on a paused clock.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Mutex;
-use std::task::{Context, Poll};
 
 use proto::DialResult;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
-use transport::{TunnelRecv, TunnelSend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use transport::testing::{Recv, Sink};
 
 use super::*;
 
 const TARGET: &str = "198.18.0.5:10250";
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One end of an in-memory pipe as a stream half.
-struct Pipe(DuplexStream);
-
-impl AsyncRead for Pipe {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Pipe {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl TunnelSend for Pipe {
-    fn reset(&mut self, _: u32) {}
-    fn delivered(&self) -> transport::stream::Delivered {
-        Box::pin(async {})
-    }
-}
-
-impl TunnelRecv for Pipe {
-    fn stop(&mut self, _: u32) {}
-}
 
 /// A stream to a fake agent: what the server writes arrives on `agent.0`,
 /// what is written to `agent.1` the server reads.
@@ -61,7 +19,7 @@ fn fake_stream(window: usize) -> (TunnelStream, (DuplexStream, DuplexStream)) {
     let (send, agent_reads) = tokio::io::duplex(window);
     let (recv, agent_writes) = tokio::io::duplex(window);
     (
-        TunnelStream::new(Pipe(send), Pipe(recv)),
+        TunnelStream::new(Sink(send), Recv(recv)),
         (agent_reads, agent_writes),
     )
 }
