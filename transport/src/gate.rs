@@ -39,8 +39,14 @@ pub const OPTIMISTIC_BYTES: usize = 16 * 1024;
 /// Why the gate did not open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GateError {
-    Refused { code: DialCode, message: String },
+    Refused {
+        code: DialCode,
+        message: String,
+    },
     Timeout,
+    /// The agent reset the stream before its answer: the target reset the
+    /// connection before sending a byte, while the answer was held for it.
+    Reset,
     Protocol(String),
 }
 
@@ -50,6 +56,7 @@ impl GateError {
         match self {
             GateError::Refused { code, .. } => code.label(),
             GateError::Timeout => "timeout",
+            GateError::Reset => "reset",
             GateError::Protocol(_) => "protocol",
         }
     }
@@ -130,6 +137,7 @@ impl<R: TunnelRecv> ResultGate<R> {
         let kind = match e {
             GateError::Timeout => io::ErrorKind::TimedOut,
             GateError::Refused { .. } => io::ErrorKind::ConnectionRefused,
+            GateError::Reset => io::ErrorKind::ConnectionReset,
             GateError::Protocol(_) => io::ErrorKind::InvalidData,
         };
         let text = format!("dial failed: {e:?}");
@@ -169,6 +177,9 @@ impl<R: TunnelRecv> ResultGate<R> {
             self.frame.truncate(start + got);
             match polled {
                 Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Poll::Ready(Err(self.fail(GateError::Reset)));
+                }
                 Poll::Ready(Err(e)) => {
                     return Poll::Ready(Err(self.fail(GateError::Protocol(e.to_string()))));
                 }
@@ -398,6 +409,27 @@ mod tests {
                 .label(),
             "not_allowed"
         );
+    }
+
+    /// A reader whose stream was reset.
+    struct ResetRecv;
+    impl AsyncRead for ResetRecv {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_before_the_answer_is_reported_as_a_reset() {
+        let (cb, seen) = recorder();
+        let mut gate = ResultGate::new(Recv(ResetRecv), Duration::from_secs(5), cb);
+        let err = gate.read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(*seen.lock().unwrap(), Some(Err(GateError::Reset)));
     }
 
     #[tokio::test]
