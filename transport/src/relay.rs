@@ -688,10 +688,11 @@ mod tests {
         (dialed.unwrap(), accepted.unwrap().0)
     }
 
-    /// Runs a relay whose send half records its writes, with `opening`;
-    /// returns the recorder, the writer of what the tunnel delivers, the
-    /// target and the relay.
+    /// Runs a relay whose send half records its writes, opening with
+    /// `frame`; returns the recorder, the writer of what the tunnel
+    /// delivers, the target and the relay.
     async fn opening_relay(
+        frame: &'static [u8],
         hold: Duration,
     ) -> (
         Recorder,
@@ -712,7 +713,7 @@ mod tests {
                 reader_gone_after: None,
                 unlent_gone_after: None,
                 idle_after: None,
-                opening: Some(Opening { frame: FRAME, hold }),
+                opening: Some(Opening { frame, hold }),
             };
             relay(socket, send, Recv(recv), |_, _| {}, limits).await
         });
@@ -729,7 +730,7 @@ mod tests {
         // can release the frame, and they come only after the other
         // direction delivered the client's request during the hold.
         let (recorder, mut from_server, mut target, relay) =
-            opening_relay(Duration::from_secs(3600)).await;
+            opening_relay(FRAME, Duration::from_secs(3600)).await;
         tokio::time::timeout(HANG, async {
             from_server.write_all(b"ping").await.unwrap();
             drop(from_server);
@@ -753,7 +754,7 @@ mod tests {
     #[tokio::test]
     async fn the_opening_goes_alone_when_the_target_is_silent_past_the_hold() {
         let (recorder, from_server, mut target, relay) =
-            opening_relay(Duration::from_millis(20)).await;
+            opening_relay(FRAME, Duration::from_millis(20)).await;
         tokio::time::timeout(HANG, async {
             recorder.until(|r| !r.writes.is_empty()).await;
             target.write_all(b"late").await.unwrap();
@@ -770,7 +771,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_opening_goes_before_the_fin_of_a_target_that_says_nothing() {
-        let (recorder, from_server, target, relay) = opening_relay(Duration::from_secs(3600)).await;
+        let (recorder, from_server, target, relay) =
+            opening_relay(FRAME, Duration::from_secs(3600)).await;
         tokio::time::timeout(HANG, async {
             drop(target);
             recorder.until(|r| r.finished).await;
@@ -780,6 +782,25 @@ mod tests {
         .await
         .expect("the relay ends");
         assert_eq!(recorder.seen.lock().unwrap().writes, [FRAME.to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn an_opening_too_long_to_share_the_buffer_goes_alone_at_once() {
+        static LONG: [u8; MIN_BUF / 2 + 1] = [b'F'; MIN_BUF / 2 + 1];
+        let (recorder, from_server, mut target, relay) =
+            opening_relay(&LONG, Duration::from_secs(3600)).await;
+        tokio::time::timeout(HANG, async {
+            // Not held: it is written while the target says nothing.
+            recorder.until(|r| !r.writes.is_empty()).await;
+            target.write_all(b"pong").await.unwrap();
+            drop(target);
+            drop(from_server);
+            assert_eq!(relay.await.unwrap().opening, Some(OpeningSent::Alone));
+        })
+        .await
+        .expect("the relay ends");
+        let seen = recorder.seen.lock().unwrap();
+        assert_eq!(seen.writes, [LONG.to_vec(), b"pong".to_vec()]);
     }
 
     #[test]

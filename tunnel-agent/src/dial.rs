@@ -108,7 +108,7 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
     // (`transport::Opening`); one that waits (CONNECT) gets it now.
     let hold = (request.optimistic && !policy.result_hold.is_zero()).then_some(policy.result_hold);
     if hold.is_none() {
-        if let Err(e) = write_message(&mut send, &Message::DialResult(DialResult::ok())).await {
+        if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut send, &OK_FRAME).await {
             tracing::debug!(%target, "server went away before the dial result: {e}");
             return;
         }
