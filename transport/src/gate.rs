@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes};
 use proto::{DialCode, Message, FRAME_HEADER_LEN, MAX_FRAME_BODY};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -244,6 +245,27 @@ pub struct HeldSend<S> {
     settled: Arc<Settled>,
 }
 
+impl<S> HeldSend<S> {
+    /// How much may be written now: `None` for everything (settled), or
+    /// the allowance left; `Pending` while it is spent and the answer has
+    /// not come.
+    fn poll_allowed(&mut self, cx: &mut Context<'_>) -> Poll<Option<usize>> {
+        if self.settled.is_set() {
+            return Poll::Ready(None);
+        }
+        if self.allowance == 0 {
+            *self.settled.waker.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(cx.waker().clone());
+            // Settled between the check and the waker being stored.
+            if !self.settled.is_set() {
+                return Poll::Pending;
+            }
+            return Poll::Ready(None);
+        }
+        Poll::Ready(Some(self.allowance))
+    }
+}
+
 impl<S: TunnelSend> AsyncWrite for HeldSend<S> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -251,19 +273,10 @@ impl<S: TunnelSend> AsyncWrite for HeldSend<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.settled.is_set() {
+        let Some(allowed) = ready!(this.poll_allowed(cx)) else {
             return Pin::new(&mut this.inner).poll_write(cx, buf);
-        }
-        if this.allowance == 0 {
-            *this.settled.waker.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(cx.waker().clone());
-            // Settled between the check and the waker being stored.
-            if !this.settled.is_set() {
-                return Poll::Pending;
-            }
-            return Pin::new(&mut this.inner).poll_write(cx, buf);
-        }
-        let n = buf.len().min(this.allowance);
+        };
+        let n = buf.len().min(allowed);
         let written = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..n]))?;
         this.allowance -= written;
         Poll::Ready(Ok(written))
@@ -281,6 +294,25 @@ impl<S: TunnelSend> AsyncWrite for HeldSend<S> {
 impl<S: TunnelSend> TunnelSend for HeldSend<S> {
     fn reset(&mut self, code: u32) {
         self.inner.reset(code)
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        let Some(allowed) = ready!(self.poll_allowed(cx)) else {
+            return self.inner.poll_write_chunk(cx, chunk);
+        };
+        // Only the allowance may go: write a shared prefix of the chunk
+        // (no copy) and advance the chunk by what went.
+        let n = chunk.len().min(allowed);
+        let mut part = chunk.slice(..n);
+        ready!(self.inner.poll_write_chunk(cx, &mut part))?;
+        let written = n - part.len();
+        self.allowance -= written;
+        chunk.advance(written);
+        Poll::Ready(Ok(()))
     }
 
     fn delivered(&self) -> Delivered {
@@ -351,13 +383,14 @@ mod tests {
 
     /// Before the answer the client's first 16 KiB go out and the rest
     /// waits; the answer lets it through (a refusal too: the relay then
-    /// ends from the receive side).
+    /// ends from the receive side). Borrowed writes and owned chunks alike.
     #[tokio::test]
     async fn the_send_half_holds_all_but_the_first_record_until_the_answer() {
         use tokio::io::{AsyncWriteExt, DuplexStream};
-        for answer in [
-            DialResult::ok(),
-            DialResult::error(DialCode::NotAllowed, "nope"),
+        for (answer, chunked) in [
+            (DialResult::ok(), false),
+            (DialResult::error(DialCode::NotAllowed, "nope"), false),
+            (DialResult::ok(), true),
         ] {
             let (agent_writes, agent_reads_answer) = tokio::io::duplex(1 << 20);
             let (sent, mut agent_reads): (DuplexStream, DuplexStream) = tokio::io::duplex(1 << 20);
@@ -369,8 +402,11 @@ mod tests {
                 cb,
             );
             let data = vec![7u8; 64 * 1024];
-            let write = send.write_all(&data);
-            tokio::pin!(write);
+            let mut write: Pin<Box<dyn Future<Output = io::Result<()>>>> = if chunked {
+                Box::pin(crate::stream::write_chunk(&mut send, Bytes::from(data)))
+            } else {
+                Box::pin(send.write_all(&data))
+            };
             // Nothing answers yet: the write stops after one record.
             assert!(tokio::time::timeout(Duration::from_millis(100), &mut write)
                 .await

@@ -131,20 +131,14 @@ impl H2Send {
     }
 }
 
-impl AsyncWrite for H2Send {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        self.inner.reserve_capacity(buf.len());
-        let granted = loop {
+impl H2Send {
+    /// Waits for send capacity for up to `want` bytes; how much was granted.
+    fn poll_granted(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        self.inner.reserve_capacity(want);
+        loop {
             match ready!(self.inner.poll_capacity(cx)) {
                 Some(Ok(0)) => continue,
-                Some(Ok(n)) => break n,
+                Some(Ok(n)) => return Poll::Ready(Ok(n.min(want))),
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
                 None => {
                     return Poll::Ready(Err(io::Error::new(
@@ -153,10 +147,24 @@ impl AsyncWrite for H2Send {
                     )))
                 }
             }
-        };
-        let n = granted.min(buf.len());
-        // h2 takes owned frames: one copy per write, as quinn does internally.
-        self.inner
+        }
+    }
+}
+
+impl AsyncWrite for H2Send {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = self.get_mut();
+        let n = ready!(this.poll_granted(cx, buf.len()))?;
+        // h2 takes owned frames: a borrowed buffer is copied (the relay
+        // hands over owned chunks instead, `poll_write_chunk`).
+        this.inner
             .send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(to_io)?;
         Poll::Ready(Ok(n))
@@ -178,6 +186,21 @@ impl AsyncWrite for H2Send {
 impl TunnelSend for H2Send {
     fn reset(&mut self, code: u32) {
         self.inner.send_reset(h2::Reason::from(code));
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        let n = ready!(self.poll_granted(cx, chunk.len()))?;
+        self.inner
+            .send_data(chunk.split_to(n), false)
+            .map_err(to_io)?;
+        Poll::Ready(Ok(()))
     }
 
     fn delivered(&self) -> Delivered {

@@ -29,11 +29,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use proto::codes::stream as code;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::stream::{TunnelRecv, TunnelSend};
+use crate::stream::{write_chunk, TunnelRecv, TunnelSend};
 use crate::window::{ReceiveWindow, StallGuard};
 
 /// A write to TCP blocked this long means its reader has stalled; see
@@ -91,10 +92,10 @@ impl Default for BufferBudget {
     }
 }
 
-/// A relay buffer whose growth beyond `MIN_BUF` is accounted against a
-/// budget and given back when it drops.
-struct RelayBuf<'a> {
-    data: Vec<u8>,
+/// A relay buffer size whose growth beyond `MIN_BUF` is accounted against
+/// a budget and given back when it drops.
+struct Grant<'a> {
+    size: usize,
     budget: &'a BufferBudget,
     /// Full reads left before a buffer the budget refused asks again.
     held_back: u8,
@@ -105,27 +106,27 @@ struct RelayBuf<'a> {
 /// operations on a line every relay of the process shares.
 const ASK_AGAIN_AFTER: u8 = 64;
 
-impl<'a> RelayBuf<'a> {
+impl<'a> Grant<'a> {
     fn new(budget: &'a BufferBudget) -> Self {
-        RelayBuf {
-            data: vec![0; MIN_BUF],
+        Grant {
+            size: MIN_BUF,
             budget,
             held_back: 0,
         }
     }
 
-    /// Doubles the buffer if it is below `MAX_BUF` and the budget allows.
-    /// Called only when a read filled the buffer: a few times per
-    /// connection, never per chunk once at the largest size, and once per
-    /// [`ASK_AGAIN_AFTER`] full reads while the budget refuses.
-    fn grow(&mut self) {
-        let len = self.data.len();
+    /// Doubles the size if it is below `MAX_BUF` and the budget allows;
+    /// whether it did. Called only when a read filled the buffer: a few
+    /// times per connection, never per chunk once at the largest size, and
+    /// once per [`ASK_AGAIN_AFTER`] full reads while the budget refuses.
+    fn grow(&mut self) -> bool {
+        let len = self.size;
         if len >= MAX_BUF {
-            return;
+            return false;
         }
         if self.held_back > 0 {
             self.held_back -= 1;
-            return;
+            return false;
         }
         let add = len;
         let before = self.budget.grown.fetch_add(add, Ordering::Relaxed);
@@ -133,16 +134,116 @@ impl<'a> RelayBuf<'a> {
             self.budget.grown.fetch_sub(add, Ordering::Relaxed);
             self.budget.refused.fetch_add(1, Ordering::Relaxed);
             self.held_back = ASK_AGAIN_AFTER;
-            return;
+            return false;
         }
-        self.data.resize(len * 2, 0);
+        self.size = len * 2;
+        true
     }
 }
 
-impl Drop for RelayBuf<'_> {
+impl Drop for Grant<'_> {
     fn drop(&mut self) {
-        let grown = self.data.len() - MIN_BUF;
-        self.budget.grown.fetch_sub(grown, Ordering::Relaxed);
+        self.budget
+            .grown
+            .fetch_sub(self.size - MIN_BUF, Ordering::Relaxed);
+    }
+}
+
+/// The tunnel → TCP buffer: one `Vec` the stream's data is read into and
+/// written to TCP from.
+struct RelayBuf<'a> {
+    data: Vec<u8>,
+    grant: Grant<'a>,
+}
+
+impl<'a> RelayBuf<'a> {
+    fn new(budget: &'a BufferBudget) -> Self {
+        RelayBuf {
+            data: vec![0; MIN_BUF],
+            grant: Grant::new(budget),
+        }
+    }
+
+    fn grow(&mut self) {
+        if self.grant.grow() {
+            self.data.resize(self.grant.size, 0);
+        }
+    }
+}
+
+/// The TCP → tunnel buffer: owned chunks for [`TunnelSend::poll_write_chunk`]
+/// (quinn and h2 keep what they are given until the peer has it; a
+/// borrowed write makes them copy it into a fresh allocation).
+///
+/// Reads land in a slab of the read size. A read that fills at least half
+/// of it is handed over as it is, no copy; the slab is then shared with
+/// the transport, later reads fill its tail and go without a copy too, and
+/// once every chunk of it is gone it is read into again. A smaller read
+/// into a slab not yet shared is copied out (as the transport would have)
+/// and the slab reused at once, so a slab the transport pins always holds
+/// a chunk of at least half its size: the transport's buffered bytes pin
+/// at most twice their size, and the relay's own slab stays within
+/// `--relay-buffer-budget`. A bulk transfer costs one allocation per full
+/// read (what the transport's copy cost) and no copy.
+struct ChunkBuf<'a> {
+    slab: BytesMut,
+    grant: Grant<'a>,
+    /// The slab's memory is also in chunks handed over.
+    shared: bool,
+}
+
+/// Below this much room left in a shared slab, the next read gets a new
+/// one rather than a sliver.
+const SLAB_TAIL: usize = MIN_BUF / 4;
+
+impl<'a> ChunkBuf<'a> {
+    fn new(budget: &'a BufferBudget) -> Self {
+        ChunkBuf {
+            slab: BytesMut::with_capacity(MIN_BUF),
+            grant: Grant::new(budget),
+            shared: false,
+        }
+    }
+
+    /// Makes room for the next read; how much it may take.
+    fn room(&mut self) -> usize {
+        let size = self.grant.size;
+        let spare = self.slab.capacity() - self.slab.len();
+        if spare >= size {
+            return size;
+        }
+        if self.shared {
+            // Every chunk of it gone: ours alone again, no allocation.
+            if self.slab.try_reclaim(size) {
+                self.shared = false;
+                return size;
+            }
+            if spare >= SLAB_TAIL {
+                return spare;
+            }
+        }
+        // Used up and still pinned, or smaller than the grant has grown.
+        self.slab = BytesMut::with_capacity(size);
+        self.shared = false;
+        size
+    }
+
+    /// Reads once from `r` behind what the slab holds; the bytes read (0:
+    /// EOF).
+    async fn read<R: AsyncRead + Unpin + ?Sized>(&mut self, r: &mut R) -> io::Result<usize> {
+        let room = self.room();
+        r.read_buf(&mut (&mut self.slab).limit(room)).await
+    }
+
+    /// What the slab holds, as a chunk for the transport.
+    fn take(&mut self) -> Bytes {
+        if self.shared || self.slab.len() * 2 >= self.grant.size {
+            self.shared = true;
+            return self.slab.split().freeze();
+        }
+        let chunk = Bytes::copy_from_slice(&self.slab);
+        self.slab.clear();
+        chunk
     }
 }
 
@@ -413,31 +514,9 @@ where
     let watched = limits.idle_after.map(|_| &activity);
     let result = {
         let (mut tcp_r, mut tcp_w) = tcp.halves();
-        let upstream = copy(
-            &mut tcp_r,
-            &mut send,
-            Direction::TcpToTunnel,
-            &mut up,
-            &on_bytes,
-            watched,
-            RelayLimits {
-                stall: None,
-                reader_gone_after: None,
-                unlent_gone_after: None,
-                ..limits
-            },
-        );
-        let downstream = copy(
-            &mut recv,
-            &mut tcp_w,
-            Direction::TunnelToTcp,
-            &mut down,
-            &on_bytes,
-            watched,
-            RelayLimits {
-                opening: None,
-                ..limits
-            },
+        let upstream = copy_up(&mut tcp_r, &mut send, &mut up, &on_bytes, watched, &limits);
+        let downstream = copy_down(
+            &mut recv, &mut tcp_w, &mut down, &on_bytes, watched, &limits,
         );
         let idle = activity.idle(limits.idle_after);
         tokio::pin!(upstream, downstream, idle);
@@ -524,44 +603,44 @@ impl Direction {
     }
 }
 
-async fn copy<Rd, Wr, F>(
+/// TCP → tunnel: reads into a [`ChunkBuf`] and hands the chunks over,
+/// behind the [`Opening`] if there is one.
+async fn copy_up<Rd, Wr, F>(
     r: &mut Rd,
     w: &mut Wr,
-    dir: Direction,
     tally: &mut Tally,
     on_bytes: &F,
     activity: Option<&Activity>,
-    limits: RelayLimits<'_>,
+    limits: &RelayLimits<'_>,
 ) -> Result<(), Failure>
 where
     Rd: AsyncRead + Unpin + ?Sized,
-    Wr: AsyncWrite + Unpin + ?Sized,
+    Wr: TunnelSend + ?Sized,
     F: Fn(Direction, usize),
 {
+    let dir = Direction::TcpToTunnel;
     let read_fail = |e| dir.failure(true, e);
     let write_fail = |e| dir.failure(false, e);
-    let mut buf = RelayBuf::new(limits.buffers);
-    // Credit lent once this direction stalled; kept until the relay ends.
-    let mut stalled = None;
+    let mut buf = ChunkBuf::new(limits.buffers);
     if let Some(opening) = limits.opening {
-        // The frame goes first in the buffer and the first bytes are read
-        // behind it, so one write (one STREAM frame, one packet) carries
+        // The frame goes first in the slab and the first bytes are read
+        // behind it, so one chunk (one STREAM frame, one packet) carries
         // both. A read cut short by the hold loses nothing (TCP reads are
         // cancel-safe); the frame then goes alone.
-        let at = opening.frame.len();
         let (mut n, mut eof) = (0, false);
-        if at <= MIN_BUF / 2 {
-            buf.data[..at].copy_from_slice(opening.frame);
-            match tokio::time::timeout(opening.hold, r.read(&mut buf.data[at..])).await {
+        if opening.frame.len() <= MIN_BUF / 2 {
+            buf.slab.extend_from_slice(opening.frame);
+            let room = MIN_BUF - opening.frame.len();
+            let mut behind = (&mut buf.slab).limit(room);
+            match tokio::time::timeout(opening.hold, r.read_buf(&mut behind)).await {
                 Ok(Ok(read)) => (n, eof) = (read, read == 0),
                 Ok(Err(e)) => return Err(read_fail(e)),
                 Err(_) => {}
             }
-            w.write_all(&buf.data[..at + n])
+            write_chunk(w, buf.take()).await
         } else {
-            w.write_all(opening.frame)
+            write_chunk(w, Bytes::copy_from_slice(opening.frame)).await
         }
-        .await
         .map_err(write_fail)?;
         tally.opening = Some(if eof {
             OpeningSent::BeforeEof
@@ -582,6 +661,49 @@ where
         }
     }
     loop {
+        let n = buf.read(r).await.map_err(read_fail)?;
+        if let Some(a) = activity {
+            a.touch();
+        }
+        if n == 0 {
+            // FIN: pass the half-close on and stop this direction.
+            return w.shutdown().await.map_err(write_fail);
+        }
+        write_chunk(w, buf.take()).await.map_err(write_fail)?;
+        if let Some(a) = activity {
+            a.touch();
+        }
+        tally.bytes += n as u64;
+        on_bytes(dir, n);
+        if n == buf.grant.size {
+            buf.grant.grow();
+        }
+    }
+}
+
+/// Tunnel → TCP: reads the stream into a [`RelayBuf`] and writes it to the
+/// socket, watching for a reader that stopped (the stall credit and
+/// [`RelayLimits::reader_gone_after`]).
+async fn copy_down<Rd, Wr, F>(
+    r: &mut Rd,
+    w: &mut Wr,
+    tally: &mut Tally,
+    on_bytes: &F,
+    activity: Option<&Activity>,
+    limits: &RelayLimits<'_>,
+) -> Result<(), Failure>
+where
+    Rd: AsyncRead + Unpin + ?Sized,
+    Wr: AsyncWrite + Unpin + ?Sized,
+    F: Fn(Direction, usize),
+{
+    let dir = Direction::TunnelToTcp;
+    let read_fail = |e| dir.failure(true, e);
+    let write_fail = |e| dir.failure(false, e);
+    let mut buf = RelayBuf::new(limits.buffers);
+    // Credit lent once this direction stalled; kept until the relay ends.
+    let mut stalled = None;
+    loop {
         let n = r.read(&mut buf.data).await.map_err(read_fail)?;
         if let Some(a) = activity {
             a.touch();
@@ -595,7 +717,7 @@ where
         } else {
             None
         };
-        write_watching(w, &buf.data[..n], watch, &mut stalled, &limits)
+        write_watching(w, &buf.data[..n], watch, &mut stalled, limits)
             .await
             .map_err(write_fail)?;
         if let Some(a) = activity {
@@ -801,6 +923,102 @@ mod tests {
         .expect("the relay ends");
         let seen = recorder.seen.lock().unwrap();
         assert_eq!(seen.writes, [LONG.to_vec(), b"pong".to_vec()]);
+    }
+
+    /// Where a chunk starts, to tell a handed-over chunk from a copy.
+    fn at(chunk: &Bytes) -> usize {
+        chunk.as_ptr() as usize
+    }
+
+    #[tokio::test]
+    async fn large_reads_and_the_tail_behind_them_are_handed_over_without_a_copy() {
+        let (socket, mut target) = tcp_pair().await;
+        let (from_server, recv) = tokio::io::duplex(1024);
+        let recorder = Recorder::default();
+        let send = recorder.clone();
+        let relay = tokio::spawn(async move {
+            let budget = BufferBudget::default();
+            let limits = RelayLimits {
+                stall: None,
+                client: None,
+                buffers: &budget,
+                reader_gone_after: None,
+                unlent_gone_after: None,
+                idle_after: None,
+                opening: None,
+            };
+            relay(socket, send, Recv(recv), |_, _| {}, limits).await
+        });
+        let large = vec![7u8; MIN_BUF / 2];
+        tokio::time::timeout(HANG, async {
+            for (i, data) in [&large[..], b"tail"].into_iter().enumerate() {
+                target.write_all(data).await.unwrap();
+                recorder.until(|r| r.chunks.len() > i).await;
+            }
+            drop(target);
+            drop(from_server);
+            assert_eq!(relay.await.unwrap().outcome, RelayOutcome::Closed);
+        })
+        .await
+        .expect("the relay ends");
+        let seen = recorder.seen.lock().unwrap();
+        assert_eq!(seen.writes, [&large[..], b"tail"]);
+        // The transport still holds the first chunk, and the second read
+        // landed right behind it in the same slab: both handed over.
+        assert_eq!(at(&seen.chunks[1]), at(&seen.chunks[0]) + large.len());
+    }
+
+    #[tokio::test]
+    async fn a_small_read_is_copied_out_and_its_slab_read_into_again() {
+        let budget = BufferBudget::default();
+        let mut buf = ChunkBuf::new(&budget);
+        buf.read(&mut &b"hello"[..]).await.unwrap();
+        let slab = buf.slab.as_ptr() as usize;
+        let chunk = buf.take();
+        assert_eq!(&chunk[..], b"hello");
+        assert_ne!(at(&chunk), slab, "copied: the chunk pins no slab");
+        buf.read(&mut &b"again"[..]).await.unwrap();
+        assert_eq!(
+            buf.slab.as_ptr() as usize,
+            slab,
+            "the slab is reused at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shared_slab_is_read_into_again_once_its_chunks_are_gone() {
+        let budget = BufferBudget::default();
+        let mut buf = ChunkBuf::new(&budget);
+        let data = vec![1u8; MIN_BUF];
+        buf.read(&mut &data[..MIN_BUF / 2]).await.unwrap();
+        let first = buf.take();
+        let start = at(&first);
+        drop(first);
+        buf.read(&mut &data[..]).await.unwrap();
+        assert_eq!(at(&buf.take()), start, "the same memory, no allocation");
+    }
+
+    #[tokio::test]
+    async fn a_pinned_slab_is_filled_to_its_tail_then_replaced() {
+        let budget = BufferBudget::default();
+        let mut buf = ChunkBuf::new(&budget);
+        let data = vec![1u8; MIN_BUF];
+        // Pinned chunks: the transport has not let go of them.
+        let head = MIN_BUF - 2 * SLAB_TAIL;
+        buf.read(&mut &data[..head]).await.unwrap();
+        let a = buf.take();
+        // Room for a tail's worth or more: a read, small or not, lands
+        // behind `a` and goes without a copy.
+        assert_eq!(buf.read(&mut &data[..5]).await.unwrap(), 5);
+        let b = buf.take();
+        assert_eq!(at(&b), at(&a) + head);
+        assert_eq!(buf.read(&mut &data[..]).await.unwrap(), 2 * SLAB_TAIL - 5);
+        let c = buf.take();
+        assert_eq!(at(&c), at(&b) + 5);
+        // Used up and pinned: a new slab of the full read size.
+        assert_eq!(buf.read(&mut &data[..]).await.unwrap(), MIN_BUF);
+        let d = buf.take();
+        assert!(at(&d) < at(&a) || at(&d) >= at(&a) + MIN_BUF);
     }
 
     #[test]

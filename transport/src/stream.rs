@@ -6,8 +6,11 @@
 //! through those traits — aborting a direction with a reason — is here.
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// A future the relay awaits once per stream, not per chunk.
@@ -23,6 +26,32 @@ pub trait TunnelSend: AsyncWrite + Unpin + Send {
     /// included (or the stream or connection ended). Closing a connection
     /// before this would turn a clean FIN into a reset at the other end.
     fn delivered(&self) -> Delivered;
+
+    /// Writes a prefix of `chunk` (at least one byte, or an error) and
+    /// advances `chunk` past it. Transports that keep owned buffers (quinn,
+    /// h2) take the chunk itself where `poll_write` would copy it, so the
+    /// relay reads TCP data into shared buffers and hands them over. The
+    /// default writes through `poll_write`.
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        let n = ready!(Pin::new(&mut *self).poll_write(cx, chunk))?;
+        if n == 0 && !chunk.is_empty() {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        chunk.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Writes all of `chunk` through [`TunnelSend::poll_write_chunk`].
+pub async fn write_chunk<S: TunnelSend + ?Sized>(send: &mut S, mut chunk: Bytes) -> io::Result<()> {
+    while !chunk.is_empty() {
+        std::future::poll_fn(|cx| send.poll_write_chunk(cx, &mut chunk)).await?;
+    }
+    Ok(())
 }
 
 /// Receiving half of a tunneled stream. EOF is the peer's FIN.
@@ -43,6 +72,24 @@ impl TunnelSend for quinn::SendStream {
             let _ = stopped.await;
         })
     }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        // `write_chunks` is cancel-safe (nothing is written unless it
+        // completes), so a fresh future per poll is sound, as in quinn's own
+        // `poll_write`. It empties what it wrote and leaves the rest.
+        let mut chunks = [std::mem::take(chunk)];
+        let polled = std::pin::pin!(self.write_chunks(&mut chunks)).poll(cx);
+        *chunk = std::mem::take(&mut chunks[0]);
+        match polled {
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl TunnelRecv for quinn::RecvStream {
@@ -58,6 +105,14 @@ impl<T: TunnelSend + ?Sized> TunnelSend for Box<T> {
 
     fn delivered(&self) -> Delivered {
         (**self).delivered()
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        (**self).poll_write_chunk(cx, chunk)
     }
 }
 

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::stream::{Delivered, TunnelRecv, TunnelSend};
@@ -59,6 +60,9 @@ impl<T: AsyncWrite + Unpin + Send> TunnelSend for Sink<T> {
 #[derive(Default, Debug)]
 pub struct Recorded {
     pub writes: Vec<Vec<u8>>,
+    /// The chunks handed over by [`TunnelSend::poll_write_chunk`] (also in
+    /// `writes`), kept as a transport keeps them until they are delivered.
+    pub chunks: Vec<Bytes>,
     pub finished: bool,
 }
 
@@ -107,5 +111,13 @@ impl TunnelSend for Recorder {
     fn reset(&mut self, _: u32) {}
     fn delivered(&self) -> Delivered {
         Box::pin(async {})
+    }
+    fn poll_write_chunk(&mut self, _: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
+        let chunk = std::mem::take(chunk);
+        let mut seen = self.seen.lock().unwrap();
+        seen.writes.push(chunk.to_vec());
+        seen.chunks.push(chunk);
+        self.changed.notify_waiters();
+        Poll::Ready(Ok(()))
     }
 }
