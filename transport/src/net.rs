@@ -37,10 +37,11 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<std::net::UdpSock
 }
 
 /// The destination a connection had before iptables DNAT/REDIRECT rewrote
-/// it (SO_ORIGINAL_DST, or IP6T_SO_ORIGINAL_DST for IPv6 sockets).
-pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+/// it (SO_ORIGINAL_DST, or IP6T_SO_ORIGINAL_DST for IPv6 sockets); `local`
+/// is the socket's own address, which the caller has (to tell a connection
+/// that was not redirected).
+pub fn original_dst(stream: &TcpStream, local: SocketAddr) -> io::Result<SocketAddr> {
     let sock = SockRef::from(stream);
-    let local = stream.local_addr()?;
     let addr = if local.is_ipv4() {
         sock.original_dst()?
     } else {
@@ -117,13 +118,15 @@ where
 /// Makes a long-lived TCP connection (the HTTP/2 transport) notice a dead
 /// peer about as fast as QUIC's idle timeout does: keep-alive probes every
 /// `keepalive`, and TCP_USER_TIMEOUT so unacknowledged data or probes fail
-/// the connection after `idle_timeout`. Best effort.
-pub fn set_liveness(
-    stream: &TcpStream,
+/// the connection after `idle_timeout`. Best effort. On a listener, Linux
+/// copies both to every socket it accepts, so a busy listener sets them
+/// once instead of five `setsockopt` calls per connection.
+pub fn set_liveness<S: std::os::fd::AsFd>(
+    socket: &S,
     keepalive: std::time::Duration,
     idle_timeout: std::time::Duration,
 ) {
-    let sock = SockRef::from(stream);
+    let sock = SockRef::from(socket);
     let params = socket2::TcpKeepalive::new()
         .with_time(keepalive)
         .with_interval(keepalive)
@@ -133,5 +136,33 @@ pub fn set_liveness(
     }
     if let Err(e) = sock.set_tcp_user_timeout(Some(idle_timeout)) {
         tracing::debug!("TCP_USER_TIMEOUT not set: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// The server sets keep-alive and TCP_USER_TIMEOUT on its client
+    /// listeners only: this is what makes that enough.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listeners_liveness() {
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        set_liveness(&listener, Duration::from_secs(17), Duration::from_secs(91));
+        let dial = TcpStream::connect(listener.local_addr().unwrap());
+        let (dialed, accepted) = tokio::join!(dial, listener.accept());
+        let (accepted, _) = accepted.unwrap();
+        let sock = SockRef::from(&accepted);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(17));
+        assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(17));
+        assert_eq!(sock.keepalive_retries().unwrap(), 5);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(91))
+        );
+        // The dialing side is untouched.
+        assert!(!SockRef::from(&dialed.unwrap()).keepalive().unwrap());
     }
 }

@@ -73,14 +73,13 @@ impl Peer {
 /// every connection is a TLS session first, and nothing is served to one
 /// whose handshake fails.
 pub async fn serve(listener: TcpListener, tls: Option<ConnectTls>, shared: Arc<Shared>) {
+    crate::ingress::watch_clients(&listener);
     loop {
         let slot = shared.client_slots.acquire(&shared.metrics).await;
         let (tcp, peer) = transport::net::accept_with(&listener, "CONNECT", |_| {
             shared.metrics.accept_failed("connect")
         })
         .await;
-        let _ = tcp.set_nodelay(true);
-        crate::ingress::watch_client(&tcp);
         // A client over its limit is told so (429) on this connection,
         // which then closes; it holds no tunnel meanwhile.
         let claim = shared.client_slots.claim(peer.ip(), "connect");

@@ -4,7 +4,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
 use tracing::Instrument;
 use transport::Direction;
 
@@ -22,9 +21,19 @@ pub const CLIENT_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs
 /// this long fail the connection.
 pub const CLIENT_IDLE_DEAD: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// Sets [`CLIENT_KEEPALIVE`] on an accepted client socket.
-pub fn watch_client(tcp: &TcpStream) {
-    transport::net::set_liveness(tcp, CLIENT_KEEPALIVE, CLIENT_IDLE_DEAD);
+/// Sets [`CLIENT_KEEPALIVE`] on a client socket.
+pub fn watch_client<S: std::os::fd::AsFd>(socket: &S) {
+    transport::net::set_liveness(socket, CLIENT_KEEPALIVE, CLIENT_IDLE_DEAD);
+}
+
+/// Sets [`CLIENT_KEEPALIVE`] and `TCP_NODELAY` on a client listener, once:
+/// Linux copies both to every socket it accepts (`transport::net`'s test
+/// checks it), which then costs no `setsockopt` of its own.
+pub fn watch_clients(listener: &tokio::net::TcpListener) {
+    if let Err(e) = socket2::SockRef::from(listener).set_nodelay(true) {
+        tracing::debug!("TCP_NODELAY not set on a listener: {e}");
+    }
+    watch_client(listener);
 }
 
 /// Counts a connection refused by `--max-streams-per-client`, and logs

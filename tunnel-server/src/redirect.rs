@@ -84,6 +84,7 @@ pub async fn serve(
     max_connections: usize,
     metrics: RedirectMetrics,
 ) {
+    crate::ingress::watch_clients(&listener);
     let local = listener.local_addr().ok();
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -107,21 +108,18 @@ async fn handle(
     local: Option<SocketAddr>,
     upstream: &Upstream,
 ) -> &'static str {
-    let _ = tcp.set_nodelay(true);
-    transport::net::set_liveness(
-        &tcp,
-        crate::ingress::CLIENT_KEEPALIVE,
-        crate::ingress::CLIENT_IDLE_DEAD,
-    );
-    let original = match transport::net::original_dst(&tcp) {
-        Ok(addr) => addr,
+    let found = tcp
+        .local_addr()
+        .and_then(|here| Ok((here, transport::net::original_dst(&tcp, here)?)));
+    let (here, original) = match found {
+        Ok(found) => found,
         Err(e) => {
             tracing::info!(%peer, "no original destination (not a DNAT-redirected connection?): {e}");
             reset(&tcp);
             return "no_original_destination";
         }
     };
-    if Some(original) == local || tcp.local_addr().ok() == Some(original) {
+    if Some(original) == local || here == original {
         tracing::info!(%peer, "connection was not redirected by DNAT; refusing");
         reset(&tcp);
         return "not_redirected";

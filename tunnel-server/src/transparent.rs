@@ -17,6 +17,7 @@ use crate::ingress;
 use crate::Shared;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    ingress::watch_clients(&listener);
     let local = listener.local_addr().ok();
     loop {
         let slot = shared.client_slots.acquire(&shared.metrics).await;
@@ -32,7 +33,6 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        crate::ingress::watch_client(&tcp);
         let shared = shared.clone();
         tokio::spawn(async move {
             let _slot = (slot, claim);
@@ -42,8 +42,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 async fn handle(tcp: TcpStream, peer: SocketAddr, local: Option<SocketAddr>, shared: Arc<Shared>) {
-    let original = match transport::net::original_dst(&tcp) {
-        Ok(addr) => addr,
+    let found = tcp
+        .local_addr()
+        .and_then(|here| Ok((here, transport::net::original_dst(&tcp, here)?)));
+    let (here, original) = match found {
+        Ok(found) => found,
         Err(e) => {
             tracing::info!(%peer, "no original destination (not a DNAT-redirected connection?): {e}");
             shared.metrics.dial_failed("no_original_destination");
@@ -51,7 +54,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, local: Option<SocketAddr>, sha
         }
     };
     // Without a DNAT rule the "original" destination is this listener.
-    if Some(original) == local || tcp.local_addr().ok() == Some(original) {
+    if Some(original) == local || here == original {
         tracing::info!(%peer, "connection was not redirected by DNAT; refusing");
         shared.metrics.dial_failed("not_redirected");
         return reset(tcp);
