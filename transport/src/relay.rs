@@ -822,6 +822,18 @@ mod tests {
         TcpStream,
         tokio::task::JoinHandle<RelayStats>,
     ) {
+        recorded_relay(Some(Opening { frame, hold })).await
+    }
+
+    /// [`opening_relay`], with or without an opening.
+    async fn recorded_relay(
+        opening: Option<Opening<'static>>,
+    ) -> (
+        Recorder,
+        tokio::io::DuplexStream,
+        TcpStream,
+        tokio::task::JoinHandle<RelayStats>,
+    ) {
         let (socket, target) = tcp_pair().await;
         let (from_server, recv) = tokio::io::duplex(1024);
         let recorder = Recorder::default();
@@ -835,7 +847,7 @@ mod tests {
                 reader_gone_after: None,
                 unlent_gone_after: None,
                 idle_after: None,
-                opening: Some(Opening { frame, hold }),
+                opening,
             };
             relay(socket, send, Recv(recv), |_, _| {}, limits).await
         });
@@ -932,23 +944,7 @@ mod tests {
 
     #[tokio::test]
     async fn large_reads_and_the_tail_behind_them_are_handed_over_without_a_copy() {
-        let (socket, mut target) = tcp_pair().await;
-        let (from_server, recv) = tokio::io::duplex(1024);
-        let recorder = Recorder::default();
-        let send = recorder.clone();
-        let relay = tokio::spawn(async move {
-            let budget = BufferBudget::default();
-            let limits = RelayLimits {
-                stall: None,
-                client: None,
-                buffers: &budget,
-                reader_gone_after: None,
-                unlent_gone_after: None,
-                idle_after: None,
-                opening: None,
-            };
-            relay(socket, send, Recv(recv), |_, _| {}, limits).await
-        });
+        let (recorder, from_server, mut target, relay) = recorded_relay(None).await;
         let large = vec![7u8; MIN_BUF / 2];
         tokio::time::timeout(HANG, async {
             for (i, data) in [&large[..], b"tail"].into_iter().enumerate() {
