@@ -144,12 +144,13 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    /// The server sets keep-alive and TCP_USER_TIMEOUT on its client
-    /// listeners only: this is what makes that enough.
+    /// The server sets keep-alive, TCP_USER_TIMEOUT and TCP_NODELAY on
+    /// its client listeners only: this is what makes that enough.
     #[tokio::test]
     async fn accepted_sockets_inherit_the_listeners_liveness() {
         let listener = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
         set_liveness(&listener, Duration::from_secs(17), Duration::from_secs(91));
+        SockRef::from(&listener).set_nodelay(true).unwrap();
         let dial = TcpStream::connect(listener.local_addr().unwrap());
         let (dialed, accepted) = tokio::join!(dial, listener.accept());
         let (accepted, _) = accepted.unwrap();
@@ -162,7 +163,10 @@ mod tests {
             sock.tcp_user_timeout().unwrap(),
             Some(Duration::from_secs(91))
         );
+        assert!(sock.nodelay().unwrap());
         // The dialing side is untouched.
-        assert!(!SockRef::from(&dialed.unwrap()).keepalive().unwrap());
+        let dialed = dialed.unwrap();
+        assert!(!SockRef::from(&dialed).keepalive().unwrap());
+        assert!(!SockRef::from(&dialed).nodelay().unwrap());
     }
 }
