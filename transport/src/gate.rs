@@ -318,6 +318,10 @@ impl<S: TunnelSend> TunnelSend for HeldSend<S> {
     fn delivered(&self) -> Delivered {
         self.inner.delivered()
     }
+
+    fn set_priority(&mut self, priority: i32) {
+        self.inner.set_priority(priority)
+    }
 }
 
 impl<R: TunnelRecv> AsyncRead for ResultGate<R> {

@@ -7,6 +7,8 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Endpoint, EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig, VarInt};
 
+use crate::stream::StreamOrder;
+
 /// Transport settings. Defaults are chosen for a WAN link to the edge and
 /// for thousands of streams per agent; see each field for its cost.
 #[derive(Clone, Debug)]
@@ -70,6 +72,11 @@ pub struct QuicSettings {
     /// queue, made it ~9 ms; clean-path bulk and latency were the same
     /// (`benches/RESULTS.md`).
     pub congestion: Congestion,
+    /// How a connection orders its streams' queued data: the relays of
+    /// this end set their streams' priorities by it
+    /// ([`crate::RelayLimits::order`]). Default least-served (see
+    /// [`StreamOrder`]).
+    pub stream_order: StreamOrder,
 }
 
 /// A QUIC congestion controller (quinn's).
@@ -128,6 +135,7 @@ impl Default for QuicSettings {
             incoming_buffer: 64 * 1024,
             incoming_buffer_total: 16 * 1024 * 1024,
             congestion: Congestion::default(),
+            stream_order: StreamOrder::default(),
         }
     }
 }
@@ -483,6 +491,18 @@ mod tests {
             server.contains("max_concurrent_bidi_streams: 1,"),
             "{server}"
         );
+    }
+
+    #[test]
+    fn stream_orders_parse_and_name_the_choices() {
+        assert_eq!(
+            QuicSettings::default().stream_order,
+            StreamOrder::LeastServed
+        );
+        assert_eq!("round-robin".parse(), Ok(StreamOrder::RoundRobin));
+        assert_eq!("least-served".parse(), Ok(StreamOrder::LeastServed));
+        let e = "fair".parse::<StreamOrder>().unwrap_err();
+        assert!(e.contains("least-served or round-robin"), "{e}");
     }
 
     /// The smallest window, in packets, quinn's controller falls to.

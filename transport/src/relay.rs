@@ -27,14 +27,14 @@ use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proto::codes::stream as code;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::stream::{write_chunk, TunnelRecv, TunnelSend};
+use crate::stream::{write_chunk, StreamOrder, TunnelRecv, TunnelSend};
 use crate::window::{ReceiveWindow, StallGuard};
 
 /// A write to TCP blocked this long means its reader has stalled; see
@@ -250,6 +250,94 @@ impl<'a> ChunkBuf<'a> {
 /// Longest wait for the peer to acknowledge a finished stream.
 const DELIVERY_WAIT: Duration = Duration::from_secs(5);
 
+/// What one level of a stream's send priority stands for
+/// ([`StreamOrder::LeastServed`]): a stream that sent this much more than
+/// another lately yields to it. A GSO batch's worth, so streams take
+/// turns in runs of ~45 packets.
+pub const SERVICE_QUANTUM: usize = 64 * 1024;
+
+/// How fast what a stream sent stops counting against it: halved every
+/// this long. A new transfer takes the connection from an old one that
+/// saturated it for about this long before they take turns; an
+/// interactive stream is back at the top within a few of them.
+pub const SERVICE_HALF_LIFE: Duration = Duration::from_millis(250);
+
+/// Distinct priorities within one level. Streams at the same level are
+/// ordered by the slot they drew when they started (slots are dealt in
+/// turn), not interleaved packet by packet as quinn does with equal
+/// priorities.
+const SLOTS: i32 = 1024;
+
+/// The levels a priority can express below 0 (the rest saturate there);
+/// far above any real level, which is bounded by a stream's rate times
+/// the half-life (~7,000 at 10 Gbit/s).
+const MAX_LEVEL: i32 = i32::MAX / SLOTS - 1;
+
+/// A stream's recent service, in quanta, decaying with
+/// [`SERVICE_HALF_LIFE`], and the send priority it maps to: minus its
+/// whole quanta times [`SLOTS`], minus its slot.
+#[derive(Debug)]
+struct RecentService {
+    level: f64,
+    at: Instant,
+    slot: i32,
+    priority: i32,
+}
+
+impl RecentService {
+    fn new(now: Instant, slot: i32) -> Self {
+        RecentService {
+            level: 0.0,
+            at: now,
+            slot,
+            priority: -slot,
+        }
+    }
+
+    /// Counts `n` bytes sent at `now`; the new priority if it changed.
+    fn sent(&mut self, now: Instant, n: usize) -> Option<i32> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        let decay = (-elapsed / SERVICE_HALF_LIFE.as_secs_f64()).exp2();
+        self.level = self.level * decay + n as f64 / SERVICE_QUANTUM as f64;
+        // `as` saturates; the level is never negative.
+        let whole = (self.level as i32).min(MAX_LEVEL);
+        let priority = -(whole * SLOTS + self.slot);
+        (priority != self.priority).then(|| {
+            self.priority = priority;
+            priority
+        })
+    }
+}
+
+/// Ranks what a stream sends by [`StreamOrder`]: one clock read per
+/// write, and a priority change (which takes the connection's lock) when
+/// the stream starts and at most about once a quantum after.
+struct Ranking(Option<RecentService>);
+
+impl Ranking {
+    fn new<W: TunnelSend + ?Sized>(order: StreamOrder, w: &mut W) -> Self {
+        static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+        Ranking(match order {
+            StreamOrder::LeastServed => {
+                let slot = (NEXT_SLOT.fetch_add(1, Ordering::Relaxed) % SLOTS as usize) as i32;
+                let service = RecentService::new(Instant::now(), slot);
+                w.set_priority(service.priority);
+                Some(service)
+            }
+            StreamOrder::RoundRobin => None,
+        })
+    }
+
+    fn sent<W: TunnelSend + ?Sized>(&mut self, w: &mut W, n: usize) {
+        if let Some(service) = &mut self.0 {
+            if let Some(priority) = service.sent(Instant::now(), n) {
+                w.set_priority(priority);
+            }
+        }
+    }
+}
+
 /// Which way bytes moved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -288,6 +376,9 @@ pub struct RelayLimits<'a> {
     /// Bytes to send into the tunnel before the first TCP bytes, held
     /// until those come (`None`: nothing to send first).
     pub opening: Option<Opening<'a>>,
+    /// How the stream's connection orders its streams' data: whether the
+    /// relay lowers the stream's send priority as it sends.
+    pub order: StreamOrder,
 }
 
 /// A frame the relay sends into the tunnel ahead of the TCP side's first
@@ -622,6 +713,7 @@ where
     let read_fail = |e| dir.failure(true, e);
     let write_fail = |e| dir.failure(false, e);
     let mut buf = ChunkBuf::new(limits.buffers);
+    let mut ranking = Ranking::new(limits.order, w);
     if let Some(opening) = limits.opening {
         // The frame goes first in the slab and the first bytes are read
         // behind it, so one chunk (one STREAM frame, one packet) carries
@@ -656,6 +748,7 @@ where
             return w.shutdown().await.map_err(write_fail);
         }
         if n > 0 {
+            ranking.sent(w, n);
             tally.bytes += n as u64;
             on_bytes(dir, n);
         }
@@ -670,6 +763,7 @@ where
             return w.shutdown().await.map_err(write_fail);
         }
         write_chunk(w, buf.take()).await.map_err(write_fail)?;
+        ranking.sent(w, n);
         if let Some(a) = activity {
             a.touch();
         }
@@ -799,7 +893,7 @@ fn is_reset(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{Recorder, Recv};
+    use crate::testing::{Recorded, Recorder, Recv};
     use tokio::net::TcpListener;
 
     /// The relay's socket and the target at its other end.
@@ -822,12 +916,13 @@ mod tests {
         TcpStream,
         tokio::task::JoinHandle<RelayStats>,
     ) {
-        recorded_relay(Some(Opening { frame, hold })).await
+        recorded_relay(Some(Opening { frame, hold }), StreamOrder::default()).await
     }
 
     /// [`opening_relay`], with or without an opening.
     async fn recorded_relay(
         opening: Option<Opening<'static>>,
+        order: StreamOrder,
     ) -> (
         Recorder,
         tokio::io::DuplexStream,
@@ -848,6 +943,7 @@ mod tests {
                 unlent_gone_after: None,
                 idle_after: None,
                 opening,
+                order,
             };
             relay(socket, send, Recv(recv), |_, _| {}, limits).await
         });
@@ -944,7 +1040,8 @@ mod tests {
 
     #[tokio::test]
     async fn large_reads_and_the_tail_behind_them_are_handed_over_without_a_copy() {
-        let (recorder, from_server, mut target, relay) = recorded_relay(None).await;
+        let (recorder, from_server, mut target, relay) =
+            recorded_relay(None, StreamOrder::default()).await;
         let large = vec![7u8; MIN_BUF / 2];
         tokio::time::timeout(HANG, async {
             for (i, data) in [&large[..], b"tail"].into_iter().enumerate() {
@@ -962,6 +1059,92 @@ mod tests {
         // The transport still holds the first chunk, and the second read
         // landed right behind it in the same slab: both handed over.
         assert_eq!(at(&seen.chunks[1]), at(&seen.chunks[0]) + large.len());
+    }
+
+    /// Relays `len` bytes from the target into a recording send half.
+    async fn relay_from_target(len: usize, order: StreamOrder) -> Recorded {
+        let (recorder, from_server, mut target, relay) = recorded_relay(None, order).await;
+        tokio::time::timeout(HANG, async {
+            target.write_all(&vec![1u8; len]).await.unwrap();
+            drop(target);
+            recorder.until(|r| r.finished).await;
+            drop(from_server);
+            assert_eq!(relay.await.unwrap().outcome, RelayOutcome::Closed);
+        })
+        .await
+        .expect("the relay ends");
+        let seen = std::mem::take(&mut *recorder.seen.lock().unwrap());
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_least_served_stream_drops_its_priority_as_it_sends() {
+        let seen = relay_from_target(1 << 20, StreamOrder::LeastServed).await;
+        assert_eq!(seen.writes.iter().map(Vec::len).sum::<usize>(), 1 << 20);
+        let p = &seen.priorities;
+        // Each priority is minus (level × SLOTS + the stream's slot).
+        let slot = -p[0];
+        assert!((0..SLOTS).contains(&slot), "{p:?}");
+        assert!(p.iter().all(|p| -p % SLOTS == slot), "{p:?}");
+        let levels: Vec<i32> = p.iter().map(|p| -p / SLOTS).collect();
+        // Set when the stream starts, at level 0. No write is larger than
+        // a quantum, so the next step is to level 1; 16 quanta sent within
+        // far less than a half-life go well below.
+        assert_eq!(levels[..2], [0, 1], "{p:?}");
+        assert!(levels.iter().max().unwrap() >= &8, "{p:?}");
+        // Set only when it changes: at most once per quantum sent.
+        assert!(p.len() <= 17, "{p:?}");
+        assert!(p.windows(2).all(|w| w[0] != w[1]), "{p:?}");
+    }
+
+    #[tokio::test]
+    async fn a_round_robin_stream_keeps_its_priority() {
+        let seen = relay_from_target(1 << 20, StreamOrder::RoundRobin).await;
+        assert_eq!(seen.writes.iter().map(Vec::len).sum::<usize>(), 1 << 20);
+        assert_eq!(seen.priorities, []);
+    }
+
+    #[test]
+    fn recent_service_steps_down_per_quantum_and_wears_off() {
+        let t0 = Instant::now();
+        let level = |l: i32| -(l * SLOTS + 7);
+        let mut s = RecentService::new(t0, 7);
+        assert_eq!(s.priority, level(0));
+        assert_eq!(s.sent(t0, SERVICE_QUANTUM - 1), None);
+        assert_eq!(s.sent(t0, 1), Some(level(1)));
+        assert_eq!(s.sent(t0, 3 * SERVICE_QUANTUM), Some(level(4)));
+        assert_eq!(s.sent(t0, 0), None);
+        // A half-life later what it sent counts half.
+        assert_eq!(s.sent(t0 + SERVICE_HALF_LIFE, 0), Some(level(2)));
+        // Idle for ten more, it is back at the top.
+        assert_eq!(s.sent(t0 + SERVICE_HALF_LIFE * 11, 0), Some(level(0)));
+        // A clock that went backwards counts as no time passing.
+        assert_eq!(s.sent(t0, SERVICE_QUANTUM), Some(level(1)));
+        // Levels past what a priority holds saturate instead of wrapping.
+        assert_eq!(s.sent(t0, usize::MAX), Some(-(MAX_LEVEL * SLOTS + 7)));
+    }
+
+    #[test]
+    fn an_interactive_stream_stays_above_a_transfer() {
+        // A keystroke's echo of 100 bytes every 10 ms for a minute: ~2.5
+        // KiB lately at any time, far below a quantum.
+        let t0 = Instant::now();
+        let mut keys = RecentService::new(t0, SLOTS - 1);
+        for i in 1..=6000u32 {
+            assert_eq!(keys.sent(t0 + Duration::from_millis(10) * i, 100), None);
+        }
+        // A saturating transfer (1 GB/s) that started before it, with the
+        // best slot, sinks below it with its first quantum.
+        let mut bulk = RecentService::new(t0, 0);
+        assert!(bulk.priority > keys.priority);
+        let mut priority = bulk.priority;
+        for i in 1..=16u32 {
+            if let Some(p) = bulk.sent(t0 + Duration::from_micros(64) * i, SERVICE_QUANTUM) {
+                assert!(p < keys.priority);
+                priority = p;
+            }
+        }
+        assert_eq!(priority, -15 * SLOTS);
     }
 
     #[tokio::test]

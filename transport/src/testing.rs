@@ -63,6 +63,8 @@ pub struct Recorded {
     /// The chunks handed over by [`TunnelSend::poll_write_chunk`] (also in
     /// `writes`), kept as a transport keeps them until they are delivered.
     pub chunks: Vec<Bytes>,
+    /// Every send priority set, in order.
+    pub priorities: Vec<i32>,
     pub finished: bool,
 }
 
@@ -119,5 +121,8 @@ impl TunnelSend for Recorder {
         seen.chunks.push(chunk);
         self.changed.notify_waiters();
         Poll::Ready(Ok(()))
+    }
+    fn set_priority(&mut self, priority: i32) {
+        self.seen.lock().unwrap().priorities.push(priority);
     }
 }

@@ -37,6 +37,8 @@ pub struct DialPolicy {
     pub metrics: Arc<AgentMetrics>,
     /// What relay buffers may grow into (shared by the whole agent).
     pub buffers: Arc<transport::BufferBudget>,
+    /// How the agent's QUIC connections order their streams' data.
+    pub stream_order: transport::StreamOrder,
 }
 
 /// How the agent serves a new stream.
@@ -134,6 +136,7 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
                 frame: &OK_FRAME,
                 hold,
             }),
+            order: policy.stream_order,
         },
     )
     .await;

@@ -125,6 +125,10 @@ struct Args {
     /// from the edge): cubic, bbr or new-reno.
     #[arg(long, env = "TUNNEL_CONGESTION", default_value = "bbr")]
     congestion: transport::quic::Congestion,
+    /// How the connection orders its streams' data (what this agent
+    /// sends): least-served or round-robin (see the server's).
+    #[arg(long, env = "TUNNEL_STREAM_ORDER", default_value = "least-served")]
+    stream_order: transport::StreamOrder,
     /// Do not renew the certificate (by default it is renewed at two
     /// thirds of its lifetime, with servers that enroll).
     #[arg(long, env = "TUNNEL_NO_RENEW")]
@@ -184,6 +188,7 @@ fn main() -> Result<()> {
     config.drain_grace = args.drain_grace;
     config.quic.keepalive = args.keepalive;
     config.quic.congestion = args.congestion;
+    config.quic.stream_order = args.stream_order;
     args.windows.apply(&mut config.quic);
     config.quic.idle_timeout = args.idle_timeout;
     config.relay_buffers = std::sync::Arc::new(args.relay.buffers());

@@ -49,6 +49,7 @@ impl Registration<'_> {
             result_hold: self.config.result_hold,
             metrics: self.metrics.clone(),
             buffers: self.config.relay_buffers.clone(),
+            stream_order: self.config.quic.stream_order,
         })
     }
 
@@ -194,6 +195,8 @@ pub(crate) async fn open_quic(
         .await
         .map_err(|e| quic_err(&e))?;
     let (send, recv) = conn.open_bi().await.map_err(|e| quic_err(&e))?;
+    // Err only for a stream already finished or reset.
+    let _ = send.set_priority(transport::CONTROL_PRIORITY);
     Ok((conn, send, recv))
 }
 

@@ -109,7 +109,11 @@ async fn handle(
     let control = async {
         conn.accept_bi()
             .await
-            .map(|(send, recv)| TunnelStream::new(send, recv))
+            .map(|(send, recv)| {
+                // Err only for a stream already finished or reset.
+                let _ = send.set_priority(transport::CONTROL_PRIORITY);
+                TunnelStream::new(send, recv)
+            })
             .map_err(|e| e.to_string())
     };
     serve_agent(shared, &certs, link, control, None).await

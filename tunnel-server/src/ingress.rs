@@ -95,6 +95,7 @@ pub async fn relay<C: transport::ClientSocket>(
             unlent_gone_after: shared.config.stall_shed_timeout,
             idle_after: shared.config.relay_idle_timeout,
             opening: None,
+            order: shared.config.quic.stream_order,
         },
     )
     .instrument(span.clone())

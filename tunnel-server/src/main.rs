@@ -179,6 +179,12 @@ struct Args {
     /// or new-reno.
     #[arg(long, env = "TUNNEL_CONGESTION", default_value = "bbr")]
     congestion: transport::quic::Congestion,
+    /// How an agent connection orders its streams' data (what this server
+    /// sends): least-served (a stream that sent less lately goes first,
+    /// the others take turns in 64 KiB runs) or round-robin (quinn's:
+    /// packet by packet).
+    #[arg(long, env = "TUNNEL_STREAM_ORDER", default_value = "least-served")]
+    stream_order: transport::StreamOrder,
     /// How long an agent may take to register after its handshake (1s-10m).
     #[arg(long, env = "TUNNEL_REGISTER_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), secs(600)))]
     register_timeout: Duration,
@@ -646,6 +652,7 @@ fn serve(args: Args) -> Result<()> {
     settings.dial_timeout = args.dial_timeout;
     settings.quic.keepalive = args.keepalive;
     settings.quic.congestion = args.congestion;
+    settings.quic.stream_order = args.stream_order;
     args.windows.apply(&mut settings.quic);
     settings.quic.idle_timeout = args.idle_timeout;
     settings.client_stall_timeout = Some(args.client_stall_timeout).filter(|d| !d.is_zero());
