@@ -329,7 +329,11 @@ impl Ranking {
         })
     }
 
-    fn sent<W: TunnelSend + ?Sized>(&mut self, w: &mut W, n: usize) {
+    /// Before `n` bytes are written: the priority they queue at counts
+    /// them, and the decay since the stream last sent, so the first
+    /// keystroke after an idle spell does not queue at the level the
+    /// stream had when it went quiet.
+    fn sending<W: TunnelSend + ?Sized>(&mut self, w: &mut W, n: usize) {
         if let Some(service) = &mut self.0 {
             if let Some(priority) = service.sent(Instant::now(), n) {
                 w.set_priority(priority);
@@ -729,6 +733,7 @@ where
                 Ok(Err(e)) => return Err(read_fail(e)),
                 Err(_) => {}
             }
+            ranking.sending(w, n);
             write_chunk(w, buf.take()).await
         } else {
             write_chunk(w, Bytes::copy_from_slice(opening.frame)).await
@@ -748,7 +753,6 @@ where
             return w.shutdown().await.map_err(write_fail);
         }
         if n > 0 {
-            ranking.sent(w, n);
             tally.bytes += n as u64;
             on_bytes(dir, n);
         }
@@ -762,8 +766,8 @@ where
             // FIN: pass the half-close on and stop this direction.
             return w.shutdown().await.map_err(write_fail);
         }
+        ranking.sending(w, n);
         write_chunk(w, buf.take()).await.map_err(write_fail)?;
-        ranking.sent(w, n);
         if let Some(a) = activity {
             a.touch();
         }
@@ -1081,7 +1085,7 @@ mod tests {
     async fn a_least_served_stream_drops_its_priority_as_it_sends() {
         let seen = relay_from_target(1 << 20, StreamOrder::LeastServed).await;
         assert_eq!(seen.writes.iter().map(Vec::len).sum::<usize>(), 1 << 20);
-        let p = &seen.priorities;
+        let (p, before): (Vec<i32>, Vec<usize>) = seen.priorities.iter().copied().unzip();
         // Each priority is minus (level × SLOTS + the stream's slot).
         let slot = -p[0];
         assert!((0..SLOTS).contains(&slot), "{p:?}");
@@ -1092,6 +1096,11 @@ mod tests {
         // far less than a half-life go well below.
         assert_eq!(levels[..2], [0, 1], "{p:?}");
         assert!(levels.iter().max().unwrap() >= &8, "{p:?}");
+        // Each is set before the write it counts goes out, so that write
+        // queues at it: the step to level 1 comes before the write that
+        // crosses a quantum, not after.
+        assert_eq!(before[0], 0);
+        assert!(before[1] < SERVICE_QUANTUM, "{before:?}");
         // Set only when it changes: at most once per quantum sent.
         assert!(p.len() <= 17, "{p:?}");
         assert!(p.windows(2).all(|w| w[0] != w[1]), "{p:?}");
@@ -1101,7 +1110,7 @@ mod tests {
     async fn a_round_robin_stream_keeps_its_priority() {
         let seen = relay_from_target(1 << 20, StreamOrder::RoundRobin).await;
         assert_eq!(seen.writes.iter().map(Vec::len).sum::<usize>(), 1 << 20);
-        assert_eq!(seen.priorities, []);
+        assert!(seen.priorities.is_empty(), "{:?}", seen.priorities);
     }
 
     #[test]

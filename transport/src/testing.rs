@@ -63,8 +63,8 @@ pub struct Recorded {
     /// The chunks handed over by [`TunnelSend::poll_write_chunk`] (also in
     /// `writes`), kept as a transport keeps them until they are delivered.
     pub chunks: Vec<Bytes>,
-    /// Every send priority set, in order.
-    pub priorities: Vec<i32>,
+    /// Every send priority set, in order, with the bytes written before it.
+    pub priorities: Vec<(i32, usize)>,
     pub finished: bool,
 }
 
@@ -123,6 +123,8 @@ impl TunnelSend for Recorder {
         Poll::Ready(Ok(()))
     }
     fn set_priority(&mut self, priority: i32) {
-        self.seen.lock().unwrap().priorities.push(priority);
+        let mut seen = self.seen.lock().unwrap();
+        let written = seen.writes.iter().map(Vec::len).sum();
+        seen.priorities.push((priority, written));
     }
 }
