@@ -53,8 +53,8 @@ impl std::str::FromStr for StreamOrder {
 }
 
 /// The send priority of control streams: above every tunneled stream
-/// (which start at 0 and only go down), so a `GoAway` or a stream grant
-/// never waits behind relayed data.
+/// (never above 0), so a `GoAway` or a stream grant never waits behind
+/// relayed data.
 pub const CONTROL_PRIORITY: i32 = 1;
 
 /// Sending half of a tunneled stream. `poll_shutdown` is a clean FIN.
