@@ -29,7 +29,7 @@ pub enum StreamOrder {
     /// keystroke or a new scrape goes ahead of a long transfer's queued
     /// data at the next packet; streams of one level go one after the
     /// other in runs of about a quantum, not packet by packet. A
-    /// 1,000-stream echo took ~25-40% less CPU at both ends than with
+    /// 1,000-stream echo took 25-31% less CPU (medians) at both ends than with
     /// round robin, its receivers writing runs instead of one packet's
     /// worth per wake-up (`benches/RESULTS.md`).
     #[default]
