@@ -31,4 +31,6 @@ pub use framed::{read_message, write_message, FrameError};
 pub use relay::{
     relay, BufferBudget, ClientSocket, Direction, Opening, OpeningSent, RelayLimits, RelayOutcome,
 };
-pub use stream::{StreamOrder, TunnelRecv, TunnelSend, TunnelStream, CONTROL_PRIORITY};
+pub use stream::{
+    mark_control, StreamOrder, TunnelRecv, TunnelSend, TunnelStream, CONTROL_PRIORITY,
+};

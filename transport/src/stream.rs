@@ -57,6 +57,13 @@ impl std::str::FromStr for StreamOrder {
 /// relayed data.
 pub const CONTROL_PRIORITY: i32 = 1;
 
+/// Puts a QUIC control stream at [`CONTROL_PRIORITY`]; each end calls it
+/// on the control stream it opens (agent) or accepts (server).
+pub fn mark_control(send: &quinn::SendStream) {
+    // Err only for a stream already finished or reset: nothing to order.
+    let _ = send.set_priority(CONTROL_PRIORITY);
+}
+
 /// Sending half of a tunneled stream. `poll_shutdown` is a clean FIN.
 pub trait TunnelSend: AsyncWrite + Unpin + Send {
     /// Abandons the stream with `code` (a `proto::codes::stream` value); the

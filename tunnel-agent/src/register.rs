@@ -195,8 +195,7 @@ pub(crate) async fn open_quic(
         .await
         .map_err(|e| quic_err(&e))?;
     let (send, recv) = conn.open_bi().await.map_err(|e| quic_err(&e))?;
-    // Err only for a stream already finished or reset.
-    let _ = send.set_priority(transport::CONTROL_PRIORITY);
+    transport::mark_control(&send);
     Ok((conn, send, recv))
 }
 

@@ -110,8 +110,7 @@ async fn handle(
         conn.accept_bi()
             .await
             .map(|(send, recv)| {
-                // Err only for a stream already finished or reset.
-                let _ = send.set_priority(transport::CONTROL_PRIORITY);
+                transport::mark_control(&send);
                 TunnelStream::new(send, recv)
             })
             .map_err(|e| e.to_string())
