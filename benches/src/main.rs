@@ -21,6 +21,7 @@
 //!   attacks of issue #13 against the release server, with its memory,
 //!   descriptors and `/healthz` answer times under each.
 //! - [`proc_stats`]: CPU, memory and context switches from `/proc`;
+//!   [`socket_mem`]: each tunnel process's kernel socket memory (cgroup);
 //!   [`probe`]: admin endpoints with deadlines, gauges, descriptors.
 //! - [`report`]: the rows, the Markdown table and the JSON.
 
@@ -38,6 +39,7 @@ mod probe;
 mod proc_stats;
 mod report;
 mod soak;
+mod socket_mem;
 mod testbed;
 mod transports;
 
@@ -116,6 +118,8 @@ fn main() -> Result<()> {
     );
     report.soak = soak;
     report.attacks = attacks;
+    drop(bed);
+    socket_mem::cleanup();
     report.write(&cli.json, cli.results.as_deref())?;
     if let Some(s) = &report.soak {
         if !s.passed() {

@@ -154,12 +154,14 @@ fn rathole(topo: &Topology, pki: &Pki) -> Result<Option<Peer>> {
     let (server_conf, client_conf) = (dir.join("server.toml"), dir.join("client.toml"));
     std::fs::write(&server_conf, server_toml)?;
     std::fs::write(&client_conf, client_toml)?;
-    let cloud = topo.cloud.spawn(
+    let cloud = crate::socket_mem::spawn(
+        &topo.cloud,
         &bin,
         &["--server", server_conf.to_str().context("path")?],
         &topo.dir.join("rathole-server.log"),
     );
-    let edge = topo.edge.spawn(
+    let edge = crate::socket_mem::spawn(
+        &topo.edge,
         &bin,
         &["--client", client_conf.to_str().context("path")?],
         &topo.dir.join("rathole-client.log"),
@@ -209,9 +211,8 @@ fn naive(topo: &Topology, _pki: &Pki) -> Result<Option<Peer>> {
         "0",
     ];
     args.extend(expose.iter().map(String::as_str));
-    let cloud = topo
-        .cloud
-        .spawn(&bin, &args, &topo.dir.join("naive-server.log"));
+    let cloud =
+        crate::socket_mem::spawn(&topo.cloud, &bin, &args, &topo.dir.join("naive-server.log"));
     let cert = dir.join("cert.der");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cert.exists() {
@@ -220,7 +221,8 @@ fn naive(topo: &Topology, _pki: &Pki) -> Result<Option<Peer>> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let edge = topo.edge.spawn(
+    let edge = crate::socket_mem::spawn(
+        &topo.edge,
         &bin,
         &[
             "agent",

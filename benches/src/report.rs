@@ -11,6 +11,7 @@ use crate::cli::{Cli, Workload};
 use crate::fleet_run::FleetReport;
 use crate::proc_stats::proc_status;
 use crate::soak::SoakReport;
+use crate::socket_mem;
 use crate::testbed::Testbed;
 
 /// Label of the rows measured through the reference forwarders.
@@ -107,8 +108,25 @@ pub struct Memory {
     agent_peak_hwm_kib: u64,
     server_idle_rss_kib: u64,
     server_peak_hwm_kib: u64,
-    /// The same for each peer: name, cloud idle / peak, edge idle / peak.
-    peers: Vec<(String, u64, u64, u64, u64)>,
+    /// The most kernel socket memory each held at once ([`socket_mem`];
+    /// `None`: not measured on this host).
+    ///
+    /// [`socket_mem`]: crate::socket_mem
+    agent_peak_socket_kib: Option<u64>,
+    server_peak_socket_kib: Option<u64>,
+    /// The same for each peer's cloud and edge process.
+    peers: Vec<PeerMemory>,
+}
+
+#[derive(Serialize)]
+struct PeerMemory {
+    name: String,
+    cloud_idle_rss_kib: u64,
+    cloud_peak_hwm_kib: u64,
+    cloud_peak_socket_kib: Option<u64>,
+    edge_idle_rss_kib: u64,
+    edge_peak_hwm_kib: u64,
+    edge_peak_socket_kib: Option<u64>,
 }
 
 impl Memory {
@@ -122,27 +140,35 @@ impl Memory {
                 .iter()
                 .map(|p| {
                     let [c, e] = p.pids();
-                    (
-                        p.name.to_owned(),
-                        proc_status(c, "VmRSS:"),
-                        0,
-                        proc_status(e, "VmRSS:"),
-                        0,
-                    )
+                    PeerMemory {
+                        name: p.name.to_owned(),
+                        cloud_idle_rss_kib: proc_status(c, "VmRSS:"),
+                        cloud_peak_hwm_kib: 0,
+                        cloud_peak_socket_kib: None,
+                        edge_idle_rss_kib: proc_status(e, "VmRSS:"),
+                        edge_peak_hwm_kib: 0,
+                        edge_peak_socket_kib: None,
+                    }
                 })
                 .collect(),
             ..Memory::default()
         }
     }
 
-    /// Adds server and agent peak memory so far (VmHWM).
+    /// Adds the peak memory so far of every tunnel process: RSS (VmHWM)
+    /// and kernel socket memory.
     pub fn record_peak(&mut self, bed: &Testbed) {
-        self.agent_peak_hwm_kib = proc_status(bed.agent.pid(), "VmHWM:");
-        self.server_peak_hwm_kib = proc_status(bed.server.pid(), "VmHWM:");
+        let (agent, server) = (bed.agent.pid(), bed.server.pid());
+        self.agent_peak_hwm_kib = proc_status(agent, "VmHWM:");
+        self.server_peak_hwm_kib = proc_status(server, "VmHWM:");
+        self.agent_peak_socket_kib = socket_mem::peak_kib(agent);
+        self.server_peak_socket_kib = socket_mem::peak_kib(server);
         for (peer, m) in bed.peers.iter().zip(self.peers.iter_mut()) {
             let [c, e] = peer.pids();
-            m.2 = proc_status(c, "VmHWM:");
-            m.4 = proc_status(e, "VmHWM:");
+            m.cloud_peak_hwm_kib = proc_status(c, "VmHWM:");
+            m.edge_peak_hwm_kib = proc_status(e, "VmHWM:");
+            m.cloud_peak_socket_kib = socket_mem::peak_kib(c);
+            m.edge_peak_socket_kib = socket_mem::peak_kib(e);
         }
     }
 }
@@ -352,11 +378,17 @@ fn render_benchmarks(r: &Report) -> String {
         yes(m.server_idle_rss_kib <= 16384),
         m.server_peak_hwm_kib
     ));
-    for (name, c_idle, c_peak, e_idle, e_peak) in &m.peers {
+    for p in &m.peers {
         out.push_str(&format!(
-            "| {name}: cloud idle / peak, edge idle / peak | {c_idle} / {c_peak}, {e_idle} / {e_peak} | — |\n"
+            "| {}: cloud idle / peak, edge idle / peak | {} / {}, {} / {} | — |\n",
+            p.name,
+            p.cloud_idle_rss_kib,
+            p.cloud_peak_hwm_kib,
+            p.edge_idle_rss_kib,
+            p.edge_peak_hwm_kib
         ));
     }
+    out.push_str(&socket_table(m));
     let Some(f) = &r.fleet else {
         return out;
     };
@@ -384,6 +416,47 @@ fn render_benchmarks(r: &Report) -> String {
     ));
     if let Some(e) = &f.first_error {
         out.push_str(&format!("\nFirst fleet registration error: `{e}`\n"));
+    }
+    out
+}
+
+/// Peak RSS and peak kernel socket memory side by side, for every tunnel
+/// (and their sum: an upper bound of what the process's memory cgroup
+/// peaked at, the two peaks need not coincide).
+fn socket_table(m: &Memory) -> String {
+    let (Some(server), Some(agent)) = (m.server_peak_socket_kib, m.agent_peak_socket_kib) else {
+        return "\nKernel socket memory: not measured (no cgroup v1 memory controller with \
+                socket accounting on this host).\n"
+            .to_owned();
+    };
+    let row = |who: &str, rss: u64, sock: Option<u64>| match sock {
+        Some(sock) => format!("| {who} | {rss} | {sock} | {} |\n", rss + sock),
+        None => format!("| {who} | {rss} | not measured | — |\n"),
+    };
+    let mut out =
+        "\n| peak memory, KiB | RSS (VmHWM) | kernel socket memory | sum |\n|---|---:|---:|---:|\n"
+            .to_owned();
+    out.push_str(&row(
+        "edge-tunnel server (cloud)",
+        m.server_peak_hwm_kib,
+        Some(server),
+    ));
+    out.push_str(&row(
+        "edge-tunnel agent (edge)",
+        m.agent_peak_hwm_kib,
+        Some(agent),
+    ));
+    for p in &m.peers {
+        out.push_str(&row(
+            &format!("{} (cloud)", p.name),
+            p.cloud_peak_hwm_kib,
+            p.cloud_peak_socket_kib,
+        ));
+        out.push_str(&row(
+            &format!("{} (edge)", p.name),
+            p.edge_peak_hwm_kib,
+            p.edge_peak_socket_kib,
+        ));
     }
     out
 }

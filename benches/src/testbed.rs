@@ -288,7 +288,8 @@ fn spawn_server(
         _ => (server, Vec::new()),
     };
     let connect = format!("{CLOUD_IP}:{CONNECT_PORT}");
-    Ok(topo.cloud.spawn(
+    Ok(crate::socket_mem::spawn(
+        &topo.cloud,
         program,
         &head
             .into_iter()
@@ -338,7 +339,8 @@ pub fn spawn_agent_as(
     let mut args: Vec<&str> = runtime.iter().map(String::as_str).collect();
     args.extend_from_slice(&["--transport", transport]);
     args.extend(extra.iter().map(String::as_str));
-    Ok(topo.edge.spawn(
+    Ok(crate::socket_mem::spawn(
+        &topo.edge,
         bin("tunnel-agent").to_str().context("path")?,
         &[
             "--server",

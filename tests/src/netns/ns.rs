@@ -29,9 +29,30 @@ impl Ns {
 
     /// Starts a process in the namespace; it is killed when the handle drops.
     pub fn spawn(&self, program: &str, args: &[&str], log: &std::path::Path) -> Proc {
+        self.spawn_under(&[], program, args, log)
+    }
+
+    /// [`Ns::spawn`] under `prefix`: a command that execs the rest, run
+    /// before `ip netns exec` (which mounts a `/sys` of the namespace's own,
+    /// without the cgroup file systems).
+    pub fn spawn_under(
+        &self,
+        prefix: &[&str],
+        program: &str,
+        args: &[&str],
+        log: &std::path::Path,
+    ) -> Proc {
         let log_file = File::create(log).unwrap();
-        let child = self
-            .command(program)
+        let mut cmd = match prefix {
+            [first, rest @ ..] => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest)
+                    .args(["ip", "netns", "exec", &self.name, program]);
+                cmd
+            }
+            [] => self.command(program),
+        };
+        let child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())
