@@ -78,6 +78,9 @@ impl Testbed {
         // making this many connections needs a wider range.
         for ns in [&topo.cloud, &topo.edge] {
             ns.sh(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65535"]);
+            if let Ok(rmem) = std::env::var("BENCH_TCP_RMEM") {
+                ns.sh(&["sysctl", "-qw", &format!("net.ipv4.tcp_rmem={rmem}")]);
+            }
         }
         netns::allow_direct(&topo, &format!("{}:{}", DIRECT.echo, DIRECT.source));
         netns::allow_direct(&topo, &format!("{}:{}", FLOOR_HOP.echo, FLOOR_HOP.source));
