@@ -55,12 +55,19 @@ def server_memory_bound(args):
     """The tunnel-server's worst case from its flags (SECURITY.md, "Sizing
     memory from the limits"): received data and what each tunnel holds
     around it (measured at 4-5x the windows), relay buffers, handshakes in
-    flight, and the rest."""
+    flight, the rest, and the kernel socket memory of client connections
+    (a first receive buffer each), which cgroup v2 charges to the pod."""
     budget = size(flag(args, "receive-budget", "256Mi"))
     clients = int(flag(args, "max-client-connections", "8192"))
     handshakes = int(flag(args, "max-handshakes", "1024"))
     relay = size(flag(args, "relay-buffer-budget", "16Mi"))
-    return 5 * budget + clients * 8 * 1024 + relay + 2 * handshakes * 35 * 1024 + 64 * MI
+    return (
+        5 * budget
+        + clients * (8 + 128) * 1024
+        + relay
+        + 2 * handshakes * 35 * 1024
+        + 64 * MI
+    )
 
 
 def check_server_memory(target, cname, container):
@@ -87,8 +94,9 @@ def check_server_memory(target, cname, container):
         problem(
             target,
             f"{cname}: limits.memory {limit} is below what its flags allow "
-            f"({bound // MI}Mi: 5 x --receive-budget + 8 KiB x --max-client-connections "
-            "+ --relay-buffer-budget + 70 KiB x --max-handshakes + 64Mi)",
+            f"({bound // MI}Mi: 5 x --receive-budget + (8 KiB + 128 KiB of kernel socket "
+            "memory) x --max-client-connections + --relay-buffer-budget "
+            "+ 70 KiB x --max-handshakes + 64Mi)",
         )
 
 
