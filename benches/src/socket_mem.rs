@@ -122,7 +122,9 @@ pub fn spawn(ns: &Ns, program: &str, args: &[&str], log: &Path) -> Proc {
     };
     // sh moves itself, then execs `ip netns exec`, which execs the
     // program: one pid throughout, and nothing allocated before the move.
-    let script = format!("echo $$ > '{procs}' && exec \"$@\"");
+    // Should the move fail, the program runs all the same, unmeasured
+    // ([`peak_kib`] checks it is there).
+    let script = format!("echo $$ > '{procs}' 2>/dev/null; exec \"$@\"");
     let proc = ns.spawn_under(&["sh", "-c", &script, "sh"], program, args, log);
     acc.by_pid
         .lock()
@@ -132,11 +134,17 @@ pub fn spawn(ns: &Ns, program: &str, args: &[&str], log: &Path) -> Proc {
 }
 
 /// The most kernel socket memory `pid`'s sockets held at once, in KiB;
-/// `None` where it is not measured.
+/// `None` where it is not measured (no accounting, or `pid` is not in its
+/// cgroup).
 pub fn peak_kib(pid: u32) -> Option<u64> {
-    let acc = accounting()?;
+    let acc = ACCOUNTING.get()?.as_ref()?;
     let by_pid = acc.by_pid.lock().unwrap_or_else(|e| e.into_inner());
-    let bytes: u64 = std::fs::read_to_string(by_pid.get(&pid)?.join(TCP_PEAK))
+    let dir = by_pid.get(&pid)?;
+    let members = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    if !members.lines().any(|l| l.trim() == pid.to_string()) {
+        return None;
+    }
+    let bytes: u64 = std::fs::read_to_string(dir.join(TCP_PEAK))
         .ok()?
         .trim()
         .parse()
