@@ -14,6 +14,14 @@
 //! give them distinct source ports. One line `FLEET {json}` on stdout
 //! reports how the registration went; the process then holds the fleet for
 //! `S` seconds (or until SIGTERM) and closes it.
+//!
+//! Each simulated agent tries as the agent does: an attempt gives up after
+//! 10 s (`--connect-timeout`'s default), and a failed one is tried again
+//! after a backoff with full jitter from 1 s, doubling to 30 s, for up to
+//! 60 s in all. A QUIC Retry token lives 15 s on the server: a client that
+//! kept retransmitting its Initial with one past that (the server had no
+//! handshake slot for its source) would be refused, which an agent never
+//! sees, as it starts over with a fresh handshake first.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -117,7 +125,7 @@ async fn register(
     config: quinn::ClientConfig,
     args: Arc<Args>,
     i: usize,
-) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+) -> Result<Agent> {
     let conn = endpoint
         .connect_with(config, args.server, &args.server_name)?
         .await
@@ -140,14 +148,64 @@ async fn register(
     }
 }
 
+/// One attempt's bound: the agent's `--connect-timeout` default.
+const ATTEMPT: Duration = Duration::from_secs(10);
+/// How long an agent keeps trying, in all.
+const GIVE_UP: Duration = Duration::from_secs(60);
+
+type Agent = (quinn::Connection, quinn::SendStream, quinn::RecvStream);
+
+/// [`register`] as an agent tries it: bounded attempts, a jittered
+/// backoff between them (1 s doubling to 30 s), until [`GIVE_UP`]. Also
+/// the error of the first failed attempt, if one was tried again.
+async fn register_retrying(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    args: &Arc<Args>,
+    i: usize,
+) -> (Result<Agent>, Option<String>) {
+    let deadline = Instant::now() + GIVE_UP;
+    let mut ceiling = Duration::from_secs(1);
+    let mut first_failure = None;
+    let mut attempt = 0u64;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let r = tokio::time::timeout(
+            ATTEMPT.min(left),
+            register(endpoint.clone(), config.clone(), args.clone(), i),
+        )
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no Welcome within {:?}", ATTEMPT.min(left))));
+        let e = match r {
+            Ok(agent) => return (Ok(agent), first_failure),
+            Err(e) => e,
+        };
+        // Full jitter, spread by agent and attempt (no randomness needed).
+        let spread = (i as u64)
+            .wrapping_mul(7919)
+            .wrapping_add(attempt.wrapping_mul(104_729));
+        let wait = Duration::from_millis(spread % (ceiling.as_millis() as u64 + 1));
+        if Instant::now() + wait >= deadline {
+            return (Err(e), first_failure);
+        }
+        first_failure.get_or_insert_with(|| format!("{e:#}"));
+        tokio::time::sleep(wait).await;
+        ceiling = (ceiling * 2).min(Duration::from_secs(30));
+        attempt += 1;
+    }
+}
+
 #[derive(serde::Serialize)]
 struct Report {
     agents: usize,
     registered: usize,
     failed: usize,
+    /// Agents that needed more than one attempt (registered or not).
+    retried: usize,
     issue_secs: f64,
     register_secs: f64,
     first_error: Option<String>,
+    first_retried_error: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -172,21 +230,21 @@ fn main() -> Result<()> {
             let endpoint = endpoints[i % endpoints.len()].clone();
             let args = args.clone();
             tasks.spawn(async move {
-                let r = tokio::time::timeout(
-                    Duration::from_secs(60),
-                    register(endpoint, config, args, i),
-                )
-                .await
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("no Welcome within 60s")));
+                let r = register_retrying(&endpoint, &config, &args, i).await;
                 drop(permit);
                 r
             });
         }
         let mut held = Vec::with_capacity(args.agents);
-        let mut failed = 0;
-        let mut first_error = None;
+        let (mut failed, mut retried) = (0, 0);
+        let (mut first_error, mut first_retried_error) = (None, None);
         while let Some(r) = tasks.join_next().await {
-            match r? {
+            let (outcome, retry_error) = r?;
+            if let Some(e) = retry_error {
+                retried += 1;
+                first_retried_error.get_or_insert(e);
+            }
+            match outcome {
                 Ok(agent) => held.push(agent),
                 Err(e) => {
                     failed += 1;
@@ -198,9 +256,11 @@ fn main() -> Result<()> {
             agents: args.agents,
             registered: held.len(),
             failed,
+            retried,
             issue_secs,
             register_secs: started.elapsed().as_secs_f64(),
             first_error,
+            first_retried_error,
         };
         println!("FLEET {}", serde_json::to_string(&report)?);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -21,6 +21,8 @@ pub struct FleetReport {
     /// Agents the generator saw registered (Welcome received).
     pub registered: usize,
     pub failed: usize,
+    /// Agents that needed more than one attempt (registered or not).
+    pub retried: usize,
     /// `edge_tunnel_agents_connected` on the server once all had registered.
     pub server_agents_connected: u64,
     pub register_secs: f64,
@@ -31,14 +33,18 @@ pub struct FleetReport {
     pub server_idle_cpu_share: f64,
     pub idle_window_secs: f64,
     pub first_error: Option<String>,
+    /// Why the first agent that was tried again failed its first attempt.
+    pub first_retried_error: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
 struct GeneratorReport {
     registered: usize,
     failed: usize,
+    retried: usize,
     register_secs: f64,
     first_error: Option<String>,
+    first_retried_error: Option<String>,
 }
 
 async fn try_get(path: &str) -> Option<String> {
@@ -134,6 +140,7 @@ pub fn run(bed: &Testbed, plan: &Plan) -> Result<FleetReport> {
         agents,
         registered: generated.registered,
         failed: generated.failed,
+        retried: generated.retried,
         server_agents_connected: connected,
         register_secs: generated.register_secs,
         server_idle_rss_before_kib: rss_before,
@@ -142,6 +149,7 @@ pub fn run(bed: &Testbed, plan: &Plan) -> Result<FleetReport> {
         server_idle_cpu_share: cpu / window,
         idle_window_secs: window,
         first_error: generated.first_error,
+        first_retried_error: generated.first_retried_error,
     };
     fleet.terminate();
     server.terminate();

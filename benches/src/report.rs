@@ -395,7 +395,7 @@ fn render_benchmarks(r: &Report) -> String {
     out.push_str(&format!(
         "\n### Fleet: {} simulated agents (distinct certificates, one `edge-fleet` process) on one server\n\n\
          | measure | value | target |\n|---|---:|---|\n\
-         | registered (generator / server gauge), failures | {} / {}, {} | all ({}) |\n\
+         | registered (generator / server gauge), failures, agents tried again | {} / {}, {}, {} | all ({}) |\n\
          | time to register all | {:.1} s | ≤ 60 s ({}) |\n\
          | server RSS before / with the fleet / peak | {} / {} / {} KiB | ≤ 500 MiB ({}) |\n\
          | server CPU while the fleet idles (keep-alives), {:.0} s window | {:.1}% of one core | ≤ 10% ({}) |\n",
@@ -403,6 +403,7 @@ fn render_benchmarks(r: &Report) -> String {
         f.registered,
         f.server_agents_connected,
         f.failed,
+        f.retried,
         yes(f.registered == f.agents && f.server_agents_connected == f.agents as u64),
         f.register_secs,
         yes(f.register_secs <= 60.0),
@@ -416,6 +417,11 @@ fn render_benchmarks(r: &Report) -> String {
     ));
     if let Some(e) = &f.first_error {
         out.push_str(&format!("\nFirst fleet registration error: `{e}`\n"));
+    }
+    if let Some(e) = &f.first_retried_error {
+        out.push_str(&format!(
+            "\nFirst failed attempt of an agent tried again: `{e}`\n"
+        ));
     }
     out
 }
