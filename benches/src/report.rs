@@ -426,13 +426,16 @@ fn render_benchmarks(r: &Report) -> String {
     out
 }
 
-/// Peak RSS and peak kernel socket memory side by side, for every tunnel
-/// (and their sum: an upper bound of what the process's memory cgroup
-/// peaked at, the two peaks need not coincide).
+/// Peak RSS and peak kernel socket memory side by side, for every tunnel,
+/// and their sum: roughly what the process's memory cgroup would have
+/// peaked at on cgroup v2 (the two peaks need not coincide; RSS counts the
+/// binary's file pages, which the cgroup may not, and leaves out slab,
+/// which it counts).
 fn socket_table(m: &Memory) -> String {
     let (Some(server), Some(agent)) = (m.server_peak_socket_kib, m.agent_peak_socket_kib) else {
         return "\nKernel socket memory: not measured (no cgroup v1 memory controller with \
-                socket accounting on this host).\n"
+                socket accounting on this host, or the processes could not be moved into \
+                their cgroups).\n"
             .to_owned();
     };
     let row = |who: &str, rss: u64, sock: Option<u64>| match sock {
