@@ -30,6 +30,7 @@ pub mod window;
 pub use framed::{read_message, write_message, FrameError};
 pub use relay::{
     relay, BufferBudget, ClientSocket, Direction, Opening, OpeningSent, RelayLimits, RelayOutcome,
+    RelayProgress,
 };
 pub use stream::{
     mark_control, StreamOrder, TunnelRecv, TunnelSend, TunnelStream, CONTROL_PRIORITY,

@@ -25,7 +25,7 @@
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -383,6 +383,38 @@ pub struct RelayLimits<'a> {
     /// How the stream's connection orders its streams' data: whether the
     /// relay lowers the stream's send priority as it sends.
     pub order: StreamOrder,
+    /// Where the relay records which directions have finished, for a
+    /// caller that reports on open relays (the agent's drain log).
+    pub progress: Option<&'a RelayProgress>,
+}
+
+/// Which directions of a running relay have passed their FIN on: set once
+/// per direction when it ends (never per chunk), read by whoever reports
+/// on the relays still open. A relay that ends on a reset or a limit sets
+/// nothing: it is gone a moment later.
+#[derive(Debug, Default)]
+pub struct RelayProgress(AtomicU8);
+
+impl RelayProgress {
+    const TCP_TO_TUNNEL: u8 = 1;
+    const TUNNEL_TO_TCP: u8 = 2;
+
+    fn finished(&self, dir: Direction) {
+        let bit = match dir {
+            Direction::TcpToTunnel => Self::TCP_TO_TUNNEL,
+            Direction::TunnelToTcp => Self::TUNNEL_TO_TCP,
+        };
+        self.0.fetch_or(bit, Ordering::Relaxed);
+    }
+
+    /// Whether `dir` has ended with a FIN passed on.
+    pub fn is_finished(&self, dir: Direction) -> bool {
+        let bit = match dir {
+            Direction::TcpToTunnel => Self::TCP_TO_TUNNEL,
+            Direction::TunnelToTcp => Self::TUNNEL_TO_TCP,
+        };
+        self.0.load(Ordering::Relaxed) & bit != 0
+    }
 }
 
 /// A frame the relay sends into the tunnel ahead of the TCP side's first
@@ -624,10 +656,16 @@ where
                 r = &mut upstream, if !up_done => {
                     up_done = true;
                     if let Err(e) = r { break Err(e); }
+                    if let Some(p) = limits.progress {
+                        p.finished(Direction::TcpToTunnel);
+                    }
                 }
                 r = &mut downstream, if !down_done => {
                     down_done = true;
                     if let Err(e) = r { break Err(e); }
+                    if let Some(p) = limits.progress {
+                        p.finished(Direction::TunnelToTcp);
+                    }
                 }
                 e = &mut idle => break Err(e),
             }
@@ -948,6 +986,7 @@ mod tests {
                 idle_after: None,
                 opening,
                 order,
+                progress: None,
             };
             relay(socket, send, Recv(recv), |_, _| {}, limits).await
         });
@@ -1016,6 +1055,52 @@ mod tests {
         .await
         .expect("the relay ends");
         assert_eq!(recorder.seen.lock().unwrap().writes, [FRAME.to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn progress_names_the_direction_that_passed_its_fin_on() {
+        let (socket, mut target) = tcp_pair().await;
+        let (mut from_server, recv) = tokio::io::duplex(1024);
+        let recorder = Recorder::default();
+        let send = recorder.clone();
+        let progress = std::sync::Arc::new(RelayProgress::default());
+        let watched = progress.clone();
+        let relay = tokio::spawn(async move {
+            let budget = BufferBudget::default();
+            let limits = RelayLimits {
+                stall: None,
+                client: None,
+                buffers: &budget,
+                reader_gone_after: None,
+                unlent_gone_after: None,
+                idle_after: None,
+                opening: None,
+                order: StreamOrder::default(),
+                progress: Some(&watched),
+            };
+            relay(socket, send, Recv(recv), |_, _| {}, limits).await
+        });
+        let (up, down) = (Direction::TcpToTunnel, Direction::TunnelToTcp);
+        tokio::time::timeout(HANG, async {
+            // The target half-closes: its FIN goes into the tunnel, and
+            // the other direction stays open.
+            target.shutdown().await.unwrap();
+            recorder.until(|r| r.finished).await;
+            while !progress.is_finished(up) {
+                tokio::task::yield_now().await;
+            }
+            assert!(!progress.is_finished(down));
+            // The server's bytes still reach the target, then its FIN.
+            from_server.write_all(b"late").await.unwrap();
+            drop(from_server);
+            let mut got = Vec::new();
+            target.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"late");
+            assert_eq!(relay.await.unwrap().outcome, RelayOutcome::Closed);
+        })
+        .await
+        .expect("the relay ends");
+        assert!(progress.is_finished(up) && progress.is_finished(down));
     }
 
     #[tokio::test]

@@ -2,8 +2,10 @@
 //! `DialResult` → relay.
 
 use std::io;
-use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::{Duration, Instant};
 
 use proto::{DialCode, DialResult, Message};
 use tokio::net::TcpStream;
@@ -48,6 +50,74 @@ pub struct StreamMode {
     /// The connection's receive window, which lends credit to stalled
     /// streams (`None`: never lend).
     pub stall: Option<transport::window::ReceiveWindow>,
+    /// Where the stream says what it is doing, for the drain log.
+    pub trace: Arc<StreamTrace>,
+}
+
+/// What one stream is doing, for an operator asking why a drain waits:
+/// written by the stream at each step (a few times in its life, never per
+/// chunk), read by its connection's task when it reports.
+#[derive(Debug)]
+pub struct StreamTrace {
+    /// The stream's id within its connection.
+    pub stream: String,
+    opened: Instant,
+    target: OnceLock<SocketAddr>,
+    step: AtomicU8,
+    relay: transport::RelayProgress,
+}
+
+/// The steps of [`StreamTrace::step`], in order.
+const AWAITING_DIAL: u8 = 0;
+const DIALING: u8 = 1;
+const ANSWERING: u8 = 2;
+const RELAYING: u8 = 3;
+
+impl StreamTrace {
+    pub fn new(stream: String) -> Self {
+        StreamTrace {
+            stream,
+            opened: Instant::now(),
+            target: OnceLock::new(),
+            step: AtomicU8::new(AWAITING_DIAL),
+            relay: transport::RelayProgress::default(),
+        }
+    }
+
+    fn step(&self, step: u8) {
+        self.step.store(step, Ordering::Relaxed);
+    }
+
+    /// How long the stream has been open.
+    pub fn age(&self) -> Duration {
+        self.opened.elapsed()
+    }
+
+    /// What the stream is doing, in words: its step, its target and, while
+    /// it relays, which directions are still open.
+    pub fn state(&self) -> String {
+        let target = match self.target.get() {
+            Some(t) => t.to_string(),
+            None => "?".to_owned(),
+        };
+        let open = |dir| {
+            if self.relay.is_finished(dir) {
+                "finished"
+            } else {
+                "open"
+            }
+        };
+        match self.step.load(Ordering::Relaxed) {
+            AWAITING_DIAL => "waiting for the server's Dial".to_owned(),
+            DIALING => format!("dialing {target}"),
+            ANSWERING => format!("sending the dial's answer for {target}"),
+            _ => format!(
+                "relaying with {target}: target to tunnel {}, tunnel to target {}",
+                open(transport::Direction::TcpToTunnel),
+                open(transport::Direction::TunnelToTcp),
+            ),
+        }
+    }
 }
 
 /// Serves one stream opened by the server.
@@ -57,7 +127,11 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
     mut recv: R,
     mode: StreamMode,
 ) {
-    let StreamMode { draining, stall } = mode;
+    let StreamMode {
+        draining,
+        stall,
+        trace,
+    } = mode;
     let metrics = &policy.metrics;
     let mut buf = Vec::new();
     let request =
@@ -77,6 +151,8 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
             }
         };
     let target = request.target;
+    let _ = trace.target.set(target);
+    trace.step(DIALING);
     let result = if draining {
         Err(DialResult::error(
             DialCode::Draining,
@@ -94,6 +170,7 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
         let deadline = Duration::from_millis(request.deadline_ms.into()).min(policy.dial_timeout);
         connect(target, deadline).await
     };
+    trace.step(ANSWERING);
     let tcp = match result {
         Ok(tcp) => tcp,
         Err(answer) => {
@@ -117,6 +194,7 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
     }
     AgentMetrics::count(&metrics.dials, "result", "ok");
     metrics.streams_active.inc();
+    trace.step(RELAYING);
     let stats = transport::relay(
         tcp,
         send,
@@ -137,6 +215,7 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
                 hold,
             }),
             order: policy.stream_order,
+            progress: Some(&trace.relay),
         },
     )
     .await;

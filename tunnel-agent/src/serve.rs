@@ -3,6 +3,9 @@
 //! a drain is asked for; then send `Drain`, answer new dials `Draining`,
 //! let open streams finish within the grace period, and close.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use proto::codes::close;
 use proto::Message;
 use tokio::sync::watch;
@@ -11,7 +14,7 @@ use tracing::Instrument;
 use transport::{read_message, write_message};
 
 use crate::connection::{Incoming, ServerConnection};
-use crate::dial::{serve_stream, StreamMode};
+use crate::dial::{serve_stream, StreamMode, StreamTrace};
 use crate::error::{LostReason, SessionEnd};
 
 /// Serves `conn` until it ends, or until `drain` turns true (then drains).
@@ -29,22 +32,25 @@ pub async fn serve(
         drain_grace,
         ..
     } = conn;
-    let mut streams = JoinSet::new();
-    let spawn = |streams: &mut JoinSet<()>, incoming: Incoming, id: String, draining| {
+    let mut streams = Streams::default();
+    let spawn = |streams: &mut Streams, incoming: Incoming, id: String, draining| {
+        let trace = Arc::new(StreamTrace::new(id));
         let mode = StreamMode {
             draining,
             stall: Some(window.clone()),
+            trace: trace.clone(),
         };
-        let span = tracing::debug_span!("stream", node = %policy.node, stream = %id);
+        let span = tracing::debug_span!("stream", node = %policy.node, stream = %trace.stream);
         let policy = policy.clone();
-        match incoming {
-            Incoming::Quic(send, recv) => {
-                streams.spawn(serve_stream(policy, send, recv, mode).instrument(span))
-            }
-            Incoming::H2(send, recv, _) => {
-                streams.spawn(serve_stream(policy, send, recv, mode).instrument(span))
-            }
+        let task = match incoming {
+            Incoming::Quic(send, recv) => streams
+                .tasks
+                .spawn(serve_stream(policy, send, recv, mode).instrument(span)),
+            Incoming::H2(send, recv, _) => streams
+                .tasks
+                .spawn(serve_stream(policy, send, recv, mode).instrument(span)),
         };
+        streams.traces.insert(task.id(), trace);
     };
     // After Welcome the server only says GoAway; an end or an error of the
     // control stream ends the session. Read in one future that lives
@@ -73,11 +79,13 @@ pub async fn serve(
                 Ok(s) => {
                     let id = s.id();
                     spawn(&mut streams, s, id, false);
-                    carrier.streams_open(streams.len());
+                    carrier.streams_open(streams.tasks.len());
                 }
                 Err(lost) => break Some(lost),
             },
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            Some(done) = streams.tasks.join_next_with_id(), if !streams.tasks.is_empty() => {
+                streams.ended(done);
+            }
             msg = &mut control => match msg {
                 Ok(g) => break Some(LostReason::GoAway(g)),
                 Err(e) => break Some(carrier.lost_reason().unwrap_or_else(|| {
@@ -90,7 +98,12 @@ pub async fn serve(
         return SessionEnd::Lost(lost);
     }
 
-    tracing::info!(active = streams.len(), grace = ?drain_grace, "draining");
+    // Streams that ended but were not reaped yet are not open.
+    while let Some(done) = streams.tasks.try_join_next_with_id() {
+        streams.ended(done);
+    }
+    tracing::info!(active = streams.tasks.len(), grace = ?drain_grace, "draining");
+    streams.report("waiting for it to end");
     let deadline = tokio::time::sleep(drain_grace);
     tokio::pin!(deadline);
     // `Drain` is written while the connection keeps being driven (HTTP/2
@@ -99,7 +112,7 @@ pub async fn serve(
     let tell = write_message(&mut control_send, &Message::Drain);
     tokio::pin!(tell);
     let mut told = false;
-    while !(told && streams.is_empty()) {
+    while !(told && streams.tasks.is_empty()) {
         tokio::select! {
             _ = &mut tell, if !told => told = true,
             incoming = carrier.accept() => match incoming {
@@ -109,16 +122,53 @@ pub async fn serve(
                 }
                 Err(_) => break,
             },
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            Some(done) = streams.tasks.join_next_with_id(), if !streams.tasks.is_empty() => {
+                streams.ended(done);
+            }
             _ = &mut deadline => {
-                if !streams.is_empty() {
-                    tracing::warn!(active = streams.len(), "grace period over; resetting the remaining streams");
+                if !streams.tasks.is_empty() {
+                    tracing::warn!(active = streams.tasks.len(), "grace period over; resetting the remaining streams");
+                    streams.report("reset: the grace period is over");
                 }
                 break;
             }
         }
     }
-    streams.abort_all();
+    streams.tasks.abort_all();
     carrier.close(close::AGENT_DRAINED, "agent drained").await;
     SessionEnd::Drained
+}
+
+/// The connection's stream tasks, and what each is doing.
+#[derive(Default)]
+struct Streams {
+    tasks: JoinSet<()>,
+    traces: HashMap<tokio::task::Id, Arc<StreamTrace>>,
+}
+
+/// Streams named one by one in a drain log; the rest are counted.
+const REPORTED: usize = 16;
+
+impl Streams {
+    /// Forgets a task that ended (or panicked, or was aborted).
+    fn ended(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match done {
+            Ok((id, ())) => id,
+            Err(e) => e.id(),
+        };
+        self.traces.remove(&id);
+    }
+
+    /// Logs the open streams, oldest first: their targets, ages and which
+    /// directions are still open, so that a drain that waits says on what.
+    fn report(&self, what: &str) {
+        let mut open: Vec<&StreamTrace> = self.traces.values().map(|t| &**t).collect();
+        open.sort_by_key(|t| std::cmp::Reverse(t.age()));
+        for t in open.iter().take(REPORTED) {
+            tracing::info!(stream = %t.stream, open_for = ?t.age(), state = %t.state(), "open stream: {what}");
+        }
+        if open.len() > REPORTED {
+            tracing::info!(more = open.len() - REPORTED, "more open streams");
+        }
+    }
 }

@@ -96,6 +96,7 @@ pub async fn relay<C: transport::ClientSocket>(
             idle_after: shared.config.relay_idle_timeout,
             opening: None,
             order: shared.config.quic.stream_order,
+            progress: None,
         },
     )
     .instrument(span.clone())

@@ -32,9 +32,16 @@ impl Proc {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        // What it still holds open says what it waits for (a drain).
+        let pid = child.id().to_string();
+        let sockets = std::process::Command::new("nsenter")
+            .args(["-t", &pid, "-n", "ss", "-tanpi"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("(nsenter: {e})"));
         let _ = child.kill();
         panic!(
-            "{} did not exit within 15s of SIGTERM; log: {}",
+            "{} did not exit within 15s of SIGTERM; TCP sockets in its namespace:\n{sockets}\nlog: {}",
             self.name,
             self.log_text()
         );

@@ -8,6 +8,7 @@
 
 mod burst;
 mod dnat;
+mod drain;
 mod egress;
 mod fallback;
 mod kubelet;
