@@ -1122,6 +1122,58 @@ async fn relays_go_on_when_the_buffer_budget_is_spent(tr: Transport) {
     t.agent.stop().await;
 }
 
+/// A client that half-closes in the middle of a download from a target
+/// that writes without end (and ignores the FIN), then goes away: the
+/// target's connection must end too, however the client's end races the
+/// data in flight. The benchmark once found the agent's side of such a
+/// stream still open, its write to the tunnel waiting for good.
+async fn a_download_cut_short_after_a_half_close_ends_at_the_target(tr: Transport) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            let ended_tx = ended_tx.clone();
+            tokio::spawn(async move {
+                let block = pattern(256 * 1024, 9);
+                while tcp.write_all(&block).await.is_ok() {}
+                let _ = ended_tx.send(());
+            });
+        }
+    });
+    let t = tunnel(&[target.port()], tr).await;
+    const CLIENTS: usize = 24;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let proxy = t.server.connect_addr();
+        clients.push(tokio::spawn(async move {
+            let mut tcp = connect_via(proxy, &target.to_string()).await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = 0;
+            while got < (1 + i % 4) * 1024 * 1024 {
+                got += tcp.read(&mut buf).await.unwrap();
+            }
+            tcp.shutdown().await.unwrap();
+            // Some read on for a moment after their FIN, some leave at once;
+            // some leave nothing unread (a FIN), most something (a reset).
+            for _ in 0..(i % 3) * 8 {
+                let _ = tcp.read(&mut buf).await;
+            }
+            drop(tcp);
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    for n in 0..CLIENTS {
+        tokio::time::timeout(Duration::from_secs(30), ended.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{n} of {CLIENTS} target connections ended; the rest hang"))
+            .unwrap();
+    }
+    t.agent.stop().await;
+}
+
 /// Runs each test once over QUIC and once over HTTP/2: `NAME::quic`, `NAME::h2`.
 macro_rules! over_both_transports {
     ($($name:ident),* $(,)?) => {$(
@@ -1139,6 +1191,7 @@ macro_rules! over_both_transports {
 }
 
 over_both_transports!(
+    a_download_cut_short_after_a_half_close_ends_at_the_target,
     relays_go_on_when_the_buffer_budget_is_spent,
     a_client_that_stopped_reading_is_reset,
     a_client_over_its_stream_limit_gets_429,

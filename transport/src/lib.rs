@@ -33,5 +33,5 @@ pub use relay::{
     RelayProgress,
 };
 pub use stream::{
-    mark_control, StreamOrder, TunnelRecv, TunnelSend, TunnelStream, CONTROL_PRIORITY,
+    mark_control, QuicSend, StreamOrder, TunnelRecv, TunnelSend, TunnelStream, CONTROL_PRIORITY,
 };

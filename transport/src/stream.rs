@@ -113,14 +113,109 @@ pub trait TunnelRecv: AsyncRead + Unpin + Send {
     fn stop(&mut self, code: u32);
 }
 
-impl TunnelSend for quinn::SendStream {
+/// A QUIC stream's send half, as relays and dials use it.
+///
+/// It works around a lost wake-up in quinn (0.11.19): a write to a stream
+/// the peer has stopped (`STOP_SENDING`) returns `Blocked`, not `Stopped`,
+/// while the connection's send window or flow-control credit is used up,
+/// and quinn puts the stream on its list of streams waiting for connection
+/// credit. When that credit comes back, quinn wakes only those of them
+/// that also have stream credit left, and a stopped stream never gets
+/// more. Its writer then waits for good: the benchmark found an agent
+/// relay whose client had gone holding its target connection and its
+/// drain until the grace period ran out. So a write that is still blocked
+/// when polled again (quinn wakes a blocked writer when its stream is
+/// stopped) asks quinn whether the stream was stopped. A write that
+/// blocks once and then proceeds never asks. Asking leaves an entry
+/// (~100 bytes) in quinn's per-connection map of `stopped()` waiters,
+/// which quinn removes when the stream is stopped or finished, or the
+/// connection closes: a stream this side resets after asking keeps its
+/// entry until the connection ends.
+pub struct QuicSend {
+    stream: quinn::SendStream,
+    /// The last write was blocked.
+    blocked: bool,
+}
+
+impl QuicSend {
+    pub fn new(stream: quinn::SendStream) -> Self {
+        QuicSend {
+            stream,
+            blocked: false,
+        }
+    }
+
+    /// A blocked write: the second in a row fails if the peer stopped
+    /// the stream (or the connection is gone).
+    /// The stream's id within its connection.
+    pub fn id(&self) -> quinn::StreamId {
+        self.stream.id()
+    }
+
+    fn blocked<T>(&mut self) -> Poll<io::Result<T>> {
+        if std::mem::replace(&mut self.blocked, true) {
+            if let Some(e) = stopped_now(&self.stream) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        Poll::Pending
+    }
+
+    fn wrote<T>(&mut self, r: io::Result<T>) -> Poll<io::Result<T>> {
+        self.blocked = false;
+        Poll::Ready(r)
+    }
+}
+
+impl From<quinn::SendStream> for QuicSend {
+    fn from(stream: quinn::SendStream) -> Self {
+        QuicSend::new(stream)
+    }
+}
+
+/// Why writes to `stream` can no longer succeed, if the peer stopped it
+/// or the connection is gone; `None` while it may still become writable.
+/// Polls quinn's `stopped` future once without waiting on it.
+fn stopped_now(stream: &quinn::SendStream) -> Option<io::Error> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(stream.stopped()).poll(&mut cx) {
+        Poll::Ready(Ok(Some(code))) => Some(quinn::WriteError::Stopped(code).into()),
+        // The stream is gone (its state freed): writes fail anyway.
+        Poll::Ready(Ok(None)) => Some(quinn::WriteError::ClosedStream.into()),
+        Poll::Ready(Err(e)) => Some(e.into()),
+        Poll::Pending => None,
+    }
+}
+
+impl AsyncWrite for QuicSend {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.stream).poll_write(cx, buf) {
+            Poll::Ready(r) => self.wrote(r.map_err(io::Error::from)),
+            Poll::Pending => self.blocked(),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.stream), cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.stream), cx)
+    }
+}
+
+impl TunnelSend for QuicSend {
     fn reset(&mut self, code: u32) {
         // Err only if already finished or reset: nothing left to abandon.
-        let _ = quinn::SendStream::reset(self, quinn::VarInt::from_u32(code));
+        let _ = self.stream.reset(quinn::VarInt::from_u32(code));
     }
 
     fn delivered(&self) -> Delivered {
-        let stopped = self.stopped();
+        let stopped = self.stream.stopped();
         Box::pin(async move {
             let _ = stopped.await;
         })
@@ -135,18 +230,17 @@ impl TunnelSend for quinn::SendStream {
         // completes), so a fresh future per poll is sound, as in quinn's own
         // `poll_write`. It empties what it wrote and leaves the rest.
         let mut chunks = [std::mem::take(chunk)];
-        let polled = std::pin::pin!(self.write_chunks(&mut chunks)).poll(cx);
+        let polled = std::pin::pin!(self.stream.write_chunks(&mut chunks)).poll(cx);
         *chunk = std::mem::take(&mut chunks[0]);
         match polled {
-            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(r) => self.wrote(r.map(|_| ()).map_err(io::Error::from)),
+            Poll::Pending => self.blocked(),
         }
     }
 
     fn set_priority(&mut self, priority: i32) {
         // Err only once the stream is finished or reset.
-        let _ = quinn::SendStream::set_priority(self, priority);
+        let _ = self.stream.set_priority(priority);
     }
 }
 

@@ -78,7 +78,7 @@ pub(crate) enum Carrier {
 
 /// A tunneled stream the server opened.
 pub(crate) enum Incoming {
-    Quic(quinn::SendStream, quinn::RecvStream),
+    Quic(transport::QuicSend, quinn::RecvStream),
     /// With the number of streams accepted on the connection so far.
     H2(H2Send, H2Recv, u64),
 }
@@ -106,7 +106,7 @@ impl Carrier {
     pub(crate) async fn accept(&mut self) -> Result<Incoming, LostReason> {
         match self {
             Carrier::Quic(conn, ..) => match conn.accept_bi().await {
-                Ok((send, recv)) => Ok(Incoming::Quic(send, recv)),
+                Ok((send, recv)) => Ok(Incoming::Quic(transport::QuicSend::new(send), recv)),
                 Err(e) => Err(LostReason::from_quic(&e)),
             },
             Carrier::H2 {

@@ -179,7 +179,7 @@ pub(crate) async fn open_quic(
     target: &Target,
     endpoint: &quinn::Endpoint,
     tls: rustls::ClientConfig,
-) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), ConnectError> {
+) -> Result<(quinn::Connection, transport::QuicSend, quinn::RecvStream), ConnectError> {
     let t = Transport::Quic;
     let local = |e: &dyn std::fmt::Display| {
         ConnectError::new(t, target.addr, FailureKind::Local, e.to_string())
@@ -196,7 +196,7 @@ pub(crate) async fn open_quic(
         .map_err(|e| quic_err(&e))?;
     let (send, recv) = conn.open_bi().await.map_err(|e| quic_err(&e))?;
     transport::mark_control(&send);
-    Ok((conn, send, recv))
+    Ok((conn, transport::QuicSend::new(send), recv))
 }
 
 /// The server's certificate chain, as verified in the handshake.

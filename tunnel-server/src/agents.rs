@@ -111,7 +111,7 @@ async fn handle(
             .await
             .map(|(send, recv)| {
                 transport::mark_control(&send);
-                TunnelStream::new(send, recv)
+                TunnelStream::new(transport::QuicSend::new(send), recv)
             })
             .map_err(|e| e.to_string())
     };

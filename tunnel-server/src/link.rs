@@ -87,7 +87,7 @@ impl AgentLink {
         match self {
             AgentLink::Quic(c) => {
                 let (send, recv) = c.open_bi().await?;
-                Ok(TunnelStream::new(send, recv))
+                Ok(TunnelStream::new(transport::QuicSend::new(send), recv))
             }
             AgentLink::H2(h) => {
                 let mut send = h.send.clone().ready().await?;
