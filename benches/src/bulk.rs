@@ -13,7 +13,7 @@ pub fn run(bed: &Testbed, plan: &Plan) -> Vec<Row> {
         (true, "bulk 1 stream, upload (cloud→edge)"),
         (false, "bulk 1 stream, download (edge→cloud)"),
     ] {
-        let (d, t, sc, ac) = bed.pair(|p| {
+        let (d, t, sc, ac) = bed.pair(label, |p| {
             let port = if upload { p.sink } else { p.source };
             bed.in_cloud(|| load::bulk(Testbed::addr(port), upload, 1, plan.bulk_secs))
         });
@@ -55,8 +55,9 @@ pub fn run(bed: &Testbed, plan: &Plan) -> Vec<Row> {
             ));
         }
     }
-    let (d, t, sc, ac) = bed
-        .pair(|p| bed.in_cloud(|| load::bulk(Testbed::addr(p.source), false, 8, plan.bulk_secs)));
+    let (d, t, sc, ac) = bed.pair("bulk 8 streams", |p| {
+        bed.in_cloud(|| load::bulk(Testbed::addr(p.source), false, 8, plan.bulk_secs))
+    });
     rows.push(row(
         "bulk 8 streams, download",
         "Mbit/s",

@@ -10,8 +10,9 @@ use crate::testbed::Testbed;
 pub fn run(bed: &Testbed, plan: &Plan) -> Vec<Row> {
     let mut rows = Vec::new();
     for c in [1usize, 64] {
-        let (d, t, sc, ac) =
-            bed.pair(|p| bed.in_cloud(|| load::conn_rate(Testbed::addr(p.echo), plan.conns, c)));
+        let (d, t, sc, ac) = bed.pair("the connection rate", |p| {
+            bed.in_cloud(|| load::conn_rate(Testbed::addr(p.echo), plan.conns, c))
+        });
         let ok = t.0 / d.0 >= 0.40 && t.1 == 0;
         rows.push(row(
             &format!("new conn + 64 B req/resp, c={c} (failures {}/{})", d.1, t.1),

@@ -7,7 +7,7 @@ use crate::report::{peer_row, row, Row};
 use crate::testbed::Testbed;
 
 pub fn run(bed: &Testbed, plan: &Plan) -> Vec<Row> {
-    let (d, t, sc, ac) = bed.pair(|p| {
+    let (d, t, sc, ac) = bed.pair("the echo", |p| {
         bed.in_cloud(|| load::fanout(Testbed::addr(p.echo), plan.fanout_conns, 256 * 1024))
     });
     let ok = t.0 / d.0 <= 2.0 && t.1 == 0;

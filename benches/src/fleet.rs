@@ -180,19 +180,31 @@ async fn register_retrying(
             Ok(agent) => return (Ok(agent), first_failure),
             Err(e) => e,
         };
-        // Full jitter, spread by agent and attempt (no randomness needed).
-        let spread = (i as u64)
-            .wrapping_mul(7919)
-            .wrapping_add(attempt.wrapping_mul(104_729));
-        let wait = Duration::from_millis(spread % (ceiling.as_millis() as u64 + 1));
+        let wait = backoff(i, attempt, ceiling);
         if Instant::now() + wait >= deadline {
             return (Err(e), first_failure);
         }
         first_failure.get_or_insert_with(|| format!("{e:#}"));
         tokio::time::sleep(wait).await;
-        ceiling = (ceiling * 2).min(Duration::from_secs(30));
+        ceiling = next_ceiling(ceiling);
         attempt += 1;
     }
+}
+
+/// The wait of agent `i` before its attempt `attempt + 1`: full jitter
+/// under `ceiling`, spread over agents and attempts by multiplying with
+/// primes (deterministic, so a run can be repeated; no randomness needed
+/// to keep 10,000 agents from retrying in step).
+fn backoff(i: usize, attempt: u64, ceiling: Duration) -> Duration {
+    let spread = (i as u64)
+        .wrapping_mul(7919)
+        .wrapping_add(attempt.wrapping_mul(104_729));
+    Duration::from_millis(spread % (ceiling.as_millis() as u64 + 1))
+}
+
+/// The backoff ceiling after one more failure: doubled, at most 30 s.
+fn next_ceiling(ceiling: Duration) -> Duration {
+    (ceiling * 2).min(Duration::from_secs(30))
 }
 
 #[derive(serde::Serialize)]
@@ -281,4 +293,50 @@ fn main() -> Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(3), idle).await;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ceiling_doubles_from_one_second_to_thirty() {
+        let mut c = Duration::from_secs(1);
+        let mut seen = vec![c.as_secs()];
+        for _ in 0..7 {
+            c = next_ceiling(c);
+            seen.push(c.as_secs());
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+
+    #[test]
+    fn waits_stay_under_the_ceiling_and_spread_the_fleet() {
+        for ceiling in [1, 2, 30].map(Duration::from_secs) {
+            let waits: Vec<Duration> = (0..10_000).map(|i| backoff(i, 0, ceiling)).collect();
+            assert!(waits.iter().all(|&w| w <= ceiling));
+            // Not in step: the first retries of 10,000 agents land in
+            // every tenth of the window, none holding more than a fifth.
+            let mut tenths = [0usize; 10];
+            for w in &waits {
+                let t = (w.as_millis() * 10 / (ceiling.as_millis() + 1)) as usize;
+                tenths[t] += 1;
+            }
+            assert!(
+                tenths.iter().all(|&n| n > 0 && n < 2_000),
+                "{ceiling:?}: {tenths:?}"
+            );
+        }
+        // One agent's successive waits differ too.
+        let one: Vec<Duration> = (0..5)
+            .map(|a| backoff(17, a, Duration::from_secs(30)))
+            .collect();
+        assert!(one.windows(2).all(|w| w[0] != w[1]), "{one:?}");
+    }
+
+    #[test]
+    fn huge_indices_do_not_overflow() {
+        let w = backoff(usize::MAX, u64::MAX, Duration::from_secs(30));
+        assert!(w <= Duration::from_secs(30));
+    }
 }

@@ -118,6 +118,7 @@ fn main() -> Result<()> {
     );
     report.soak = soak;
     report.attacks = attacks;
+    report.leftovers = std::mem::take(&mut *bed.leftovers.lock().expect("leftovers"));
     drop(bed);
     socket_mem::cleanup();
     report.write(&cli.json, cli.results.as_deref())?;

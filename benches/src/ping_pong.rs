@@ -29,6 +29,7 @@ pub fn run(bed: &Testbed, plan: &Plan) -> (Vec<Row>, [f64; 4]) {
     let (mut times, [sc, ac, fc, ec]) = cpu_during(pids, || {
         bed.in_cloud(|| load::ping_pong_interleaved(&addrs, plan.ping_pongs, 500))
     });
+    bed.settle("after the ping-pong");
     // The peers' samples come last, in the order of `bed.peers`.
     let mut peer_times: Vec<_> = times.split_off(3.min(times.len()));
     let (mut f, mut t, mut d) = (

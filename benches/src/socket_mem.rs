@@ -51,18 +51,7 @@ fn accounting() -> Option<&'static Accounting> {
 fn setup() -> Result<Accounting, String> {
     let own = std::fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
-    // cgroup v1 lines read "ID:memory:/path"; v2 has only "0::/path".
-    let path = own
-        .lines()
-        .find_map(|l| {
-            let mut f = l.splitn(3, ':');
-            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
-            controllers
-                .split(',')
-                .any(|c| c == "memory")
-                .then_some(path)
-        })
-        .ok_or("no cgroup v1 memory controller (a cgroup v2 host)")?;
+    let path = v1_memory_path(&own).ok_or("no cgroup v1 memory controller (a cgroup v2 host)")?;
     let parent = Path::new(V1_MEMORY).join(path.trim_start_matches('/'));
     if !parent.join(TCP_LIMIT).exists() {
         return Err(format!(
@@ -77,6 +66,20 @@ fn setup() -> Result<Accounting, String> {
         dir,
         next: AtomicUsize::new(0),
         by_pid: Mutex::new(HashMap::new()),
+    })
+}
+
+/// The v1 memory cgroup in a `/proc/PID/cgroup` text: its lines read
+/// `ID:controllers:/path`, and the memory controller may share its line
+/// with others (`7:memory,blkio:/x`); a v2 host has only `0::/path`.
+fn v1_memory_path(proc_cgroup: &str) -> Option<&str> {
+    proc_cgroup.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then_some(path)
     })
 }
 
@@ -156,5 +159,30 @@ pub fn peak_kib(pid: u32) -> Option<u64> {
 pub fn cleanup() {
     if let Some(Some(acc)) = ACCOUNTING.get() {
         remove_run(&acc.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::v1_memory_path;
+
+    #[test]
+    fn the_memory_line_of_a_v1_or_hybrid_host_is_found() {
+        let v1 = "12:pids:/user.slice\n9:memory:/user.slice/session-1.scope\n0::/user.slice\n";
+        assert_eq!(v1_memory_path(v1), Some("/user.slice/session-1.scope"));
+        // Controllers mounted together share a line.
+        assert_eq!(v1_memory_path("4:blkio,memory:/ci/job\n"), Some("/ci/job"));
+        // A path may itself hold a colon.
+        assert_eq!(v1_memory_path("3:memory:/a:b\n"), Some("/a:b"));
+    }
+
+    #[test]
+    fn a_v2_host_or_another_controller_alone_has_none() {
+        assert_eq!(v1_memory_path("0::/init.scope\n"), None);
+        // `memory_recursiveprot` is a mount option, never a controller,
+        // and a name that only contains "memory" is not it.
+        assert_eq!(v1_memory_path("5:hugetlb,memoryx:/x\n"), None);
+        assert_eq!(v1_memory_path(""), None);
+        assert_eq!(v1_memory_path("garbage without colons\n"), None);
     }
 }

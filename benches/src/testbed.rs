@@ -49,6 +49,28 @@ pub struct Testbed {
     pub agent_extra: Vec<String>,
     /// The other tunnels measured in the same run (those installed).
     pub peers: Vec<crate::peers::Peer>,
+    /// Tunneled connections still open after a workload's clients were
+    /// done ([`Testbed::settle`]).
+    pub leftovers: std::sync::Mutex<Vec<Leftover>>,
+}
+
+/// How long the tunnel has to close every tunneled connection once a
+/// workload's clients are done: a relay whose both sides sent their FIN
+/// ends within 5 s (it waits that long for the peer to acknowledge its
+/// own), a reset at once.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// Tunneled connections the server or the agent still counted open
+/// [`SETTLE`] after a workload, and the TCP sockets of both namespaces
+/// then (listeners and `TIME-WAIT` left out).
+#[derive(Debug, serde::Serialize)]
+pub struct Leftover {
+    pub after: String,
+    /// `edge_tunnel_streams_active`; `None` if the server did not answer.
+    pub server: Option<u64>,
+    /// `edge_tunnel_agent_streams_active`; `None` if the agent did not answer.
+    pub agent: Option<u64>,
+    pub sockets: String,
 }
 
 impl Testbed {
@@ -113,6 +135,7 @@ impl Testbed {
             pki,
             agent_extra: Vec::new(),
             peers,
+            leftovers: Default::default(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -137,6 +160,7 @@ impl Testbed {
     /// Replaces the agent with one on `transport` and waits until the server
     /// routes through it.
     pub fn restart_agent(&mut self, transport: &str) -> Result<()> {
+        self.settle("before the agent restarts");
         self.agent.terminate();
         self.agent = spawn_agent(&self.topo, &self.pki, transport, &self.agent_extra)?;
         self.wait_agent(Some(transport))
@@ -205,12 +229,59 @@ impl Testbed {
         SocketAddr::new(CLOUD_IP.parse().expect("CLOUD_IP"), port)
     }
 
-    /// Runs `f` against the direct path, then the tunnel; returns both and
-    /// the CPU the tunnel processes used during the tunnel run.
-    pub fn pair<T: Send>(&self, f: impl Fn(Ports) -> T + Sync) -> (T, T, f64, f64) {
+    /// Runs `f` (the workload `what`) against the direct path, then the
+    /// tunnel; returns both and the CPU the tunnel processes used during
+    /// the tunnel run. Then waits for the tunnel to close what it carried.
+    pub fn pair<T: Send>(&self, what: &str, f: impl Fn(Ports) -> T + Sync) -> (T, T, f64, f64) {
         let direct = f(DIRECT);
         let (tunnel, [s, a]) = cpu_during([self.server.pid(), self.agent.pid()], || f(TUNNEL));
+        self.settle(&format!("after {what}"));
         (direct, tunnel, s, a)
+    }
+
+    /// Waits up to [`SETTLE`] until neither the server nor the agent
+    /// counts a tunneled connection open; if one still does, records a
+    /// [`Leftover`] (and says so at once): a connection the tunnel never
+    /// closed is a leak, whoever's bug it is, and it would hold a drain.
+    pub fn settle(&self, after: &str) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let server = self.in_cloud(|| open_streams(ADMIN, "edge_tunnel_streams_active"));
+            let agent = self
+                .topo
+                .edge
+                .block_on(|| open_streams(AGENT_ADMIN, "edge_tunnel_agent_streams_active"));
+            if server == Some(0) && agent == Some(0) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let mut sockets = String::new();
+                for (ns, name) in [(&self.topo.cloud, "cloud"), (&self.topo.edge, "edge")] {
+                    let out = ns.sh(&["ss", "-tanp"]);
+                    sockets.push_str(&format!("{name}:\n"));
+                    for line in String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .filter(|l| !l.starts_with("LISTEN") && !l.starts_with("TIME-WAIT"))
+                        .take(40)
+                    {
+                        sockets.push_str(line);
+                        sockets.push('\n');
+                    }
+                }
+                eprintln!(
+                    "tunneled connections still open {SETTLE:?} {after}: server {server:?}, \
+                     agent {agent:?}\n{sockets}"
+                );
+                self.leftovers.lock().expect("leftovers").push(Leftover {
+                    after: after.to_owned(),
+                    server,
+                    agent,
+                    sockets,
+                });
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Runs `f` against the reference forwarders; returns the result and
@@ -236,6 +307,19 @@ impl Testbed {
     {
         in_cloud(&self.topo, f)
     }
+}
+
+/// The gauge `name` of the admin endpoint at `admin`, in the calling
+/// thread's namespace; `None` if it did not answer within 2 s.
+async fn open_streams(admin: &str, name: &str) -> Option<u64> {
+    let (_, page, _) = crate::probe::timed_get(
+        admin.parse().expect("admin address"),
+        "/metrics",
+        Duration::from_secs(2),
+    )
+    .await
+    .ok()?;
+    crate::probe::gauge(&page, name).map(|v| v as u64)
 }
 
 /// [`Testbed::in_cloud`] for callers that hold only the topology.

@@ -34,6 +34,7 @@ pub fn run(bed: &mut Testbed, plan: &Plan) -> Result<Vec<TransportRow>> {
             pings
         });
         bed.topo.shape(None);
+        bed.settle(&format!("after the {transport} transport's workloads"));
         transports.push(TransportRow {
             transport: transport.into(),
             bulk_mbit: mbit(bulk),
