@@ -415,6 +415,23 @@ impl RelayProgress {
         };
         self.0.load(Ordering::Relaxed) & bit != 0
     }
+
+    /// Both directions in words, the TCP side called `tcp` ("client",
+    /// "target"): `target to tunnel open, tunnel to target finished`.
+    pub fn describe(&self, tcp: &str) -> String {
+        let state = |dir| {
+            if self.is_finished(dir) {
+                "finished"
+            } else {
+                "open"
+            }
+        };
+        format!(
+            "{tcp} to tunnel {}, tunnel to {tcp} {}",
+            state(Direction::TcpToTunnel),
+            state(Direction::TunnelToTcp)
+        )
+    }
 }
 
 /// A frame the relay sends into the tunnel ahead of the TCP side's first
@@ -1101,6 +1118,14 @@ mod tests {
         .await
         .expect("the relay ends");
         assert!(progress.is_finished(up) && progress.is_finished(down));
+        assert_eq!(
+            progress.describe("target"),
+            "target to tunnel finished, tunnel to target finished"
+        );
+        assert_eq!(
+            RelayProgress::default().describe("client"),
+            "client to tunnel open, tunnel to client open"
+        );
     }
 
     #[tokio::test]

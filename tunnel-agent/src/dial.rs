@@ -100,22 +100,11 @@ impl StreamTrace {
             Some(t) => t.to_string(),
             None => "?".to_owned(),
         };
-        let open = |dir| {
-            if self.relay.is_finished(dir) {
-                "finished"
-            } else {
-                "open"
-            }
-        };
         match self.step.load(Ordering::Relaxed) {
             AWAITING_DIAL => "waiting for the server's Dial".to_owned(),
             DIALING => format!("dialing {target}"),
             ANSWERING => format!("sending the dial's answer for {target}"),
-            _ => format!(
-                "relaying with {target}: target to tunnel {}, tunnel to target {}",
-                open(transport::Direction::TcpToTunnel),
-                open(transport::Direction::TunnelToTcp),
-            ),
+            _ => format!("relaying with {target}: {}", self.relay.describe("target")),
         }
     }
 }

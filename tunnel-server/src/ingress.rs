@@ -63,6 +63,7 @@ pub async fn relay<C: transport::ClientSocket>(
         slot: _slot,
     } = dialed;
     let id = STREAM_IDS.fetch_add(1, Ordering::Relaxed);
+    let open = OpenRelay::register(&shared, id, &agent, target, client, ingress);
     let span = tracing::debug_span!("stream", node = %agent.node, stream = id, %target, ingress);
     let metrics = &shared.metrics;
     metrics.streams.get_or_create(&[("ingress", ingress)]).inc();
@@ -96,7 +97,7 @@ pub async fn relay<C: transport::ClientSocket>(
             idle_after: shared.config.relay_idle_timeout,
             opening: None,
             order: shared.config.quic.stream_order,
-            progress: None,
+            progress: Some(&open.trace.progress),
         },
     )
     .instrument(span.clone())
@@ -124,4 +125,72 @@ pub async fn relay<C: transport::ClientSocket>(
         _ => {}
     }
     metrics.streams_active.dec();
+}
+
+/// A tunneled connection being relayed, as the drain log names it.
+pub struct RelayTrace {
+    agent: Arc<crate::registry::AgentHandle>,
+    target: std::net::SocketAddr,
+    client: Option<std::net::IpAddr>,
+    ingress: &'static str,
+    opened: std::time::Instant,
+    progress: transport::RelayProgress,
+}
+
+impl RelayTrace {
+    /// How long it has been open.
+    pub fn age(&self) -> std::time::Duration {
+        self.opened.elapsed()
+    }
+
+    /// Where it goes and which directions are still open, in words.
+    pub fn state(&self) -> String {
+        let client = self
+            .client
+            .map_or_else(|| "a local client".to_owned(), |c| c.to_string());
+        format!(
+            "{client} to {} on node {} ({}): {}",
+            self.target,
+            self.agent.node,
+            self.ingress,
+            self.progress.describe("client")
+        )
+    }
+}
+
+/// A relay's entry in [`Shared::open_relays`], removed when dropped (the
+/// relay ended, or its task was cancelled): one insert and one removal per
+/// tunneled connection, nothing per chunk.
+struct OpenRelay<'a> {
+    shared: &'a Shared,
+    id: u64,
+    trace: Arc<RelayTrace>,
+}
+
+impl<'a> OpenRelay<'a> {
+    fn register(
+        shared: &'a Shared,
+        id: u64,
+        agent: &Arc<crate::registry::AgentHandle>,
+        target: std::net::SocketAddr,
+        client: Option<std::net::IpAddr>,
+        ingress: &'static str,
+    ) -> Self {
+        let trace = Arc::new(RelayTrace {
+            agent: agent.clone(),
+            target,
+            client,
+            ingress,
+            opened: std::time::Instant::now(),
+            progress: transport::RelayProgress::default(),
+        });
+        shared.open_relays.insert(id, trace.clone());
+        OpenRelay { shared, id, trace }
+    }
+}
+
+impl Drop for OpenRelay<'_> {
+    fn drop(&mut self) {
+        self.shared.open_relays.remove(&self.id);
+    }
 }

@@ -105,6 +105,9 @@ pub struct Shared {
     pub live_tls: Option<Arc<live_tls::LiveTls>>,
     /// Enrollment and renewal (`--enroll-ca-dir`), set by [`Server::bind`].
     pub enroller: Option<enroll::Enroller>,
+    /// The tunneled connections being relayed, by stream id, for the drain
+    /// log.
+    pub open_relays: dashmap::DashMap<u64, Arc<ingress::RelayTrace>>,
     next_id: AtomicU64,
 }
 
@@ -136,6 +139,7 @@ impl Shared {
             config,
             live_tls: None,
             enroller: None,
+            open_relays: dashmap::DashMap::new(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -195,17 +199,44 @@ async fn drain(shared: &Shared) {
         ?grace,
         "draining: agents told; waiting for open tunneled connections to finish"
     );
+    report_open_relays(shared, "waiting for it to end");
     while active() > 0 {
         if tokio::time::Instant::now() >= deadline {
             tracing::warn!(
                 active = active(),
                 "drain grace over; closing the remaining tunneled connections"
             );
+            report_open_relays(shared, "closed: the grace period is over");
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tracing::info!("drained: no tunneled connection open");
+}
+
+/// Tunneled connections named one by one in a drain log; the rest are
+/// counted.
+const REPORTED: usize = 16;
+
+/// Logs the open tunneled connections, oldest first: client, target,
+/// node, ingress, age and which directions are still open, so that a
+/// drain that waits says on what.
+fn report_open_relays(shared: &Shared, what: &str) {
+    let mut open: Vec<Arc<ingress::RelayTrace>> = shared
+        .open_relays
+        .iter()
+        .map(|e| e.value().clone())
+        .collect();
+    open.sort_by_key(|t| std::cmp::Reverse(t.age()));
+    for t in open.iter().take(REPORTED) {
+        tracing::info!(open_for = ?t.age(), state = %t.state(), "open tunneled connection: {what}");
+    }
+    if open.len() > REPORTED {
+        tracing::info!(
+            more = open.len() - REPORTED,
+            "more open tunneled connections"
+        );
+    }
 }
 
 /// Why the server could not start.

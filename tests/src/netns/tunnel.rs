@@ -78,6 +78,11 @@ pub fn spawn_kubelet(topo: &Topology, certs: &Certs) -> Proc {
 /// The server in `cloud` with DNAT for the kubelet, exporter and echo
 /// ports; returns once it is ready.
 pub fn start_server(topo: &Topology, certs: &Certs) -> Proc {
+    start_server_with(topo, certs, &[])
+}
+
+/// [`start_server`] with `extra` flags.
+pub fn start_server_with(topo: &Topology, certs: &Certs, extra: &[&str]) -> Proc {
     let tokens = topo.dir.join("connect-tokens");
     std::fs::write(&tokens, format!("prometheus:{PROXY_TOKEN}\n")).unwrap();
     // Before the server starts: `ip netns exec` mounts the file at exec.
@@ -108,7 +113,11 @@ pub fn start_server(topo: &Topology, certs: &Certs) -> Proc {
             "1",
             "--idle-timeout",
             "3",
-        ],
+        ]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect::<Vec<&str>>(),
         &topo.dir.join("server.log"),
     );
     wait_until(
