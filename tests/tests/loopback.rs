@@ -1050,7 +1050,17 @@ async fn drain_finishes_active_streams_and_refuses_new_ones(tr: Transport) {
 }
 
 async fn admin_endpoints(tr: Transport) {
-    let t = tunnel(&[10250], tr).await;
+    // A target that reads to EOF and then holds the connection until told.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut held, _) = l.accept().await.unwrap();
+        let mut all = Vec::new();
+        let _ = held.read_to_end(&mut all).await;
+        let _ = released.await;
+    });
+    let t = tunnel(&[10250, target.port()], tr).await;
     let admin = t.server.addrs.admin.unwrap();
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
     assert_eq!(http_get(admin, "/readyz").await.0, 200);
@@ -1080,6 +1090,40 @@ async fn admin_endpoints(tr: Transport) {
         }
     }
     assert!(a["connected_since"].as_str().unwrap().contains('T'));
+    // A tunneled connection open now, half-closed by its client.
+    let (status, body) = http_get(admin, "/v1/connections").await;
+    assert_eq!(status, 200);
+    let none: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(none["open"], 0, "{body}");
+    let mut tcp = connect_via(t.server.connect_addr(), &target.to_string())
+        .await
+        .unwrap();
+    tcp.write_all(b"data").await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let body = http_get(admin, "/v1/connections").await.1;
+        let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if listed["oldest"][0]["client_to_tunnel_finished"] == true {
+            break listed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the half-close never showed: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(listed["open"], 1, "{listed}");
+    let c = &listed["oldest"][0];
+    assert_eq!(c["node"], NODE, "{listed}");
+    assert_eq!(c["target"], target.to_string(), "{listed}");
+    assert_eq!(c["client"], "127.0.0.1", "{listed}");
+    assert_eq!(c["ingress"], "connect", "{listed}");
+    assert_eq!(c["tunnel_to_client_finished"], false, "{listed}");
+    assert!(c["open_secs"].as_f64().unwrap() >= 0.0, "{listed}");
+    let _ = release.send(());
+    let mut rest = Vec::new();
+    tcp.read_to_end(&mut rest).await.unwrap();
     let metrics = t.server.metrics().await;
     let registered = format!(
         "edge_tunnel_registrations_total{{transport=\"{}\"}} 1",

@@ -1,6 +1,7 @@
-//! Admin endpoints: `/healthz`, `/readyz`, `/metrics`, `/v1/agents`.
-//! The admin port has no authentication: `/v1/agents` there leaves out
-//! where the edge sites connect from (the mTLS feed has it).
+//! Admin endpoints: `/healthz`, `/readyz`, `/metrics`, `/v1/agents`,
+//! `/v1/connections`. The admin port has no authentication: `/v1/agents`
+//! there leaves out where the edge sites connect from (the mTLS feed has
+//! it).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ impl AdminRoutes for ServerAdmin {
             "/readyz" => Reply::new(503, TEXT, "not ready\n"),
             "/metrics" => Reply::new(200, OPENMETRICS, shared.render_metrics()),
             "/v1/agents" => Reply::new(200, JSON, agents_json(shared, Listing::Redacted)),
+            "/v1/connections" => Reply::new(200, JSON, connections_json(shared)),
             _ => Reply::not_found(),
         }
     }
@@ -118,4 +120,35 @@ pub(crate) fn agents_json(shared: &Shared, listing: Listing) -> String {
         })
         .collect();
     serde_json::to_string_pretty(&agents).expect("agent info serializes")
+}
+
+/// Tunneled connections `/v1/connections` lists one by one, oldest first;
+/// it counts them all.
+pub const CONNECTIONS_LISTED: usize = 1_000;
+
+/// The `/v1/connections` page: how many tunneled connections are being
+/// relayed and the oldest of them.
+#[derive(Serialize)]
+struct Connections {
+    open: usize,
+    oldest: Vec<crate::ingress::RelayInfo>,
+}
+
+fn connections_json(shared: &Shared) -> String {
+    let mut open: Vec<_> = shared
+        .open_relays
+        .iter()
+        .map(|e| e.value().clone())
+        .collect();
+    let total = open.len();
+    open.sort_by_key(|t| std::cmp::Reverse(t.age()));
+    let page = Connections {
+        open: total,
+        oldest: open
+            .iter()
+            .take(CONNECTIONS_LISTED)
+            .map(|t| t.info())
+            .collect(),
+    };
+    serde_json::to_string_pretty(&page).expect("connection info serializes")
 }

@@ -158,6 +158,36 @@ impl RelayTrace {
     }
 }
 
+/// One tunneled connection in `/v1/connections`.
+#[derive(serde::Serialize)]
+pub struct RelayInfo {
+    pub node: String,
+    pub target: String,
+    /// The client's address; `null` for a client on a Unix socket.
+    pub client: Option<String>,
+    pub ingress: &'static str,
+    pub open_secs: f64,
+    /// Whether the client's FIN has gone into the tunnel.
+    pub client_to_tunnel_finished: bool,
+    /// Whether the edge's FIN has reached the client.
+    pub tunnel_to_client_finished: bool,
+}
+
+impl RelayTrace {
+    /// This connection as `/v1/connections` lists it.
+    pub fn info(&self) -> RelayInfo {
+        RelayInfo {
+            node: self.agent.node.clone(),
+            target: self.target.to_string(),
+            client: self.client.map(|c| c.to_string()),
+            ingress: self.ingress,
+            open_secs: self.age().as_secs_f64(),
+            client_to_tunnel_finished: self.progress.is_finished(transport::Direction::TcpToTunnel),
+            tunnel_to_client_finished: self.progress.is_finished(transport::Direction::TunnelToTcp),
+        }
+    }
+}
+
 /// A relay's entry in [`Shared::open_relays`], removed when dropped (the
 /// relay ended, or its task was cancelled): one insert and one removal per
 /// tunneled connection, nothing per chunk.
