@@ -1218,6 +1218,53 @@ async fn a_download_cut_short_after_a_half_close_ends_at_the_target(tr: Transpor
     t.agent.stop().await;
 }
 
+/// The other way: clients upload without end to a target that resets the
+/// connection after a while. The agent stops the stream, and the server's
+/// write to the tunnel, blocked on flow control, must learn of it, so that
+/// every client sees its upload end. (This one passed before the fix for
+/// the test above too: here the agent's STOP_SENDING comes with new
+/// connection credit, so quinn's retried write meets the stop.)
+async fn an_upload_cut_short_by_the_target_ends_at_the_client(tr: Transport) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut n = 0usize;
+        while let Ok((mut tcp, _)) = l.accept().await {
+            n += 1;
+            let quota = (1 + n % 4) * 1024 * 1024;
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut got = 0;
+                while got < quota {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => got += k,
+                    }
+                }
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            });
+        }
+    });
+    let t = tunnel(&[target.port()], tr).await;
+    const CLIENTS: usize = 24;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let proxy = t.server.connect_addr();
+        clients.push(tokio::spawn(async move {
+            let mut tcp = connect_via(proxy, &target.to_string()).await.unwrap();
+            let block = pattern(256 * 1024, 5);
+            while tcp.write_all(&block).await.is_ok() {}
+        }));
+    }
+    for (n, c) in clients.into_iter().enumerate() {
+        tokio::time::timeout(Duration::from_secs(30), c)
+            .await
+            .unwrap_or_else(|_| panic!("{n} of {CLIENTS} uploads ended; the rest hang"))
+            .unwrap();
+    }
+    t.agent.stop().await;
+}
+
 /// Runs each test once over QUIC and once over HTTP/2: `NAME::quic`, `NAME::h2`.
 macro_rules! over_both_transports {
     ($($name:ident),* $(,)?) => {$(
@@ -1236,6 +1283,7 @@ macro_rules! over_both_transports {
 
 over_both_transports!(
     a_download_cut_short_after_a_half_close_ends_at_the_target,
+    an_upload_cut_short_by_the_target_ends_at_the_client,
     relays_go_on_when_the_buffer_budget_is_spent,
     a_client_that_stopped_reading_is_reset,
     a_client_over_its_stream_limit_gets_429,
