@@ -88,6 +88,9 @@ pub struct AgentConfig {
     /// What the relay buffers of all this agent's streams may grow into
     /// (runtime state shared by all its connections).
     pub relay_buffers: Arc<transport::BufferBudget>,
+    /// Every open stream, for the admin port's `/v1/streams` (runtime
+    /// state shared by all its connections).
+    pub open_streams: Arc<crate::dial::OpenStreams>,
     /// Renew the certificate at two thirds of its lifetime over a
     /// connection it authenticates (servers with `--enroll-ca-dir`).
     /// Default on.
@@ -226,6 +229,7 @@ impl AgentConfig {
                 transport::window::BudgetLimits::AGENT,
             ),
             relay_buffers: Arc::default(),
+            open_streams: Arc::default(),
             renew: true,
             bootstrap: None,
             renewed: Arc::new(tokio::sync::watch::Sender::new(0)),

@@ -41,6 +41,10 @@ pub struct DialPolicy {
     pub buffers: Arc<transport::BufferBudget>,
     /// How the agent's QUIC connections order their streams' data.
     pub stream_order: transport::StreamOrder,
+    /// The server replica this connection goes to.
+    pub server: SocketAddr,
+    /// Every open stream of the agent (`/v1/streams`).
+    pub open: Arc<OpenStreams>,
 }
 
 /// How the agent serves a new stream.
@@ -61,10 +65,79 @@ pub struct StreamMode {
 pub struct StreamTrace {
     /// The stream's id within its connection.
     pub stream: String,
+    /// The server replica whose connection carries it.
+    server: SocketAddr,
     opened: Instant,
     target: OnceLock<SocketAddr>,
     step: AtomicU8,
     relay: transport::RelayProgress,
+}
+
+/// One stream in `/v1/streams`.
+#[derive(Debug, serde::Serialize)]
+pub struct StreamInfo {
+    pub server: String,
+    pub stream: String,
+    /// `null` until the server's `Dial` names it.
+    pub target: Option<String>,
+    /// `awaiting_dial`, `dialing`, `answering` or `relaying`.
+    pub step: &'static str,
+    pub open_secs: f64,
+    /// Whether the target's FIN has gone into the tunnel.
+    pub target_to_tunnel_finished: bool,
+    /// Whether the server's FIN has reached the target.
+    pub tunnel_to_target_finished: bool,
+}
+
+/// Every stream the agent has open, over all its connections: one insert
+/// and one removal per stream (a guard removes it however the stream's
+/// task ends), nothing per chunk.
+#[derive(Debug, Default)]
+pub struct OpenStreams {
+    next: std::sync::atomic::AtomicU64,
+    map: dashmap::DashMap<u64, Arc<StreamTrace>>,
+}
+
+/// Streams `/v1/streams` lists one by one, oldest first; it counts them
+/// all.
+pub const STREAMS_LISTED: usize = 1_000;
+
+/// The `/v1/streams` page.
+#[derive(Debug, serde::Serialize)]
+pub struct StreamsPage {
+    pub open: usize,
+    pub oldest: Vec<StreamInfo>,
+}
+
+impl OpenStreams {
+    /// Lists `trace` until the returned guard is dropped.
+    pub fn register(&self, trace: Arc<StreamTrace>) -> OpenStream<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.map.insert(id, trace);
+        OpenStream { streams: self, id }
+    }
+
+    /// How many are open, and the oldest [`STREAMS_LISTED`] of them.
+    pub fn page(&self) -> StreamsPage {
+        let mut open: Vec<Arc<StreamTrace>> = self.map.iter().map(|e| e.value().clone()).collect();
+        open.sort_by_key(|t| std::cmp::Reverse(t.age()));
+        StreamsPage {
+            open: open.len(),
+            oldest: open.iter().take(STREAMS_LISTED).map(|t| t.info()).collect(),
+        }
+    }
+}
+
+/// A stream's entry in [`OpenStreams`].
+pub struct OpenStream<'a> {
+    streams: &'a OpenStreams,
+    id: u64,
+}
+
+impl Drop for OpenStream<'_> {
+    fn drop(&mut self) {
+        self.streams.map.remove(&self.id);
+    }
 }
 
 /// The steps of [`StreamTrace::step`], in order.
@@ -74,9 +147,10 @@ const ANSWERING: u8 = 2;
 const RELAYING: u8 = 3;
 
 impl StreamTrace {
-    pub fn new(stream: String) -> Self {
+    pub fn new(stream: String, server: SocketAddr) -> Self {
         StreamTrace {
             stream,
+            server,
             opened: Instant::now(),
             target: OnceLock::new(),
             step: AtomicU8::new(AWAITING_DIAL),
@@ -91,6 +165,25 @@ impl StreamTrace {
     /// How long the stream has been open.
     pub fn age(&self) -> Duration {
         self.opened.elapsed()
+    }
+
+    /// This stream as `/v1/streams` lists it.
+    pub fn info(&self) -> StreamInfo {
+        let step = self.step.load(Ordering::Relaxed);
+        StreamInfo {
+            server: self.server.to_string(),
+            stream: self.stream.clone(),
+            target: self.target.get().map(ToString::to_string),
+            step: match step {
+                AWAITING_DIAL => "awaiting_dial",
+                DIALING => "dialing",
+                ANSWERING => "answering",
+                _ => "relaying",
+            },
+            open_secs: self.age().as_secs_f64(),
+            target_to_tunnel_finished: self.relay.is_finished(transport::Direction::TcpToTunnel),
+            tunnel_to_target_finished: self.relay.is_finished(transport::Direction::TunnelToTcp),
+        }
     }
 
     /// What the stream is doing, in words: its step, its target and, while
@@ -121,6 +214,7 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
         stall,
         trace,
     } = mode;
+    let _listed = policy.open.register(trace.clone());
     let metrics = &policy.metrics;
     let mut buf = Vec::new();
     let request =

@@ -50,6 +50,8 @@ impl Registration<'_> {
             metrics: self.metrics.clone(),
             buffers: self.config.relay_buffers.clone(),
             stream_order: self.config.quic.stream_order,
+            server: self.target.addr,
+            open: self.config.open_streams.clone(),
         })
     }
 

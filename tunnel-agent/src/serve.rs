@@ -34,7 +34,7 @@ pub async fn serve(
     } = conn;
     let mut streams = Streams::default();
     let spawn = |streams: &mut Streams, incoming: Incoming, id: String, draining| {
-        let trace = Arc::new(StreamTrace::new(id));
+        let trace = Arc::new(StreamTrace::new(id, policy.server));
         let mode = StreamMode {
             draining,
             stall: Some(window.clone()),

@@ -84,6 +84,7 @@ pub async fn run(
                 held: held.clone(),
                 receive_budget: config.receive_budget.clone(),
                 relay_buffers: config.relay_buffers.clone(),
+                open_streams: config.open_streams.clone(),
             });
             Some(tokio::spawn(daemon::admin::serve(listener, routes)))
         }

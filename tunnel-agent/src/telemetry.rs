@@ -266,6 +266,7 @@ pub struct AgentAdmin {
     pub held: HeldReplicas,
     pub receive_budget: Arc<ReceiveBudget>,
     pub relay_buffers: Arc<transport::BufferBudget>,
+    pub open_streams: Arc<crate::dial::OpenStreams>,
 }
 
 impl AdminRoutes for AgentAdmin {
@@ -309,6 +310,11 @@ impl AdminRoutes for AgentAdmin {
                     serde_json::to_string_pretty(&list).expect("serializes"),
                 )
             }
+            "/v1/streams" => Reply::new(
+                200,
+                JSON,
+                serde_json::to_string_pretty(&self.open_streams.page()).expect("serializes"),
+            ),
             _ => Reply::not_found(),
         }
     }

@@ -8,8 +8,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use e2e::netns::tunnel::{edge_ip, start_server_with, Edge, ECHO_PORT};
-use e2e::netns::{NsTask, EDGE_IP};
+use e2e::netns::probe::curl;
+use e2e::netns::tunnel::{edge_ip, start_server_with, Edge, AGENT_ADMIN, ECHO_PORT};
+use e2e::netns::{NsTask, CLOUD_IP, EDGE_IP};
 use e2e::targets;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -102,6 +103,27 @@ fn a_draining_agent_names_the_streams_it_waits_for() {
         return;
     };
     let (_targets, _clients, ended) = hold_two_connections(&edge);
+    // The admin port lists both, oldest first, with where they stand.
+    let page = curl(
+        &edge.topo.edge,
+        &[&format!("http://{AGENT_ADMIN}/v1/streams")],
+    );
+    let page: serde_json::Value = serde_json::from_str(&page).expect("JSON");
+    assert_eq!(page["open"], 2, "{page}");
+    let (echo, quiet) = (&page["oldest"][0], &page["oldest"][1]);
+    assert_eq!(echo["target"], format!("{EDGE_IP}:{ECHO_PORT}"), "{page}");
+    assert_eq!(
+        quiet["target"],
+        format!("{EDGE_IP}:{HALF_CLOSING_PORT}"),
+        "{page}"
+    );
+    for s in [echo, quiet] {
+        assert_eq!(s["step"], "relaying", "{page}");
+        assert_eq!(s["server"], format!("{CLOUD_IP}:8443"), "{page}");
+        assert_eq!(s["tunnel_to_target_finished"], false, "{page}");
+    }
+    assert_eq!(echo["target_to_tunnel_finished"], false, "{page}");
+    assert_eq!(quiet["target_to_tunnel_finished"], true, "{page}");
     let status = edge.agent.terminate();
     let log = edge.agent.log_text();
     assert!(status.success(), "agent exit {status}: {log}");
