@@ -988,6 +988,20 @@ mod tests {
         TcpStream,
         tokio::task::JoinHandle<RelayStats>,
     ) {
+        watched_relay(opening, order, None).await
+    }
+
+    /// [`recorded_relay`] that records its directions' ends in `progress`.
+    async fn watched_relay(
+        opening: Option<Opening<'static>>,
+        order: StreamOrder,
+        progress: Option<std::sync::Arc<RelayProgress>>,
+    ) -> (
+        Recorder,
+        tokio::io::DuplexStream,
+        TcpStream,
+        tokio::task::JoinHandle<RelayStats>,
+    ) {
         let (socket, target) = tcp_pair().await;
         let (from_server, recv) = tokio::io::duplex(1024);
         let recorder = Recorder::default();
@@ -1003,7 +1017,7 @@ mod tests {
                 idle_after: None,
                 opening,
                 order,
-                progress: None,
+                progress: progress.as_deref(),
             };
             relay(socket, send, Recv(recv), |_, _| {}, limits).await
         });
@@ -1076,27 +1090,9 @@ mod tests {
 
     #[tokio::test]
     async fn progress_names_the_direction_that_passed_its_fin_on() {
-        let (socket, mut target) = tcp_pair().await;
-        let (mut from_server, recv) = tokio::io::duplex(1024);
-        let recorder = Recorder::default();
-        let send = recorder.clone();
         let progress = std::sync::Arc::new(RelayProgress::default());
-        let watched = progress.clone();
-        let relay = tokio::spawn(async move {
-            let budget = BufferBudget::default();
-            let limits = RelayLimits {
-                stall: None,
-                client: None,
-                buffers: &budget,
-                reader_gone_after: None,
-                unlent_gone_after: None,
-                idle_after: None,
-                opening: None,
-                order: StreamOrder::default(),
-                progress: Some(&watched),
-            };
-            relay(socket, send, Recv(recv), |_, _| {}, limits).await
-        });
+        let (recorder, mut from_server, mut target, relay) =
+            watched_relay(None, StreamOrder::default(), Some(progress.clone())).await;
         let (up, down) = (Direction::TcpToTunnel, Direction::TunnelToTcp);
         tokio::time::timeout(HANG, async {
             // The target half-closes: its FIN goes into the tunnel, and
