@@ -145,13 +145,13 @@ impl QuicSend {
         }
     }
 
-    /// A blocked write: the second in a row fails if the peer stopped
-    /// the stream (or the connection is gone).
     /// The stream's id within its connection.
     pub fn id(&self) -> quinn::StreamId {
         self.stream.id()
     }
 
+    /// A blocked write: the second in a row fails if the peer stopped
+    /// the stream (or the connection is gone).
     fn blocked<T>(&mut self) -> Poll<io::Result<T>> {
         if std::mem::replace(&mut self.blocked, true) {
             if let Some(e) = stopped_now(&self.stream) {
@@ -164,12 +164,6 @@ impl QuicSend {
     fn wrote<T>(&mut self, r: io::Result<T>) -> Poll<io::Result<T>> {
         self.blocked = false;
         Poll::Ready(r)
-    }
-}
-
-impl From<quinn::SendStream> for QuicSend {
-    fn from(stream: quinn::SendStream) -> Self {
-        QuicSend::new(stream)
     }
 }
 
