@@ -62,7 +62,7 @@ const SETTLE: Duration = Duration::from_secs(10);
 
 /// Tunneled connections the server or the agent still counted open
 /// [`SETTLE`] after a workload, and the TCP sockets of both namespaces
-/// then (listeners and `TIME-WAIT` left out).
+/// then (listeners, `TIME-WAIT` and the peers' sockets left out).
 #[derive(Debug, serde::Serialize)]
 pub struct Leftover {
     pub after: String,
@@ -262,6 +262,8 @@ impl Testbed {
                     for line in String::from_utf8_lossy(&out.stdout)
                         .lines()
                         .filter(|l| !l.starts_with("LISTEN") && !l.starts_with("TIME-WAIT"))
+                        // The peers' own long-lived connections are noise here.
+                        .filter(|l| !l.contains("\"rathole\"") && !l.contains("\"poc-relay\""))
                         .take(40)
                     {
                         sockets.push_str(line);
