@@ -156,6 +156,19 @@ impl RelayTrace {
             self.progress.describe("client")
         )
     }
+
+    /// This connection as `/v1/connections` lists it.
+    pub fn info(&self) -> RelayInfo {
+        RelayInfo {
+            node: self.agent.node.clone(),
+            target: self.target.to_string(),
+            client: self.client.map(|c| c.to_string()),
+            ingress: self.ingress,
+            open_secs: self.age().as_secs_f64(),
+            client_to_tunnel_finished: self.progress.is_finished(transport::Direction::TcpToTunnel),
+            tunnel_to_client_finished: self.progress.is_finished(transport::Direction::TunnelToTcp),
+        }
+    }
 }
 
 /// One tunneled connection in `/v1/connections`.
@@ -171,21 +184,6 @@ pub struct RelayInfo {
     pub client_to_tunnel_finished: bool,
     /// Whether the edge's FIN has reached the client.
     pub tunnel_to_client_finished: bool,
-}
-
-impl RelayTrace {
-    /// This connection as `/v1/connections` lists it.
-    pub fn info(&self) -> RelayInfo {
-        RelayInfo {
-            node: self.agent.node.clone(),
-            target: self.target.to_string(),
-            client: self.client.map(|c| c.to_string()),
-            ingress: self.ingress,
-            open_secs: self.age().as_secs_f64(),
-            client_to_tunnel_finished: self.progress.is_finished(transport::Direction::TcpToTunnel),
-            tunnel_to_client_finished: self.progress.is_finished(transport::Direction::TunnelToTcp),
-        }
-    }
 }
 
 /// A relay's entry in [`Shared::open_relays`], removed when dropped (the
