@@ -119,13 +119,19 @@ impl OpenStreams {
 
     /// How many are open, and the oldest [`STREAMS_LISTED`] of them.
     pub fn page(&self) -> StreamsPage {
-        let mut open: Vec<Arc<StreamTrace>> = self.map.iter().map(|e| e.value().clone()).collect();
-        open.sort_by_key(|t| std::cmp::Reverse(t.age()));
+        let open = oldest_first(self.map.iter().map(|e| e.value().clone()));
         StreamsPage {
             open: open.len(),
             oldest: open.iter().take(STREAMS_LISTED).map(|t| t.info()).collect(),
         }
     }
+}
+
+/// `traces`, oldest first (the drain log and `/v1/streams`).
+pub fn oldest_first(traces: impl Iterator<Item = Arc<StreamTrace>>) -> Vec<Arc<StreamTrace>> {
+    let mut open: Vec<Arc<StreamTrace>> = traces.collect();
+    open.sort_by_key(|t| std::cmp::Reverse(t.age()));
+    open
 }
 
 /// A stream's entry in [`OpenStreams`].

@@ -14,7 +14,7 @@ use tracing::Instrument;
 use transport::{read_message, write_message};
 
 use crate::connection::{Incoming, ServerConnection};
-use crate::dial::{serve_stream, StreamMode, StreamTrace};
+use crate::dial::{oldest_first, serve_stream, StreamMode, StreamTrace};
 use crate::error::{LostReason, SessionEnd};
 
 /// Serves `conn` until it ends, or until `drain` turns true (then drains).
@@ -162,8 +162,7 @@ impl Streams {
     /// Logs the open streams, oldest first: their targets, ages and which
     /// directions are still open, so that a drain that waits says on what.
     fn report(&self, what: &str) {
-        let mut open: Vec<&StreamTrace> = self.traces.values().map(|t| &**t).collect();
-        open.sort_by_key(|t| std::cmp::Reverse(t.age()));
+        let open = oldest_first(self.traces.values().cloned());
         for t in open.iter().take(REPORTED) {
             tracing::info!(stream = %t.stream, open_for = ?t.age(), state = %t.state(), "open stream: {what}");
         }

@@ -135,15 +135,9 @@ struct Connections {
 }
 
 fn connections_json(shared: &Shared) -> String {
-    let mut open: Vec<_> = shared
-        .open_relays
-        .iter()
-        .map(|e| e.value().clone())
-        .collect();
-    let total = open.len();
-    open.sort_by_key(|t| std::cmp::Reverse(t.age()));
+    let open = crate::ingress::open_relays_oldest_first(shared);
     let page = Connections {
-        open: total,
+        open: open.len(),
         oldest: open
             .iter()
             .take(CONNECTIONS_LISTED)

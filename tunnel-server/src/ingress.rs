@@ -171,6 +171,18 @@ impl RelayTrace {
     }
 }
 
+/// The tunneled connections being relayed, oldest first (the drain log
+/// and `/v1/connections`).
+pub fn open_relays_oldest_first(shared: &Shared) -> Vec<Arc<RelayTrace>> {
+    let mut open: Vec<Arc<RelayTrace>> = shared
+        .open_relays
+        .iter()
+        .map(|e| e.value().clone())
+        .collect();
+    open.sort_by_key(|t| std::cmp::Reverse(t.age()));
+    open
+}
+
 /// One tunneled connection in `/v1/connections`.
 #[derive(serde::Serialize)]
 pub struct RelayInfo {

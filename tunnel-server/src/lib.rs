@@ -222,12 +222,7 @@ const REPORTED: usize = 16;
 /// node, ingress, age and which directions are still open, so that a
 /// drain that waits says on what.
 fn report_open_relays(shared: &Shared, what: &str) {
-    let mut open: Vec<Arc<ingress::RelayTrace>> = shared
-        .open_relays
-        .iter()
-        .map(|e| e.value().clone())
-        .collect();
-    open.sort_by_key(|t| std::cmp::Reverse(t.age()));
+    let open = ingress::open_relays_oldest_first(shared);
     for t in open.iter().take(REPORTED) {
         tracing::info!(open_for = ?t.age(), state = %t.state(), "open tunneled connection: {what}");
     }
