@@ -106,7 +106,7 @@ pub struct Shared {
     /// Enrollment and renewal (`--enroll-ca-dir`), set by [`Server::bind`].
     pub enroller: Option<enroll::Enroller>,
     /// The tunneled connections being relayed, by stream id, for the drain
-    /// log.
+    /// log and `/v1/connections`.
     pub open_relays: dashmap::DashMap<u64, Arc<ingress::RelayTrace>>,
     next_id: AtomicU64,
 }
