@@ -43,7 +43,11 @@ pub struct DialPolicy {
     pub stream_order: transport::StreamOrder,
     /// The server replica this connection goes to.
     pub server: SocketAddr,
-    /// Every open stream of the agent (`/v1/streams`).
+    /// This connection's number among the agent's connections
+    /// ([`OpenStreams::connection`]): what tells its streams from those
+    /// of a connection to the same replica still draining.
+    pub connection: u64,
+    /// Every open stream of the agent (`/v1/streams`, the drain log).
     pub open: Arc<OpenStreams>,
 }
 
@@ -67,6 +71,8 @@ pub struct StreamTrace {
     pub stream: String,
     /// The server replica whose connection carries it.
     server: SocketAddr,
+    /// Which of the agent's connections ([`DialPolicy::connection`]).
+    connection: u64,
     opened: Instant,
     target: OnceLock<SocketAddr>,
     step: AtomicU8,
@@ -77,6 +83,9 @@ pub struct StreamTrace {
 #[derive(Debug, serde::Serialize)]
 pub struct StreamInfo {
     pub server: String,
+    /// The connection's number: a connection draining after a transport
+    /// switch or a handover goes to the same server as its successor.
+    pub connection: u64,
     pub stream: String,
     /// `null` until the server's `Dial` names it.
     pub target: Option<String>,
@@ -91,10 +100,12 @@ pub struct StreamInfo {
 
 /// Every stream the agent has open, over all its connections: one insert
 /// and one removal per stream (a guard removes it however the stream's
-/// task ends), nothing per chunk.
+/// task ends), nothing per chunk. `/v1/streams` lists them all; a
+/// connection's drain log lists its own.
 #[derive(Debug, Default)]
 pub struct OpenStreams {
     next: std::sync::atomic::AtomicU64,
+    connections: std::sync::atomic::AtomicU64,
     map: dashmap::DashMap<u64, Arc<StreamTrace>>,
 }
 
@@ -117,21 +128,40 @@ impl OpenStreams {
         OpenStream { streams: self, id }
     }
 
+    /// A number for a new connection, distinct from every other of this
+    /// agent's ([`DialPolicy::connection`]).
+    pub fn connection(&self) -> u64 {
+        self.connections.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// How many are open, and the oldest [`STREAMS_LISTED`] of them.
     pub fn page(&self) -> StreamsPage {
-        let open = oldest_first(self.map.iter().map(|e| e.value().clone()));
+        let open = self.oldest_first(|_| true);
         StreamsPage {
             open: open.len(),
             oldest: open.iter().take(STREAMS_LISTED).map(|t| t.info()).collect(),
         }
     }
-}
 
-/// `traces`, oldest first (the drain log and `/v1/streams`).
-pub fn oldest_first(traces: impl Iterator<Item = Arc<StreamTrace>>) -> Vec<Arc<StreamTrace>> {
-    let mut open: Vec<Arc<StreamTrace>> = traces.collect();
-    open.sort_by_key(|t| std::cmp::Reverse(t.age()));
-    open
+    /// The streams of connection `connection`, oldest first (its drain
+    /// log).
+    pub fn of_connection(&self, connection: u64) -> Vec<Arc<StreamTrace>> {
+        self.oldest_first(|t| t.connection == connection)
+    }
+
+    fn oldest_first(&self, keep: impl Fn(&StreamTrace) -> bool) -> Vec<Arc<StreamTrace>> {
+        let mut open: Vec<Arc<StreamTrace>> = self
+            .map
+            .iter()
+            .filter(|e| keep(e.value()))
+            .map(|e| e.value().clone())
+            .collect();
+        // By the fixed instant, never by the age: `elapsed()` moves while
+        // the sort compares, and an order that changes under it makes the
+        // standard sort panic.
+        open.sort_by_key(|t| t.opened);
+        open
+    }
 }
 
 /// A stream's entry in [`OpenStreams`].
@@ -153,10 +183,12 @@ const ANSWERING: u8 = 2;
 const RELAYING: u8 = 3;
 
 impl StreamTrace {
-    pub fn new(stream: String, server: SocketAddr) -> Self {
+    /// Stream `stream` of connection `connection` to `server`.
+    pub fn new(stream: String, server: SocketAddr, connection: u64) -> Self {
         StreamTrace {
             stream,
             server,
+            connection,
             opened: Instant::now(),
             target: OnceLock::new(),
             step: AtomicU8::new(AWAITING_DIAL),
@@ -178,6 +210,7 @@ impl StreamTrace {
         let step = self.step.load(Ordering::Relaxed);
         StreamInfo {
             server: self.server.to_string(),
+            connection: self.connection,
             stream: self.stream.clone(),
             target: self.target.get().map(ToString::to_string),
             step: match step {
@@ -341,4 +374,74 @@ async fn connect(
 fn abort<S: TunnelSend, R: TunnelRecv>(mut send: S, mut recv: R, code: u32) {
     send.reset(code);
     recv.stop(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_reports_its_own_streams_oldest_first() {
+        let open = OpenStreams::default();
+        let server: SocketAddr = "198.18.0.1:8443".parse().unwrap();
+        let (old, new) = (open.connection(), open.connection());
+        assert_ne!(old, new);
+        let trace = |stream: &str, connection| {
+            Arc::new(StreamTrace::new(stream.into(), server, connection))
+        };
+        let first = open.register(trace("0", old));
+        std::thread::sleep(Duration::from_millis(2));
+        let _second = open.register(trace("4", new));
+        std::thread::sleep(Duration::from_millis(2));
+        let _third = open.register(trace("8", old));
+
+        let names =
+            |t: Vec<Arc<StreamTrace>>| t.iter().map(|t| t.stream.clone()).collect::<Vec<_>>();
+        assert_eq!(names(open.of_connection(old)), ["0", "8"]);
+        assert_eq!(names(open.of_connection(new)), ["4"]);
+        let page = open.page();
+        assert_eq!(page.open, 3);
+        let listed: Vec<_> = page
+            .oldest
+            .iter()
+            .map(|i| (i.stream.as_str(), i.connection))
+            .collect();
+        assert_eq!(listed, [("0", old), ("4", new), ("8", old)]);
+        assert_eq!(page.oldest[0].step, "awaiting_dial");
+        assert_eq!(page.oldest[0].server, "198.18.0.1:8443");
+
+        // The guard unlists its stream however the stream ends.
+        drop(first);
+        assert_eq!(names(open.of_connection(old)), ["8"]);
+        assert_eq!(open.page().open, 2);
+    }
+
+    /// Streams opened nanoseconds apart, listed again and again: sorted by
+    /// their ages (which move while the sort compares) the standard sort
+    /// found its order inconsistent and panicked, in `/v1/streams` and in
+    /// the drain log.
+    #[test]
+    fn streams_list_oldest_first_however_close_their_starts() {
+        let open = OpenStreams::default();
+        let server: SocketAddr = "198.18.0.1:8443".parse().unwrap();
+        let connection = open.connection();
+        let traces: Vec<_> = (0..2_000)
+            .map(|i| Arc::new(StreamTrace::new(i.to_string(), server, connection)))
+            .collect();
+        let _listed: Vec<_> = traces.iter().map(|t| open.register(t.clone())).collect();
+        for _ in 0..50 {
+            let page = open.page();
+            assert_eq!(page.open, 2_000);
+            assert_eq!(page.oldest.len(), STREAMS_LISTED);
+            let first = traces.iter().map(|t| t.opened).min().unwrap();
+            let oldest: Vec<_> = traces
+                .iter()
+                .filter(|t| t.opened == first)
+                .map(|t| t.stream.as_str())
+                .collect();
+            assert!(oldest.contains(&page.oldest[0].stream.as_str()));
+            let mine = open.of_connection(connection);
+            assert!(mine.windows(2).all(|w| w[0].opened <= w[1].opened));
+        }
+    }
 }

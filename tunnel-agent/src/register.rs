@@ -51,6 +51,7 @@ impl Registration<'_> {
             buffers: self.config.relay_buffers.clone(),
             stream_order: self.config.quic.stream_order,
             server: self.target.addr,
+            connection: self.config.open_streams.connection(),
             open: self.config.open_streams.clone(),
         })
     }

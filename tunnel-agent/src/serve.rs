@@ -3,7 +3,6 @@
 //! a drain is asked for; then send `Drain`, answer new dials `Draining`,
 //! let open streams finish within the grace period, and close.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use proto::codes::close;
@@ -14,7 +13,7 @@ use tracing::Instrument;
 use transport::{read_message, write_message};
 
 use crate::connection::{Incoming, ServerConnection};
-use crate::dial::{oldest_first, serve_stream, StreamMode, StreamTrace};
+use crate::dial::{serve_stream, DialPolicy, StreamMode, StreamTrace};
 use crate::error::{LostReason, SessionEnd};
 
 /// Serves `conn` until it ends, or until `drain` turns true (then drains).
@@ -32,25 +31,24 @@ pub async fn serve(
         drain_grace,
         ..
     } = conn;
-    let mut streams = Streams::default();
-    let spawn = |streams: &mut Streams, incoming: Incoming, id: String, draining| {
-        let trace = Arc::new(StreamTrace::new(id, policy.server));
+    let mut streams = JoinSet::new();
+    let spawn = |streams: &mut JoinSet<()>, incoming: Incoming, id: String, draining| {
+        let trace = Arc::new(StreamTrace::new(id, policy.server, policy.connection));
+        let span = tracing::debug_span!("stream", node = %policy.node, stream = %trace.stream);
         let mode = StreamMode {
             draining,
             stall: Some(window.clone()),
-            trace: trace.clone(),
+            trace,
         };
-        let span = tracing::debug_span!("stream", node = %policy.node, stream = %trace.stream);
         let policy = policy.clone();
-        let task = match incoming {
-            Incoming::Quic(send, recv) => streams
-                .tasks
-                .spawn(serve_stream(policy, send, recv, mode).instrument(span)),
-            Incoming::H2(send, recv, _) => streams
-                .tasks
-                .spawn(serve_stream(policy, send, recv, mode).instrument(span)),
+        match incoming {
+            Incoming::Quic(send, recv) => {
+                streams.spawn(serve_stream(policy, send, recv, mode).instrument(span))
+            }
+            Incoming::H2(send, recv, _) => {
+                streams.spawn(serve_stream(policy, send, recv, mode).instrument(span))
+            }
         };
-        streams.traces.insert(task.id(), trace);
     };
     // After Welcome the server only says GoAway; an end or an error of the
     // control stream ends the session. Read in one future that lives
@@ -79,13 +77,11 @@ pub async fn serve(
                 Ok(s) => {
                     let id = s.id();
                     spawn(&mut streams, s, id, false);
-                    carrier.streams_open(streams.tasks.len());
+                    carrier.streams_open(streams.len());
                 }
                 Err(lost) => break Some(lost),
             },
-            Some(done) = streams.tasks.join_next_with_id(), if !streams.tasks.is_empty() => {
-                streams.ended(done);
-            }
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
             msg = &mut control => match msg {
                 Ok(g) => break Some(LostReason::GoAway(g)),
                 Err(e) => break Some(carrier.lost_reason().unwrap_or_else(|| {
@@ -99,11 +95,9 @@ pub async fn serve(
     }
 
     // Streams that ended but were not reaped yet are not open.
-    while let Some(done) = streams.tasks.try_join_next_with_id() {
-        streams.ended(done);
-    }
-    tracing::info!(active = streams.tasks.len(), grace = ?drain_grace, "draining");
-    streams.report("waiting for it to end");
+    while streams.try_join_next().is_some() {}
+    tracing::info!(active = streams.len(), grace = ?drain_grace, "draining");
+    report(&policy, "waiting for it to end");
     let deadline = tokio::time::sleep(drain_grace);
     tokio::pin!(deadline);
     // `Drain` is written while the connection keeps being driven (HTTP/2
@@ -112,7 +106,7 @@ pub async fn serve(
     let tell = write_message(&mut control_send, &Message::Drain);
     tokio::pin!(tell);
     let mut told = false;
-    while !(told && streams.tasks.is_empty()) {
+    while !(told && streams.is_empty()) {
         tokio::select! {
             _ = &mut tell, if !told => told = true,
             incoming = carrier.accept() => match incoming {
@@ -122,52 +116,33 @@ pub async fn serve(
                 }
                 Err(_) => break,
             },
-            Some(done) = streams.tasks.join_next_with_id(), if !streams.tasks.is_empty() => {
-                streams.ended(done);
-            }
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
             _ = &mut deadline => {
-                if !streams.tasks.is_empty() {
-                    tracing::warn!(active = streams.tasks.len(), "grace period over; resetting the remaining streams");
-                    streams.report("reset: the grace period is over");
+                if !streams.is_empty() {
+                    tracing::warn!(active = streams.len(), "grace period over; resetting the remaining streams");
+                    report(&policy, "reset: the grace period is over");
                 }
                 break;
             }
         }
     }
-    streams.tasks.abort_all();
+    streams.abort_all();
     carrier.close(close::AGENT_DRAINED, "agent drained").await;
     SessionEnd::Drained
-}
-
-/// The connection's stream tasks, and what each is doing.
-#[derive(Default)]
-struct Streams {
-    tasks: JoinSet<()>,
-    traces: HashMap<tokio::task::Id, Arc<StreamTrace>>,
 }
 
 /// Streams named one by one in a drain log; the rest are counted.
 const REPORTED: usize = 16;
 
-impl Streams {
-    /// Forgets a task that ended (or panicked, or was aborted).
-    fn ended(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
-        let id = match done {
-            Ok((id, ())) => id,
-            Err(e) => e.id(),
-        };
-        self.traces.remove(&id);
+/// Logs the connection's open streams, oldest first: their targets, ages
+/// and which directions are still open, so that a drain that waits says
+/// on what.
+fn report(policy: &DialPolicy, what: &str) {
+    let open = policy.open.of_connection(policy.connection);
+    for t in open.iter().take(REPORTED) {
+        tracing::info!(stream = %t.stream, open_for = ?t.age(), state = %t.state(), "open stream: {what}");
     }
-
-    /// Logs the open streams, oldest first: their targets, ages and which
-    /// directions are still open, so that a drain that waits says on what.
-    fn report(&self, what: &str) {
-        let open = oldest_first(self.traces.values().cloned());
-        for t in open.iter().take(REPORTED) {
-            tracing::info!(stream = %t.stream, open_for = ?t.age(), state = %t.state(), "open stream: {what}");
-        }
-        if open.len() > REPORTED {
-            tracing::info!(more = open.len() - REPORTED, "more open streams");
-        }
+    if open.len() > REPORTED {
+        tracing::info!(more = open.len() - REPORTED, "more open streams");
     }
 }

@@ -179,7 +179,10 @@ pub fn open_relays_oldest_first(shared: &Shared) -> Vec<Arc<RelayTrace>> {
         .iter()
         .map(|e| e.value().clone())
         .collect();
-    open.sort_by_key(|t| std::cmp::Reverse(t.age()));
+    // By the fixed instant, never by the age: `elapsed()` moves while the
+    // sort compares, and an order that changes under it makes the
+    // standard sort panic.
+    open.sort_by_key(|t| t.opened);
     open
 }
 
@@ -232,5 +235,38 @@ impl<'a> OpenRelay<'a> {
 impl Drop for OpenRelay<'_> {
     fn drop(&mut self) {
         self.shared.open_relays.remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        let settings = crate::ServerSettings::new("127.0.0.1:0".parse().unwrap(), "/none".into());
+        Shared::new(crate::ServerConfig::try_new(settings).unwrap())
+    }
+
+    /// Relays opened nanoseconds apart, listed again and again: sorted by
+    /// their ages (which move while the sort compares) the standard sort
+    /// found its order inconsistent and panicked, in the drain and on the
+    /// admin port.
+    #[tokio::test]
+    async fn open_relays_list_oldest_first_however_close_their_starts() {
+        let shared = shared();
+        let agent = crate::registry::testing::handle(1, "edge-1", &["198.18.1.2"]).await;
+        let target: std::net::SocketAddr = "198.18.1.2:10250".parse().unwrap();
+        let open: Vec<OpenRelay<'_>> = (0..2_000)
+            .map(|id| OpenRelay::register(&shared, id, &agent, target, None, "transparent"))
+            .collect();
+        for _ in 0..50 {
+            let listed = open_relays_oldest_first(&shared);
+            assert_eq!(listed.len(), open.len());
+            assert!(listed.windows(2).all(|w| w[0].opened <= w[1].opened));
+        }
+        let first = &open[0].trace;
+        assert!(Arc::ptr_eq(&open_relays_oldest_first(&shared)[0], first));
+        drop(open);
+        assert!(open_relays_oldest_first(&shared).is_empty());
     }
 }

@@ -122,6 +122,10 @@ fn a_draining_agent_names_the_streams_it_waits_for() {
         assert_eq!(s["server"], format!("{CLOUD_IP}:8443"), "{page}");
         assert_eq!(s["tunnel_to_target_finished"], false, "{page}");
     }
+    assert_eq!(
+        echo["connection"], quiet["connection"],
+        "one connection: {page}"
+    );
     assert_eq!(echo["target_to_tunnel_finished"], false, "{page}");
     assert_eq!(quiet["target_to_tunnel_finished"], true, "{page}");
     let status = edge.agent.terminate();
