@@ -108,6 +108,46 @@ pub struct FlapReport {
     pub outage_secs: f64,
 }
 
+/// A short connection that failed while the agent was registered.
+#[derive(Serialize, Clone, Debug)]
+pub struct ShortFailure {
+    /// When it began: seconds since the soak began.
+    pub since_start: f64,
+    /// Seconds since the agent was last back (-1: before any flap).
+    pub since_back: f64,
+    /// How long the attempt took.
+    pub secs: f64,
+    /// Where it stopped ([`Stage`]).
+    pub stage: &'static str,
+    /// Its local port, to find it in a capture or a conntrack listing.
+    pub port: u16,
+}
+
+/// How far a short connection got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// `connect()`: the SYN went unanswered (or was refused).
+    Connect,
+    /// Writing the request.
+    Request,
+    /// Waiting for the response: connected, but the tunnel did not
+    /// deliver (or the connection was reset).
+    Response,
+    /// The response was not the request echoed.
+    Mismatch,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Connect => "connect",
+            Stage::Request => "request",
+            Stage::Response => "response",
+            Stage::Mismatch => "wrong answer",
+        }
+    }
+}
+
 #[derive(Serialize, Clone, Debug)]
 pub struct SoakReport {
     pub short_total: usize,
@@ -116,9 +156,11 @@ pub struct SoakReport {
     pub short_failed_in_outage: usize,
     /// Failed while the agent was registered: these should be none.
     pub short_failed_otherwise: usize,
-    /// The first 32 of those: [s since the soak began, s since the agent
-    /// was last back (-1: before any flap), s the attempt took].
-    pub short_failures_otherwise: Vec<[f64; 3]>,
+    /// The first 32 of those.
+    pub short_failures_otherwise: Vec<ShortFailure>,
+    /// Where every failed short connection stopped, outage or not:
+    /// (stage, count).
+    pub short_failure_stages: Vec<(&'static str, usize)>,
     pub short_secs: f64,
     pub long_total: usize,
     /// Long connections that broke (the agent went away under them).
@@ -167,7 +209,7 @@ struct Shared {
     /// When each long connection broke.
     long_break_times: Mutex<Vec<Instant>>,
     /// (start, end) of every failed short connection.
-    short_failures: Mutex<Vec<(Instant, Instant)>>,
+    short_failures: Mutex<Vec<(Instant, Instant, Stage, u16)>>,
     /// (agent gone, agent registered again) of every flap.
     outages: Mutex<Vec<(Instant, Instant)>>,
     /// The agent process to sample (changes when it is restarted).
@@ -296,24 +338,37 @@ pub fn run(bed: &mut Testbed, plan: &Plan) -> Result<SoakReport> {
             .any(|&(gone, back)| from <= back + OUTAGE_GRACE && to >= gone)
     };
     let failures = shared.short_failures.lock().unwrap().clone();
-    let failed_in_outage = failures.iter().filter(|&&(a, b)| in_outage(a, b)).count();
-    // Where the other failures fell: seconds since the soak's start and
-    // since the agent was last back, and how long the attempt took.
-    let failures_otherwise: Vec<[f64; 3]> = failures
+    let failed_in_outage = failures
         .iter()
-        .filter(|&&(a, b)| !in_outage(a, b))
+        .filter(|&&(a, b, ..)| in_outage(a, b))
+        .count();
+    let mut stages: Vec<(&'static str, usize)> = Vec::new();
+    for &(.., stage, _) in &failures {
+        match stages.iter_mut().find(|(name, _)| *name == stage.name()) {
+            Some((_, n)) => *n += 1,
+            None => stages.push((stage.name(), 1)),
+        }
+    }
+    // Where the other failures fell: seconds since the soak's start and
+    // since the agent was last back, how long the attempt took and how far
+    // it got.
+    let failures_otherwise: Vec<ShortFailure> = failures
+        .iter()
+        .filter(|&&(a, b, ..)| !in_outage(a, b))
         .take(32)
-        .map(|&(a, b)| {
+        .map(|&(a, b, stage, port)| {
             let since_back = outages
                 .iter()
                 .filter(|&&(_, back)| back <= a)
                 .map(|&(_, back)| (a - back).as_secs_f64())
                 .fold(-1.0, |m: f64, x| if m < 0.0 { x } else { m.min(x) });
-            [
-                (a - started).as_secs_f64(),
+            ShortFailure {
+                since_start: (a - started).as_secs_f64(),
                 since_back,
-                (b - a).as_secs_f64(),
-            ]
+                secs: (b - a).as_secs_f64(),
+                stage: stage.name(),
+                port,
+            }
         })
         .collect();
     let breaks = shared.long_break_times.lock().unwrap().clone();
@@ -332,6 +387,7 @@ pub fn run(bed: &mut Testbed, plan: &Plan) -> Result<SoakReport> {
         short_failed_in_outage: failed_in_outage,
         short_failed_otherwise: failures.len() - failed_in_outage,
         short_failures_otherwise: failures_otherwise,
+        short_failure_stages: stages,
         short_secs,
         long_total: plan.soak_long,
         long_breaks: shared.long_breaks.load(Ordering::Relaxed),
@@ -469,16 +525,17 @@ async fn load(echo: SocketAddr, short: usize, long: usize, shared: Arc<Shared>) 
             tokio::spawn(async move {
                 while next.fetch_add(1, Ordering::Relaxed) < short {
                     let t0 = Instant::now();
-                    let ok = short_conn(echo).await;
-                    if !ok {
-                        shared
-                            .short_failures
-                            .lock()
-                            .unwrap()
-                            .push((t0, Instant::now()));
+                    let result = short_conn(echo).await;
+                    if let Err((stage, port)) = result {
+                        shared.short_failures.lock().unwrap().push((
+                            t0,
+                            Instant::now(),
+                            stage,
+                            port,
+                        ));
                     }
                     shared.short_done.fetch_add(1, Ordering::Relaxed);
-                    if !ok {
+                    if result.is_err() {
                         // A client pauses before it tries again; without
                         // this, connections refused at once (the agent
                         // draining) would use up the count in a moment.
@@ -499,19 +556,30 @@ async fn load(echo: SocketAddr, short: usize, long: usize, shared: Arc<Shared>) 
     secs
 }
 
-async fn short_conn(echo: SocketAddr) -> bool {
+/// One short connection; where it stopped and its local port (0 before
+/// it had one) if it failed.
+async fn short_conn(echo: SocketAddr) -> Result<(), (Stage, u16)> {
+    let mut stage = Stage::Connect;
+    let mut port = 0;
     let attempt = async {
         let mut tcp = TcpStream::connect(echo).await?;
+        port = tcp.local_addr().map_or(0, |a| a.port());
+        stage = Stage::Request;
         tcp.set_nodelay(true)?;
         tcp.write_all(&[1u8; 64]).await?;
+        stage = Stage::Response;
         let mut back = [0u8; 64];
         tcp.read_exact(&mut back).await?;
-        Ok::<_, std::io::Error>(back == [1u8; 64])
+        if back != [1u8; 64] {
+            stage = Stage::Mismatch;
+            return Ok(false);
+        }
+        Ok::<_, std::io::Error>(true)
     };
-    matches!(
-        tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await,
-        Ok(Ok(true))
-    )
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
+        Ok(Ok(true)) => Ok(()),
+        _ => Err((stage, port)),
+    }
 }
 
 /// One long connection: dialed, then 64 bytes each way every second until
@@ -568,6 +636,7 @@ pub fn render(r: &SoakReport) -> String {
          every second, dialed again when they break. Agent keep-alive 2 s, idle timeout 8 s.\n\n\
          | measure | value |\n|---|---:|\n\
          | short connections ok / failed while the agent was away / failed otherwise | {} / {} / {} |\n\
+         | failed short connections by where they stopped | {} |\n\
          | short connections' duration | {:.1} s ({:.0} conn/s) |\n\
          | long connections: breaks (all / while the agent was registered), failed dials, round trips | {} / {}, {}, {} |\n\
          | long connections open when the load stopped | {} of {} |\n\
@@ -578,6 +647,7 @@ pub fn render(r: &SoakReport) -> String {
         r.short_ok,
         r.short_failed_in_outage,
         r.short_failed_otherwise,
+        stages(&r.short_failure_stages),
         r.short_secs,
         r.short_total as f64 / r.short_secs.max(1e-9),
         r.long_breaks,
@@ -612,6 +682,19 @@ pub fn render(r: &SoakReport) -> String {
             yes(a.rss_kib <= b.rss_kib + RSS_SLACK_KIB),
         ));
     }
+    if !r.short_failures_otherwise.is_empty() {
+        out.push_str(
+            "\nShort connections that failed while the agent was registered (the first 32):\n\n\
+             | began, s into the soak | s after the agent was back | took, s | stopped at | local port |\n\
+             |---:|---:|---:|---|---:|\n",
+        );
+        for f in &r.short_failures_otherwise {
+            out.push_str(&format!(
+                "| {:.2} | {:.2} | {:.2} | {} | {} |\n",
+                f.since_start, f.since_back, f.secs, f.stage, f.port
+            ));
+        }
+    }
     out.push_str(
         "\nThe agent's baseline is the first agent process's; \"after\" is the process started at \
          the last restart, which then lived through the rest of the load and the final cut. Peaks \
@@ -620,10 +703,97 @@ pub fn render(r: &SoakReport) -> String {
     out
 }
 
+/// `connect 1200, response 45`, or `none`.
+fn stages(counts: &[(&'static str, usize)]) -> String {
+    if counts.is_empty() {
+        return "none".to_owned();
+    }
+    counts
+        .iter()
+        .map(|(stage, n)| format!("{stage} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn yes(b: bool) -> &'static str {
     if b {
         "yes"
     } else {
         "**no**"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> SoakReport {
+        let usage = Usage {
+            rss_kib: 20_000,
+            fds: 16,
+            tasks: 10,
+        };
+        SoakReport {
+            short_total: 100,
+            short_ok: 97,
+            short_failed_in_outage: 2,
+            short_failed_otherwise: 1,
+            short_failures_otherwise: vec![ShortFailure {
+                since_start: 45.32,
+                since_back: 2.01,
+                secs: 10.0,
+                stage: Stage::Response.name(),
+                port: 41_002,
+            }],
+            short_failure_stages: vec![("connect", 2), ("response", 1)],
+            short_secs: 10.0,
+            long_total: 10,
+            long_breaks: 10,
+            long_breaks_otherwise: 0,
+            long_dial_failures: 0,
+            long_round_trips: 100,
+            long_open_at_end: 10,
+            flaps: vec![FlapReport {
+                kind: Flap::Kill,
+                outage_secs: 0.1,
+            }],
+            baseline: [usage, usage],
+            peak: [usage, usage],
+            after: [usage, usage],
+            settle_secs: 0.5,
+            fds_back: true,
+            tasks_back: true,
+            rss_back: true,
+            total_secs: 20.0,
+        }
+    }
+
+    #[test]
+    fn failed_short_connections_say_where_they_stopped() {
+        let r = report();
+        assert!(!r.passed());
+        let text = render(&r);
+        assert!(
+            text.contains(
+                "| failed short connections by where they stopped | connect 2, response 1 |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("| 45.32 | 2.01 | 10.00 | response | 41002 |"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_clean_soak_lists_no_failures() {
+        let mut r = report();
+        r.short_failed_otherwise = 0;
+        r.short_failures_otherwise.clear();
+        r.short_failure_stages.clear();
+        assert!(r.passed());
+        let text = render(&r);
+        assert!(text.contains("stopped | none |"), "{text}");
+        assert!(!text.contains("local port"), "{text}");
     }
 }
