@@ -22,13 +22,18 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::iptables::{run_output, DnatError};
+use super::iptables::{run_output, Capture, DnatError};
 use super::metrics::DnatMetrics;
 use super::rules::{Prefix, Stale, StaleKind};
 
 /// Most untranslated entries of one range deleted one by one per flush
 /// (a range's untranslated entries can only be listed and deleted singly).
 pub const MAX_RANGE_ENTRIES: usize = 4096;
+
+/// The most of a range's `conntrack -L` listing read: ~200 bytes an
+/// entry, so several times [`MAX_RANGE_ENTRIES`] even when most of the
+/// range's entries are translated ones, which are skipped.
+const LISTING_KEPT: usize = 8 << 20;
 
 /// What one flush did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,7 +203,8 @@ impl Conntrack {
     }
 
     async fn run_delete(&self, args: &[&str]) -> Result<u64, DnatError> {
-        match run_output(&self.program, args, None).await {
+        // `-D` prints each entry it deletes: only stderr's count is read.
+        match run_output(&self.program, args, None, Capture::Discard).await {
             Ok(out) => Ok(deleted_count(&out.stderr).unwrap_or(0)),
             // Exit status 1 with "0 flow entries" just means there were none.
             Err(DnatError::Command { detail, .. }) if deleted_count(&detail) == Some(0) => Ok(0),
@@ -227,8 +233,12 @@ impl Conntrack {
                 &port,
             ],
             None,
+            Capture::Upto(LISTING_KEPT),
         )
         .await?;
+        if listing.stdout_truncated {
+            tracing::warn!(dst = %stale.dst, port = stale.port, "the conntrack listing of the range is longer than {LISTING_KEPT} bytes: reading its first part only");
+        }
         let untranslated: Vec<Entry> = parse_entries(&listing.stdout)
             .into_iter()
             .filter(|e| e.reply_src == e.orig_dst && stale.dst.contains(e.orig_dst))
@@ -347,5 +357,58 @@ garbage
                 .get(),
             2
         );
+    }
+
+    /// A stand-in for `conntrack` that prints `stdout_bytes` of entries,
+    /// then conntrack's count line on stderr.
+    fn fake_conntrack(dir: &tempfile::TempDir, stdout_bytes: usize) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.path().join("conntrack");
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nhead -c {stdout_bytes} /dev/zero | tr '\\0' x\n\
+                 echo 'conntrack v1.4.8 (conntrack-tools): 20652 flow entries have been deleted.' >&2\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.to_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_delete_reads_the_count_not_the_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = fake_conntrack(&dir, 4 << 20);
+        let metrics = DnatMetrics::default();
+        let ct = Conntrack::with_program(&program, metrics.clone());
+        let stale = Stale {
+            dst: "198.18.1.2/32".parse().unwrap(),
+            port: 7000,
+            kind: StaleKind::NatedTo("198.18.0.1".parse().unwrap()),
+        };
+        assert_eq!(ct.flush(&stale).await, Flushed::Deleted(20652));
+        assert_eq!(metrics.conntrack_entries_deleted.get(), 20652);
+    }
+
+    #[tokio::test]
+    async fn a_command_s_output_is_kept_up_to_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = fake_conntrack(&dir, 100_000);
+        let out = run_output(&program, &[], None, Capture::Upto(1_000))
+            .await
+            .unwrap();
+        assert_eq!(out.stdout.len(), 1_000);
+        assert!(out.stdout_truncated);
+        assert_eq!(deleted_count(&out.stderr), Some(20652));
+        let out = run_output(&program, &[], None, Capture::Upto(100_000))
+            .await
+            .unwrap();
+        assert_eq!(out.stdout.len(), 100_000);
+        assert!(!out.stdout_truncated);
+        let out = run_output(&program, &[], None, Capture::Discard)
+            .await
+            .unwrap();
+        assert!(out.stdout.is_empty() && !out.stdout_truncated);
     }
 }

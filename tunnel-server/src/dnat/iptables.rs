@@ -62,22 +62,74 @@ pub fn has_net_admin() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
-/// What a command that succeeded printed.
+/// What a command that succeeded printed (each at most what
+/// [`Capture`] and [`STDERR_KEPT`] keep).
 pub(super) struct Output {
     pub stdout: String,
     pub stderr: String,
+    /// Whether stdout was longer than what was kept.
+    pub stdout_truncated: bool,
 }
+
+/// How much of a command's stdout to keep; the rest is read and dropped,
+/// so the command never blocks on a full pipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Capture {
+    /// Keep up to this many bytes.
+    Upto(usize),
+    /// Keep none (`conntrack -D` prints every entry it deletes: a cut
+    /// edge's 20,000 entries were 4 MB kept only to read a count from
+    /// stderr, and a freed allocation that large raised glibc's mmap
+    /// threshold, after which the server kept ~9 MiB it no longer used).
+    Discard,
+}
+
+/// The most of `iptables-save`'s output kept: the nat table of a
+/// kube-proxy with tens of thousands of rules is a few MB; past this the
+/// rules cannot be read whole, and the command fails rather than act on
+/// part of them.
+pub(super) const SAVE_KEPT: usize = 64 << 20;
+
+/// The most of a command's stderr kept (its error message, conntrack's
+/// count line).
+const STDERR_KEPT: usize = 64 << 10;
 
 async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, DnatError> {
-    run_output(program, args, stdin).await.map(|o| o.stdout)
+    let out = run_output(program, args, stdin, Capture::Upto(SAVE_KEPT)).await?;
+    if out.stdout_truncated {
+        return Err(DnatError::Command {
+            command: format!("{program} {}", args.join(" ")),
+            detail: format!("printed more than {SAVE_KEPT} bytes"),
+        });
+    }
+    Ok(out.stdout)
 }
 
-/// Runs `program` with `args` (and `stdin`), bounded by [`COMMAND_TIMEOUT`];
-/// a non-zero exit is an error carrying its stderr.
+/// Reads `pipe` to its end, keeping at most `keep` bytes; whether there
+/// was more.
+async fn read_bounded<R: tokio::io::AsyncRead + Unpin>(
+    pipe: Option<R>,
+    keep: usize,
+) -> std::io::Result<(Vec<u8>, bool)> {
+    use tokio::io::AsyncReadExt;
+    let Some(pipe) = pipe else {
+        return Ok((Vec::new(), false));
+    };
+    let mut kept = Vec::new();
+    let mut limited = pipe.take(keep as u64);
+    limited.read_to_end(&mut kept).await?;
+    let rest = tokio::io::copy(&mut limited.into_inner(), &mut tokio::io::sink()).await?;
+    Ok((kept, rest > 0))
+}
+
+/// Runs `program` with `args` (and `stdin`), bounded by [`COMMAND_TIMEOUT`]
+/// and in what it keeps of the output; a non-zero exit is an error
+/// carrying its stderr.
 pub(super) async fn run_output(
     program: &str,
     args: &[&str],
     stdin: Option<&str>,
+    capture: Capture,
 ) -> Result<Output, DnatError> {
     let command = format!("{program} {}", args.join(" "));
     let mut cmd = Command::new(program);
@@ -87,7 +139,10 @@ pub(super) async fn run_output(
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::piped())
+        .stdout(match capture {
+            Capture::Upto(_) => Stdio::piped(),
+            Capture::Discard => Stdio::null(),
+        })
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let work = async {
@@ -111,26 +166,31 @@ pub(super) async fn run_output(
                     detail: format!("writing its input: {e}"),
                 })?;
         }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| DnatError::Command {
-                command: command.clone(),
-                detail: e.to_string(),
-            })?;
-        if out.status.success() {
+        let keep = match capture {
+            Capture::Upto(n) => n,
+            Capture::Discard => 0,
+        };
+        let failed = |e: std::io::Error| DnatError::Command {
+            command: command.clone(),
+            detail: e.to_string(),
+        };
+        let (stdout, stderr, status) = tokio::try_join!(
+            read_bounded(child.stdout.take(), keep),
+            read_bounded(child.stderr.take(), STDERR_KEPT),
+            child.wait(),
+        )
+        .map_err(failed)?;
+        let ((stdout, stdout_truncated), (stderr, _)) = (stdout, stderr);
+        if status.success() {
             Ok(Output {
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                stdout: String::from_utf8_lossy(&stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                stdout_truncated,
             })
         } else {
             Err(DnatError::Command {
                 command: command.clone(),
-                detail: format!(
-                    "{}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
+                detail: format!("{status}: {}", String::from_utf8_lossy(&stderr).trim()),
             })
         }
     };
