@@ -42,6 +42,10 @@ pub struct Common {
     /// cores for the server, one for the agent).
     #[arg(long, env = "TUNNEL_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub worker_threads: Option<u16>,
+    /// Connections the admin listener (--admin-listen) serves at once;
+    /// more wait in its listen backlog (1-4096).
+    #[arg(long, env = "TUNNEL_ADMIN_MAX_CONNECTIONS", default_value_t = crate::admin::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub admin_max_connections: u16,
 }
 
 impl Common {
@@ -283,6 +287,21 @@ mod tests {
             .unwrap()
             .common
             .shape(default_workers)
+    }
+
+    #[test]
+    fn the_admin_connection_limit_defaults_to_64_and_refuses_0() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            let argv = std::iter::once("test").chain(args.iter().copied());
+            Shape::try_parse_from(argv).map(|s| s.common.admin_max_connections)
+        };
+        assert_eq!(parse(&[]).unwrap(), 64);
+        assert_eq!(parse(&["--admin-max-connections", "8"]).unwrap(), 8);
+        for bad in ["0", "4097", "many"] {
+            let e = parse(&["--admin-max-connections", bad]).unwrap_err();
+            assert!(e.to_string().contains("--admin-max-connections"), "{e}");
+        }
     }
 
     #[test]

@@ -1065,6 +1065,22 @@ async fn admin_endpoints(tr: Transport) {
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
     assert_eq!(http_get(admin, "/readyz").await.0, 200);
     assert_eq!(http_get(admin, "/nope").await.0, 404);
+    // The admin listener's own bound and what it holds now (this request).
+    let (status, metrics) = http_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for series in [
+        "edge_tunnel_admin_connections_limit 64",
+        "edge_tunnel_admin_connection_waits_total 0",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
+    }
+    // This request's connection at least (earlier ones may not have been
+    // reaped yet).
+    let open = metric_in(&metrics, "edge_tunnel_admin_connections ");
+    assert!(
+        (1.0..=64.0).contains(&open),
+        "admin connections open: {open}"
+    );
     let (status, body) = http_get(admin, "/v1/agents").await;
     assert_eq!(status, 200);
     let agents: serde_json::Value = serde_json::from_str(&body).unwrap();

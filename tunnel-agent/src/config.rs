@@ -74,6 +74,8 @@ pub struct AgentConfig {
     pub transport: TransportChoice,
     /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`, `/v1/replicas`). Default off.
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// Connections the admin listener serves at once. Default 64.
+    pub admin_max_connections: u16,
     /// In `auto`, how long a QUIC handshake + registration may take before
     /// falling back to HTTP/2. Default 5 s.
     pub quic_timeout: Duration,
@@ -223,6 +225,7 @@ impl AgentConfig {
             quic: QuicSettings::default(),
             transport: TransportChoice::Auto,
             admin_listen: None,
+            admin_max_connections: daemon::admin::DEFAULT_MAX_CONNECTIONS,
             quic_timeout: Duration::from_secs(5),
             reprobe_interval: Duration::from_secs(300),
             receive_budget: transport::window::ReceiveBudget::new(

@@ -178,6 +178,7 @@ fn main() -> Result<()> {
     config.server_name = args.server_name;
     config.transport = args.transport;
     config.admin_listen = args.admin_listen;
+    config.admin_max_connections = args.common.admin_max_connections;
     config.quic_timeout = args.quic_timeout;
     config.reprobe_interval = args.reprobe_interval;
     config.resolve_interval = args.resolve_interval;

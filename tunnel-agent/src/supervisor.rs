@@ -86,7 +86,12 @@ pub async fn run(
                 relay_buffers: config.relay_buffers.clone(),
                 open_streams: config.open_streams.clone(),
             });
-            Some(tokio::spawn(daemon::admin::serve(listener, routes)))
+            Some(tokio::spawn(daemon::admin::serve(
+                listener,
+                routes,
+                config.admin_max_connections,
+                metrics.admin.clone(),
+            )))
         }
         None => None,
     };

@@ -73,6 +73,8 @@ pub struct AgentMetrics {
     stall_credit_refusals: Family<Label, Counter>,
     /// The relay buffer budget (set at scrape time).
     relay_buffers: daemon::metrics::RelayBufferMetrics,
+    /// The admin listener's connections.
+    pub admin: daemon::admin::AdminMetrics,
     /// Tokio tasks alive in the process's runtime (set at scrape time).
     tasks: Gauge,
     /// How many replicas the servers say exist (set at scrape time).
@@ -98,6 +100,7 @@ impl Default for AgentMetrics {
             receive_windows: Gauge::default(),
             stall_credit_refusals: Family::default(),
             relay_buffers: Default::default(),
+            admin: daemon::admin::AdminMetrics::default(),
             tasks: Gauge::default(),
             replicas_expected: Gauge::default(),
             certificate_expiry: Gauge::default(),
@@ -121,6 +124,7 @@ impl Default for AgentMetrics {
             m.receive_windows.clone(),
         );
         m.relay_buffers.register(&mut registry);
+        m.admin.register(&mut registry);
         registry.register(
             "stall_credit_refusals",
             "Stalled streams lent no credit, by the limit reached (process, connection)",

@@ -13,7 +13,9 @@ use tokio::net::TcpListener;
 use crate::Shared;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    daemon::admin::serve(listener, Arc::new(ServerAdmin(shared))).await
+    let limit = shared.config.admin_max_connections;
+    let metrics = shared.metrics.admin.clone();
+    daemon::admin::serve(listener, Arc::new(ServerAdmin(shared)), limit, metrics).await
 }
 
 struct ServerAdmin(Arc<Shared>);

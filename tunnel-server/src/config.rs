@@ -51,6 +51,8 @@ pub struct ServerSettings {
     pub connect_allow_unauthenticated: bool,
     pub transparent_listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
+    /// Connections the admin listener serves at once.
+    pub admin_max_connections: u16,
     /// TLS listener serving the agent list to the standalone DNAT helper
     /// (client certificate required, CN `edge-tunnel:dnat-helper`).
     pub feed_listen: Option<SocketAddr>,
@@ -188,6 +190,7 @@ impl ServerSettings {
             connect_allow_unauthenticated: false,
             transparent_listen: None,
             admin_listen: None,
+            admin_max_connections: daemon::admin::DEFAULT_MAX_CONNECTIONS,
             feed_listen: None,
             feed_max_connections: 64,
             server_id: default_server_id(),

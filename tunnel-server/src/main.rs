@@ -438,6 +438,7 @@ fn main() -> Result<()> {
                 feed_timeout,
                 feed_max_body,
                 admin_listen,
+                admin_max_connections: common.admin_max_connections,
                 to,
                 redirect: redirect_listen
                     .zip(connect_url)
@@ -466,6 +467,7 @@ struct Standalone {
     feed_timeout: Duration,
     feed_max_body: u64,
     admin_listen: Option<SocketAddr>,
+    admin_max_connections: u16,
     to: Option<SocketAddr>,
     redirect: Option<Redirect>,
     cleanup: bool,
@@ -573,9 +575,13 @@ async fn standalone_dnat(s: Standalone) -> Result<()> {
         let mut registry = prometheus_client::registry::Registry::with_prefix("edge_tunnel");
         metrics.register(&mut registry);
         redirect_metrics.register(&mut registry);
+        let admin_metrics = daemon::admin::AdminMetrics::default();
+        admin_metrics.register(&mut registry);
         tokio::spawn(daemon::admin::serve(
             listener,
             std::sync::Arc::new(HelperAdmin(registry, metrics.clone())),
+            s.admin_max_connections,
+            admin_metrics,
         ));
     }
     tracing::info!(url = agents.url(), %to, "DNAT helper following the server's agent feed");
@@ -627,6 +633,7 @@ fn serve(args: Args) -> Result<()> {
     settings.direct_cidrs = args.direct_cidr;
     settings.transparent_listen = args.transparent_listen;
     settings.admin_listen = args.admin_listen;
+    settings.admin_max_connections = args.common.admin_max_connections;
     settings.feed_listen = args.feed_listen;
     settings.feed_max_connections = args.feed_max_connections as usize;
     settings.server_count = args.server_count;

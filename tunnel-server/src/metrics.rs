@@ -27,6 +27,8 @@ pub struct Metrics {
     pub stall_credit_refusals: Family<Label, Counter>,
     /// The relay buffer budget (set at scrape time).
     pub relay_buffers: daemon::metrics::RelayBufferMetrics,
+    /// The admin listener's connections.
+    pub admin: daemon::admin::AdminMetrics,
     /// Tunneled connections open per node, and the per-node limit (set at
     /// scrape time).
     pub node_streams: Family<NodeLabel, Gauge>,
@@ -171,6 +173,8 @@ impl Metrics {
         );
         let relay_buffers = daemon::metrics::RelayBufferMetrics::default();
         relay_buffers.register(&mut registry);
+        let admin = daemon::admin::AdminMetrics::default();
+        admin.register(&mut registry);
         registry.register(
             "receive_budget_bytes",
             "Most receive window all agent connections together may advertise (--receive-budget)",
@@ -376,6 +380,7 @@ impl Metrics {
             receive_window_share,
             stall_credit_refusals,
             relay_buffers,
+            admin,
             node_streams,
             node_stream_limit,
             relay_idle_resets,
