@@ -88,7 +88,7 @@ pub(super) enum Capture {
 /// kube-proxy with tens of thousands of rules is a few MB; past this the
 /// rules cannot be read whole, and the command fails rather than act on
 /// part of them.
-pub(super) const SAVE_KEPT: usize = 64 << 20;
+const SAVE_KEPT: usize = 64 << 20;
 
 /// The most of a command's stderr kept (its error message, conntrack's
 /// count line).
