@@ -124,8 +124,10 @@ pub async fn serve(
     max_connections: u16,
     metrics: AdminMetrics,
 ) {
-    let slots = Arc::new(Semaphore::new(usize::from(max_connections.max(1))));
-    metrics.limit.set(i64::from(max_connections.max(1)));
+    // The flag's range starts at 1; a caller's 0 would never accept.
+    let max_connections = max_connections.max(1);
+    let slots = Arc::new(Semaphore::new(usize::from(max_connections)));
+    metrics.limit.set(i64::from(max_connections));
     loop {
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
