@@ -52,6 +52,8 @@ pub enum Flushed {
 #[derive(Debug)]
 pub struct Conntrack {
     program: String,
+    /// The most of a range's listing read ([`LISTING_KEPT`]).
+    listing_kept: usize,
     metrics: DnatMetrics,
     warned_missing: AtomicBool,
 }
@@ -134,6 +136,7 @@ impl Conntrack {
     pub fn with_program(program: &str, metrics: DnatMetrics) -> Conntrack {
         Conntrack {
             program: program.to_owned(),
+            listing_kept: LISTING_KEPT,
             metrics,
             warned_missing: AtomicBool::new(false),
         }
@@ -233,13 +236,17 @@ impl Conntrack {
                 &port,
             ],
             None,
-            Capture::Upto(LISTING_KEPT),
+            Capture::Upto(self.listing_kept),
         )
         .await?;
+        let mut text = listing.stdout.as_str();
         if listing.stdout_truncated {
-            tracing::warn!(dst = %stale.dst, port = stale.port, "the conntrack listing of the range is longer than {LISTING_KEPT} bytes: reading its first part only");
+            tracing::warn!(dst = %stale.dst, port = stale.port, "the conntrack listing of the range is longer than {} bytes: reading its first part only", self.listing_kept);
+            // The last line kept may be cut anywhere (a reply address
+            // cut short is another address): whole lines only.
+            text = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
         }
-        let untranslated: Vec<Entry> = parse_entries(&listing.stdout)
+        let untranslated: Vec<Entry> = parse_entries(text)
             .into_iter()
             .filter(|e| e.reply_src == e.orig_dst && stale.dst.contains(e.orig_dst))
             .collect();
@@ -419,5 +426,61 @@ garbage
         let out = run(Capture::Discard).await.unwrap();
         assert!(out.stdout.is_empty() && !out.stdout_truncated);
         assert_eq!(deleted_count(&out.stderr), Some(20652));
+    }
+
+    #[tokio::test]
+    async fn a_listing_cut_short_is_read_to_its_last_whole_line() {
+        use std::os::unix::fs::PermissionsExt;
+        let line = |i: u32| {
+            format!(
+                "tcp      6 119 SYN_SENT src=198.18.0.1 dst=198.18.1.2 sport={} dport=7000 \
+                 [UNREPLIED] src=198.18.1.2 dst=198.18.0.1 sport=7000 dport={} mark=0 use=1\n",
+                40000 + i,
+                40000 + i
+            )
+        };
+        let listing: String = (0..50).map(line).collect();
+        // Cut the listing in the 8th line just after its reply address,
+        // where it would still parse as a whole entry.
+        let eighth = line(7);
+        let cut = 7 * eighth.len() + eighth.find(" dst=198.18.0.1").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("listing"), &listing).unwrap();
+        let deleted = dir.path().join("deleted");
+        let path = dir.path().join("conntrack");
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = -L ]; then cat {}; exit 0; fi\n\
+                 echo \"$@\" >> {}\n\
+                 echo 'conntrack v1.4.8 (conntrack-tools): 1 flow entries have been deleted.' >&2\n",
+                dir.path().join("listing").display(),
+                deleted.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut ct = Conntrack::with_program(path.to_str().unwrap(), DnatMetrics::default());
+        ct.listing_kept = cut;
+        let stale = Stale {
+            dst: "198.18.1.0/24".parse().unwrap(),
+            port: 7000,
+            kind: StaleKind::NotNated,
+        };
+        // A script just written can meet ETXTBSY (see above): try again.
+        let mut flushed = ct.flush(&stale).await;
+        for _ in 0..5 {
+            if flushed != Flushed::Failed {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let _ = std::fs::remove_file(&deleted);
+            flushed = ct.flush(&stale).await;
+        }
+        assert_eq!(flushed, Flushed::Deleted(7));
+        let deletes = std::fs::read_to_string(&deleted).unwrap();
+        assert_eq!(deletes.lines().count(), 7, "{deletes}");
+        assert!(deletes.contains("--sport 40006 "), "{deletes}");
+        assert!(!deletes.contains("--sport 40007 "), "{deletes}");
     }
 }

@@ -95,11 +95,22 @@ const SAVE_KEPT: usize = 64 << 20;
 const STDERR_KEPT: usize = 64 << 10;
 
 async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, DnatError> {
-    let out = run_output(program, args, stdin, Capture::Upto(SAVE_KEPT)).await?;
+    run_whole(program, args, stdin, SAVE_KEPT).await
+}
+
+/// What `program` printed, which must be at most `kept` bytes: rules read
+/// in part could be acted on wrongly, so more is an error.
+async fn run_whole(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    kept: usize,
+) -> Result<String, DnatError> {
+    let out = run_output(program, args, stdin, Capture::Upto(kept)).await?;
     if out.stdout_truncated {
         return Err(DnatError::Command {
             command: format!("{program} {}", args.join(" ")),
-            detail: format!("printed more than {SAVE_KEPT} bytes"),
+            detail: format!("printed more than {kept} bytes"),
         });
     }
     Ok(out.stdout)
@@ -261,5 +272,25 @@ impl Iptables {
         run(&self.restore, &["--noflush", "-w", "5"], Some(script))
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rules_longer_than_the_bound_are_an_error_not_a_part() {
+        // Through `sh -c`: no file of ours is executed.
+        let args = ["-c", "head -c 5000 /dev/zero | tr '\\0' x"];
+        let whole = run_whole("sh", &args, None, 5_000).await.unwrap();
+        assert_eq!(whole.len(), 5_000);
+        match run_whole("sh", &args, None, 4_999).await {
+            Err(DnatError::Command { command, detail }) => {
+                assert!(command.starts_with("sh -c"), "{command}");
+                assert_eq!(detail, "printed more than 4999 bytes");
+            }
+            other => panic!("expected a command error, got {other:?}"),
+        }
     }
 }
