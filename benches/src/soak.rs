@@ -106,6 +106,46 @@ pub struct FlapReport {
     pub kind: Flap,
     /// From the flap until the server had the agent registered again.
     pub outage_secs: f64,
+    /// What it cost the short connections.
+    pub cost: FlapCost,
+}
+
+/// The short connections one flap failed, apart by when they began: the
+/// totals count both as the outage's, but a failure begun after the
+/// agent was back is the tunnel's, not the outage's, if the grace hides
+/// it.
+#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq)]
+pub struct FlapCost {
+    /// In flight when the agent went, or begun while it was away.
+    pub while_away: usize,
+    /// Begun within [`OUTAGE_GRACE`] after it was back.
+    pub after_back: usize,
+    /// Of those, the longest attempt, and the latest start (seconds after
+    /// the agent was back); 0 when there were none.
+    pub after_back_longest_secs: f64,
+    pub after_back_last_began_secs: f64,
+}
+
+impl FlapCost {
+    /// The cost of the outage (`gone`, `back`) among `failures` (start,
+    /// end, ...).
+    fn of(gone: Instant, back: Instant, failures: &[(Instant, Instant, Stage, u16)]) -> FlapCost {
+        let mut cost = FlapCost::default();
+        for &(began, ended, ..) in failures {
+            if began < back && ended >= gone {
+                cost.while_away += 1;
+            } else if began >= back && began < back + OUTAGE_GRACE {
+                cost.after_back += 1;
+                cost.after_back_longest_secs = cost
+                    .after_back_longest_secs
+                    .max((ended - began).as_secs_f64());
+                cost.after_back_last_began_secs = cost
+                    .after_back_last_began_secs
+                    .max((began - back).as_secs_f64());
+            }
+        }
+        cost
+    }
 }
 
 /// A short connection that failed while the agent was registered.
@@ -299,6 +339,8 @@ pub fn run(bed: &mut Testbed, plan: &Plan) -> Result<SoakReport> {
                     reports.push(FlapReport {
                         kind,
                         outage_secs: (back - gone).as_secs_f64(),
+                        // Filled in once the load is over.
+                        cost: FlapCost::default(),
                     });
                 }
                 Ok(reports)
@@ -338,6 +380,10 @@ pub fn run(bed: &mut Testbed, plan: &Plan) -> Result<SoakReport> {
             .any(|&(gone, back)| from <= back + OUTAGE_GRACE && to >= gone)
     };
     let failures = shared.short_failures.lock().unwrap().clone();
+    let mut flap_reports = flap_reports;
+    for (report, &(gone, back)) in flap_reports.iter_mut().zip(&outages) {
+        report.cost = FlapCost::of(gone, back, &failures);
+    }
     let failed_in_outage = failures
         .iter()
         .filter(|&&(a, b, ..)| in_outage(a, b))
@@ -659,6 +705,24 @@ pub fn render(r: &SoakReport) -> String {
         r.settle_secs,
         SETTLE_DEADLINE.as_secs(),
     );
+    out.push_str(&format!(
+        "| flap | agent away, s | failed: in flight or begun while away | begun within {} s of the return | of those: longest, s / last began, s after the return |\n\
+         |---|---:|---:|---:|---:|\n",
+        OUTAGE_GRACE.as_secs()
+    ));
+    for f in &r.flaps {
+        let c = &f.cost;
+        out.push_str(&format!(
+            "| {} | {:.1} | {} | {} | {:.1} / {:.2} |\n",
+            format!("{:?}", f.kind).to_lowercase(),
+            f.outage_secs,
+            c.while_away,
+            c.after_back,
+            c.after_back_longest_secs,
+            c.after_back_last_began_secs,
+        ));
+    }
+    out.push('\n');
     out.push_str(
         "| process | measure | baseline | peak | after | tolerance | back |\n|---|---|---:|---:|---:|---|---|\n",
     );
@@ -756,6 +820,12 @@ mod tests {
             flaps: vec![FlapReport {
                 kind: Flap::Kill,
                 outage_secs: 0.1,
+                cost: FlapCost {
+                    while_away: 2,
+                    after_back: 3,
+                    after_back_longest_secs: 10.0,
+                    after_back_last_began_secs: 1.87,
+                },
             }],
             baseline: [usage, usage],
             peak: [usage, usage],
@@ -781,6 +851,53 @@ mod tests {
         );
         assert!(
             text.contains("| 45.32 | 2.01 | 10.00 | response | 41002 |"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_flap_s_failures_are_told_apart_by_when_they_began() {
+        let gone = Instant::now();
+        let at = |s: f64| gone + Duration::from_secs_f64(s);
+        let back = at(1.0);
+        let failures = [
+            // In flight when the agent went.
+            (
+                gone - Duration::from_millis(300),
+                at(0.2),
+                Stage::Response,
+                1,
+            ),
+            // Begun while it was away.
+            (at(0.5), at(0.6), Stage::Connect, 2),
+            // Begun after it was back, within the grace.
+            (at(1.1), at(11.1), Stage::Response, 3),
+            (at(2.9), at(3.0), Stage::Connect, 4),
+            // After the grace: the report's "otherwise", not this flap's.
+            (at(3.5), at(13.5), Stage::Response, 5),
+            // Over before the agent went.
+            (
+                gone - Duration::from_secs(2),
+                gone - Duration::from_secs(1),
+                Stage::Response,
+                6,
+            ),
+        ];
+        let cost = FlapCost::of(gone, back, &failures);
+        assert_eq!((cost.while_away, cost.after_back), (2, 2));
+        assert!(
+            (cost.after_back_longest_secs - 10.0).abs() < 1e-6,
+            "{cost:?}"
+        );
+        assert!(
+            (cost.after_back_last_began_secs - 1.9).abs() < 1e-6,
+            "{cost:?}"
+        );
+        let mut r = report();
+        r.flaps[0].cost = cost;
+        let text = render(&r);
+        assert!(
+            text.contains("| kill | 0.1 | 2 | 2 | 10.0 / 1.90 |"),
             "{text}"
         );
     }
