@@ -23,7 +23,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 pub const TEXT: &str = "text/plain; charset=utf-8";
 pub const JSON: &str = "application/json";
@@ -124,23 +123,17 @@ pub async fn serve(
     max_connections: u16,
     metrics: AdminMetrics,
 ) {
-    // The flag's range starts at 1; a caller's 0 would never accept.
-    let max_connections = max_connections.max(1);
-    let slots = Arc::new(Semaphore::new(usize::from(max_connections)));
-    metrics.limit.set(i64::from(max_connections));
+    let slots = transport::net::ConnectionSlots::new(usize::from(max_connections));
+    metrics
+        .limit
+        .set(i64::try_from(slots.limit()).unwrap_or(i64::MAX));
     loop {
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
+        let slot = slots
+            .acquire(|| {
                 metrics.waits.inc();
                 tracing::debug!(max_connections, "admin listener full: new connections wait");
-                slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("the semaphore is never closed")
-            }
-        };
+            })
+            .await;
         let (tcp, _) = transport::net::accept(&listener, "admin").await;
         let routes = routes.clone();
         let open = Open::new(&metrics.open);

@@ -2,9 +2,11 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Listen backlog for our TCP listeners. tokio's default of 128 overflows
 /// under a burst of a thousand connects (SYN retries after 1 s).
@@ -115,6 +117,54 @@ where
     }
 }
 
+/// A bound on the connections a listener (or a group of listeners) serves
+/// at once. Its accept loop takes a slot before each accept, so past the
+/// bound it stops accepting: new connections wait in the kernel's listen
+/// backlog instead of taking descriptors the process keeps for other
+/// work, and nothing is refused that a slot freed a moment later could
+/// serve.
+#[derive(Debug, Clone)]
+pub struct ConnectionSlots {
+    sem: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl ConnectionSlots {
+    /// At most `limit` at once; at least 1 (a limit of 0 would never
+    /// accept) and at most what a semaphore can count.
+    pub fn new(limit: usize) -> ConnectionSlots {
+        let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
+        ConnectionSlots {
+            sem: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Slots taken now.
+    pub fn in_use(&self) -> usize {
+        self.limit - self.sem.available_permits()
+    }
+
+    /// A slot for the next connection, given back when dropped. When none
+    /// is free, `on_wait` is called once (to count and log the limit
+    /// being hit) and the call waits for one.
+    pub async fn acquire(&self, on_wait: impl FnOnce()) -> OwnedSemaphorePermit {
+        if let Ok(slot) = self.sem.clone().try_acquire_owned() {
+            return slot;
+        }
+        on_wait();
+        self.sem
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("a listener's slot semaphore is never closed")
+    }
+}
+
 /// Makes a long-lived TCP connection (the HTTP/2 transport) notice a dead
 /// peer about as fast as QUIC's idle timeout does: keep-alive probes every
 /// `keepalive`, and TCP_USER_TIMEOUT so unacknowledged data or probes fail
@@ -168,5 +218,43 @@ mod tests {
         let dialed = dialed.unwrap();
         assert!(!SockRef::from(&dialed).keepalive().unwrap());
         assert!(!SockRef::from(&dialed).nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_full_set_of_slots_waits_and_says_so_once() {
+        let slots = ConnectionSlots::new(2);
+        let waits = std::cell::Cell::new(0);
+        let a = slots.acquire(|| waits.set(waits.get() + 1)).await;
+        let _b = slots.acquire(|| waits.set(waits.get() + 1)).await;
+        assert_eq!((slots.in_use(), waits.get()), (2, 0));
+        let third = slots.acquire(|| waits.set(waits.get() + 1));
+        tokio::pin!(third);
+        assert!(futures_poll_once(third.as_mut()).await.is_none());
+        assert_eq!(waits.get(), 1);
+        drop(a);
+        let _c = third.await;
+        assert_eq!((slots.in_use(), waits.get()), (2, 1));
+    }
+
+    #[test]
+    fn a_limit_of_zero_is_one() {
+        let slots = ConnectionSlots::new(0);
+        assert_eq!(slots.limit(), 1);
+        assert_eq!(
+            ConnectionSlots::new(usize::MAX).limit(),
+            Semaphore::MAX_PERMITS
+        );
+    }
+
+    /// Polls `f` once: its output if it was ready.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
     }
 }

@@ -18,7 +18,6 @@
 //! answer head at most [`MAX_HEAD`] bytes.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -27,7 +26,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
 
 /// Longest answer head accepted from the CONNECT ingress.
@@ -54,6 +52,8 @@ pub struct RedirectMetrics {
     pub connections: Family<[(&'static str, &'static str); 1], Counter>,
     /// Redirected connections open now.
     pub active: Gauge,
+    /// Times every slot was taken and the listener stopped accepting.
+    pub waits: Counter,
 }
 
 impl RedirectMetrics {
@@ -69,6 +69,12 @@ impl RedirectMetrics {
             "redirected_connections_active",
             "Redirected connections open now",
             self.active.clone(),
+        );
+        registry.register(
+            "redirect_connection_waits",
+            "Times the redirector had --max-client-connections open and stopped accepting \
+             (new connections waited in the listen backlog)",
+            self.waits.clone(),
         );
     }
 
@@ -86,9 +92,20 @@ pub async fn serve(
 ) {
     crate::ingress::watch_clients(&listener);
     let local = listener.local_addr().ok();
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let slots = transport::net::ConnectionSlots::new(max_connections);
     loop {
-        let permit = slots.clone().acquire_owned().await.expect("never closed");
+        let permit = slots
+            .acquire(|| {
+                let waits = metrics.waits.inc() + 1;
+                if waits.is_power_of_two() {
+                    tracing::warn!(
+                        limit = slots.limit(),
+                        waits,
+                        "every redirect slot is taken; new connections wait in the listen backlog (--max-client-connections)"
+                    );
+                }
+            })
+            .await;
         let (tcp, peer) = transport::net::accept_with(&listener, "redirect", |_| {}).await;
         let (upstream, metrics) = (upstream.clone(), metrics.clone());
         tokio::spawn(async move {

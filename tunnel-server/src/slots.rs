@@ -19,15 +19,15 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
+use transport::net::ConnectionSlots;
 
 use crate::metrics::Metrics;
 
 /// Client connection slots.
 #[derive(Debug)]
 pub struct ClientSlots {
-    sem: Arc<Semaphore>,
-    limit: usize,
+    slots: ConnectionSlots,
     per_client: usize,
     /// Connections open per client; an entry lives while its count is
     /// above zero, so the map is bounded by the pool.
@@ -62,10 +62,8 @@ pub struct ClientBusy {
 
 impl ClientSlots {
     pub fn new(limit: usize, per_client: usize) -> Self {
-        let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
         ClientSlots {
-            sem: Arc::new(Semaphore::new(limit)),
-            limit,
+            slots: ConnectionSlots::new(limit),
             per_client: per_client.max(1),
             clients: Arc::default(),
         }
@@ -100,33 +98,29 @@ impl ClientSlots {
     }
 
     pub fn limit(&self) -> usize {
-        self.limit
+        self.slots.limit()
     }
 
     /// Slots taken now.
     pub fn in_use(&self) -> usize {
-        self.limit - self.sem.available_permits()
+        self.slots.in_use()
     }
 
     /// A slot for the next client connection; waits while none is free
     /// (counted, and logged at growing intervals: 1st, 2nd, 4th, 8th ...).
     pub async fn acquire(&self, metrics: &Metrics) -> OwnedSemaphorePermit {
-        if let Ok(slot) = self.sem.clone().try_acquire_owned() {
-            return slot;
-        }
-        let hits = metrics.client_limit_hits.inc() + 1;
-        if hits.is_power_of_two() {
-            tracing::warn!(
-                limit = self.limit,
-                hits,
-                "every client connection slot is taken; new clients wait in the listen backlog (--max-client-connections)"
-            );
-        }
-        self.sem
-            .clone()
-            .acquire_owned()
+        self.slots
+            .acquire(|| {
+                let hits = metrics.client_limit_hits.inc() + 1;
+                if hits.is_power_of_two() {
+                    tracing::warn!(
+                        limit = self.limit(),
+                        hits,
+                        "every client connection slot is taken; new clients wait in the listen backlog (--max-client-connections)"
+                    );
+                }
+            })
             .await
-            .expect("the slot semaphore is never closed")
     }
 }
 

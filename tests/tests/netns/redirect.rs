@@ -163,6 +163,13 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
             "edge_tunnel_redirected_connections_total{result=\"refused_4xx\"}"
         ) >= 1.0
     );
+    // Exported, and two connections at a time never reach the 1,024 slots.
+    let page = curl(worker, &[&format!("http://{REDIRECTOR_ADMIN}/metrics")]);
+    assert!(
+        page.lines()
+            .any(|l| l == "edge_tunnel_redirect_connection_waits_total 0"),
+        "{page}"
+    );
     // Every forwarded connection was authorized by the helper's
     // certificate (curl may try the refused one twice).
     assert!(
