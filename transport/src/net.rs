@@ -149,6 +149,19 @@ impl ConnectionSlots {
         self.limit - self.sem.available_permits()
     }
 
+    /// Logs the `hits`-th time `what`'s slots were all taken, at the 1st,
+    /// 2nd, 4th, 8th...: a listener kept full does not flood the log.
+    /// `flag` is the limit's flag.
+    pub fn warn_full(&self, hits: u64, what: &str, flag: &str) {
+        if hits.is_power_of_two() {
+            tracing::warn!(
+                limit = self.limit,
+                hits,
+                "every {what} slot is taken; new connections wait in the listen backlog ({flag})"
+            );
+        }
+    }
+
     /// A slot for the next connection, given back when dropped. When none
     /// is free, `on_wait` is called once (to count and log the limit
     /// being hit) and the call waits for one.

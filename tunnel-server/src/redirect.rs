@@ -97,13 +97,7 @@ pub async fn serve(
         let permit = slots
             .acquire(|| {
                 let waits = metrics.waits.inc() + 1;
-                if waits.is_power_of_two() {
-                    tracing::warn!(
-                        limit = slots.limit(),
-                        waits,
-                        "every redirect slot is taken; new connections wait in the listen backlog (--max-client-connections)"
-                    );
-                }
+                slots.warn_full(waits, "redirect", "--max-client-connections");
             })
             .await;
         let (tcp, peer) = transport::net::accept_with(&listener, "redirect", |_| {}).await;

@@ -112,13 +112,8 @@ impl ClientSlots {
         self.slots
             .acquire(|| {
                 let hits = metrics.client_limit_hits.inc() + 1;
-                if hits.is_power_of_two() {
-                    tracing::warn!(
-                        limit = self.limit(),
-                        hits,
-                        "every client connection slot is taken; new clients wait in the listen backlog (--max-client-connections)"
-                    );
-                }
+                self.slots
+                    .warn_full(hits, "client connection", "--max-client-connections");
             })
             .await
     }
