@@ -128,13 +128,23 @@ pub struct FlapCost {
 
 impl FlapCost {
     /// The cost of the outage (`gone`, `back`) among `failures` (start,
-    /// end, ...).
-    fn of(gone: Instant, back: Instant, failures: &[(Instant, Instant, Stage, u16)]) -> FlapCost {
+    /// end, ...). A failure still in flight when the next flap came
+    /// (`next_gone`) is that flap's, not this one's aftermath: in a quick
+    /// run the next flap can come within the grace.
+    fn of(
+        gone: Instant,
+        back: Instant,
+        next_gone: Option<Instant>,
+        failures: &[(Instant, Instant, Stage, u16)],
+    ) -> FlapCost {
         let mut cost = FlapCost::default();
         for &(began, ended, ..) in failures {
             if began < back && ended >= gone {
                 cost.while_away += 1;
-            } else if began >= back && began < back + OUTAGE_GRACE {
+            } else if began >= back
+                && began < back + OUTAGE_GRACE
+                && next_gone.is_none_or(|next| ended < next)
+            {
                 cost.after_back += 1;
                 cost.after_back_longest_secs = cost
                     .after_back_longest_secs
@@ -381,8 +391,9 @@ pub fn run(bed: &mut Testbed, plan: &Plan) -> Result<SoakReport> {
     };
     let failures = shared.short_failures.lock().unwrap().clone();
     let mut flap_reports = flap_reports;
-    for (report, &(gone, back)) in flap_reports.iter_mut().zip(&outages) {
-        report.cost = FlapCost::of(gone, back, &failures);
+    for (i, (report, &(gone, back))) in flap_reports.iter_mut().zip(&outages).enumerate() {
+        let next_gone = outages.get(i + 1).map(|&(next, _)| next);
+        report.cost = FlapCost::of(gone, back, next_gone, &failures);
     }
     let failed_in_outage = failures
         .iter()
@@ -883,8 +894,21 @@ mod tests {
                 6,
             ),
         ];
-        let cost = FlapCost::of(gone, back, &failures);
+        let cost = FlapCost::of(gone, back, None, &failures);
         assert_eq!((cost.while_away, cost.after_back), (2, 2));
+        // The next flap came at 3.05 s: the attempt begun at 1.1 s and
+        // still in flight then is that flap's; the one over at 3.0 s is
+        // still this one's.
+        let next = FlapCost::of(gone, back, Some(at(3.05)), &failures);
+        assert_eq!((next.while_away, next.after_back), (2, 1));
+        assert!(
+            (next.after_back_longest_secs - 0.1).abs() < 1e-6,
+            "{next:?}"
+        );
+        assert!(
+            (next.after_back_last_began_secs - 1.9).abs() < 1e-6,
+            "{next:?}"
+        );
         assert!(
             (cost.after_back_longest_secs - 10.0).abs() < 1e-6,
             "{cost:?}"
