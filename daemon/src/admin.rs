@@ -130,8 +130,10 @@ pub async fn serve(
     loop {
         let slot = slots
             .acquire(|| {
-                metrics.waits.inc();
-                tracing::debug!(max_connections, "admin listener full: new connections wait");
+                // Probes and scrapes wait too: worth a warning (1st, 2nd,
+                // 4th... wait).
+                let waits = metrics.waits.inc() + 1;
+                slots.warn_full(waits, "admin", "--admin-max-connections");
             })
             .await;
         let (tcp, _) = transport::net::accept(&listener, "admin").await;
