@@ -894,29 +894,22 @@ mod tests {
                 6,
             ),
         ];
+        // The longest attempt and the latest start after the return, in ms.
+        let after = |c: &FlapCost| {
+            (
+                (c.after_back_longest_secs * 1e3).round(),
+                (c.after_back_last_began_secs * 1e3).round(),
+            )
+        };
         let cost = FlapCost::of(gone, back, None, &failures);
         assert_eq!((cost.while_away, cost.after_back), (2, 2));
+        assert_eq!(after(&cost), (10_000.0, 1_900.0), "{cost:?}");
         // The next flap came at 3.05 s: the attempt begun at 1.1 s and
         // still in flight then is that flap's; the one over at 3.0 s is
         // still this one's.
         let next = FlapCost::of(gone, back, Some(at(3.05)), &failures);
         assert_eq!((next.while_away, next.after_back), (2, 1));
-        assert!(
-            (next.after_back_longest_secs - 0.1).abs() < 1e-6,
-            "{next:?}"
-        );
-        assert!(
-            (next.after_back_last_began_secs - 1.9).abs() < 1e-6,
-            "{next:?}"
-        );
-        assert!(
-            (cost.after_back_longest_secs - 10.0).abs() < 1e-6,
-            "{cost:?}"
-        );
-        assert!(
-            (cost.after_back_last_began_secs - 1.9).abs() < 1e-6,
-            "{cost:?}"
-        );
+        assert_eq!(after(&next), (100.0, 1_900.0), "{next:?}");
         let mut r = report();
         r.flaps[0].cost = cost;
         let text = render(&r);
