@@ -159,6 +159,63 @@ async fn quic_handshake_flood_is_bounded_and_agents_still_register() {
     agent.stop().await;
 }
 
+/// Attackers that answer Retries from as many addresses as it takes to
+/// fill the cap (8 × 8) and hold every slot for the whole handshake
+/// timeout: without fair shares at the cap no slot would free for 30 s
+/// (QUIC's idle timeout ends a silent handshake first). A new agent takes
+/// the oldest slot of a source holding more, registers and relays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_holding_every_handshake_slot_cannot_keep_a_new_agent_out() {
+    let _serial = SERIAL.lock().await;
+    init_logging();
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let limits = HandshakeLimits {
+        max_in_flight: 64,
+        retry_above: 16,
+        per_source: 8,
+    };
+    let server = server(&pki, limits, Duration::from_secs(60)).await;
+    let target = targets::echo_server().await;
+    let flood = QuicFlood {
+        target: server.addrs.quic,
+        sources: loopback_sources(20, 8),
+        rate: 2000,
+        answer_retry: true,
+    }
+    .start();
+    let in_flight = "edge_tunnel_handshakes_in_flight{transport=\"quic\"}";
+    wait_metric_above(&server, in_flight, 63.0, Duration::from_secs(60)).await;
+    let capped =
+        "edge_tunnel_handshakes_limited_total{transport=\"quic\",limit=\"max_in_flight\",action=\"ignore\"}";
+    wait_metric_above(&server, capped, 0.0, Duration::from_secs(60)).await;
+    let timeouts = "edge_tunnel_handshake_failures_total{transport=\"quic\",reason=\"timeout\"}";
+    assert_eq!(server.metric(timeouts).await, 0.0, "no slot freed itself");
+
+    let agent = agent(
+        &pki,
+        &server,
+        target,
+        tunnel_agent::config::TransportChoice::Quic,
+    );
+    server.wait_for_agent(NODE, Duration::from_secs(15)).await;
+    relay_works(&server, target).await;
+    for series in [
+        "edge_tunnel_handshakes_limited_total{transport=\"quic\",limit=\"max_in_flight\",action=\"evict\"}",
+        "edge_tunnel_handshake_failures_total{transport=\"quic\",reason=\"evicted\"}",
+    ] {
+        assert!(server.metric(series).await >= 1.0, "{series}");
+    }
+    assert_eq!(server.metric(timeouts).await, 0.0, "no slot freed itself");
+    let in_flight_now = server.metric(in_flight).await;
+    assert!(
+        in_flight_now <= 64.0,
+        "{in_flight_now} handshakes in flight"
+    );
+    flood.stop().await;
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_handshake_flood_on_the_h2_listener_is_bounded() {
     let _serial = SERIAL.lock().await;

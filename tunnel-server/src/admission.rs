@@ -13,10 +13,21 @@
 //! it never has more entries than the cap: it cannot become the memory
 //! sink itself. Sources are IPv4 addresses and IPv6 /64 prefixes (one
 //! host usually owns a whole /64).
+//!
+//! At the cap, the slots are shared out fairly: a source that has proven
+//! its address and holds at least two handshakes fewer than the source
+//! holding the most takes that source's oldest slot (the [`Permit`] there
+//! learns it was evicted, and its handshake is dropped). Without it, an
+//! attacker that answers Retries from `max_in_flight / per_source`
+//! addresses (16 by default) kept every new agent out for as long as it
+//! flooded; now it must hold the cap from as many addresses as there are
+//! slots.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
 
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 
@@ -142,16 +153,95 @@ pub struct HandshakeAdmission {
 struct State {
     in_flight: usize,
     peak: usize,
+    next_id: u64,
     /// Sources with at least one handshake in flight, never more entries
-    /// than `in_flight`.
-    by_source: HashMap<IpAddr, usize>,
+    /// than `in_flight`; each source's handshakes oldest first.
+    by_source: HashMap<IpAddr, VecDeque<Held>>,
+    /// `sources_with[n]`: how many sources have `n` handshakes in flight
+    /// (`n` ≤ `per_source`), so the fullest source is found without a walk
+    /// of the table.
+    sources_with: Vec<usize>,
+}
+
+/// One handshake in flight, as the table holds it.
+#[derive(Debug)]
+struct Held {
+    id: u64,
+    /// Told when the slot is taken from it.
+    evict: oneshot::Sender<()>,
+}
+
+impl State {
+    fn count(&self, key: &IpAddr) -> usize {
+        self.by_source.get(key).map_or(0, VecDeque::len)
+    }
+
+    /// Moves `key` from `from` handshakes to `to` in `sources_with`.
+    fn recount(&mut self, from: usize, to: usize) {
+        if from > 0 {
+            self.sources_with[from] -= 1;
+        }
+        if to > 0 {
+            self.sources_with[to] += 1;
+        }
+    }
+
+    fn hold(&mut self, key: IpAddr, evict: oneshot::Sender<()>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let held = self.by_source.entry(key).or_default();
+        held.push_back(Held { id, evict });
+        let n = held.len();
+        self.recount(n - 1, n);
+        self.in_flight += 1;
+        self.peak = self.peak.max(self.in_flight);
+        id
+    }
+
+    /// Takes handshake `id` of `key` out of the table; `None` if it is no
+    /// longer there (evicted).
+    fn take(&mut self, key: &IpAddr, id: Option<u64>) -> Option<Held> {
+        let held = self.by_source.get_mut(key)?;
+        let at = match id {
+            Some(id) => held.iter().position(|h| h.id == id)?,
+            None => 0,
+        };
+        let taken = held.remove(at)?;
+        let n = held.len();
+        if n == 0 {
+            self.by_source.remove(key);
+        }
+        self.recount(n + 1, n);
+        self.in_flight -= 1;
+        Some(taken)
+    }
+
+    /// A source holding at least two handshakes more than `than` (the
+    /// most of any source), whose oldest slot may go to a source with
+    /// `than`: the share evens out and never swings back.
+    fn fullest_above(&self, than: usize) -> Option<IpAddr> {
+        let most = (1..self.sources_with.len())
+            .rev()
+            .find(|&n| self.sources_with[n] > 0)?;
+        if most < than + 2 {
+            return None;
+        }
+        self.by_source
+            .iter()
+            .find(|(_, held)| held.len() == most)
+            .map(|(key, _)| *key)
+    }
 }
 
 impl HandshakeAdmission {
     pub fn new(limits: HandshakeLimits) -> Arc<Self> {
+        let state = State {
+            sources_with: vec![0; limits.per_source + 1],
+            ..State::default()
+        };
         Arc::new(HandshakeAdmission {
             limits,
-            state: Mutex::default(),
+            state: Mutex::new(state),
         })
     }
 
@@ -163,19 +253,34 @@ impl HandshakeAdmission {
     /// proven it receives at its address (a QUIC Retry token, or a TCP
     /// handshake).
     ///
-    /// Over the cap: shed, validated or not (a Retry would only bring the
-    /// source back to a full house). Over the per-source limit, or over
-    /// the Retry threshold: an unvalidated source gets a Retry, so a
-    /// spoofer cannot use up the share of the address it forges; a
-    /// validated one over its source's limit is shed.
+    /// At the cap: a source at least two handshakes short of the fullest
+    /// source takes that source's oldest slot if it has proven its
+    /// address, and gets a Retry to prove it if not; any other is shed (a
+    /// Retry would only bring it back to a full house). Over the
+    /// per-source limit, or over the Retry threshold: an unvalidated
+    /// source gets a Retry, so a spoofer cannot use up the share of the
+    /// address it forges; a validated one over its source's limit is shed.
     pub fn admit(self: &Arc<Self>, source: IpAddr, validated: bool) -> Admission {
         let key = source_key(source);
         let mut state = self.lock();
-        if state.in_flight >= self.limits.max_in_flight {
-            return Admission::Shed(Limit::MaxInFlight);
-        }
-        let from_source = state.by_source.get(&key).copied().unwrap_or(0);
+        let from_source = state.count(&key);
         let over_source = from_source >= self.limits.per_source;
+        let mut displaced = None;
+        if state.in_flight >= self.limits.max_in_flight {
+            let victim = match state.fullest_above(from_source) {
+                Some(victim) if !over_source => victim,
+                _ => return Admission::Shed(Limit::MaxInFlight),
+            };
+            if !validated {
+                return Admission::Retry(Limit::MaxInFlight);
+            }
+            let Some(oldest) = state.take(&victim, None) else {
+                return Admission::Shed(Limit::MaxInFlight);
+            };
+            // Its handshake may have just ended; then nobody listens.
+            let _ = oldest.evict.send(());
+            displaced = Some(victim);
+        }
         if !validated {
             if over_source {
                 return Admission::Retry(Limit::PerSource);
@@ -187,12 +292,14 @@ impl HandshakeAdmission {
         if over_source {
             return Admission::Shed(Limit::PerSource);
         }
-        state.in_flight += 1;
-        state.peak = state.peak.max(state.in_flight);
-        *state.by_source.entry(key).or_insert(0) += 1;
+        let (evict, evicted) = oneshot::channel();
+        let id = state.hold(key, evict);
         Admission::Admit(Permit {
             admission: self.clone(),
             source: key,
+            id,
+            evicted,
+            displaced,
         })
     }
 
@@ -211,15 +318,9 @@ impl HandshakeAdmission {
         self.lock().by_source.len()
     }
 
-    fn release(&self, key: IpAddr) {
-        let mut state = self.lock();
-        state.in_flight -= 1;
-        if let Some(n) = state.by_source.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                state.by_source.remove(&key);
-            }
-        }
+    fn release(&self, key: IpAddr, id: u64) {
+        // Not there if it was evicted: its slot was handed on then.
+        let _ = self.lock().take(&key, Some(id));
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -234,11 +335,33 @@ impl HandshakeAdmission {
 pub struct Permit {
     admission: Arc<HandshakeAdmission>,
     source: IpAddr,
+    id: u64,
+    evicted: oneshot::Receiver<()>,
+    displaced: Option<IpAddr>,
+}
+
+impl Permit {
+    /// Completes when the slot was given to a source with fewer
+    /// handshakes in flight; the handshake must then be dropped. Its slot
+    /// is no longer counted from that moment.
+    pub async fn evicted(&mut self) {
+        if (&mut self.evicted).await.is_err() {
+            // The table drops the sender only when it takes the entry out
+            // on this permit's own release, which cannot run before this.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// The source (IPv4 address, IPv6 /64) whose oldest handshake this
+    /// one took the slot of, if it did.
+    pub fn displaced(&self) -> Option<IpAddr> {
+        self.displaced
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.admission.release(self.source);
+        self.admission.release(self.source, self.id);
     }
 }
 
@@ -306,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn at_the_cap_everything_is_shed_validated_or_not() {
+    fn at_the_cap_with_even_shares_everything_is_shed_validated_or_not() {
         let a = limits(3, 3, 3);
         let held: Vec<_> = (0..3)
             .map(|i| admitted(a.admit(ip(&format!("192.0.2.{i}")), false)))
@@ -323,6 +446,92 @@ mod tests {
         assert_eq!((a.in_flight(), a.sources()), (0, 0));
         let _p = admitted(a.admit(ip("192.0.2.9"), true));
         assert_eq!(a.peak(), 3);
+    }
+
+    impl Permit {
+        fn was_evicted(&mut self) -> bool {
+            self.evicted.try_recv().is_ok()
+        }
+    }
+
+    #[test]
+    fn at_the_cap_a_source_with_fewer_takes_the_oldest_slot_of_the_fullest() {
+        let a = limits(4, 4, 4);
+        let mut from_a: Vec<_> = (0..3)
+            .map(|_| admitted(a.admit(ip("192.0.2.1"), true)))
+            .collect();
+        let mut from_b = admitted(a.admit(ip("192.0.2.2"), true));
+        assert_eq!(a.in_flight(), 4);
+        // Not proven yet: prove it (a Retry), then take a slot.
+        assert!(matches!(
+            a.admit(ip("192.0.2.3"), false),
+            Admission::Retry(Limit::MaxInFlight)
+        ));
+        let c = admitted(a.admit(ip("192.0.2.3"), true));
+        assert_eq!(c.displaced(), Some(ip("192.0.2.1")));
+        let evicted: Vec<_> = from_a.iter_mut().map(Permit::was_evicted).collect();
+        assert_eq!(evicted, [true, false, false], "the oldest goes");
+        assert!(!from_b.was_evicted());
+        assert_eq!((a.in_flight(), a.sources()), (4, 3));
+        // The evicted handshake ends later; its slot is not freed twice.
+        drop(from_a.remove(0));
+        assert_eq!(a.in_flight(), 4);
+        // 192.0.2.1 still holds two: one more source evens it out...
+        let d = admitted(a.admit(ip("192.0.2.4"), true));
+        assert_eq!(d.displaced(), Some(ip("192.0.2.1")));
+        assert!(from_a[0].was_evicted());
+        // ...and then everyone holds one: nothing to take.
+        assert!(matches!(
+            a.admit(ip("192.0.2.5"), true),
+            Admission::Shed(Limit::MaxInFlight)
+        ));
+        assert!(matches!(
+            a.admit(ip("192.0.2.5"), false),
+            Admission::Shed(Limit::MaxInFlight)
+        ));
+        drop((from_a, from_b, c, d));
+        assert_eq!((a.in_flight(), a.sources()), (0, 0));
+    }
+
+    #[test]
+    fn at_the_cap_shares_even_out_and_never_swing_back() {
+        // Sixteen flooding sources fill the cap; a seventeenth, and each
+        // flooder again, find no source two handshakes fuller than they.
+        let a = limits(64, 0, 4);
+        let flooder = |i: usize| ip(&format!("198.18.0.{}", 10 + i));
+        let mut held: Vec<_> = (0..64)
+            .map(|i| admitted(a.admit(flooder(i % 16), true)))
+            .collect();
+        for i in 0..16 {
+            assert!(matches!(
+                a.admit(flooder(i), true),
+                Admission::Shed(Limit::MaxInFlight)
+            ));
+        }
+        // An agent from its own address gets in at once...
+        let agent = admitted(a.admit(ip("198.18.1.2"), true));
+        assert!(agent.displaced().is_some());
+        // ...and the flooder it took from cannot take it back: it holds
+        // three now, the others four, the agent one.
+        let victim = agent.displaced().unwrap();
+        assert!(matches!(
+            a.admit(victim, true),
+            Admission::Shed(Limit::MaxInFlight)
+        ));
+        // A flooder over its own share is shed, even at the cap.
+        let other = flooder(usize::from(victim == flooder(0)));
+        assert!(matches!(
+            a.admit(other, true),
+            Admission::Shed(Limit::MaxInFlight)
+        ));
+        assert_eq!(
+            held.iter_mut()
+                .map(Permit::was_evicted)
+                .filter(|&e| e)
+                .count(),
+            1
+        );
+        assert_eq!(a.in_flight(), 64);
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub enum Action {
     Ignore,
     /// TCP connection closed before TLS.
     Close,
+    /// Admitted at the cap: the oldest handshake of the source holding
+    /// the most was dropped for it.
+    Evict,
 }
 
 impl EncodeLabelValue for Action {
@@ -55,6 +58,7 @@ impl EncodeLabelValue for Action {
             Action::Retry => "retry",
             Action::Ignore => "ignore",
             Action::Close => "close",
+            Action::Evict => "evict",
         };
         std::fmt::Write::write_str(encoder, label)
     }
@@ -92,6 +96,8 @@ pub enum FailureReason {
     Protocol,
     /// A socket error, or the endpoint closing.
     Io,
+    /// Dropped at the handshake cap for a source holding fewer.
+    Evicted,
 }
 
 impl FailureReason {
@@ -102,6 +108,7 @@ impl FailureReason {
             FailureReason::PeerClosed => "peer_closed",
             FailureReason::Protocol => "protocol",
             FailureReason::Io => "io",
+            FailureReason::Evicted => "evicted",
         }
     }
 }
@@ -125,6 +132,15 @@ impl HandshakeFailure {
         HandshakeFailure {
             reason: FailureReason::Timeout,
             detail: format!("not finished within {after:?}"),
+        }
+    }
+
+    fn evicted() -> Self {
+        HandshakeFailure {
+            reason: FailureReason::Evicted,
+            detail: "dropped at the handshake cap: its source held the most handshakes \
+                     in flight, and a source holding fewer took its slot"
+                .to_owned(),
         }
     }
 }
@@ -197,11 +213,19 @@ impl HandshakeGate {
 
     /// Decides on a handshake from `remote` and counts a limit hit. The
     /// caller carries the decision out (QUIC: accept, retry or ignore the
-    /// `Incoming`; TCP: start TLS or close).
+    /// `Incoming`; TCP: start TLS or close). An admission at the cap that
+    /// evicted another source's handshake is counted as `evict`.
     pub fn admit(&self, metrics: &Metrics, remote: SocketAddr, validated: bool) -> Admission {
         let admission = self.admission.admit(remote.ip(), validated);
+        let mut evicted_from = None;
         let (limit, action) = match &admission {
-            Admission::Admit(_) => return admission,
+            Admission::Admit(permit) => match permit.displaced() {
+                None => return admission,
+                Some(source) => {
+                    evicted_from = Some(source);
+                    (Limit::MaxInFlight, Action::Evict)
+                }
+            },
             Admission::Retry(limit) => (*limit, Action::Retry),
             Admission::Shed(limit) => (
                 *limit,
@@ -225,6 +249,7 @@ impl HandshakeGate {
                 %remote,
                 limit = limit.label(),
                 ?action,
+                ?evicted_from,
                 in_flight = self.admission.in_flight(),
                 held_back,
                 "agent handshake limit reached (one warning per {:?}; \
@@ -232,27 +257,35 @@ impl HandshakeGate {
                 LogThrottle::INTERVAL
             ),
             None => {
-                tracing::debug!(%remote, limit = limit.label(), ?action, "agent handshake limited")
+                tracing::debug!(%remote, limit = limit.label(), ?action, ?evicted_from, "agent handshake limited")
             }
         }
         admission
     }
 
-    /// Runs an admitted handshake under the handshake timeout; counts and
-    /// logs its failure. The permit is released when this returns.
+    /// Runs an admitted handshake under the handshake timeout, until it
+    /// finishes or its slot is taken (see [`HandshakeAdmission::admit`]);
+    /// counts and logs its failure. The permit is released when this
+    /// returns; the handshake, dropped unfinished, closes.
     pub async fn run<T, E>(
         &self,
         metrics: &Metrics,
-        _permit: crate::admission::Permit,
+        mut permit: crate::admission::Permit,
         handshake: impl IntoFuture<Output = Result<T, E>>,
     ) -> Result<T, HandshakeFailure>
     where
         E: Into<HandshakeFailure>,
     {
-        let result = match tokio::time::timeout(self.timeout, handshake.into_future()).await {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) => e.into(),
-            Err(_) => HandshakeFailure::timeout(self.timeout),
+        let bounded = tokio::time::timeout(self.timeout, handshake.into_future());
+        let result = tokio::select! {
+            // A handshake finished in the same instant keeps its result.
+            biased;
+            done = bounded => match done {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e.into(),
+                Err(_) => HandshakeFailure::timeout(self.timeout),
+            },
+            () = permit.evicted() => HandshakeFailure::evicted(),
         };
         self.failed(metrics, &result);
         Err(result)
@@ -322,6 +355,43 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("edge_tunnel_handshakes_in_flight{transport=\"quic\"} 0"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_evicted_handshake_is_dropped_and_counted() {
+        let metrics = Arc::new(Metrics::new());
+        let g = Arc::new(gate(HandshakeLimits {
+            max_in_flight: 2,
+            retry_above: 2,
+            per_source: 2,
+        }));
+        let mut running = Vec::new();
+        for _ in 0..2 {
+            let Admission::Admit(permit) = g.admit(&metrics, remote("192.0.2.1:4000"), true) else {
+                panic!("admitted");
+            };
+            let (g, metrics) = (g.clone(), metrics.clone());
+            running.push(tokio::spawn(async move {
+                let never = std::future::pending::<Result<(), std::io::Error>>();
+                g.run(&metrics, permit, never).await
+            }));
+        }
+        tokio::task::yield_now().await;
+        let Admission::Admit(_newcomer) = g.admit(&metrics, remote("192.0.2.2:4000"), true) else {
+            panic!("admitted at the cap, in place of 192.0.2.1's oldest");
+        };
+        // The oldest ends at once, well before its timeout.
+        let first = running.remove(0).await.unwrap().unwrap_err();
+        assert_eq!(first.reason, FailureReason::Evicted);
+        assert!(!running[0].is_finished());
+        assert_eq!(g.admission().in_flight(), 2);
+        let text = metrics.render();
+        for series in [
+            "edge_tunnel_handshakes_limited_total{transport=\"quic\",limit=\"max_in_flight\",action=\"evict\"} 1",
+            "edge_tunnel_handshake_failures_total{transport=\"quic\",reason=\"evicted\"} 1",
+        ] {
+            assert!(text.contains(series), "{series} in {text}");
+        }
     }
 
     #[test]
