@@ -333,12 +333,14 @@ fn quic_flood(bed: &mut Testbed, plan: &Plan, answer_retry: bool) -> Result<Atta
         };
         Ok(format!(
             "{} Initials, {} Retries answered; server: {:.0} Retries sent, {:.0} dropped at the cap, \
-             {:.0} per source, {:.0} handshake timeouts; new agent registered during the flood in {}",
+             {:.0} per source, {:.0} admitted at the cap in place of a fuller source's oldest, \
+             {:.0} handshake timeouts; new agent registered during the flood in {}",
             counters.attempts.load(Ordering::Relaxed),
             counters.retries_answered.load(Ordering::Relaxed),
-            limited("retry_threshold", "retry"),
+            limited("retry_threshold", "retry") + limited("max_in_flight", "retry"),
             limited("max_in_flight", "ignore"),
             limited("per_source", "ignore"),
+            limited("max_in_flight", "evict"),
             metric(
                 &page,
                 "edge_tunnel_handshake_failures_total{transport=\"quic\",reason=\"timeout\"}"
