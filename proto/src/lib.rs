@@ -39,7 +39,7 @@ pub const ALPN_H2: &[u8] = b"edge-tunnel-h2/1";
 /// major version is refused ([`RefuseCode::UnsupportedVersion`]).
 pub const VERSION_MAJOR: u8 = 1;
 /// Minor protocol version: additions that older peers may ignore.
-pub const VERSION_MINOR: u8 = 3;
+pub const VERSION_MINOR: u8 = 4;
 
 /// Longest node name accepted (a DNS-1123 subdomain, as Kubernetes node names are).
 pub const MAX_NODE_NAME: usize = 253;
@@ -63,4 +63,12 @@ pub mod capability {
     /// transport switch): let the old one finish its streams instead of
     /// closing it at once.
     pub const HANDOVER: u32 = 1 << 1;
+    /// Another agent process on this node is still running (it holds the
+    /// agent's instance lock): this one is its successor (a rolling update
+    /// with surge). The server routes new streams here, lets the other
+    /// process's connection finish its streams, and refuses that process
+    /// ([`RefuseCode::Superseded`]) while this connection lives.
+    ///
+    /// [`RefuseCode::Superseded`]: crate::RefuseCode::Superseded
+    pub const SUCCESSOR: u32 = 1 << 2;
 }

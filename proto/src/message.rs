@@ -173,6 +173,12 @@ pub enum RefuseCode {
     /// a CSR for another node or for addresses outside the allowed range,
     /// enrollment not configured); the reason says which.
     EnrollmentRefused,
+    /// A newer agent process on the same node took this node over from
+    /// this process ([`capability::SUCCESSOR`]) and is still connected:
+    /// this process is on its way out (a rolling update).
+    ///
+    /// [`capability::SUCCESSOR`]: crate::capability::SUCCESSOR
+    Superseded,
     /// A code this build does not know; carried through, not rejected.
     Other(u16),
 }
@@ -189,6 +195,7 @@ impl RefuseCode {
             RefuseCode::ServerDraining => 7,
             RefuseCode::AlreadyConnected => 8,
             RefuseCode::EnrollmentRefused => 9,
+            RefuseCode::Superseded => 10,
             RefuseCode::Other(c) => c,
         }
     }
@@ -204,6 +211,7 @@ impl RefuseCode {
             7 => RefuseCode::ServerDraining,
             8 => RefuseCode::AlreadyConnected,
             9 => RefuseCode::EnrollmentRefused,
+            10 => RefuseCode::Superseded,
             c => RefuseCode::Other(c),
         }
     }
@@ -220,6 +228,7 @@ impl RefuseCode {
             RefuseCode::ServerDraining => "server_draining",
             RefuseCode::AlreadyConnected => "already_connected",
             RefuseCode::EnrollmentRefused => "enrollment_refused",
+            RefuseCode::Superseded => "superseded",
             RefuseCode::Other(_) => "other",
         }
     }

@@ -2,6 +2,7 @@
 //! real sockets, real QUIC and TLS.
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use e2e::targets::{self, echo_digest, hex, pattern};
@@ -885,6 +886,93 @@ async fn a_renewed_certificate_applies_whole_at_reconnect(tr: Transport) {
 /// Two nodes' certificates carry the same address: the node that holds it
 /// keeps it (the other is refused, and counted), and the refused one's
 /// exit does not take it away.
+/// A rolling update with surge: the new agent process starts while the
+/// old one serves. It finds the instance lock held, registers as the
+/// successor, and the old process's open stream keeps working while new
+/// connections go through the new one; the new one takes the admin address
+/// once the old one ends.
+async fn a_successor_takes_over_while_the_old_process_finishes_its_streams(tr: Transport) {
+    succession(tr, true).await;
+}
+
+/// The first rolling update onto a release with the lock: the old agent
+/// does not hold it, but its admin address is the sign.
+async fn an_agent_from_before_the_lock_is_succeeded_too(tr: Transport) {
+    succession(tr, false).await;
+}
+
+async fn succession(tr: Transport, old_takes_the_lock: bool) {
+    init_logging();
+    let echo = targets::echo_server().await;
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let server = TestServer::start(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let config = || {
+        let mut c = agent_config(&pki, NODE, &server, &allow(&[echo.port()]), tr);
+        c.instance_lock = Some(dir.path().join("agent.lock"));
+        c.admin_listen = Some(admin);
+        c
+    };
+    let mut old = config();
+    if !old_takes_the_lock {
+        old.instance_lock = None;
+    }
+    let first = TestAgent::start(old);
+    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    let first_id = server.shared.registry.registered(NODE).unwrap().id;
+    let mut old_stream = connect_via(server.connect_addr(), &echo.to_string())
+        .await
+        .unwrap();
+    old_stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    old_stream.read_exact(&mut buf).await.unwrap();
+
+    let second = TestAgent::start(config());
+    let registry = &server.shared.registry;
+    eventually("the successor registered", Duration::from_secs(10), || {
+        let took_over = registry
+            .registered(NODE)
+            .is_some_and(|a| a.id != first_id && a.supersedes.load(Ordering::Relaxed) != 0);
+        async move { took_over }
+    })
+    .await;
+    // The old process's stream still flows, both ways.
+    old_stream.write_all(b"pong").await.unwrap();
+    old_stream.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+    // New connections go through the successor.
+    let tcp = connect_via(server.connect_addr(), &echo.to_string())
+        .await
+        .unwrap();
+    let (a, b) = echo_digest(tcp, 1 << 20, 5).await;
+    assert_eq!(a, b);
+    assert_eq!(registry.len(), 1);
+
+    // Its stream done, the old process keeps its connection (and stays
+    // ready) until it ends: its pod deleted, it drains.
+    drop(old_stream);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = http_get(admin, "/readyz").await;
+    assert_eq!(status, 200, "the old process is still ready");
+    first.stop().await;
+    eventually(
+        "the successor serves the admin address",
+        Duration::from_secs(10),
+        || async move { tokio::net::TcpStream::connect(admin).await.is_ok() },
+    )
+    .await;
+    let (status, _) = http_get(admin, "/readyz").await;
+    assert_eq!(status, 200);
+    let tcp = connect_via(server.connect_addr(), &echo.to_string())
+        .await
+        .unwrap();
+    let (a, b) = echo_digest(tcp, 1 << 16, 6).await;
+    assert_eq!(a, b);
+    second.stop().await;
+}
+
 async fn an_address_is_not_taken_over_by_another_nodes_certificate(tr: Transport) {
     let echo = targets::echo_server().await;
     let t = tunnel(&[echo.port()], tr).await;
@@ -1325,6 +1413,8 @@ over_both_transports!(
     node_name_must_match_the_certificate,
     agent_is_back_within_5s_of_a_server_restart,
     a_second_registration_replaces_the_first,
+    a_successor_takes_over_while_the_old_process_finishes_its_streams,
+    an_agent_from_before_the_lock_is_succeeded_too,
     an_address_is_not_taken_over_by_another_nodes_certificate,
     drain_finishes_active_streams_and_refuses_new_ones,
     admin_endpoints,

@@ -103,6 +103,13 @@ pub struct AgentConfig {
     /// Bumped each time enrollment or renewal writes a new certificate:
     /// the replica loops move their connections to it (handover).
     pub renewed: Arc<tokio::sync::watch::Sender<u64>>,
+    /// A file whose lock this process holds while it runs; finding it held
+    /// makes this process a successor (see [`crate::instance_lock`]).
+    /// Default off.
+    pub instance_lock: Option<PathBuf>,
+    /// Whether another agent process holds `instance_lock` now (runtime
+    /// state shared by all its connections).
+    pub predecessor: crate::instance_lock::Predecessor,
 }
 
 /// Held to read `--cert-dir`, and exclusively to replace its files (an
@@ -236,6 +243,8 @@ impl AgentConfig {
             renew: true,
             bootstrap: None,
             renewed: Arc::new(tokio::sync::watch::Sender::new(0)),
+            instance_lock: None,
+            predecessor: Default::default(),
         };
         config.validate()?;
         Ok(config)

@@ -17,6 +17,8 @@ pub enum AgentError {
     Endpoint(String),
     #[error("cannot listen on the admin address {addr}: {reason}")]
     Admin { addr: SocketAddr, reason: String },
+    #[error(transparent)]
+    InstanceLock(#[from] crate::instance_lock::LockError),
     #[error("no --server address resolved: {0}")]
     Resolve(String),
     #[error(transparent)]

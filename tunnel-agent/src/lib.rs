@@ -30,6 +30,7 @@ pub mod diagnose;
 pub mod dial;
 pub mod enroll;
 pub mod error;
+pub mod instance_lock;
 pub mod probe;
 pub mod register;
 pub mod replica;

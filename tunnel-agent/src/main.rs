@@ -85,6 +85,12 @@ struct Args {
     /// Admin endpoint: /healthz, /readyz, /metrics, /v1/replicas.
     #[arg(long, env = "TUNNEL_ADMIN_LISTEN")]
     admin_listen: Option<std::net::SocketAddr>,
+    /// A file to hold a lock on while the agent runs (on the node, e.g. in
+    /// --cert-dir). An agent that finds it held by another process (a
+    /// rolling update with surge) is that one's successor: servers route
+    /// new streams to it and let the other's connections finish theirs.
+    #[arg(long, env = "TUNNEL_INSTANCE_LOCK")]
+    instance_lock: Option<std::path::PathBuf>,
     /// How long active streams may run on after SIGTERM (0s-1h).
     #[arg(long, env = "TUNNEL_DRAIN_GRACE", default_value = "30s", value_parser = duration_in(Duration::ZERO, secs(3600)))]
     drain_grace: Duration,
@@ -187,6 +193,7 @@ fn main() -> Result<()> {
     config.result_hold = args.dial_result_hold;
     config.connect_timeout = args.connect_timeout;
     config.drain_grace = args.drain_grace;
+    config.instance_lock = args.instance_lock;
     config.quic.keepalive = args.keepalive;
     config.quic.congestion = args.congestion;
     config.quic.stream_order = args.stream_order;

@@ -57,11 +57,13 @@ impl Registration<'_> {
     }
 
     fn hello(&self) -> Message {
-        let capabilities = if self.handover {
-            proto::capability::HANDOVER
-        } else {
-            0
-        };
+        let mut capabilities = 0;
+        if self.handover {
+            capabilities |= proto::capability::HANDOVER;
+        }
+        if self.config.predecessor.alive() {
+            capabilities |= proto::capability::SUCCESSOR;
+        }
         Message::Hello(Hello {
             version_major: proto::VERSION_MAJOR,
             version_minor: proto::VERSION_MINOR,

@@ -179,6 +179,13 @@ impl<C: Connector> ReplicaLoop<C> {
                         tracing::info!("{e}; dialing again in {:.1}s", wait.as_secs_f64());
                         Next::Wait(wait)
                     }
+                    Some(Err(e)) if e.refusal == Some(proto::RefuseCode::Superseded) => {
+                        // A newer agent process on this node took over;
+                        // this one is being replaced. Do not fight it.
+                        let wait = self.settings.replaced_wait();
+                        tracing::info!("{e}; trying again in {}s", wait.as_secs());
+                        Next::Wait(wait)
+                    }
                     Some(Err(e)) => {
                         tracing::warn!("{e}");
                         Next::Backoff

@@ -48,6 +48,24 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     config.validate()?;
+    // Held until this returns (the process's life): a successor started
+    // meanwhile sees it.
+    let _instance_lock = match &config.instance_lock {
+        Some(path) => {
+            let lock = crate::instance_lock::Lock::take(path, &config.predecessor)?;
+            if config.predecessor.alive() {
+                tracing::info!(
+                    lock = %path.display(),
+                    "another agent process runs on this node: this one succeeds it (rolling \
+                     update); servers route new streams here and let the other finish its own"
+                );
+            }
+            Some(tokio::spawn(
+                lock.hold(config.predecessor.clone(), path.clone()),
+            ))
+        }
+        None => None,
+    };
     let config = Arc::new(config);
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -75,10 +93,29 @@ pub async fn run(
     let metrics = Arc::new(AgentMetrics::default());
     let admin = match config.admin_listen {
         Some(addr) => {
-            let listener = transport::net::bind_tcp(addr).map_err(|e| AgentError::Admin {
-                addr,
-                reason: e.to_string(),
-            })?;
+            let listener = match transport::net::bind_tcp(addr) {
+                Ok(listener) => Some(listener),
+                // The agent process this one succeeds serves it until it
+                // ends (one too old to take the lock, too).
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && config.instance_lock.is_some() =>
+                {
+                    config.predecessor.set_admin_held(true);
+                    tracing::info!(
+                        %addr,
+                        "the admin address is in use, by the agent process this one succeeds; \
+                         serving it once that one ends"
+                    );
+                    None
+                }
+                Err(e) => {
+                    return Err(AgentError::Admin {
+                        addr,
+                        reason: e.to_string(),
+                    })
+                }
+            };
             let routes = Arc::new(AgentAdmin {
                 metrics: metrics.clone(),
                 held: held.clone(),
@@ -86,12 +123,15 @@ pub async fn run(
                 relay_buffers: config.relay_buffers.clone(),
                 open_streams: config.open_streams.clone(),
             });
-            Some(tokio::spawn(daemon::admin::serve(
-                listener,
-                routes,
-                config.admin_max_connections,
-                metrics.admin.clone(),
-            )))
+            let (max, admin_metrics) = (config.admin_max_connections, metrics.admin.clone());
+            let predecessor = config.predecessor.clone();
+            Some(tokio::spawn(async move {
+                let listener = match listener {
+                    Some(listener) => listener,
+                    None => bind_when_free(addr, predecessor).await,
+                };
+                daemon::admin::serve(listener, routes, max, admin_metrics).await
+            }))
         }
         None => None,
     };
@@ -217,6 +257,37 @@ pub(crate) fn bind_endpoint(config: &AgentConfig) -> Result<quinn::Endpoint, Age
         .client_endpoint(dual)
         .or_else(|_| config.quic.client_endpoint(v4))
         .map_err(|e| AgentError::Endpoint(e.to_string()))
+}
+
+/// Binds the admin address once the process holding it lets go, trying
+/// every [`crate::instance_lock::RETRY`], and then stops counting it as a
+/// sign of a predecessor. Still failing after a minute (an agent drains
+/// within its grace), it warns once a minute: something else may hold it.
+async fn bind_when_free(
+    addr: SocketAddr,
+    predecessor: crate::instance_lock::Predecessor,
+) -> tokio::net::TcpListener {
+    let since = tokio::time::Instant::now();
+    let mut warned = since;
+    loop {
+        tokio::time::sleep(crate::instance_lock::RETRY).await;
+        match transport::net::bind_tcp(addr) {
+            Ok(listener) => {
+                predecessor.set_admin_held(false);
+                tracing::info!(%addr, "serving the admin address");
+                return listener;
+            }
+            Err(e) if warned.elapsed() >= Duration::from_secs(60) => {
+                tracing::warn!(
+                    %addr,
+                    waited_s = since.elapsed().as_secs(),
+                    "cannot listen on the admin address yet: {e}"
+                );
+                warned = tokio::time::Instant::now();
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! routing, and the end of the stream or of the connection deregisters it.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -267,10 +267,25 @@ pub(crate) async fn serve_agent(
     // The same agent process has a live connection here already: this one
     // is a second dial (a load balancer sent it here, or two of its dials
     // met). Refused, so the live one is not replaced.
-    let live = match shared.registry.by_node(&identity.common_name) {
-        crate::registry::Route::Agent(agent) => Some(agent.instance),
-        _ => None,
-    };
+    let current = shared.registry.registered(&identity.common_name);
+    let live = current
+        .as_ref()
+        .filter(|agent| !agent.is_draining())
+        .map(|agent| agent.instance);
+    if let Some(successor) = current.filter(|c| is_superseded(&hello, c)) {
+        let refusal = Refusal {
+            code: RefuseCode::Superseded,
+            reason: format!(
+                "a newer agent process on this node (connected {} s ago) took it over from \
+                 this one, which is on its way out (a rolling update)",
+                successor
+                    .connected_since
+                    .elapsed()
+                    .map_or(0, |d| d.as_secs())
+            ),
+        };
+        return Err(refuse(&mut stream, &link, metrics, refusal).await);
+    }
     if is_duplicate(&hello, &shared.config.server_id, live) {
         let refusal = Refusal {
             code: RefuseCode::AlreadyConnected,
@@ -304,6 +319,7 @@ pub(crate) async fn serve_agent(
             draining: AtomicBool::new(false),
             kick: tokio::sync::Notify::new(),
             instance: hello.instance,
+            supersedes: AtomicU64::new(0),
             not_after: identity.not_after,
             serial: identity.serial.clone(),
         });
@@ -348,7 +364,20 @@ pub(crate) async fn serve_agent(
                 "agent moved to a new connection; the old one finishes its streams"
             );
             old.draining.store(true, Ordering::Relaxed);
-            tokio::spawn(close_when_idle(old, shared.clone()));
+            tokio::spawn(watch_handed_over(old, shared.clone(), Idle::Close));
+        } else if succeeds(&hello, &old) {
+            tracing::info!(
+                old_remote = %old.link.remote_address(),
+                old_streams = old.streams_active.load(Ordering::Relaxed),
+                "a newer agent process on this node took over; the old one finishes its streams"
+            );
+            agent.supersedes.store(old.instance, Ordering::Relaxed);
+            old.draining.store(true, Ordering::Relaxed);
+            // Not closed when idle: its agent, told nothing (it may be of
+            // a release that would not understand), stays ready until its
+            // pod is deleted and drains then; until it ends, the new pod's
+            // probes reach the old one's admin address.
+            tokio::spawn(watch_handed_over(old, shared.clone(), Idle::KeepOpen));
         } else {
             tracing::info!(old_remote = %old.link.remote_address(), "replacing the previous connection of this node");
             // Its task tells the old agent why, then closes.
@@ -457,6 +486,25 @@ fn is_duplicate(hello: &Hello, server_id: &str, live: Option<u64>) -> bool {
     })
 }
 
+/// Whether a `Hello` comes from the successor of `old`'s agent process: a
+/// newer process on the same node that started while the old one still
+/// ran (`SUCCESSOR`: it found the instance lock held; a rolling update with
+/// surge). The old connection then finishes its streams, as on a handover,
+/// instead of being closed at once.
+fn succeeds(hello: &Hello, old: &AgentHandle) -> bool {
+    hello.capabilities & proto::capability::SUCCESSOR != 0
+        && hello.instance != 0
+        && old.instance != 0
+        && hello.instance != old.instance
+}
+
+/// Whether a `Hello` comes from the process `current` took the node over
+/// from: refused while `current` is registered, so the old process, which
+/// is on its way out, cannot take the node back.
+fn is_superseded(hello: &Hello, current: &AgentHandle) -> bool {
+    hello.instance != 0 && hello.instance == current.supersedes.load(Ordering::Relaxed)
+}
+
 /// A rare path's future, boxed so that it does not size the task every
 /// connected agent keeps.
 type Rare<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -505,17 +553,33 @@ fn answer_issue<'a>(
     })
 }
 
-/// Closes a handed-over connection once its last stream is done: a
-/// transport switch or a renewed certificate moved the agent to a new
-/// connection, and long streams (`kubectl exec`, `logs -f`) finish on the
-/// old one. No longer in the registry, it is checked here for what the
+/// What to do with a handed-over connection once its streams are done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Idle {
+    /// Close it: the agent itself moved to its new connection.
+    Close,
+    /// Leave it to its agent, which a successor process replaced and
+    /// which drains when its own pod goes.
+    KeepOpen,
+}
+
+/// Watches a handed-over connection: a transport switch or a renewed
+/// certificate moved the agent to a new connection, or a successor process
+/// took the node over, and long streams (`kubectl exec`, `logs -f`) finish
+/// on the old one. With [`Idle::Close`] it is closed once its last stream
+/// is done. No longer in the registry, it is checked here for what the
 /// reload tick checks there: an expired or revoked certificate closes it.
-async fn close_when_idle(old: Arc<AgentHandle>, shared: Arc<Shared>) {
+async fn watch_handed_over(old: Arc<AgentHandle>, shared: Arc<Shared>, idle: Idle) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut checked = tokio::time::Instant::now();
+    let closed = old.link.closed();
+    tokio::pin!(closed);
     loop {
-        tick.tick().await;
-        if old.streams_active.load(Ordering::Relaxed) <= 0 {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut closed => return,
+        }
+        if idle == Idle::Close && old.streams_active.load(Ordering::Relaxed) <= 0 {
             old.link
                 .close(close::REPLACED, "the agent moved to a new connection");
             return;
@@ -692,6 +756,42 @@ mod tests {
             }),
             serial: "01".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_successor_takes_over_and_its_predecessor_cannot_come_back() {
+        let agent = |id: u64, instance: u64| async move {
+            let mut a = crate::registry::testing::handle(id, "edge-1", &["198.18.1.2"]).await;
+            Arc::get_mut(&mut a).unwrap().instance = instance;
+            a
+        };
+        let old = agent(1, 7).await;
+        let mut h = hello("edge-1", &["198.18.1.2"]);
+        h.instance = 9;
+        assert!(!succeeds(&h, &old), "a restarted process replaces");
+        h.capabilities = proto::capability::SUCCESSOR;
+        assert!(
+            succeeds(&h, &old),
+            "a process started while the old one ran"
+        );
+        h.instance = 7;
+        assert!(!succeeds(&h, &old), "the same process is no successor");
+        h.instance = 0;
+        assert!(!succeeds(&h, &old), "an unknown process is no successor");
+
+        let new = agent(2, 9).await;
+        let mut back = hello("edge-1", &["198.18.1.2"]);
+        back.instance = 7;
+        assert!(!is_superseded(&back, &new), "it took over from nobody");
+        new.supersedes.store(7, Ordering::Relaxed);
+        assert!(is_superseded(&back, &new), "the old process is refused");
+        back.capabilities = proto::capability::HANDOVER | proto::capability::SUCCESSOR;
+        assert!(is_superseded(&back, &new), "whatever it asks for");
+        back.instance = 8;
+        assert!(!is_superseded(&back, &new), "a third process is not");
+        back.instance = 0;
+        new.supersedes.store(0, Ordering::Relaxed);
+        assert!(!is_superseded(&back, &new), "unknown never matches none");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! of the live registrations' addresses.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -33,6 +33,10 @@ pub struct AgentHandle {
     pub kick: tokio::sync::Notify,
     /// The agent process's random id from `Hello` (0: unknown).
     pub instance: u64,
+    /// The instance of the process this one took the node over from
+    /// (`SUCCESSOR`), refused while this connection is registered (0:
+    /// none).
+    pub supersedes: AtomicU64,
     /// When its certificate expires (Unix seconds).
     pub not_after: i64,
     /// Its certificate's serial (lowercase hex), for the deny-list.
@@ -157,6 +161,11 @@ impl AgentRegistry {
         removed
     }
 
+    /// The registered connection of `node`, draining or not.
+    pub fn registered(&self, node: &str) -> Option<Arc<AgentHandle>> {
+        self.by_node.get(node).map(|a| a.clone())
+    }
+
     pub fn by_node(&self, node: &str) -> Route {
         match self.by_node.get(node) {
             Some(a) if a.is_draining() => Route::Draining(node.to_owned()),
@@ -233,6 +242,7 @@ pub(crate) mod testing {
             draining: AtomicBool::new(false),
             kick: tokio::sync::Notify::new(),
             instance: 0,
+            supersedes: AtomicU64::new(0),
             not_after: 0,
             serial: String::new(),
         })
