@@ -13,11 +13,12 @@
 //!   would.
 //! - Flaps, spread over the short connections' progress, in the order
 //!   [`Flap::ORDER`]: the agent killed (SIGKILL) and started again, the
-//!   agent stopped (SIGTERM, drains) and started again, and the path cut
-//!   at the router (iptables) for longer than the idle timeout, so both
-//!   ends give the connection up and the agent dials again. The last
-//!   flap is always a cut, so the agent measured at the end has lived
-//!   through load.
+//!   agent stopped (SIGTERM, drains) and started again, a rolling update
+//!   with surge (a new agent started next to the running one, which is
+//!   stopped once the new one is registered), and the path cut at the
+//!   router (iptables) for longer than the idle timeout, so both ends give
+//!   the connection up and the agent dials again. The last flap is always
+//!   a cut, so the agent measured at the end has lived through load.
 //! - Baseline: after a warm-up (short and long connections opened and
 //!   closed once, so the allocators have grown their caches), the server
 //!   and the agent idle. At the end, after the load stopped and the agent
@@ -83,6 +84,11 @@ pub enum Flap {
     Kill,
     /// SIGTERM (Drain, then exit), then a new agent process.
     Term,
+    /// A rolling update with surge: a new agent process started while the
+    /// old one runs (it finds the instance lock held: a successor), the
+    /// old one sent SIGTERM once the new one is registered. Counted from
+    /// the new one's start until the old one has exited.
+    Succeed,
     /// Every packet between edge and cloud dropped for longer than the
     /// idle timeout, then let through again; the agent process stays.
     Cut,
@@ -90,10 +96,12 @@ pub enum Flap {
 
 impl Flap {
     /// The order flaps take; the last of a run is always a cut.
-    const ORDER: [Flap; 3] = [Flap::Kill, Flap::Term, Flap::Cut];
+    const ORDER: [Flap; 4] = [Flap::Kill, Flap::Term, Flap::Succeed, Flap::Cut];
 
     fn schedule(n: usize) -> Vec<Flap> {
-        let mut flaps: Vec<Flap> = (0..n).map(|i| Flap::ORDER[i % 3]).collect();
+        let mut flaps: Vec<Flap> = (0..n)
+            .map(|i| Flap::ORDER[i % Flap::ORDER.len()])
+            .collect();
         if let Some(last) = flaps.last_mut() {
             *last = Flap::Cut;
         }
@@ -272,6 +280,9 @@ pub fn run(bed: &mut Testbed, plan: &Plan) -> Result<SoakReport> {
     // The testbed widened the ephemeral port range for this many
     // connections (`Testbed::start`).
     bed.agent_extra = AGENT_FLAGS.iter().map(|s| s.to_string()).collect();
+    let lock = bed.topo.dir.join("agent.lock");
+    bed.agent_extra
+        .extend(["--instance-lock".to_owned(), lock.display().to_string()]);
     bed.restart_agent("quic")?;
 
     // Warm-up, then the baseline: the long connections opened, one
@@ -537,6 +548,19 @@ fn flap(
 ) -> Result<(Instant, Instant)> {
     let before = registrations(topo);
     let gone = Instant::now();
+    let registered = |agent: &Proc| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while registrations(topo) <= before {
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not register again within 60 s of a {kind:?}: {}",
+                    agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    };
     match kind {
         Flap::Kill => {
             agent.kill();
@@ -546,22 +570,22 @@ fn flap(
             agent.terminate();
             *agent = testbed::spawn_agent(topo, pki, "quic", agent_extra)?;
         }
+        Flap::Succeed => {
+            // The old process keeps writing its log where it is.
+            let log = topo.dir.join("agent-edge-1-quic.log");
+            let _ = std::fs::rename(&log, topo.dir.join("agent-edge-1-quic.succeeded.log"));
+            let new = testbed::spawn_agent(topo, pki, "quic", agent_extra)?;
+            registered(&new)?;
+            let mut old = std::mem::replace(agent, new);
+            old.terminate();
+        }
         Flap::Cut => {
             topo.cut_link();
             std::thread::sleep(IDLE_TIMEOUT + Duration::from_secs(2));
             topo.restore_link();
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while registrations(topo) <= before {
-        if Instant::now() > deadline {
-            bail!(
-                "the agent did not register again within 60 s of a {kind:?}: {}",
-                agent.log_text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    registered(agent)?;
     Ok((gone, Instant::now()))
 }
 
@@ -801,6 +825,14 @@ fn yes(b: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_of_flap_in_a_full_run_and_the_last_a_cut() {
+        use Flap::*;
+        assert_eq!(Flap::schedule(4), [Kill, Term, Succeed, Cut]);
+        assert_eq!(Flap::schedule(2), [Kill, Cut]);
+        assert_eq!(Flap::schedule(6), [Kill, Term, Succeed, Cut, Kill, Cut]);
+    }
 
     fn report() -> SoakReport {
         let usage = Usage {
