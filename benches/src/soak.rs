@@ -99,9 +99,7 @@ impl Flap {
     const ORDER: [Flap; 4] = [Flap::Kill, Flap::Term, Flap::Succeed, Flap::Cut];
 
     fn schedule(n: usize) -> Vec<Flap> {
-        let mut flaps: Vec<Flap> = (0..n)
-            .map(|i| Flap::ORDER[i % Flap::ORDER.len()])
-            .collect();
+        let mut flaps: Vec<Flap> = (0..n).map(|i| Flap::ORDER[i % Flap::ORDER.len()]).collect();
         if let Some(last) = flaps.last_mut() {
             *last = Flap::Cut;
         }

@@ -363,6 +363,10 @@ pub(crate) async fn serve_agent(
                 new_transport = link.transport(),
                 "agent moved to a new connection; the old one finishes its streams"
             );
+            // A successor's new connection still keeps its predecessor out.
+            agent
+                .supersedes
+                .store(old.supersedes.load(Ordering::Relaxed), Ordering::Relaxed);
             old.draining.store(true, Ordering::Relaxed);
             tokio::spawn(watch_handed_over(old, shared.clone(), Idle::Close));
         } else if succeeds(&hello, &old) {
