@@ -63,23 +63,54 @@ async fn wait_metric_above(server: &TestServer, series: &str, min: f64, within: 
     .await;
 }
 
+/// What each flood test starts from: the serial lock held, an agent
+/// certificate for [`NODE`], a server with `limits` and `timeout`, and an
+/// echo target for the agent.
+struct Setup {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+    pki: Pki,
+    server: TestServer,
+    target: SocketAddr,
+}
+
+async fn setup(
+    max_in_flight: usize,
+    retry_above: usize,
+    per_source: usize,
+    timeout: Duration,
+) -> Setup {
+    let serial = SERIAL.lock().await;
+    init_logging();
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let limits = HandshakeLimits {
+        max_in_flight,
+        retry_above,
+        per_source,
+    };
+    let server = server(&pki, limits, timeout).await;
+    let target = targets::echo_server().await;
+    Setup {
+        _serial: serial,
+        pki,
+        server,
+        target,
+    }
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_handshake_flood_is_bounded_and_agents_still_register() {
-    let _serial = SERIAL.lock().await;
-    init_logging();
-    let pki = Pki::new();
-    pki.issue_agent(NODE, &[localhost()]);
-    let limits = HandshakeLimits {
-        max_in_flight: 128,
-        retry_above: 32,
-        per_source: 16,
-    };
-    let server = server(&pki, limits.clone(), Duration::from_secs(1)).await;
-    let target = targets::echo_server().await;
+    let Setup {
+        _serial,
+        pki,
+        server,
+        target,
+    } = setup(128, 32, 16, Duration::from_secs(1)).await;
+    let limits = server.shared.quic_handshakes.admission().limits().clone();
     flood::reset_peak_rss();
     let rss_before = flood::proc_status_kib("VmRSS:");
 
@@ -166,17 +197,12 @@ async fn quic_handshake_flood_is_bounded_and_agents_still_register() {
 /// the oldest slot of a source holding more, registers and relays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_holding_every_handshake_slot_cannot_keep_a_new_agent_out() {
-    let _serial = SERIAL.lock().await;
-    init_logging();
-    let pki = Pki::new();
-    pki.issue_agent(NODE, &[localhost()]);
-    let limits = HandshakeLimits {
-        max_in_flight: 64,
-        retry_above: 16,
-        per_source: 8,
-    };
-    let server = server(&pki, limits, Duration::from_secs(60)).await;
-    let target = targets::echo_server().await;
+    let Setup {
+        _serial,
+        pki,
+        server,
+        target,
+    } = setup(64, 16, 8, Duration::from_secs(60)).await;
     let flood = QuicFlood {
         target: server.addrs.quic,
         sources: loopback_sources(20, 8),
@@ -218,18 +244,14 @@ async fn a_flood_holding_every_handshake_slot_cannot_keep_a_new_agent_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_handshake_flood_on_the_h2_listener_is_bounded() {
-    let _serial = SERIAL.lock().await;
-    init_logging();
-    let pki = Pki::new();
-    pki.issue_agent(NODE, &[localhost()]);
-    let limits = HandshakeLimits {
-        max_in_flight: 64,
-        retry_above: 64,
-        per_source: 8,
-    };
-    let server = server(&pki, limits.clone(), Duration::from_secs(1)).await;
+    let Setup {
+        _serial,
+        pki,
+        server,
+        target,
+    } = setup(64, 64, 8, Duration::from_secs(1)).await;
+    let limits = server.shared.h2_handshakes.admission().limits().clone();
     let h2 = server.addrs.h2.expect("HTTP/2 listener");
-    let target = targets::echo_server().await;
 
     // Six sources, each keeping 24 connections open that send nothing or
     // half a ClientHello: each source gets its 8 slots, no more.
