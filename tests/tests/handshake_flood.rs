@@ -233,11 +233,6 @@ async fn a_flood_holding_every_handshake_slot_cannot_keep_a_new_agent_out() {
         assert!(server.metric(series).await >= 1.0, "{series}");
     }
     assert_eq!(server.metric(timeouts).await, 0.0, "no slot freed itself");
-    let in_flight_now = server.metric(in_flight).await;
-    assert!(
-        in_flight_now <= 64.0,
-        "{in_flight_now} handshakes in flight"
-    );
     flood.stop().await;
     agent.stop().await;
 }

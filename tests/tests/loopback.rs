@@ -883,25 +883,28 @@ async fn a_renewed_certificate_applies_whole_at_reconnect(tr: Transport) {
     t.agent.stop().await;
 }
 
-/// Two nodes' certificates carry the same address: the node that holds it
-/// keeps it (the other is refused, and counted), and the refused one's
-/// exit does not take it away.
 /// A rolling update with surge: the new agent process starts while the
 /// old one serves. It finds the instance lock held, registers as the
 /// successor, and the old process's open stream keeps working while new
 /// connections go through the new one; the new one takes the admin address
 /// once the old one ends.
 async fn a_successor_takes_over_while_the_old_process_finishes_its_streams(tr: Transport) {
-    succession(tr, true).await;
+    succession(tr, true, false).await;
+}
+
+/// The successor ends first (it crashed, or the update was rolled back)
+/// while the old process still runs: the old one serves the node again.
+async fn a_successor_that_ends_first_hands_the_node_back(tr: Transport) {
+    succession(tr, true, true).await;
 }
 
 /// The first rolling update onto a release with the lock: the old agent
 /// does not hold it, but its admin address is the sign.
 async fn an_agent_from_before_the_lock_is_succeeded_too(tr: Transport) {
-    succession(tr, false).await;
+    succession(tr, false, false).await;
 }
 
-async fn succession(tr: Transport, old_takes_the_lock: bool) {
+async fn succession(tr: Transport, old_takes_the_lock: bool, new_ends_first: bool) {
     init_logging();
     let echo = targets::echo_server().await;
     let pki = Pki::new();
@@ -950,6 +953,31 @@ async fn succession(tr: Transport, old_takes_the_lock: bool) {
     assert_eq!(a, b);
     assert_eq!(registry.len(), 1);
 
+    if new_ends_first {
+        second.stop().await;
+        eventually(
+            "the old process serves the node again",
+            Duration::from_secs(10),
+            || {
+                let back = matches!(registry.by_node(NODE),
+                    tunnel_server::registry::Route::Agent(a) if a.id == first_id);
+                async move { back }
+            },
+        )
+        .await;
+        let tcp = connect_via(server.connect_addr(), &echo.to_string())
+            .await
+            .unwrap();
+        let (a, b) = echo_digest(tcp, 1 << 16, 7).await;
+        assert_eq!(a, b);
+        old_stream.write_all(b"more").await.unwrap();
+        old_stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"more");
+        drop(old_stream);
+        first.stop().await;
+        return;
+    }
+
     // Its stream done, the old process keeps its connection (and stays
     // ready) until it ends: its pod deleted, it drains.
     drop(old_stream);
@@ -973,6 +1001,9 @@ async fn succession(tr: Transport, old_takes_the_lock: bool) {
     second.stop().await;
 }
 
+/// Two nodes' certificates carry the same address: the node that holds it
+/// keeps it (the other is refused, and counted), and the refused one's
+/// exit does not take it away.
 async fn an_address_is_not_taken_over_by_another_nodes_certificate(tr: Transport) {
     let echo = targets::echo_server().await;
     let t = tunnel(&[echo.port()], tr).await;
@@ -1415,6 +1446,7 @@ over_both_transports!(
     a_second_registration_replaces_the_first,
     a_successor_takes_over_while_the_old_process_finishes_its_streams,
     an_agent_from_before_the_lock_is_succeeded_too,
+    a_successor_that_ends_first_hands_the_node_back,
     an_address_is_not_taken_over_by_another_nodes_certificate,
     drain_finishes_active_streams_and_refuses_new_ones,
     admin_endpoints,

@@ -228,6 +228,9 @@ pub async fn run(
     }
     if let Some(admin) = admin {
         admin.abort();
+        // Gone with its listener when this returns: a successor waits to
+        // bind the address.
+        let _ = admin.await;
     }
     Ok(())
 }

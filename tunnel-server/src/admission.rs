@@ -216,16 +216,25 @@ impl State {
         Some(taken)
     }
 
-    /// A source holding at least two handshakes more than `than` (the
-    /// most of any source), whose oldest slot may go to a source with
-    /// `than`: the share evens out and never swings back.
-    fn fullest_above(&self, than: usize) -> Option<IpAddr> {
-        let most = (1..self.sources_with.len())
+    /// The most handshakes any source holds (0: none in flight).
+    fn most(&self) -> usize {
+        (1..self.sources_with.len())
             .rev()
-            .find(|&n| self.sources_with[n] > 0)?;
-        if most < than + 2 {
-            return None;
-        }
+            .find(|&n| self.sources_with[n] > 0)
+            .unwrap_or(0)
+    }
+
+    /// Whether a source holding `than` may take the oldest slot of the
+    /// fullest source: it holds at least two more, so the shares even out
+    /// and never swing back. From the counts alone, no walk of the table.
+    fn may_take(&self, than: usize) -> bool {
+        self.most() >= than + 2
+    }
+
+    /// A source holding the most handshakes (a walk of the table, taken
+    /// only when a slot is taken).
+    fn fullest(&self) -> Option<IpAddr> {
+        let most = self.most();
         self.by_source
             .iter()
             .find(|(_, held)| held.len() == most)
@@ -267,14 +276,16 @@ impl HandshakeAdmission {
         let over_source = from_source >= self.limits.per_source;
         let mut displaced = None;
         if state.in_flight >= self.limits.max_in_flight {
-            let victim = match state.fullest_above(from_source) {
-                Some(victim) if !over_source => victim,
-                _ => return Admission::Shed(Limit::MaxInFlight),
-            };
+            if over_source || !state.may_take(from_source) {
+                return Admission::Shed(Limit::MaxInFlight);
+            }
             if !validated {
                 return Admission::Retry(Limit::MaxInFlight);
             }
-            let Some(oldest) = state.take(&victim, None) else {
+            let Some((victim, oldest)) = state
+                .fullest()
+                .and_then(|victim| Some((victim, state.take(&victim, None)?)))
+            else {
                 return Admission::Shed(Limit::MaxInFlight);
             };
             // Its handshake may have just ended; then nobody listens.

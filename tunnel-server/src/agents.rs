@@ -272,7 +272,7 @@ pub(crate) async fn serve_agent(
         .as_ref()
         .filter(|agent| !agent.is_draining())
         .map(|agent| agent.instance);
-    if let Some(successor) = current.filter(|c| is_superseded(&hello, c)) {
+    if let Some(successor) = current.as_ref().filter(|c| is_superseded(&hello, c)) {
         let refusal = Refusal {
             code: RefuseCode::Superseded,
             reason: format!(
@@ -319,7 +319,15 @@ pub(crate) async fn serve_agent(
             draining: AtomicBool::new(false),
             kick: tokio::sync::Notify::new(),
             instance: hello.instance,
-            supersedes: AtomicU64::new(0),
+            // Set before it is registered: from then on the old process
+            // is refused.
+            supersedes: AtomicU64::new(
+                current
+                    .as_ref()
+                    .filter(|c| succeeds(&hello, c))
+                    .map_or(0, |c| c.instance),
+            ),
+            predecessor: std::sync::Mutex::default(),
             not_after: identity.not_after,
             serial: identity.serial.clone(),
         });
@@ -357,16 +365,22 @@ pub(crate) async fn serve_agent(
     }
 
     if let Some(old) = old {
-        if hello.capabilities & proto::capability::HANDOVER != 0 {
+        let other_process =
+            hello.instance != 0 && old.instance != 0 && hello.instance != old.instance;
+        if !other_process && hello.instance != 0 {
+            // This process's earlier connection: a successor's new one
+            // still keeps its predecessor out, and may hand the node back.
+            agent
+                .supersedes
+                .store(old.supersedes.load(Ordering::Relaxed), Ordering::Relaxed);
+            *lock(&agent.predecessor) = lock(&old.predecessor).take();
+        }
+        if hello.capabilities & proto::capability::HANDOVER != 0 && !other_process {
             tracing::info!(
                 old_transport = old.link.transport(),
                 new_transport = link.transport(),
                 "agent moved to a new connection; the old one finishes its streams"
             );
-            // A successor's new connection still keeps its predecessor out.
-            agent
-                .supersedes
-                .store(old.supersedes.load(Ordering::Relaxed), Ordering::Relaxed);
             old.draining.store(true, Ordering::Relaxed);
             tokio::spawn(watch_handed_over(old, shared.clone(), Idle::Close));
         } else if succeeds(&hello, &old) {
@@ -376,11 +390,13 @@ pub(crate) async fn serve_agent(
                 "a newer agent process on this node took over; the old one finishes its streams"
             );
             agent.supersedes.store(old.instance, Ordering::Relaxed);
-            old.draining.store(true, Ordering::Relaxed);
             // Not closed when idle: its agent, told nothing (it may be of
             // a release that would not understand), stays ready until its
             // pod is deleted and drains then; until it ends, the new pod's
-            // probes reach the old one's admin address.
+            // probes reach the old one's admin address. Not marked
+            // draining either: should this connection end first (the new
+            // agent crashed, or was rolled back), it serves the node again.
+            *lock(&agent.predecessor) = Some(old.clone());
             tokio::spawn(watch_handed_over(old, shared.clone(), Idle::KeepOpen));
         } else {
             tracing::info!(old_remote = %old.link.remote_address(), "replacing the previous connection of this node");
@@ -463,7 +479,21 @@ pub(crate) async fn serve_agent(
         }
         }
     }
-    if shared.registry.deregister(&agent) {
+    // A predecessor still connected and not draining takes the node back.
+    let back = lock(&agent.predecessor)
+        .take()
+        .filter(|p| !p.is_draining() && p.link.is_open());
+    let (deregistered, back_in) = match back {
+        Some(back) => shared.registry.deregister_to(&agent, back),
+        None => (shared.registry.deregister(&agent), false),
+    };
+    if back_in {
+        tracing::info!(
+            "this connection ended first: the agent process it took the node over from is \
+             still connected and serves the node again"
+        );
+    }
+    if deregistered {
         shared
             .metrics
             .agents_connected
@@ -507,6 +537,11 @@ fn succeeds(hello: &Hello, old: &AgentHandle) -> bool {
 /// is on its way out, cannot take the node back.
 fn is_superseded(hello: &Hello, current: &AgentHandle) -> bool {
     hello.instance != 0 && hello.instance == current.supersedes.load(Ordering::Relaxed)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A slot written in one statement: a panic cannot leave it half-done.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A rare path's future, boxed so that it does not size the task every

@@ -575,6 +575,16 @@ impl Server {
             agent
                 .link
                 .close(proto::codes::close::SERVER_SHUTDOWN, "server shutting down");
+            // An old agent process a successor took over from, still open.
+            let predecessor = agent
+                .predecessor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(old) = predecessor {
+                old.link
+                    .close(proto::codes::close::SERVER_SHUTDOWN, "server shutting down");
+            }
         }
         self.endpoint.close(
             quinn::VarInt::from_u32(proto::codes::close::SERVER_SHUTDOWN),

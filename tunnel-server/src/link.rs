@@ -61,6 +61,14 @@ impl AgentLink {
         }
     }
 
+    /// Whether the connection is still up (closing counts as gone).
+    pub fn is_open(&self) -> bool {
+        match self {
+            AgentLink::Quic(c) => c.close_reason().is_none(),
+            AgentLink::H2(h) => !*h.closed.borrow(),
+        }
+    }
+
     /// Completes when the connection is gone.
     pub async fn closed(&self) -> String {
         match self {

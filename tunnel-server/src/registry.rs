@@ -37,6 +37,10 @@ pub struct AgentHandle {
     /// (`SUCCESSOR`), refused while this connection is registered (0:
     /// none).
     pub supersedes: AtomicU64,
+    /// That process's connection, left open for its streams: registered
+    /// again if this one ends first (the successor crashed, or was rolled
+    /// back) while it is still open.
+    pub predecessor: Mutex<Option<Arc<AgentHandle>>>,
     /// When its certificate expires (Unix seconds).
     pub not_after: i64,
     /// Its certificate's serial (lowercase hex), for the deny-list.
@@ -143,6 +147,37 @@ impl AgentRegistry {
         Ok(old)
     }
 
+    /// Removes `agent` if it is still the registered connection of its
+    /// node and, in the same step, registers `back` (an earlier connection
+    /// of the same node, still open) in its place, unless another node's
+    /// agent holds one of `back`'s addresses now. Returns whether `agent`
+    /// was registered, and whether `back` took its place.
+    pub fn deregister_to(&self, agent: &AgentHandle, back: Arc<AgentHandle>) -> (bool, bool) {
+        let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((_, gone)) = self
+            .by_node
+            .remove_if(&agent.node, |_, cur| cur.id == agent.id)
+        else {
+            return (false, false);
+        };
+        for addr in &gone.addresses {
+            self.by_addr.remove(addr);
+        }
+        let free = back.node == agent.node
+            && back
+                .addresses
+                .iter()
+                .all(|addr| self.by_addr.get(addr).is_none_or(|h| *h == back.node));
+        if free {
+            for addr in &back.addresses {
+                self.by_addr.insert(*addr, back.node.clone());
+            }
+            self.by_node.insert(back.node.clone(), back);
+        }
+        self.changes.send_modify(|v| *v += 1);
+        (true, free)
+    }
+
     /// Removes `agent` if it is still the registered connection of its node.
     /// Returns whether it was.
     pub fn deregister(&self, agent: &AgentHandle) -> bool {
@@ -243,6 +278,7 @@ pub(crate) mod testing {
             kick: tokio::sync::Notify::new(),
             instance: 0,
             supersedes: AtomicU64::new(0),
+            predecessor: Mutex::default(),
             not_after: 0,
             serial: String::new(),
         })
@@ -314,6 +350,36 @@ mod tests {
         assert!(!registry.deregister(&intruder));
         assert_eq!(node_at(&registry, "198.18.0.5").as_deref(), Some("edge-1"));
         assert_eq!(addresses(&registry).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_ended_successor_hands_the_node_back_to_its_predecessor() {
+        let registry = AgentRegistry::default();
+        let old = handle(1, "edge-1", &["198.18.0.5"]).await;
+        let new = handle(2, "edge-1", &["198.18.0.6"]).await;
+        registry.register(old.clone()).unwrap();
+        registry.register(new.clone()).unwrap();
+        assert_eq!(registry.deregister_to(&new, old.clone()), (true, true));
+        assert_eq!(registry.registered("edge-1").unwrap().id, 1);
+        assert_eq!(node_at(&registry, "198.18.0.5").as_deref(), Some("edge-1"));
+        assert_eq!(node_at(&registry, "198.18.0.6"), None);
+        // Not registered (any more): nothing changes.
+        assert_eq!(registry.deregister_to(&new, old.clone()), (false, false));
+        assert_eq!(registry.registered("edge-1").unwrap().id, 1);
+
+        // Another node took the old connection's address meanwhile: it
+        // keeps it, and the node goes unregistered.
+        let new = handle(3, "edge-1", &["198.18.0.6"]).await;
+        registry.register(new.clone()).unwrap();
+        let other = handle(4, "edge-2", &["198.18.0.5"]).await;
+        registry.register(other).unwrap();
+        assert_eq!(registry.deregister_to(&new, old), (true, false));
+        assert!(registry.registered("edge-1").is_none());
+        assert_eq!(node_at(&registry, "198.18.0.5").as_deref(), Some("edge-2"));
+        assert_eq!(
+            addresses(&registry),
+            [(ip("198.18.0.5"), "edge-2".to_owned())]
+        );
     }
 
     #[tokio::test]
