@@ -105,8 +105,10 @@ start "et-server-$run_id" "$arch" -v "$work/state:/state" "$image" --listen "127
     --allow-loopback-agents --connect-listen "127.0.0.1:$CONNECT" --admin-listen "127.0.0.1:$ADMIN" \
     --enroll-ca-dir /pki/enroll-ca --enroll-tokens-file /pki/bootstrap/tokens --enroll-state-file /state/enroll-state
 start "et-agent-$run_id" "$arch" -v "$work/agent-pki:/var/lib/edge-tunnel/pki" \
+    --tmpfs /run/edge-tunnel:rw,size=1m,mode=1777 \
     --entrypoint /usr/local/bin/tunnel-agent "$image" \
     --server "127.0.0.1:$QUIC" --server-name localhost --cert-dir /var/lib/edge-tunnel/pki \
+    --instance-lock /var/lib/edge-tunnel/pki/agent.lock --status-file /run/edge-tunnel/status \
     --bootstrap-token-file /pki/bootstrap/token --ca-cert-hash "$pin" --node-ip 127.0.0.1 \
     --node-name edge-1 --allow "127.0.0.1:$KUBELET"
 
@@ -125,6 +127,16 @@ for n in "${names[@]}"; do
     [ "$(podman inspect --format '{{.Config.User}}' "$n")" = "65532:65532" ] ||
         { echo "$n does not run as 65532" >&2; exit 1; }
 done
+
+echo "==> the agent's exec probes (the manifest's liveness and readiness)"
+for i in $(seq 1 50); do
+    if podman exec "et-agent-$run_id" /usr/local/bin/tunnel-agent check-status /run/edge-tunnel/status --ready \
+        >/dev/null 2>&1; then break; fi
+    [ "$i" -eq 50 ] && { echo "the agent's status file did not say ready within 5 s" >&2; exit 1; }
+    sleep 0.1
+done
+podman exec "et-agent-$run_id" /usr/local/bin/tunnel-agent check-status /run/edge-tunnel/status --ready
+podman exec "et-agent-$run_id" /usr/local/bin/tunnel-agent check-status /run/edge-tunnel/status --max-age=60s
 
 echo "==> through the tunnel: GET /healthz"
 curl -fsS --max-time 20 --cacert "$work/kubelet-ca/ca.crt" -p -x "http://127.0.0.1:$CONNECT" \

@@ -932,7 +932,12 @@ async fn succession(tr: Transport, old_takes_the_lock: bool, new_ends_first: boo
     let mut buf = [0u8; 4];
     old_stream.read_exact(&mut buf).await.unwrap();
 
-    let second = TestAgent::start(config());
+    let mut new = config();
+    // Its own status file (the pod's emptyDir): its probes' view of it,
+    // while the old process holds the admin address.
+    let status = dir.path().join("status");
+    new.status_file = Some(status.clone());
+    let second = TestAgent::start(new);
     let registry = &server.shared.registry;
     eventually("the successor registered", Duration::from_secs(10), || {
         let took_over = registry
@@ -940,6 +945,15 @@ async fn succession(tr: Transport, old_takes_the_lock: bool, new_ends_first: boo
             .is_some_and(|a| a.id != first_id && a.supersedes.load(Ordering::Relaxed) != 0);
         async move { took_over }
     })
+    .await;
+    eventually(
+        "the successor's status file says ready",
+        Duration::from_secs(10),
+        || {
+            let ready = tunnel_agent::status::check(&status, true, Duration::from_secs(30));
+            async move { ready.is_ok() }
+        },
+    )
     .await;
     // The old process's stream still flows, both ways.
     old_stream.write_all(b"pong").await.unwrap();

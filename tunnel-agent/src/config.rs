@@ -110,6 +110,9 @@ pub struct AgentConfig {
     /// Whether another agent process holds `instance_lock` now (runtime
     /// state shared by all its connections).
     pub predecessor: crate::instance_lock::Predecessor,
+    /// Where to write the agent's status for exec probes
+    /// ([`crate::status`]). Default off.
+    pub status_file: Option<PathBuf>,
 }
 
 /// Held to read `--cert-dir`, and exclusively to replace its files (an
@@ -245,6 +248,7 @@ impl AgentConfig {
             renewed: Arc::new(tokio::sync::watch::Sender::new(0)),
             instance_lock: None,
             predecessor: Default::default(),
+            status_file: None,
         };
         config.validate()?;
         Ok(config)

@@ -38,6 +38,7 @@ pub mod replicas;
 pub mod resolve;
 pub mod selector;
 pub mod serve;
+pub mod status;
 pub mod supervisor;
 pub mod telemetry;
 

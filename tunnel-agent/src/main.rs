@@ -91,6 +91,11 @@ struct Args {
     /// new streams to it and let the other's connections finish theirs.
     #[arg(long, env = "TUNNEL_INSTANCE_LOCK")]
     instance_lock: Option<std::path::PathBuf>,
+    /// A file the agent rewrites every 2s with its readiness, for exec
+    /// probes (`tunnel-agent check-status FILE [--ready]`) that must reach
+    /// this process even when another agent holds the admin address.
+    #[arg(long, env = "TUNNEL_STATUS_FILE")]
+    status_file: Option<std::path::PathBuf>,
     /// How long active streams may run on after SIGTERM (0s-1h).
     #[arg(long, env = "TUNNEL_DRAIN_GRACE", default_value = "30s", value_parser = duration_in(Duration::ZERO, secs(3600)))]
     drain_grace: Duration,
@@ -143,7 +148,42 @@ struct Args {
     common: daemon::cli::Common,
 }
 
+/// `tunnel-agent check-status FILE`: the exec probe of `--status-file`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "tunnel-agent check-status",
+    about = "exit 0 if the agent's --status-file is fresh (and, with --ready, says ready); \
+             for exec probes",
+    after_help = DURATIONS
+)]
+struct CheckStatus {
+    /// The file the agent writes (--status-file).
+    file: PathBuf,
+    /// Require a registered server replica, not only a running agent.
+    #[arg(long)]
+    ready: bool,
+    /// How old the file may be (the agent rewrites it every 2s; 1s-1h).
+    #[arg(long, default_value = "30s", value_parser = duration_in(secs(1), secs(3600)))]
+    max_age: Duration,
+}
+
 fn main() -> Result<()> {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "check-status")
+    {
+        let check = CheckStatus::parse_from(std::env::args_os().skip(1));
+        match tunnel_agent::status::check(&check.file, check.ready, check.max_age) {
+            Ok(fine) => {
+                println!("{fine}");
+                return Ok(());
+            }
+            Err(why) => {
+                eprintln!("{why}");
+                std::process::exit(1);
+            }
+        }
+    }
     let args = Args::parse();
     daemon::cli::init_logging(args.common.log_format);
     let fds = daemon::fds::raise_nofile_logged();
@@ -194,6 +234,7 @@ fn main() -> Result<()> {
     config.connect_timeout = args.connect_timeout;
     config.drain_grace = args.drain_grace;
     config.instance_lock = args.instance_lock;
+    config.status_file = args.status_file;
     config.quic.keepalive = args.keepalive;
     config.quic.congestion = args.congestion;
     config.quic.stream_order = args.stream_order;

@@ -37,6 +37,15 @@ use crate::telemetry::{AgentAdmin, AgentMetrics};
 /// sessions may report the same outage at once).
 const LOSS_DEBOUNCE: Duration = Duration::from_millis(500);
 
+/// A task that ends with its owner (every return of [`run`]).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Replica {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -60,13 +69,21 @@ pub async fn run(
                      update); servers route new streams here and let the other finish its own"
                 );
             }
-            Some(tokio::spawn(
+            Some(AbortOnDrop(tokio::spawn(
                 lock.hold(config.predecessor.clone(), path.clone()),
-            ))
+            )))
         }
         None => None,
     };
     let config = Arc::new(config);
+    let held = HeldReplicas::default();
+    // Written from the start: an agent still enrolling is alive, not ready.
+    let _status = config.status_file.clone().map(|path| {
+        AbortOnDrop(tokio::spawn(crate::status::keep_writing(
+            path,
+            held.clone(),
+        )))
+    });
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -89,7 +106,6 @@ pub async fn run(
             stop_rx.clone(),
         ));
     }
-    let held = HeldReplicas::default();
     let metrics = Arc::new(AgentMetrics::default());
     let admin = match config.admin_listen {
         Some(addr) => {

@@ -390,11 +390,10 @@ pub(crate) async fn serve_agent(
                 "a newer agent process on this node took over; the old one finishes its streams"
             );
             agent.supersedes.store(old.instance, Ordering::Relaxed);
-            // Not closed when idle: its agent, told nothing (it may be of
-            // a release that would not understand), stays ready until its
-            // pod is deleted and drains then; until it ends, the new pod's
-            // probes reach the old one's admin address. Not marked
-            // draining either: should this connection end first (the new
+            // Not closed when idle, and not marked draining: its agent,
+            // told nothing (it may be of a release that would not
+            // understand), stays connected until its pod is deleted and
+            // drains then, and should this connection end first (the new
             // agent crashed, or was rolled back), it serves the node again.
             *lock(&agent.predecessor) = Some(old.clone());
             tokio::spawn(watch_handed_over(old, shared.clone(), Idle::KeepOpen));
