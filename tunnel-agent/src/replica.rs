@@ -183,7 +183,11 @@ impl<C: Connector> ReplicaLoop<C> {
                         // A newer agent process on this node took over;
                         // this one is being replaced. Do not fight it.
                         let wait = self.settings.replaced_wait();
-                        tracing::info!("{e}; trying again in {}s", wait.as_secs());
+                        tracing::warn!(
+                            "{e}; trying again in {}s (if no rolling update runs on this \
+                             node, something else holds this node's certificate: revoke it)",
+                            wait.as_secs()
+                        );
                         Next::Wait(wait)
                     }
                     Some(Err(e)) => {
