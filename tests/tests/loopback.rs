@@ -999,6 +999,22 @@ async fn succession(tr: Transport, old_takes_the_lock: bool, new_ends_first: boo
     let (status, _) = http_get(admin, "/readyz").await;
     assert_eq!(status, 200, "the old process is still ready");
     first.stop().await;
+    // Nothing keeps the old connection once it ended.
+    let successor = registry.registered(NODE).unwrap();
+    eventually(
+        "the old connection is freed",
+        Duration::from_secs(10),
+        || {
+            let freed = successor
+                .predecessor
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_none_or(|old| old.upgrade().is_none());
+            async move { freed }
+        },
+    )
+    .await;
     eventually(
         "the successor serves the admin address",
         Duration::from_secs(10),

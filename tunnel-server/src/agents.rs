@@ -286,6 +286,13 @@ pub(crate) async fn serve_agent(
         };
         return Err(refuse(&mut stream, &link, metrics, refusal).await);
     }
+    let supersedes = current
+        .as_ref()
+        .filter(|c| succeeds(&hello, c))
+        .map_or(0, |c| c.instance);
+    // Not kept: this task lives as long as the connection, and the old
+    // connection's state must go when it ends.
+    drop(current);
     if is_duplicate(&hello, &shared.config.server_id, live) {
         let refusal = Refusal {
             code: RefuseCode::AlreadyConnected,
@@ -321,12 +328,7 @@ pub(crate) async fn serve_agent(
             instance: hello.instance,
             // Set before it is registered: from then on the old process
             // is refused.
-            supersedes: AtomicU64::new(
-                current
-                    .as_ref()
-                    .filter(|c| succeeds(&hello, c))
-                    .map_or(0, |c| c.instance),
-            ),
+            supersedes: AtomicU64::new(supersedes),
             predecessor: std::sync::Mutex::default(),
             not_after: identity.not_after,
             serial: identity.serial.clone(),
@@ -395,7 +397,7 @@ pub(crate) async fn serve_agent(
             // understand), stays connected until its pod is deleted and
             // drains then, and should this connection end first (the new
             // agent crashed, or was rolled back), it serves the node again.
-            *lock(&agent.predecessor) = Some(old.clone());
+            *lock(&agent.predecessor) = Some(Arc::downgrade(&old));
             tokio::spawn(watch_handed_over(old, shared.clone(), Idle::KeepOpen));
         } else {
             tracing::info!(old_remote = %old.link.remote_address(), "replacing the previous connection of this node");
@@ -481,6 +483,7 @@ pub(crate) async fn serve_agent(
     // A predecessor still connected and not draining takes the node back.
     let back = lock(&agent.predecessor)
         .take()
+        .and_then(|p| p.upgrade())
         .filter(|p| !p.is_draining() && p.link.is_open());
     let (deregistered, back_in) = match back {
         Some(back) => shared.registry.deregister_to(&agent, back),

@@ -580,7 +580,8 @@ impl Server {
                 .predecessor
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .take();
+                .take()
+                .and_then(|p| p.upgrade());
             if let Some(old) = predecessor {
                 old.link
                     .close(proto::codes::close::SERVER_SHUTDOWN, "server shutting down");

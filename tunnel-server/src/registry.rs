@@ -39,8 +39,9 @@ pub struct AgentHandle {
     pub supersedes: AtomicU64,
     /// That process's connection, left open for its streams: registered
     /// again if this one ends first (the successor crashed, or was rolled
-    /// back) while it is still open.
-    pub predecessor: Mutex<Option<Arc<AgentHandle>>>,
+    /// back) while it is still open. Weak: once it ends, nothing keeps its
+    /// connection state (a fleet's worth after a rollout).
+    pub predecessor: Mutex<Option<std::sync::Weak<AgentHandle>>>,
     /// When its certificate expires (Unix seconds).
     pub not_after: i64,
     /// Its certificate's serial (lowercase hex), for the deny-list.
