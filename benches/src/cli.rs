@@ -166,7 +166,7 @@ const QUICK: Plan = Plan {
     fleet_idle_secs: 5,
     soak_short: 3_000,
     soak_long: 100,
-    soak_flaps: 2,
+    soak_flaps: 3,
     attack_secs: 3,
     army_streams: 200,
     army_hold_secs: 5,
