@@ -367,9 +367,7 @@ pub(crate) async fn serve_agent(
     }
 
     if let Some(old) = old {
-        let other_process =
-            hello.instance != 0 && old.instance != 0 && hello.instance != old.instance;
-        if !other_process && hello.instance != 0 {
+        if same_process(&hello, &old) {
             // This process's earlier connection: a successor's new one
             // still keeps its predecessor out, and may hand the node back.
             agent
@@ -377,7 +375,8 @@ pub(crate) async fn serve_agent(
                 .store(old.supersedes.load(Ordering::Relaxed), Ordering::Relaxed);
             *lock(&agent.predecessor) = lock(&old.predecessor).take();
         }
-        if hello.capabilities & proto::capability::HANDOVER != 0 && !other_process {
+        let replace = replacement(&hello, &old);
+        if replace == Replace::Handover {
             tracing::info!(
                 old_transport = old.link.transport(),
                 new_transport = link.transport(),
@@ -385,7 +384,7 @@ pub(crate) async fn serve_agent(
             );
             old.draining.store(true, Ordering::Relaxed);
             tokio::spawn(watch_handed_over(old, shared.clone(), Idle::Close));
-        } else if succeeds(&hello, &old) {
+        } else if replace == Replace::Succeed {
             tracing::info!(
                 old_remote = %old.link.remote_address(),
                 old_streams = old.streams_active.load(Ordering::Relaxed),
@@ -532,6 +531,36 @@ fn succeeds(hello: &Hello, old: &AgentHandle) -> bool {
         && hello.instance != 0
         && old.instance != 0
         && hello.instance != old.instance
+}
+
+/// What a registration does to the node's connection it replaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Replace {
+    /// The same process moved (`HANDOVER`): the old one finishes its
+    /// streams and is closed when idle.
+    Handover,
+    /// Its successor took over ([`succeeds`]): the old one stays open,
+    /// unrouted, for its streams and to take the node back.
+    Succeed,
+    /// Anything else (a restart after a crash): `GoAway`, then closed.
+    Kick,
+}
+
+fn replacement(hello: &Hello, old: &AgentHandle) -> Replace {
+    let other_process = hello.instance != 0 && old.instance != 0 && hello.instance != old.instance;
+    if hello.capabilities & proto::capability::HANDOVER != 0 && !other_process {
+        Replace::Handover
+    } else if succeeds(hello, old) {
+        Replace::Succeed
+    } else {
+        Replace::Kick
+    }
+}
+
+/// Whether `old` is an earlier connection of the process saying `hello`
+/// (an unknown old instance counts as the same).
+fn same_process(hello: &Hello, old: &AgentHandle) -> bool {
+    hello.instance != 0 && (old.instance == 0 || old.instance == hello.instance)
 }
 
 /// Whether a `Hello` comes from the process `current` took the node over
@@ -819,6 +848,31 @@ mod tests {
         assert!(!succeeds(&h, &old), "the same process is no successor");
         h.instance = 0;
         assert!(!succeeds(&h, &old), "an unknown process is no successor");
+
+        // What each replaces the old connection with.
+        h.instance = 9;
+        h.capabilities = 0;
+        assert_eq!(replacement(&h, &old), Replace::Kick, "a restart");
+        h.capabilities = proto::capability::HANDOVER;
+        assert_eq!(
+            replacement(&h, &old),
+            Replace::Kick,
+            "another process's handover does not drain this one"
+        );
+        h.capabilities |= proto::capability::SUCCESSOR;
+        assert_eq!(replacement(&h, &old), Replace::Succeed);
+        assert!(!same_process(&h, &old));
+        h.instance = 7;
+        assert_eq!(replacement(&h, &old), Replace::Handover, "its own move");
+        assert!(same_process(&h, &old), "carries its predecessor over");
+        h.capabilities = 0;
+        assert_eq!(replacement(&h, &old), Replace::Kick, "its own reconnect");
+        assert!(same_process(&h, &old));
+        h.instance = 0;
+        assert!(
+            !same_process(&h, &old),
+            "an unknown process carries nothing"
+        );
 
         let new = agent(2, 9).await;
         let mut back = hello("edge-1", &["198.18.1.2"]);
