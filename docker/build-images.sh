@@ -137,7 +137,7 @@ images=()
 for arch in $arches; do
     echo "==> $arch: release binaries"
     binaries "$arch"
-    if [ "$arch" != "$host_arch" ] && ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
+    if [ "$arch" != "$host_arch" ] && ! grep -qx "$arch" <<<"$(dpkg --print-foreign-architectures)"; then
         echo "==> adding the Debian architecture $arch (dpkg, apt-get update)"
         $sudo dpkg --add-architecture "$arch"
         $sudo apt-get update -qq

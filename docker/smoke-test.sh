@@ -114,13 +114,17 @@ start "et-agent-$run_id" "$arch" -v "$work/agent-pki:/var/lib/edge-tunnel/pki" \
 
 echo "==> waiting for the agent to enroll and register"
 for i in $(seq 1 300); do
-    if curl -fsS "http://127.0.0.1:$ADMIN/v1/agents" 2>/dev/null | grep -q '"edge-1"'; then break; fi
+    # Captured, not piped: `grep -q` stops reading at the first match and,
+    # under pipefail, curl's "Failed writing body" would fail the pipeline.
+    agents=$(curl -fsS "http://127.0.0.1:$ADMIN/v1/agents" 2>/dev/null || true)
+    if grep -q '"edge-1"' <<<"$agents"; then break; fi
     [ "$i" -eq 300 ] && { echo "the agent did not register within 30 s" >&2; exit 1; }
     sleep 0.1
 done
 [ "$(stat -c '%u %a' "$work/agent-pki/tls.key")" = "65532 600" ] ||
     { echo "the enrolled key is $(stat -c '%u %a' "$work/agent-pki/tls.key"), not 65532 600" >&2; exit 1; }
-curl -fsS "http://127.0.0.1:$ADMIN/metrics" | grep -q '^edge_tunnel_enrollments_total{result="issued"} 1$' ||
+metrics=$(curl -fsS "http://127.0.0.1:$ADMIN/metrics")
+grep -q '^edge_tunnel_enrollments_total{result="issued"} 1$' <<<"$metrics" ||
     { echo "the server counted no enrollment" >&2; exit 1; }
 echo "    enrolled: $(grep -c BEGIN "$work/agent-pki/tls.crt") certificate written on the node, key 0600"
 for n in "${names[@]}"; do

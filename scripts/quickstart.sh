@@ -52,7 +52,8 @@ echo "==> tunnel-agent for node edge-1 (allow-list 127.0.0.1:$KUBELET)"
 pids+=($!)
 
 for _ in $(seq 1 100); do
-    if curl -fsS "http://127.0.0.1:$ADMIN/v1/agents" 2>/dev/null | grep -q '"edge-1"'; then break; fi
+    agents=$(curl -fsS "http://127.0.0.1:$ADMIN/v1/agents" 2>/dev/null || true)
+    if grep -q '"edge-1"' <<<"$agents"; then break; fi
     sleep 0.1
 done
 echo "==> registered agents (GET /v1/agents)"
