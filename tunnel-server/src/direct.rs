@@ -7,11 +7,13 @@
 //! only to addresses inside the configured ranges: a node name no agent
 //! serves is resolved (within the dial timeout) and dialed only if it
 //! resolves into a range, so `webhook.ns.svc:443` works from a server pod
-//! with cluster DNS. Loopback, unspecified and multicast addresses are
-//! never dialed, whatever the ranges say: the server's own admin port and
-//! sockets stay out of reach. Everything else keeps the fast 503. Off by
-//! default.
+//! with cluster DNS. Loopback, unspecified and multicast addresses, and
+//! the addresses of the server's own interfaces (its pod address, which a
+//! `--direct-cidr` of the pod range contains), are never dialed, whatever
+//! the ranges say: the server's own admin port and sockets stay out of
+//! reach. Everything else keeps the fast 503. Off by default.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,13 +78,15 @@ pub async fn dial(
     })
 }
 
-/// Whether the server may dial `ip` itself.
-pub fn dialable(ip: IpAddr, ranges: &[Prefix]) -> bool {
+/// Whether the server may dial `ip` itself; `own`: the addresses of its
+/// own interfaces ([`crate::addresses::own_addresses`]).
+pub fn dialable(ip: IpAddr, ranges: &[Prefix], own: &BTreeSet<IpAddr>) -> bool {
     let ip = transport::net::canonical_ip(ip);
     !ip.is_loopback()
         && !ip.is_unspecified()
         && !ip.is_multicast()
         && ip != IpAddr::V4(std::net::Ipv4Addr::BROADCAST)
+        && !own.contains(&ip)
         && ranges.iter().any(|r| r.contains(ip))
 }
 
@@ -98,13 +102,19 @@ async fn connect(target: &Target, ranges: &[Prefix]) -> Result<(TcpStream, Socke
             })?
             .collect(),
     };
+    // Read per dial (one netlink dump): direct dials are rare (webhooks,
+    // aggregated APIs), and a pod's addresses can change.
+    let own: BTreeSet<IpAddr> = crate::addresses::own_addresses()
+        .into_iter()
+        .map(transport::net::canonical_ip)
+        .collect();
     let inside: Vec<SocketAddr> = candidates
         .into_iter()
-        .filter(|a| dialable(a.ip(), ranges))
+        .filter(|a| dialable(a.ip(), ranges, &own))
         .collect();
     if inside.is_empty() {
         return Err(DialError::NoAgent(format!(
-            "{target} (and it is not in --direct-cidr)"
+            "{target} (and it is not in --direct-cidr, or is the server's own address)"
         )));
     }
     let mut last = None;
@@ -169,13 +179,34 @@ mod tests {
             .map(|s| s.parse().unwrap())
             .collect();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert!(dialable(ip("10.96.0.10"), &ranges[..1]));
-        assert!(!dialable(ip("10.112.0.1"), &ranges[..1]));
-        assert!(dialable(ip("::ffff:10.96.0.10"), &ranges[..1]));
+        let none = BTreeSet::new();
+        assert!(dialable(ip("10.96.0.10"), &ranges[..1], &none));
+        assert!(!dialable(ip("10.112.0.1"), &ranges[..1], &none));
+        assert!(dialable(ip("::ffff:10.96.0.10"), &ranges[..1], &none));
         // Even 0.0.0.0/0 does not reach the server's own sockets.
         for never in ["127.0.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255"] {
-            assert!(!dialable(ip(never), &ranges), "{never}");
+            assert!(!dialable(ip(never), &ranges, &none), "{never}");
         }
-        assert!(!dialable(ip("::1"), &["::/0".parse().unwrap()]));
+        assert!(!dialable(ip("::1"), &["::/0".parse().unwrap()], &none));
+    }
+
+    #[test]
+    fn never_the_servers_own_interface_addresses() {
+        // A --direct-cidr of the pod range contains the server's own pod
+        // address, where its admin port listens.
+        let pods: Vec<Prefix> = vec!["10.244.0.0/16".parse().unwrap()];
+        let own: BTreeSet<IpAddr> = [IpAddr::from([10, 244, 1, 7])].into();
+        assert!(!dialable("10.244.1.7".parse().unwrap(), &pods, &own));
+        assert!(!dialable("::ffff:10.244.1.7".parse().unwrap(), &pods, &own));
+        assert!(dialable("10.244.1.8".parse().unwrap(), &pods, &own));
+        // And what this host has now, whatever it is.
+        let everywhere: Vec<Prefix> = vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
+        let host: BTreeSet<IpAddr> = crate::addresses::own_addresses()
+            .into_iter()
+            .map(transport::net::canonical_ip)
+            .collect();
+        for ip in &host {
+            assert!(!dialable(*ip, &everywhere, &host), "{ip}");
+        }
     }
 }

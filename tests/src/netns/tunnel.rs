@@ -23,10 +23,13 @@ pub const AGENT_ADMIN: &str = "127.0.0.1:9093";
 pub const CONNECT: &str = "127.0.0.1:8080";
 /// The cloud range the server dials itself (`--direct-cidr`): its
 /// services (webhooks, aggregated APIs) that no agent serves.
-pub const DIRECT_CIDR: &str = "198.18.0.64/28";
-/// A cloud service address inside [`DIRECT_CIDR`], which the cloud's
-/// `/etc/hosts` calls `webhook.default.svc`.
-pub const DIRECT_IP: &str = "198.18.0.66";
+/// It holds the worker namespace's address and the cloud's own address
+/// towards it (the server's, which it never dials).
+pub const DIRECT_CIDR: &str = "198.18.2.0/28";
+/// A cloud service address inside [`DIRECT_CIDR`] (the worker's,
+/// [`super::Topology::add_worker`]), which the cloud's `/etc/hosts` calls
+/// `webhook.default.svc`.
+pub const DIRECT_IP: &str = super::WORKER_IP;
 /// The proxy token of the name `prometheus` (`--connect-token-file`).
 pub const PROXY_TOKEN: &str = "netns-proxy-token-0123456789";
 

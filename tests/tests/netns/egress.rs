@@ -8,22 +8,29 @@ use std::net::SocketAddr;
 
 use e2e::netns::probe::{curl, listening};
 use e2e::netns::tunnel::{Edge, ADMIN, CONNECT, DIRECT_IP, PROXY_TOKEN};
-use e2e::netns::CLOUD_IP;
+use e2e::netns::{CLOUD_IP, CLOUD_WORKER_SIDE_IP};
 
 #[test]
 fn the_ingress_dials_cloud_services_in_direct_cidr_itself() {
-    let Some(edge) = Edge::start(&[]) else {
+    let Some(mut edge) = Edge::start(&[]) else {
         return;
     };
+    // The service in a pod of its own (the worker), as a webhook is.
+    edge.topo.add_worker();
     let topo = &edge.topo;
-    topo.add_cloud_ip(DIRECT_IP);
+    let worker = topo.worker.as_ref().expect("added");
     let www = topo.dir.join("www");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("hello.txt"), "hello from the cloud\n").unwrap();
-    // The same service on an address inside the range and one outside.
+    // The same service inside the range, outside it, and on the server's
+    // own address inside it.
     let mut web = Vec::new();
-    for ip in [DIRECT_IP, CLOUD_IP] {
-        web.push(topo.cloud.spawn(
+    for (ns, ip) in [
+        (worker, DIRECT_IP),
+        (&topo.cloud, CLOUD_IP),
+        (&topo.cloud, CLOUD_WORKER_SIDE_IP),
+    ] {
+        web.push(ns.spawn(
             "python3",
             &[
                 "-m",
@@ -37,7 +44,7 @@ fn the_ingress_dials_cloud_services_in_direct_cidr_itself() {
             &topo.dir.join(format!("web-{ip}.log")),
         ));
         let addr: SocketAddr = format!("{ip}:8000").parse().unwrap();
-        assert!(listening(&topo.cloud, addr), "web server on {addr}");
+        assert!(listening(ns, addr), "web server on {addr}");
     }
     let proxy = format!("http://prometheus:{PROXY_TOKEN}@{CONNECT}");
     let through = |extra: &[&str], url: &str| {
@@ -62,9 +69,17 @@ fn the_ingress_dials_cloud_services_in_direct_cidr_itself() {
     let outside = through(&[], &format!("http://{CLOUD_IP}:8000/hello.txt"));
     assert!(outside.ends_with("\n503"), "{outside}");
     assert!(outside.contains("not in --direct-cidr"), "{outside}");
-    // The server's own loopback is never dialed, whatever the ranges.
+    // The server's own loopback is never dialed, whatever the ranges, nor
+    // an address of its own interfaces that the range holds (where a pod's
+    // admin port listens).
     let admin = through(&[], &format!("http://{ADMIN}/metrics"));
     assert!(admin.ends_with("\n503"), "{admin}");
+    let own = through(
+        &[],
+        &format!("http://{CLOUD_WORKER_SIDE_IP}:8000/hello.txt"),
+    );
+    assert!(own.ends_with("\n503"), "{own}");
+    assert!(own.contains("the server's own"), "{own}");
     // Edge nodes still go through their agent.
     let metrics = curl(&topo.cloud, &[&format!("http://{ADMIN}/metrics")]);
     assert_eq!(
@@ -77,7 +92,7 @@ fn the_ingress_dials_cloud_services_in_direct_cidr_itself() {
             &metrics,
             "edge_tunnel_direct_dials_total{result=\"no_agent\"}"
         ),
-        2.0,
+        3.0,
         "{metrics}"
     );
     assert_eq!(
