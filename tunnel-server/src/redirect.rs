@@ -15,7 +15,9 @@
 //!
 //! Bounded: at most `max_connections` at once (more wait in the backlog),
 //! the upstream dial (TCP, TLS, answer head) within `dial_timeout`, the
-//! answer head at most [`MAX_HEAD`] bytes.
+//! answer head at most [`MAX_HEAD`] bytes; both sockets of a session carry
+//! TCP keep-alive and a user timeout ([`crate::ingress::CLIENT_IDLE_DEAD`]),
+//! so a peer that vanished without a reset ends the session.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -140,6 +142,10 @@ async fn handle(
             .await
             .map_err(|e| ("connect_failed", e.to_string()))?;
         let _ = up.set_nodelay(true);
+        // As every client socket: a server replica whose host died or was
+        // cut off sends no reset, and an idle relayed session (a quiet
+        // `logs -f`) would wait on it for ever, holding its client slot.
+        crate::ingress::watch_client(&up);
         let tls = upstream
             .tls
             .connect(upstream.server_name.clone(), up)
