@@ -30,7 +30,7 @@ use crate::config::AgentConfig;
 use crate::error::AgentError;
 use crate::replica::{LoopSettings, ReplicaLoop, ServerConnector};
 use crate::replicas::HeldReplicas;
-use crate::resolve::{resolve_all, Target};
+use crate::resolve::{Resolver, Target};
 use crate::telemetry::{AgentAdmin, AgentMetrics};
 
 /// After a connection loss, wait this long before resolving again (many
@@ -159,8 +159,9 @@ pub async fn run(
     // This process's id in every Hello: a server refuses a second
     // connection from it rather than replacing the first.
     let instance = fastrand::u64(1..);
+    let mut resolver = Resolver::default();
     loop {
-        let (targets, errors) = resolve_all(&config).await;
+        let (targets, errors) = resolver.resolve(&config).await;
         for e in &errors {
             tracing::warn!("{e}");
         }
