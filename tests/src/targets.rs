@@ -102,6 +102,37 @@ pub async fn firehose_server() -> SocketAddr {
     addr
 }
 
+/// Answers every HTTP request with `200` and a body without end (close-
+/// delimited): a large response a forwarding proxy's client may not read.
+pub async fn http_firehose_server() -> SocketAddr {
+    let (l, addr) = listen().await;
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                // The request head (bounded), then the answer.
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match tcp.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                if tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let block = pattern(64 * 1024, 7);
+                while tcp.write_all(&block).await.is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
 /// Accepts and immediately resets every connection (SO_LINGER 0).
 pub async fn reset_server() -> SocketAddr {
     let (l, addr) = listen().await;

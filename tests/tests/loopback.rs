@@ -648,6 +648,57 @@ async fn a_client_that_stopped_reading_is_reset(tr: Transport) {
     agent.stop().await;
 }
 
+/// The same for a forwarded plain-HTTP request (Prometheus' `proxy_url`):
+/// a client that stops reading a large response is reset too, instead of
+/// pinning its agent connection's window for as long as it stays.
+async fn a_client_that_stopped_reading_a_forwarded_response_is_reset(tr: Transport) {
+    let firehose = targets::http_firehose_server().await;
+    let Tunnel { server, agent, .. } = tunnel_with(&allow(&[firehose.port()]), tr, |s| {
+        s.client_stall_timeout = Some(Duration::from_secs(2));
+    })
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(server.connect_addr())
+        .await
+        .unwrap();
+    silent
+        .write_all(
+            format!("GET http://{firehose}/metrics HTTP/1.1\r\nHost: {firehose}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    eventually("the stream is relayed", Duration::from_secs(10), || async {
+        server
+            .metric("edge_tunnel_streams_total{ingress=\"forward\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    eventually(
+        "the silent client is reset",
+        Duration::from_secs(60),
+        || async { server.metric("edge_tunnel_client_stall_resets_total").await >= 1.0 },
+    )
+    .await;
+    eventually("its stream is gone", Duration::from_secs(10), || async {
+        server.metric("edge_tunnel_streams_active").await == 0.0
+    })
+    .await;
+    // The client sees its response end once it reads what was buffered.
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the client connection was closed");
+    agent.stop().await;
+}
+
 async fn a_client_over_its_stream_limit_gets_429(tr: Transport) {
     let echo = targets::echo_server().await;
     let Tunnel { server, agent, .. } = tunnel_with(&allow(&[echo.port()]), tr, |s| {
@@ -1451,6 +1502,7 @@ over_both_transports!(
     an_upload_cut_short_by_the_target_ends_at_the_client,
     relays_go_on_when_the_buffer_budget_is_spent,
     a_client_that_stopped_reading_is_reset,
+    a_client_that_stopped_reading_a_forwarded_response_is_reset,
     a_client_over_its_stream_limit_gets_429,
     an_idle_tunnel_is_reset_after_the_relay_idle_timeout,
     connect_stops_at_the_node_stream_limit_minus_the_reserve,

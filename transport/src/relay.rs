@@ -612,6 +612,21 @@ impl ClientSocket for tokio::net::UnixStream {
     }
 }
 
+/// An in-process pipe: the server's plain-HTTP forwarding runs hyper's
+/// client on one end and the relay on the other, so a forwarded response
+/// has the stall credit, the stall reset and the idle timeout a CONNECT
+/// tunnel has. Both halves go through `tokio::io::split`'s flag, polled
+/// from the relay's one task. A pipe has no reset: the other end sees
+/// EOF.
+impl ClientSocket for tokio::io::DuplexStream {
+    type Read<'a> = tokio::io::ReadHalf<&'a mut Self>;
+    type Write<'a> = tokio::io::WriteHalf<&'a mut Self>;
+
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        tokio::io::split(self)
+    }
+}
+
 /// A TLS client (the mTLS CONNECT ingress). A TLS session cannot be
 /// split into independent halves, so both directions go through
 /// `tokio::io::split`'s flag; the relay polls both from one task, so the

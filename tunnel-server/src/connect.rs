@@ -383,7 +383,10 @@ where
         Ok(Route {
             target,
             forward: true,
-        }) => return Ok(crate::forward::forward(req, target, &shared).await),
+        }) => {
+            let client = peer.addr().map(|a| a.ip());
+            return Ok(crate::forward::forward(req, target, &shared, client).await);
+        }
         Err(resp) => return Ok(boxed(*resp)),
     };
     let dialed = match crate::direct::dial(&shared, &target, DialMode::AwaitResult).await {

@@ -11,11 +11,17 @@
 //! Each request takes its own tunnel (the client's connection to the
 //! ingress stays open between requests); an `https://` target is a
 //! CONNECT's business.
+//!
+//! hyper's client speaks over one end of an in-process pipe, and the other
+//! end is relayed over the tunneled stream by [`crate::ingress::relay`],
+//! as a CONNECT tunnel is: a client that stops reading a forwarded
+//! response (which stops hyper reading the pipe) is lent stall credit and
+//! then reset after `--client-stall-timeout`, instead of pinning its
+//! agent connection's window, and the stream is listed, counted and
+//! idle-timed like any other.
 
-use std::io;
-use std::pin::Pin;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,10 +31,9 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use transport::TunnelStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::dial::{self, DialMode, Target};
+use crate::dial::{DialMode, Target};
 use crate::direct::Upstream;
 use crate::Shared;
 
@@ -38,36 +43,10 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// How long the target may take to answer with its response head.
 pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A tunneled stream as one duplex byte stream, for hyper's client.
-struct TunnelIo(TunnelStream);
-
-impl AsyncRead for TunnelIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0.recv).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TunnelIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0.send).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0.send).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0.send).poll_shutdown(cx)
-    }
-}
+/// What the pipe between hyper's client and the relay holds at most: a
+/// response the client does not read stops there, and the relay's stall
+/// handling takes it from there.
+const PIPE: usize = 64 * 1024;
 
 /// The hop-by-hop fields of `headers` (RFC 9110 7.6.1): the fixed ones
 /// and those `Connection` names.
@@ -121,20 +100,16 @@ fn origin_form(req: Request<Incoming>) -> Request<Incoming> {
     Request::from_parts(parts, body)
 }
 
-/// An HTTP/1.1 client connection over `io`; `keep` (a node's stream
-/// slot) lives until the connection ends, i.e. until `sender` and the
-/// response body are dropped.
-async fn handshake<IO, K>(
+/// An HTTP/1.1 client connection over `io`, driven until the request's
+/// sender and the response body are dropped.
+async fn handshake<IO>(
     io: IO,
-    keep: K,
 ) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    K: Send + 'static,
 {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
-        let _keep = keep;
         if let Err(e) = conn.await {
             tracing::debug!("forwarded HTTP connection: {e}");
         }
@@ -143,11 +118,13 @@ where
 }
 
 /// Forwards one absolute-form request to `target` and streams back the
-/// answer.
+/// answer; `client`: the requesting client's address (the unit of the
+/// per-client stall credit).
 pub async fn forward(
     req: Request<Incoming>,
     target: Target,
     shared: &Arc<Shared>,
+    client: Option<IpAddr>,
 ) -> Response<Body> {
     let upstream = match crate::direct::dial(shared, &target, DialMode::AwaitResult).await {
         Ok(u) => u,
@@ -156,15 +133,28 @@ pub async fn forward(
             return crate::connect::boxed(crate::connect::dial_refusal(&e));
         }
     };
-    let metrics = &shared.metrics;
-    let (ingress, handshake) = match upstream {
-        Upstream::Tunnel(dial::Dialed { stream, slot, .. }) => {
-            // The stream's node slot lives as long as the connection.
-            ("forward", handshake(TunnelIo(stream), slot).await)
+    let handshake = match upstream {
+        Upstream::Tunnel(dialed) => {
+            // The relay holds the stream and its node slot, and counts it.
+            let (ours, theirs) = tokio::io::duplex(PIPE);
+            tokio::spawn(crate::ingress::relay(
+                shared.clone(),
+                dialed,
+                theirs,
+                client,
+                "forward",
+            ));
+            handshake(ours).await
         }
-        Upstream::Direct { stream, .. } => ("forward_direct", handshake(stream, ()).await),
+        Upstream::Direct { stream, .. } => {
+            shared
+                .metrics
+                .streams
+                .get_or_create(&[("ingress", "forward_direct")])
+                .inc();
+            handshake(stream).await
+        }
     };
-    metrics.streams.get_or_create(&[("ingress", ingress)]).inc();
     let mut sender = match handshake {
         Ok(sender) => sender,
         Err(e) => {
