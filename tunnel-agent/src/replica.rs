@@ -337,15 +337,31 @@ impl<C: Connector> ReplicaLoop<C> {
         let mut reprobe_at = selector.reprobe_in().map(jittered);
         type Probe<L> = Pin<Box<dyn Future<Output = Result<L, ConnectError>> + Send>>;
         let mut probe: Option<Probe<C::Link>> = None;
-        // A renewed certificate: a new connection with it takes over.
+        // A renewed certificate: a new connection with it takes over. A
+        // failed move is tried again (ROTATE_RETRY_FIRST, doubling up to
+        // ROTATE_RETRY_MAX), not left until the old certificate expires
+        // and the server closes this connection with its streams.
         let mut renewed = self.settings.renewed.clone();
         renewed.borrow_and_update();
         let mut rotate: Option<Probe<C::Link>> = None;
+        let mut rotate_again: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut rotate_delay = ROTATE_RETRY_FIRST;
         let end = loop {
             let probing = probe.is_some();
             tokio::select! {
                 Ok(()) = renewed.changed(), if rotate.is_none() => {
                     tracing::info!(%server_id, "certificate renewed: moving to a new connection");
+                    rotate_again = None;
+                    rotate = Some(Box::pin(self.attempt(transport, true)));
+                }
+                _ = async {
+                    match rotate_again.as_mut() {
+                        Some(s) => s.await,
+                        None => std::future::pending().await,
+                    }
+                }, if rotate.is_none() => {
+                    rotate_again = None;
+                    tracing::info!(%server_id, "moving to the renewed certificate again");
                     rotate = Some(Box::pin(self.attempt(transport, true)));
                 }
                 result = async {
@@ -365,10 +381,16 @@ impl<C: Connector> ReplicaLoop<C> {
                             let old = in_background(serving, drain_tx, self.stop.clone());
                             return Next::Serve(new, Some(old));
                         }
-                        Err(e) => tracing::warn!(
-                            "moving to the renewed certificate failed, the current connection \
-                             stays until the old certificate expires: {e}"
-                        ),
+                        Err(e) => {
+                            let wait = jittered(rotate_delay);
+                            rotate_delay = (rotate_delay * 2).min(ROTATE_RETRY_MAX);
+                            tracing::warn!(
+                                "moving to the renewed certificate failed, trying again in {}s \
+                                 (the current connection stays meanwhile): {e}",
+                                wait.as_secs()
+                            );
+                            rotate_again = Some(Box::pin(tokio::time::sleep(wait)));
+                        }
                     }
                 }
                 end = &mut serving => break end,
@@ -422,7 +444,10 @@ impl<C: Connector> ReplicaLoop<C> {
         };
         // A server that accepts the QUIC re-probe closes the HTTP/2
         // connection it replaces (handover), which may end it before the
-        // probe's answer is read here: the probe decides.
+        // probe's answer is read here: the probe decides. The same for the
+        // move to a renewed certificate: the server closes the old
+        // connection at once when it is idle, and that close can be read
+        // before the new connection's `Welcome`.
         if let (SessionEnd::Lost(_), Some(p)) = (&end, probe.take()) {
             match p.await {
                 Ok(quic) => {
@@ -430,6 +455,12 @@ impl<C: Connector> ReplicaLoop<C> {
                     return Next::Serve(quic, None);
                 }
                 Err(e) => self.reprobe_failed(selector, &e),
+            }
+        }
+        if let (SessionEnd::Lost(_), Some(r)) = (&end, rotate.take()) {
+            match r.await {
+                Ok(new) => return Next::Serve(new, None),
+                Err(e) => tracing::warn!("moving to the renewed certificate failed: {e}"),
             }
         }
         let lived = started.elapsed();
@@ -502,6 +533,14 @@ impl<C: Connector> ReplicaLoop<C> {
 /// replicas already held (one replica down, the balancer keeps picking the
 /// others): its replacement is found within this.
 const DUPLICATE_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// After a failed move to a renewed certificate, the first wait before
+/// trying again (jittered), doubling up to [`ROTATE_RETRY_MAX`]: a renewal
+/// comes a third of the certificate's life before it expires, so there
+/// is time, and a fleet that cannot move (an old server) costs one
+/// handshake per agent every half hour.
+const ROTATE_RETRY_FIRST: Duration = Duration::from_secs(60);
+const ROTATE_RETRY_MAX: Duration = Duration::from_secs(30 * 60);
 
 /// Waits between dials of a shared address that reach held replicas:
 /// from 200 ms, doubling, at most [`DUPLICATE_WAIT_MAX`], jittered.

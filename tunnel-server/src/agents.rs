@@ -633,6 +633,9 @@ enum Idle {
     KeepOpen,
 }
 
+/// How long a handed-over connection stays open at least, idle or not.
+const HANDOVER_IDLE_GRACE: Duration = Duration::from_secs(1);
+
 /// Watches a handed-over connection: a transport switch or a renewed
 /// certificate moved the agent to a new connection, or a successor process
 /// took the node over, and long streams (`kubectl exec`, `logs -f`) finish
@@ -641,7 +644,8 @@ enum Idle {
 /// reload tick checks there: an expired or revoked certificate closes it.
 async fn watch_handed_over(old: Arc<AgentHandle>, shared: Arc<Shared>, idle: Idle) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut checked = tokio::time::Instant::now();
+    let since = tokio::time::Instant::now();
+    let mut checked = since;
     let closed = old.link.closed();
     tokio::pin!(closed);
     loop {
@@ -649,7 +653,13 @@ async fn watch_handed_over(old: Arc<AgentHandle>, shared: Arc<Shared>, idle: Idl
             _ = tick.tick() => {}
             _ = &mut closed => return,
         }
-        if idle == Idle::Close && old.streams_active.load(Ordering::Relaxed) <= 0 {
+        // Not at once: the agent reads the new connection's `Welcome`
+        // first (one that read this close first took it for a replacement
+        // and waited 30 s, before 2026-12-07).
+        if idle == Idle::Close
+            && since.elapsed() >= HANDOVER_IDLE_GRACE
+            && old.streams_active.load(Ordering::Relaxed) <= 0
+        {
             old.link
                 .close(close::REPLACED, "the agent moved to a new connection");
             return;

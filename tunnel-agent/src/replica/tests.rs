@@ -199,6 +199,11 @@ impl Running {
 }
 
 fn start(choice: TransportChoice, fake: Fake) -> Running {
+    start_with(choice, fake, watch::channel(0).1)
+}
+
+/// [`start`] with the renewal ticks of `renewed`.
+fn start_with(choice: TransportChoice, fake: Fake, renewed: watch::Receiver<u64>) -> Running {
     let (stop, stop_rx) = watch::channel(false);
     let (lost, _lost_rx) = mpsc::channel(64);
     let metrics = Arc::new(AgentMetrics::default());
@@ -215,7 +220,7 @@ fn start(choice: TransportChoice, fake: Fake) -> Running {
             reprobe_first: Duration::from_secs(5),
             reprobe_max: Duration::from_secs(300),
             resolve_interval: Duration::from_secs(30),
-            renewed: watch::channel(0).1,
+            renewed,
         },
         held: held.clone(),
         metrics: metrics.clone(),
@@ -466,4 +471,80 @@ async fn a_draining_server_is_replaced_while_its_streams_finish() {
     );
     let fake = r.stop().await;
     assert!(fake.events().contains(&Event::Drained(Transport::Quic)));
+}
+
+fn replaced() -> LostReason {
+    LostReason::ClosedByServer {
+        code: close::REPLACED,
+        reason: "the agent moved to a new connection".into(),
+    }
+}
+
+/// The server closes an idle connection the moment the move to a renewed
+/// certificate registers, and that close can be read before the new
+/// connection's `Welcome`: the move still stands, with no 30 s wait.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_move_whose_old_connection_closes_first_still_moves() {
+    let fake = Fake::new(|_, now| {
+        if now < Duration::from_secs(1) {
+            // Closed (REPLACED) at 10.000 s, by the server, for the move.
+            Answer::Register(Some((Duration::from_secs(10), replaced())))
+        } else {
+            // The move's Welcome is read at 10.001 s.
+            Answer::DownUntil(Duration::from_millis(10_001))
+        }
+    });
+    let (renew, renewed) = watch::channel(0u64);
+    let r = start_with(TransportChoice::Quic, fake, renewed);
+    tokio::time::sleep(Duration::from_millis(9_900)).await;
+    renew.send_modify(|g| *g += 1);
+    run_for(20).await;
+    assert_eq!(
+        r.fake.served(),
+        [Transport::Quic, Transport::Quic],
+        "{:?}",
+        r.fake.events()
+    );
+    assert_eq!(r.fake.attempts(Transport::Quic), 2, "{:?}", r.fake.events());
+    assert_eq!(r.held(), [Transport::Quic]);
+    r.stop().await;
+}
+
+/// A move to a renewed certificate that fails is tried again (after about
+/// a minute, then less often), not left until the old certificate
+/// expires.
+#[tokio::test(start_paused = true)]
+async fn a_failed_renewal_move_is_tried_again() {
+    let fake = Fake::new(|_, now| {
+        if now < Duration::from_secs(1) {
+            Answer::Register(None)
+        } else if now < Duration::from_secs(10) {
+            Answer::Fail(FailureKind::Timeout)
+        } else {
+            Answer::Register(None)
+        }
+    });
+    let (renew, renewed) = watch::channel(0u64);
+    let r = start_with(TransportChoice::Quic, fake, renewed);
+    run_for(5).await;
+    renew.send_modify(|g| *g += 1);
+    run_for(1).await;
+    let moves = |f: &Fake| {
+        f.events()
+            .iter()
+            .filter(|e| matches!(e, Event::Attempt(_, true)))
+            .count()
+    };
+    assert_eq!(moves(&r.fake), 1);
+    assert_eq!(r.fake.served(), [Transport::Quic]);
+    // Tried again 30-60 s later, and that one registers.
+    run_for(70).await;
+    assert_eq!(moves(&r.fake), 2, "{:?}", r.fake.events());
+    assert_eq!(
+        r.fake.served(),
+        [Transport::Quic, Transport::Quic],
+        "{:?}",
+        r.fake.events()
+    );
+    r.stop().await;
 }
