@@ -373,10 +373,15 @@ fn tls_proxy(pki: &Pki, proxy: SocketAddr, cert_dir: Option<&Path>) -> Vec<Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_clients_need_a_connect_client_certificate() {
     let target = head_echo_server().await;
+    let deny_dir = tempfile::tempdir().unwrap();
+    let deny = deny_dir.path().join("deny-list");
+    std::fs::write(&deny, "# nobody yet\n").unwrap();
     let (pki, server, agent) = tunnel(target, |s| {
         s.connect_tls_listen = Some("127.0.0.1:0".parse().unwrap());
         // The tunnel CA: agent certificates chain to it too.
         s.connect_client_ca = Some(s.cert_dir.join("ca.crt"));
+        s.deny_list = Some(deny.clone());
+        s.reload_interval = Duration::from_millis(200);
     })
     .await;
     let apiserver = pki.issue_connect_client("kube-apiserver");
@@ -430,6 +435,30 @@ async fn tls_clients_need_a_connect_client_certificate() {
         assert!(value >= at_least, "{series} = {value}, want {at_least}+ in\n{page}");
     }
     assert!(!page.contains("credential=\"none\""), "{page}");
+    // A revoked client certificate (a leaked DNAT helper's, say) is refused
+    // from the next request on, as a revoked agent is.
+    let leaf = certs::files::read_certs(&apiserver.join("tls.crt")).unwrap();
+    let serial = certs::Identity::from_der(&leaf[0]).unwrap().serial;
+    std::fs::write(&deny, format!("serial={serial}\n")).unwrap();
+    e2e::eventually(
+        "the revoked certificate is refused",
+        Duration::from_secs(20),
+        || {
+            let run = &run;
+            let apiserver = apiserver.clone();
+            async move {
+                let (code, out, _) = run(Some(apiserver), false).await;
+                code == 0 && out.ends_with("\n403") && out.contains("revoked")
+            }
+        },
+    )
+    .await;
+    assert!(
+        server
+            .metric("edge_tunnel_connect_auth_failures_total{reason=\"revoked\"}")
+            .await
+            >= 1.0
+    );
     // Plain HTTP on the TLS port gets nothing either.
     let mut plain = TcpStream::connect(proxy).await.unwrap();
     plain

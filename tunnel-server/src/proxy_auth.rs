@@ -32,8 +32,10 @@ use crate::Shared;
 /// What a TLS client's certificate makes of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CertIdentity {
-    /// Accepted: its common name, for the log and the metrics.
-    Accepted(Arc<str>),
+    /// Accepted by its issuer: its common name (for the log, the metrics
+    /// and the deny-list) and serial (for the deny-list and the CRL, which
+    /// every request checks).
+    Accepted { name: Arc<str>, serial: Arc<str> },
     /// Chains to `--connect-client-ca` but may not use the ingress: why.
     Refused(Arc<str>),
 }
@@ -95,9 +97,9 @@ fn identify(
     intermediates: &[rustls::pki_types::CertificateDer<'_>],
     tunnel: &dyn rustls::server::danger::ClientCertVerifier,
 ) -> CertIdentity {
-    let name = certs::Identity::from_der(leaf)
-        .map(|id| id.common_name)
-        .unwrap_or_else(|_| "(no common name)".to_owned());
+    let (name, serial) = certs::Identity::from_der(leaf)
+        .map(|id| (id.common_name, id.serial))
+        .unwrap_or_else(|_| ("(no common name)".to_owned(), String::new()));
     let from_tunnel_ca = tunnel
         .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
         .is_ok();
@@ -112,7 +114,10 @@ fn identify(
             .into(),
         )
     } else {
-        CertIdentity::Accepted(name.into())
+        CertIdentity::Accepted {
+            name: name.into(),
+            serial: serial.into(),
+        }
     }
 }
 
@@ -140,7 +145,22 @@ pub fn authorize(
             return Ok(());
         }
         (Peer::Certified { identity, .. }, _) => match identity {
-            CertIdentity::Accepted(name) => {
+            CertIdentity::Accepted { name, serial } => {
+                // Checked per request, not once per TLS session: a
+                // revocation (`--deny-list`, `--crl`) stops the next
+                // request of a kept-alive connection too.
+                let revoked = shared
+                    .live_tls
+                    .as_ref()
+                    .and_then(|t| t.denies_node(name, serial));
+                if let Some(why) = revoked {
+                    metrics.connect_auth_failed("revoked");
+                    tracing::warn!(client = %name, %serial, "CONNECT refused: {why}");
+                    return Err(Box::new(crate::connect::text(
+                        StatusCode::FORBIDDEN,
+                        format!("certificate {name:?} is revoked: {why}"),
+                    )));
+                }
                 metrics.connect_authorized("certificate", name);
                 return Ok(());
             }
