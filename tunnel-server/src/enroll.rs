@@ -46,7 +46,9 @@ pub struct Enroller {
     /// Serializes the read-check-record of the tokens file in this
     /// process (the file lock does it across processes).
     tokens_lock: std::sync::Mutex<()>,
-    /// The enrollment CA's certificate: only what it issued is renewed.
+    /// The enrollment CA's certificate, and the earlier enrollment CAs the
+    /// operator listed after it in the directory's `ca.crt` (a routine
+    /// rotation): only what they issued is renewed.
     ca_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     slots: Arc<tokio::sync::Semaphore>,
     /// Connections without a client certificate (which may only enroll)
@@ -101,8 +103,13 @@ impl Enroller {
     /// How long such a connection may take to send `Enroll`.
     pub const ENROLL_TIMEOUT: Duration = Duration::from_secs(5);
 
-    /// Loads the signing CA (`ca.crt`, `ca.key`) and checks that the
-    /// tokens file reads.
+    /// Loads the signing CA (the first certificate of `ca.crt`, and
+    /// `ca.key`) and checks that the tokens file reads. Further
+    /// certificates in `ca.crt` are earlier enrollment CAs whose agent
+    /// certificates still renew (into the new CA's) while they are listed:
+    /// a routine rotation lists the old one until every agent renewed; a
+    /// rotation because the old CA leaked does not list it, and its
+    /// agents enroll again with tokens.
     pub fn load(
         ca_dir: &std::path::Path,
         tokens_file: &std::path::Path,
@@ -118,14 +125,21 @@ impl Enroller {
                 .map_err(|e| fail(format!("cannot read {name}: {e}")))
         };
         let ca_pem = read(certs::files::CA_CRT)?;
-        let ca =
-            Ca::from_pem(&ca_pem, &read(certs::files::CA_KEY)?).map_err(|e| fail(e.to_string()))?;
+        let ca = Ca::from_pem(first_pem_block(&ca_pem), &read(certs::files::CA_KEY)?)
+            .map_err(|e| fail(e.to_string()))?;
         let ca_der =
             certs::files::parse_certs(ca_pem.as_bytes(), &ca_dir.join(certs::files::CA_CRT))
                 .map_err(|e| fail(e.to_string()))?;
-        let ca_verifier = certs::tls::roots_of(&ca_der[..1])
+        let ca_verifier = certs::tls::roots_of(&ca_der)
             .and_then(certs::tls::client_verifier)
             .map_err(|e| fail(e.to_string()))?;
+        if ca_der.len() > 1 {
+            tracing::info!(
+                earlier = ca_der.len() - 1,
+                "the enrollment CA's ca.crt lists earlier enrollment CAs: their agent \
+                 certificates renew into this one's"
+            );
+        }
         TokensFile::load(tokens_file).map_err(|e| EnrollSetupError::Tokens {
             path: tokens_file.to_owned(),
             problem: e.to_string(),
@@ -412,6 +426,16 @@ impl Enroller {
         })
     }
 
+    /// Whether `presented` (leaf first) chains to an enrollment CA of
+    /// `ca.crt`.
+    fn issued_here(&self, presented: &[rustls::pki_types::CertificateDer<'_>]) -> bool {
+        presented.split_first().is_some_and(|(leaf, rest)| {
+            self.ca_verifier
+                .verify_client_cert(leaf, rest, rustls::pki_types::UnixTime::now())
+                .is_ok()
+        })
+    }
+
     fn try_renew(
         &self,
         shared: &Shared,
@@ -419,9 +443,10 @@ impl Enroller {
         presented: &[rustls::pki_types::CertificateDer<'static>],
         request: &proto::Renew,
     ) -> Result<Issued, Refused> {
-        // Only agent certificates the enrollment CA issued: not the DNAT
-        // helper's or a CONNECT client's, and not one of a CA being
-        // rotated out (a leaked old CA must not mint its way into the new).
+        // Only agent certificates the enrollment CA issued (or an earlier
+        // one the operator still lists): not the DNAT helper's or a CONNECT
+        // client's, and not one of a CA rotated out unlisted (a leaked old
+        // CA must not mint its way into the new).
         certs::identity::validate_node_name(&identity.common_name).map_err(|_| {
             refused(
                 "not_an_agent",
@@ -431,12 +456,7 @@ impl Enroller {
                 ),
             )
         })?;
-        let issued_here = presented.split_first().is_some_and(|(leaf, rest)| {
-            self.ca_verifier
-                .verify_client_cert(leaf, rest, rustls::pki_types::UnixTime::now())
-                .is_ok()
-        });
-        if !issued_here {
+        if !self.issued_here(presented) {
             return Err(refused(
                 "not_an_agent",
                 "only certificates of the enrollment CA renew; enroll this node with a token",
@@ -565,4 +585,72 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The first PEM block of `text` (the signing CA of a bundle), or all of it
+/// when there is no end marker (the parser then names the problem).
+fn first_pem_block(text: &str) -> &str {
+    const END: &str = "-----END CERTIFICATE-----";
+    match text.find(END) {
+        Some(at) => &text[..at + END.len()],
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent_cert(ca: &Ca, node: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        let pem = ca
+            .issue_agent(node, &["198.18.1.2".parse().unwrap()], 30)
+            .unwrap();
+        certs::files::parse_certs(pem.cert.as_bytes(), std::path::Path::new("agent.crt")).unwrap()
+    }
+
+    fn enroller(dir: &std::path::Path, signing: &Ca, earlier: &[&Ca]) -> Enroller {
+        let mut bundle = signing.pem().cert;
+        for ca in earlier {
+            bundle.push_str(&ca.pem().cert);
+        }
+        std::fs::write(dir.join(certs::files::CA_CRT), bundle).unwrap();
+        std::fs::write(dir.join(certs::files::CA_KEY), signing.pem().key).unwrap();
+        let tokens = dir.join("tokens");
+        std::fs::write(&tokens, "").unwrap();
+        Enroller::load(dir, &tokens, None, Duration::from_secs(30 * 86400)).unwrap()
+    }
+
+    /// A rotation: the new enrollment CA signs, and the agents of the old
+    /// one renew while the operator lists it after the new one; unlisted
+    /// (it leaked), they do not.
+    #[test]
+    fn earlier_enrollment_cas_listed_in_ca_crt_still_renew() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Ca::generate("enroll-ca-1", 365).unwrap();
+        let new = Ca::generate("enroll-ca-2", 365).unwrap();
+        let other = Ca::generate("someone-else", 365).unwrap();
+        let rotating = enroller(dir.path(), &new, &[&old]);
+        assert!(rotating.issued_here(&agent_cert(&new, "edge-1")));
+        assert!(rotating.issued_here(&agent_cert(&old, "edge-2")));
+        assert!(!rotating.issued_here(&agent_cert(&other, "edge-3")));
+        // What it signs is the new CA's.
+        assert_eq!(
+            rotating.ca.pem().cert.trim(),
+            new.pem().cert.trim(),
+            "the first certificate signs"
+        );
+        let after = enroller(dir.path(), &new, &[]);
+        assert!(after.issued_here(&agent_cert(&new, "edge-1")));
+        assert!(!after.issued_here(&agent_cert(&old, "edge-2")));
+    }
+
+    #[test]
+    fn the_first_pem_block_is_the_signing_ca() {
+        let text = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----\n";
+        assert_eq!(
+            first_pem_block(text),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"
+        );
+        assert_eq!(first_pem_block("garbage"), "garbage");
+    }
 }
