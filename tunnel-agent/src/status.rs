@@ -10,7 +10,15 @@
 //! go on to the next nodes. The status file lives in the pod's own
 //! `emptyDir`; the agent rewrites it every [`INTERVAL`], and an exec probe
 //! in the same container checks it (fresh: the agent's runtime is alive;
-//! `ready`: a server replica is registered).
+//! `ready`: every server replica the servers say exist is registered, or
+//! at least one has been for [`PARTIAL_READY_AFTER`]).
+//!
+//! Ready means every replica, not one: behind a load balancer the further
+//! replicas are reached only after the first `Welcome` says how many exist,
+//! and a rolling update deletes the old agent once the new one is ready;
+//! the old one's `Drain` would leave the replicas the new one has not
+//! reached yet without a route to the node. A replica that cannot be
+//! reached at all must not stall the rollout for good, hence the bound.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,6 +28,16 @@ use crate::replicas::HeldReplicas;
 
 /// How often the agent rewrites the file.
 pub const INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long the agent waits, once it holds a replica, for the rest of the
+/// replicas the servers say exist before it says ready anyway.
+pub const PARTIAL_READY_AFTER: Duration = Duration::from_secs(60);
+
+/// Whether an agent holding `held` of `expected` replicas (0: no server
+/// has said yet), the first of them for `held_for`, is ready.
+pub fn is_ready(held: usize, expected: u16, held_for: Duration) -> bool {
+    held > 0 && (held >= usize::from(expected) || held_for >= PARTIAL_READY_AFTER)
+}
 
 /// What the file says: one line, `ready HELD EXPECTED UNIX_SECONDS` or
 /// `not-ready HELD EXPECTED UNIX_SECONDS`.
@@ -33,12 +51,15 @@ pub struct Status {
 }
 
 impl Status {
-    pub fn now(held: &HeldReplicas) -> Status {
+    /// The status now; `held_for`: how long at least one replica has been
+    /// held without a break.
+    pub fn now(held: &HeldReplicas, held_for: Duration) -> Status {
         let n = held.len();
+        let expected = held.expected();
         Status {
-            ready: n > 0,
+            ready: is_ready(n, expected, held_for),
             held: n,
-            expected: held.expected(),
+            expected,
             written: unix_now(),
         }
     }
@@ -91,9 +112,16 @@ pub fn write(path: &Path, status: &Status) -> std::io::Result<()> {
 pub async fn keep_writing(path: PathBuf, held: HeldReplicas) {
     let mut tick = tokio::time::interval(INTERVAL);
     let mut warned: Option<tokio::time::Instant> = None;
+    let mut held_since: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
-        let status = Status::now(&held);
+        held_since = match (held.len(), held_since) {
+            (0, _) => None,
+            (_, None) => Some(tokio::time::Instant::now()),
+            (_, since) => since,
+        };
+        let held_for = held_since.map_or(Duration::ZERO, |t| t.elapsed());
+        let status = Status::now(&held, held_for);
         let path2 = path.clone();
         let written = tokio::task::spawn_blocking(move || write(&path2, &status))
             .await
@@ -125,10 +153,17 @@ pub fn check(path: &Path, want_ready: bool, max_age: Duration) -> Result<String,
         0 => String::new(),
         e => format!(" of {e}"),
     };
+    let why = match status.held {
+        0 => "no server replica registered".to_owned(),
+        n => format!(
+            "{n}{of} replica(s) held; waiting up to {} s for the rest",
+            PARTIAL_READY_AFTER.as_secs()
+        ),
+    };
     match (want_ready, status.ready) {
-        (true, false) => Err("not ready: no server replica registered".to_owned()),
+        (true, false) => Err(format!("not ready: {why}")),
         (_, true) => Ok(format!("ready: {}{of} replica(s) held", status.held)),
-        (false, false) => Ok("alive, not ready: no server replica registered".to_owned()),
+        (false, false) => Ok(format!("alive, not ready: {why}")),
     }
 }
 
@@ -175,6 +210,37 @@ mod tests {
         assert!(check(&path, false, age)
             .unwrap_err()
             .contains("not a status line"));
+    }
+
+    #[test]
+    fn ready_is_every_replica_or_one_for_a_minute() {
+        let now = Duration::ZERO;
+        assert!(!is_ready(0, 0, now), "nothing held");
+        assert!(!is_ready(0, 3, PARTIAL_READY_AFTER));
+        assert!(is_ready(1, 0, now), "no server said how many");
+        assert!(is_ready(1, 1, now));
+        assert!(!is_ready(1, 3, now), "behind a balancer, 2 to go");
+        assert!(!is_ready(2, 3, Duration::from_secs(59)));
+        assert!(is_ready(3, 3, now));
+        assert!(is_ready(4, 3, now), "more held than said (a stale count)");
+        assert!(
+            is_ready(1, 3, PARTIAL_READY_AFTER),
+            "one unreachable replica does not stall a rollout for good"
+        );
+        let partial = Status {
+            ready: false,
+            held: 1,
+            expected: 3,
+            written: unix_now(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status");
+        write(&path, &partial).unwrap();
+        let e = check(&path, true, Duration::from_secs(30)).unwrap_err();
+        assert_eq!(
+            e,
+            "not ready: 1 of 3 replica(s) held; waiting up to 60 s for the rest"
+        );
     }
 
     #[test]
