@@ -30,6 +30,7 @@ const T_DIAL: u8 = 0x10;
 const T_DIAL_RESULT: u8 = 0x11;
 const T_DRAIN: u8 = 0x20;
 const T_GOAWAY: u8 = 0x21;
+const T_REPLICAS: u8 = 0x22;
 const T_ENROLL: u8 = 0x30;
 const T_RENEW: u8 = 0x31;
 const T_ISSUED: u8 = 0x32;
@@ -144,6 +145,10 @@ pub fn encode(msg: &Message, dst: &mut Vec<u8>) -> Result<(), EncodeError> {
             w.str("ca", &i.ca, MAX_ISSUED_PEM)?;
             T_ISSUED
         }
+        Message::Replicas(n) => {
+            w.u16(*n);
+            T_REPLICAS
+        }
     };
     let body = dst.len() - start - FRAME_HEADER_LEN;
     // Field limits keep every body far below MAX_FRAME_BODY.
@@ -174,6 +179,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
         T_DIAL_RESULT => "DialResult",
         T_DRAIN => "Drain",
         T_GOAWAY => "GoAway",
+        T_REPLICAS => "Replicas",
         T_ENROLL => "Enroll",
         T_RENEW => "Renew",
         T_ISSUED => "Issued",
@@ -253,6 +259,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
             code: r.u32("code")?,
             reason: r.str("reason", MAX_REASON)?,
         }),
+        T_REPLICAS => Message::Replicas(r.u16("replicas")?),
         T_ENROLL => Message::Enroll(Enroll {
             version_major: r.u8("version")?,
             version_minor: r.u8("version")?,
@@ -498,6 +505,7 @@ mod tests {
                 })
             }),
             Just(Message::Drain),
+            any::<u16>().prop_map(Message::Replicas),
             (any::<u32>(), "\\PC{0,200}")
                 .prop_map(|(code, reason)| Message::GoAway(GoAway { code, reason })),
             (

@@ -39,7 +39,7 @@ pub const ALPN_H2: &[u8] = b"edge-tunnel-h2/1";
 /// major version is refused ([`RefuseCode::UnsupportedVersion`]).
 pub const VERSION_MAJOR: u8 = 1;
 /// Minor protocol version: additions that older peers may ignore.
-pub const VERSION_MINOR: u8 = 4;
+pub const VERSION_MINOR: u8 = 5;
 
 /// Longest node name accepted (a DNS-1123 subdomain, as Kubernetes node names are).
 pub const MAX_NODE_NAME: usize = 253;

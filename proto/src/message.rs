@@ -1,7 +1,7 @@
 //! Protocol messages.
 //!
 //! The control stream (opened by the agent) carries `Hello` → `Welcome` or
-//! `Refuse`, and later `Drain`. Every tunneled connection is one stream
+//! `Refuse`, and later `Drain`, `GoAway` and `Replicas`. Every tunneled connection is one stream
 //! opened by the server that starts with a `Dial`, answered by a
 //! `DialResult`; after that the stream carries raw bytes both ways.
 
@@ -38,6 +38,12 @@ pub enum Message {
     /// Server → agent: the certificate signed for an `Enroll` or `Renew`,
     /// and the CA bundle to verify servers with.
     Issued(Issued),
+    /// Minor version 5. Server → agent on the control stream, after
+    /// `Welcome`, to agents whose `Hello` says minor 5 or later: how many
+    /// replicas exist now (as `Welcome.replicas`), sent when the count
+    /// changes, so an agent behind a load balancer holds as many
+    /// connections as there are replicas without reconnecting.
+    Replicas(u16),
 }
 
 /// A request to enroll: a bootstrap token and a certificate signing
@@ -101,6 +107,7 @@ impl Message {
             Message::Enroll(_) => "Enroll",
             Message::Renew(_) => "Renew",
             Message::Issued(_) => "Issued",
+            Message::Replicas(_) => "Replicas",
         }
     }
 }

@@ -611,6 +611,58 @@ async fn connect_stops_at_the_node_stream_limit_minus_the_reserve(tr: Transport)
     agent.stop().await;
 }
 
+/// The server tells its connected agents when the replica count changes
+/// (`Replicas`, a scale-up or down seen by `--peers-dns`): an agent behind
+/// a load balancer then holds that many connections without waiting for a
+/// reconnect, and an agent's readiness follows.
+async fn a_changed_replica_count_reaches_connected_agents(tr: Transport) {
+    init_logging();
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let server = TestServer::start(&pki).await;
+    let mut config = agent_config(&pki, NODE, &server, &[], tr);
+    let admin = free_port();
+    config.admin_listen = Some(admin);
+    let agent = TestAgent::start(config);
+    server.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    let expected = |n: u16| {
+        let line = format!("edge_tunnel_agent_replicas_expected {n}");
+        move || {
+            let line = line.clone();
+            async move { http_get(admin, "/metrics").await.1.contains(&line) }
+        }
+    };
+    let first = *server.shared.replicas_expected.borrow();
+    eventually(
+        "the agent expects what Welcome said",
+        Duration::from_secs(10),
+        expected(first),
+    )
+    .await;
+    server.shared.replicas_expected.send_replace(3);
+    eventually("the agent expects 3", Duration::from_secs(10), expected(3)).await;
+    // One address leads to this one replica: the further slots find it held.
+    let (_, ready) = http_get(admin, "/readyz").await;
+    assert!(ready.contains("1 of 3"), "{ready}");
+    server.shared.replicas_expected.send_replace(1);
+    eventually("the agent expects 1", Duration::from_secs(10), expected(1)).await;
+    // Still the one registration, never dropped.
+    assert!(matches!(
+        server.shared.registry.by_node(NODE),
+        tunnel_server::registry::Route::Agent(_)
+    ));
+    assert_eq!(
+        server
+            .metric(&format!(
+                "edge_tunnel_registrations_total{{transport=\"{}\"}}",
+                tr.name()
+            ))
+            .await,
+        1.0
+    );
+    agent.stop().await;
+}
+
 /// A client that stopped reading is reset after --client-stall-timeout,
 /// so its unread data does not pin the stream's window and the agent's
 /// memory for good; the stream's slot comes back.
@@ -1503,6 +1555,7 @@ over_both_transports!(
     relays_go_on_when_the_buffer_budget_is_spent,
     a_client_that_stopped_reading_is_reset,
     a_client_that_stopped_reading_a_forwarded_response_is_reset,
+    a_changed_replica_count_reaches_connected_agents,
     a_client_over_its_stream_limit_gets_429,
     an_idle_tunnel_is_reset_after_the_relay_idle_timeout,
     connect_stops_at_the_node_stream_limit_minus_the_reserve,

@@ -55,11 +55,13 @@ pub trait Link: Send + 'static {
     fn transport(&self) -> Transport;
     /// Serves streams until the connection ends, or `drain` turns true.
     /// `server_draining` fires when the server says it is shutting down
-    /// (the connection serves on until the server closes it).
+    /// (the connection serves on until the server closes it); `replicas`
+    /// takes each replica count the server says later (`Replicas`).
     fn serve(
         self,
         drain: watch::Receiver<bool>,
         server_draining: oneshot::Sender<()>,
+        replicas: watch::Sender<u16>,
     ) -> impl Future<Output = SessionEnd> + Send + 'static;
     /// Closes it unserved: the replica is already held through another address.
     fn close_duplicate(self) -> impl Future<Output = ()> + Send;
@@ -314,7 +316,8 @@ impl<C: Connector> ReplicaLoop<C> {
         let transport = link.transport();
         let server_id = link.server_id().to_owned();
         let key = (self.addr, self.slot);
-        let Some(_held) = self.held.hold(key, &server_id, transport, link.replicas()) else {
+        let said = link.replicas();
+        let Some(holding) = self.held.hold(key, &server_id, transport, said) else {
             // (A server older than `Hello.instance` welcomes a duplicate.)
             link.close_duplicate().await;
             let wait = self.duplicate_wait(duplicates);
@@ -331,7 +334,8 @@ impl<C: Connector> ReplicaLoop<C> {
         tracing::info!(%server_id, slot = self.slot, transport = transport.label(), ?held, "registered");
         let (drain_tx, drain_rx) = watch::channel(false);
         let (server_draining_tx, mut server_draining) = oneshot::channel();
-        let mut serving = Box::pin(link.serve(drain_rx, server_draining_tx));
+        let (replicas_tx, mut replicas_rx) = watch::channel(said);
+        let mut serving = Box::pin(link.serve(drain_rx, server_draining_tx, replicas_tx));
         let mut server_drain_seen = false;
         let mut stop = self.stop.clone();
         let mut reprobe_at = selector.reprobe_in().map(jittered);
@@ -394,6 +398,13 @@ impl<C: Connector> ReplicaLoop<C> {
                     }
                 }
                 end = &mut serving => break end,
+                Ok(()) = replicas_rx.changed() => {
+                    let count = *replicas_rx.borrow_and_update();
+                    tracing::info!(%server_id, replicas = count, "the server says the replica count changed");
+                    holding.set_expected(count);
+                    // The supervisor adds or stops slots for it.
+                    let _ = self.changed.try_send(());
+                }
                 _ = stopped(&mut stop) => {
                     let _ = drain_tx.send(true);
                     break serving.await;
@@ -669,8 +680,9 @@ impl Link for ServerConnection {
         self,
         drain: watch::Receiver<bool>,
         server_draining: oneshot::Sender<()>,
+        replicas: watch::Sender<u16>,
     ) -> impl Future<Output = SessionEnd> + Send + 'static {
-        crate::serve::serve(self, drain, server_draining)
+        crate::serve::serve(self, drain, server_draining, replicas)
     }
 
     fn close_duplicate(self) -> impl Future<Output = ()> + Send {

@@ -117,6 +117,19 @@ pub struct HeldGuard {
     serial: u64,
 }
 
+impl HeldGuard {
+    /// The server of this hold says how many replicas exist now
+    /// (`Replicas`).
+    pub fn set_expected(&self, expected: u16) {
+        let mut map = self.held.map();
+        if let Some((serial, replica)) = map.get_mut(&self.key) {
+            if *serial == self.serial {
+                replica.expected = expected;
+            }
+        }
+    }
+}
+
 impl Drop for HeldGuard {
     fn drop(&mut self) {
         let mut map = self.held.map();
@@ -132,6 +145,25 @@ mod tests {
 
     fn addr(port: u16) -> SlotKey {
         (SocketAddr::from(([127, 0, 0, 1], port)), 0)
+    }
+
+    #[test]
+    fn a_server_can_change_the_count_it_said() {
+        let held = HeldReplicas::default();
+        let a = held.hold(addr(1), "replica-a", Transport::Quic, 3).unwrap();
+        let b = held.hold(addr(2), "replica-b", Transport::Quic, 3).unwrap();
+        assert_eq!(held.expected(), 3);
+        // Scaled down: both say 2.
+        a.set_expected(2);
+        assert_eq!(held.expected(), 3, "the most any held server says");
+        b.set_expected(2);
+        assert_eq!(held.expected(), 2);
+        // A guard whose slot was taken over does not touch the new hold.
+        drop(a);
+        let a2 = held.hold(addr(1), "replica-c", Transport::Quic, 2).unwrap();
+        assert_eq!(held.expected(), 2);
+        a2.set_expected(4);
+        assert_eq!(held.expected(), 4);
     }
 
     #[test]

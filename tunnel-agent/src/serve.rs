@@ -21,6 +21,7 @@ pub async fn serve(
     conn: ServerConnection,
     mut drain: watch::Receiver<bool>,
     server_draining: tokio::sync::oneshot::Sender<()>,
+    replicas: watch::Sender<u16>,
 ) -> SessionEnd {
     let ServerConnection {
         mut carrier,
@@ -50,8 +51,8 @@ pub async fn serve(
             }
         };
     };
-    // After Welcome the server only says GoAway; an end or an error of the
-    // control stream ends the session. Read in one future that lives
+    // After Welcome the server says Drain, Replicas or GoAway; an end or an
+    // error of the control stream ends the session. Read in one future that lives
     // across the loop: a frame read is not cancel-safe.
     let control = async {
         let mut buf = Vec::new();
@@ -63,6 +64,9 @@ pub async fn serve(
                     if let Some(tell) = server_draining.take() {
                         let _ = tell.send(());
                     }
+                }
+                Ok(Message::Replicas(count)) => {
+                    replicas.send_if_modified(|said| std::mem::replace(said, count) != count);
                 }
                 Ok(m) => tracing::debug!("ignoring {} on the control stream", m.kind()),
                 Err(e) => return Err(e),

@@ -353,13 +353,15 @@ pub(crate) async fn serve_agent(
         Err(refusal) => return Err(refuse(&mut stream, &link, metrics, refusal).await),
     };
 
+    // Subscribed before `Welcome` reads the count: a change after it is
+    // not missed.
+    let mut replicas = shared.replicas_expected.subscribe();
+    let tells_replicas = hello.version_minor >= 5;
     let welcome = Message::Welcome(Welcome {
         version_major: proto::VERSION_MAJOR,
         version_minor: proto::VERSION_MINOR,
         server_id: shared.config.server_id.clone(),
-        replicas: shared
-            .replicas_expected
-            .load(std::sync::atomic::Ordering::Relaxed),
+        replicas: *replicas.borrow_and_update(),
     });
     if let Err(e) = transport::write_message(&mut stream.send, &welcome).await {
         shared.registry.deregister(&agent);
@@ -464,6 +466,16 @@ pub(crate) async fn serve_agent(
             let _ = Box::pin(tokio::time::timeout(
                 Duration::from_secs(1),
                 transport::write_message(&mut stream.send, &Message::Drain),
+            ))
+            .await;
+        }
+        // The replica count changed: say so (an agent older than minor 5
+        // would take the unknown message for a broken stream).
+        Ok(()) = replicas.changed(), if tells_replicas => {
+            let count = *replicas.borrow_and_update();
+            let _ = Box::pin(tokio::time::timeout(
+                Duration::from_secs(1),
+                transport::write_message(&mut stream.send, &Message::Replicas(count)),
             ))
             .await;
         }

@@ -94,8 +94,9 @@ pub struct Shared {
     /// registrations refused.
     pub draining: tokio::sync::watch::Sender<bool>,
     /// How many replicas exist, as `Welcome` tells agents
-    /// (`--server-count`, or `--peers-dns` while it resolves).
-    pub replicas_expected: std::sync::atomic::AtomicU16,
+    /// (`--server-count`, or `--peers-dns` while it resolves); a change is
+    /// sent to every connected agent that understands `Replicas`.
+    pub replicas_expected: tokio::sync::watch::Sender<u16>,
     /// Unauthenticated QUIC handshakes: in flight, limits, failures.
     pub quic_handshakes: handshake::HandshakeGate,
     /// Unauthenticated TLS-over-TCP handshakes of the HTTP/2 listener.
@@ -128,7 +129,7 @@ impl Shared {
             metrics: Metrics::new(),
             ready: AtomicBool::new(false),
             receive_budget: transport::window::ReceiveBudget::new(config.receive_budget),
-            replicas_expected: std::sync::atomic::AtomicU16::new(config.server_count),
+            replicas_expected: tokio::sync::watch::Sender::new(config.server_count),
             draining: tokio::sync::watch::Sender::new(false),
             proxy_auth: proxy_auth::ProxyAuth::default(),
             relay_buffers: transport::BufferBudget::new(config.relay_buffer_budget),
@@ -160,7 +161,7 @@ impl Shared {
         self.metrics.tasks.set(daemon::admin::live_tasks());
         self.metrics
             .replicas_expected
-            .set(i64::from(self.replicas_expected.load(Ordering::Relaxed)));
+            .set(i64::from(*self.replicas_expected.borrow()));
         let soonest = self.registry.snapshot().iter().map(|a| a.not_after).min();
         self.metrics
             .agent_certificate_expiry_min

@@ -3,11 +3,13 @@
 //! addresses its name resolves to is the count agents should hold. A name
 //! that fails to resolve, or resolves to nothing, leaves the last count
 //! (`--server-count` until the first success): an agent that already
-//! holds every replica is not told to drop any because DNS hiccuped.
+//! holds every replica is not told to drop any because DNS hiccuped. A
+//! changed count goes to the connected agents at once (`Replicas`), so
+//! those behind a load balancer follow a scale-up or scale-down without
+//! reconnecting.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,9 +26,10 @@ pub async fn follow(name: String, shared: Arc<Shared>) {
         match resolve(&name).await {
             Ok(count) if count > 0 => {
                 let count = u16::try_from(count).unwrap_or(u16::MAX);
-                let before = shared.replicas_expected.swap(count, Ordering::Relaxed);
+                let before = *shared.replicas_expected.borrow();
                 if before != count {
-                    tracing::info!(peers_dns = %name, replicas = count, before, "replica count changed");
+                    tracing::info!(peers_dns = %name, replicas = count, before, "replica count changed; telling the agents");
+                    shared.replicas_expected.send_replace(count);
                 }
                 last_error = None;
             }

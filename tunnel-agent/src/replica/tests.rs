@@ -146,6 +146,7 @@ impl Link for FakeLink {
         self,
         mut drain: watch::Receiver<bool>,
         server_draining: oneshot::Sender<()>,
+        _replicas: watch::Sender<u16>,
     ) -> SessionEnd {
         let t = self.transport;
         self.events.lock().unwrap().push(Event::Served(t));
