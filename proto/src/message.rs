@@ -134,6 +134,9 @@ pub struct Hello {
     /// The server id this connection's predecessor was registered with
     /// and lost (empty if none): a server with that id replaces its stale
     /// connection from the same process (a path cut it saw no end of).
+    /// With [`crate::capability::HANDOVER`]: the server id of the live
+    /// connection this one takes over from (empty from agents before
+    /// 2026-12-07); another server refuses the handover as a duplicate.
     pub previous: String,
 }
 

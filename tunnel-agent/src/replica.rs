@@ -247,17 +247,24 @@ impl<C: Connector> ReplicaLoop<C> {
 
     /// One bounded connection attempt over `transport`; a future that owns
     /// what it needs, so a re-probe can run beside the served connection.
+    /// `handover_from`: the server id of the connection this one takes
+    /// over from (a transport switch, a renewed certificate), sent as
+    /// `Hello.previous` with `HANDOVER`: through a load balancer the attempt
+    /// may reach another replica, which must then refuse it as a duplicate
+    /// rather than drain the connection another slot holds there.
     fn attempt(
         &self,
         transport: Transport,
-        handover: bool,
+        handover_from: Option<String>,
     ) -> impl Future<Output = Result<C::Link, ConnectError>> + Send + 'static {
         let (connector, addr, bound) = (self.connector.clone(), self.addr, self.bound(transport));
-        let previous = self
-            .lost_to
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let handover = handover_from.is_some();
+        let previous = handover_from.unwrap_or_else(|| {
+            self.lost_to
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        });
         async move {
             match tokio::time::timeout(bound, connector.connect(transport, handover, previous))
                 .await
@@ -278,7 +285,7 @@ impl<C: Connector> ReplicaLoop<C> {
         let mut stop = self.stop.clone();
         loop {
             let result = tokio::select! {
-                r = self.attempt(transport, false) => r,
+                r = self.attempt(transport, None) => r,
                 _ = stopped(&mut stop) => return None,
             };
             match result {
@@ -356,7 +363,7 @@ impl<C: Connector> ReplicaLoop<C> {
                 Ok(()) = renewed.changed(), if rotate.is_none() => {
                     tracing::info!(%server_id, "certificate renewed: moving to a new connection");
                     rotate_again = None;
-                    rotate = Some(Box::pin(self.attempt(transport, true)));
+                    rotate = Some(Box::pin(self.attempt(transport, Some(server_id.clone()))));
                 }
                 _ = async {
                     match rotate_again.as_mut() {
@@ -366,7 +373,7 @@ impl<C: Connector> ReplicaLoop<C> {
                 }, if rotate.is_none() => {
                     rotate_again = None;
                     tracing::info!(%server_id, "moving to the renewed certificate again");
-                    rotate = Some(Box::pin(self.attempt(transport, true)));
+                    rotate = Some(Box::pin(self.attempt(transport, Some(server_id.clone()))));
                 }
                 result = async {
                     match rotate.as_mut() {
@@ -428,7 +435,7 @@ impl<C: Connector> ReplicaLoop<C> {
                         _ => std::future::pending().await,
                     }
                 } => {
-                    probe = Some(Box::pin(self.attempt(Transport::Quic, true)));
+                    probe = Some(Box::pin(self.attempt(Transport::Quic, Some(server_id.clone()))));
                 }
                 result = async {
                     match probe.as_mut() {

@@ -519,16 +519,23 @@ pub(crate) async fn serve_agent(
 /// Whether a `Hello` is a second connection the agent did not mean to
 /// make here: the node's connection here is live (`live`: its agent's
 /// instance) and from the same agent process, the agent asks for no
-/// handover (a transport switch replaces its own connection on purpose),
-/// and it does not say it lost its connection to this server (then the
-/// live one is stale: a path cut the server has not noticed). A connection
-/// from another process (a restarted agent) still replaces the old one.
+/// handover here (a transport switch or a renewed certificate replaces its
+/// own connection on purpose), and it does not say it lost its connection
+/// to this server (then the live one is stale: a path cut the server has
+/// not noticed). A connection from another process (a restarted agent)
+/// still replaces the old one.
+///
+/// With `HANDOVER`, `previous` names the server the agent moves away from
+/// (empty from agents before 2026-12-07): a handover meant for another
+/// replica that a load balancer sent here is a duplicate too, or it would
+/// drain the connection another of the agent's slots holds here.
 fn is_duplicate(hello: &Hello, server_id: &str, live: Option<u64>) -> bool {
     let handover = hello.capabilities & proto::capability::HANDOVER != 0;
+    let handover_here = handover && (hello.previous.is_empty() || hello.previous == server_id);
     live.is_some_and(|instance| {
         hello.instance != 0
             && instance == hello.instance
-            && !handover
+            && !handover_here
             && hello.previous != server_id
     })
 }
@@ -929,7 +936,19 @@ mod tests {
         h.previous = "r2".into();
         assert!(is_duplicate(&h, "r1", Some(7)), "it lost another replica");
         h.capabilities = proto::capability::HANDOVER;
-        assert!(!is_duplicate(&h, "r1", Some(7)), "a transport switch");
+        h.previous = "r1".into();
+        assert!(!is_duplicate(&h, "r1", Some(7)), "a transport switch here");
+        h.previous = String::new();
+        assert!(
+            !is_duplicate(&h, "r1", Some(7)),
+            "a switch from an agent that does not name the server"
+        );
+        h.previous = "r2".into();
+        assert!(
+            is_duplicate(&h, "r1", Some(7)),
+            "a switch meant for r2 that a balancer sent here"
+        );
+        assert!(!is_duplicate(&h, "r1", None), "nothing live here to drain");
         h.capabilities = 0;
         h.instance = 0;
         assert!(!is_duplicate(&h, "r1", Some(0)), "an older agent");
