@@ -907,6 +907,63 @@ async fn agent_is_back_within_5s_of_a_server_restart(tr: Transport) {
 }
 
 /// A rolling update of the server must not move `auto` agents to HTTP/2:
+/// Each tunneled stream holds a socket to its target, and the agent's
+/// open-files limit bounds its streams (`max_streams`): over all its
+/// connections together, not per connection, or two replicas could open
+/// twice the descriptors it has. Past the bound a dial is refused at once,
+/// before a socket is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_stream_bound_holds_over_all_its_replicas() {
+    init_logging();
+    let echo = targets::echo_server().await;
+    let pki = Pki::new();
+    pki.issue_agent(NODE, &[localhost()]);
+    let replica = |id: &str| {
+        let mut s = TestServer::config(&pki, "127.0.0.1:0".parse().unwrap());
+        s.server_id = id.into();
+        s
+    };
+    let one = TestServer::start_with(replica("r1")).await;
+    let two = TestServer::start_with(replica("r2")).await;
+    let allow = [format!("127.0.0.1:{}", echo.port())];
+    let mut config = tunnel_agent::AgentConfig::try_new(
+        &format!("{},{}", one.addrs.quic, two.addrs.quic),
+        &pki.agent_dir(NODE),
+        NODE,
+        &allow,
+    )
+    .unwrap();
+    config.quic.max_streams = 2;
+    let admin = free_port();
+    config.admin_listen = Some(admin);
+    let agent = TestAgent::start(config);
+    one.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    two.wait_for_agent(NODE, Duration::from_secs(10)).await;
+    let target = echo.to_string();
+    let _a = connect_via(one.connect_addr(), &target).await.unwrap();
+    let _b = connect_via(two.connect_addr(), &target).await.unwrap();
+    // Each connection would grant two; the agent has room for two in all.
+    let (status, body) = connect_via(two.connect_addr(), &target)
+        .await
+        .expect_err("a third stream over the agent's bound is refused");
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("open-files limit"), "{body}");
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("edge_tunnel_agent_dials_total{result=\"stream_limit\"} 1"),
+        "{metrics}"
+    );
+    // One ends: there is room again.
+    drop(_a);
+    eventually(
+        "room for a stream again",
+        Duration::from_secs(10),
+        || async { connect_via(one.connect_addr(), &target).await.is_ok() },
+    )
+    .await;
+    agent.stop().await;
+}
+
 /// while the server is down QUIC gets no answer and TCP is refused, which
 /// is no reason to fall back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

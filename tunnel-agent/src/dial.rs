@@ -49,6 +49,11 @@ pub struct DialPolicy {
     pub connection: u64,
     /// Every open stream of the agent (`/v1/streams`, the drain log).
     pub open: Arc<OpenStreams>,
+    /// The most streams the whole agent serves at once, over all its
+    /// connections (each holds a socket to its target): what one
+    /// connection grants, so N replicas cannot open N times the open-files
+    /// budget. Past it a dial is refused before a socket is opened.
+    pub max_open: usize,
 }
 
 /// How the agent serves a new stream.
@@ -122,6 +127,15 @@ pub struct StreamsPage {
 
 impl OpenStreams {
     /// Lists `trace` until the returned guard is dropped.
+    /// How many are open now (all connections).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
     pub fn register(&self, trace: Arc<StreamTrace>) -> OpenStream<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.map.insert(id, trace);
@@ -275,10 +289,21 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
     let target = request.target;
     let _ = trace.target.set(target);
     trace.step(DIALING);
+    // This stream is registered already, hence `>`.
+    let at_limit = policy.open.len() > policy.max_open;
     let result = if draining {
         Err(DialResult::error(
             DialCode::Draining,
             "the agent is shutting down",
+        ))
+    } else if at_limit {
+        Err(DialResult::error(
+            DialCode::Refused,
+            format!(
+                "the agent on node {} has {} tunneled connections open, as many as its \
+                 open-files limit allows",
+                policy.node, policy.max_open
+            ),
         ))
     } else if !policy.allow.permits(target) {
         tracing::warn!(%target, allow = %policy.allow, "dial refused: target is not on the allow-list");
@@ -296,7 +321,12 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
     let tcp = match result {
         Ok(tcp) => tcp,
         Err(answer) => {
-            AgentMetrics::count(&metrics.dials, "result", answer.code.label());
+            let label = if at_limit && !draining {
+                "stream_limit"
+            } else {
+                answer.code.label()
+            };
+            AgentMetrics::count(&metrics.dials, "result", label);
             tracing::info!(%target, code = %answer.code, "dial failed: {}", answer.message);
             let _ = write_message(&mut send, &Message::DialResult(answer)).await;
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;

@@ -253,7 +253,7 @@ fn main() -> Result<()> {
         tracing::warn!(
             open_files = fds.soft,
             streams = fit,
-            "the open-files limit allows only this many tunneled streams per connection"
+            "the open-files limit allows only this many tunneled streams at once (all connections together)"
         );
         config.quic.max_streams = fit;
     }

@@ -53,6 +53,7 @@ impl Registration<'_> {
             server: self.target.addr,
             connection: self.config.open_streams.connection(),
             open: self.config.open_streams.clone(),
+            max_open: usize::try_from(self.config.quic.max_streams).unwrap_or(usize::MAX),
         })
     }
 
