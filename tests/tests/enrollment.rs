@@ -620,6 +620,42 @@ async fn a_revoked_node_is_disconnected_and_an_expired_one_refused() {
     expiring.stop().await;
 }
 
+/// Removing a CA from the server's `ca.crt` is how every agent of that CA
+/// is revoked at once: the agents connected before are closed within a
+/// reload interval (their certificates checked again against the new
+/// bundle), not only refused when they reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_its_ca_from_ca_crt_disconnects_a_connected_agent() {
+    init_logging();
+    let pki = Pki::new();
+    pki.issue_agent("edge-1", &[LOOPBACK.parse().unwrap()]);
+    let mut settings = TestServer::config(&pki, "127.0.0.1:0".parse().unwrap());
+    settings.reload_interval = Duration::from_secs(1);
+    let server = TestServer::start_with(settings).await;
+    let agent = TestAgent::start(TestAgent::config(&pki, "edge-1", server.addrs.quic, &[]));
+    server
+        .wait_for_agent("edge-1", Duration::from_secs(15))
+        .await;
+    // ca.crt now trusts another CA only.
+    let other = Pki::new();
+    std::fs::write(pki.server_dir().join("ca.crt"), other.ca.pem().cert).unwrap();
+    eventually("the agent disconnected", Duration::from_secs(15), || {
+        let gone = registered_serial(&server, "edge-1").is_none();
+        async move { gone }
+    })
+    .await;
+    assert!(
+        server
+            .metric("edge_tunnel_agents_disconnected_total{reason=\"untrusted\"}")
+            .await
+            >= 1.0
+    );
+    // And its reconnects fail the handshake.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(registered_serial(&server, "edge-1").is_none());
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crl_closes_the_connection_and_fails_the_handshake() {
     init_logging();

@@ -136,6 +136,7 @@ async fn handle(
         shutdown,
         closed,
         window,
+        chain: Arc::new(certs.clone()),
     });
     let control = {
         let link = link.clone();

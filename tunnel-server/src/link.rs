@@ -25,12 +25,28 @@ pub struct H2Link {
     pub shutdown: std::sync::Arc<tokio::sync::Notify>,
     /// Turns true when the connection is gone.
     pub closed: tokio::sync::watch::Receiver<bool>,
+    /// The agent's certificate chain (leaf first), as the handshake
+    /// verified it: checked again when `ca.crt` changes. (A QUIC link asks
+    /// its TLS session.)
+    pub chain: std::sync::Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
     /// The connection's receive window (its share of the budget, lent
     /// credit); the connection task applies it.
     pub window: transport::window::ReceiveWindow,
 }
 
 impl AgentLink {
+    /// The certificate chain the agent presented (leaf first).
+    pub fn peer_chain(&self) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+        match self {
+            AgentLink::Quic(c) => c
+                .peer_identity()?
+                .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+                .map(|b| *b),
+            AgentLink::H2(h) => Some(h.chain.as_ref().clone()),
+        }
+    }
+
     pub fn remote_address(&self) -> SocketAddr {
         match self {
             AgentLink::Quic(c) => c.remote_address(),

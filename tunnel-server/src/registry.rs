@@ -257,6 +257,7 @@ pub(crate) mod testing {
             shutdown: Arc::new(tokio::sync::Notify::new()),
             closed: tokio::sync::watch::channel(false).1,
             window,
+            chain: Arc::default(),
         })
     }
 
