@@ -303,6 +303,8 @@ async fn absolute_form_http_requests_are_forwarded() {
         assert!(lower.contains(&format!("host: {NODE}:{port}")), "{body}");
         assert!(lower.contains("accept: text/plain"), "{body}");
         assert!(lower.contains("via: 1.1 edge-tunnel"), "{body}");
+        // One tunnel per request: the target is asked to close after it.
+        assert!(lower.contains("connection: close"), "{body}");
         for gone in ["proxy-authorization", "x-hop"] {
             assert!(!lower.contains(gone), "{gone} was forwarded: {body}");
         }

@@ -736,18 +736,30 @@ async fn a_client_that_stopped_reading_a_forwarded_response_is_reset(tr: Transpo
         server.metric("edge_tunnel_streams_active").await == 0.0
     })
     .await;
-    // The client sees its response end once it reads what was buffered.
+    // The client's response ends once it reads what was buffered, and it
+    // ends cut, not complete: the target's body has no length, and the
+    // reset must not read as its end (no last chunk).
     let mut buf = vec![0u8; 1 << 16];
+    let mut tail: Vec<u8> = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match silent.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(n) => {
+                    tail.extend_from_slice(&buf[..n]);
+                    let keep = tail.len().saturating_sub(16);
+                    tail.drain(..keep);
+                }
             }
         }
     })
     .await;
     assert!(ended.is_ok(), "the client connection was closed");
+    assert!(
+        !tail.ends_with(b"0\r\n\r\n"),
+        "a cut response ended like a complete one: {:?}",
+        String::from_utf8_lossy(&tail)
+    );
     agent.stop().await;
 }
 
@@ -906,7 +918,6 @@ async fn agent_is_back_within_5s_of_a_server_restart(tr: Transport) {
     t.agent.stop().await;
 }
 
-/// A rolling update of the server must not move `auto` agents to HTTP/2:
 /// Each tunneled stream holds a socket to its target, and the agent's
 /// open-files limit bounds its streams (`max_streams`): over all its
 /// connections together, not per connection, or two replicas could open
@@ -964,6 +975,7 @@ async fn the_agents_stream_bound_holds_over_all_its_replicas() {
     agent.stop().await;
 }
 
+/// A rolling update of the server must not move `auto` agents to HTTP/2:
 /// while the server is down QUIC gets no answer and TCP is refused, which
 /// is no reason to fall back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

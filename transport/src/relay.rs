@@ -25,13 +25,15 @@
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::task::Poll;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proto::codes::stream as code;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::stream::{write_chunk, StreamOrder, TunnelRecv, TunnelSend};
@@ -612,18 +614,94 @@ impl ClientSocket for tokio::net::UnixStream {
     }
 }
 
-/// An in-process pipe: the server's plain-HTTP forwarding runs hyper's
-/// client on one end and the relay on the other, so a forwarded response
+/// An in-process pipe for relaying to a local peer instead of a socket:
+/// the server's plain-HTTP forwarding runs hyper's client on the
+/// [`PipePeer`] and the relay on the [`PipeEnd`], so a forwarded response
 /// has the stall credit, the stall reset and the idle timeout a CONNECT
-/// tunnel has. Both halves go through `tokio::io::split`'s flag, polled
-/// from the relay's one task. A pipe has no reset: the other end sees
-/// EOF.
-impl ClientSocket for tokio::io::DuplexStream {
-    type Read<'a> = tokio::io::ReadHalf<&'a mut Self>;
-    type Write<'a> = tokio::io::WriteHalf<&'a mut Self>;
+/// tunnel has. `max_buf`: what the pipe holds each way.
+pub fn pipe(max_buf: usize) -> (PipePeer, PipeEnd) {
+    let (peer, end) = tokio::io::duplex(max_buf);
+    let aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    (
+        PipePeer {
+            pipe: peer,
+            aborted: aborted.clone(),
+        },
+        PipeEnd { pipe: end, aborted },
+    )
+}
+
+/// The relay's end of a [`pipe`]. Both halves go through
+/// `tokio::io::split`'s flag, polled from the relay's one task.
+pub struct PipeEnd {
+    pipe: tokio::io::DuplexStream,
+    aborted: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ClientSocket for PipeEnd {
+    type Read<'a> = tokio::io::ReadHalf<&'a mut tokio::io::DuplexStream>;
+    type Write<'a> = tokio::io::WriteHalf<&'a mut tokio::io::DuplexStream>;
 
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
-        tokio::io::split(self)
+        tokio::io::split(&mut self.pipe)
+    }
+
+    /// A pipe has no reset of its own: the flag makes the peer's end of
+    /// the bytes an error, as a TCP reset is.
+    fn abort_on_close(&self) {
+        self.aborted
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The local peer's end of a [`pipe`]: the relayed bytes, then EOF, or,
+/// when the relay ended in a reset, `ConnectionReset` where EOF would be:
+/// a response without a length must not look complete when it was cut.
+pub struct PipePeer {
+    pipe: tokio::io::DuplexStream,
+    aborted: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PipePeer {
+    fn reset_error() -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "the tunneled connection was reset",
+        )
+    }
+}
+
+impl AsyncRead for PipePeer {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.pipe).poll_read(cx, buf))?;
+        let eof = buf.filled().len() == before && buf.remaining() > 0;
+        if eof && self.aborted.load(std::sync::atomic::Ordering::Acquire) {
+            return Poll::Ready(Err(Self::reset_error()));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for PipePeer {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.pipe).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.pipe).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.pipe).poll_shutdown(cx)
     }
 }
 

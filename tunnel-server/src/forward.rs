@@ -78,7 +78,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The request to send on: origin form, `Host` kept (or set from the
-/// target), hop-by-hop fields removed.
+/// target), hop-by-hop fields removed, `Connection: close`.
 fn origin_form(req: Request<Incoming>) -> Request<Incoming> {
     let (mut parts, body) = req.into_parts();
     if !parts.headers.contains_key(HOST) {
@@ -97,6 +97,12 @@ fn origin_form(req: Request<Incoming>) -> Request<Incoming> {
         .to_owned();
     parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
     strip_hop_by_hop(&mut parts.headers);
+    // One tunnel per request: the target closes after its answer, which
+    // ends the relayed stream (it would otherwise wait for the target's
+    // keep-alive timeout, holding the node's stream slot).
+    parts
+        .headers
+        .insert(CONNECTION, HeaderValue::from_static("close"));
     Request::from_parts(parts, body)
 }
 
@@ -136,7 +142,7 @@ pub async fn forward(
     let handshake = match upstream {
         Upstream::Tunnel(dialed) => {
             // The relay holds the stream and its node slot, and counts it.
-            let (ours, theirs) = tokio::io::duplex(PIPE);
+            let (ours, theirs) = transport::relay::pipe(PIPE);
             tokio::spawn(crate::ingress::relay(
                 shared.clone(),
                 dialed,
