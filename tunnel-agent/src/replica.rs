@@ -452,6 +452,14 @@ impl<C: Connector> ReplicaLoop<C> {
                             let old = tokio::spawn(serving.in_current_span());
                             return Next::Serve(quic, Some(old));
                         }
+                        Err(e) if reached_a_replica(&e) => {
+                            // QUIC got through: a balancer sent the probe to
+                            // a replica another slot holds (or one on its way
+                            // out). Not a failure of QUIC; try again soon.
+                            let wait = self.duplicate_wait(duplicates);
+                            tracing::info!("QUIC re-probe reached another replica ({e}); again in {:.1}s", wait.as_secs_f64());
+                            reprobe_at = Some(wait);
+                        }
                         Err(e) => {
                             self.reprobe_failed(selector, &e);
                             reprobe_at = selector.reprobe_in().map(jittered);
@@ -472,6 +480,7 @@ impl<C: Connector> ReplicaLoop<C> {
                     self.reprobed(selector);
                     return Next::Serve(quic, None);
                 }
+                Err(e) if reached_a_replica(&e) => {}
                 Err(e) => self.reprobe_failed(selector, &e),
             }
         }
@@ -545,6 +554,16 @@ impl<C: Connector> ReplicaLoop<C> {
         }
         tracing::info!("QUIC re-probe failed ({e}); staying on HTTP/2");
     }
+}
+
+/// Whether an attempt failed only because the replica it reached refused
+/// it as one this agent holds already, or as shutting down: the transport
+/// works (a QUIC re-probe that ends so is no sign that QUIC is blocked).
+fn reached_a_replica(e: &ConnectError) -> bool {
+    matches!(
+        e.refusal,
+        Some(proto::RefuseCode::AlreadyConnected | proto::RefuseCode::ServerDraining)
+    )
 }
 
 /// The longest wait between dials of a shared address that keep reaching

@@ -18,6 +18,8 @@ enum Answer {
     /// QUIC handshake retransmits until the server is back).
     DownUntil(Duration),
     Fail(FailureKind),
+    /// The server answers and refuses the registration with this code.
+    Refuse(proto::RefuseCode),
     /// Registers; the connection is lost `after` this long with
     /// `reason`, or serves until drained when `None`.
     Register(Option<(Duration, LostReason)>),
@@ -110,6 +112,11 @@ impl Connector for Fake {
                     })
                 }
                 Answer::Fail(kind) => Err(ConnectError::new(transport, addr, kind, "fake")),
+                Answer::Refuse(code) => {
+                    let mut e = ConnectError::new(transport, addr, FailureKind::Refused, "fake");
+                    e.refusal = Some(code);
+                    Err(e)
+                }
                 Answer::Register(ends) => Ok(FakeLink {
                     transport,
                     ends,
@@ -547,5 +554,28 @@ async fn a_failed_renewal_move_is_tried_again() {
         "{:?}",
         r.fake.events()
     );
+    r.stop().await;
+}
+
+/// A QUIC re-probe that a load balancer sent to a replica another slot
+/// holds is refused there (`AlreadyConnected`): QUIC got through, so it is
+/// no fallback and no failed re-probe; the next one comes soon.
+#[tokio::test(start_paused = true)]
+async fn a_reprobe_refused_as_a_duplicate_is_no_sign_quic_is_blocked() {
+    let fake = Fake::new(|t, now| match t {
+        Transport::Quic if now < Duration::from_secs(5) => Answer::Hang,
+        Transport::Quic if now < Duration::from_secs(20) => {
+            Answer::Refuse(proto::RefuseCode::AlreadyConnected)
+        }
+        Transport::Quic => Answer::Register(None),
+        Transport::H2 => Answer::Register(None),
+    });
+    let r = start(TransportChoice::Auto, fake);
+    run_for(10).await;
+    assert_eq!(r.held(), [Transport::H2]);
+    run_for(60).await;
+    assert_eq!(r.held(), [Transport::Quic], "{:?}", r.fake.events());
+    assert_eq!(r.metrics.reprobes(ReprobeResult::Failed), 0);
+    assert_eq!(total_fallbacks(&r.metrics), 0, "{:?}", r.fake.events());
     r.stop().await;
 }
