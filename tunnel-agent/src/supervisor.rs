@@ -15,7 +15,7 @@
 //! a new port, so the balancer spreads the slots until every replica is
 //! held — and again whenever one drops.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -175,7 +175,11 @@ pub async fn run(
                 expected = held.expected();
             }
             let wanted = slots(&targets, expected, config.max_replicas);
-            for (target, slot) in &wanted {
+            let existing: Vec<(Target, u16)> = replicas.keys().cloned().collect();
+            let holding: HashSet<(SocketAddr, u16)> =
+                held.list().into_iter().map(|r| (r.addr, r.slot)).collect();
+            let (start, gone) = reconcile(&existing, &holding, &wanted);
+            for (target, slot) in &start {
                 if let std::collections::hash_map::Entry::Vacant(entry) =
                     replicas.entry((target.clone(), *slot))
                 {
@@ -206,13 +210,8 @@ pub async fn run(
                     entry.insert(Replica { stop, task });
                 }
             }
-            let gone: Vec<(Target, u16)> = replicas
-                .keys()
-                .filter(|k| !wanted.contains(k))
-                .cloned()
-                .collect();
             for key in gone {
-                if key.1 == 0 {
+                if !targets.contains(&key.0) {
                     tracing::info!(server = %key.0.addr, "server address no longer resolves; draining its connection");
                 } else {
                     tracing::info!(server = %key.0.addr, slot = key.1, expected, "fewer replicas now; draining this slot's connection");
@@ -267,6 +266,56 @@ pub(crate) fn slots(targets: &[Target], expected: u16, max: u16) -> Vec<(Target,
     wanted
 }
 
+/// A replica loop: the address it dials and its slot there.
+pub(crate) type Loop = (Target, u16);
+
+/// Which loops to start and which to stop for `wanted` ([`slots`]), given
+/// the loops running (`existing`) and the slots that hold a replica now
+/// (`holding`). Per address it is the number of loops that counts: when
+/// there are too many (the servers say fewer replicas exist), loops that
+/// hold nothing stop first, so a scale-down never drains a connection to
+/// a replica that stays while an idle slot goes on; when too few, new
+/// loops take the lowest free slot numbers.
+pub(crate) fn reconcile(
+    existing: &[Loop],
+    holding: &HashSet<(SocketAddr, u16)>,
+    wanted: &[Loop],
+) -> (Vec<Loop>, Vec<Loop>) {
+    let mut want: HashMap<&Target, usize> = HashMap::new();
+    for (t, _) in wanted {
+        *want.entry(t).or_default() += 1;
+    }
+    let mut have: HashMap<&Target, Vec<u16>> = HashMap::new();
+    for (t, slot) in existing {
+        have.entry(t).or_default().push(*slot);
+    }
+    let (mut start, mut stop) = (Vec::new(), Vec::new());
+    for (target, slots) in &mut have {
+        let n = want.get(target).copied().unwrap_or(0);
+        if slots.len() <= n {
+            continue;
+        }
+        // Unheld first, then the highest numbers.
+        slots.sort_by_key(|s| (holding.contains(&(target.addr, *s)), std::cmp::Reverse(*s)));
+        let excess = slots.len() - n;
+        for s in slots.drain(..excess) {
+            stop.push(((*target).clone(), s));
+        }
+    }
+    for (target, n) in want {
+        let running = have.get(target).map_or(&[][..], |v| v.as_slice());
+        let mut free = (0u16..).filter(|s| !running.contains(s));
+        for _ in running.len()..n {
+            if let Some(s) = free.next() {
+                start.push((target.clone(), s));
+            }
+        }
+    }
+    start.sort_by_key(|(t, s)| (t.addr, *s));
+    stop.sort_by_key(|(t, s)| (t.addr, *s));
+    (start, stop)
+}
+
 /// A QUIC client endpoint (one per connection): dual-stack when the host
 /// has IPv6, else IPv4 only.
 pub(crate) fn bind_endpoint(config: &AgentConfig) -> Result<quinn::Endpoint, AgentError> {
@@ -319,6 +368,30 @@ mod tests {
             addr: SocketAddr::from(([198, 18, 0, last], 8443)),
             server_name: "tunnel".into(),
         }
+    }
+
+    #[test]
+    fn fewer_replicas_stop_the_slots_that_hold_nothing_first() {
+        let lb = [target(10)];
+        let addr = target(10).addr;
+        let running = slots(&lb, 3, 16);
+        // Slot 1 lost its replica (the one scaled away); 0 and 2 hold.
+        let holding: HashSet<_> = [(addr, 0), (addr, 2)].into();
+        let (start, stop) = reconcile(&running, &holding, &slots(&lb, 2, 16));
+        assert!(start.is_empty());
+        assert_eq!(stop, vec![(target(10), 1)]);
+        // Nothing held: the highest goes.
+        let (_, stop) = reconcile(&running, &HashSet::new(), &slots(&lb, 2, 16));
+        assert_eq!(stop, vec![(target(10), 2)]);
+        // More replicas again: the free numbers fill in.
+        let now = vec![(target(10), 0), (target(10), 2)];
+        let (start, stop) = reconcile(&now, &holding, &slots(&lb, 4, 16));
+        assert_eq!(start, vec![(target(10), 1), (target(10), 3)]);
+        assert!(stop.is_empty());
+        // An address that left the name: all of its loops stop.
+        let (start, stop) = reconcile(&now, &holding, &slots(&[target(11)], 0, 16));
+        assert_eq!(start, vec![(target(11), 0)]);
+        assert_eq!(stop, now);
     }
 
     #[test]
