@@ -34,7 +34,8 @@ pub const INTERVAL: Duration = Duration::from_secs(2);
 pub const PARTIAL_READY_AFTER: Duration = Duration::from_secs(60);
 
 /// Whether an agent holding `held` of `expected` replicas (0: no server
-/// has said yet), the first of them for `held_for`, is ready.
+/// has said yet; at most the `--max-replicas` it holds), the first of them
+/// for `held_for`, is ready.
 pub fn is_ready(held: usize, expected: u16, held_for: Duration) -> bool {
     held > 0 && (held >= usize::from(expected) || held_for >= PARTIAL_READY_AFTER)
 }
@@ -52,12 +53,13 @@ pub struct Status {
 
 impl Status {
     /// The status now; `held_for`: how long at least one replica has been
-    /// held without a break.
-    pub fn now(held: &HeldReplicas, held_for: Duration) -> Status {
+    /// held without a break; `max_replicas`: the most the agent holds
+    /// (`--max-replicas`), whatever the servers say.
+    pub fn now(held: &HeldReplicas, held_for: Duration, max_replicas: u16) -> Status {
         let n = held.len();
         let expected = held.expected();
         Status {
-            ready: is_ready(n, expected, held_for),
+            ready: is_ready(n, expected.min(max_replicas), held_for),
             held: n,
             expected,
             written: unix_now(),
@@ -109,7 +111,7 @@ pub fn write(path: &Path, status: &Status) -> std::io::Result<()> {
 
 /// Rewrites the file every [`INTERVAL`] until the task is dropped; a
 /// failed write is logged (once a minute at most) and tried again.
-pub async fn keep_writing(path: PathBuf, held: HeldReplicas) {
+pub async fn keep_writing(path: PathBuf, held: HeldReplicas, max_replicas: u16) {
     let mut tick = tokio::time::interval(INTERVAL);
     let mut warned: Option<tokio::time::Instant> = None;
     let mut held_since: Option<tokio::time::Instant> = None;
@@ -121,7 +123,7 @@ pub async fn keep_writing(path: PathBuf, held: HeldReplicas) {
             (_, since) => since,
         };
         let held_for = held_since.map_or(Duration::ZERO, |t| t.elapsed());
-        let status = Status::now(&held, held_for);
+        let status = Status::now(&held, held_for, max_replicas);
         let path2 = path.clone();
         let written = tokio::task::spawn_blocking(move || write(&path2, &status))
             .await
@@ -241,6 +243,21 @@ mod tests {
             e,
             "not ready: 1 of 3 replica(s) held; waiting up to 60 s for the rest"
         );
+    }
+
+    #[test]
+    fn an_agent_holding_its_max_replicas_is_ready() {
+        use crate::selector::Transport;
+        let held = HeldReplicas::default();
+        let addr = |p| (std::net::SocketAddr::from(([127, 0, 0, 1], p)), 0);
+        let _a = held.hold(addr(1), "r1", Transport::Quic, 3).unwrap();
+        let _b = held.hold(addr(2), "r2", Transport::Quic, 3).unwrap();
+        assert!(!Status::now(&held, Duration::ZERO, 16).ready, "2 of 3");
+        assert!(
+            Status::now(&held, Duration::ZERO, 2).ready,
+            "--max-replicas 2"
+        );
+        assert_eq!(Status::now(&held, Duration::ZERO, 2).expected, 3);
     }
 
     #[test]

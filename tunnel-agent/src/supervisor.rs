@@ -82,6 +82,7 @@ pub async fn run(
         AbortOnDrop(tokio::spawn(crate::status::keep_writing(
             path,
             held.clone(),
+            config.max_replicas,
         )))
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
