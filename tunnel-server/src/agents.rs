@@ -470,14 +470,23 @@ pub(crate) async fn serve_agent(
             .await;
         }
         // The replica count changed: say so (an agent older than minor 5
-        // would take the unknown message for a broken stream).
+        // would take the unknown message for a broken stream). A write
+        // that cannot finish may have left part of a frame, which would
+        // garble the control stream, and the agent would keep a wrong
+        // count: the connection is closed instead, and the agent learns the
+        // count from `Welcome` when it registers again.
         Ok(()) = replicas.changed(), if tells_replicas => {
             let count = *replicas.borrow_and_update();
-            let _ = Box::pin(tokio::time::timeout(
-                Duration::from_secs(1),
+            let told = Box::pin(tokio::time::timeout(
+                REPLICAS_WRITE_TIMEOUT,
                 transport::write_message(&mut stream.send, &Message::Replicas(count)),
             ))
             .await;
+            if !matches!(told, Ok(Ok(()))) {
+                tracing::warn!(replicas = count, "the agent's control stream did not take the replica count within {REPLICAS_WRITE_TIMEOUT:?}; closing the connection");
+                link.close(close::CONTROL_CLOSED, "the control stream is blocked");
+                break;
+            }
         }
         _ = agent.kick.notified() => {
             let goaway = Message::GoAway(proto::GoAway {
@@ -651,6 +660,11 @@ enum Idle {
     /// which drains when its own pod goes.
     KeepOpen,
 }
+
+/// How long a `Replicas` message may take to be written to an agent's
+/// control stream (a few bytes, sent at the highest priority: only a
+/// connection out of flow-control credit for seconds takes longer).
+const REPLICAS_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a handed-over connection stays open at least, idle or not.
 const HANDOVER_IDLE_GRACE: Duration = Duration::from_secs(1);
