@@ -126,7 +126,6 @@ pub struct StreamsPage {
 }
 
 impl OpenStreams {
-    /// Lists `trace` until the returned guard is dropped.
     /// How many are open now (all connections).
     pub fn len(&self) -> usize {
         self.map.len()
@@ -136,6 +135,7 @@ impl OpenStreams {
         self.map.is_empty()
     }
 
+    /// Lists `trace` until the returned guard is dropped.
     pub fn register(&self, trace: Arc<StreamTrace>) -> OpenStream<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.map.insert(id, trace);

@@ -165,15 +165,7 @@ impl<C: Connector> ReplicaLoop<C> {
                         self.serve(link, &mut selector, &mut backoff, &mut duplicates, started)
                             .await
                     }
-                    Some(Err(e))
-                        if matches!(
-                            e.refusal,
-                            Some(
-                                proto::RefuseCode::ServerDraining
-                                    | proto::RefuseCode::AlreadyConnected
-                            )
-                        ) =>
-                    {
+                    Some(Err(e)) if reached_a_replica(&e) => {
                         // A replica on its way out, or one this agent holds
                         // already (a balancer picked it): another is a dial
                         // away.
