@@ -66,6 +66,30 @@ async fn echoes<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) {
     assert_eq!(&back, b"through the tunnel");
 }
 
+/// One exchange through an open tunnel to the echo target.
+async fn echo_once<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
+    io.write_all(b"still open").await.unwrap();
+    let mut back = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(10), io.read_exact(&mut back))
+        .await
+        .expect("the echo within 10 s")
+        .unwrap();
+    assert_eq!(&back, b"still open");
+}
+
+/// Waits (bounded) for the proxy to reset the tunnel `io`.
+async fn is_reset<S: AsyncRead + Unpin>(io: &mut S) {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), io.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel ends within 20 s");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a reset, not a FIN (read {rest:?})"
+    );
+}
+
 fn basic(user_pass: &str) -> String {
     format!(
         "Proxy-Authorization: Basic {}\r\n",
@@ -132,6 +156,13 @@ async fn tcp_requests_need_a_token_from_the_file() {
         assert!(page.contains(line), "{line} in\n{page}");
     }
 
+    // A tunnel open when its token is removed from the file is reset:
+    // revoking a token ends what it opened, not only what comes next.
+    let (status, _, mut held) =
+        connect(tcp().await, &target, &basic(&format!("prometheus:{TOKEN}"))).await;
+    assert_eq!(status, 200);
+    echo_once(&mut held).await;
+
     // A new file takes effect without a restart; a broken one is refused
     // and the tokens before it stay.
     write_tokens(&tokens, "grafana:fedcba9876543210fedc\n");
@@ -148,6 +179,16 @@ async fn tcp_requests_need_a_token_from_the_file() {
     let (status, _, _) =
         connect(tcp().await, &target, &basic(&format!("prometheus:{TOKEN}"))).await;
     assert_eq!(status, 407, "the old token is gone");
+    is_reset(&mut held).await;
+    assert_eq!(
+        server
+            .metric("edge_tunnel_revoked_tunnel_resets_total")
+            .await,
+        1.0
+    );
+    let grafana = basic("grafana:fedcba9876543210fedc");
+    let (status, _, mut kept) = connect(tcp().await, &target, &grafana).await;
+    assert_eq!(status, 200);
     write_tokens(&tokens, "not a token file\n");
     e2e::eventually(
         "the broken file is refused",
@@ -163,6 +204,30 @@ async fn tcp_requests_need_a_token_from_the_file() {
     let (status, _, _) =
         connect(tcp().await, &target, &basic("grafana:fedcba9876543210fedc")).await;
     assert_eq!(status, 200, "the tokens before it stay in force");
+    // Neither a refused file nor a change that keeps its token touches a
+    // tunnel.
+    write_tokens(
+        &tokens,
+        "grafana:fedcba9876543210fedc\nops:ffffffffffffffffffff\n",
+    );
+    e2e::eventually(
+        "the third file applies",
+        Duration::from_secs(10),
+        || async {
+            server
+                .metric("edge_tunnel_token_file_reloads_total{result=\"ok\"}")
+                .await
+                >= 2.0
+        },
+    )
+    .await;
+    echo_once(&mut kept).await;
+    assert_eq!(
+        server
+            .metric("edge_tunnel_revoked_tunnel_resets_total")
+            .await,
+        1.0
+    );
     agent.stop().await;
 }
 
@@ -368,6 +433,24 @@ fn tls_proxy(pki: &Pki, proxy: SocketAddr, cert_dir: Option<&Path>) -> Vec<Strin
     args
 }
 
+/// A CONNECT tunnel to `target` through the TLS listener at `proxy`, as
+/// the client whose certificate is in `client`.
+async fn tls_tunnel(
+    proxy: SocketAddr,
+    client: &Path,
+    target: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let dir = certs::CertDir::load(client).unwrap();
+    let tls = certs::tls::client_config(&dir, b"http/1.1").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let io = connector.connect(name, tcp).await.unwrap();
+    let (status, head, io) = connect(io, &format!("{NODE}:{}", target.port()), "").await;
+    assert_eq!(status, 200, "{head}");
+    io
+}
+
 /// `--connect-tls-listen` with `--connect-client-ca`: TLS, proxying only
 /// for a client certificate chaining to that CA, and of the tunnel CA's
 /// certificates only a CONNECT client's (never an agent's). The plain
@@ -437,8 +520,17 @@ async fn tls_clients_need_a_connect_client_certificate() {
         assert!(value >= at_least, "{series} = {value}, want {at_least}+ in\n{page}");
     }
     assert!(!page.contains("credential=\"none\""), "{page}");
+    // Two tunnels open over TLS: the apiserver's, and Prometheus's.
+    let prometheus = pki.issue_connect_client("prometheus");
+    let mut held = tls_tunnel(proxy, &apiserver, target).await;
+    let mut kept = tls_tunnel(proxy, &prometheus, target).await;
+    let get = "GET /held HTTP/1.1\r\nHost: x\r\n\r\n";
+    for io in [&mut held, &mut kept] {
+        assert_eq!(exchange(io, get).await.0, 200);
+    }
     // A revoked client certificate (a leaked DNAT helper's, say) is refused
-    // from the next request on, as a revoked agent is.
+    // from the next request on, as a revoked agent is, and the tunnels it
+    // opened are reset; other clients' stay.
     let leaf = certs::files::read_certs(&apiserver.join("tls.crt")).unwrap();
     let serial = certs::Identity::from_der(&leaf[0]).unwrap().serial;
     std::fs::write(&deny, format!("serial={serial}\n")).unwrap();
@@ -460,6 +552,14 @@ async fn tls_clients_need_a_connect_client_certificate() {
             .metric("edge_tunnel_connect_auth_failures_total{reason=\"revoked\"}")
             .await
             >= 1.0
+    );
+    is_reset(&mut held).await;
+    assert_eq!(exchange(&mut kept, get).await.0, 200);
+    assert_eq!(
+        server
+            .metric("edge_tunnel_revoked_tunnel_resets_total")
+            .await,
+        1.0
     );
     // Plain HTTP on the TLS port gets nothing either.
     let mut plain = TcpStream::connect(proxy).await.unwrap();

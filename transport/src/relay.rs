@@ -354,7 +354,6 @@ pub enum Direction {
 }
 
 /// What bounds one relay.
-#[derive(Clone, Copy)]
 pub struct RelayLimits<'a> {
     /// The connection's [`ReceiveWindow`], told when the TCP side stops
     /// taking the stream's data (`None`: never lend).
@@ -388,7 +387,15 @@ pub struct RelayLimits<'a> {
     /// Where the relay records which directions have finished, for a
     /// caller that reports on open relays (the agent's drain log).
     pub progress: Option<&'a RelayProgress>,
+    /// Resets both sides when it completes, whatever they are doing (the
+    /// server: the client's credential was revoked). `None`: nothing
+    /// outside the relay ends it. Boxed once per relay, polled only when
+    /// it wakes: nothing per chunk.
+    pub stop: Option<RelayStop<'a>>,
 }
+
+/// See [`RelayLimits::stop`].
+pub type RelayStop<'a> = Pin<Box<dyn Future<Output = ()> + Send + Sync + 'a>>;
 
 /// Which directions of a running relay have passed their FIN on: set once
 /// per direction when it ends (never per chunk), read by whoever reports
@@ -475,6 +482,8 @@ pub enum RelayOutcome {
     /// Nothing moved either way for longer than allowed; both sides were
     /// reset.
     Idle,
+    /// [`RelayLimits::stop`] completed; both sides were reset.
+    Stopped,
 }
 
 /// Totals for one relayed connection.
@@ -520,6 +529,7 @@ enum Failure {
     Tcp(io::Error),
     Tunnel(io::Error),
     Idle(Duration),
+    Stopped,
 }
 
 /// When the relay last moved a chunk, for [`RelayLimits::idle_after`]: an
@@ -745,6 +755,14 @@ where
 {
     tcp.prepare();
     let mut tcp = tcp;
+    let mut limits = limits;
+    let stop = limits.stop.take();
+    let stopped = async move {
+        match stop {
+            Some(stop) => stop.await,
+            None => std::future::pending().await,
+        }
+    };
     let mut up = Tally::default();
     let mut down = Tally::default();
     let activity = Activity::new();
@@ -756,7 +774,7 @@ where
             &mut recv, &mut tcp_w, &mut down, &on_bytes, watched, &limits,
         );
         let idle = activity.idle(limits.idle_after);
-        tokio::pin!(upstream, downstream, idle);
+        tokio::pin!(upstream, downstream, idle, stopped);
         let (mut up_done, mut down_done) = (false, false);
         loop {
             if up_done && down_done {
@@ -778,6 +796,7 @@ where
                     }
                 }
                 e = &mut idle => break Err(e),
+                () = &mut stopped => break Err(Failure::Stopped),
             }
         }
     };
@@ -805,6 +824,13 @@ where
             recv.stop(code::CANCELLED);
             tcp.abort_on_close();
             RelayOutcome::Idle
+        }
+        Err(Failure::Stopped) => {
+            tracing::debug!("stopped from outside; resetting both sides");
+            send.reset(code::CANCELLED);
+            recv.stop(code::CANCELLED);
+            tcp.abort_on_close();
+            RelayOutcome::Stopped
         }
         Err(Failure::Tcp(e)) => {
             tracing::debug!(error = %e, "TCP side of the relay failed; resetting the stream");
@@ -1111,6 +1137,7 @@ mod tests {
                 opening,
                 order,
                 progress: progress.as_deref(),
+                stop: None,
             };
             relay(socket, send, Recv(recv), |_, _| {}, limits).await
         });
@@ -1215,6 +1242,57 @@ mod tests {
             RelayProgress::default().describe("client"),
             "client to tunnel open, tunnel to client open"
         );
+    }
+
+    /// A relay whose `stop` completes resets both sides at once, in the
+    /// middle of a flowing exchange (a revoked client's tunnel).
+    #[tokio::test]
+    async fn a_stop_resets_both_sides_of_a_live_relay() {
+        let (socket, mut target) = tcp_pair().await;
+        let (mut from_server, recv) = tokio::io::duplex(1024);
+        let recorder = Recorder::default();
+        let send = recorder.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let relay = tokio::spawn(async move {
+            let budget = BufferBudget::default();
+            let limits = RelayLimits {
+                stall: None,
+                client: None,
+                buffers: &budget,
+                reader_gone_after: None,
+                unlent_gone_after: None,
+                idle_after: None,
+                opening: None,
+                order: StreamOrder::default(),
+                progress: None,
+                stop: Some(Box::pin(async {
+                    let _ = stopped.await;
+                })),
+            };
+            relay(socket, send, Recv(recv), |_, _| {}, limits).await
+        });
+        tokio::time::timeout(HANG, async {
+            // Both directions flow first.
+            from_server.write_all(b"down").await.unwrap();
+            let mut got = [0; 4];
+            target.read_exact(&mut got).await.unwrap();
+            target.write_all(b"up").await.unwrap();
+            recorder.until(|r| r.writes.concat() == b"up").await;
+            stop.send(()).unwrap();
+            assert_eq!(relay.await.unwrap().outcome, RelayOutcome::Stopped);
+            let mut rest = Vec::new();
+            let read = target.read_to_end(&mut rest).await;
+            assert_eq!(
+                read.map_err(|e| e.kind()),
+                Err(io::ErrorKind::ConnectionReset),
+                "the target saw a reset, not a FIN"
+            );
+        })
+        .await
+        .expect("the relay ends");
+        let seen = recorder.seen.lock().unwrap();
+        assert_eq!(seen.reset, Some(code::CANCELLED));
+        assert!(!seen.finished, "the tunnel side was reset, not finished");
     }
 
     #[tokio::test]

@@ -66,6 +66,8 @@ pub struct Recorded {
     /// Every send priority set, in order, with the bytes written before it.
     pub priorities: Vec<(i32, usize)>,
     pub finished: bool,
+    /// The code of the reset, if the stream was reset.
+    pub reset: Option<u32>,
 }
 
 /// A send half that records every write call; the test reads it while the
@@ -110,7 +112,10 @@ impl AsyncWrite for Recorder {
 }
 
 impl TunnelSend for Recorder {
-    fn reset(&mut self, _: u32) {}
+    fn reset(&mut self, code: u32) {
+        self.seen.lock().unwrap().reset = Some(code);
+        self.changed.notify_waiters();
+    }
     fn delivered(&self) -> Delivered {
         Box::pin(async {})
     }

@@ -368,6 +368,7 @@ pub async fn serve_stream<S: TunnelSend, R: TunnelRecv>(
             }),
             order: policy.stream_order,
             progress: Some(&trace.relay),
+            stop: None,
         },
     )
     .await;

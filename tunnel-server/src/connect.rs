@@ -372,9 +372,10 @@ where
     I: transport::ClientSocket + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
     // Authorized before it is routed: no credential, no answer about nodes.
-    if let Err(refused) = crate::proxy_auth::authorize(&shared, &peer, req.headers()) {
-        return Ok(boxed(*refused));
-    }
+    let credential = match crate::proxy_auth::authorize(&shared, &peer, req.headers()) {
+        Ok(credential) => credential,
+        Err(refused) => return Ok(boxed(*refused)),
+    };
     let target = match route(&req) {
         Ok(Route {
             target,
@@ -385,7 +386,7 @@ where
             forward: true,
         }) => {
             let client = peer.addr().map(|a| a.ip());
-            return Ok(crate::forward::forward(req, target, &shared, client).await);
+            return Ok(crate::forward::forward(req, target, &shared, client, credential).await);
         }
         Err(resp) => return Ok(boxed(*resp)),
     };
@@ -404,7 +405,8 @@ where
                     return;
                 };
                 let client = parts.io.into_inner();
-                crate::direct::relay(&shared, client, stream, &parts.read_buf).await;
+                let early = &parts.read_buf;
+                crate::direct::relay(&shared, client, stream, early, credential).await;
             });
             return Ok(boxed(Response::new(Full::new(Bytes::new()))));
         }
@@ -439,7 +441,8 @@ where
             }
         }
         let client = peer.addr().map(|a| a.ip());
-        ingress::relay(shared, dialed, parts.io.into_inner(), client, "connect").await;
+        let io = parts.io.into_inner();
+        ingress::relay(shared, dialed, io, client, "connect", credential).await;
     });
     Ok(boxed(Response::new(Full::new(Bytes::new()))))
 }

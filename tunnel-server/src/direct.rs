@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 
 use crate::dial::{self, DialError, DialMode, Dialed, Target};
 use crate::dnat::rules::Prefix;
+use crate::proxy_auth::Credential;
 use crate::Shared;
 
 /// Where a routed request goes.
@@ -132,11 +133,17 @@ async fn connect(target: &Target, ranges: &[Prefix]) -> Result<(TcpStream, Socke
 const DIRECT_BUFFER: usize = 16 * 1024;
 
 /// Relays a client's socket to a directly dialed connection until both
-/// sides are done; `early` is what the client sent behind its request
-/// head. Counted as the `direct` ingress.
-pub async fn relay<C>(shared: &Shared, mut client: C, mut upstream: TcpStream, early: &[u8])
-where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+/// sides are done, or until `credential` is revoked (both are reset);
+/// `early` is what the client sent behind its request head. Counted as
+/// the `direct` ingress.
+pub async fn relay<C>(
+    shared: &Arc<Shared>,
+    mut client: C,
+    mut upstream: TcpStream,
+    early: &[u8],
+    credential: Credential,
+) where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + transport::ClientSocket + Unpin,
 {
     use tokio::io::AsyncWriteExt;
     let metrics = &shared.metrics;
@@ -145,7 +152,7 @@ where
         .get_or_create(&[("ingress", "direct")])
         .inc();
     metrics.streams_active.inc();
-    let result = async {
+    let copy = async {
         if !early.is_empty() {
             upstream.write_all(early).await?;
         }
@@ -156,8 +163,16 @@ where
             DIRECT_BUFFER,
         )
         .await
-    }
-    .await;
+    };
+    let result = tokio::select! {
+        r = copy => r.map_err(|e| e.to_string()),
+        why = credential.until_revoked(shared.clone()) => {
+            metrics.revoked_tunnel_resets.inc();
+            tracing::warn!("{why}; the direct connection was reset");
+            client.abort_on_close();
+            Err(why)
+        }
+    };
     match result {
         Ok((up, down)) => tracing::debug!(up, down, "direct connection ended"),
         Err(e) => {

@@ -131,6 +131,7 @@ pub async fn forward(
     target: Target,
     shared: &Arc<Shared>,
     client: Option<IpAddr>,
+    credential: crate::proxy_auth::Credential,
 ) -> Response<Body> {
     let upstream = match crate::direct::dial(shared, &target, DialMode::AwaitResult).await {
         Ok(u) => u,
@@ -149,6 +150,7 @@ pub async fn forward(
                 theirs,
                 client,
                 "forward",
+                credential,
             ));
             handshake(ours).await
         }

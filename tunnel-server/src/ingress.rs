@@ -8,6 +8,7 @@ use tracing::Instrument;
 use transport::Direction;
 
 use crate::dial::Dialed;
+use crate::proxy_auth::Credential;
 use crate::Shared;
 
 static STREAM_IDS: AtomicU64 = AtomicU64::new(1);
@@ -47,14 +48,16 @@ pub fn client_busy(shared: &Shared, busy: &crate::slots::ClientBusy, ingress: &'
 }
 
 /// Relays the client's socket over a dialed stream until both sides are
-/// done. `client`: its address, where it has one (the unit of the
-/// per-client stall credit).
+/// done, or until `credential` (what admitted the client) is revoked.
+/// `client`: its address, where it has one (the unit of the per-client
+/// stall credit).
 pub async fn relay<C: transport::ClientSocket>(
     shared: Arc<Shared>,
     dialed: Dialed,
     tcp: C,
     client: Option<std::net::IpAddr>,
     ingress: &'static str,
+    credential: Credential,
 ) {
     let Dialed {
         agent,
@@ -76,6 +79,16 @@ pub async fn relay<C: transport::ClientSocket>(
         .bytes
         .get_or_create(&[("direction", "from_agent")])
         .clone();
+    let revoked = std::sync::OnceLock::new();
+    let stop: Option<transport::RelayStop<'_>> = match credential {
+        Credential::Standing => None,
+        credential => {
+            let (shared, revoked) = (shared.clone(), &revoked);
+            Some(Box::pin(async move {
+                let _ = revoked.set(credential.until_revoked(shared).await);
+            }))
+        }
+    };
     let stats = transport::relay(
         tcp,
         stream.send,
@@ -98,6 +111,7 @@ pub async fn relay<C: transport::ClientSocket>(
             opening: None,
             order: shared.config.quic.stream_order,
             progress: Some(&open.trace.progress),
+            stop,
         },
     )
     .instrument(span.clone())
@@ -121,6 +135,11 @@ pub async fn relay<C: transport::ClientSocket>(
             span.in_scope(|| {
                 tracing::info!("nothing moved for --relay-idle-timeout; both sides were reset")
             });
+        }
+        transport::RelayOutcome::Stopped => {
+            metrics.revoked_tunnel_resets.inc();
+            let why = revoked.get().map_or("revoked", String::as_str);
+            span.in_scope(|| tracing::warn!("{why}; both sides were reset"));
         }
         _ => {}
     }

@@ -109,6 +109,10 @@ pub struct Shared {
     /// The tunneled connections being relayed, by stream id, for the drain
     /// log and `/v1/connections`.
     pub open_relays: dashmap::DashMap<u64, Arc<ingress::RelayTrace>>,
+    /// Bumped whenever the credentials in force change (the deny-list,
+    /// the CRL, `ca.crt` or the token file reloaded): every CONNECT tunnel
+    /// then checks that what admitted it still would.
+    pub credentials: tokio::sync::watch::Sender<u64>,
     next_id: AtomicU64,
 }
 
@@ -141,6 +145,7 @@ impl Shared {
             live_tls: None,
             enroller: None,
             open_relays: dashmap::DashMap::new(),
+            credentials: tokio::sync::watch::Sender::new(0),
             next_id: AtomicU64::new(1),
         }
     }
@@ -150,6 +155,11 @@ impl Shared {
         self.live_tls
             .as_deref()
             .expect("a bound server has its TLS material")
+    }
+
+    /// Tells the open CONNECT tunnels that the credentials changed.
+    pub fn credentials_changed(&self) {
+        self.credentials.send_modify(|generation| *generation += 1);
     }
 
     pub fn next_id(&self) -> u64 {
@@ -506,6 +516,9 @@ impl Server {
                     .token_file_reloads
                     .get_or_create(&[("result", result)])
                     .inc();
+                if result == "ok" {
+                    counted.credentials_changed();
+                }
             }));
         }
         if let Some(live) = shared.live_tls.clone() {

@@ -496,6 +496,7 @@ pub async fn watch(tls: Arc<LiveTls>, shared: Arc<Shared>, interval: Duration) {
                 if tls.ca_pem() != ca_before {
                     disconnect_untrusted(&tls, &shared).await;
                 }
+                shared.credentials_changed();
                 let own = tls.own();
                 shared.metrics.certificate_expiry.set(own.not_after);
                 shared

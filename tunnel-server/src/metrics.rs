@@ -37,6 +37,9 @@ pub struct Metrics {
     pub client_stream_limit_hits: Counter,
     /// Tunneled connections reset by --relay-idle-timeout.
     pub relay_idle_resets: Counter,
+    /// CONNECT tunnels reset because the credential that opened them was
+    /// revoked.
+    pub revoked_tunnel_resets: Counter,
     /// CONNECT requests authorized, by credential and token name.
     pub connect_authorized: Family<[(&'static str, String); 2], Counter>,
     /// CONNECT requests refused for want of credentials, by reason.
@@ -116,6 +119,7 @@ impl Metrics {
         let node_streams = Family::<NodeLabel, Gauge>::default();
         let node_stream_limit = Gauge::default();
         let relay_idle_resets = Counter::default();
+        let revoked_tunnel_resets = Counter::default();
         let client_stream_limit_hits = Counter::default();
         registry.register(
             "client_stream_limit_hits",
@@ -210,6 +214,11 @@ impl Metrics {
             "relay_idle_resets",
             "Tunneled connections reset because nothing moved for --relay-idle-timeout",
             relay_idle_resets.clone(),
+        );
+        registry.register(
+            "revoked_tunnel_resets",
+            "CONNECT tunnels reset because the certificate or token that opened them was revoked",
+            revoked_tunnel_resets.clone(),
         );
         registry.register(
             "clients",
@@ -384,6 +393,7 @@ impl Metrics {
             node_streams,
             node_stream_limit,
             relay_idle_resets,
+            revoked_tunnel_resets,
             client_stream_limit_hits,
             connect_authorized,
             connect_auth_failures,

@@ -131,38 +131,97 @@ pub struct ProxyAuth {
     pub tokens: Option<Arc<TokenFile>>,
 }
 
-/// Authorizes one request; the `Err` is the answer to send instead.
+/// What admitted a request: a tunnel it opened lives only as long as this
+/// still would admit it ([`Credential::revoked`], checked again whenever
+/// the credentials change).
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// Nothing that can be revoked here: a Unix-socket client, or a
+    /// listener open without credentials.
+    Standing,
+    /// A client certificate: revoked by the deny-list or the CRL.
+    Certificate { name: Arc<str>, serial: Arc<str> },
+    /// A token: revoked by its removal from `--connect-token-file`.
+    Token {
+        name: Arc<str>,
+        presented: HeaderValue,
+    },
+}
+
+impl Credential {
+    /// Why it no longer admits anything, if it does not.
+    pub fn revoked(&self, shared: &Shared) -> Option<String> {
+        match self {
+            Credential::Standing => None,
+            Credential::Certificate { name, serial } => shared
+                .live_tls
+                .as_ref()
+                .and_then(|t| t.denies_node(name, serial))
+                .map(|why| format!("certificate {name:?} is revoked: {why}")),
+            Credential::Token { name, presented } => {
+                let tokens = shared.proxy_auth.tokens.as_ref()?.tokens();
+                let still = presented.to_str().ok().and_then(|v| tokens.check(v));
+                match still {
+                    Some(_) => None,
+                    None => Some(format!(
+                        "token {name:?} is no longer in --connect-token-file"
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Completes, with the reason, once the credential is revoked: checked
+    /// now and after every change of the credentials in force (never
+    /// otherwise, so a tunnel costs nothing while they stay as they are).
+    pub async fn until_revoked(self, shared: Arc<Shared>) -> String {
+        if matches!(self, Credential::Standing) {
+            return std::future::pending().await;
+        }
+        // Subscribed before the first check: a change between the check
+        // and the wait is not missed.
+        let mut changes = shared.credentials.subscribe();
+        loop {
+            if let Some(why) = self.revoked(&shared) {
+                return why;
+            }
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
+/// Authorizes one request: what admitted it, or the answer to send
+/// instead.
 pub fn authorize(
     shared: &Shared,
     peer: &Peer,
     headers: &HeaderMap,
-) -> Result<(), Box<Response<Full<Bytes>>>> {
+) -> Result<Credential, Box<Response<Full<Bytes>>>> {
     let metrics = &shared.metrics;
     let tokens = match (peer, &shared.proxy_auth.tokens) {
         (Peer::Unix { uid }, _) => {
             let uid = uid.map_or_else(|| "?".to_owned(), |u| u.to_string());
             metrics.connect_authorized("unix", &format!("uid {uid}"));
-            return Ok(());
+            return Ok(Credential::Standing);
         }
         (Peer::Certified { identity, .. }, _) => match identity {
             CertIdentity::Accepted { name, serial } => {
                 // Checked per request, not once per TLS session: a
                 // revocation (`--deny-list`, `--crl`) stops the next
                 // request of a kept-alive connection too.
-                let revoked = shared
-                    .live_tls
-                    .as_ref()
-                    .and_then(|t| t.denies_node(name, serial));
-                if let Some(why) = revoked {
+                let credential = Credential::Certificate {
+                    name: name.clone(),
+                    serial: serial.clone(),
+                };
+                if let Some(why) = credential.revoked(shared) {
                     metrics.connect_auth_failed("revoked");
                     tracing::warn!(client = %name, %serial, "CONNECT refused: {why}");
-                    return Err(Box::new(crate::connect::text(
-                        StatusCode::FORBIDDEN,
-                        format!("certificate {name:?} is revoked: {why}"),
-                    )));
+                    return Err(Box::new(crate::connect::text(StatusCode::FORBIDDEN, why)));
                 }
                 metrics.connect_authorized("certificate", name);
-                return Ok(());
+                return Ok(credential);
             }
             CertIdentity::Refused(why) => {
                 metrics.connect_auth_failed("certificate");
@@ -174,18 +233,21 @@ pub fn authorize(
         },
         (Peer::Tcp(_), None) => {
             metrics.connect_authorized("none", "");
-            return Ok(());
+            return Ok(Credential::Standing);
         }
         (Peer::Tcp(_), Some(tokens)) => tokens.tokens(),
     };
-    let presented = headers.get(PROXY_AUTHORIZATION).map(|v| v.to_str());
-    let refusal = match presented {
+    let presented = headers.get(PROXY_AUTHORIZATION);
+    let refusal = match presented.map(|v| (v, v.to_str())) {
         None => "missing",
-        Some(Err(_)) => "invalid",
-        Some(Ok(value)) => match tokens.check(value) {
+        Some((_, Err(_))) => "invalid",
+        Some((header, Ok(value))) => match tokens.check(value) {
             Some(name) => {
                 metrics.connect_authorized("token", name);
-                return Ok(());
+                return Ok(Credential::Token {
+                    name: name.into(),
+                    presented: header.clone(),
+                });
             }
             None => "invalid",
         },

@@ -61,7 +61,19 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, local: Option<SocketAddr>, sha
     }
     let target = Target::Address(original);
     match dial::dial(&shared, &target, DialMode::Optimistic).await {
-        Ok(dialed) => ingress::relay(shared, dialed, tcp, Some(peer.ip()), "transparent").await,
+        Ok(dialed) => {
+            // The DNAT rule admitted it: nothing to revoke.
+            let standing = crate::proxy_auth::Credential::Standing;
+            ingress::relay(
+                shared,
+                dialed,
+                tcp,
+                Some(peer.ip()),
+                "transparent",
+                standing,
+            )
+            .await
+        }
         Err(e) => {
             tracing::info!(%peer, %target, "transparent connection refused: {e}");
             reset(tcp)
