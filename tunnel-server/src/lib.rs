@@ -552,7 +552,7 @@ impl Server {
                 let registry = shared.clone();
                 let task = tokio::spawn(dnat::reconciler::run(
                     dnat,
-                    shared.registry.subscribe(),
+                    Some(shared.registry.subscribe()),
                     move || {
                         let addrs = registry.registry.addresses();
                         async move { Ok(addrs) }

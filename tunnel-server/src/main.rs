@@ -593,15 +593,15 @@ async fn standalone_dnat(s: Standalone) -> Result<()> {
         });
         Ok(result?)
     };
-    let never = tokio::sync::watch::channel(0u64).1;
+    // Nothing signals a change here: the feed is read every `--poll`.
     if s.keep_rules {
         // Same loop, but skip the cleanup by never finishing shutdown.
         tokio::select! {
-            _ = reconciler::run(dnat, never, fetch, std::future::pending()) => {}
+            _ = reconciler::run(dnat, None, fetch, std::future::pending()) => {}
             _ = shutdown => {}
         }
     } else {
-        reconciler::run(dnat, never, fetch, shutdown).await;
+        reconciler::run(dnat, None, fetch, shutdown).await;
     }
     Ok(())
 }

@@ -179,6 +179,19 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
             "edge_tunnel_connect_authorized_total{credential=\"certificate\",name=\"edge-tunnel:dnat-helper\"}"
         ) >= 3.0
     );
+    // The feed is read every --poll (1 s here), not in a loop: nothing
+    // signals changes to the standalone helper.
+    let reads = || {
+        metric(
+            worker,
+            REDIRECTOR_ADMIN,
+            "edge_tunnel_dnat_feed_reads_total{result=\"ok\"}",
+        )
+    };
+    let before = reads();
+    std::thread::sleep(Duration::from_secs(3));
+    let read = reads() - before;
+    assert!(read <= 6.0, "{read} feed reads in 3 s with --poll 1");
     prometheus_scrapes_through_the_redirector(&edge, worker);
     let status = redirector.terminate();
     assert!(status.success(), "{}", redirector.log_text());

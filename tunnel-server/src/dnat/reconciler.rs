@@ -158,9 +158,12 @@ impl Dnat {
 /// Syncs on every change signalled by `changes` and every `resync`, until
 /// `shutdown`; then removes the rules. A failed read of the addresses keeps
 /// the rules as they are (a restarting server must not blackhole nodes).
+///
+/// `changes`: `None` where nothing signals (the standalone helper, which
+/// polls the feed every `--poll`).
 pub async fn run<F, Fut>(
     dnat: Dnat,
-    mut changes: watch::Receiver<u64>,
+    mut changes: Option<watch::Receiver<u64>>,
     mut addresses: F,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -182,12 +185,7 @@ pub async fn run<F, Fut>(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {}
-            r = changes.changed() => {
-                if r.is_err() {
-                    // The sender is gone: only the periodic resync remains.
-                    changes = watch::channel(0).1;
-                }
-            }
+            () = changed(&mut changes) => {}
         }
     }
     if let Err(e) = dnat.cleanup().await {
@@ -195,9 +193,51 @@ pub async fn run<F, Fut>(
     }
 }
 
+/// Completes on the next change `changes` signals; never, once there is
+/// no sender (or never was one): only the periodic resync is left then. A
+/// closed receiver completes at once, every time, so it must not be
+/// waited on again (the standalone helper once re-read the feed and
+/// re-ran `iptables-save` in a tight loop that way).
+async fn changed(changes: &mut Option<watch::Receiver<u64>>) {
+    let Some(rx) = changes.as_mut() else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        *changes = None;
+        std::future::pending::<()>().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A closed change signal leaves only the resync: waiting on it again
+    /// never completes (the standalone helper passes `None`).
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_change_signal_is_not_a_change() {
+        let wait = Duration::from_secs(3600);
+        let (tx, rx) = watch::channel(0u64);
+        let mut changes = Some(rx);
+        tx.send(1).unwrap();
+        tokio::time::timeout(wait, changed(&mut changes))
+            .await
+            .expect("a change is one");
+        drop(tx);
+        for _ in 0..3 {
+            assert!(
+                tokio::time::timeout(wait, changed(&mut changes))
+                    .await
+                    .is_err(),
+                "a closed signal completed a wait"
+            );
+        }
+        assert!(changes.is_none());
+        let mut none = None;
+        assert!(tokio::time::timeout(wait, changed(&mut none))
+            .await
+            .is_err());
+    }
 
     #[test]
     fn config_is_validated() {
