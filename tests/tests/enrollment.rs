@@ -768,6 +768,68 @@ async fn peers_without_a_certificate_are_capped_and_timed_out() {
     .await;
 }
 
+/// A peer without a certificate that grants the server no flow-control
+/// credit cannot keep its enrollment slot: the refusal it never takes is
+/// given up after a bound and the connection closed, so the slots of its
+/// source are free again (before, each such peer held one for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_takes_no_answer_does_not_keep_its_slot() {
+    init_logging();
+    let pki = Pki::new();
+    let enrollment = Enrollment::new(&pki);
+    let server = TestServer::start_with(enrollment.server(&pki, Duration::from_secs(86_400))).await;
+    let ca = certs::files::parse_certs(pki.ca.pem().cert.as_bytes(), Path::new("ca")).unwrap();
+    let tls =
+        certs::tls::enroll_client_config(&certs::tls::EnrollTrust::Roots(ca), proto::ALPN).unwrap();
+    let mut quic = transport::quic::QuicSettings::default();
+    let endpoint = quic
+        .client_endpoint("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    let open = quic.client_config(tls.clone()).unwrap();
+    // Not one byte of credit for anything the server sends.
+    quic.connection_window = 0;
+    quic.stream_window = 0;
+    let closed = quic.client_config(tls).unwrap();
+    let per_source = tunnel_server::enroll::Enroller::MAX_UNAUTHENTICATED_PER_SOURCE;
+    let mut stuck = Vec::new();
+    for _ in 0..per_source {
+        let conn = endpoint
+            .connect_with(closed.clone(), server.addrs.quic, "localhost")
+            .unwrap()
+            .await
+            .expect("handshake without a client certificate");
+        // A `Hello` without a certificate: refused, in a message the
+        // server cannot send.
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        transport::write_message(&mut send, &e2e::hostile::hello("edge-1"))
+            .await
+            .unwrap();
+        stuck.push((conn, send, recv));
+    }
+    eventually("the stuck peers closed", Duration::from_secs(20), || {
+        let open = stuck
+            .iter()
+            .filter(|(c, _, _)| c.close_reason().is_none())
+            .count();
+        async move { open == 0 }
+    })
+    .await;
+    // Their slots are back: the next peer of that source is admitted.
+    let next = endpoint
+        .connect_with(open, server.addrs.quic, "localhost")
+        .unwrap()
+        .await
+        .expect("handshake without a client certificate");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(next.close_reason().is_none(), "{:?}", next.close_reason());
+    assert_eq!(
+        server
+            .metric("edge_tunnel_enrollments_total{result=\"busy\"}")
+            .await,
+        0.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_agent_certificates_renew() {
     init_logging();

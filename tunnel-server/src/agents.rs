@@ -363,9 +363,16 @@ pub(crate) async fn serve_agent(
         server_id: shared.config.server_id.clone(),
         replicas: *replicas.borrow_and_update(),
     });
-    if let Err(e) = transport::write_message(&mut stream.send, &welcome).await {
-        shared.registry.deregister(&agent);
-        return Err(AgentError::Control(e.to_string()));
+    if let Err(e) = write_control(&mut stream, &welcome).await {
+        // Undone: the connection it replaced (if any) serves the node
+        // again, rather than a node left without one until its agent
+        // dials once more.
+        match old {
+            Some(old) => shared.registry.deregister_to(&agent, old),
+            None => (shared.registry.deregister(&agent), false),
+        };
+        link.close(close::CONTROL_CLOSED, &e);
+        return Err(AgentError::Control(e));
     }
 
     if let Some(old) = old {
@@ -452,6 +459,9 @@ pub(crate) async fn serve_agent(
     let mut watch = Box::pin(watch);
     let mut draining = shared.draining.subscribe();
     let mut told = false;
+    // A `Drain` that could not be written whole (1 s) may have left part
+    // of a frame: nothing more is written to the stream then.
+    let mut garbled = false;
     loop {
         tokio::select! {
         _ = &mut watch => break,
@@ -463,11 +473,12 @@ pub(crate) async fn serve_agent(
         // ignores it); its streams keep flowing until the server closes.
         _ = async { drop(draining.wait_for(|d| *d).await) }, if !told => {
             told = true;
-            let _ = Box::pin(tokio::time::timeout(
+            let written = Box::pin(tokio::time::timeout(
                 Duration::from_secs(1),
                 transport::write_message(&mut stream.send, &Message::Drain),
             ))
             .await;
+            garbled = !matches!(written, Ok(Ok(())));
         }
         // The replica count changed: say so (an agent older than minor 5
         // would take the unknown message for a broken stream). A write
@@ -475,7 +486,7 @@ pub(crate) async fn serve_agent(
         // garble the control stream, and the agent would keep a wrong
         // count: the connection is closed instead, and the agent learns the
         // count from `Welcome` when it registers again.
-        Ok(()) = replicas.changed(), if tells_replicas => {
+        Ok(()) = replicas.changed(), if tells_replicas && !garbled => {
             let count = *replicas.borrow_and_update();
             let told = Box::pin(tokio::time::timeout(
                 REPLICAS_WRITE_TIMEOUT,
@@ -617,10 +628,13 @@ fn refuse<'a>(
 ) -> Rare<'a, AgentError> {
     Box::pin(async move {
         metrics.refused(refusal.code.label());
-        let _ = transport::write_message(&mut stream.send, &Message::Refuse(refusal.clone())).await;
-        let _ = stream.send.shutdown().await;
-        // Let the refusal reach the agent before the connection goes.
-        let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
+        if write_control(stream, &Message::Refuse(refusal.clone()))
+            .await
+            .is_ok()
+        {
+            // Let the refusal reach the agent before the connection goes.
+            let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
+        }
         link.close(close::REFUSED, &refusal.reason);
         AgentError::Refused(refusal)
     })
@@ -637,18 +651,48 @@ fn answer_issue<'a>(
     Box::pin(async move {
         match issued {
             Ok(issued) => {
-                let sent =
-                    transport::write_message(&mut stream.send, &Message::Issued(issued)).await;
-                let _ = stream.send.shutdown().await;
+                let sent = write_control(stream, &Message::Issued(issued)).await;
                 if sent.is_ok() {
                     let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
                 }
                 link.close(close::ENROLLED, "certificate issued");
-                sent.map_err(|e| AgentError::Control(e.to_string()))
+                sent.map_err(AgentError::Control)
             }
             Err(refusal) => Err(refuse(stream, link, metrics, refusal).await),
         }
     })
+}
+
+/// How long a last message to an agent's control stream (`Welcome`,
+/// `Refuse`, `Issued`: at most a few KiB, sent at the highest priority)
+/// and its end may take: only a peer that grants no flow-control credit
+/// takes longer, and it must not hold its task, its enrollment slot or its
+/// registration for good.
+const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Writes `message` to the control stream and finishes it, within
+/// [`CONTROL_WRITE_TIMEOUT`].
+async fn write_control(
+    stream: &mut transport::TunnelStream,
+    message: &Message,
+) -> Result<(), String> {
+    let write = async {
+        transport::write_message(&mut stream.send, message)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !matches!(message, Message::Welcome(_)) {
+            stream.send.shutdown().await.map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(CONTROL_WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("writing {}: {e}", message.kind())),
+        Err(_) => Err(format!(
+            "the agent took no {} within {CONTROL_WRITE_TIMEOUT:?} (no flow-control credit)",
+            message.kind()
+        )),
+    }
 }
 
 /// What to do with a handed-over connection once its streams are done.
