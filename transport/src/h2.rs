@@ -88,7 +88,11 @@ impl H2Settings {
             .enable_push(false)
             .max_concurrent_streams(0)
             .max_header_list_size(self.max_header_list)
-            .max_send_buffer_size(self.send_buffer as usize);
+            .max_send_buffer_size(self.send_buffer as usize)
+            .data_frame_budget(self.data_frame_budget())
+            .max_concurrent_reset_streams(self.max_streams as usize)
+            .reset_stream_duration(RESET_STREAM_MEMORY)
+            .max_local_error_reset_streams(None);
         b
     }
 
@@ -100,10 +104,41 @@ impl H2Settings {
             .max_frame_size(self.max_frame)
             .max_concurrent_streams(self.max_streams)
             .max_header_list_size(self.max_header_list)
-            .max_send_buffer_size(self.send_buffer as usize);
+            .max_send_buffer_size(self.send_buffer as usize)
+            .data_frame_budget(self.data_frame_budget())
+            .max_concurrent_reset_streams(self.max_streams as usize)
+            .reset_stream_duration(RESET_STREAM_MEMORY)
+            .max_local_error_reset_streams(None)
+            // The server opens a stream per tunneled connection, and a
+            // client that resets at once (anyone may connect to the
+            // transparent ingress and send an RST) resets its stream
+            // before the agent took it: h2 allows 20 such streams per
+            // read before it closes the whole connection.
+            .max_pending_accept_reset_streams(self.max_streams as usize);
         b
     }
+
+    /// What small DATA frames may cost a connection in h2's bookkeeping
+    /// (each frame under 256 bytes is charged 256 − its length while it
+    /// waits to be read): twice the configured connection window, fixed.
+    /// h2's own default is half the *current* window, which the shared
+    /// receive budget shrinks as agents join; one stalled `logs -f` of
+    /// short lines then used it up and h2 closed the whole connection
+    /// (`ENHANCE_YOUR_CALM`, every tunnel of the node with it). Buffered
+    /// frames of 128 bytes or more never reach it within the window; a
+    /// peer sending 1-byte frames can make h2 keep about 2 / 255 frames of
+    /// bookkeeping per byte of it.
+    fn data_frame_budget(&self) -> usize {
+        2 * self.connection_window as usize
+    }
 }
+
+/// How long h2 remembers a stream this end reset, so that frames the peer
+/// sent before it learned of the reset are dropped quietly (h2's default,
+/// 1 s, is shorter than a window's worth of data on a slow edge link: h2
+/// then answers each late frame with a reset of its own, counted towards
+/// a limit that closes the connection).
+const RESET_STREAM_MEMORY: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn to_io(e: h2::Error) -> io::Error {
     if e.is_reset() || e.is_go_away() {
@@ -268,5 +303,132 @@ impl TunnelRecv for H2Recv {
     fn stop(&mut self, _code: u32) {
         // HTTP/2 has no STOP_SENDING: the send half's reset ends the whole
         // stream, and the relay always resets both halves together.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Bounds a test that would otherwise hang; never a timing assertion.
+    const HANG: Duration = Duration::from_secs(30);
+
+    /// An agent (h2 server) and a cloud side (h2 client) over an in-memory
+    /// pipe, both with `settings`; the client connection's task returns
+    /// how it ended.
+    async fn pair(
+        settings: H2Settings,
+    ) -> (
+        h2::client::SendRequest<Bytes>,
+        tokio::task::JoinHandle<Result<(), h2::Error>>,
+        h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+        tokio::sync::oneshot::Sender<u32>,
+    ) {
+        let (cloud, edge) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move { settings.server().handshake(edge).await });
+        let (send, mut conn) = settings.client().handshake(cloud).await.unwrap();
+        let (target, set_target) = tokio::sync::oneshot::channel::<u32>();
+        let driver = tokio::spawn(async move {
+            let mut set_target = set_target;
+            tokio::select! {
+                r = &mut conn => return r,
+                Ok(window) = &mut set_target => conn.set_target_window_size(window),
+            }
+            conn.await
+        });
+        let server = server.await.unwrap().unwrap();
+        (send, driver, server, target)
+    }
+
+    fn request() -> http::Request<()> {
+        http::Request::post("https://agent/stream")
+            .body(())
+            .unwrap()
+    }
+
+    /// A stalled reader of short writes (a paused `logs -f`) on a
+    /// connection whose share of the receive budget shrank: h2's default
+    /// budget for small frames (half the current window) ran out and it
+    /// closed the whole connection.
+    #[tokio::test]
+    async fn small_frames_a_stalled_reader_leaves_unread_keep_the_connection() {
+        let (mut send, driver, mut server, target) = pair(H2Settings::default()).await;
+        target.send(128 * 1024).unwrap();
+        let (response, _body) = send.send_request(request(), false).unwrap();
+        let (sent, all_sent) = tokio::sync::oneshot::channel();
+        let frames = tokio::spawn(async move {
+            let (_, mut respond) = server.accept().await.unwrap().unwrap();
+            let mut body = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            let frame = Bytes::from_static(&[7; 64]);
+            for _ in 0..2_000 {
+                body.reserve_capacity(frame.len());
+                loop {
+                    let granted = std::future::poll_fn(|cx| body.poll_capacity(cx))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    if granted >= frame.len() {
+                        break;
+                    }
+                }
+                body.send_data(frame.clone(), false).unwrap();
+            }
+            let _ = sent.send(());
+            // Keep the connection going, and answer one more request.
+            let (_, mut respond) = server.accept().await.unwrap().unwrap();
+            respond
+                .send_response(http::Response::new(()), true)
+                .unwrap();
+            while server.accept().await.is_some() {}
+        });
+        // The first stream's response arrives; its body is never read.
+        let _unread = tokio::time::timeout(HANG, response).await.unwrap().unwrap();
+        // A second stream still gets through behind all 2,000 frames (the
+        // pipe keeps their order).
+        tokio::time::timeout(HANG, all_sent).await.unwrap().unwrap();
+        let mut send = tokio::time::timeout(HANG, send.ready())
+            .await
+            .unwrap()
+            .unwrap();
+        let (second, _) = send.send_request(request(), true).unwrap();
+        let answer = tokio::time::timeout(HANG, second).await.unwrap();
+        assert!(answer.is_ok(), "{answer:?}");
+        assert!(!driver.is_finished(), "{:?}", driver.await);
+        frames.abort();
+    }
+
+    /// Streams the cloud side reset before the agent took them (clients
+    /// of the transparent ingress that connect and reset at once): h2
+    /// allowed 20 per read before it closed the agent's connection.
+    #[tokio::test]
+    async fn streams_reset_before_they_are_taken_keep_the_connection() {
+        let (mut send, driver, mut server, _target) = pair(H2Settings::default()).await;
+        for _ in 0..30 {
+            send = tokio::time::timeout(HANG, send.ready())
+                .await
+                .unwrap()
+                .unwrap();
+            let (_response, mut body) = send.send_request(request(), false).unwrap();
+            body.send_reset(h2::Reason::CANCEL);
+        }
+        send = tokio::time::timeout(HANG, send.ready())
+            .await
+            .unwrap()
+            .unwrap();
+        let (last, _) = send.send_request(request(), true).unwrap();
+        let accepting = tokio::spawn(async move {
+            while let Some(stream) = server.accept().await {
+                let (_, mut respond) = stream?;
+                let _ = respond.send_response(http::Response::new(()), true);
+            }
+            Ok::<_, h2::Error>(())
+        });
+        let answer = tokio::time::timeout(HANG, last).await.unwrap();
+        assert!(answer.is_ok(), "{answer:?}");
+        assert!(!accepting.is_finished(), "{:?}", accepting.await);
+        assert!(!driver.is_finished(), "{:?}", driver.await);
     }
 }
