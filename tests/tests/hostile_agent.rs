@@ -210,3 +210,51 @@ async fn repeated_control_frames() {
     s.still_serves().await;
     s.agent.stop().await;
 }
+
+/// A certificate's holder that says it succeeds itself again and again
+/// (`SUCCESSOR`, a fresh instance each time) keeps one earlier connection
+/// open, not all of them: each kept one holds a receive window out of the
+/// server's budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successions_keep_one_predecessor() {
+    let scene = scene().await;
+    let mut held = Vec::new();
+    for instance in 1..=4u64 {
+        let mut evil = Hostile::dial(&scene.pki, HOSTILE, scene.h2(), "localhost")
+            .await
+            .unwrap();
+        let mut hello = hello(HOSTILE);
+        if let proto::Message::Hello(h) = &mut hello {
+            h.addresses = vec![ip("127.0.0.2")];
+            h.instance = instance;
+            h.capabilities = proto::capability::SUCCESSOR;
+        }
+        let head = hostile::frame(
+            hostile::HEADERS,
+            hostile::END_HEADERS,
+            1,
+            &[hostile::STATUS_200],
+        );
+        evil.send(&head).await.unwrap();
+        evil.send_control(&[hello]).await.unwrap();
+        assert!(!evil.settle().await, "succession {instance} refused");
+        held.push(evil);
+    }
+    // The latest is registered, the one before it kept; the two before
+    // that were closed as each successor came.
+    for old in &held[..2] {
+        old.wait_closed().await;
+    }
+    for kept in &mut held[2..] {
+        assert!(!kept.settle().await, "a connection closed that should stay");
+    }
+    assert!(scene.hostile_registered());
+    let budget = scene.server.shared.receive_budget.stats();
+    assert!(
+        budget.connections <= 3,
+        "{} connections hold windows",
+        budget.connections
+    );
+    scene.still_serves().await;
+    scene.agent.stop().await;
+}

@@ -405,6 +405,20 @@ pub(crate) async fn serve_agent(
             // understand), stays connected until its pod is deleted and
             // drains then, and should this connection end first (the new
             // agent crashed, or was rolled back), it serves the node again.
+            // One predecessor is kept per node, no more: one `old` kept
+            // itself (a second succession before the first process left,
+            // or a compromised agent succeeding itself again and again to
+            // pile up connections and their windows) is closed now.
+            let older = lock(&old.predecessor).take().and_then(|w| w.upgrade());
+            if let Some(older) = older {
+                tracing::info!(
+                    older_remote = %older.link.remote_address(),
+                    "a second successor took over; closing the connection of the process before"
+                );
+                older
+                    .link
+                    .close(close::REPLACED, "a newer agent process took the node over");
+            }
             *lock(&agent.predecessor) = Some(Arc::downgrade(&old));
             tokio::spawn(watch_handed_over(old, shared.clone(), Idle::KeepOpen));
         } else {
