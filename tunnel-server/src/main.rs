@@ -11,6 +11,7 @@ use tunnel_server::addresses::AddressPolicy;
 use tunnel_server::dnat::agent_list::{self, AgentList};
 use tunnel_server::dnat::metrics::DnatMetrics;
 use tunnel_server::dnat::reconciler::{self, Dnat, DnatConfig};
+use tunnel_server::dnat::remembered::Remembered;
 use tunnel_server::dnat::rules::Prefix;
 use tunnel_server::{Server, ServerConfig, ServerSettings};
 
@@ -389,6 +390,12 @@ enum Command {
         /// Remove the rules on exit (default). --keep-rules leaves them.
         #[arg(long)]
         keep_rules: bool,
+        /// How long an address stays redirected once reads of the feed no
+        /// longer have it (0s-1h): a read that lands on a replica that has
+        /// just started, and knows few agents yet, must not take the other
+        /// nodes' rules away (0s: the last read alone decides).
+        #[arg(long, env = "TUNNEL_DNAT_KEEP_MISSING", default_value = "2m", value_parser = duration_in(Duration::ZERO, secs(3600)))]
+        keep_missing: Duration,
         #[command(flatten)]
         rules: DnatRuleArgs,
         #[command(flatten)]
@@ -416,6 +423,7 @@ fn main() -> Result<()> {
             cleanup,
             poll,
             keep_rules,
+            keep_missing,
             rules,
             common,
         }) => {
@@ -451,6 +459,7 @@ fn main() -> Result<()> {
                 cleanup,
                 poll,
                 keep_rules,
+                keep_missing,
                 rules,
             }))
         }
@@ -473,6 +482,7 @@ struct Standalone {
     cleanup: bool,
     poll: Duration,
     keep_rules: bool,
+    keep_missing: Duration,
     rules: DnatRuleArgs,
 }
 
@@ -585,13 +595,26 @@ async fn standalone_dnat(s: Standalone) -> Result<()> {
         ));
     }
     tracing::info!(url = agents.url(), %to, "DNAT helper following the server's agent feed");
+    let remembered = std::sync::Mutex::new(Remembered::new(s.keep_missing));
     let fetch = || async {
         let result = agents.fetch().await;
         metrics.feed_read(match &result {
             Ok(_) => "ok",
             Err(e) => e.reason(),
         });
-        Ok(result?)
+        let read = result?;
+        let (addresses, missing) = remembered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .merge(&read, std::time::Instant::now());
+        metrics.kept_missing.set(missing as i64);
+        if missing > 0 {
+            tracing::debug!(
+                missing,
+                "the feed lacks addresses it had less than --keep-missing ago; still redirected"
+            );
+        }
+        Ok(addresses)
     };
     // Nothing signals a change here: the feed is read every `--poll`.
     if s.keep_rules {

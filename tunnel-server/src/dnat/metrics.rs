@@ -4,6 +4,7 @@
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 type Label = [(&'static str, &'static str); 1];
@@ -21,6 +22,9 @@ pub struct DnatMetrics {
     /// Reads of the standalone helper's feed, by result: `ok` or why not
     /// (`server_certificate`, `client_rejected`, `forbidden`, `timeout`...).
     pub feed_reads: Family<Label, Counter>,
+    /// Addresses still redirected though the last read of the feed did
+    /// not have them (`--keep-missing`).
+    pub kept_missing: Gauge,
     /// Whether the last rule sync succeeded (readiness).
     pub in_sync: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -55,6 +59,12 @@ impl DnatMetrics {
              it failed: connect, server_certificate, client_rejected, forbidden, status, \
              too_large, timeout, json, http)",
             self.feed_reads.clone(),
+        );
+        registry.register(
+            "dnat_addresses_kept_missing",
+            "Addresses the standalone DNAT helper still redirects though its last read of the \
+             feed did not have them (a replica that has just started; kept for --keep-missing)",
+            self.kept_missing.clone(),
         );
     }
 

@@ -24,6 +24,7 @@ pub mod conntrack;
 pub mod iptables;
 pub mod metrics;
 pub mod reconciler;
+pub mod remembered;
 pub mod rules;
 
 /// The chain this helper owns in the nat table.
