@@ -32,6 +32,8 @@ pub enum ConfigError {
     Quic(#[from] transport::quic::QuicSettingsError),
     #[error("{name} must be longer than zero")]
     ZeroDuration { name: &'static str },
+    #[error("{0}")]
+    Recover(String),
 }
 
 /// Default [`AgentConfig::result_hold`]: long enough for a local target's
@@ -193,6 +195,10 @@ impl AgentConfig {
         allow: &[String],
     ) -> Result<AgentConfig, ConfigError> {
         let config = AgentConfig::without_certificate(server, cert_dir, node, allow)?;
+        // A renewal a crash interrupted is finished or undone first, with
+        // or without a bootstrap token: otherwise the new key would meet
+        // the old certificate at every start.
+        crate::enroll::recover(cert_dir).map_err(ConfigError::Recover)?;
         // Fail at start, not at the first connect, on unusable certificates.
         config.credentials()?.tls(proto::ALPN)?;
         Ok(config)

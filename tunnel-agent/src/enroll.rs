@@ -386,15 +386,23 @@ fn store(
     // `recover` for a crash between them).
     write(NEXT_KEY, key_pem, 0o600)?;
     write(NEXT_CRT, &issued.certificate, 0o644)?;
-    {
+    let replaced = {
         let _files = CERT_FILES.write().unwrap_or_else(|e| e.into_inner());
         let rename = |from: &str, to: &str| {
             std::fs::rename(dir.join(from), dir.join(to))
                 .map_err(|e| EnrollError::Local(format!("cannot replace {to}: {e}")))
         };
-        rename(NEXT_KEY, TLS_KEY)?;
-        rename(NEXT_CRT, TLS_CRT)?;
-        write(CA_CRT, &issued.ca, 0o644)?;
+        rename(NEXT_KEY, TLS_KEY)
+            .and_then(|()| rename(NEXT_CRT, TLS_CRT))
+            .and_then(|()| write(CA_CRT, &issued.ca, 0o644))
+    };
+    if let Err(e) = replaced {
+        // Not left half-done for the running process: the old pair back,
+        // or the new one whole.
+        if let Err(undo) = recover(dir) {
+            tracing::error!("{undo}; the next start tries again");
+        }
+        return Err(e);
     }
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
@@ -551,6 +559,26 @@ mod tests {
         std::fs::write(dir.join(NEXT_CRT), &new.cert).unwrap();
         recover(dir).unwrap();
         assert_eq!((read(TLS_KEY), read(TLS_CRT)), (new.key, new.cert));
+    }
+
+    /// An agent without a bootstrap token (renewal is on by default) that
+    /// crashed between the two renames starts: the replacement is finished
+    /// before the certificate is loaded (it refused to start, for good).
+    #[test]
+    fn a_start_finishes_an_interrupted_replacement() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        pair(dir, "edge-1");
+        let ca = certs::issue::Ca::generate("other CA", 1).unwrap();
+        let new = ca
+            .issue_agent("edge-1", &["127.0.0.1".parse().unwrap()], 1)
+            .unwrap();
+        std::fs::write(dir.join(TLS_KEY), &new.key).unwrap();
+        std::fs::write(dir.join(NEXT_CRT), &new.cert).unwrap();
+        std::fs::write(dir.join(CA_CRT), &ca.pem().cert).unwrap();
+        let config = AgentConfig::try_new("127.0.0.1:8443", dir, "edge-1", &[]);
+        assert!(config.is_ok(), "{:?}", config.err());
+        assert!(!dir.join(NEXT_CRT).exists());
     }
 
     #[test]
