@@ -299,7 +299,16 @@ fn load_material(
     enrollment: bool,
 ) -> Result<Material, LoadError> {
     let fingerprint = fingerprint(cert_dir, (deny_list, crl));
-    let dir = certs::CertDir::load(cert_dir)?;
+    // `ca.crt` read once: the roots that verify agents and the bundle
+    // handed to them (and compared to see whether it changed) are the
+    // same bytes, whatever writes the file meanwhile.
+    let ca_path = cert_dir.join(certs::files::CA_CRT);
+    let ca_bytes = certs::files::read(&ca_path)?;
+    let dir = certs::CertDir {
+        chain: certs::files::read_certs(&cert_dir.join(certs::files::TLS_CRT))?,
+        key: certs::files::read_key(&cert_dir.join(certs::files::TLS_KEY))?,
+        ca: certs::files::parse_certs(&ca_bytes, &ca_path)?,
+    };
     let leaf_problem = |problem: String| LoadError::Leaf {
         dir: cert_dir.to_owned(),
         problem,
@@ -370,13 +379,8 @@ fn load_material(
         }
         None => DenyList::default(),
     };
-    let ca_pem =
-        std::fs::read_to_string(cert_dir.join(certs::files::CA_CRT)).map_err(|source| {
-            certs::CertError::Read {
-                path: cert_dir.join(certs::files::CA_CRT),
-                source,
-            }
-        })?;
+    let ca_pem = String::from_utf8(ca_bytes)
+        .map_err(|_| leaf_problem(format!("{} is not UTF-8 PEM", ca_path.display())))?;
     if enrollment && ca_pem.len() > proto::MAX_ISSUED_PEM {
         return Err(leaf_problem(format!(
             "ca.crt is {} bytes; with enrollment on it is sent to agents, at most {} bytes",
