@@ -60,6 +60,27 @@ impl DnatConfig {
                 "--dnat-cidr {c} is {why}: it must never be redirected"
             ));
         }
+        // Not only its first address: a range that covers any of them
+        // (64.0.0.0/2 holds 127/8) would redirect them too.
+        for c in &cidrs {
+            if let Some(range) = NEVER_REDIRECTED
+                .iter()
+                .map(|r| r.parse::<Prefix>().expect("a valid constant"))
+                .find(|r| overlaps(c, r))
+            {
+                let why = forbidden_kind(range.ip).map_or_else(String::new, |w| format!(" ({w})"));
+                return Err(format!(
+                    "--dnat-cidr {c} covers {range}{why}: it must never be redirected"
+                ));
+            }
+            if let Some(own) = own_addresses().into_iter().find(|a| c.contains(*a)) {
+                return Err(format!(
+                    "--dnat-cidr {c} covers {own}, an address of this host: its own traffic \
+                     (the apiserver's, the kubelet's) would be redirected into the tunnel; \
+                     list the edge ranges only"
+                ));
+            }
+        }
         Ok(DnatConfig {
             to,
             ports,
@@ -68,6 +89,26 @@ impl DnatConfig {
             policy: AddressPolicy::default(),
         })
     }
+}
+
+/// Ranges no `--dnat-cidr` may reach into: loopback, unspecified,
+/// link-local, multicast and broadcast.
+const NEVER_REDIRECTED: [&str; 9] = [
+    "127.0.0.0/8",
+    "0.0.0.0/32",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "255.255.255.255/32",
+    "::1/128",
+    "::/128",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+/// Whether two prefixes share an address.
+fn overlaps(a: &Prefix, b: &Prefix) -> bool {
+    a.family() == b.family()
+        && ((a.len <= b.len && a.contains(b.ip)) || (b.len <= a.len && b.contains(a.ip)))
 }
 
 /// The helper: its configuration and the iptables tools it drives.
@@ -254,7 +295,14 @@ mod tests {
                 .unwrap_err()
                 .contains("family")
         );
-        for forbidden in ["127.0.0.0/8", "169.254.0.0/16", "0.0.0.0/0"] {
+        for forbidden in [
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "0.0.0.0/0",
+            "64.0.0.0/2",
+            "128.0.0.0/1",
+            "127.1.0.0/16",
+        ] {
             let err =
                 DnatConfig::try_new(to, vec![10250], vec![forbidden.parse().unwrap()]).unwrap_err();
             assert!(
@@ -262,5 +310,26 @@ mod tests {
                 "{forbidden}: {err}"
             );
         }
+        let v6: SocketAddr = "[fd00::1]:8081".parse().unwrap();
+        for forbidden in ["8000::/1", "::/0", "fe80::/64"] {
+            let err =
+                DnatConfig::try_new(v6, vec![10250], vec![forbidden.parse().unwrap()]).unwrap_err();
+            assert!(
+                err.contains("must never be redirected"),
+                "{forbidden}: {err}"
+            );
+        }
+        assert!(DnatConfig::try_new(v6, vec![10250], vec!["fd00:1::/64".parse().unwrap()]).is_ok());
+        // A range holding one of this host's own addresses.
+        if let Some(own) = own_addresses()
+            .into_iter()
+            .find(|a| a.is_ipv4() && forbidden_kind(*a).is_none())
+        {
+            let err = DnatConfig::try_new(to, vec![10250], vec![Prefix::host(own)]).unwrap_err();
+            assert!(err.contains("an address of this host"), "{err}");
+        }
+        assert!(
+            DnatConfig::try_new(to, vec![10250], vec!["198.19.0.0/16".parse().unwrap()]).is_ok()
+        );
     }
 }
