@@ -177,6 +177,11 @@ impl Shared {
             .agent_certificate_expiry_min
             .set(soonest.unwrap_or(0));
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        // Also set where agents come and go, outside the registry's lock:
+        // two such sets can land in the wrong order; a scrape corrects it.
+        self.metrics
+            .agents_connected
+            .set(gauge(self.registry.len()));
         self.metrics.export_receive_budget(&self.receive_budget);
         self.metrics.relay_buffers.export(&self.relay_buffers);
         self.metrics

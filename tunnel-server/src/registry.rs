@@ -134,15 +134,23 @@ impl AgentRegistry {
                 }
             }
         }
-        let old = self.by_node.insert(agent.node.clone(), agent.clone());
-        if let Some(old) = &old {
-            // A renewed certificate may have dropped some.
-            for addr in &old.addresses {
-                self.by_addr.remove(addr);
-            }
-        }
+        // The new addresses first, then only those the node no longer
+        // has (a renewed certificate may have dropped some): readers of
+        // the maps (dials, the DNAT sync's snapshot) take no lock, and an
+        // address the node keeps must never be missing in between (a
+        // snapshot then would remove its rule and flush its sessions).
         for addr in &agent.addresses {
             self.by_addr.insert(*addr, agent.node.clone());
+        }
+        let old = self.by_node.insert(agent.node.clone(), agent.clone());
+        if let Some(old) = &old {
+            for addr in old
+                .addresses
+                .iter()
+                .filter(|a| !agent.addresses.contains(a))
+            {
+                self.by_addr.remove(addr);
+            }
         }
         self.changes.send_modify(|v| *v += 1);
         Ok(old)
@@ -155,25 +163,31 @@ impl AgentRegistry {
     /// was registered, and whether `back` took its place.
     pub fn deregister_to(&self, agent: &AgentHandle, back: Arc<AgentHandle>) -> (bool, bool) {
         let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((_, gone)) = self
+        let registered = self
             .by_node
-            .remove_if(&agent.node, |_, cur| cur.id == agent.id)
-        else {
+            .get(&agent.node)
+            .is_some_and(|cur| cur.id == agent.id);
+        if !registered {
             return (false, false);
-        };
-        for addr in &gone.addresses {
-            self.by_addr.remove(addr);
         }
+        // Writers hold `writes`: the check above still holds. Addresses
+        // `back` keeps are never missing in between (see `register`).
         let free = back.node == agent.node
             && back
                 .addresses
                 .iter()
                 .all(|addr| self.by_addr.get(addr).is_none_or(|h| *h == back.node));
+        let kept: &[IpAddr] = if free { &back.addresses } else { &[] };
         if free {
             for addr in &back.addresses {
                 self.by_addr.insert(*addr, back.node.clone());
             }
-            self.by_node.insert(back.node.clone(), back);
+            self.by_node.insert(back.node.clone(), back.clone());
+        } else {
+            self.by_node.remove(&agent.node);
+        }
+        for addr in agent.addresses.iter().filter(|a| !kept.contains(a)) {
+            self.by_addr.remove(addr);
         }
         self.changes.send_modify(|v| *v += 1);
         (true, free)
@@ -294,6 +308,38 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// A node that registers again (a handover, a renewal) or is handed
+    /// back keeps its addresses: a reader that takes no lock (dials, the
+    /// DNAT sync's snapshot) never finds one missing in between. They
+    /// were removed and inserted again, and a snapshot in the gap removed
+    /// the node's DNAT rule and flushed its sessions.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_address_the_node_keeps_is_never_missing() {
+        let registry = Arc::new(AgentRegistry::default());
+        let a = handle(1, "edge-1", &["198.18.1.2"]).await;
+        let b = handle(2, "edge-1", &["198.18.1.2"]).await;
+        registry.register(a.clone()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = std::thread::spawn({
+            let (registry, stop) = (registry.clone(), stop.clone());
+            move || {
+                let mut missing = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if registry.addresses().is_empty() {
+                        missing += 1;
+                    }
+                }
+                missing
+            }
+        });
+        for _ in 0..20_000 {
+            registry.register(b.clone()).unwrap();
+            assert_eq!(registry.deregister_to(&b, a.clone()), (true, true));
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(reader.join().unwrap(), 0, "reads found the address missing");
     }
 
     fn node_at(registry: &AgentRegistry, addr: &str) -> Option<String> {
