@@ -48,7 +48,20 @@ pub enum GateError {
     /// The agent reset the stream before its answer: the target reset the
     /// connection before sending a byte, while the answer was held for it.
     Reset,
+    /// The agent's connection was lost (closed, timed out, or told to go
+    /// away) before its answer.
+    ConnectionLost,
     Protocol(String),
+}
+
+/// Whether a stream's error says its whole connection is gone, rather
+/// than the stream or the peer misbehaving: quinn's `ConnectionLost` and
+/// `ClosedStream` (`NotConnected`), an HTTP/2 GOAWAY (`ConnectionAborted`).
+pub fn is_connection_lost(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted
+    )
 }
 
 impl GateError {
@@ -58,6 +71,7 @@ impl GateError {
             GateError::Refused { code, .. } => code.label(),
             GateError::Timeout => "timeout",
             GateError::Reset => "reset",
+            GateError::ConnectionLost => "connection_lost",
             GateError::Protocol(_) => "protocol",
         }
     }
@@ -139,6 +153,7 @@ impl<R: TunnelRecv> ResultGate<R> {
             GateError::Timeout => io::ErrorKind::TimedOut,
             GateError::Refused { .. } => io::ErrorKind::ConnectionRefused,
             GateError::Reset => io::ErrorKind::ConnectionReset,
+            GateError::ConnectionLost => io::ErrorKind::NotConnected,
             GateError::Protocol(_) => io::ErrorKind::InvalidData,
         };
         let text = format!("dial failed: {e:?}");
@@ -180,6 +195,9 @@ impl<R: TunnelRecv> ResultGate<R> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
                     return Poll::Ready(Err(self.fail(GateError::Reset)));
+                }
+                Poll::Ready(Err(e)) if is_connection_lost(&e) => {
+                    return Poll::Ready(Err(self.fail(GateError::ConnectionLost)));
                 }
                 Poll::Ready(Err(e)) => {
                     return Poll::Ready(Err(self.fail(GateError::Protocol(e.to_string()))));
@@ -451,25 +469,44 @@ mod tests {
         );
     }
 
-    /// A reader whose stream was reset.
-    struct ResetRecv;
-    impl AsyncRead for ResetRecv {
+    /// A reader whose stream failed with `kind`.
+    struct FailedRecv(io::ErrorKind);
+    impl AsyncRead for FailedRecv {
         fn poll_read(
             self: Pin<&mut Self>,
             _: &mut Context<'_>,
             _: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
-            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+            Poll::Ready(Err(self.0.into()))
         }
     }
 
     #[tokio::test]
     async fn a_reset_before_the_answer_is_reported_as_a_reset() {
         let (cb, seen) = recorder();
-        let mut gate = ResultGate::new(Recv(ResetRecv), Duration::from_secs(5), cb);
+        let reset = Recv(FailedRecv(io::ErrorKind::ConnectionReset));
+        let mut gate = ResultGate::new(reset, Duration::from_secs(5), cb);
         let err = gate.read_to_end(&mut Vec::new()).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         assert_eq!(*seen.lock().unwrap(), Some(Err(GateError::Reset)));
+    }
+
+    /// quinn's lost connection (`NotConnected`), HTTP/2's GOAWAY
+    /// (`ConnectionAborted`): counted as such, not as the agent breaking
+    /// the protocol.
+    #[tokio::test]
+    async fn a_connection_lost_before_the_answer_is_reported_as_such() {
+        for kind in [
+            io::ErrorKind::NotConnected,
+            io::ErrorKind::ConnectionAborted,
+        ] {
+            let (cb, seen) = recorder();
+            let mut gate = ResultGate::new(Recv(FailedRecv(kind)), Duration::from_secs(5), cb);
+            gate.read_to_end(&mut Vec::new()).await.unwrap_err();
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(seen, Some(Err(GateError::ConnectionLost)), "{kind:?}");
+            assert_eq!(GateError::ConnectionLost.label(), "connection_lost");
+        }
     }
 
     #[tokio::test]

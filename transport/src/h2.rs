@@ -141,7 +141,10 @@ impl H2Settings {
 const RESET_STREAM_MEMORY: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn to_io(e: h2::Error) -> io::Error {
-    if e.is_reset() || e.is_go_away() {
+    if e.is_go_away() {
+        // The whole connection is going: not this stream's peer's doing.
+        io::Error::new(io::ErrorKind::ConnectionAborted, e)
+    } else if e.is_reset() {
         io::Error::new(io::ErrorKind::ConnectionReset, e)
     } else if e.is_io() {
         e.into_io()

@@ -11,7 +11,7 @@
 //! | 407 | `--connect-token-file` is given and the request carries no valid `Proxy-Authorization` |
 //! | 429 | the client has `--max-streams-per-client` connections open (the connection then closes) |
 //! | 502 | the agent could not connect (refused, unreachable), no stream could be opened to it, or it broke the protocol |
-//! | 503 | no live agent serves the node, or it is draining |
+//! | 503 | no live agent serves the node, it is draining, or its connection was lost during the dial |
 //! | 504 | the agent's connect timed out, or the agent did not answer within the dial timeout plus 2 s |
 
 use std::convert::Infallible;
@@ -247,9 +247,10 @@ pub fn parse_target(authority: &str) -> Result<Target, String> {
 
 fn status_for(e: &DialError) -> StatusCode {
     match e {
-        DialError::NoAgent(_) | DialError::Draining(_) | DialError::NodeBusy { .. } => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        DialError::NoAgent(_)
+        | DialError::Draining(_)
+        | DialError::NodeBusy { .. }
+        | DialError::ConnectionLost { .. } => StatusCode::SERVICE_UNAVAILABLE,
         DialError::Refused {
             code: DialCode::NotAllowed,
             ..
@@ -497,6 +498,14 @@ mod tests {
                     reason: "garbage".into(),
                 },
                 502,
+            ),
+            (
+                DialError::ConnectionLost {
+                    node: "edge-1".into(),
+                    target,
+                    reason: "connection lost".into(),
+                },
+                503,
             ),
         ];
         for (e, status) in cases {

@@ -155,6 +155,12 @@ pub enum DialError {
         target: SocketAddr,
         reason: String,
     },
+    #[error("the connection to node {node} was lost while dialing {target}: {reason}")]
+    ConnectionLost {
+        node: String,
+        target: SocketAddr,
+        reason: String,
+    },
 }
 
 impl DialError {
@@ -168,6 +174,7 @@ impl DialError {
             DialError::Refused { code, .. } => code.label(),
             DialError::Timeout { .. } => "timeout",
             DialError::Protocol { .. } => "protocol",
+            DialError::ConnectionLost { .. } => "connection_lost",
             DialError::Direct { .. } => "direct_failed",
             DialError::DirectTimeout { .. } => "direct_timeout",
         }
@@ -348,6 +355,13 @@ async fn read_answer(
             "expected DialResult, got {}",
             other.kind()
         ))),
+        Err(FrameError::Io(e)) if transport::gate::is_connection_lost(&e) => {
+            Err(DialError::ConnectionLost {
+                node: node.to_owned(),
+                target,
+                reason: e.to_string(),
+            })
+        }
         Err(e) => Err(protocol(e.to_string())),
     }
 }
