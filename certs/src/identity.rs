@@ -22,6 +22,34 @@ pub struct Identity {
     /// The serial number, lowercase hex without leading zero bytes (as
     /// deny-lists and CRLs name certificates).
     pub serial: String,
+    /// Which enrollment the certificate descends from (see [`LINEAGE_PREFIX`]):
+    /// the same through every renewal, so a deny-list can refuse a stolen
+    /// certificate together with every one renewed from it. `None` for
+    /// certificates issued without enrollment.
+    pub lineage: Option<String>,
+}
+
+/// The subject organizational unit that carries a certificate's lineage:
+/// `edge-tunnel:lineage:ID`, where ID is random at each enrollment
+/// ([`new_lineage`]), or the serial of a certificate renewed without one.
+/// The server copies it into every renewal.
+pub const LINEAGE_PREFIX: &str = "edge-tunnel:lineage:";
+
+/// A lineage for a new enrollment: 64 random bits, hex.
+pub fn new_lineage() -> String {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system's random source works");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `id` can be a lineage: 1-64 lowercase letters, digits and '-'
+/// (what [`new_lineage`] makes, and hex serials).
+pub fn valid_lineage(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// The purposes of an extended key usage extension the tunnel cares for.
@@ -203,6 +231,15 @@ impl Identity {
                 }
             }
         }
+        // Set only by our enrollment CA; anything else in the field is not
+        // a lineage.
+        let lineage = cert
+            .subject()
+            .iter_organizational_unit()
+            .filter_map(|ou| ou.as_str().ok())
+            .find_map(|ou| ou.strip_prefix(LINEAGE_PREFIX))
+            .filter(|id| valid_lineage(id))
+            .map(str::to_owned);
         let validity = cert.validity();
         let usage = match cert.extended_key_usage() {
             Ok(Some(eku)) => Some(KeyUsage {
@@ -219,6 +256,7 @@ impl Identity {
             not_after: validity.not_after.timestamp(),
             usage,
             serial: serial_hex(cert.raw_serial()),
+            lineage,
         })
     }
 }
@@ -346,6 +384,43 @@ mod tests {
         let id = Identity::from_der(&der).unwrap();
         assert_eq!(id.common_name, DNAT_HELPER_CN);
         assert!(id.addresses.is_empty());
+    }
+
+    /// A signed request carries the lineage the signer gives it, in the
+    /// subject; a request's own subject fields are not copied.
+    #[test]
+    fn a_signed_request_carries_its_lineage() {
+        let ca = Ca::generate("enroll CA", 1).unwrap();
+        let addresses = ["198.18.1.2".parse().unwrap()];
+        let (_key, csr) = crate::issue::CsrRequest::generate("edge-1", &addresses).unwrap();
+        let sign = |lineage: &str| {
+            let request = crate::issue::CsrRequest::from_der(&csr).unwrap();
+            ca.sign_agent_request(
+                request,
+                "edge-1",
+                &addresses,
+                lineage,
+                std::time::Duration::from_secs(3600),
+            )
+        };
+        let lineage = new_lineage();
+        assert!(valid_lineage(&lineage) && lineage.len() == 16, "{lineage}");
+        let pem = sign(&lineage).unwrap();
+        let der = crate::files::parse_certs(pem.as_bytes(), std::path::Path::new("t")).unwrap();
+        let identity = Identity::from_der(&der[0]).unwrap();
+        assert_eq!(identity.lineage.as_deref(), Some(lineage.as_str()));
+        assert_eq!(identity.common_name, "edge-1");
+        for bad in ["", "UPPER", "a b", &"x".repeat(65)] {
+            assert!(
+                matches!(sign(bad), Err(crate::issue::IssueError::BadLineage(_))),
+                "{bad:?}"
+            );
+        }
+        // Issued without enrollment: none.
+        let plain = ca.issue_agent("edge-1", &addresses, 1).unwrap();
+        let der =
+            crate::files::parse_certs(plain.cert.as_bytes(), std::path::Path::new("t")).unwrap();
+        assert_eq!(Identity::from_der(&der[0]).unwrap().lineage, None);
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum IssueError {
     LeafTooLong(u32),
     #[error("the certificate signing request is not valid: {0}")]
     BadCsr(String),
+    #[error("{0:?} is not a lineage (1-64 lowercase letters, digits and '-')")]
+    BadLineage(String),
 }
 
 /// What a certificate signing request asks for, read and its signature
@@ -213,19 +215,28 @@ impl Ca {
     }
 
     /// Signs an agent certificate for a checked request: CN = `node`, IP
-    /// SANs = `addresses`, client-auth only, valid for `validity` from
-    /// now (backdated a tenth of that, at most 5 minutes, for clocks that
+    /// SANs = `addresses`, OU = [`crate::identity::LINEAGE_PREFIX`] +
+    /// `lineage`, client-auth only, valid for `validity` from now
+    /// (backdated a tenth of that, at most 5 minutes, for clocks that
     /// lag). Only the request's public key is used from it.
     pub fn sign_agent_request(
         &self,
         request: CsrRequest,
         node: &str,
         addresses: &[IpAddr],
+        lineage: &str,
         validity: std::time::Duration,
     ) -> Result<String, IssueError> {
         let mut request = request.params;
+        if !crate::identity::valid_lineage(lineage) {
+            return Err(IssueError::BadLineage(lineage.to_owned()));
+        }
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(node);
+        params.distinguished_name.push(
+            DnType::OrganizationalUnitName,
+            format!("{}{lineage}", crate::identity::LINEAGE_PREFIX),
+        );
         params.subject_alt_names = addresses.iter().map(|ip| SanType::IpAddress(*ip)).collect();
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use certs::bootstrap::{BootstrapToken, Subject, TokenRecord, TokensFile};
 use e2e::{
-    connect_via, echo_round_trip, eventually, init_logging, targets, Pki, TestAgent, TestServer,
+    connect_via, echo_round_trip, eventually, http_get, init_logging, targets, Pki, TestAgent,
+    TestServer,
 };
 use tunnel_agent::enroll::{Bootstrap, TokenSource};
 use tunnel_agent::AgentConfig;
@@ -618,6 +619,83 @@ async fn a_revoked_node_is_disconnected_and_an_expired_one_refused() {
     .await;
     assert!(registered_serial(&server, "edge-2").is_none());
     expiring.stop().await;
+}
+
+/// A certificate stolen from an enrolled node can be renewed into new
+/// serials nobody else knows, so a `serial=` line for the stolen one does
+/// not stop its holder. Every certificate of one enrollment carries the
+/// same lineage, renewals included, and `lineage=ID` refuses them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lineage_on_the_deny_list_refuses_every_renewal_of_an_enrollment() {
+    init_logging();
+    let pki = Pki::new();
+    let enrollment = Enrollment::new(&pki);
+    let deny = pki.dir.path().join("deny-list");
+    std::fs::write(&deny, "# nobody yet\n").unwrap();
+    // 12 s certificates: renewed about 8 s after issue.
+    let mut settings = enrollment.server(&pki, Duration::from_secs(12));
+    settings.deny_list = Some(deny.clone());
+    let server = TestServer::start_with(settings).await;
+    let token = enrollment.token(Subject::Node("edge-1".into()), 3600, 1);
+    let config = enrollment.agent(&pki, "edge-1", server.addrs.quic, &token);
+    let dir = config.cert_dir.clone();
+    let agent = TestAgent::start(config);
+    server
+        .wait_for_agent("edge-1", Duration::from_secs(15))
+        .await;
+    let first = identity_in(&dir);
+    let lineage = first
+        .lineage
+        .clone()
+        .expect("an enrolled certificate has a lineage");
+    let listed = http_get(server.addrs.admin.unwrap(), "/v1/agents").await.1;
+    assert!(listed.contains(&lineage), "{listed}");
+    eventually("the certificate renewed", Duration::from_secs(30), || {
+        let serial = identity_in(&dir).serial;
+        let first = first.serial.clone();
+        async move { serial != first }
+    })
+    .await;
+    let renewed = identity_in(&dir);
+    assert_eq!(renewed.lineage.as_deref(), Some(lineage.as_str()));
+    eventually("the renewal registered", Duration::from_secs(15), || {
+        let serial = registered_serial(&server, "edge-1");
+        let want = renewed.serial.clone();
+        async move { serial == Some(want) }
+    })
+    .await;
+    // The first serial alone stops nothing that was renewed from it ...
+    std::fs::write(&deny, format!("serial={}\n", first.serial)).unwrap();
+    let reloads = "edge_tunnel_certificate_reloads_total{result=\"ok\"}";
+    let before = server.metric(reloads).await;
+    eventually("the deny-list reloaded", Duration::from_secs(15), || {
+        let server = &server;
+        async move { server.metric(reloads).await > before }
+    })
+    .await;
+    assert!(registered_serial(&server, "edge-1").is_some());
+    // ... its lineage stops all of them.
+    std::fs::write(&deny, format!("lineage={lineage}\n")).unwrap();
+    eventually(
+        "the lineage's node disconnected",
+        Duration::from_secs(15),
+        || {
+            let gone = registered_serial(&server, "edge-1").is_none();
+            async move { gone }
+        },
+    )
+    .await;
+    eventually("its reconnect refused", Duration::from_secs(20), || {
+        let server = &server;
+        async move {
+            server
+                .metric("edge_tunnel_registration_refusals_total{reason=\"revoked\"}")
+                .await
+                >= 1.0
+        }
+    })
+    .await;
+    agent.stop().await;
 }
 
 /// Removing a CA from the server's `ca.crt` is how every agent of that CA

@@ -55,6 +55,11 @@ pub struct AgentInfo {
     pub draining: bool,
     /// When the agent's certificate expires (RFC 3339).
     pub not_after: String,
+    /// The certificate's serial and lineage (its enrollment, the same
+    /// through renewals; null if it was issued without one): what a
+    /// deny-list line names (`serial=`, `lineage=`).
+    pub serial: String,
+    pub lineage: Option<String>,
 }
 
 /// The server's sending side of one agent's QUIC connection. A window of
@@ -118,6 +123,8 @@ pub(crate) fn agents_json(shared: &Shared, listing: Listing) -> String {
                             .ok()
                     })
                     .unwrap_or_default(),
+                serial: a.serial.clone(),
+                lineage: a.lineage.clone(),
             }
         })
         .collect();

@@ -332,6 +332,7 @@ pub(crate) async fn serve_agent(
             predecessor: std::sync::Mutex::default(),
             not_after: identity.not_after,
             serial: identity.serial.clone(),
+            lineage: identity.lineage.clone(),
         });
         match shared.registry.register(agent.clone()) {
             Ok(old) => Ok((agent, old)),
@@ -763,7 +764,7 @@ async fn watch_handed_over(old: Arc<AgentHandle>, shared: Arc<Shared>, idle: Idl
         let denied = shared
             .live_tls
             .as_ref()
-            .and_then(|t| t.denies_node(&old.node, &old.serial));
+            .and_then(|t| t.denies_node(&old.node, &old.serial, old.lineage.as_deref()));
         let (reason, label, code) = match denied {
             Some(why) => (why, "revoked", close::REVOKED),
             None if old.not_after <= now => (
@@ -926,6 +927,7 @@ mod tests {
                 server_auth: false,
             }),
             serial: "01".into(),
+            lineage: None,
         }
     }
 

@@ -91,6 +91,9 @@ fn refused(label: &'static str, reason: impl Into<String>) -> Refused {
     }
 }
 
+/// Whom a certificate was issued to: node, addresses, lineage.
+type Enrolled = (String, Vec<IpAddr>, String);
+
 impl Enroller {
     /// Enrollments (and renewals) in progress at once.
     pub const MAX_CONCURRENT: usize = 8;
@@ -258,8 +261,9 @@ impl Enroller {
                     %remote,
                     node = %issued_for.0,
                     addresses = ?issued_for.1,
+                    lineage = %issued_for.2,
                     token = %token_id,
-                    "agent enrolled with a bootstrap token"
+                    "agent enrolled with a bootstrap token (a deny-list line lineage=ID refuses this certificate and its renewals)"
                 );
                 "issued"
             }
@@ -284,7 +288,7 @@ impl Enroller {
         &self,
         shared: &Shared,
         request: &proto::Enroll,
-    ) -> Result<((String, Vec<IpAddr>), Issued), Refused> {
+    ) -> Result<(Enrolled, Issued), Refused> {
         let _slot = self.slot()?;
         if request.version_major != proto::VERSION_MAJOR {
             return Err(refused(
@@ -304,6 +308,7 @@ impl Enroller {
         certs::identity::validate_node_name(&node)
             .map_err(|e| refused("bad_csr", format!("the CSR's common name: {e}")))?;
         let addresses = csr.addresses.clone();
+        let lineage = certs::identity::new_lineage();
         // Under one lock: read the tokens (a revocation or a new token
         // applies at once), check, sign, record the use; the answer goes
         // out only once the use is recorded.
@@ -369,7 +374,7 @@ impl Enroller {
             let ca = shared.tls().ca_pem();
             let certificate = self
                 .ca
-                .sign_agent_request(csr, &node, &addresses, self.validity)
+                .sign_agent_request(csr, &node, &addresses, &lineage, self.validity)
                 .map_err(|e| refused("signing_failed", e.to_string()))?;
             let recorded = match (&mut state, &self.state_file) {
                 (Some(state), Some(path)) => {
@@ -391,7 +396,7 @@ impl Enroller {
             (certificate, ca)
         };
         let (certificate, ca) = certificate;
-        Ok(((node, addresses), Issued { certificate, ca }))
+        Ok(((node, addresses, lineage), Issued { certificate, ca }))
     }
 
     /// Serves a `Renew` on a connection authenticated as `identity` with
@@ -505,9 +510,23 @@ impl Enroller {
         }
         let addresses = csr.addresses.clone();
         check_addresses(shared, &addresses)?;
+        // The renewal carries its lineage on (a certificate issued
+        // without one starts its own, named by its serial): a deny-list
+        // line for the lineage refuses every certificate renewed from a
+        // stolen one, whose serials nobody else knows.
+        let lineage = identity
+            .lineage
+            .clone()
+            .unwrap_or_else(|| identity.serial.clone());
         let certificate = self
             .ca
-            .sign_agent_request(csr, &identity.common_name, &addresses, self.validity)
+            .sign_agent_request(
+                csr,
+                &identity.common_name,
+                &addresses,
+                &lineage,
+                self.validity,
+            )
             .map_err(|e| refused("signing_failed", e.to_string()))?;
         // Bounded: entries older than a minute go when the map grows.
         if self.renewed.len() > 100_000 {

@@ -44,14 +44,18 @@ pub struct DenyList {
     nodes: HashSet<String>,
     /// Lowercase hex, no leading zero bytes (as [`certs::identity::serial_hex`]).
     serials: HashSet<String>,
+    /// Enrollments whose certificates, renewals included, are refused
+    /// ([`certs::Identity::lineage`]).
+    lineages: HashSet<String>,
 }
 
 /// Longest deny-list file read.
 const MAX_DENY_LIST: usize = 4 << 20;
 
 impl DenyList {
-    /// Parses `node=NAME` and `serial=HEX` lines (`#` comments, blank lines
-    /// ignored); anything else is an error naming the line.
+    /// Parses `node=NAME`, `serial=HEX` and `lineage=ID` lines (`#`
+    /// comments, blank lines ignored); anything else is an error naming
+    /// the line.
     pub fn parse(text: &str, path: &Path) -> Result<DenyList, String> {
         let mut list = DenyList::default();
         for (n, line) in text.lines().enumerate() {
@@ -69,9 +73,18 @@ impl DenyList {
                     list.serials
                         .insert(certs::identity::parse_serial(hex).map_err(|e| bad(&e))?);
                 }
+                Some(("lineage", id)) => {
+                    if !certs::identity::valid_lineage(id) {
+                        return Err(bad(&format!(
+                            "{id:?} is not a lineage (the ID of edge-tunnel:lineage:ID in a \
+                             certificate's subject, as /v1/agents shows it)"
+                        )));
+                    }
+                    list.lineages.insert(id.to_owned());
+                }
                 _ => {
                     return Err(bad(&format!(
-                        "expected `node=NAME` or `serial=HEX`, got {line:?}"
+                        "expected `node=NAME`, `serial=HEX` or `lineage=ID`, got {line:?}"
                     )))
                 }
             }
@@ -79,19 +92,24 @@ impl DenyList {
         Ok(list)
     }
 
-    /// Why `identity` is denied, if it is.
-    pub fn denies(&self, node: &str, serial: &str) -> Option<String> {
+    /// Why a certificate is denied, if it is.
+    pub fn denies(&self, node: &str, serial: &str, lineage: Option<&str>) -> Option<String> {
         if self.nodes.contains(node) {
             return Some(format!("node {node:?} is on the deny-list"));
         }
         if self.serials.contains(serial) {
             return Some(format!("certificate serial {serial} is on the deny-list"));
         }
+        if let Some(lineage) = lineage.filter(|l| self.lineages.contains(*l)) {
+            return Some(format!(
+                "certificate lineage {lineage} (its enrollment and every renewal) is on the deny-list"
+            ));
+        }
         None
     }
 
     pub fn len(&self) -> usize {
-        self.nodes.len() + self.serials.len()
+        self.nodes.len() + self.serials.len() + self.lineages.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -249,16 +267,21 @@ impl LiveTls {
 
     /// Why an agent certificate is refused now, if it is.
     pub fn denies(&self, identity: &Identity) -> Option<String> {
-        self.denies_node(&identity.common_name, &identity.serial)
+        self.denies_node(
+            &identity.common_name,
+            &identity.serial,
+            identity.lineage.as_deref(),
+        )
     }
 
-    /// Why a node with certificate `serial` is refused now, if it is.
-    pub fn denies_node(&self, node: &str, serial: &str) -> Option<String> {
+    /// Why a node with certificate `serial` of `lineage` is refused now,
+    /// if it is.
+    pub fn denies_node(&self, node: &str, serial: &str, lineage: Option<&str>) -> Option<String> {
         let material = self.current();
         if material.crl_serials.contains(serial) {
             return Some(format!("certificate serial {serial} is revoked by the CRL"));
         }
-        material.deny.denies(node, serial)
+        material.deny.denies(node, serial, lineage)
     }
 
     /// `ca.crt` as loaded, PEM: what enrolled agents verify servers with.
@@ -566,7 +589,9 @@ async fn disconnect_untrusted(tls: &Arc<LiveTls>, shared: &Shared) {
 pub fn disconnect_invalid(tls: &LiveTls, shared: &Shared) {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     for agent in shared.registry.snapshot() {
-        let (reason, label, code) = if let Some(why) = tls.denies_node(&agent.node, &agent.serial) {
+        let (reason, label, code) = if let Some(why) =
+            tls.denies_node(&agent.node, &agent.serial, agent.lineage.as_deref())
+        {
             (why, "revoked", proto::codes::close::REVOKED)
         } else if agent.not_after <= now {
             (
@@ -650,11 +675,22 @@ mod tests {
     fn deny_list_lines_name_their_problem() {
         let path = Path::new("deny");
         let list = DenyList::parse("# c\nnode=edge-1\nserial=0X01:2F\n", path).unwrap();
-        assert!(list.denies("edge-1", "99").is_some());
-        assert!(list.denies("edge-2", "012f").is_some());
-        assert!(list.denies("edge-2", "99").is_none());
+        assert!(list.denies("edge-1", "99", None).is_some());
+        assert!(list.denies("edge-2", "012f", None).is_some());
+        assert!(list.denies("edge-2", "99", None).is_none());
         let err = DenyList::parse("ip=1.2.3.4\n", path).unwrap_err();
         assert!(err.contains("deny:1"), "{err}");
         assert!(DenyList::parse("serial=xyz\n", path).is_err());
+        let list = DenyList::parse("lineage=0a1b2c3d4e5f6071\n", path).unwrap();
+        assert!(list
+            .denies("edge-2", "99", Some("0a1b2c3d4e5f6071"))
+            .is_some());
+        assert!(list.denies("edge-2", "99", Some("ffff")).is_none());
+        assert!(list.denies("edge-2", "99", None).is_none());
+        let err = DenyList::parse("\nlineage=Not Hex\n", path).unwrap_err();
+        assert!(
+            err.contains("deny:2") && err.contains("not a lineage"),
+            "{err}"
+        );
     }
 }

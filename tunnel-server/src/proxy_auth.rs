@@ -156,7 +156,7 @@ impl Credential {
             Credential::Certificate { name, serial } => shared
                 .live_tls
                 .as_ref()
-                .and_then(|t| t.denies_node(name, serial))
+                .and_then(|t| t.denies_node(name, serial, None))
                 .map(|why| format!("certificate {name:?} is revoked: {why}")),
             Credential::Token { name, presented } => {
                 let tokens = shared.proxy_auth.tokens.as_ref()?.tokens();

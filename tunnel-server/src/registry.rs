@@ -46,6 +46,8 @@ pub struct AgentHandle {
     pub not_after: i64,
     /// Its certificate's serial (lowercase hex), for the deny-list.
     pub serial: String,
+    /// Its certificate's lineage ([`certs::Identity::lineage`]).
+    pub lineage: Option<String>,
 }
 
 impl AgentHandle {
@@ -297,6 +299,7 @@ pub(crate) mod testing {
             predecessor: Mutex::default(),
             not_after: 0,
             serial: String::new(),
+            lineage: None,
         })
     }
 }
