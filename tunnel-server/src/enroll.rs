@@ -441,6 +441,33 @@ impl Enroller {
         })
     }
 
+    /// Claims `node`'s renewal at `now`: refused within the cooldown of
+    /// the last claim (a tenth of the validity, at most a minute). Checked
+    /// and claimed in one step (the entry's lock), so two renewals of one
+    /// node at once cannot both pass; a renewal refused after its claim
+    /// still counts, and the node asks again after the cooldown.
+    fn claim_renewal(&self, node: &str, now: std::time::Instant) -> Result<(), Refused> {
+        let cooldown = (self.validity / 10).min(Duration::from_secs(60));
+        match self.renewed.entry(node.to_owned()) {
+            dashmap::Entry::Occupied(last)
+                if now.saturating_duration_since(*last.get()) < cooldown =>
+            {
+                Err(refused(
+                    "too_soon",
+                    format!("node {node:?} renewed less than {cooldown:?} ago"),
+                ))
+            }
+            dashmap::Entry::Occupied(mut last) => {
+                last.insert(now);
+                Ok(())
+            }
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(now);
+                Ok(())
+            }
+        }
+    }
+
     fn try_renew(
         &self,
         shared: &Shared,
@@ -471,19 +498,8 @@ impl Enroller {
         // One renewal per node per tenth of the validity (at most a
         // minute): a compromised agent cannot make the server sign in a
         // loop; a real one renews at two thirds.
-        let cooldown = (self.validity / 10).min(Duration::from_secs(60));
         let now = std::time::Instant::now();
-        if let Some(last) = self.renewed.get(&identity.common_name) {
-            if now.saturating_duration_since(*last) < cooldown {
-                return Err(refused(
-                    "too_soon",
-                    format!(
-                        "node {:?} renewed less than {cooldown:?} ago",
-                        identity.common_name
-                    ),
-                ));
-            }
-        }
+        self.claim_renewal(&identity.common_name, now)?;
         let csr =
             CsrRequest::from_der(&request.csr).map_err(|e| refused("bad_csr", e.to_string()))?;
         if csr.common_name != identity.common_name {
@@ -533,7 +549,6 @@ impl Enroller {
             self.renewed
                 .retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(60));
         }
-        self.renewed.insert(identity.common_name.clone(), now);
         Ok(Issued {
             certificate,
             ca: shared.tls().ca_pem(),
@@ -661,6 +676,31 @@ mod tests {
         let after = enroller(dir.path(), &new, &[]);
         assert!(after.issued_here(&agent_cert(&new, "edge-1")));
         assert!(!after.issued_here(&agent_cert(&old, "edge-2")));
+    }
+
+    /// One renewal per node per cooldown, however many ask at once.
+    #[test]
+    fn one_renewal_per_node_is_claimed_per_cooldown() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("enroll-ca", 365).unwrap();
+        let enroller = std::sync::Arc::new(enroller(dir.path(), &ca, &[]));
+        let now = std::time::Instant::now();
+        let claimed: usize = std::thread::scope(|s| {
+            let racers: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| enroller.claim_renewal("edge-1", now).is_ok()))
+                .collect();
+            racers
+                .into_iter()
+                .map(|r| usize::from(r.join().unwrap()))
+                .sum()
+        });
+        assert_eq!(claimed, 1);
+        let refusal = enroller.claim_renewal("edge-1", now).unwrap_err();
+        assert_eq!(refusal.label, "too_soon");
+        assert!(enroller.claim_renewal("edge-2", now).is_ok());
+        // A minute on (the cooldown's cap), the node renews again.
+        let later = now + Duration::from_secs(61);
+        assert!(enroller.claim_renewal("edge-1", later).is_ok());
     }
 
     #[test]
