@@ -761,27 +761,14 @@ async fn watch_handed_over(old: Arc<AgentHandle>, shared: Arc<Shared>, idle: Idl
         }
         checked = tokio::time::Instant::now();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let denied = shared
+        let invalid = shared
             .live_tls
             .as_ref()
-            .and_then(|t| t.denies_node(&old.node, &old.serial, old.lineage.as_deref()));
-        let (reason, label, code) = match denied {
-            Some(why) => (why, "revoked", close::REVOKED),
-            None if old.not_after <= now => (
-                "the agent certificate expired while connected".to_owned(),
-                "expired",
-                close::CERTIFICATE_EXPIRED,
-            ),
-            None => continue,
-        };
-        tracing::warn!(node = %old.node, "closing a handed-over agent connection: {reason}");
-        shared
-            .metrics
-            .agents_disconnected
-            .get_or_create(&[("reason", label)])
-            .inc();
-        old.link.close(code, &reason);
-        return;
+            .and_then(|t| crate::live_tls::invalid_now(t, &old, now));
+        if let Some(why) = invalid {
+            crate::live_tls::close_agent(&shared, &old, why);
+            return;
+        }
     }
 }
 

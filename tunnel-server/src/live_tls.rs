@@ -36,6 +36,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
+use crate::registry::AgentHandle;
 use crate::Shared;
 
 /// Agent certificates that must not be accepted any more.
@@ -568,19 +569,60 @@ async fn disconnect_untrusted(tls: &Arc<LiveTls>, shared: &Shared) {
     .unwrap_or_default();
     for agent in untrusted {
         let reason = "the agent certificate no longer chains to ca.crt (its CA was removed)";
-        tracing::warn!(node = %agent.node, "closing the agent connection: {reason}");
+        let code = proto::codes::close::REVOKED;
+        close_agent(shared, &agent, Invalid::new("untrusted", code, reason));
+    }
+}
+
+/// Why an agent connection must close, as [`close_agent`] says it.
+pub struct Invalid {
+    /// `agents_disconnected{reason}`.
+    pub label: &'static str,
+    pub code: u32,
+    pub reason: String,
+}
+
+impl Invalid {
+    fn new(label: &'static str, code: u32, reason: impl Into<String>) -> Invalid {
+        Invalid {
+            label,
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why `agent`'s certificate no longer admits it at `now` (Unix seconds),
+/// if it does not: denied (deny-list, CRL) or expired.
+pub fn invalid_now(tls: &LiveTls, agent: &AgentHandle, now: i64) -> Option<Invalid> {
+    let denied = tls.denies_node(&agent.node, &agent.serial, agent.lineage.as_deref());
+    match denied {
+        Some(why) => Some(Invalid::new("revoked", proto::codes::close::REVOKED, why)),
+        None if agent.not_after <= now => Some(Invalid::new(
+            "expired",
+            proto::codes::close::CERTIFICATE_EXPIRED,
+            "the agent certificate expired while connected",
+        )),
+        None => None,
+    }
+}
+
+/// Closes an agent connection for `why` (logged, counted), and takes it
+/// out of the registry if it is the node's registered one (a handed-over
+/// connection is not).
+pub fn close_agent(shared: &Shared, agent: &AgentHandle, why: Invalid) {
+    tracing::warn!(node = %agent.node, "closing the agent connection: {}", why.reason);
+    shared
+        .metrics
+        .agents_disconnected
+        .get_or_create(&[("reason", why.label)])
+        .inc();
+    agent.link.close(why.code, &why.reason);
+    if shared.registry.deregister(agent) {
         shared
             .metrics
-            .agents_disconnected
-            .get_or_create(&[("reason", "untrusted")])
-            .inc();
-        agent.link.close(proto::codes::close::REVOKED, reason);
-        if shared.registry.deregister(&agent) {
-            shared
-                .metrics
-                .agents_connected
-                .set(shared.registry.len() as i64);
-        }
+            .agents_connected
+            .set(shared.registry.len() as i64);
     }
 }
 
@@ -589,31 +631,8 @@ async fn disconnect_untrusted(tls: &Arc<LiveTls>, shared: &Shared) {
 pub fn disconnect_invalid(tls: &LiveTls, shared: &Shared) {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     for agent in shared.registry.snapshot() {
-        let (reason, label, code) = if let Some(why) =
-            tls.denies_node(&agent.node, &agent.serial, agent.lineage.as_deref())
-        {
-            (why, "revoked", proto::codes::close::REVOKED)
-        } else if agent.not_after <= now {
-            (
-                "the agent certificate expired while connected".to_owned(),
-                "expired",
-                proto::codes::close::CERTIFICATE_EXPIRED,
-            )
-        } else {
-            continue;
-        };
-        tracing::warn!(node = %agent.node, "closing the agent connection: {reason}");
-        shared
-            .metrics
-            .agents_disconnected
-            .get_or_create(&[("reason", label)])
-            .inc();
-        agent.link.close(code, &reason);
-        if shared.registry.deregister(&agent) {
-            shared
-                .metrics
-                .agents_connected
-                .set(shared.registry.len() as i64);
+        if let Some(why) = invalid_now(tls, &agent, now) {
+            close_agent(shared, &agent, why);
         }
     }
 }
