@@ -121,6 +121,27 @@ fn identity_in(dir: &Path) -> certs::Identity {
     certs::Identity::from_der(&certs[0]).unwrap()
 }
 
+/// Waits (bounded) until `node` is no longer registered and its
+/// reconnect was refused as revoked.
+async fn disconnected_and_refused(server: &TestServer, node: &str) {
+    eventually(
+        "the revoked node disconnected",
+        Duration::from_secs(15),
+        || {
+            let gone = registered_serial(server, node).is_none();
+            async move { gone }
+        },
+    )
+    .await;
+    eventually("its reconnect refused", Duration::from_secs(20), || async {
+        server
+            .metric("edge_tunnel_registration_refusals_total{reason=\"revoked\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+}
+
 fn registered_serial(server: &TestServer, node: &str) -> Option<String> {
     match server.shared.registry.by_node(node) {
         tunnel_server::registry::Route::Agent(a) => Some(a.serial.clone()),
@@ -543,25 +564,7 @@ async fn a_revoked_node_is_disconnected_and_an_expired_one_refused() {
         .wait_for_agent("edge-1", Duration::from_secs(15))
         .await;
     std::fs::write(&deny, "node=edge-1\n").unwrap();
-    eventually(
-        "the revoked node disconnected",
-        Duration::from_secs(10),
-        || {
-            let gone = registered_serial(&server, "edge-1").is_none();
-            async move { gone }
-        },
-    )
-    .await;
-    eventually("its reconnect refused", Duration::from_secs(20), || {
-        let server = &server;
-        async move {
-            server
-                .metric("edge_tunnel_registration_refusals_total{reason=\"revoked\"}")
-                .await
-                >= 1.0
-        }
-    })
-    .await;
+    disconnected_and_refused(&server, "edge-1").await;
     assert!(registered_serial(&server, "edge-1").is_none());
     revoked.stop().await;
 
@@ -676,25 +679,7 @@ async fn a_lineage_on_the_deny_list_refuses_every_renewal_of_an_enrollment() {
     assert!(registered_serial(&server, "edge-1").is_some());
     // ... its lineage stops all of them.
     std::fs::write(&deny, format!("lineage={lineage}\n")).unwrap();
-    eventually(
-        "the lineage's node disconnected",
-        Duration::from_secs(15),
-        || {
-            let gone = registered_serial(&server, "edge-1").is_none();
-            async move { gone }
-        },
-    )
-    .await;
-    eventually("its reconnect refused", Duration::from_secs(20), || {
-        let server = &server;
-        async move {
-            server
-                .metric("edge_tunnel_registration_refusals_total{reason=\"revoked\"}")
-                .await
-                >= 1.0
-        }
-    })
-    .await;
+    disconnected_and_refused(&server, "edge-1").await;
     agent.stop().await;
 }
 

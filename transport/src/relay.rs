@@ -1107,14 +1107,16 @@ mod tests {
         TcpStream,
         tokio::task::JoinHandle<RelayStats>,
     ) {
-        watched_relay(opening, order, None).await
+        watched_relay(opening, order, None, None).await
     }
 
-    /// [`recorded_relay`] that records its directions' ends in `progress`.
+    /// [`recorded_relay`] that records its directions' ends in `progress`,
+    /// and is stopped when `stop` fires.
     async fn watched_relay(
         opening: Option<Opening<'static>>,
         order: StreamOrder,
         progress: Option<std::sync::Arc<RelayProgress>>,
+        stop: Option<tokio::sync::oneshot::Receiver<()>>,
     ) -> (
         Recorder,
         tokio::io::DuplexStream,
@@ -1137,7 +1139,11 @@ mod tests {
                 opening,
                 order,
                 progress: progress.as_deref(),
-                stop: None,
+                stop: stop.map(|stop| -> RelayStop<'_> {
+                    Box::pin(async {
+                        let _ = stop.await;
+                    })
+                }),
             };
             relay(socket, send, Recv(recv), |_, _| {}, limits).await
         });
@@ -1212,7 +1218,7 @@ mod tests {
     async fn progress_names_the_direction_that_passed_its_fin_on() {
         let progress = std::sync::Arc::new(RelayProgress::default());
         let (recorder, mut from_server, mut target, relay) =
-            watched_relay(None, StreamOrder::default(), Some(progress.clone())).await;
+            watched_relay(None, StreamOrder::default(), Some(progress.clone()), None).await;
         let (up, down) = (Direction::TcpToTunnel, Direction::TunnelToTcp);
         tokio::time::timeout(HANG, async {
             // The target half-closes: its FIN goes into the tunnel, and
@@ -1248,29 +1254,9 @@ mod tests {
     /// middle of a flowing exchange (a revoked client's tunnel).
     #[tokio::test]
     async fn a_stop_resets_both_sides_of_a_live_relay() {
-        let (socket, mut target) = tcp_pair().await;
-        let (mut from_server, recv) = tokio::io::duplex(1024);
-        let recorder = Recorder::default();
-        let send = recorder.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let relay = tokio::spawn(async move {
-            let budget = BufferBudget::default();
-            let limits = RelayLimits {
-                stall: None,
-                client: None,
-                buffers: &budget,
-                reader_gone_after: None,
-                unlent_gone_after: None,
-                idle_after: None,
-                opening: None,
-                order: StreamOrder::default(),
-                progress: None,
-                stop: Some(Box::pin(async {
-                    let _ = stopped.await;
-                })),
-            };
-            relay(socket, send, Recv(recv), |_, _| {}, limits).await
-        });
+        let (recorder, mut from_server, mut target, relay) =
+            watched_relay(None, StreamOrder::default(), None, Some(stopped)).await;
         tokio::time::timeout(HANG, async {
             // Both directions flow first.
             from_server.write_all(b"down").await.unwrap();
