@@ -121,6 +121,29 @@ fn identity_in(dir: &Path) -> certs::Identity {
     certs::Identity::from_der(&certs[0]).unwrap()
 }
 
+/// An enrolling server and the TLS of a peer without a certificate that
+/// trusts it (the PKI must outlive the server).
+async fn enrolling_server() -> (Pki, TestServer, rustls::ClientConfig) {
+    init_logging();
+    let pki = Pki::new();
+    let enrollment = Enrollment::new(&pki);
+    let server = TestServer::start_with(enrollment.server(&pki, Duration::from_secs(86_400))).await;
+    let ca = certs::files::parse_certs(pki.ca.pem().cert.as_bytes(), Path::new("ca")).unwrap();
+    let tls =
+        certs::tls::enroll_client_config(&certs::tls::EnrollTrust::Roots(ca), proto::ALPN).unwrap();
+    (pki, server, tls)
+}
+
+/// A server issuing 12 s certificates (renewed about 8 s after issue),
+/// with an empty deny-list: the server and the list's path.
+async fn with_deny_list(pki: &Pki, enrollment: &Enrollment) -> (TestServer, PathBuf) {
+    let deny = pki.dir.path().join("deny-list");
+    std::fs::write(&deny, "# nobody yet\n").unwrap();
+    let mut settings = enrollment.server(pki, Duration::from_secs(12));
+    settings.deny_list = Some(deny.clone());
+    (TestServer::start_with(settings).await, deny)
+}
+
 /// Waits (bounded) until `node` is no longer registered and its
 /// reconnect was refused as revoked.
 async fn disconnected_and_refused(server: &TestServer, node: &str) {
@@ -550,11 +573,7 @@ async fn a_revoked_node_is_disconnected_and_an_expired_one_refused() {
     init_logging();
     let pki = Pki::new();
     let enrollment = Enrollment::new(&pki);
-    let deny = pki.dir.path().join("deny-list");
-    std::fs::write(&deny, "# nobody yet\n").unwrap();
-    let mut settings = enrollment.server(&pki, Duration::from_secs(12));
-    settings.deny_list = Some(deny.clone());
-    let server = TestServer::start_with(settings).await;
+    let (server, deny) = with_deny_list(&pki, &enrollment).await;
 
     // Revocation: a node on the deny-list is closed within seconds and
     // refused when it comes back.
@@ -633,12 +652,7 @@ async fn a_lineage_on_the_deny_list_refuses_every_renewal_of_an_enrollment() {
     init_logging();
     let pki = Pki::new();
     let enrollment = Enrollment::new(&pki);
-    let deny = pki.dir.path().join("deny-list");
-    std::fs::write(&deny, "# nobody yet\n").unwrap();
-    // 12 s certificates: renewed about 8 s after issue.
-    let mut settings = enrollment.server(&pki, Duration::from_secs(12));
-    settings.deny_list = Some(deny.clone());
-    let server = TestServer::start_with(settings).await;
+    let (server, deny) = with_deny_list(&pki, &enrollment).await;
     let token = enrollment.token(Subject::Node("edge-1".into()), 3600, 1);
     let config = enrollment.agent(&pki, "edge-1", server.addrs.quic, &token);
     let dir = config.cert_dir.clone();
@@ -783,13 +797,7 @@ async fn a_crl_closes_the_connection_and_fails_the_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_without_a_certificate_are_capped_and_timed_out() {
-    init_logging();
-    let pki = Pki::new();
-    let enrollment = Enrollment::new(&pki);
-    let server = TestServer::start_with(enrollment.server(&pki, Duration::from_secs(86_400))).await;
-    let ca = certs::files::parse_certs(pki.ca.pem().cert.as_bytes(), Path::new("ca")).unwrap();
-    let tls =
-        certs::tls::enroll_client_config(&certs::tls::EnrollTrust::Roots(ca), proto::ALPN).unwrap();
+    let (_pki, server, tls) = enrolling_server().await;
     let quic = transport::quic::QuicSettings::default();
     let endpoint = quic
         .client_endpoint("127.0.0.1:0".parse().unwrap())
@@ -837,13 +845,7 @@ async fn peers_without_a_certificate_are_capped_and_timed_out() {
 /// source are free again (before, each such peer held one for good).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_takes_no_answer_does_not_keep_its_slot() {
-    init_logging();
-    let pki = Pki::new();
-    let enrollment = Enrollment::new(&pki);
-    let server = TestServer::start_with(enrollment.server(&pki, Duration::from_secs(86_400))).await;
-    let ca = certs::files::parse_certs(pki.ca.pem().cert.as_bytes(), Path::new("ca")).unwrap();
-    let tls =
-        certs::tls::enroll_client_config(&certs::tls::EnrollTrust::Roots(ca), proto::ALPN).unwrap();
+    let (_pki, server, tls) = enrolling_server().await;
     let mut quic = transport::quic::QuicSettings::default();
     let endpoint = quic
         .client_endpoint("127.0.0.1:0".parse().unwrap())
