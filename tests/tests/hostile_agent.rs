@@ -211,6 +211,63 @@ async fn repeated_control_frames() {
     s.agent.stop().await;
 }
 
+/// One registration of `HOSTILE` over HTTP/2 as agent process `instance`,
+/// with `capabilities`; fails the test if it is refused.
+async fn register_as(scene: &Scene, instance: u64, capabilities: u32) -> Hostile {
+    let mut evil = Hostile::dial(&scene.pki, HOSTILE, scene.h2(), "localhost")
+        .await
+        .unwrap();
+    let mut hello = hello(HOSTILE);
+    if let proto::Message::Hello(h) = &mut hello {
+        h.addresses = vec![ip("127.0.0.2")];
+        h.instance = instance;
+        h.capabilities = capabilities;
+    }
+    let head = hostile::frame(
+        hostile::HEADERS,
+        hostile::END_HEADERS,
+        1,
+        &[hostile::STATUS_200],
+    );
+    evil.send(&head).await.unwrap();
+    evil.send_control(&[hello]).await.unwrap();
+    assert!(!evil.settle().await, "registration {instance} refused");
+    evil
+}
+
+/// Successions alternating with plain takeovers (a process that says it
+/// succeeds, then one that does not) leave no connection behind either:
+/// the kept predecessor goes with the connection that kept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeovers_leave_no_predecessor_behind() {
+    let scene = scene().await;
+    let successor = proto::capability::SUCCESSOR;
+    let first = register_as(&scene, 1, 0).await;
+    let second = register_as(&scene, 2, successor).await;
+    // The first is kept for the second's sake; a plain takeover replaces
+    // the second and closes both.
+    let third = register_as(&scene, 3, 0).await;
+    first.wait_closed().await;
+    second.wait_closed().await;
+    let fourth = register_as(&scene, 4, successor).await;
+    let mut fifth = register_as(&scene, 5, 0).await;
+    third.wait_closed().await;
+    fourth.wait_closed().await;
+    assert!(!fifth.settle().await, "the latest registration closed");
+    assert!(scene.hostile_registered());
+    eventually(
+        "the closed connections leave the budget",
+        Duration::from_secs(10),
+        || {
+            let n = scene.server.shared.receive_budget.stats().connections;
+            async move { n <= 2 }
+        },
+    )
+    .await;
+    scene.still_serves().await;
+    scene.agent.stop().await;
+}
+
 /// A certificate's holder that says it succeeds itself again and again
 /// (`SUCCESSOR`, a fresh instance each time) keeps one earlier connection
 /// open, not all of them: each kept one holds a receive window out of the
@@ -220,25 +277,7 @@ async fn successions_keep_one_predecessor() {
     let scene = scene().await;
     let mut held = Vec::new();
     for instance in 1..=4u64 {
-        let mut evil = Hostile::dial(&scene.pki, HOSTILE, scene.h2(), "localhost")
-            .await
-            .unwrap();
-        let mut hello = hello(HOSTILE);
-        if let proto::Message::Hello(h) = &mut hello {
-            h.addresses = vec![ip("127.0.0.2")];
-            h.instance = instance;
-            h.capabilities = proto::capability::SUCCESSOR;
-        }
-        let head = hostile::frame(
-            hostile::HEADERS,
-            hostile::END_HEADERS,
-            1,
-            &[hostile::STATUS_200],
-        );
-        evil.send(&head).await.unwrap();
-        evil.send_control(&[hello]).await.unwrap();
-        assert!(!evil.settle().await, "succession {instance} refused");
-        held.push(evil);
+        held.push(register_as(&scene, instance, proto::capability::SUCCESSOR).await);
     }
     // The latest is registered, the one before it kept; the two before
     // that were closed as each successor came.

@@ -368,7 +368,7 @@ pub(crate) async fn serve_agent(
         // Undone: the connection it replaced (if any) serves the node
         // again, rather than a node left without one until its agent
         // dials once more.
-        match old {
+        match old.filter(|o| !o.is_draining() && o.link.is_open()) {
             Some(old) => shared.registry.deregister_to(&agent, old),
             None => (shared.registry.deregister(&agent), false),
         };
@@ -424,7 +424,14 @@ pub(crate) async fn serve_agent(
             tokio::spawn(watch_handed_over(old, shared.clone(), Idle::KeepOpen));
         } else {
             tracing::info!(old_remote = %old.link.remote_address(), "replacing the previous connection of this node");
-            // Its task tells the old agent why, then closes.
+            // Its task tells the old agent why, then closes. A predecessor
+            // it kept goes too: nothing would hand the node back to it,
+            // and nothing else would close it.
+            if let Some(older) = lock(&old.predecessor).take().and_then(|w| w.upgrade()) {
+                older
+                    .link
+                    .close(close::REPLACED, "a newer agent process took the node over");
+            }
             old.kick.notify_one();
         }
     }
@@ -531,10 +538,19 @@ pub(crate) async fn serve_agent(
         .take()
         .and_then(|p| p.upgrade())
         .filter(|p| !p.is_draining() && p.link.is_open());
-    let (deregistered, back_in) = match back {
-        Some(back) => shared.registry.deregister_to(&agent, back),
+    let (deregistered, back_in) = match &back {
+        Some(back) => shared.registry.deregister_to(&agent, back.clone()),
         None => (shared.registry.deregister(&agent), false),
     };
+    if let Some(back) = back.filter(|_| !back_in) {
+        // Another connection serves the node now (or holds its
+        // addresses): the one kept for a hand-back is closed rather than
+        // left open, unrouted, holding its window.
+        back.link.close(
+            close::REPLACED,
+            "a newer connection of this node took it over",
+        );
+    }
     if back_in {
         tracing::info!(
             "this connection ended first: the agent process it took the node over from is \

@@ -174,7 +174,11 @@ impl AgentRegistry {
         }
         // Writers hold `writes`: the check above still holds. Addresses
         // `back` keeps are never missing in between (see `register`).
+        // `back`'s connection open is checked here, under the lock: its
+        // task deregisters it only after it closed, so a `back` that
+        // closes later is removed by its own task.
         let free = back.node == agent.node
+            && back.link.is_open()
             && back
                 .addresses
                 .iter()
