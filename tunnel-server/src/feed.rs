@@ -96,17 +96,27 @@ async fn connection(
                 return;
             }
         };
-    // The verifier already required a certificate chaining to ca.crt.
-    let common_name = tls
+    // The verifier already required a certificate chaining to ca.crt (and
+    // checked the CRL); the deny-list is checked here, as on CONNECT.
+    let identity = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|chain| chain.first())
-        .and_then(|leaf| certs::Identity::from_der(leaf).ok())
-        .map(|id| id.common_name);
-    let refusal = match common_name.as_deref() {
-        Some(certs::identity::DNAT_HELPER_CN) => None,
-        other => {
+        .and_then(|leaf| certs::Identity::from_der(leaf).ok());
+    let denied = identity.as_ref().and_then(|id| {
+        let tls = shared.live_tls.as_ref()?;
+        tls.denies_node(&id.common_name, &id.serial, id.lineage.as_deref())
+    });
+    let common_name = identity.map(|id| id.common_name);
+    let refusal = match (common_name.as_deref(), denied) {
+        (_, Some(why)) => {
+            let msg = format!("the certificate is revoked: {why}\n");
+            warn(format!("feed: refused: {}", msg.trim_end()));
+            Some(msg)
+        }
+        (Some(certs::identity::DNAT_HELPER_CN), None) => None,
+        (other, None) => {
             let msg = format!(
                 "the agent feed is served only to the DNAT helper's certificate (CN {}); \
                  this one has CN {:?}: issue one with `tunnel-certs dnat-helper`\n",

@@ -477,10 +477,18 @@ mod tests {
 
     /// The server's real feed (`--feed-listen`), with no agents.
     async fn feed(setup: &Setup) -> SocketAddr {
+        feed_denying(setup, None).await
+    }
+
+    /// The server's feed, with `deny` as its deny-list.
+    async fn feed_denying(setup: &Setup, deny: Option<&std::path::Path>) -> SocketAddr {
         let settings =
             crate::ServerSettings::new("127.0.0.1:0".parse().unwrap(), setup.path("server"));
         let config = crate::ServerConfig::try_new(settings).unwrap();
-        let shared = Arc::new(crate::Shared::new(config));
+        let mut shared = crate::Shared::new(config);
+        shared.live_tls =
+            Some(crate::live_tls::LiveTls::load(&setup.path("server"), deny, None, false).unwrap());
+        let shared = Arc::new(shared);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(crate::feed::serve(listener, setup.acceptor(), shared));
@@ -506,6 +514,21 @@ mod tests {
         let setup = Setup::new();
         let addr = feed(&setup).await;
         assert!(setup.list(addr).fetch().await.unwrap().is_empty());
+    }
+
+    /// A leaked helper certificate put on the deny-list reads the agent
+    /// list no more (the handshake checks only the CRL).
+    #[tokio::test]
+    async fn the_servers_feed_refuses_a_denied_helper_certificate() {
+        let setup = Setup::new();
+        let leaf = certs::files::read_certs(&setup.path("helper").join("tls.crt")).unwrap();
+        let serial = certs::Identity::from_der(&leaf[0]).unwrap().serial;
+        let deny = setup.path("deny-list");
+        std::fs::write(&deny, format!("serial={serial}\n")).unwrap();
+        let addr = feed_denying(&setup, Some(&deny)).await;
+        let e = setup.list(addr).fetch().await.unwrap_err();
+        assert!(matches!(e, AgentListError::Forbidden { .. }), "{e}");
+        assert!(e.to_string().contains("revoked"), "{e}");
     }
 
     #[tokio::test]
