@@ -63,8 +63,9 @@ impl RedirectMetrics {
         registry.register(
             "redirected_connections",
             "Connections the redirector forwarded through the CONNECT ingress, by result (ok; \
-             not_redirected, no_original_destination; connect_failed, tls_failed, timeout, \
-             bad_answer; refused_4xx/5xx: the ingress's status class)",
+             reset: a side failed while relaying, passed on as a reset; not_redirected, \
+             no_original_destination; connect_failed, tls_failed, timeout, bad_answer; \
+             refused_4xx/5xx: the ingress's status class)",
             self.connections.clone(),
         );
         registry.register(
@@ -189,10 +190,16 @@ where
     let result = {
         let (mut up_r, mut up_w) = tokio::io::split(upstream);
         let (mut cl_r, mut cl_w) = client.split();
+        // A side that fails (a reset, a broken TLS session) is passed on
+        // as a reset, never as an end: a FIN would make a cut-off
+        // answer look whole.
         let to_upstream = async {
             let mut reader = tokio::io::BufReader::with_capacity(BUFFER, &mut cl_r);
-            let _ = tokio::io::copy_buf(&mut reader, &mut up_w).await;
+            if tokio::io::copy_buf(&mut reader, &mut up_w).await.is_err() {
+                return Err("reset");
+            }
             let _ = up_w.shutdown().await;
+            Ok(())
         };
         let from_upstream = async {
             let mut head = Vec::with_capacity(256);
@@ -222,11 +229,14 @@ where
                 None => return Err("bad_answer"),
             }
             // From here on the relay runs: a side that breaks ends it.
-            if cl_w.write_all(&rest).await.is_ok() {
-                let mut reader = tokio::io::BufReader::with_capacity(BUFFER, &mut up_r);
-                let _ = tokio::io::copy_buf(&mut reader, &mut cl_w).await;
-                let _ = cl_w.shutdown().await;
+            if cl_w.write_all(&rest).await.is_err() {
+                return Err("reset");
             }
+            let mut reader = tokio::io::BufReader::with_capacity(BUFFER, &mut up_r);
+            if tokio::io::copy_buf(&mut reader, &mut cl_w).await.is_err() {
+                return Err("reset");
+            }
+            let _ = cl_w.shutdown().await;
             Ok(())
         };
         tokio::pin!(to_upstream, from_upstream);
@@ -236,11 +246,16 @@ where
                 r = &mut from_upstream => {
                     if r.is_ok() && !up_done {
                         // The target is done; the client may still send.
-                        to_upstream.await;
+                        break to_upstream.await;
                     }
                     break r;
                 }
-                _ = &mut to_upstream, if !up_done => up_done = true,
+                r = &mut to_upstream, if !up_done => {
+                    up_done = true;
+                    if r.is_err() {
+                        break r;
+                    }
+                }
             }
         }
     };
@@ -308,6 +323,42 @@ mod tests {
         assert_eq!(status(b"HTTP/1.1 abc\r\n"), None);
         assert_eq!(find_end(b"HTTP/1.1 200 OK\r\n\r\nhello"), Some(19));
         assert_eq!(find_end(b"HTTP/1.1 200 OK\r\n"), None);
+    }
+
+    /// An upstream that resets after part of an answer: the client sees
+    /// the reset, not a FIN that would make the part look whole, and the
+    /// connection is counted as reset.
+    #[tokio::test]
+    async fn an_upstream_reset_reaches_the_client_as_a_reset() {
+        use tokio::io::AsyncReadExt;
+        async fn pair() -> (TcpStream, TcpStream) {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let dial = TcpStream::connect(l.local_addr().unwrap());
+            let (a, b) = tokio::join!(dial, l.accept());
+            (a.unwrap(), b.unwrap().0)
+        }
+        let (mut client, relayed) = pair().await;
+        let (upstream, mut ingress) = pair().await;
+        let target: SocketAddr = "198.18.1.2:10255".parse().unwrap();
+        let relay = tokio::spawn(relay(relayed, upstream, target, Duration::from_secs(10)));
+        ingress
+            .write_all(b"HTTP/1.1 200 OK\r\n\r\npart of an answer")
+            .await
+            .unwrap();
+        let mut part = [0u8; 17];
+        client.read_exact(&mut part).await.unwrap();
+        assert_eq!(&part, b"part of an answer");
+        reset(&ingress);
+        drop(ingress);
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest))
+            .await
+            .expect("the relay ends");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+        assert_eq!(relay.await.unwrap(), "reset");
     }
 
     #[tokio::test]
