@@ -75,6 +75,7 @@ pub struct AdminMetrics {
     open: Gauge,
     limit: Gauge,
     waits: Counter,
+    source_limit_hits: Counter,
 }
 
 impl AdminMetrics {
@@ -88,6 +89,12 @@ impl AdminMetrics {
             "admin_connections_limit",
             "Most connections the admin listener serves at once (--admin-max-connections)",
             self.limit.clone(),
+        );
+        registry.register(
+            "admin_source_limit_hits",
+            "Connections to the admin listener closed at once: their source (an address, an \
+             IPv6 /64) had an eighth of --admin-max-connections open",
+            self.source_limit_hits.clone(),
         );
         registry.register(
             "admin_connection_waits",
@@ -115,8 +122,23 @@ impl Drop for Open {
     }
 }
 
+/// How long one admin connection is served, whatever it does: a client
+/// that pipelines requests and never reads the answers would otherwise
+/// hold its slot for good (hyper's only timer is the request head's).
+/// Scrapers that keep connections alive open a new one.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The most connections one source may hold: an eighth of the listener's,
+/// at least 2, so that one client (a pod on a node whose host-network
+/// admin port it can reach) cannot take every slot the kubelet's probes
+/// need.
+pub fn per_source_limit(max_connections: u16) -> usize {
+    (usize::from(max_connections) / 8).max(2)
+}
+
 /// Serves `routes` on `listener`, at most `max_connections` connections
-/// at once.
+/// at once, [`per_source_limit`] of them per source, each for at most
+/// [`CONNECTION_DEADLINE`].
 pub async fn serve(
     listener: TcpListener,
     routes: Arc<dyn AdminRoutes>,
@@ -124,9 +146,12 @@ pub async fn serve(
     metrics: AdminMetrics,
 ) {
     let slots = transport::net::ConnectionSlots::new(usize::from(max_connections));
+    let per_source = transport::net::PerSource::new(per_source_limit(max_connections));
     metrics
         .limit
         .set(i64::try_from(slots.limit()).unwrap_or(i64::MAX));
+    // Copied to every accepted socket: a client that vanished is noticed.
+    transport::net::set_liveness(&listener, Duration::from_secs(15), Duration::from_secs(60));
     loop {
         let slot = slots
             .acquire(|| {
@@ -136,17 +161,25 @@ pub async fn serve(
                 slots.warn_full(waits, "admin", "--admin-max-connections");
             })
             .await;
-        let (tcp, _) = transport::net::accept(&listener, "admin").await;
+        let (tcp, peer) = transport::net::accept(&listener, "admin").await;
+        let Some(claim) = per_source.claim(peer.ip()) else {
+            let hits = metrics.source_limit_hits.inc() + 1;
+            if hits.is_power_of_two() {
+                tracing::warn!(client = %peer.ip(), limit = per_source.limit(), hits, "admin connection closed: its source holds its share of --admin-max-connections");
+            }
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            continue;
+        };
         let routes = routes.clone();
         let open = Open::new(&metrics.open);
         tokio::spawn(async move {
-            let _held = (slot, open);
+            let _held = (slot, open, claim);
             let service = service_fn(move |req| handle(req, routes.clone()));
-            let _ = http1::Builder::new()
+            let served = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+                .serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, served).await;
         });
     }
 }
@@ -225,5 +258,45 @@ mod tests {
             .unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("ok\n"), "{answer}");
+    }
+
+    /// One source holds at most its share: past it a connection is closed
+    /// at once, and other sources (the kubelet's probes) are still served.
+    #[tokio::test]
+    async fn one_source_cannot_take_every_slot() {
+        let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let metrics = AdminMetrics::default();
+        // 16 slots, 2 per source.
+        tokio::spawn(serve(listener, Arc::new(Ok200), 16, metrics.clone()));
+        let from = |ip: &str| {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            socket.connect(format!("127.0.0.1:{port}").parse().unwrap())
+        };
+        let _a = from("127.0.0.1").await.unwrap();
+        let _b = from("127.0.0.1").await.unwrap();
+        eventually("two connections open", || metrics.open.get() == 2).await;
+        let mut third = from("127.0.0.1").await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut got))
+            .await
+            .expect("closed at once");
+        assert!(read.is_err() || got.is_empty(), "{got:?}");
+        assert_eq!(metrics.source_limit_hits.get(), 1);
+        // Another source is served.
+        let mut probe = from("127.0.0.2").await.unwrap();
+        probe
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), probe.read_to_string(&mut answer))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(per_source_limit(64), 8);
+        assert_eq!(per_source_limit(4), 2);
     }
 }

@@ -178,6 +178,67 @@ impl ConnectionSlots {
     }
 }
 
+/// Connections open per source (an IPv4 address, an IPv6 /64), each at
+/// most a limit: one client must not hold every slot of a listener that
+/// others need (the probes of an admin port, the helpers of the feed). An
+/// entry lives while its count is above zero, so the map is bounded by
+/// the listener's own slots. One lock per accepted connection, nothing per
+/// byte.
+#[derive(Debug, Clone)]
+pub struct PerSource {
+    limit: usize,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// One connection counted against its source's limit; given back when
+/// dropped.
+#[derive(Debug)]
+pub struct SourceClaim {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    source: std::net::IpAddr,
+}
+
+impl PerSource {
+    /// At most `limit` (at least 1) connections per source.
+    pub fn new(limit: usize) -> PerSource {
+        PerSource {
+            limit: limit.max(1),
+            open: Arc::default(),
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Counts a connection from `peer`, unless its source has `limit` open.
+    pub fn claim(&self, peer: std::net::IpAddr) -> Option<SourceClaim> {
+        let source = crate::window::client_key(peer);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(source).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(SourceClaim {
+            open: self.open.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceClaim {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.source);
+            }
+        }
+    }
+}
+
 /// Makes a long-lived TCP connection (the HTTP/2 transport) notice a dead
 /// peer about as fast as QUIC's idle timeout does: keep-alive probes every
 /// `keepalive`, and TCP_USER_TIMEOUT so unacknowledged data or probes fail
@@ -205,6 +266,28 @@ pub fn set_liveness<S: std::os::fd::AsFd>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_source_counts_and_gives_back() {
+        let limits = PerSource::new(2);
+        let a: std::net::IpAddr = "198.18.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "198.18.0.2".parse().unwrap();
+        let first = limits.claim(a).unwrap();
+        let _second = limits.claim(a).unwrap();
+        assert!(limits.claim(a).is_none(), "a third from one source");
+        assert!(limits.claim(b).is_some(), "another source is not held back");
+        drop(first);
+        assert!(
+            limits.claim(a).is_some(),
+            "a claim given back frees its place"
+        );
+        // An IPv6 /64 is one source.
+        let v6 = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let _x = limits.claim(v6("fd00::1")).unwrap();
+        let _y = limits.claim(v6("fd00::2")).unwrap();
+        assert!(limits.claim(v6("fd00::3")).is_none());
+        assert!(limits.open.lock().unwrap().len() <= 3);
+    }
     use std::time::Duration;
 
     /// The server sets keep-alive, TCP_USER_TIMEOUT and TCP_NODELAY on
