@@ -377,6 +377,12 @@ enum Command {
         /// Redirected connections open at once; more wait in the backlog.
         #[arg(long, env = "TUNNEL_MAX_CLIENT_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         max_client_connections: u32,
+        /// Redirected connections one client (an address, an IPv6 /64) may
+        /// have open; past it a connection is reset at once, so one pod
+        /// cannot take every slot from the apiserver (0: half of
+        /// --max-client-connections).
+        #[arg(long, env = "TUNNEL_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+        max_connections_per_client: u32,
         /// Bound on reaching the CONNECT ingress for one redirected
         /// connection: TCP, TLS and its answer (1s-5m).
         #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), secs(300)))]
@@ -419,6 +425,7 @@ fn main() -> Result<()> {
             redirect_listen,
             connect_url,
             max_client_connections,
+            max_connections_per_client,
             dial_timeout,
             cleanup,
             poll,
@@ -454,6 +461,10 @@ fn main() -> Result<()> {
                         listen,
                         url,
                         max_connections: max_client_connections as usize,
+                        per_client: match max_connections_per_client {
+                            0 => (max_client_connections as usize / 2).max(1),
+                            n => n as usize,
+                        },
                         dial_timeout,
                     }),
                 cleanup,
@@ -491,6 +502,7 @@ struct Redirect {
     listen: SocketAddr,
     url: String,
     max_connections: usize,
+    per_client: usize,
     dial_timeout: Duration,
 }
 
@@ -567,7 +579,11 @@ async fn standalone_dnat(s: Standalone) -> Result<()> {
                 tls: tokio_rustls::TlsConnector::from(connect_tls.clone()),
                 dial_timeout: r.dial_timeout,
             };
-            Some((listener, upstream, r.max_connections))
+            let limits = tunnel_server::redirect::Limits {
+                connections: r.max_connections,
+                per_client: r.per_client,
+            };
+            Some((listener, upstream, limits))
         }
         None => None,
     };

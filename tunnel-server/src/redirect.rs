@@ -63,7 +63,8 @@ impl RedirectMetrics {
         registry.register(
             "redirected_connections",
             "Connections the redirector forwarded through the CONNECT ingress, by result (ok; \
-             reset: a side failed while relaying, passed on as a reset; not_redirected, \
+             reset: a side failed while relaying, passed on as a reset; client_limit: reset \
+             at once, the client had --max-connections-per-client open; not_redirected, \
              no_original_destination; connect_failed, tls_failed, timeout, bad_answer; \
              refused_4xx/5xx: the ingress's status class)",
             self.connections.clone(),
@@ -86,16 +87,27 @@ impl RedirectMetrics {
     }
 }
 
+/// How many redirected connections the redirector serves.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// At once (`--max-client-connections`); more wait in the backlog.
+    pub connections: usize,
+    /// Per client (an address, an IPv6 /64; `--max-connections-per-client`);
+    /// more are reset at once.
+    pub per_client: usize,
+}
+
 /// Serves the redirect listener until the task is dropped.
 pub async fn serve(
     listener: TcpListener,
     upstream: Upstream,
-    max_connections: usize,
+    limits: Limits,
     metrics: RedirectMetrics,
 ) {
     crate::ingress::watch_clients(&listener);
     let local = listener.local_addr().ok();
-    let slots = transport::net::ConnectionSlots::new(max_connections);
+    let slots = transport::net::ConnectionSlots::new(limits.connections);
+    let per_client = transport::net::PerSource::new(limits.per_client);
     loop {
         let permit = slots
             .acquire(|| {
@@ -104,9 +116,19 @@ pub async fn serve(
             })
             .await;
         let (tcp, peer) = transport::net::accept_with(&listener, "redirect", |_| {}).await;
+        let Some(claim) = per_client.claim(peer.ip()) else {
+            let refused = metrics
+                .connections
+                .get_or_create(&[("result", "client_limit")]);
+            if (refused.inc() + 1).is_power_of_two() {
+                tracing::warn!(client = %peer.ip(), limit = per_client.limit(), "redirected connection reset: the client has --max-connections-per-client open");
+            }
+            reset(&tcp);
+            continue;
+        };
         let (upstream, metrics) = (upstream.clone(), metrics.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, claim);
             metrics.active.inc();
             let result = handle(tcp, peer, local, &upstream).await;
             metrics.active.dec();

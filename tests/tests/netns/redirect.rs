@@ -68,6 +68,8 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
             "10250,9100,7001",
             "--poll",
             "1",
+            "--max-connections-per-client",
+            "2",
             "--admin-listen",
             REDIRECTOR_ADMIN,
         ],
@@ -192,6 +194,60 @@ fn a_redirector_forwards_through_the_mtls_connect_ingress() {
     std::thread::sleep(Duration::from_secs(3));
     let read = reads() - before;
     assert!(read <= 6.0, "{read} feed reads in 3 s with --poll 1");
+    // One client holding its share (two connections, kept open) is reset
+    // at once on a third; once it lets go it is served again.
+    let mut holder = worker.spawn(
+        "bash",
+        &[
+            "-c",
+            &format!("exec 3<>/dev/tcp/{EDGE_IP}/10250 4<>/dev/tcp/{EDGE_IP}/10250; sleep 120"),
+        ],
+        &edge.topo.dir.join("holder.log"),
+    );
+    let active = "edge_tunnel_redirected_connections_active";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(worker, REDIRECTOR_ADMIN, active) < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the two held connections never opened"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let healthz_url = format!("https://{EDGE_IP}:10250/healthz");
+    let (out, err) = curl_with_errors(worker, &["--cacert", cacert, &healthz_url]);
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        [
+            "reset",
+            "Recv failure",
+            "Empty reply",
+            "Couldn't connect",
+            "SSL"
+        ]
+        .iter()
+        .any(|s| err.contains(s)),
+        "{err}"
+    );
+    assert!(
+        metric(
+            worker,
+            REDIRECTOR_ADMIN,
+            "edge_tunnel_redirected_connections_total{result=\"client_limit\"}"
+        ) >= 1.0
+    );
+    holder.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(worker, REDIRECTOR_ADMIN, active) > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the held connections never closed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        curl(worker, &["--cacert", cacert, &healthz_url]),
+        "ok from kubelet-like\n"
+    );
     prometheus_scrapes_through_the_redirector(&edge, worker);
     let status = redirector.terminate();
     assert!(status.success(), "{}", redirector.log_text());
