@@ -59,6 +59,8 @@ pub struct ServerSettings {
     /// Connections on `feed_listen` at once; more are closed at once.
     /// Default 64 (a helper per control-plane host polls every few seconds).
     pub feed_max_connections: usize,
+    /// Of those, from one source (an address, an IPv6 /64). Default 4.
+    pub feed_max_connections_per_source: usize,
     /// Id of this replica, sent to agents in `Welcome`: agents hold each id
     /// once. Default: the host name and a random suffix.
     pub server_id: String,
@@ -193,6 +195,7 @@ impl ServerSettings {
             admin_max_connections: daemon::admin::DEFAULT_MAX_CONNECTIONS,
             feed_listen: None,
             feed_max_connections: 64,
+            feed_max_connections_per_source: 4,
             server_id: default_server_id(),
             server_count: 0,
             peers_dns: None,

@@ -50,12 +50,22 @@ fn label(status: StatusCode) -> &'static str {
 /// Serves the feed on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let slots = Arc::new(Semaphore::new(shared.config.feed_max_connections));
+    // Before TLS: anyone may connect, and one source must not take every
+    // slot from the helpers.
+    let per_source = transport::net::PerSource::new(shared.config.feed_max_connections_per_source);
     let throttle = Arc::new(LogThrottle::default());
     loop {
         let (tcp, peer) = transport::net::accept_with(&listener, "feed", |_| {
             shared.metrics.accept_failed("feed")
         })
         .await;
+        let Some(claim) = per_source.claim(peer.ip()) else {
+            shared.metrics.feed_request("source_limited");
+            if let Some(held_back) = throttle.admit(Instant::now()) {
+                tracing::warn!(%peer, held_back, "feed connection closed: its source has --feed-max-connections-per-source open");
+            }
+            continue;
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             shared.metrics.feed_request("limited");
             if let Some(held_back) = throttle.admit(Instant::now()) {
@@ -65,7 +75,7 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Sha
         };
         let (acceptor, shared, throttle) = (acceptor.clone(), shared.clone(), throttle.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, claim);
             connection(tcp, peer, acceptor, shared, throttle).await;
         });
     }

@@ -115,6 +115,11 @@ struct Args {
     /// Connections on --feed-listen at once; more are closed at once.
     #[arg(long, env = "TUNNEL_FEED_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     feed_max_connections: u32,
+    /// Connections on --feed-listen one source (an address, an IPv6 /64)
+    /// may have open; more are closed at once (a helper reads one at a
+    /// time).
+    #[arg(long, env = "TUNNEL_FEED_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    feed_max_connections_per_source: u32,
     /// Id of this replica, unique among the replicas (default: the host
     /// name and a random suffix; the manifests use the pod name).
     #[arg(long, env = "TUNNEL_SERVER_ID")]
@@ -506,8 +511,13 @@ struct Redirect {
     dial_timeout: Duration,
 }
 
+/// Failed reads of the feed in a row after which the standalone helper
+/// says it is not ready.
+const FEED_FAILURES_UNREADY: u32 = 3;
+
 /// The standalone helper's admin endpoints: /healthz, /readyz (the last
-/// rule sync succeeded) and its metrics.
+/// rule sync succeeded, and the feed was read within the last
+/// [`FEED_FAILURES_UNREADY`] polls) and its metrics.
 struct HelperAdmin(prometheus_client::registry::Registry, DnatMetrics);
 
 impl daemon::admin::AdminRoutes for HelperAdmin {
@@ -519,7 +529,7 @@ impl daemon::admin::AdminRoutes for HelperAdmin {
             "/readyz" => Reply::new(
                 503,
                 TEXT,
-                "not ready: the rules are not in sync yet (see the log)\n",
+                "not ready: the rules are not in sync, or the feed could not be read (see the log)\n",
             ),
             "/metrics" => {
                 let mut out = String::new();
@@ -612,12 +622,25 @@ async fn standalone_dnat(s: Standalone) -> Result<()> {
     }
     tracing::info!(url = agents.url(), %to, "DNAT helper following the server's agent feed");
     let remembered = std::sync::Mutex::new(Remembered::new(s.keep_missing));
+    // Reads failed in a row: past FEED_FAILURES_UNREADY the helper is not
+    // ready, whatever its last sync did (its rules follow nothing now).
+    let failures = std::sync::atomic::AtomicU32::new(0);
     let fetch = || async {
         let result = agents.fetch().await;
         metrics.feed_read(match &result {
             Ok(_) => "ok",
             Err(e) => e.reason(),
         });
+        if result.is_err() {
+            let n = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if n >= FEED_FAILURES_UNREADY {
+                metrics
+                    .in_sync
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        } else {
+            failures.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         let read = result?;
         let (addresses, missing) = remembered
             .lock()
@@ -675,6 +698,7 @@ fn serve(args: Args) -> Result<()> {
     settings.admin_max_connections = args.common.admin_max_connections;
     settings.feed_listen = args.feed_listen;
     settings.feed_max_connections = args.feed_max_connections as usize;
+    settings.feed_max_connections_per_source = args.feed_max_connections_per_source as usize;
     settings.server_count = args.server_count;
     settings.drain_grace = args.drain_grace;
     settings.peers_dns = args.peers_dns;

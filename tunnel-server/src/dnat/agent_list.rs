@@ -477,13 +477,19 @@ mod tests {
 
     /// The server's real feed (`--feed-listen`), with no agents.
     async fn feed(setup: &Setup) -> SocketAddr {
-        feed_denying(setup, None).await
+        feed_with(setup, None, |_| {}).await
     }
 
-    /// The server's feed, with `deny` as its deny-list.
-    async fn feed_denying(setup: &Setup, deny: Option<&std::path::Path>) -> SocketAddr {
-        let settings =
+    /// The server's feed, with `deny` as its deny-list and `tune` applied
+    /// to its settings.
+    async fn feed_with(
+        setup: &Setup,
+        deny: Option<&std::path::Path>,
+        tune: impl FnOnce(&mut crate::ServerSettings),
+    ) -> SocketAddr {
+        let mut settings =
             crate::ServerSettings::new("127.0.0.1:0".parse().unwrap(), setup.path("server"));
+        tune(&mut settings);
         let config = crate::ServerConfig::try_new(settings).unwrap();
         let mut shared = crate::Shared::new(config);
         shared.live_tls =
@@ -525,10 +531,36 @@ mod tests {
         let serial = certs::Identity::from_der(&leaf[0]).unwrap().serial;
         let deny = setup.path("deny-list");
         std::fs::write(&deny, format!("serial={serial}\n")).unwrap();
-        let addr = feed_denying(&setup, Some(&deny)).await;
+        let addr = feed_with(&setup, Some(&deny), |_| {}).await;
         let e = setup.list(addr).fetch().await.unwrap_err();
         assert!(matches!(e, AgentListError::Forbidden { .. }), "{e}");
         assert!(e.to_string().contains("revoked"), "{e}");
+    }
+
+    /// Idle connections from one source take its share of the feed, not
+    /// every slot: past the share that source is closed at once, and once
+    /// it lets go it reads again.
+    #[tokio::test]
+    async fn one_source_cannot_take_every_feed_slot() {
+        let setup = Setup::new();
+        let addr = feed_with(&setup, None, |s| s.feed_max_connections_per_source = 2).await;
+        let idle = [
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+        ];
+        let e = setup.list(addr).fetch().await.unwrap_err();
+        assert!(!matches!(e, AgentListError::Forbidden { .. }), "{e}");
+        drop(idle);
+        // The server notices the closes as it reads them; a few tries.
+        let mut read = Err(e);
+        for _ in 0..50 {
+            read = setup.list(addr).fetch().await;
+            if read.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(read.unwrap().is_empty());
     }
 
     #[tokio::test]
