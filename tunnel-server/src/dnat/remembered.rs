@@ -16,11 +16,16 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// Addresses by when a read of the feed last had them.
+/// Addresses, and since when reads of the feed have lacked them.
 #[derive(Debug)]
 pub struct Remembered {
     keep: Duration,
-    last_seen: HashMap<IpAddr, Instant>,
+    /// `None`: the last read had it; `Some(t)`: every read since `t` (the
+    /// first without it) lacked it. Counted from a read, not from the
+    /// last one that had it: after an outage of the feed (every replica
+    /// down) the first read, from a replica that has just started, must
+    /// not drop every other node at once.
+    missing_since: HashMap<IpAddr, Option<Instant>>,
 }
 
 impl Remembered {
@@ -29,22 +34,26 @@ impl Remembered {
     pub fn new(keep: Duration) -> Self {
         Remembered {
             keep,
-            last_seen: HashMap::new(),
+            missing_since: HashMap::new(),
         }
     }
 
     /// Takes a read made at `now`; returns the addresses to redirect
     /// (sorted), and how many of them the read did not have.
     pub fn merge(&mut self, read: &[IpAddr], now: Instant) -> (Vec<IpAddr>, usize) {
+        for since in self.missing_since.values_mut() {
+            since.get_or_insert(now);
+        }
         for a in read {
-            self.last_seen.insert(*a, now);
+            self.missing_since.insert(*a, None);
         }
         let keep = self.keep;
-        self.last_seen
-            .retain(|_, seen| now.saturating_duration_since(*seen) < keep || *seen == now);
-        let mut addresses: Vec<IpAddr> = self.last_seen.keys().copied().collect();
+        self.missing_since.retain(|_, since| {
+            since.is_none_or(|t| !keep.is_zero() && now.saturating_duration_since(t) < keep)
+        });
+        let mut addresses: Vec<IpAddr> = self.missing_since.keys().copied().collect();
         addresses.sort_unstable();
-        let missing = self.last_seen.values().filter(|seen| **seen != now).count();
+        let missing = self.missing_since.values().filter(|s| s.is_some()).count();
         (addresses, missing)
     }
 }
@@ -58,7 +67,8 @@ mod tests {
     }
 
     /// A read from a replica that knows only one node keeps the other's
-    /// address for `keep`, then lets it go; one that has it again renews it.
+    /// address for `keep` from that read, then lets it go; one that has
+    /// it again renews it.
     #[test]
     fn a_partial_read_keeps_the_others_for_a_while() {
         let keep = Duration::from_secs(120);
@@ -68,24 +78,33 @@ mod tests {
         assert_eq!(r.merge(&both, t0), (both.clone(), 0));
         // A fresh replica knows only .2.
         let only = ips(&["198.18.1.2"]);
-        assert_eq!(
-            r.merge(&only, t0 + Duration::from_secs(5)),
-            (both.clone(), 1)
-        );
-        assert_eq!(
-            r.merge(&only, t0 + Duration::from_secs(119)),
-            (both.clone(), 1)
-        );
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(r.merge(&only, t1), (both.clone(), 1));
+        assert_eq!(r.merge(&only, t1 + Duration::from_secs(119)), (both.clone(), 1));
         // Back on a replica that has both: renewed.
-        let t1 = t0 + Duration::from_secs(125);
-        assert_eq!(r.merge(&both, t1), (both.clone(), 0));
+        let t2 = t1 + Duration::from_secs(125);
+        assert_eq!(r.merge(&both, t2), (both.clone(), 0));
         // Gone from every read for `keep`: dropped.
-        assert_eq!(
-            r.merge(&only, t1 + Duration::from_secs(60)),
-            (both.clone(), 1)
-        );
-        assert_eq!(r.merge(&only, t1 + keep), (only.clone(), 0));
-        assert_eq!(r.merge(&[], t1 + keep + keep), (vec![], 0));
+        let t3 = t2 + Duration::from_secs(10);
+        assert_eq!(r.merge(&only, t3), (both.clone(), 1));
+        assert_eq!(r.merge(&only, t3 + keep), (only.clone(), 0));
+        assert_eq!(r.merge(&[], t3 + keep + keep), (only.clone(), 1));
+    }
+
+    /// No read for longer than `keep` (every replica down), then a read
+    /// from a replica that has just started: the others stay for `keep`
+    /// from that read.
+    #[test]
+    fn an_outage_of_the_feed_does_not_age_the_addresses() {
+        let keep = Duration::from_secs(120);
+        let mut r = Remembered::new(keep);
+        let t0 = Instant::now();
+        let both = ips(&["198.18.1.2", "198.18.1.3"]);
+        r.merge(&both, t0);
+        let after = t0 + Duration::from_secs(600);
+        let only = ips(&["198.18.1.2"]);
+        assert_eq!(r.merge(&only, after), (both.clone(), 1));
+        assert_eq!(r.merge(&only, after + keep), (only, 0));
     }
 
     #[test]
