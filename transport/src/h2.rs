@@ -81,6 +81,30 @@ impl H2Settings {
     /// may open no stream of its own (`max_concurrent_streams(0)`, which
     /// h2 also applies to reserved push streams).
     pub fn client(&self) -> h2::client::Builder {
+        self.client_with_frame_budget(self.data_frame_budget())
+    }
+
+    /// [`Self::client`] with h2's small-frame budget set to
+    /// [`Self::frame_budget_for_share`] of the receive-budget share the
+    /// connection starts with: what an agent can make the server keep in
+    /// h2's bookkeeping follows its share, as the windows do.
+    pub fn client_for_share(&self, share: u64) -> h2::client::Builder {
+        self.client_with_frame_budget(self.frame_budget_for_share(share))
+    }
+
+    /// The small-frame budget for a connection whose window starts at
+    /// `share`: four times it (buffered frames of 64 bytes or more never
+    /// reach it within the window), at least 1 MiB, at most
+    /// [`Self::data_frame_budget`]. A peer sending 1-byte frames can make
+    /// h2 keep about as much memory as the budget.
+    pub fn frame_budget_for_share(&self, share: u64) -> usize {
+        let share = usize::try_from(share).unwrap_or(usize::MAX);
+        share
+            .saturating_mul(4)
+            .clamp(1 << 20, self.data_frame_budget().max(1 << 20))
+    }
+
+    fn client_with_frame_budget(&self, frame_budget: usize) -> h2::client::Builder {
         let mut b = h2::client::Builder::new();
         b.initial_window_size(self.stream_window)
             .initial_connection_window_size(self.connection_window)
@@ -89,7 +113,7 @@ impl H2Settings {
             .max_concurrent_streams(0)
             .max_header_list_size(self.max_header_list)
             .max_send_buffer_size(self.send_buffer as usize)
-            .data_frame_budget(self.data_frame_budget())
+            .data_frame_budget(frame_budget)
             .max_concurrent_reset_streams(self.max_streams as usize)
             .reset_stream_duration(RESET_STREAM_MEMORY)
             .max_local_error_reset_streams(None);
@@ -317,6 +341,20 @@ mod tests {
     /// Bounds a test that would otherwise hang; never a timing assertion.
     const HANG: Duration = Duration::from_secs(30);
 
+    /// A connection window the receive budget shrank (many agents).
+    const SHRUNK_WINDOW: u32 = 128 * 1024;
+
+    #[test]
+    fn the_frame_budget_follows_the_share_within_bounds() {
+        let s = H2Settings::default();
+        assert_eq!(s.frame_budget_for_share(0), 1 << 20);
+        assert_eq!(s.frame_budget_for_share(1 << 20), 4 << 20);
+        assert_eq!(
+            s.frame_budget_for_share(u64::MAX),
+            2 * s.connection_window as usize
+        );
+    }
+
     /// An agent (h2 server) and a cloud side (h2 client) over an in-memory
     /// pipe, both with `settings`; the client connection's task returns
     /// how it ended.
@@ -330,7 +368,10 @@ mod tests {
     ) {
         let (cloud, edge) = tokio::io::duplex(1 << 20);
         let server = tokio::spawn(async move { settings.server().handshake(edge).await });
-        let (send, mut conn) = settings.client().handshake(cloud).await.unwrap();
+        // As the server builds it for a connection whose share is the
+        // window the test shrinks it to.
+        let client = settings.client_for_share(SHRUNK_WINDOW.into());
+        let (send, mut conn) = client.handshake(cloud).await.unwrap();
         let (target, set_target) = tokio::sync::oneshot::channel::<u32>();
         let driver = tokio::spawn(async move {
             let mut set_target = set_target;
@@ -357,7 +398,7 @@ mod tests {
     #[tokio::test]
     async fn small_frames_a_stalled_reader_leaves_unread_keep_the_connection() {
         let (mut send, driver, mut server, target) = pair(H2Settings::default()).await;
-        target.send(128 * 1024).unwrap();
+        target.send(SHRUNK_WINDOW).unwrap();
         let (response, _body) = send.send_request(request(), false).unwrap();
         let (sent, all_sent) = tokio::sync::oneshot::channel();
         let frames = tokio::spawn(async move {

@@ -95,12 +95,13 @@ async fn handle(
         _ => (None, timeout),
     };
     let settings = H2Settings::default();
-    let (send, mut connection) =
-        match tokio::time::timeout(timeout, settings.client().handshake(tls)).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(AgentError::Control(format!("HTTP/2 handshake: {e}"))),
-            Err(_) => return Err(AgentError::Control("HTTP/2 handshake timed out".into())),
-        };
+    let share = shared.receive_budget.stats().share;
+    let builder = settings.client_for_share(share);
+    let (send, mut connection) = match tokio::time::timeout(timeout, builder.handshake(tls)).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return Err(AgentError::Control(format!("HTTP/2 handshake: {e}"))),
+        Err(_) => return Err(AgentError::Control("HTTP/2 handshake timed out".into())),
+    };
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let (closed_tx, closed) = tokio::sync::watch::channel(false);
     let stop = shutdown.clone();

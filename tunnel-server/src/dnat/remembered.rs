@@ -80,7 +80,10 @@ mod tests {
         let only = ips(&["198.18.1.2"]);
         let t1 = t0 + Duration::from_secs(5);
         assert_eq!(r.merge(&only, t1), (both.clone(), 1));
-        assert_eq!(r.merge(&only, t1 + Duration::from_secs(119)), (both.clone(), 1));
+        assert_eq!(
+            r.merge(&only, t1 + Duration::from_secs(119)),
+            (both.clone(), 1)
+        );
         // Back on a replica that has both: renewed.
         let t2 = t1 + Duration::from_secs(125);
         assert_eq!(r.merge(&both, t2), (both.clone(), 0));
