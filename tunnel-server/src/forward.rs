@@ -110,18 +110,33 @@ fn origin_form(req: Request<Incoming>) -> Request<Incoming> {
 /// sender and the response body are dropped.
 async fn handshake<IO>(
     io: IO,
+    revoked: Option<Revoked>,
 ) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("forwarded HTTP connection: {e}");
+        let revoked = async {
+            match revoked {
+                Some(revoked) => revoked.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                tracing::debug!("forwarded HTTP connection: {e}");
+            },
+            // The connection goes, and the answer's body with it.
+            why = revoked => tracing::warn!("{why}; the forwarded request was cut off"),
         }
     });
     Ok(sender)
 }
+
+/// Completes, with the reason, once the credential of a forwarded request
+/// is revoked.
+type Revoked = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
 
 /// Forwards one absolute-form request to `target` and streams back the
 /// answer; `client`: the requesting client's address (the unit of the
@@ -152,7 +167,7 @@ pub async fn forward(
                 "forward",
                 credential,
             ));
-            handshake(ours).await
+            handshake(ours, None).await
         }
         Upstream::Direct { stream, .. } => {
             shared
@@ -160,7 +175,20 @@ pub async fn forward(
                 .streams
                 .get_or_create(&[("ingress", "forward_direct")])
                 .inc();
-            handshake(stream).await
+            // The tunnel's relay stops a revoked request itself; a direct
+            // one is stopped here.
+            let revoked: Option<Revoked> = match credential {
+                crate::proxy_auth::Credential::Standing => None,
+                credential => {
+                    let shared = shared.clone();
+                    Some(Box::pin(async move {
+                        let why = credential.until_revoked(shared.clone()).await;
+                        shared.metrics.revoked_tunnel_resets.inc();
+                        why
+                    }))
+                }
+            };
+            handshake(stream, revoked).await
         }
     };
     let mut sender = match handshake {
