@@ -72,7 +72,26 @@ mkdir -p "$out"
 args=()
 for d in "${dns[@]}"; do args+=(--dns "$d"); done
 for i in "${ips[@]}"; do args+=(--ip "$i"); done
-[ -f "$out/pki/server/tls.key" ] || "$certs" server --ca "$out/pki/ca" --out "$out/pki/server" "${args[@]}" >/dev/null
+if [ -f "$out/pki/server/tls.key" ]; then
+    # Issued by an earlier run: it must carry every name and address asked
+    # for now (agents dialing a name it lacks fail to verify it).
+    if command -v openssl >/dev/null; then
+        # One SAN per line, whole lines compared.
+        sans=$(openssl x509 -noout -ext subjectAltName -in "$out/pki/server/tls.crt" 2>/dev/null | tr ',' '\n' | sed 's/^ *//' || true)
+        for d in "${dns[@]}"; do
+            grep -qxF "DNS:$d" <<<"$sans" || { echo "$out/pki/server/tls.crt (from an earlier run) lacks DNS name $d: move $out/pki/server away to issue a new one" >&2; exit 1; }
+        done
+        for i in "${ips[@]}"; do
+            # openssl spells IPv6 addresses its own way: IPv4 only.
+            [[ $i == *:* ]] && continue
+            grep -qixF "IP Address:$i" <<<"$sans" || { echo "$out/pki/server/tls.crt (from an earlier run) lacks address $i: move $out/pki/server away to issue a new one" >&2; exit 1; }
+        done
+    else
+        echo "note: $out/pki/server/tls.crt is from an earlier run and kept; without openssl its names are not checked against --server-dns/--server-ip" >&2
+    fi
+else
+    "$certs" server --ca "$out/pki/ca" --out "$out/pki/server" "${args[@]}" >/dev/null
+fi
 # Agents of both CAs are trusted; enrolled agents are given this bundle
 # and verify the server against the CA that issued it.
 cat "$out/pki/ca/ca.crt" "$out/pki/enroll-ca/ca.crt" > "$out/pki/server/ca.crt"
