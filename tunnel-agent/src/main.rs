@@ -41,6 +41,13 @@ struct Args {
     /// every replica (1-256).
     #[arg(long, env = "TUNNEL_MAX_REPLICAS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     max_replicas: u16,
+    /// Tunneled connections open at once, over all server connections
+    /// together; past it a dial is refused (502 to the client). Each holds
+    /// a socket to its target (and up to ~128 KiB of kernel buffers when
+    /// its reader stalls): size it to the pod's memory limit (16-1000000;
+    /// lowered to what the open-files limit allows).
+    #[arg(long, env = "TUNNEL_MAX_STREAMS", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
+    max_streams: u32,
     /// Transport: auto (QUIC, falling back to HTTP/2 over TLS when UDP does
     /// not get through, re-probing QUIC later), quic, or h2.
     #[arg(long, env = "TUNNEL_TRANSPORT", value_enum, default_value_t = tunnel_agent::config::TransportChoice::Auto)]
@@ -249,6 +256,7 @@ fn main() -> Result<()> {
     // Each tunneled stream holds one socket to its target: never let the
     // server open more streams than there are descriptors for.
     let fit = u32::try_from(fds.share(FD_RESERVE, 16)).unwrap_or(u32::MAX);
+    config.quic.max_streams = args.max_streams;
     if config.quic.max_streams > fit {
         tracing::warn!(
             open_files = fds.soft,
