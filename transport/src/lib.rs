@@ -30,7 +30,7 @@ pub mod window;
 pub use framed::{read_message, write_message, FrameError};
 pub use relay::{
     relay, BufferBudget, ClientSocket, Direction, Opening, OpeningSent, RelayLimits, RelayOutcome,
-    RelayProgress, RelayStop,
+    RelayProgress, StopSignal,
 };
 pub use stream::{
     mark_control, QuicSend, StreamOrder, TunnelRecv, TunnelSend, TunnelStream, CONTROL_PRIORITY,

@@ -354,6 +354,7 @@ pub enum Direction {
 }
 
 /// What bounds one relay.
+#[derive(Clone, Copy)]
 pub struct RelayLimits<'a> {
     /// The connection's [`ReceiveWindow`], told when the TCP side stops
     /// taking the stream's data (`None`: never lend).
@@ -387,15 +388,45 @@ pub struct RelayLimits<'a> {
     /// Where the relay records which directions have finished, for a
     /// caller that reports on open relays (the agent's drain log).
     pub progress: Option<&'a RelayProgress>,
-    /// Resets both sides when it completes, whatever they are doing (the
+    /// Resets both sides once it is stopped, whatever they are doing (the
     /// server: the client's credential was revoked). `None`: nothing
-    /// outside the relay ends it. Boxed once per relay, polled only when
-    /// it wakes: nothing per chunk.
-    pub stop: Option<RelayStop<'a>>,
+    /// outside the relay ends it.
+    pub stop: Option<&'a StopSignal>,
 }
 
-/// See [`RelayLimits::stop`].
-pub type RelayStop<'a> = Pin<Box<dyn Future<Output = ()> + Send + Sync + 'a>>;
+/// A stop a relay can wait on while it runs. The relay polls it at every
+/// wake-up, that is per chunk, so polling must be cheap: an atomic flag
+/// and an [`AtomicWaker`](futures_util::task::AtomicWaker), no lock (a
+/// tokio `watch` or `Notify` takes a mutex on each poll of a waiting
+/// future). Whoever decides (a task of its own) calls [`StopSignal::stop`].
+#[derive(Debug, Default)]
+pub struct StopSignal {
+    stopped: std::sync::atomic::AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl StopSignal {
+    /// Stops every relay waiting on this signal.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Completes once [`Self::stop`] was called. One waiter at a time.
+    pub fn stopped(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.stopped.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.stopped.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+}
 
 /// Which directions of a running relay have passed their FIN on: set once
 /// per direction when it ends (never per chunk), read by whoever reports
@@ -755,11 +786,9 @@ where
 {
     tcp.prepare();
     let mut tcp = tcp;
-    let mut limits = limits;
-    let stop = limits.stop.take();
-    let stopped = async move {
-        match stop {
-            Some(stop) => stop.await,
+    let stopped = async {
+        match limits.stop {
+            Some(stop) => stop.stopped().await,
             None => std::future::pending().await,
         }
     };
@@ -1116,7 +1145,7 @@ mod tests {
         opening: Option<Opening<'static>>,
         order: StreamOrder,
         progress: Option<std::sync::Arc<RelayProgress>>,
-        stop: Option<tokio::sync::oneshot::Receiver<()>>,
+        stop: Option<Arc<StopSignal>>,
     ) -> (
         Recorder,
         tokio::io::DuplexStream,
@@ -1139,11 +1168,7 @@ mod tests {
                 opening,
                 order,
                 progress: progress.as_deref(),
-                stop: stop.map(|stop| -> RelayStop<'_> {
-                    Box::pin(async {
-                        let _ = stop.await;
-                    })
-                }),
+                stop: stop.as_deref(),
             };
             relay(socket, send, Recv(recv), |_, _| {}, limits).await
         });
@@ -1254,9 +1279,9 @@ mod tests {
     /// middle of a flowing exchange (a revoked client's tunnel).
     #[tokio::test]
     async fn a_stop_resets_both_sides_of_a_live_relay() {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stop = Arc::new(StopSignal::default());
         let (recorder, mut from_server, mut target, relay) =
-            watched_relay(None, StreamOrder::default(), None, Some(stopped)).await;
+            watched_relay(None, StreamOrder::default(), None, Some(stop.clone())).await;
         tokio::time::timeout(HANG, async {
             // Both directions flow first.
             from_server.write_all(b"down").await.unwrap();
@@ -1264,7 +1289,7 @@ mod tests {
             target.read_exact(&mut got).await.unwrap();
             target.write_all(b"up").await.unwrap();
             recorder.until(|r| r.writes.concat() == b"up").await;
-            stop.send(()).unwrap();
+            stop.stop();
             assert_eq!(relay.await.unwrap().outcome, RelayOutcome::Stopped);
             let mut rest = Vec::new();
             let read = target.read_to_end(&mut rest).await;

@@ -164,13 +164,14 @@ pub async fn relay<C>(
         )
         .await
     };
+    let revocation = credential.watch(shared);
     let result = tokio::select! {
         r = copy => r.map_err(|e| e.to_string()),
-        why = credential.until_revoked(shared.clone()) => {
-            metrics.revoked_tunnel_resets.inc();
+        () = crate::proxy_auth::revoked(revocation.as_ref()) => {
+            let why = revocation.as_ref().map_or("revoked", |r| r.reason());
             tracing::warn!("{why}; the direct connection was reset");
             client.abort_on_close();
-            Err(why)
+            Err(why.to_owned())
         }
     };
     match result {

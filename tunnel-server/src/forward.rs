@@ -110,33 +110,26 @@ fn origin_form(req: Request<Incoming>) -> Request<Incoming> {
 /// sender and the response body are dropped.
 async fn handshake<IO>(
     io: IO,
-    revoked: Option<Revoked>,
+    revocation: Option<crate::proxy_auth::Revocation>,
 ) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
-        let revoked = async {
-            match revoked {
-                Some(revoked) => revoked.await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             r = conn => if let Err(e) = r {
                 tracing::debug!("forwarded HTTP connection: {e}");
             },
             // The connection goes, and the answer's body with it.
-            why = revoked => tracing::warn!("{why}; the forwarded request was cut off"),
+            () = crate::proxy_auth::revoked(revocation.as_ref()) => {
+                let why = revocation.as_ref().map_or("revoked", |r| r.reason());
+                tracing::warn!("{why}; the forwarded request was cut off");
+            }
         }
     });
     Ok(sender)
 }
-
-/// Completes, with the reason, once the credential of a forwarded request
-/// is revoked.
-type Revoked = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
 
 /// Forwards one absolute-form request to `target` and streams back the
 /// answer; `client`: the requesting client's address (the unit of the
@@ -177,18 +170,7 @@ pub async fn forward(
                 .inc();
             // The tunnel's relay stops a revoked request itself; a direct
             // one is stopped here.
-            let revoked: Option<Revoked> = match credential {
-                crate::proxy_auth::Credential::Standing => None,
-                credential => {
-                    let shared = shared.clone();
-                    Some(Box::pin(async move {
-                        let why = credential.until_revoked(shared.clone()).await;
-                        shared.metrics.revoked_tunnel_resets.inc();
-                        why
-                    }))
-                }
-            };
-            handshake(stream, revoked).await
+            handshake(stream, credential.watch(shared)).await
         }
     };
     let mut sender = match handshake {

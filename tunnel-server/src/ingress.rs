@@ -79,16 +79,7 @@ pub async fn relay<C: transport::ClientSocket>(
         .bytes
         .get_or_create(&[("direction", "from_agent")])
         .clone();
-    let revoked = std::sync::OnceLock::new();
-    let stop: Option<transport::RelayStop<'_>> = match credential {
-        Credential::Standing => None,
-        credential => {
-            let (shared, revoked) = (shared.clone(), &revoked);
-            Some(Box::pin(async move {
-                let _ = revoked.set(credential.until_revoked(shared).await);
-            }))
-        }
-    };
+    let revocation = credential.watch(&shared);
     let stats = transport::relay(
         tcp,
         stream.send,
@@ -111,7 +102,7 @@ pub async fn relay<C: transport::ClientSocket>(
             opening: None,
             order: shared.config.quic.stream_order,
             progress: Some(&open.trace.progress),
-            stop,
+            stop: revocation.as_ref().map(|r| &*r.signal),
         },
     )
     .instrument(span.clone())
@@ -137,8 +128,7 @@ pub async fn relay<C: transport::ClientSocket>(
             });
         }
         transport::RelayOutcome::Stopped => {
-            metrics.revoked_tunnel_resets.inc();
-            let why = revoked.get().map_or("revoked", String::as_str);
+            let why = revocation.as_ref().map_or("revoked", |r| r.reason());
             span.in_scope(|| tracing::warn!("{why}; both sides were reset"));
         }
         _ => {}

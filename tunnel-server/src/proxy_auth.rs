@@ -171,6 +171,32 @@ impl Credential {
         }
     }
 
+    /// Watches the credential in a task of its own while the returned
+    /// [`Revocation`] lives (`None` for [`Credential::Standing`]): once it
+    /// is revoked, the revocation is counted and its signal stopped. The
+    /// relay only polls the signal's atomic flag.
+    pub fn watch(self, shared: &Arc<Shared>) -> Option<Revocation> {
+        if matches!(self, Credential::Standing) {
+            return None;
+        }
+        let signal = Arc::new(transport::StopSignal::default());
+        let reason = Arc::new(std::sync::OnceLock::new());
+        let task = tokio::spawn({
+            let (shared, signal, reason) = (shared.clone(), signal.clone(), reason.clone());
+            async move {
+                let why = self.until_revoked(shared.clone()).await;
+                shared.metrics.revoked_tunnel_resets.inc();
+                let _ = reason.set(why);
+                signal.stop();
+            }
+        });
+        Some(Revocation {
+            signal,
+            reason,
+            task,
+        })
+    }
+
     /// Completes, with the reason, once the credential is revoked: checked
     /// now and after every change of the credentials in force (never
     /// otherwise, so a tunnel costs nothing while they stay as they are).
@@ -189,6 +215,41 @@ impl Credential {
                 return std::future::pending().await;
             }
         }
+    }
+}
+
+/// A credential watched for revocation ([`Credential::watch`]); the watch
+/// ends when this is dropped.
+pub struct Revocation {
+    /// Stopped once the credential is revoked.
+    pub signal: Arc<transport::StopSignal>,
+    reason: Arc<std::sync::OnceLock<String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Revocation {
+    /// Completes once the credential is revoked.
+    pub async fn revoked(&self) {
+        self.signal.stopped().await;
+    }
+
+    /// Why it was revoked (once it was).
+    pub fn reason(&self) -> &str {
+        self.reason.get().map_or("revoked", String::as_str)
+    }
+}
+
+impl Drop for Revocation {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Completes once `revocation` does; never without one.
+pub async fn revoked(revocation: Option<&Revocation>) {
+    match revocation {
+        Some(r) => r.revoked().await,
+        None => std::future::pending().await,
     }
 }
 
